@@ -1,0 +1,34 @@
+# Two commands do everything on a fresh machine:
+#   make demo   set up .venv, make synthetic data, check it, train, evaluate
+#   make test   set up .venv, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO ?= demo
+DEMO_EPOCHS ?= 4
+
+.PHONY: demo test venv bench-met clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "wildcheck needs Python 3.11+"'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: venv
+	$(BIN)/wildcheck data synth $(DEMO)/data --per-class 40 --size 256 --seed 0
+	$(BIN)/wildcheck data check $(DEMO)/data --report $(DEMO)/data_check.json
+	$(BIN)/wildcheck train --data $(DEMO)/data --out $(DEMO)/run --epochs $(DEMO_EPOCHS) --img-size 160
+	$(BIN)/wildcheck evaluate $(DEMO)/run --data $(DEMO)/data --split test --out $(DEMO)/eval
+
+test: venv
+	$(BIN)/python -m pytest -q -ra
+
+bench-met: venv
+	$(BIN)/python benchmarks/met_ivory.py --out runs/met_ivory
+
+clean:
+	rm -rf $(DEMO) runs .pytest_cache

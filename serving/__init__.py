@@ -1,0 +1,1 @@
+"""wildcheck serving: the ONNX contract, preprocessing, decisions and the BentoML service (no torch)."""

@@ -1,0 +1,96 @@
+"""The model contract: everything serving needs, read from the ONNX file's ``metadata_props``.
+
+Training writes it (``training.export``), serving reads it here. Values are JSON strings under
+``wildcheck.*`` keys so that any ONNX tool can show them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from serving.decision import ClassThresholds
+from serving.preprocess import Preprocessing
+
+METADATA_PREFIX = "wildcheck."
+CONTRACT_VERSION = 1
+REQUIRED_KEYS = (
+    "labels",
+    "preprocessing",
+    "thresholds",
+    "model_name",
+    "model_version",
+    "architecture",
+    "created_at",
+    "training_data",
+    "metrics",
+    "wildcheck_version",
+)
+
+
+class ContractError(ValueError):
+    """The file is not a wildcheck model, or its contract is incomplete."""
+
+
+class ModelContract(BaseModel):
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    contract_version: int = CONTRACT_VERSION
+    labels: list[str] = Field(min_length=1)
+    negative_label: str = "other"
+    preprocessing: Preprocessing
+    thresholds: dict[str, ClassThresholds]
+    never_block: list[str] = []
+    temperature: float = Field(1.0, gt=0.0, description="logits are divided by it before the softmax")
+    model_name: str
+    model_version: str
+    architecture: str
+    created_at: str
+    training_data: dict[str, Any]
+    metrics: dict[str, Any]
+    wildcheck_version: str
+    precision: str = "fp32"
+
+    @model_validator(mode="after")
+    def _thresholds_name_known_labels(self) -> "ModelContract":
+        unknown = set(self.thresholds) - set(self.labels)
+        if unknown:
+            raise ValueError(f"thresholds name labels the model does not have: {sorted(unknown)}")
+        return self
+
+    def to_metadata(self) -> dict[str, str]:
+        """JSON-encode each field under ``wildcheck.<field>``."""
+        return {METADATA_PREFIX + k: json.dumps(v) for k, v in self.model_dump(mode="json").items()}
+
+    @classmethod
+    def from_metadata(cls, props: dict[str, str], source: str = "model") -> "ModelContract":
+        ours = {k[len(METADATA_PREFIX) :]: v for k, v in props.items() if k.startswith(METADATA_PREFIX)}
+        missing = [k for k in REQUIRED_KEYS if k not in ours]
+        if missing:
+            raise ContractError(
+                f"{source} is not a complete wildcheck model: metadata lacks {', '.join(METADATA_PREFIX + k for k in missing)}. "
+                "Export it with `wildcheck export RUN_DIR --out MODEL.onnx`."
+            )
+        try:
+            values = {k: json.loads(v) for k, v in ours.items()}
+            return cls.model_validate(values)
+        except (json.JSONDecodeError, ValidationError) as exc:
+            raise ContractError(f"{source} has invalid wildcheck metadata: {exc}") from exc
+
+
+def read_contract(path: str | Path) -> ModelContract:
+    """Read the contract from an ONNX file without loading the weights into a session."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise ContractError(f"{path} does not exist")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and friends
+        raise ContractError(f"{path} is not a readable ONNX file: {exc}") from exc
+    props = {p.key: p.value for p in model.metadata_props}
+    return ModelContract.from_metadata(props, source=str(path))

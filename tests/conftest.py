@@ -1,0 +1,111 @@
+"""Shared fixtures: synthetic datasets, a dataset of problem files, and one small trained run."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("WILDCHECK_SHARED", REPO.parent / "shared")) / "datasets"
+
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+
+
+def shared_dataset(name: str) -> Path:
+    path = SHARED / name
+    if not path.is_dir():
+        pytest.skip(f"{path} not available")
+    return path
+
+
+def photo(seed: int = 0, size=(160, 120)) -> Image.Image:
+    """A small RGB picture with structure (gradients + shapes), unlike flat noise."""
+    from training.data.synth import make_image
+
+    return make_image("other", seed, max(size)).resize(size)
+
+
+def jpeg_bytes(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+def exif_rotated_jpeg(img: Image.Image) -> bytes:
+    """Pixels stored rotated, with orientation 6 (rotate 90 CW to display)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored = img.transpose(Image.Transpose.ROTATE_90)  # what a phone writes for orientation 6
+    return jpeg_bytes(stored, exif=exif.tobytes())
+
+
+def write_problem_files(folder: Path, seed: int = 100) -> dict[str, Path]:
+    """One file of each kind of trouble, in ``folder``; returns name -> path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    base = photo(seed)
+    files = {}
+    good = jpeg_bytes(base)
+    files["corrupt"] = folder / "corrupt.jpg"
+    files["corrupt"].write_bytes(good[: len(good) // 2])
+    files["zero"] = folder / "zero.jpg"
+    files["zero"].write_bytes(b"")
+    files["text"] = folder / "notes.jpg"
+    files["text"].write_text("this is not an image, just a text file with a .jpg name\n")
+    files["cmyk"] = folder / "cmyk.jpg"
+    photo(seed + 1).convert("CMYK").save(files["cmyk"], "JPEG")
+    files["png16"] = folder / "gray16.png"
+    arr16 = (np.linspace(0, 65535, 120 * 160).reshape(120, 160)).astype(np.uint16)
+    Image.fromarray(arr16).save(files["png16"])
+    files["alpha"] = folder / "alpha.png"
+    rgba = photo(seed + 2).convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(files["alpha"])
+    files["exif"] = folder / "rotated.jpg"
+    files["exif"].write_bytes(exif_rotated_jpeg(photo(seed + 3)))
+    return files
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    from training.data.synth import synthesize
+
+    root = tmp_path_factory.mktemp("synth")
+    synthesize(root, per_class=16, size=128, seed=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def problem_root(tmp_path_factory, synth_root) -> tuple[Path, dict[str, Path]]:
+    """A copy of the synthetic dataset with problem files in train/other and one train image copied into val."""
+    root = tmp_path_factory.mktemp("problems") / "data"
+    shutil.copytree(synth_root, root)
+    files = write_problem_files(root / "train" / "other")
+    leaked = sorted((root / "train" / "ivory").glob("*.jpg"))[0]
+    files["leak_train"] = leaked
+    files["leak_val"] = root / "val" / "ivory" / "leaked_copy.jpg"
+    shutil.copy(leaked, files["leak_val"])
+    return root, files
+
+
+def tiny_config(**train):
+    from training.config import load_config
+
+    values = {"epochs": 2, "batch_size": 16, "threads": 2, "lr": 2e-3}
+    values.update(train)
+    return load_config(None, {"train": values, "data": {"img_size": 64, "num_workers": 0, "cache_workers": 2}})
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, synth_root) -> Path:
+    """Two quick epochs on the synthetic data at 64 px (shared by evaluation and export tests)."""
+    from training.train import train
+
+    out = tmp_path_factory.mktemp("run")
+    train([str(synth_root)], out, tiny_config(epochs=3))
+    return out

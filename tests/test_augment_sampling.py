@@ -1,0 +1,72 @@
+"""Augmentation seeding across DataLoader workers and the per-epoch negatives sampler."""
+
+from collections import Counter
+
+import numpy as np
+import torch
+
+from serving.preprocess import Preprocessing
+from training.augment import TrainTransform, worker_init_fn
+from training.config import Config
+from training.data.cache import CachedImageDataset
+from training.data.sampling import EpochSampler, negatives_count
+
+
+def _dataset(n=8):
+    pixels = [np.full((80, 100, 3), 120, np.uint8) + np.arange(100, dtype=np.uint8)[None, :, None] for _ in range(n)]
+    pre = Preprocessing(input_size=64)
+    return CachedImageDataset(pixels, [0] * n, TrainTransform(Config().augment.train, pre, seed=0))
+
+
+def test_train_transform_output_shape_and_dtype():
+    x, y = _dataset()[0]
+    assert x.shape == (3, 64, 64) and x.dtype == torch.float32 and y == 0
+
+
+def test_two_workers_do_not_repeat_each_other():
+    # identical images: any difference between the two workers' outputs comes from their augmentation streams
+    ds = _dataset(8)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, worker_init_fn=worker_init_fn, shuffle=False)
+    batches = [b[0] for b in loader]  # batch 0 from worker 0, batch 1 from worker 1
+    assert len(batches) == 2
+    assert not torch.allclose(batches[0], batches[1]), "both workers produced the same augmentations"
+
+
+def test_without_reseeding_workers_would_repeat():
+    """Documents the albumentations 2.0.x behaviour that worker_init_fn fixes (guards the test above)."""
+    ds = _dataset(8)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, shuffle=False)
+    batches = [b[0] for b in loader]
+    assert torch.allclose(batches[0], batches[1])
+
+
+def test_epoch_sampler_sizes_balance_and_fresh_negatives():
+    main_targets = [0] * 90 + [1] * 10  # imbalanced main set
+    gen = torch.Generator().manual_seed(0)
+    sampler = EpochSampler(main_targets, n_pool=1000, n_negatives=50, balance=True, generator=gen)
+    assert len(sampler) == 150
+    epoch1, epoch2 = list(sampler), list(sampler)
+    assert len(epoch1) == 150 and len(epoch2) == 150
+    neg1 = {i for i in epoch1 if i >= 100}
+    neg2 = {i for i in epoch2 if i >= 100}
+    assert len(neg1) == 50 and len(neg2) == 50  # drawn without replacement
+    assert neg1 != neg2  # fresh each epoch
+    main = Counter(main_targets[i] for i in epoch1 + epoch2 if i < 100)
+    assert 0.35 < main[1] / (main[0] + main[1]) < 0.65  # the minority class is drawn about half the time
+
+
+def test_epoch_sampler_is_reproducible_from_generator_state():
+    gen = torch.Generator().manual_seed(3)
+    sampler = EpochSampler([0, 1] * 20, n_pool=30, n_negatives=10, balance=False, generator=gen)
+    list(sampler)
+    state = gen.get_state()
+    expected = list(sampler)
+    gen.set_state(state)
+    assert list(sampler) == expected
+
+
+def test_negatives_count_ratio_count_and_cap():
+    assert negatives_count(0.25, 400, 1000) == 100
+    assert negatives_count(300, 400, 1000) == 300
+    assert negatives_count(5000, 400, 1000) == 1000
+    assert negatives_count(0.0, 400, 1000) == 0

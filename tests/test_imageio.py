@@ -1,0 +1,105 @@
+"""Decoding untrusted bytes: every odd-but-valid encoding works, every broken one is a clear ImageError."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from serving.imageio import ImageError, decode_image
+from tests.conftest import exif_rotated_jpeg, jpeg_bytes, photo
+
+
+def test_jpeg_roundtrip_keeps_size_and_format():
+    img, info = decode_image(jpeg_bytes(photo(1, (200, 150))))
+    assert img.mode == "RGB" and img.size == (200, 150)
+    assert info.format == "JPEG" and not info.exif_rotated
+
+
+def test_exif_orientation_is_applied():
+    original = photo(2, (200, 120))
+    img, info = decode_image(exif_rotated_jpeg(original))
+    assert info.exif_rotated
+    assert img.size == (200, 120)  # displayed orientation, not the stored (120 x 200)
+    diff = np.abs(np.asarray(img, np.int16) - np.asarray(original, np.int16)).mean()
+    assert diff < 8, f"rotated back picture differs from the original by {diff}"
+
+
+def test_cmyk_16bit_palette_alpha_become_rgb(tmp_path):
+    cmyk = io.BytesIO()
+    photo(3).convert("CMYK").save(cmyk, "JPEG")
+    img, info = decode_image(cmyk.getvalue())
+    assert info.mode == "CMYK" and img.mode == "RGB"
+
+    arr16 = np.full((40, 40), 65535, np.uint16)
+    arr16[:, :20] = 0
+    png16 = io.BytesIO()
+    Image.fromarray(arr16).save(png16, "PNG")
+    img, info = decode_image(png16.getvalue())
+    assert info.mode.startswith("I")
+    px = np.asarray(img)
+    assert px[0, 0].tolist() == [0, 0, 0] and px[0, 39].tolist() == [255, 255, 255]  # scaled, not clipped
+
+    rgba = Image.new("RGBA", (32, 32), (255, 0, 0, 0))  # fully transparent red
+    buf = io.BytesIO()
+    rgba.save(buf, "PNG")
+    img, _ = decode_image(buf.getvalue())
+    assert np.asarray(img)[5, 5].tolist() == [255, 255, 255]  # transparent shows as white
+
+    pal = photo(4).convert("P")
+    buf = io.BytesIO()
+    pal.save(buf, "GIF")
+    img, info = decode_image(buf.getvalue())
+    assert img.mode == "RGB" and info.format == "GIF"
+
+
+def test_animated_gif_uses_first_frame():
+    frames = [Image.new("RGB", (32, 32), c) for c in ((255, 0, 0), (0, 0, 255))]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    img, info = decode_image(buf.getvalue())
+    assert info.frames == 2
+    r, g, b = np.asarray(img)[10, 10]
+    assert r > 200 and b < 50
+
+
+@pytest.mark.parametrize(
+    "data,code",
+    [
+        (b"", "empty"),
+        (b"hello, this is text", "not_an_image"),
+        (jpeg_bytes(photo(5))[:600], "corrupt"),
+    ],
+)
+def test_broken_inputs_raise_clear_codes(data, code):
+    with pytest.raises(ImageError) as exc:
+        decode_image(data)
+    assert exc.value.code == code and exc.value.status == 400
+
+
+def test_unsupported_format_is_415():
+    buf = io.BytesIO()
+    photo(6).save(buf, "ICO")
+    with pytest.raises(ImageError) as exc:
+        decode_image(buf.getvalue())
+    assert exc.value.code == "unsupported_format" and exc.value.status == 415
+
+
+def test_decompression_bomb_and_tiny_images_are_refused():
+    bomb = io.BytesIO()
+    Image.new("1", (9000, 9000)).save(bomb, "PNG")  # 81 Mpx, a few KB on the wire
+    with pytest.raises(ImageError) as exc:
+        decode_image(bomb.getvalue(), max_pixels=40_000_000)
+    assert exc.value.code == "too_many_pixels"
+    tiny = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(tiny, "PNG")
+    with pytest.raises(ImageError) as exc:
+        decode_image(tiny.getvalue(), min_side=16)
+    assert exc.value.code == "too_small"
+
+
+def test_jpeg_draft_decodes_smaller_but_large_enough():
+    big = photo(7, (1600, 1200))
+    img, info = decode_image(jpeg_bytes(big), draft_size=256)
+    assert (info.width, info.height) == (1600, 1200)
+    assert min(img.size) >= 256 and img.size[0] < 1600

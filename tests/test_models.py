@@ -1,0 +1,55 @@
+"""The offline ImageNet weights map onto timm's tf_efficientnet_lite0 and really recognise things."""
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from serving.imageio import decode_image
+from serving.preprocess import Preprocessing
+from tests.conftest import shared_dataset
+from training.models import create_model, map_lukemelas_to_timm, offline_weights_path
+
+
+def test_mapping_pairs_all_296_tensors_by_shape():
+    source = torch.load(offline_weights_path(), map_location="cpu", weights_only=True)
+    target = timm.create_model("tf_efficientnet_lite0", num_classes=1000).state_dict()
+    mapped = map_lukemelas_to_timm(source, target)
+    assert len(mapped) == 296
+    assert all(mapped[k].shape == target[k].shape for k in mapped)
+    assert next(iter(source)).startswith("_conv_stem") and next(iter(mapped)) == "conv_stem.weight"
+
+
+def test_mapping_refuses_mismatched_files():
+    source = torch.load(offline_weights_path(), map_location="cpu", weights_only=True)
+    other = timm.create_model("mobilenetv3_small_050", num_classes=1000).state_dict()
+    with pytest.raises(ValueError):
+        map_lukemelas_to_timm(source, other)
+
+
+def test_new_head_is_fresh_and_backbone_is_pretrained():
+    model = create_model("tf_efficientnet_lite0", 3, "offline")
+    source = torch.load(offline_weights_path(), map_location="cpu", weights_only=True)
+    assert torch.equal(model.conv_stem.weight, source["_conv_stem.weight"])
+    assert model.classifier.weight.shape == (3, 1280)
+
+
+# Caltech-101 categories that are ImageNet classes: category -> acceptable ImageNet indices
+_IMAGENET = {"accordion": {401}, "soccer_ball": {805}, "chandelier": {529}, "scorpion": {71}, "umbrella": {879},
+             "starfish": {327}, "trilobite": {69}}
+
+
+def test_offline_weights_recognise_real_photos():
+    root = shared_dataset("caltech101-negatives")
+    model = create_model("tf_efficientnet_lite0", 1000, "offline").eval()
+    pre = Preprocessing(input_size=224, crop_pct=0.875, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
+    hits = total = 0
+    for category, wanted in _IMAGENET.items():
+        for path in sorted(root.glob(f"*/other/{category}_image_*.jpg"))[:4]:
+            img, _ = decode_image(path)
+            with torch.no_grad():
+                top5 = model(torch.from_numpy(pre(img)[None])).topk(5).indices[0].tolist()
+            hits += bool(wanted & set(top5))
+            total += 1
+    assert total >= 10
+    assert hits / total >= 0.7, f"only {hits}/{total} real photos have their ImageNet class in the top 5"

@@ -1,0 +1,96 @@
+"""albumentations pipelines built from the config, with strict argument checking.
+
+albumentations 2.x only *warns* about unknown (e.g. 1.x-style) keyword arguments and then does
+something else; here an unknown argument is a config error.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+
+from serving.preprocess import Preprocessing
+from training.config import AugmentStep
+
+_CV2_INTERPOLATION = {"bicubic": cv2.INTER_CUBIC, "bilinear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST,
+                      "lanczos": cv2.INTER_LANCZOS4}
+
+
+def _transform_class(name: str):
+    from training import realism
+
+    cls = getattr(realism, name, None) or getattr(A, name, None)
+    if cls is None or not (inspect.isclass(cls) and issubclass(cls, A.BasicTransform)):
+        raise ValueError(f"unknown augmentation {name!r}: use an albumentations transform or one of training.realism")
+    return cls
+
+
+def build_step(step: AugmentStep, pre: Preprocessing):
+    cls = _transform_class(step.name)
+    params = dict(step.params)
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    unknown = set(params) - accepted
+    if unknown:
+        raise ValueError(f"augmentation {step.name}: unknown arguments {sorted(unknown)}; it accepts {sorted(accepted)}")
+    if "size" in accepted and "size" not in params and step.name.endswith("Crop"):
+        params["size"] = (pre.input_size, pre.input_size)
+    if step.name == "RandomResizedCrop" and "interpolation" not in params:
+        params["interpolation"] = _CV2_INTERPOLATION[pre.interpolation]
+    for key, value in params.items():
+        if isinstance(value, list):
+            params[key] = tuple(value)
+    if step.p is not None:
+        params["p"] = step.p
+    return cls(**params)
+
+
+class TrainTransform:
+    """uint8 HWC (cached, resized) -> float32 CHW tensor, augmented then normalised like serving."""
+
+    def __init__(self, steps: list[AugmentStep], pre: Preprocessing, seed: int = 0):
+        self.pre = pre
+        self.compose = A.Compose([build_step(s, pre) for s in steps], seed=seed)
+        self._size = pre.input_size
+
+    def set_seed(self, seed: int) -> None:
+        # albumentations 2.0.x creates its RNG in the constructor: every DataLoader worker would
+        # repeat the same sequence unless each worker reseeds its copy.
+        self.compose.set_random_seed(seed)
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        out = self.compose(image=image)["image"]
+        if out.shape[0] != self._size or out.shape[1] != self._size:
+            out = cv2.resize(out, (self._size, self._size), interpolation=cv2.INTER_AREA)
+        arr = (out.astype(np.float32) / 255.0 - np.asarray(self.pre.mean, np.float32)) / np.asarray(self.pre.std, np.float32)
+        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+class EvalTransform:
+    """The serving preprocessing on a cached resized image (centre crop + normalise)."""
+
+    def __init__(self, pre: Preprocessing):
+        self.pre = pre
+
+    def set_seed(self, seed: int) -> None:
+        pass
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(self.pre.crop_and_normalize(image))
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """Give each DataLoader worker its own augmentation stream (derived from torch's per-worker seed)."""
+    info = torch.utils.data.get_worker_info()
+    seed = info.seed % (2**32)
+    np.random.seed(seed)
+    import random
+
+    random.seed(seed)
+    dataset = info.dataset
+    transform = getattr(dataset, "transform", None)
+    if transform is not None:
+        transform.set_seed(seed)

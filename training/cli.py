@@ -1,0 +1,177 @@
+"""The ``wildcheck`` command line (typer). Heavy imports happen inside commands so ``--help`` is instant."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(help="wildcheck: detect illegal wildlife products in listing photos.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="Check datasets and make synthetic ones.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+@data_app.command("check")
+def data_check(
+    roots: list[Path] = typer.Argument(..., help="dataset roots (folders or CSV manifests)"),
+    report: Optional[Path] = typer.Option(None, "--report", help="write the full JSON report here"),
+    min_side: int = typer.Option(32, help="images with a shorter side below this are flagged"),
+    near_distance: int = typer.Option(4, help="perceptual-hash Hamming distance that counts as a near-duplicate"),
+) -> None:
+    """Counts, unreadable files, odd encodings, duplicates and leakage. Exit 1 when there are errors."""
+    from training.data.check import check_dataset, format_report, write_report
+
+    try:
+        result = check_dataset(roots, min_side=min_side, near_distance=near_distance)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(format_report(result))
+    if report:
+        write_report(result, report)
+        typer.echo(f"report: {report}")
+    raise typer.Exit(1 if result["errors"] else 0)
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Path = typer.Argument(..., help="output folder (OUT/<split>/<label>/*.jpg)"),
+    per_class: int = typer.Option(40, "--per-class", help="training images per class (val/test get a quarter)"),
+    size: int = typer.Option(256, "--size", help="image side in pixels"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Write a deterministic synthetic listing-photo dataset (a stand-in for demos and tests)."""
+    from training.data.synth import synthesize
+
+    counts = synthesize(out, per_class=per_class, size=size, seed=seed)
+    typer.echo(json.dumps(counts))
+
+
+@app.command()
+def train(
+    data: list[Path] = typer.Option(..., "--data", help="dataset root; repeat to combine several"),
+    out: Path = typer.Option(..., "--out", help="run directory"),
+    negatives: list[Path] = typer.Option([], "--negatives", help="root of images that are all 'other'; repeatable"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (defaults: configs/default.yaml)"),
+    epochs: Optional[int] = typer.Option(None, "--epochs"),
+    img_size: Optional[int] = typer.Option(None, "--img-size"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    resume: bool = typer.Option(False, "--resume", help="continue from RUN_DIR/last.pt"),
+) -> None:
+    """Fine-tune a model; writes best.pt, last.pt, history.csv and config.yaml into --out."""
+    from training.config import load_config
+    from training.train import train as run_training
+
+    try:
+        cfg = load_config(config, {"train": {"epochs": epochs, "batch_size": batch_size}, "data": {"img_size": img_size}})
+        if resume and config is None and (out / "config.yaml").exists():
+            cfg = load_config(out / "config.yaml", {"train": {"epochs": epochs}})
+        if negatives:
+            cfg.data.negatives = cfg.data.negatives + [str(n) for n in negatives]
+        summary = run_training([str(d) for d in data], out, cfg, resume=resume)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    m = summary["val_metrics"]
+    typer.echo(
+        f"best epoch {summary['best_epoch']}: val accuracy {m['accuracy']:.4f}, balanced accuracy "
+        f"{m['balanced_accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}; {summary['wall_seconds']}s; run dir {out}"
+    )
+
+
+@app.command()
+def evaluate(
+    model: Path = typer.Argument(..., help="run dir, checkpoint (.pt) or ONNX file"),
+    data: list[Path] = typer.Option(..., "--data", help="dataset root; repeat to combine several"),
+    split: str = typer.Option("val", "--split", help="split to evaluate ('all' for every image)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write metrics.json, predictions.csv and plots here"),
+    predictions: Optional[Path] = typer.Option(None, "--predictions", help="write predictions CSV here"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+) -> None:
+    """Metrics, predictions and plots for a model on labelled images."""
+    from training.evaluate import evaluate as run_evaluation
+
+    try:
+        run_evaluation(model, [str(d) for d in data], None if split == "all" else split, out, predictions, batch_size)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="run dir or checkpoint"),
+    out: Path = typer.Option(..., "--out", help="ONNX file to write"),
+    data: list[Path] = typer.Option([], "--data", help="images for the parity check/calibration (default: the run's data)"),
+    name: Optional[str] = typer.Option(None, "--name", help="model name in the metadata"),
+    version: Optional[str] = typer.Option(None, "--version", help="human version (a weights hash is appended)"),
+    int8: bool = typer.Option(False, "--int8", help="also write MODEL.int8.onnx (static QDQ U8S8) if accurate enough"),
+    calib_images: int = typer.Option(300, "--calib-images", help="training images to calibrate INT8 on"),
+    int8_max_drop: float = typer.Option(1.0, "--int8-max-drop", help="refuse INT8 if val balanced accuracy drops more (points)"),
+) -> None:
+    """Export one self-contained ONNX file with the model contract in its metadata (parity-checked)."""
+    from training.export import ExportError, export as run_export
+
+    try:
+        report = run_export(run, out, [str(d) for d in data] or None, name, version, int8=int8,
+                            calib_images=calib_images, int8_max_drop=int8_max_drop)
+    except ExportError as exc:
+        _fail(str(exc), code=1)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    p = report["parity"]
+    typer.echo(f"parity: {p['images']} images, max |Δp| {p['max_abs_diff']:.2e}, {len(p['top1_mismatches'])} top-1 mismatches")
+    typer.echo(f"wrote {report['fp32']['path']} ({report['fp32']['bytes'] / 1e6:.1f} MB), version {report['model_version']}")
+    if "int8" in report:
+        q = report["int8"]
+        typer.echo(f"wrote {q['path']} ({q['bytes'] / 1e6:.1f} MB): val balanced accuracy "
+                   f"{q['fp32_balanced_accuracy']:.4f} (FP32) -> {q['int8_balanced_accuracy']:.4f} (INT8)")
+
+
+@app.command()
+def serve(
+    model: Path = typer.Argument(..., help="ONNX file exported by `wildcheck export`"),
+    port: int = typer.Option(3000, "--port"),
+    host: str = typer.Option("0.0.0.0", "--host"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="worker processes (default 2, WILDCHECK_WORKERS)"),
+    threads_per_worker: Optional[int] = typer.Option(
+        None, "--threads-per-worker", help="onnxruntime threads per worker (default 1, WILDCHECK_THREADS)"),
+) -> None:
+    """Serve the image-check endpoint with `bentoml serve` (API docs at /v1/docs)."""
+    import os
+    import shutil
+
+    from serving.contract import ContractError, read_contract
+
+    try:
+        contract = read_contract(model)
+    except ContractError as exc:
+        _fail(str(exc))
+    env = dict(os.environ, WILDCHECK_MODEL=str(model.resolve()))
+    if workers:
+        env["WILDCHECK_WORKERS"] = str(workers)
+    if threads_per_worker:
+        env["WILDCHECK_THREADS"] = str(threads_per_worker)
+    env.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    bentoml = shutil.which("bentoml", path=str(Path(sys.executable).parent)) or shutil.which("bentoml")
+    if not bentoml:
+        _fail("the bentoml command was not found; install wildcheck with its dependencies")
+    typer.echo(f"serving {contract.model_name} {contract.model_version} on http://{host}:{port} (docs: /v1/docs)")
+    typer.echo(f"try: curl -F image=@photo.jpg http://localhost:{port}/v1/check")
+    os.execve(bentoml, [bentoml, "serve", "serving.service:WildCheck", "--host", host, "--port", str(port)], env)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Training configuration: YAML validated into typed objects with defaults (pydantic)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelConfig(_Strict):
+    name: str = "tf_efficientnet_lite0"
+    pretrained: str = Field("offline", description="none | offline | hub | path to a state dict")
+    drop_rate: float = Field(0.2, ge=0.0, lt=1.0)
+    drop_path_rate: float = Field(0.05, ge=0.0, lt=1.0)
+
+
+class DataConfig(_Strict):
+    img_size: int = Field(224, ge=32)
+    crop_pct: float = Field(0.875, gt=0.0, le=1.0)
+    interpolation: str | None = Field(None, description="None: what the pretrained weights expect")
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    negative_label: str = "other"
+    min_side: int = Field(32, ge=1, description="images with a shorter side below this are skipped")
+    num_workers: int | None = Field(
+        None, ge=0, description="DataLoader workers; None: 0 on CPU (augmenting cached pixels is cheap), 8 on GPU"
+    )
+    cache_workers: int = Field(2, ge=1, description="threads that decode and resize images into the cache")
+    balance: Literal["sampler", "loss", "none"] = "sampler"
+    negatives: list[str] = Field(
+        default_factory=list, description="roots whose images are all the negative label, sampled afresh each epoch"
+    )
+    negatives_per_epoch: float = Field(
+        0.25, ge=0.0, description="negatives drawn per epoch: a count (>= 1) or a ratio of the main training set (< 1)"
+    )
+    val_negatives: int = Field(400, ge=0, description="fixed sample of validation negatives, the same every epoch")
+
+
+class AugmentStep(_Strict):
+    name: str
+    p: float | None = None
+    params: dict[str, Any] = {}
+
+
+def _default_augment() -> list[AugmentStep]:
+    return [
+        AugmentStep(name="RandomResizedCrop", params={"scale": [0.35, 1.0], "ratio": [0.75, 1.333]}),
+        AugmentStep(name="HorizontalFlip", p=0.5),
+        AugmentStep(name="Affine", p=0.3, params={"rotate": [-12, 12], "fill": 255}),
+        AugmentStep(name="ColorJitter", p=0.7, params={"brightness": 0.3, "contrast": 0.3, "saturation": 0.3, "hue": 0.04}),
+        AugmentStep(name="ToGray", p=0.05),
+        AugmentStep(name="GaussianBlur", p=0.1, params={"blur_limit": [3, 5]}),
+        AugmentStep(name="ImageCompression", p=0.3, params={"quality_range": [30, 90]}),
+    ]
+
+
+class AugmentConfig(_Strict):
+    train: list[AugmentStep] = Field(default_factory=_default_augment)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.02, ge=0.0)
+    warmup_epochs: float = Field(0.5, ge=0.0)
+    min_lr_ratio: float = Field(0.01, ge=0.0, le=1.0)
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    grad_clip: float | None = Field(2.0, gt=0.0)
+    ema: bool = True
+    ema_decay: float | None = Field(None, gt=0.0, lt=1.0, description="None: sized to the run's number of steps")
+    early_stopping_patience: int | None = Field(4, ge=1)
+    amp: bool = Field(True, description="bf16/fp16 autocast on CUDA (ignored on CPU)")
+    channels_last: bool = True
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; None: all cores")
+    seed: int = 42
+    device: str = "auto"
+
+
+class Config(_Strict):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    augment: AugmentConfig = AugmentConfig()
+    train: TrainConfig = TrainConfig()
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+    """Read YAML (or take the defaults), apply CLI overrides such as ``{"train": {"epochs": 3}}``."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config {path} not found")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"config {path} must be a mapping of sections (model, data, augment, train)")
+    for section, values in (overrides or {}).items():
+        raw.setdefault(section, {})
+        raw[section].update({k: v for k, v in values.items() if v is not None})
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ValueError(f"invalid config{f' {path}' if path else ''}:\n{exc}") from exc
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,191 @@
+"""``wildcheck data check``: find what would silently spoil a training run before it starts.
+
+Errors (exit 1): unreadable / zero-byte / truncated / unsupported files, the same bytes under two labels,
+and exact duplicates shared between splits (leakage inflates validation numbers).
+Warnings: images too small, near-duplicates (perceptual hash) across splits or within a split.
+Notes: unusual but handled encodings (CMYK, 16-bit, palette, alpha, EXIF rotation, animation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import imagehash
+import numpy as np
+from tqdm.auto import tqdm
+
+from serving.imageio import ImageError, decode_image
+from training.data.sources import Sample, label_counts, load_samples
+
+UNUSUAL_MODES = {
+    "CMYK": "CMYK colour (converted to RGB)",
+    "I;16": "16-bit grayscale (scaled to 8 bits)",
+    "I;16B": "16-bit grayscale (scaled to 8 bits)",
+    "I;16L": "16-bit grayscale (scaled to 8 bits)",
+    "I": "32-bit integer pixels (scaled to 8 bits)",
+    "P": "palette image (converted to RGB)",
+    "RGBA": "alpha channel (composited on white)",
+    "LA": "alpha channel (composited on white)",
+    "PA": "alpha channel (composited on white)",
+    "L": "grayscale (converted to RGB)",
+}
+
+
+@dataclass
+class FileResult:
+    path: str
+    split: str
+    label: str
+    bytes: int
+    sha256: str | None = None
+    phash: str | None = None
+    width: int | None = None
+    height: int | None = None
+    format: str | None = None
+    error: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _inspect(sample: Sample, min_side: int) -> FileResult:
+    path = sample.path
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return FileResult(str(path), sample.split, sample.label, 0, error={"code": "unreadable", "message": str(exc)})
+    result = FileResult(str(path), sample.split, sample.label, len(data), sha256=hashlib.sha256(data).hexdigest())
+    if not data:
+        result.error = {"code": "empty", "message": "zero-byte file"}
+        return result
+    try:
+        img, info = decode_image(data, min_side=1)
+    except ImageError as exc:
+        result.error = {"code": exc.code, "message": exc.message}
+        return result
+    result.width, result.height, result.format = info.width, info.height, info.format
+    if info.mode in UNUSUAL_MODES:
+        result.notes.append(f"mode {info.mode}: {UNUSUAL_MODES[info.mode]}")
+    if info.exif_rotated:
+        result.notes.append("EXIF orientation applied (pixels stored rotated)")
+    if info.frames > 1:
+        result.notes.append(f"animated ({info.frames} frames; the first is used)")
+    suffix = path.suffix.lower().lstrip(".")
+    expected = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF", "bmp": "BMP",
+                "tif": "TIFF", "tiff": "TIFF"}.get(suffix)
+    if expected and expected != info.format and not (expected == "JPEG" and info.format == "MPO"):
+        result.notes.append(f"file extension .{suffix} but the content is {info.format}")
+    if min(info.width, info.height) < min_side:
+        result.notes.append(f"too small: {info.width}x{info.height} (shorter side < {min_side} px)")
+    result.phash = str(imagehash.phash(img))
+    return result
+
+
+def _near_duplicate_pairs(hashes: list[str], max_distance: int) -> list[tuple[int, int, int]]:
+    """All (i, j, distance) with Hamming distance <= max_distance between 64-bit perceptual hashes."""
+    if len(hashes) < 2:
+        return []
+    values = np.array([int(h, 16) for h in hashes], dtype=np.uint64)
+    pairs = []
+    for i in range(len(values) - 1):
+        dist = np.bitwise_count(values[i + 1 :] ^ values[i])
+        for j in np.nonzero(dist <= max_distance)[0]:
+            pairs.append((i, i + 1 + int(j), int(dist[j])))
+    return pairs
+
+
+def check_dataset(
+    roots: list[str | Path], min_side: int = 32, near_distance: int = 4, workers: int = 2
+) -> dict:
+    """Inspect every image under ``roots``; return the JSON-able report."""
+    samples = load_samples(roots)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(tqdm(pool.map(lambda s: _inspect(s, min_side), samples), total=len(samples),
+                            desc="checking", unit="img", leave=False))
+    errors, warnings, notes = [], [], []
+    for r in results:
+        if r.error:
+            errors.append({"path": r.path, "split": r.split, "label": r.label, **r.error})
+        for note in r.notes:
+            target = warnings if note.startswith(("too small", "file extension")) else notes
+            target.append({"path": r.path, "split": r.split, "message": note})
+
+    by_sha: dict[str, list[FileResult]] = defaultdict(list)
+    for r in results:
+        if r.sha256 and not r.error:
+            by_sha[r.sha256].append(r)
+    exact = []
+    for sha, group in by_sha.items():
+        if len(group) < 2:
+            continue
+        splits, labels = sorted({g.split for g in group}), sorted({g.label for g in group})
+        entry = {"sha256": sha, "paths": [g.path for g in group], "splits": splits, "labels": labels,
+                 "cross_split": len(splits) > 1, "label_conflict": len(labels) > 1}
+        exact.append(entry)
+        if entry["label_conflict"]:
+            errors.append({"path": group[0].path, "code": "label_conflict",
+                           "message": f"identical files labelled {labels}: {entry['paths']}"})
+        if entry["cross_split"]:
+            errors.append({"path": group[0].path, "code": "leakage",
+                           "message": f"identical files in splits {splits}: {entry['paths']}"})
+
+    hashed = [r for r in results if r.phash and not r.error]
+    near = []
+    for i, j, dist in _near_duplicate_pairs([r.phash for r in hashed], near_distance):
+        a, b = hashed[i], hashed[j]
+        if a.sha256 == b.sha256:
+            continue  # already an exact duplicate
+        entry = {"paths": [a.path, b.path], "splits": sorted({a.split, b.split}), "labels": sorted({a.label, b.label}),
+                 "distance": dist, "cross_split": a.split != b.split}
+        near.append(entry)
+        kind = "near-duplicate across splits (possible leakage)" if entry["cross_split"] else "near-duplicate"
+        warnings.append({"path": a.path, "split": a.split, "message": f"{kind} of {b.path} (phash distance {dist})"})
+
+    return {
+        "roots": [str(r) for r in roots],
+        "n_images": len(samples),
+        "counts": label_counts(samples),
+        "errors": errors,
+        "warnings": warnings,
+        "notes": notes,
+        "exact_duplicates": exact,
+        "near_duplicates": near,
+        "summary": {
+            "errors": len(errors), "warnings": len(warnings), "notes": len(notes),
+            "exact_duplicate_groups": len(exact), "cross_split_exact": sum(e["cross_split"] for e in exact),
+            "near_duplicate_pairs": len(near), "cross_split_near": sum(e["cross_split"] for e in near),
+        },
+        "files": [asdict(r) for r in results],
+    }
+
+
+def format_report(report: dict, max_lines: int = 30) -> str:
+    """Human-readable summary of ``check_dataset``'s report."""
+    out = [f"{report['n_images']} images in {', '.join(report['roots'])}"]
+    for split, counts in report["counts"].items():
+        out.append(f"  {split:<6} " + "  ".join(f"{label}={n}" for label, n in counts.items()))
+    for title, items in (("ERRORS", report["errors"]), ("warnings", report["warnings"]), ("notes", report["notes"])):
+        if not items:
+            continue
+        out.append(f"{title} ({len(items)}):")
+        for item in items[:max_lines]:
+            code = f"[{item['code']}] " if "code" in item else ""
+            out.append(f"  {item['path']}: {code}{item['message']}")
+        if len(items) > max_lines:
+            out.append(f"  ... {len(items) - max_lines} more in the JSON report")
+    s = report["summary"]
+    out.append(
+        f"summary: {s['errors']} errors, {s['warnings']} warnings, {s['exact_duplicate_groups']} exact-duplicate groups "
+        f"({s['cross_split_exact']} across splits), {s['near_duplicate_pairs']} near-duplicate pairs "
+        f"({s['cross_split_near']} across splits)"
+    )
+    return "\n".join(out)
+
+
+def write_report(report: dict, path: str | Path) -> None:
+    from training.fileio import atomic_write_text
+
+    atomic_write_text(path, json.dumps(report, indent=2))

@@ -1,0 +1,49 @@
+"""Per-epoch sampling: the main training set every epoch, plus a fresh draw from a negatives pool.
+
+A pool of ordinary photos ten times larger than the positives must not make epochs ten times longer;
+drawing a fixed number of them afresh each epoch shows the model the whole pool over a run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def negatives_count(per_epoch: float, main_size: int, pool_size: int) -> int:
+    """``per_epoch`` >= 1 is a count, below 1 a ratio of the main set; never more than the pool."""
+    n = int(per_epoch) if per_epoch >= 1 else int(round(per_epoch * main_size))
+    return min(n, pool_size)
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """Indices ``[0, n_main)`` are the main set, ``[n_main, n_main + n_pool)`` the negatives pool.
+
+    balance=True draws the main set with replacement, each class equally likely (as many draws as the
+    main set has images); otherwise each main image appears once. ``n_negatives`` pool images are drawn
+    without replacement every epoch. The generator's state is all the randomness, so resuming restores it.
+    """
+
+    def __init__(self, main_targets: list[int], n_pool: int, n_negatives: int, balance: bool,
+                 generator: torch.Generator):
+        self.main_targets = np.asarray(main_targets)
+        self.n_main = len(main_targets)
+        self.n_pool = n_pool
+        self.n_negatives = min(n_negatives, n_pool)
+        self.balance = balance
+        self.generator = generator
+        counts = np.bincount(self.main_targets) if self.n_main else np.zeros(0)
+        self.weights = torch.as_tensor((1.0 / np.maximum(counts, 1))[self.main_targets], dtype=torch.double)
+
+    def __len__(self) -> int:
+        return self.n_main + self.n_negatives
+
+    def __iter__(self):
+        if self.balance and self.n_main:
+            main = torch.multinomial(self.weights, self.n_main, replacement=True, generator=self.generator)
+        else:
+            main = torch.randperm(self.n_main, generator=self.generator)
+        pool = torch.randperm(self.n_pool, generator=self.generator)[: self.n_negatives] + self.n_main
+        order = torch.cat([main, pool])
+        order = order[torch.randperm(len(order), generator=self.generator)]
+        return iter(order.tolist())

@@ -1,0 +1,107 @@
+"""Find labelled images: ``ROOT/<split>/<label>/<image>``, ``ROOT/<label>/<image>`` or a CSV manifest.
+
+Several roots combine: samples are concatenated and labels united per split, so Met ivory plus a folder
+of generic product photos labelled ``other`` is one training set.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+KNOWN_SPLITS = ("train", "val", "test")
+MANIFEST_NAMES = ("manifest.csv",)
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: str
+    split: str
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _scan_label_dirs(folder: Path, split: str) -> list[Sample]:
+    samples = []
+    for label_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for path in sorted(label_dir.rglob("*")):
+            if _is_image(path):
+                samples.append(Sample(path, label_dir.name, split))
+    return samples
+
+
+def _read_manifest(csv_path: Path, default_split: str) -> list[Sample]:
+    samples = []
+    with csv_path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
+            raise ValueError(f"{csv_path}: a manifest needs at least the columns path,label (and optionally split)")
+        for line_no, row in enumerate(reader, start=2):
+            if not row.get("path") or not row.get("label"):
+                raise ValueError(f"{csv_path}:{line_no}: empty path or label")
+            path = Path(row["path"])
+            if not path.is_absolute():
+                path = csv_path.parent / path
+            samples.append(Sample(path, row["label"].strip(), (row.get("split") or default_split).strip()))
+    return samples
+
+
+def discover(root: str | Path, default_split: str = "train") -> list[Sample]:
+    """All labelled images under one root (folder layout or CSV manifest)."""
+    root = Path(root)
+    if root.is_file() and root.suffix.lower() == ".csv":
+        return _read_manifest(root, default_split)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset {root} not found (expected a folder or a CSV manifest)")
+    for name in MANIFEST_NAMES:
+        if (root / name).is_file():
+            return _read_manifest(root / name, default_split)
+    split_dirs = [root / s for s in KNOWN_SPLITS if (root / s).is_dir()]
+    if split_dirs:
+        samples = []
+        for split_dir in split_dirs:
+            samples += _scan_label_dirs(split_dir, split_dir.name)
+        return samples
+    return _scan_label_dirs(root, default_split)
+
+
+def load_samples(roots: list[str | Path] | tuple[str | Path, ...], default_split: str = "train") -> list[Sample]:
+    """Combine several roots. A root without split folders counts as ``default_split``."""
+    samples: list[Sample] = []
+    for root in roots:
+        found = discover(root, default_split)
+        if not found:
+            raise ValueError(f"no images found under {root}; expected ROOT/<split>/<label>/<image> or ROOT/<label>/<image>")
+        samples += found
+    return samples
+
+
+def select_split(samples: list[Sample], split: str) -> list[Sample]:
+    return [s for s in samples if s.split == split]
+
+
+def label_counts(samples: list[Sample]) -> dict[str, dict[str, int]]:
+    out: dict[str, Counter] = {}
+    for s in samples:
+        out.setdefault(s.split, Counter())[s.label] += 1
+    return {split: dict(sorted(c.items())) for split, c in sorted(out.items())}
+
+
+def fingerprint(samples: list[Sample]) -> dict:
+    """A hash of the (path, label, split, size, mtime) list: identifies the training data in the model contract."""
+    h = hashlib.sha256()
+    for s in sorted(samples, key=lambda s: (s.split, s.label, str(s.path))):
+        try:
+            st = s.path.stat()
+            stamp = f"{st.st_size}"
+        except OSError:
+            stamp = "missing"
+        h.update(f"{s.split}\t{s.label}\t{s.path.name}\t{stamp}\n".encode())
+    return {"sha256": h.hexdigest(), "counts": label_counts(samples)}

@@ -1,0 +1,171 @@
+"""Evaluate a checkpoint, run dir or ONNX file on labelled images: one code path for all three.
+
+Images go through ``serving.imageio.decode_image`` and the model's ``Preprocessing`` exactly as the
+server does; only the final forward pass differs (torch or onnxruntime).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from serving.imageio import ImageError, decode_image
+from serving.preprocess import Preprocessing
+from serving.runtime import softmax
+from training.data.sources import Sample, load_samples, select_split
+from training.metrics import compute_metrics, summary_table
+
+log = logging.getLogger(__name__)
+
+
+class TorchPredictor:
+    """A wildcheck checkpoint (``best.pt``) with the same interface as ``serving.runtime.OnnxModel``."""
+
+    def __init__(self, checkpoint: str | Path, threads: int | None = None):
+        import torch
+
+        from training.fileio import load_checkpoint
+        from training.models import create_model
+
+        if threads:
+            torch.set_num_threads(threads)
+        state = load_checkpoint(checkpoint)
+        self.path = Path(checkpoint)
+        self.labels: list[str] = list(state["labels"])
+        self.preprocessing = Preprocessing.model_validate(state["preprocessing"])
+        self.temperature = float(state.get("temperature", 1.0))
+        self.state = state
+        self.model = create_model(state["architecture"], len(self.labels), pretrained="none")
+        self.model.load_state_dict(state["model"])
+        self.model.eval()
+        self._torch = torch
+
+    def predict_logits(self, batch: np.ndarray) -> np.ndarray:
+        with self._torch.inference_mode():
+            return self.model(self._torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))).float().numpy()
+
+    def predict_proba(self, batch: np.ndarray) -> np.ndarray:
+        return softmax(self.predict_logits(batch), self.temperature)
+
+
+def resolve_checkpoint(model: str | Path) -> Path:
+    path = Path(model)
+    if path.is_dir():
+        path = path / "best.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"{model}: no such run dir, checkpoint or ONNX file")
+    return path
+
+
+def load_predictor(model: str | Path, threads: int | None = None):
+    """A run dir, a ``.pt`` checkpoint or a ``.onnx`` file."""
+    path = resolve_checkpoint(model)
+    if path.suffix == ".onnx":
+        from serving.runtime import OnnxModel
+
+        return OnnxModel(path, threads=threads or 2)
+    return TorchPredictor(path, threads=threads)
+
+
+def _prepare(sample: Sample, pre: Preprocessing) -> np.ndarray | str:
+    try:
+        img, _ = decode_image(sample.path, draft_size=pre.draft_size)
+        return pre(img)
+    except ImageError as exc:
+        return f"{exc.code}: {exc.message}"
+    except OSError as exc:
+        return f"unreadable: {exc}"
+
+
+def predict_samples(predictor, samples: list[Sample], batch_size: int = 32, workers: int = 2, desc: str = "evaluating"):
+    """Returns (probabilities for the readable samples, readable samples, [(path, reason)] for the others)."""
+    pre = predictor.preprocessing
+    probs, kept, skipped, batch, batch_samples = [], [], [], [], []
+
+    def flush():
+        if batch:
+            probs.append(predictor.predict_proba(np.stack(batch)))
+            kept.extend(batch_samples)
+            batch.clear(), batch_samples.clear()
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for sample, arr in tqdm(zip(samples, pool.map(lambda s: _prepare(s, pre), samples)), total=len(samples),
+                                desc=desc, unit="img", leave=False):
+            if isinstance(arr, str):
+                log.warning("skipping %s (%s)", sample.path, arr)
+                skipped.append((str(sample.path), arr))
+                continue
+            batch.append(arr), batch_samples.append(sample)
+            if len(batch) == batch_size:
+                flush()
+        flush()
+    n_labels = len(predictor.labels)
+    return (np.concatenate(probs) if probs else np.zeros((0, n_labels), np.float32)), kept, skipped
+
+
+def evaluate(
+    model: str | Path,
+    data: list[str | Path],
+    split: str | None = "val",
+    out_dir: str | Path | None = None,
+    predictions: str | Path | None = None,
+    batch_size: int = 32,
+    threads: int | None = None,
+) -> dict:
+    """Metrics (and, with ``out_dir``, metrics.json, predictions.csv and PNG plots) for ``model`` on ``data``."""
+    predictor = load_predictor(model, threads=threads)
+    samples = load_samples(data, default_split=split or "val")
+    if split:
+        chosen = select_split(samples, split)
+        if not chosen:
+            raise ValueError(f"no images in split {split!r} of {data}; splits present: {sorted({s.split for s in samples})}")
+        samples = chosen
+    labels = predictor.labels
+    unknown = Counter(s.label for s in samples if s.label not in labels)
+    if unknown:
+        print(f"labels unknown to the model (left out of the metrics, still predicted): {dict(unknown)}")
+    probs, kept, skipped = predict_samples(predictor, samples, batch_size)
+    known = np.array([s.label in labels for s in kept], dtype=bool)
+    if not known.any():
+        raise ValueError(f"none of the images carries a label the model knows ({labels})")
+    index = {label: i for i, label in enumerate(labels)}
+    y_true = np.array([index[s.label] for s, k in zip(kept, known) if k])
+    metrics = compute_metrics(y_true, probs[known], labels)
+    metrics["model"] = str(model)
+    metrics["data"] = [str(d) for d in data]
+    metrics["split"] = split
+    metrics["skipped"] = [{"path": p, "reason": r} for p, r in skipped]
+    metrics["unknown_labels"] = dict(unknown)
+    print(summary_table(metrics))
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable image(s)")
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        predictions = predictions or out_dir / "predictions.csv"
+        from training.plots import plot_confusion_matrix, plot_pr_curves
+
+        plot_confusion_matrix(np.array(metrics["confusion_matrix"]), labels, out_dir / "confusion_matrix.png")
+        plot_pr_curves(y_true, probs[known], labels, out_dir / "pr_curves.png")
+        print(f"wrote {out_dir}/metrics.json, confusion_matrix.png, pr_curves.png")
+    if predictions is not None:
+        write_predictions(predictions, kept, probs, labels)
+    return metrics
+
+
+def write_predictions(path: str | Path, samples: list[Sample], probs: np.ndarray, labels: list[str]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "pred"] + [f"p_{label}" for label in labels])
+        for sample, p in zip(samples, probs):
+            writer.writerow([str(sample.path), sample.label, labels[int(p.argmax())]] + [f"{v:.6f}" for v in p])

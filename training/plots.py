@@ -1,0 +1,53 @@
+"""PNG plots for evaluation reports (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import precision_recall_curve  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_confusion_matrix(cm: np.ndarray, labels: list[str], path: str | Path) -> None:
+    """Counts, with each row shaded by its share (recall), so small classes stay readable."""
+    cm = np.asarray(cm)
+    share = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    size = max(4.0, 0.9 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted"), ax.set_ylabel("true")
+    ax.set_title("confusion matrix")
+    _save(fig, path)
+
+
+def plot_pr_curves(y_true: np.ndarray, probs: np.ndarray, labels: list[str], path: str | Path) -> None:
+    """One precision-recall curve per class present in the data (one-vs-rest)."""
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for i, label in enumerate(labels):
+        positives = y_true == i
+        if not positives.any() or positives.all():
+            continue
+        precision, recall, _ = precision_recall_curve(positives, probs[:, i])
+        ax.plot(recall, precision, label=label)
+    ax.set_xlabel("recall"), ax.set_ylabel("precision"), ax.set_xlim(0, 1), ax.set_ylim(0, 1.02)
+    ax.set_title("precision-recall (one vs rest)")
+    if ax.lines:
+        ax.legend(loc="lower left")
+    _save(fig, path)
