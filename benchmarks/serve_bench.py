@@ -1,0 +1,207 @@
+"""Serving benchmark: ours vs a naive baseline vs the in-process ceiling, measured in one run.
+
+    python benchmarks/serve_bench.py --model model.onnx --run RUN_DIR [--seconds 20] [--soak 120]
+
+- ours: `wildcheck serve MODEL.onnx` (bentoml serve, defaults), multipart uploads of ~1000x1000 JPEGs
+  (~100 KB) at concurrency 1, 8, 32 for --seconds each; then a --soak run at concurrency 32 with RSS.
+- baseline: the same HTTP stack (BentoML + FastAPI, same workers) serving the eager PyTorch checkpoint
+  with a full PIL decode and resize, one image per request (benchmarks/naive_service.py).
+- ceiling: decode + preprocess + onnxruntime in-process, no HTTP, one process per core.
+Prints req/s, p50/p95/p99, error counts, server RSS, and ours/baseline, ours/ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import multiprocessing as mp
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "datasets"
+
+
+def listing_photos(n: int = 48, side: int = 1000) -> list[bytes]:
+    """~1000x1000 JPEGs of ~100 KB: real photos upscaled (or synthetic ones when ../shared is absent)."""
+    paths = sorted((SHARED / "met-ivory" / "val").glob("*/*.jpg"))[:: 7][: n // 2]
+    paths += sorted((SHARED / "generic-products" / "val").glob("*/*.jpg"))[:: 5][: n - len(paths)]
+    images = []
+    if paths:
+        for p in paths:
+            images.append(Image.open(p).convert("RGB"))
+    else:
+        from training.data.synth import make_image
+
+        images = [make_image(("ivory", "other")[i % 2], i, 512) for i in range(n)]
+    out = []
+    for img in images:
+        scale = side / max(img.size)
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=85)
+        out.append(buf.getvalue())
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, argv: list[str], env: dict, port: int):
+        self.port = port
+        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {Path(self.log.name).read_text()[-2000:]}")
+            try:
+                if httpx.get(self.base + "/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError("server not ready after 120 s")
+
+    def rss_mb(self) -> float:
+        procs = [psutil.Process(self.proc.pid)] + psutil.Process(self.proc.pid).children(recursive=True)
+        return sum(p.memory_info().rss for p in procs if p.is_running()) / 1e6
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+async def _load(base: str, photos: list[bytes], concurrency: int, seconds: float) -> dict:
+    latencies, statuses, errors = [], {}, 0
+    stop_at = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+        async def worker(k: int):
+            nonlocal errors
+            i = k
+            while time.perf_counter() < stop_at:
+                data = photos[i % len(photos)]
+                i += concurrency
+                t = time.perf_counter()
+                try:
+                    r = await client.post(base + "/v1/check", files={"image": ("p.jpg", data, "image/jpeg")})
+                    statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                    if r.status_code == 200:
+                        latencies.append(time.perf_counter() - t)
+                except httpx.HTTPError:
+                    errors += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
+        wall = time.perf_counter() - t0
+    lat = np.array(latencies) * 1000 if latencies else np.array([np.nan])
+    return {"rps": len(latencies) / wall, "p50": np.percentile(lat, 50), "p95": np.percentile(lat, 95),
+            "p99": np.percentile(lat, 99), "5xx": sum(v for k, v in statuses.items() if k >= 500),
+            "4xx": sum(v for k, v in statuses.items() if 400 <= k < 500), "conn_errors": errors, "ok": len(latencies)}
+
+
+def load(base: str, photos: list[bytes], concurrency: int, seconds: float) -> dict:
+    return asyncio.run(_load(base, photos, concurrency, seconds))
+
+
+def _ceiling_worker(model: str, photos: list[bytes], seconds: float, queue) -> None:
+    from serving.checker import ImageChecker
+
+    checker = ImageChecker(model, threads=1)
+    checker.warm_up()
+    n, stop_at, i = 0, time.perf_counter() + seconds, 0
+    while time.perf_counter() < stop_at:
+        checker.check(photos[i % len(photos)], "image/jpeg")
+        i += 1
+        n += 1
+    queue.put(n)
+
+
+def ceiling(model: str, photos: list[bytes], seconds: float, processes: int) -> float:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_ceiling_worker, args=(model, photos, seconds, queue)) for _ in range(processes)]
+    for p in procs:
+        p.start()
+    counts = [queue.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return sum(counts) / seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="ONNX file (ours)")
+    parser.add_argument("--run", required=True, help="run dir or checkpoint (baseline: eager PyTorch)")
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--soak", type=float, default=120, help="seconds at concurrency 32 (0 to skip)")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+
+    photos = listing_photos()
+    print(f"{len(photos)} listing photos, mean {np.mean([len(p) for p in photos]) / 1000:.0f} KB, 1000 px long side")
+    bin_dir = Path(sys.executable).parent
+    env = dict(os.environ, BENTOML_DO_NOT_TRACK="true", BENTOML_HOME=tempfile.mkdtemp(), WILDCHECK_WORKERS=str(args.workers))
+    rows = {}
+
+    port = _free_port()
+    ours = Server([str(bin_dir / "wildcheck"), "serve", args.model, "--port", str(port), "--host", "127.0.0.1"], env, port)
+    try:
+        for c in (1, 8, 32):
+            rows[f"ours c={c}"] = load(ours.base, photos, c, args.seconds)
+        if args.soak:
+            rss0 = ours.rss_mb()
+            rows["ours soak c=32"] = load(ours.base, photos, 32, args.soak)
+            rss1 = ours.rss_mb()
+            rows["ours soak c=32"]["rss"] = (rss0, rss1)
+    finally:
+        ours.stop()
+
+    port = _free_port()
+    naive_env = dict(env, WILDCHECK_CHECKPOINT=str(Path(args.run).resolve()))
+    naive = Server([str(bin_dir / "bentoml"), "serve", "benchmarks.naive_service:NaiveCheck", "--port", str(port),
+                    "--host", "127.0.0.1", "--working-dir", str(REPO)], naive_env, port)
+    try:
+        for c in (1, 8):
+            rows[f"baseline c={c}"] = load(naive.base, photos, c, args.seconds)
+    finally:
+        naive.stop()
+
+    ceil_rps = ceiling(args.model, photos, args.seconds, processes=args.workers)
+
+    print(f"\n| run | req/s | p50 ms | p95 ms | p99 ms | 4xx | 5xx | conn errors |\n|---|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['rps']:.1f} | {r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} | {r['4xx']} | {r['5xx']} | {r['conn_errors']} |")
+    print(f"| ceiling (in-process, {args.workers} procs x 1 thread) | {ceil_rps:.1f} | | | | | | |")
+    o8 = rows["ours c=8"]["rps"]
+    print(f"\nours/baseline at c=8: {o8 / rows['baseline c=8']['rps']:.2f}x")
+    print(f"ours/ceiling at c=8: {o8 / ceil_rps:.2%}")
+    if "ours soak c=32" in rows:
+        r0, r1 = rows["ours soak c=32"]["rss"]
+        print(f"server RSS during soak: {r0:.0f} MB -> {r1:.0f} MB ({(r1 - r0) / r0:+.1%})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The image check itself, without HTTP: bytes in, decision out. Used by the service and the benchmarks."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from serving.decision import decide
+from serving.imageio import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageError, decode_image
+from serving.runtime import OnnxModel
+
+# Declared content types we accept, and the decoded format each one promises.
+CONTENT_TYPES = {
+    "image/jpeg": {"JPEG", "MPO"},
+    "image/png": {"PNG"},
+    "image/webp": {"WEBP"},
+    "image/gif": {"GIF"},
+    "image/bmp": {"BMP"},
+    "image/tiff": {"TIFF"},
+}
+GENERIC_TYPES = {"", "application/octet-stream"}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    min_side: int = DEFAULT_MIN_SIDE
+
+
+def check_content_type(declared: str | None, fmt: str) -> None:
+    """A declared type must be a real image type and match the bytes; none or octet-stream means 'sniff'."""
+    declared = (declared or "").split(";")[0].strip().lower()
+    if declared in GENERIC_TYPES:
+        return
+    if declared not in CONTENT_TYPES:
+        hint = " (the registered type is image/jpeg)" if declared in ("image/jpg", "image/pjpeg") else ""
+        raise ImageError(
+            "unsupported_content_type",
+            f"content type {declared!r} is not accepted{hint}; use one of {sorted(CONTENT_TYPES)} or application/octet-stream",
+            status=415,
+        )
+    if fmt not in CONTENT_TYPES[declared]:
+        raise ImageError(
+            "content_type_mismatch", f"declared {declared} but the bytes are a {fmt} image; send the right type", status=415
+        )
+
+
+class ImageChecker:
+    """Loads the ONNX model once; ``check`` is safe to call from several threads."""
+
+    def __init__(self, model_path: str, threads: int = 1, limits: Limits = Limits(), max_concurrent: int = 1):
+        self.model = OnnxModel(model_path, threads=threads)
+        self.contract = self.model.contract
+        self.pre = self.contract.preprocessing
+        self.limits = limits
+        self.thresholds = dict(self.contract.thresholds)
+        self.never_block = list(self.contract.never_block)
+        # one inference at a time per worker: onnxruntime threads x concurrent runs must not exceed the cores
+        self._slots = threading.Semaphore(max_concurrent)
+
+    def warm_up(self) -> None:
+        rng = np.random.default_rng(0)
+        batch = rng.standard_normal((1, 3, self.pre.input_size, self.pre.input_size), dtype=np.float32)
+        for _ in range(3):
+            self.model.predict_proba(batch)
+
+    def prepare(self, data: bytes, content_type: str | None = None) -> tuple[np.ndarray, dict]:
+        img, info = decode_image(data, max_pixels=self.limits.max_pixels, min_side=self.limits.min_side,
+                                 draft_size=self.pre.draft_size)
+        check_content_type(content_type, info.format)
+        meta = {"sha256": hashlib.sha256(data).hexdigest(), "width": info.width, "height": info.height,
+                "format": info.format}
+        return self.pre(img), meta
+
+    def predict(self, arrays: list[np.ndarray]) -> np.ndarray:
+        with self._slots:
+            return self.model.predict_proba(np.stack(arrays))
+
+    def result(self, probs: np.ndarray, meta: dict, started: float) -> dict:
+        labels = self.contract.labels
+        scores = {label: round(float(p), 6) for label, p in zip(labels, probs)}
+        top = int(np.argmax(probs))
+        decision, triggered = decide(scores, self.thresholds, self.never_block)
+        return {
+            "decision": decision,
+            "label": labels[top],
+            "score": scores[labels[top]],
+            "triggered_by": triggered,
+            "scores": scores,
+            "thresholds": {k: v.model_dump() for k, v in self.thresholds.items()},
+            "model": {"name": self.contract.model_name, "version": self.contract.model_version},
+            "image": meta,
+            "elapsed_ms": round((time.perf_counter() - started) * 1000.0, 2),
+        }
+
+    def check(self, data: bytes, content_type: str | None = None) -> dict:
+        started = time.perf_counter()
+        array, meta = self.prepare(data, content_type)
+        return self.result(self.predict([array])[0], meta, started)
+
+    def check_many(self, items: list[tuple[bytes, str | None]]) -> list[dict]:
+        """One forward pass for the readable images; an error entry for each bad one, in request order."""
+        started = time.perf_counter()
+        prepared, results = [], [None] * len(items)
+        for i, (data, content_type) in enumerate(items):
+            try:
+                prepared.append((i, *self.prepare(data, content_type)))
+            except ImageError as exc:
+                results[i] = {"error": {"code": exc.code, "message": exc.message, "status": exc.status}}
+        if prepared:
+            probs = self.predict([p[1] for p in prepared])
+            for (i, _, meta), p in zip(prepared, probs):
+                results[i] = self.result(p, meta, started)
+        return results
+
+    def describe(self) -> dict:
+        c = self.contract
+        return {
+            "name": c.model_name, "version": c.model_version, "architecture": c.architecture, "labels": c.labels,
+            "negative_label": c.negative_label, "precision": c.precision,
+            "thresholds": {k: v.model_dump() for k, v in self.thresholds.items()}, "never_block": self.never_block,
+            "temperature": c.temperature, "preprocessing": c.preprocessing.model_dump(), "metrics": c.metrics,
+            "created_at": c.created_at, "training_data": c.training_data, "wildcheck_version": c.wildcheck_version,
+        }

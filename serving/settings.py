@@ -1,0 +1,48 @@
+"""Service settings from environment variables (documented in the README, set by ``wildcheck serve``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from serving.imageio import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
+
+
+def _int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from exc
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str = ""
+    workers: int = 2  # NOTES + serve_bench: 2 workers x 1 onnxruntime thread is fastest on 2 cores
+    threads: int = 1
+    max_body_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    min_side: int = DEFAULT_MIN_SIDE
+    max_batch: int = 32
+    timeout_s: int = 30
+    max_concurrency: int = 64
+    api_keys: frozenset[str] = field(default_factory=frozenset)
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        keys = os.environ.get("WILDCHECK_API_KEYS", "")
+        return cls(
+            model=os.environ.get("WILDCHECK_MODEL", ""),
+            workers=_int("WILDCHECK_WORKERS", cls.workers),
+            threads=_int("WILDCHECK_THREADS", cls.threads),
+            max_body_bytes=_int("WILDCHECK_MAX_BODY_BYTES", cls.max_body_bytes),
+            max_pixels=_int("WILDCHECK_MAX_PIXELS", cls.max_pixels),
+            min_side=_int("WILDCHECK_MIN_SIDE", cls.min_side),
+            max_batch=_int("WILDCHECK_MAX_BATCH", cls.max_batch),
+            timeout_s=_int("WILDCHECK_TIMEOUT_S", cls.timeout_s),
+            max_concurrency=_int("WILDCHECK_MAX_CONCURRENCY", cls.max_concurrency),
+            api_keys=frozenset(k.strip() for k in keys.split(",") if k.strip()),
+        )

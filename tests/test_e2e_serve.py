@@ -1,0 +1,117 @@
+"""End to end through a real `bentoml serve` process, started the way users start it (`wildcheck serve`)."""
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.conftest import jpeg_bytes, photo
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(trained_run, tmp_path_factory):
+    from training.export import export
+
+    folder = tmp_path_factory.mktemp("e2e")
+    model = folder / "model.onnx"
+    export(trained_run, model, version="2.0.0")
+    port = _free_port()
+    env = dict(os.environ, BENTOML_HOME=str(folder / "bentoml"), BENTOML_DO_NOT_TRACK="true",
+               WILDCHECK_API_KEYS="secret", WILDCHECK_MAX_BODY_BYTES=str(3_000_000))
+    wildcheck = str(Path(sys.executable).parent / "wildcheck")
+    log = open(folder / "server.log", "w")
+    proc = subprocess.Popen([wildcheck, "serve", str(model), "--port", str(port), "--host", "127.0.0.1"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    ready = False
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(base + "/readyz", timeout=2).status_code == 200:
+                ready = True
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    if not ready:
+        os.killpg(proc.pid, signal.SIGTERM)
+        pytest.fail("server never became ready:\n" + (folder / "server.log").read_text()[-3000:])
+    yield base, {"X-API-Key": "secret"}
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+
+
+def _jpeg(label="ivory", seed=1, size=256):
+    from training.data.synth import make_image
+
+    return jpeg_bytes(make_image(label, seed, size))
+
+
+def test_real_jpeg_batch_model_health_metrics(server):
+    base, auth = server
+    r = httpx.post(base + "/v1/check", files={"image": ("a.jpg", _jpeg(), "image/jpeg")}, headers=auth, timeout=30)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["decision"] in ("block", "review", "allow") and body["model"]["version"].startswith("2.0.0+")
+    r = httpx.post(base + "/v1/check_batch", headers=auth, timeout=30,
+                   files=[("image", (f"{i}.jpg", _jpeg("other", i), "image/jpeg")) for i in range(3)])
+    assert r.status_code == 200 and r.json()["count"] == 3
+    assert httpx.get(base + "/v1/model", headers=auth).json()["labels"][0] == "ivory"
+    assert httpx.get(base + "/readyz").status_code == 200 and httpx.get(base + "/livez").status_code == 200
+    metrics = httpx.get(base + "/metrics")
+    assert metrics.status_code == 200 and "bentoml" in metrics.text
+
+
+def _bad_matrix():
+    png = io.BytesIO()
+    photo(2, (64, 64)).save(png, "PNG")
+    one = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(one, "PNG")
+    bomb = io.BytesIO()
+    Image.new("1", (9000, 9000)).save(bomb, "PNG")
+    good = jpeg_bytes(photo(3))
+    return [
+        ("empty body", dict(content=b"", headers={"Content-Type": "image/jpeg"}), 400),
+        ("text file", dict(files={"image": ("a.txt", b"just text", "text/plain")}), 400),
+        ("truncated jpeg", dict(files={"image": ("t.jpg", good[: len(good) // 3], "image/jpeg")}), 400),
+        ("png as image/jpeg", dict(files={"image": ("p.jpg", png.getvalue(), "image/jpeg")}), 415),
+        ("image/jpg content type", dict(files={"image": ("g.jpg", good, "image/jpg")}), 415),
+        ("oversize body", dict(content=b"\0" * 3_100_000, headers={"Content-Type": "image/jpeg"}), 413),
+        ("decompression bomb", dict(files={"image": ("b.png", bomb.getvalue(), "image/png")}), 400),
+        ("1x1 image", dict(files={"image": ("o.png", one.getvalue(), "image/png")}), 400),
+        ("url in file field", dict(data={"image": "http://127.0.0.1:1/secret.jpg"}), 400),
+        ("missing field", dict(files={"file": ("g.jpg", good, "image/jpeg")}), 400),
+    ]
+
+
+def test_bad_input_matrix_is_4xx_json_never_5xx(server):
+    base, auth = server
+    for name, kwargs, status in _bad_matrix():
+        headers = {**auth, **kwargs.pop("headers", {})}
+        r = httpx.post(base + "/v1/check", headers=headers, timeout=30, **kwargs)
+        assert r.status_code == status, f"{name}: {r.status_code} {r.text[:300]}"
+        error = r.json()["error"]
+        assert error["code"] and error["message"], name
+    r = httpx.post(base + "/v1/check", files={"image": ("a.jpg", _jpeg(), "image/jpeg")},
+                   headers={"X-API-Key": "wrong"}, timeout=30)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"

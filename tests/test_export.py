@@ -1,0 +1,100 @@
+"""Export: the ONNX file carries the contract, matches PyTorch, and broken files are refused."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from serving.contract import ContractError, read_contract
+from serving.runtime import OnnxModel
+from training.evaluate import evaluate
+from training.export import ExportError, export
+
+
+@pytest.fixture(scope="session")
+def exported(trained_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    report = export(trained_run, out, version="1.2.0")
+    return out, report
+
+
+def test_export_is_one_self_contained_checked_file(exported):
+    path, report = exported
+    assert [p.name for p in path.parent.iterdir()] == ["model.onnx"]  # no .onnx.data beside it
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 18
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 64, 64]
+    assert report["parity"]["max_abs_diff"] <= 1e-4 and not report["parity"]["top1_mismatches"]
+
+
+def test_metadata_round_trips_the_contract(exported, trained_run):
+    path, _ = exported
+    contract = read_contract(path)
+    state = torch.load(trained_run / "best.pt", weights_only=True)
+    assert contract.labels == state["labels"] == ["ivory", "other", "pangolin_scales", "tiger_skin"]
+    assert contract.preprocessing.model_dump(mode="json") == state["preprocessing"]
+    assert set(contract.thresholds) == {"ivory", "pangolin_scales", "tiger_skin"}  # 'other' never blocks
+    assert contract.model_version.startswith("1.2.0+") and len(contract.model_version) == len("1.2.0+") + 12
+    assert contract.metrics["val"]["confusion_matrix"] == state["val_metrics"]["confusion_matrix"]
+    assert contract.training_data["sha256"] and contract.architecture == "tf_efficientnet_lite0"
+    raw = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert json.loads(raw["wildcheck.labels"]) == contract.labels  # plain JSON any ONNX tool can show
+
+
+def test_onnx_evaluation_equals_checkpoint_evaluation(exported, trained_run, synth_root):
+    path, _ = exported
+    from_onnx = evaluate(path, [str(synth_root)], split="test")
+    from_ckpt = evaluate(trained_run, [str(synth_root)], split="test")
+    assert from_onnx["confusion_matrix"] == from_ckpt["confusion_matrix"]
+    assert from_onnx["balanced_accuracy"] == from_ckpt["balanced_accuracy"]
+
+
+def test_parity_gate_fails_on_a_broken_export(trained_run, tmp_path):
+    def break_it(model):
+        broken = torch.nn.Sequential(model, torch.nn.Softmax(dim=1))  # probabilities instead of logits
+        return broken
+
+    with pytest.raises(ExportError, match="parity gate failed"):
+        export(trained_run, tmp_path / "broken.onnx", _tamper=break_it)
+    assert not (tmp_path / "broken.onnx").exists()
+
+
+def test_model_without_metadata_is_rejected(tmp_path, exported):
+    path, _ = exported
+    bare = onnx.load(str(path))
+    del bare.metadata_props[:]
+    onnx.save(bare, str(tmp_path / "bare.onnx"))
+    with pytest.raises(ContractError, match="wildcheck.labels"):
+        read_contract(tmp_path / "bare.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(ContractError, match="not a readable ONNX"):
+        OnnxModel(tmp_path / "junk.onnx")
+
+
+def test_cli_export_fails_cleanly_on_a_missing_run(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "training.cli", "export", str(tmp_path / "nope"), "--out",
+                           str(tmp_path / "m.onnx")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "no such run dir" in proc.stderr
+
+
+def test_int8_export_gate(trained_run, tmp_path):
+    out = tmp_path / "m.onnx"
+    report = export(trained_run, out, int8=True, calib_images=32, int8_max_drop=100.0)
+    q = report["int8"]
+    int8_path = tmp_path / "m.int8.onnx"
+    assert int8_path.exists() and q["bytes"] < out.stat().st_size / 2
+    contract = read_contract(int8_path)
+    assert contract.precision == "int8" and "int8_val" in contract.metrics
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(int8_path)).graph.node)
+    # a limit no quantised model can meet (a negative drop) refuses to write the file
+    with pytest.raises(ExportError, match="INT8 refused"):
+        export(trained_run, tmp_path / "r.onnx", int8=True, calib_images=16, int8_max_drop=-100.0)
+    assert not (tmp_path / "r.int8.onnx").exists()
+    probs = OnnxModel(int8_path).predict_proba(np.zeros((2, 3, 64, 64), np.float32))
+    assert probs.shape == (2, 4) and np.allclose(probs.sum(1), 1, atol=1e-5)

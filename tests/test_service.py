@@ -1,0 +1,164 @@
+"""The service class called directly and over HTTP in-process (starlette TestClient)."""
+
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import jpeg_bytes, photo
+
+
+@pytest.fixture(scope="module")
+def onnx_model(trained_run, tmp_path_factory):
+    from training.export import export
+
+    out = tmp_path_factory.mktemp("svc") / "model.onnx"
+    export(trained_run, out, version="9.9.9")
+    return out
+
+
+@pytest.fixture(scope="module")
+def client(onnx_model, tmp_path_factory):
+    """TestClient over the service's ASGI app, with API keys and a small body limit configured."""
+    import importlib
+
+    from starlette.testclient import TestClient
+
+    env = {"WILDCHECK_MODEL": str(onnx_model), "WILDCHECK_API_KEYS": "k1,k2", "WILDCHECK_MAX_BODY_BYTES": str(2_000_000),
+           "BENTOML_HOME": str(tmp_path_factory.mktemp("bentoml"))}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import serving.service as service_module
+
+    service_module = importlib.reload(service_module)
+    with TestClient(service_module.WildCheck.to_asgi()) as c:
+        c.headers["X-API-Key"] = "k1"
+        yield c
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _synth_jpeg(label, seed, size=256):
+    from training.data.synth import make_image
+
+    return jpeg_bytes(make_image(label, seed, size))
+
+
+def test_service_class_called_directly(onnx_model, monkeypatch):
+    from serving.checker import ImageChecker
+
+    checker = ImageChecker(str(onnx_model))
+    checker.warm_up()
+    result = checker.check(_synth_jpeg("tiger_skin", 5), "image/jpeg")
+    assert result["decision"] in ("block", "review", "allow")
+    assert set(result["scores"]) == {"ivory", "other", "pangolin_scales", "tiger_skin"}
+    assert abs(sum(result["scores"].values()) - 1) < 1e-4
+    assert result["model"]["version"].startswith("9.9.9+") and len(result["image"]["sha256"]) == 64
+
+
+def test_check_multipart_and_raw_body_agree(client):
+    data = _synth_jpeg("tiger_skin", 11)
+    a = client.post("/v1/check", files={"image": ("x.jpg", data, "image/jpeg")})
+    b = client.post("/v1/check", content=data, headers={"Content-Type": "image/jpeg"})
+    assert a.status_code == b.status_code == 200, a.text
+    ja, jb = a.json(), b.json()
+    assert ja["scores"] == jb["scores"] and ja["image"]["format"] == "JPEG" and ja["image"]["width"] == 256
+    assert ja["label"] == max(ja["scores"], key=ja["scores"].get)
+
+
+def test_batch_keeps_order_and_isolates_bad_items(client):
+    files = [("image", ("a.jpg", _synth_jpeg("ivory", 1), "image/jpeg")),
+             ("image", ("b.jpg", b"garbage", "image/jpeg")),
+             ("image", ("c.jpg", _synth_jpeg("other", 2), "image/jpeg"))]
+    r = client.post("/v1/check_batch", files=files)
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert len(results) == 3 and "decision" in results[0] and "decision" in results[2]
+    assert results[1]["error"]["code"] == "not_an_image"
+    single = client.post("/v1/check", files={"image": ("a.jpg", _synth_jpeg("ivory", 1), "image/jpeg")}).json()
+    np.testing.assert_allclose(list(results[0]["scores"].values()), list(single["scores"].values()), atol=1e-5)
+
+
+def test_model_endpoint_and_openapi(client):
+    info = client.get("/v1/model").json()
+    assert info["labels"] == ["ivory", "other", "pangolin_scales", "tiger_skin"]
+    assert info["preprocessing"]["input_size"] == 64 and "val" in info["metrics"]
+    spec = client.get("/v1/openapi.json").json()
+    assert {"/check", "/check_batch", "/model"} <= set(spec["paths"])
+
+
+def _png(size=(64, 64)):
+    buf = io.BytesIO()
+    photo(3, size).save(buf, "PNG")
+    return buf.getvalue()
+
+
+BAD_INPUTS = [
+    ("empty body", dict(content=b"", headers={"Content-Type": "image/jpeg"}), 400, "empty"),
+    ("text file", dict(files={"image": ("a.txt", b"hello world", "text/plain")}), 400, "not_an_image"),
+    ("truncated jpeg", dict(files={"image": ("t.jpg", jpeg_bytes(photo(1))[:500], "image/jpeg")}), 400, "corrupt"),
+    ("png as jpeg", dict(files={"image": ("p.jpg", _png(), "image/jpeg")}), 415, "content_type_mismatch"),
+    ("image/jpg type", dict(files={"image": ("p.jpg", jpeg_bytes(photo(1)), "image/jpg")}), 415, "unsupported_content_type"),
+    ("url in file field", dict(data={"image": "http://169.254.169.254/latest/meta-data"}), 400, "not_a_file"),
+    ("missing field", dict(files={"photo": ("a.jpg", jpeg_bytes(photo(1)), "image/jpeg")}), 400, "missing_field"),
+    ("1x1 image", dict(files={"image": ("one.png", None, "image/png")}), 400, "too_small"),
+    ("json body", dict(json={"url": "http://example.com/a.jpg"}), 400, "not_a_file"),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,status,code", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_inputs_get_specific_4xx_json(client, name, kwargs, status, code):
+    if name == "1x1 image":
+        buf = io.BytesIO()
+        Image.new("RGB", (1, 1)).save(buf, "PNG")
+        kwargs = dict(files={"image": ("one.png", buf.getvalue(), "image/png")})
+    r = client.post("/v1/check", **kwargs)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code and r.json()["error"]["message"]
+
+
+def test_oversize_body_and_bomb(client):
+    r = client.post("/v1/check", content=b"\xff" * 2_100_000, headers={"Content-Type": "image/jpeg"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    bomb = io.BytesIO()
+    Image.new("1", (9000, 9000)).save(bomb, "PNG")
+    r = client.post("/v1/check", files={"image": ("bomb.png", bomb.getvalue(), "image/png")})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_pixels"
+
+
+def test_api_keys(client):
+    data = _synth_jpeg("other", 3)
+    r = client.post("/v1/check", content=data, headers={"X-API-Key": "wrong", "Content-Type": "image/jpeg"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+    r = client.post("/v1/check", content=data, headers={"X-API-Key": "", "Authorization": "Bearer k2",
+                                                         "Content-Type": "image/jpeg"})
+    assert r.status_code == 200, r.text
+    assert client.get("/readyz", headers={"X-API-Key": ""}).status_code == 200  # health stays open
+
+
+def test_unknown_route_is_json_404(client):
+    r = client.get("/v1/nope")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = client.get("/v1/check")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_server_preprocessing_matches_evaluation_on_real_jpegs(onnx_model):
+    """The server's bytes -> array path equals evaluation's file -> array path on real photos."""
+    from serving.checker import ImageChecker
+    from tests.conftest import shared_dataset
+    from training.data.sources import Sample
+    from training.evaluate import _prepare
+
+    root = shared_dataset("met-ivory")
+    checker = ImageChecker(str(onnx_model))
+    paths = sorted((root / "val" / "ivory").glob("*.jpg"))[:8]
+    for path in paths:
+        served, _ = checker.prepare(path.read_bytes(), "image/jpeg")
+        evaluated = _prepare(Sample(path, "ivory", "val"), checker.pre)
+        np.testing.assert_array_equal(served, evaluated)

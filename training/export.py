@@ -1,0 +1,175 @@
+"""``wildcheck export``: one self-contained ONNX file carrying the model's contract, with parity and INT8 gates.
+
+The file holds the weights (EMA when the run used EMA: ``best.pt`` stores the evaluated weights), a fixed
+H x W input with a dynamic batch, and ``wildcheck.*`` metadata (``serving.contract.ModelContract``).
+Before the file is written, onnxruntime must agree with PyTorch on real validation images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+import training
+from serving.contract import ModelContract
+from serving.decision import default_thresholds
+from serving.runtime import OnnxModel
+from training.data.sources import Sample, load_samples, select_split
+from training.evaluate import TorchPredictor, predict_samples, resolve_checkpoint
+from training.fileio import atomic_path
+from training.metrics import compute_metrics
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+PARITY_MAX_ABS = 1e-4
+
+
+class ExportError(RuntimeError):
+    """The export was refused (parity or accuracy gate); nothing was written."""
+
+
+def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        h.update(key.encode())
+        h.update(state_dict[key].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _val_and_train_samples(state: dict, data: list[str] | None) -> tuple[list[Sample], list[Sample]]:
+    roots = data or state.get("data_roots") or []
+    if not roots:
+        raise ExportError("the run does not record its data; pass --data ROOT for the parity check")
+    negatives = (state.get("config") or {}).get("data", {}).get("negatives", []) if not data else []
+    samples = load_samples(roots)
+    labels = set(state["labels"])
+    val = [s for s in select_split(samples, "val") if s.label in labels]
+    train = [s for s in select_split(samples, "train") if s.label in labels]
+    if negatives:
+        negative_label = state["config"]["data"]["negative_label"]
+        neg = [Sample(s.path, negative_label, s.split) for s in load_samples(negatives)]
+        val += select_split(neg, "val")
+        train += select_split(neg, "train")
+    return val, train
+
+
+def build_contract(state: dict, name: str | None, version: str | None, run_dir: Path) -> ModelContract:
+    labels = list(state["labels"])
+    negative = (state.get("config") or {}).get("data", {}).get("negative_label", "other")
+    thresholds = state.get("thresholds") or {k: v.model_dump() for k, v in default_thresholds(labels, negative).items()}
+    digest = weights_hash(state["model"])[:12]
+    human = version or f"{run_dir.name}-e{state['epoch']}"
+    return ModelContract(
+        labels=labels,
+        negative_label=negative,
+        preprocessing=state["preprocessing"],
+        thresholds=thresholds,
+        never_block=list(state.get("never_block", [])),
+        temperature=float(state.get("temperature", 1.0)),
+        model_name=name or "wildcheck-" + state["architecture"],
+        model_version=f"{human}+{digest}",
+        architecture=state["architecture"],
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        training_data=state.get("training_data", {}),
+        metrics={"val": _slim(state.get("val_metrics", {}))},
+        wildcheck_version=training.__version__,
+    )
+
+
+def _slim(metrics: dict) -> dict:
+    keep = ("n", "accuracy", "balanced_accuracy", "macro_f1", "nll", "per_class", "confusion_matrix", "labels")
+    return {k: metrics[k] for k in keep if k in metrics}
+
+
+def torch_to_onnx(model: torch.nn.Module, input_size: int, path: Path) -> None:
+    """Dynamo export (NOTES): fixed H x W, dynamic batch, traced with batch 2, one file without external data."""
+    model = model.eval()
+    dummy = torch.randn(2, 3, input_size, input_size)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    torch.onnx.export(
+        model, (dummy,), str(path), input_names=["image"], output_names=["logits"], opset_version=OPSET,
+        dynamo=True, external_data=False, dynamic_shapes=({0: batch},),
+    )
+
+
+def write_metadata(src: Path, dst: Path, contract: ModelContract) -> None:
+    model = onnx.load(str(src))
+    del model.metadata_props[:]
+    for key, value in contract.to_metadata().items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    model.producer_name = "wildcheck"
+    model.doc_string = f"{contract.model_name} {contract.model_version}: labels {contract.labels}"
+    onnx.checker.check_model(model, full_check=True)
+    with atomic_path(dst) as tmp:
+        onnx.save_model(model, str(tmp), save_as_external_data=False)
+
+
+def parity_check(torch_pred: TorchPredictor, onnx_path: Path, samples: list[Sample]) -> dict:
+    """Max |Δ probability| and top-1 disagreements between PyTorch and onnxruntime on real images."""
+    ort_model = OnnxModel(onnx_path, threads=2)
+    p_torch, kept, _ = predict_samples(torch_pred, samples, desc="parity (torch)")
+    p_ort, kept2, _ = predict_samples(ort_model, kept, desc="parity (onnxruntime)")
+    if not kept:
+        raise ExportError("no readable validation images for the parity check")
+    diff = float(np.abs(p_torch - p_ort).max())
+    mismatched = [str(s.path) for s, a, b in zip(kept, p_torch.argmax(1), p_ort.argmax(1)) if a != b]
+    return {"images": len(kept), "max_abs_diff": diff, "top1_mismatches": mismatched}
+
+
+def export(
+    run: str | Path,
+    out: str | Path,
+    data: list[str] | None = None,
+    name: str | None = None,
+    version: str | None = None,
+    parity_images: int = 128,
+    int8: bool = False,
+    calib_images: int = 300,
+    int8_max_drop: float = 1.0,
+    _tamper=None,
+) -> dict:
+    """Export ``run`` (run dir or checkpoint) to ``out``; with ``int8`` also ``out`` with ``.int8.onnx``.
+
+    Returns a report dict. Raises ``ExportError`` (nothing written) when a gate fails.
+    """
+    ckpt = resolve_checkpoint(run)
+    torch_pred = TorchPredictor(ckpt)
+    state = torch_pred.state
+    run_dir = ckpt.parent
+    contract = build_contract(state, name, version, run_dir)
+    val, train = _val_and_train_samples(state, data)
+    rng = random.Random(0)
+    parity_set = rng.sample(val, min(parity_images, len(val))) if val else []
+    out = Path(out)
+    report: dict = {"model_version": contract.model_version}
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        model = torch_pred.model if _tamper is None else _tamper(torch_pred.model)
+        torch_to_onnx(model, contract.preprocessing.input_size, raw)
+        staged = Path(tmp) / "model.onnx"
+        write_metadata(raw, staged, contract)
+        parity = parity_check(torch_pred, staged, parity_set)
+        report["parity"] = parity
+        if parity["max_abs_diff"] > PARITY_MAX_ABS or parity["top1_mismatches"]:
+            raise ExportError(
+                f"parity gate failed on {parity['images']} validation images: max |Δp| = {parity['max_abs_diff']:.2e} "
+                f"(limit {PARITY_MAX_ABS:.0e}), {len(parity['top1_mismatches'])} top-1 mismatches; nothing written"
+            )
+        with atomic_path(out) as final:
+            final.write_bytes(staged.read_bytes())
+        report["fp32"] = {"path": str(out), "bytes": out.stat().st_size}
+        if int8:
+            from training.quantize import quantize_int8
+
+            report["int8"] = quantize_int8(out, train, val, contract, calib_images, int8_max_drop)
+    return report
