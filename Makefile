@@ -1,11 +1,13 @@
 # Two commands do everything on a fresh machine:
-#   make demo   set up .venv, make synthetic data, check it, train, evaluate
+#   make demo   set up .venv, make synthetic data, check it, train, evaluate, export, serve
 #   make test   set up .venv, run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO ?= demo
 DEMO_EPOCHS ?= 4
+DEMO_PORT ?= 3000
+DEMO_SERVE ?= 1
 
 .PHONY: demo test venv bench-met clean
 
@@ -23,6 +25,19 @@ demo: venv
 	$(BIN)/wildcheck data check $(DEMO)/data --report $(DEMO)/data_check.json
 	$(BIN)/wildcheck train --data $(DEMO)/data --out $(DEMO)/run --epochs $(DEMO_EPOCHS) --img-size 160
 	$(BIN)/wildcheck evaluate $(DEMO)/run --data $(DEMO)/data --split test --out $(DEMO)/eval
+	$(BIN)/wildcheck export $(DEMO)/run --out $(DEMO)/model.onnx --version demo
+	$(BIN)/wildcheck evaluate $(DEMO)/model.onnx --data $(DEMO)/data --split test
+ifeq ($(DEMO_SERVE),1)
+	@set -e; \
+	$(BIN)/wildcheck serve $(DEMO)/model.onnx --port $(DEMO_PORT) & pid=$$!; \
+	trap "kill $$pid 2>/dev/null" INT TERM EXIT; \
+	for i in $$(seq 120); do curl -sf localhost:$(DEMO_PORT)/readyz >/dev/null && break; sleep 1; done; \
+	img=$$(ls $(DEMO)/data/test/ivory/*.jpg | head -1); \
+	echo; echo "curl -F image=@$$img http://localhost:$(DEMO_PORT)/v1/check"; \
+	curl -sf -F image=@$$img http://localhost:$(DEMO_PORT)/v1/check; echo; \
+	echo; echo "serving $(DEMO)/model.onnx on http://localhost:$(DEMO_PORT) (API docs: /v1/docs); Ctrl-C stops it"; \
+	wait $$pid
+endif
 
 test: venv
 	$(BIN)/python -m pytest -q -ra

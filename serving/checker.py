@@ -59,8 +59,16 @@ class ImageChecker:
         self.limits = limits
         self.thresholds = dict(self.contract.thresholds)
         self.never_block = list(self.contract.never_block)
+        self.policy = {"source": "model"}
         # one inference at a time per worker: onnxruntime threads x concurrent runs must not exceed the cores
         self._slots = threading.Semaphore(max_concurrent)
+
+    def apply_policy(self, path: str) -> None:
+        """Override thresholds / never_block from a policy YAML (GET /v1/model shows what is in force)."""
+        from serving.policy import load_policy, resolve_policy
+
+        self.thresholds, self.never_block, notes = resolve_policy(load_policy(path), self.contract)
+        self.policy = {"source": str(path), "notes": notes}
 
     def warm_up(self) -> None:
         rng = np.random.default_rng(0)
@@ -123,6 +131,6 @@ class ImageChecker:
             "name": c.model_name, "version": c.model_version, "architecture": c.architecture, "labels": c.labels,
             "negative_label": c.negative_label, "precision": c.precision,
             "thresholds": {k: v.model_dump() for k, v in self.thresholds.items()}, "never_block": self.never_block,
-            "temperature": c.temperature, "preprocessing": c.preprocessing.model_dump(), "metrics": c.metrics,
+            "policy": self.policy, "temperature": c.temperature, "preprocessing": c.preprocessing.model_dump(), "metrics": c.metrics,
             "created_at": c.created_at, "training_data": c.training_data, "wildcheck_version": c.wildcheck_version,
         }

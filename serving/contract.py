@@ -53,6 +53,9 @@ class ModelContract(BaseModel):
     metrics: dict[str, Any]
     wildcheck_version: str
     precision: str = "fp32"
+    val_curves: dict[str, dict[str, list[float]]] = Field(
+        default_factory=dict, description="calibrated validation scores per class (pos/neg), to re-solve a policy"
+    )
 
     @model_validator(mode="after")
     def _thresholds_name_known_labels(self) -> "ModelContract":

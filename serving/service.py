@@ -94,6 +94,8 @@ class WildCheck:
             settings.model, threads=settings.threads,
             limits=Limits(max_pixels=settings.max_pixels, min_side=settings.min_side),
         )
+        if settings.policy:
+            self.checker.apply_policy(settings.policy)
         self.checker.warm_up()
         self.ready = True
         log.info("serving %s %s", self.checker.contract.model_name, self.checker.contract.model_version)

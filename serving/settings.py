@@ -30,6 +30,7 @@ class Settings:
     timeout_s: int = 30
     max_concurrency: int = 64
     api_keys: frozenset[str] = field(default_factory=frozenset)
+    policy: str = ""
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -44,5 +45,6 @@ class Settings:
             max_batch=_int("WILDCHECK_MAX_BATCH", cls.max_batch),
             timeout_s=_int("WILDCHECK_TIMEOUT_S", cls.timeout_s),
             max_concurrency=_int("WILDCHECK_MAX_CONCURRENCY", cls.max_concurrency),
+            policy=os.environ.get("WILDCHECK_POLICY", ""),
             api_keys=frozenset(k.strip() for k in keys.split(",") if k.strip()),
         )

@@ -3,6 +3,7 @@
 from collections import Counter
 
 import numpy as np
+import pytest
 import torch
 
 from serving.preprocess import Preprocessing
@@ -10,6 +11,7 @@ from training.augment import TrainTransform, worker_init_fn
 from training.config import Config
 from training.data.cache import CachedImageDataset
 from training.data.sampling import EpochSampler, negatives_count
+from tests.conftest import photo
 
 
 def _dataset(n=8):
@@ -19,8 +21,8 @@ def _dataset(n=8):
 
 
 def test_train_transform_output_shape_and_dtype():
-    x, y = _dataset()[0]
-    assert x.shape == (3, 64, 64) and x.dtype == torch.float32 and y == 0
+    x, y, index = _dataset()[0]
+    assert index == 0 and x.shape == (3, 64, 64) and x.dtype == torch.float32 and y == 0
 
 
 def test_two_workers_do_not_repeat_each_other():
@@ -70,3 +72,46 @@ def test_negatives_count_ratio_count_and_cap():
     assert negatives_count(300, 400, 1000) == 300
     assert negatives_count(5000, 400, 1000) == 1000
     assert negatives_count(0.0, 400, 1000) == 0
+
+
+def test_hard_negatives_drawn_more_often_but_bounded():
+    gen = torch.Generator().manual_seed(0)
+    sampler = EpochSampler([0, 1] * 10, n_pool=200, n_negatives=20, balance=False, generator=gen, hard_max_weight=4.0)
+    hard = np.arange(20, 30) + 20  # pool images 20..29 (dataset indices 40..49)
+    sampler.update_hardness(hard, np.ones(10))
+    sampler.update_hardness(hard, np.ones(10))  # hardness 0.75 after two updates (running mean)
+    weights = sampler.pool_weights().numpy()
+    assert weights.max() / weights.min() <= 4.0 + 1e-9 and weights[hard - 20].min() > 3.0
+    hits = Counter()
+    for _ in range(200):
+        hits.update(i for i in sampler if i >= 20)
+    hard_rate = np.mean([hits[i] for i in hard]) / 200
+    easy_rate = np.mean([hits[i] for i in range(50, 220)]) / 200
+    assert 2.0 < hard_rate / easy_rate < 4.5  # favoured, within the bound
+    assert sampler.last_mined <= 10
+    # main-set items never change pool hardness
+    sampler.update_hardness(np.array([0, 1]), np.array([1.0, 1.0]))
+    assert set(np.nonzero(sampler.hardness)[0]) == set(hard - 20)
+
+
+REALISM = ["TextOverlay", "Watermark", "Border", "Collage", "ScreenshotFrame", "SmallBlurry"]
+
+
+@pytest.mark.parametrize("name", REALISM)
+def test_realism_transform_gives_a_valid_image_of_the_same_size(name):
+    import albumentations as A
+
+    from training import realism
+
+    img = np.asarray(photo(3, (150, 110)))
+    out = A.Compose([getattr(realism, name)(p=1.0)], seed=2)(image=img)["image"]
+    assert out.shape == img.shape and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - img).mean() > 0.05  # it changed something
+
+
+def test_realism_steps_in_a_training_pipeline():
+    from training.config import AugmentStep
+
+    steps = Config().augment.train + [AugmentStep(name=n, p=1.0) for n in REALISM]
+    x = TrainTransform(steps, Preprocessing(input_size=64))(np.asarray(photo(4, (120, 90))))
+    assert x.shape == (3, 64, 64) and torch.isfinite(x).all()

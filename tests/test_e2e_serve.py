@@ -1,6 +1,8 @@
 """End to end through a real `bentoml serve` process, started the way users start it (`wildcheck serve`)."""
 
+import contextlib
 import io
+import json
 import os
 import signal
 import socket
@@ -25,18 +27,29 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(trained_run, tmp_path_factory):
+def e2e_model(trained_run, tmp_path_factory):
     from training.export import export
 
-    folder = tmp_path_factory.mktemp("e2e")
-    model = folder / "model.onnx"
+    model = tmp_path_factory.mktemp("e2e_model") / "model.onnx"
     export(trained_run, model, version="2.0.0")
+    return model
+
+
+@pytest.fixture(scope="module")
+def server(e2e_model, tmp_path_factory):
+    with _serve(e2e_model, tmp_path_factory.mktemp("e2e")) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def _serve(model, folder, extra_args=()):
+    folder.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     env = dict(os.environ, BENTOML_HOME=str(folder / "bentoml"), BENTOML_DO_NOT_TRACK="true",
                WILDCHECK_API_KEYS="secret", WILDCHECK_MAX_BODY_BYTES=str(3_000_000))
     wildcheck = str(Path(sys.executable).parent / "wildcheck")
     log = open(folder / "server.log", "w")
-    proc = subprocess.Popen([wildcheck, "serve", str(model), "--port", str(port), "--host", "127.0.0.1"],
+    proc = subprocess.Popen([wildcheck, "serve", str(model), "--port", str(port), "--host", "127.0.0.1", *extra_args],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
@@ -52,13 +65,15 @@ def server(trained_run, tmp_path_factory):
     if not ready:
         os.killpg(proc.pid, signal.SIGTERM)
         pytest.fail("server never became ready:\n" + (folder / "server.log").read_text()[-3000:])
-    yield base, {"X-API-Key": "secret"}
-    os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
+        yield base, {"X-API-Key": "secret"}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
 
 
 def _jpeg(label="ivory", seed=1, size=256):
@@ -115,3 +130,51 @@ def test_bad_input_matrix_is_4xx_json_never_5xx(server):
     r = httpx.post(base + "/v1/check", files={"image": ("a.jpg", _jpeg(), "image/jpeg")},
                    headers={"X-API-Key": "wrong"}, timeout=30)
     assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+
+
+def test_scan_client_summary_and_resume(server, tmp_path):
+    from serving.client import scan
+
+    base, auth = server
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"{i}.jpg").write_bytes(_jpeg("other", i))
+    (folder / "broken.jpg").write_bytes(b"not really a jpeg")
+    out = tmp_path / "scan.jsonl"
+    first = scan(folder, base, out, concurrency=3, api_key="secret")
+    assert first["images"] == 5 and first["checked"] == 5 and first.get("error") == 1
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 5 and sum("decision" in r for r in rows) == 4
+    assert next(r for r in rows if r["path"].endswith("broken.jpg"))["error"]["code"] == "not_an_image"
+    again = scan(folder, base, out, concurrency=3, api_key="secret")
+    assert again["already_done"] == 5 and again["checked"] == 0
+    assert len(out.read_text().splitlines()) == 5
+
+
+def test_scan_retries_then_leaves_failures_for_the_next_run(tmp_path):
+    from serving.client import scan
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(_jpeg("other", 1))
+    out = tmp_path / "scan.jsonl"
+    dead = f"http://127.0.0.1:{_free_port()}"
+    result = scan(folder, dead, out, retries=2, backoff=0.01)
+    assert result["retry later"] == 1
+    assert scan(folder, dead, out, retries=0, backoff=0.01)["checked"] == 1  # retried, not skipped
+
+
+def test_policy_file_changes_a_served_decision(server, e2e_model, tmp_path):
+    base, auth = server
+    image = {"image": ("a.jpg", _jpeg("other", 7), "image/jpeg")}
+    default = httpx.post(base + "/v1/check", files=image, headers=auth, timeout=30).json()
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("classes:\n" + "".join(f"  {c}: {{block: 0.0, review: 0.0}}\n"
+                                             for c in ("ivory", "pangolin_scales", "tiger_skin")))
+    with _serve(e2e_model, tmp_path / "srv", ["--policy", str(policy)]) as (base2, auth2):
+        strict = httpx.post(base2 + "/v1/check", files=image, headers=auth2, timeout=30).json()
+        info = httpx.get(base2 + "/v1/model", headers=auth2).json()
+    assert strict["decision"] == "block" and strict["scores"] == default["scores"]
+    assert strict["thresholds"]["ivory"] == {"block": 0.0, "review": 0.0} != default["thresholds"]["ivory"]
+    assert info["policy"]["source"] == str(policy.resolve())

@@ -56,9 +56,15 @@ def test_single_label_split_and_unknown_labels(trained_run, synth_root, tmp_path
     for i, src in enumerate(sorted((synth_root / "test" / "other").glob("*.jpg"))):
         (only_other / f"{i}.jpg").write_bytes(src.read_bytes())
         (rhino / f"{i}.jpg").write_bytes(src.read_bytes())
-    metrics = evaluate(trained_run, [str(tmp_path / "neg")], split=None)
+    metrics = evaluate(trained_run, [str(tmp_path / "neg")], split=None, out_dir=tmp_path / "eval")
     assert metrics["n"] == 4 and metrics["unknown_labels"] == {"rhino_horn": 4}
     assert metrics["per_class"]["other"]["pr_auc"] is None  # undefined with one class present, not a crash
+    # negatives-only: false-positive rates per product class, and a grid of the most confident ones
+    fp = metrics["false_positives"]
+    assert fp["negatives"] == 4 and set(fp["per_class"]) == {"ivory", "pangolin_scales", "tiger_skin"}
+    for label, rates in fp["per_class"].items():
+        assert 0.0 <= rates["at_block"] <= rates["at_review"] <= 1.0
+    assert (tmp_path / "eval" / "false_positives.png").stat().st_size > 1000
 
 
 def test_evaluation_of_checkpoint_matches_training_validation(trained_run, synth_root):

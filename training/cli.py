@@ -80,11 +80,28 @@ def train(
         summary = run_training([str(d) for d in data], out, cfg, resume=resume)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
+    if not summary:  # a non-zero rank under torchrun: rank 0 reports
+        return
     m = summary["val_metrics"]
     typer.echo(
         f"best epoch {summary['best_epoch']}: val accuracy {m['accuracy']:.4f}, balanced accuracy "
         f"{m['balanced_accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}; {summary['wall_seconds']}s; run dir {out}"
     )
+
+
+@app.command()
+def calibrate(
+    run: Path = typer.Argument(..., help="run dir or checkpoint"),
+    data: list[Path] = typer.Option([], "--data", help="validation data (default: the run's own)"),
+) -> None:
+    """Fit temperature scaling and per-class block/review thresholds on validation (train does this too)."""
+    from training.calibrate import calibrate as run_calibration, format_report
+
+    try:
+        report = run_calibration(run, [str(d) for d in data] or None)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(format_report(report))
 
 
 @app.command()
@@ -143,6 +160,7 @@ def serve(
     workers: Optional[int] = typer.Option(None, "--workers", help="worker processes (default 2, WILDCHECK_WORKERS)"),
     threads_per_worker: Optional[int] = typer.Option(
         None, "--threads-per-worker", help="onnxruntime threads per worker (default 1, WILDCHECK_THREADS)"),
+    policy: Optional[Path] = typer.Option(None, "--policy", help="policy YAML overriding thresholds (WILDCHECK_POLICY)"),
 ) -> None:
     """Serve the image-check endpoint with `bentoml serve` (API docs at /v1/docs)."""
     import os
@@ -155,6 +173,14 @@ def serve(
     except ContractError as exc:
         _fail(str(exc))
     env = dict(os.environ, WILDCHECK_MODEL=str(model.resolve()))
+    if policy:
+        from serving.policy import PolicyError, load_policy, resolve_policy
+
+        try:
+            resolve_policy(load_policy(policy), contract)  # fail here, not in every worker
+        except PolicyError as exc:
+            _fail(str(exc))
+        env["WILDCHECK_POLICY"] = str(policy.resolve())
     if workers:
         env["WILDCHECK_WORKERS"] = str(workers)
     if threads_per_worker:
@@ -166,6 +192,28 @@ def serve(
     typer.echo(f"serving {contract.model_name} {contract.model_version} on http://{host}:{port} (docs: /v1/docs)")
     typer.echo(f"try: curl -F image=@photo.jpg http://localhost:{port}/v1/check")
     os.execve(bentoml, [bentoml, "serve", "serving.service:WildCheck", "--host", host, "--port", str(port)], env)
+
+
+@app.command()
+def scan(
+    source: Path = typer.Argument(..., help="folder of images or CSV with a 'path' column"),
+    url: str = typer.Option(..., "--url", help="server base URL, e.g. http://localhost:3000"),
+    out: Path = typer.Option(..., "--out", help="JSONL results (appended; rerun to resume)"),
+    concurrency: int = typer.Option(8, "--concurrency"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="WILDCHECK_API_KEY"),
+    retries: int = typer.Option(5, "--retries", help="retries on 429/5xx/connection errors, with backoff"),
+) -> None:
+    """Check many images against a running server (HTTP only); resumable; prints a decision summary."""
+    from serving.client import scan as run_scan
+
+    try:
+        summary = run_scan(source, url, out, concurrency, api_key, retries)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(summary))
+    if summary.get("retry later"):
+        typer.echo(f"{summary['retry later']} image(s) could not be checked; run the same command again to retry them")
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -40,6 +40,9 @@ class DataConfig(_Strict):
         0.25, ge=0.0, description="negatives drawn per epoch: a count (>= 1) or a ratio of the main training set (< 1)"
     )
     val_negatives: int = Field(400, ge=0, description="fixed sample of validation negatives, the same every epoch")
+    hard_negative_max_weight: float = Field(
+        4.0, ge=1.0, description="negatives the model scores as products are drawn up to this many times as often; 1 = off"
+    )
 
 
 class AugmentStep(_Strict):
@@ -81,6 +84,17 @@ class TrainConfig(_Strict):
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None: all cores")
     seed: int = 42
     device: str = "auto"
+    lr_scaling: Literal["none", "linear", "sqrt"] = Field(
+        "none", description="under torchrun: scale lr by the number of processes (effective batch grows with it)"
+    )
+    compile: bool = Field(False, description="torch.compile the model (GPU runs; slow to start)")
+
+
+class DecisionConfig(_Strict):
+    block_precision: float = Field(0.98, gt=0.0, le=1.0, description="block where validation precision reaches this")
+    review_recall: float = Field(0.95, gt=0.0, le=1.0, description="review from where validation recall reaches this")
+    never_block: list[str] = Field(default_factory=list, description="classes that always go to review")
+    calibrate: bool = Field(True, description="fit temperature and thresholds on validation after training")
 
 
 class Config(_Strict):
@@ -88,6 +102,7 @@ class Config(_Strict):
     data: DataConfig = DataConfig()
     augment: AugmentConfig = AugmentConfig()
     train: TrainConfig = TrainConfig()
+    decision: DecisionConfig = DecisionConfig()
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:

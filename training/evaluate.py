@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from serving.decision import ClassThresholds, default_thresholds
 from serving.imageio import ImageError, decode_image
 from serving.preprocess import Preprocessing
 from serving.runtime import softmax
 from training.data.sources import Sample, load_samples, select_split
-from training.metrics import compute_metrics, summary_table
+from training.metrics import compute_metrics, decision_report, false_positive_report, format_decisions, summary_table
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,11 @@ class TorchPredictor:
         self.labels: list[str] = list(state["labels"])
         self.preprocessing = Preprocessing.model_validate(state["preprocessing"])
         self.temperature = float(state.get("temperature", 1.0))
+        negative = (state.get("config") or {}).get("data", {}).get("negative_label", "other")
+        self.negative_label = negative
+        self.thresholds = {k: ClassThresholds(**v) for k, v in state["thresholds"].items()} if state.get("thresholds") \
+            else default_thresholds(self.labels, negative)
+        self.never_block = list(state.get("never_block", []))
         self.state = state
         self.model = create_model(state["architecture"], len(self.labels), pretrained="none")
         self.model.load_state_dict(state["model"])
@@ -72,6 +78,24 @@ def load_predictor(model: str | Path, threads: int | None = None):
 
         return OnnxModel(path, threads=threads or 2)
     return TorchPredictor(path, threads=threads)
+
+
+def run_samples(state: dict, data: list[str] | None) -> tuple[list[Sample], list[Sample]]:
+    """(validation, training) samples of a run: its recorded data roots and negatives, or ``data``."""
+    roots = data or state.get("data_roots") or []
+    if not roots:
+        raise ValueError("the run does not record its data; pass --data ROOT")
+    negatives = (state.get("config") or {}).get("data", {}).get("negatives", []) if not data else []
+    samples = load_samples(roots)
+    labels = set(state["labels"])
+    val = [s for s in select_split(samples, "val") if s.label in labels]
+    train = [s for s in select_split(samples, "train") if s.label in labels]
+    if negatives:
+        negative_label = state["config"]["data"]["negative_label"]
+        neg = [Sample(s.path, negative_label, s.split) for s in load_samples(negatives)]
+        val += select_split(neg, "val")
+        train += select_split(neg, "train")
+    return val, train
 
 
 def _prepare(sample: Sample, pre: Preprocessing) -> np.ndarray | str:
@@ -138,12 +162,24 @@ def evaluate(
     index = {label: i for i, label in enumerate(labels)}
     y_true = np.array([index[s.label] for s, k in zip(kept, known) if k])
     metrics = compute_metrics(y_true, probs[known], labels)
+    thresholds, never_block, negative = _decision_settings(predictor)
+    metrics["decisions"] = decision_report(probs[known], y_true, labels, thresholds, never_block, negative)
+    known_samples = [s for s, k in zip(kept, known) if k]
+    fp = false_positive_report(probs[known], y_true, labels, thresholds, negative)
+    if fp:
+        metrics["false_positives"] = fp
     metrics["model"] = str(model)
     metrics["data"] = [str(d) for d in data]
     metrics["split"] = split
     metrics["skipped"] = [{"path": p, "reason": r} for p, r in skipped]
     metrics["unknown_labels"] = dict(unknown)
     print(summary_table(metrics))
+    print(format_decisions(metrics["decisions"]))
+    if fp:
+        for label, r in fp["per_class"].items():
+            print(f"  false-positive rate on {fp['negatives']} negatives, {label}: {r['at_0.5']:.2%} at 0.5, "
+                  f"{r['at_review']:.2%} at review ({r['review']:.3f}), "
+                  + (f"{r['at_block']:.2%} at block ({r['block']:.3f})" if r["block"] is not None else "never blocks"))
     if skipped:
         print(f"skipped {len(skipped)} unreadable image(s)")
     if out_dir is not None:
@@ -155,10 +191,26 @@ def evaluate(
 
         plot_confusion_matrix(np.array(metrics["confusion_matrix"]), labels, out_dir / "confusion_matrix.png")
         plot_pr_curves(y_true, probs[known], labels, out_dir / "pr_curves.png")
+        if fp:
+            from training.plots import plot_image_grid
+
+            negatives = [i for i, s in enumerate(known_samples) if s.label == negative]
+            product = [i for i, label in enumerate(labels) if label != negative]
+            worst = sorted(negatives, key=lambda i: -probs[known][i, product].max())[:16]
+            plot_image_grid([str(known_samples[i].path) for i in worst],
+                            [", ".join(f"{labels[j]} {probs[known][i, j]:.2f}" for j in product) for i in worst],
+                            out_dir / "false_positives.png", title=f"most confident false positives ({negative} images)")
         print(f"wrote {out_dir}/metrics.json, confusion_matrix.png, pr_curves.png")
     if predictions is not None:
         write_predictions(predictions, kept, probs, labels)
     return metrics
+
+
+def _decision_settings(predictor):
+    contract = getattr(predictor, "contract", None)
+    if contract is not None:  # ONNX: the contract's thresholds
+        return contract.thresholds, contract.never_block, contract.negative_label
+    return predictor.thresholds, predictor.never_block, predictor.negative_label
 
 
 def write_predictions(path: str | Path, samples: list[Sample], probs: np.ndarray, labels: list[str]) -> None:

@@ -22,8 +22,8 @@ import training
 from serving.contract import ModelContract
 from serving.decision import default_thresholds
 from serving.runtime import OnnxModel
-from training.data.sources import Sample, load_samples, select_split
-from training.evaluate import TorchPredictor, predict_samples, resolve_checkpoint
+from training.data.sources import Sample
+from training.evaluate import TorchPredictor, predict_samples, resolve_checkpoint, run_samples
 from training.fileio import atomic_path
 from training.metrics import compute_metrics
 
@@ -45,26 +45,10 @@ def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _val_and_train_samples(state: dict, data: list[str] | None) -> tuple[list[Sample], list[Sample]]:
-    roots = data or state.get("data_roots") or []
-    if not roots:
-        raise ExportError("the run does not record its data; pass --data ROOT for the parity check")
-    negatives = (state.get("config") or {}).get("data", {}).get("negatives", []) if not data else []
-    samples = load_samples(roots)
-    labels = set(state["labels"])
-    val = [s for s in select_split(samples, "val") if s.label in labels]
-    train = [s for s in select_split(samples, "train") if s.label in labels]
-    if negatives:
-        negative_label = state["config"]["data"]["negative_label"]
-        neg = [Sample(s.path, negative_label, s.split) for s in load_samples(negatives)]
-        val += select_split(neg, "val")
-        train += select_split(neg, "train")
-    return val, train
-
-
 def build_contract(state: dict, name: str | None, version: str | None, run_dir: Path) -> ModelContract:
     labels = list(state["labels"])
     negative = (state.get("config") or {}).get("data", {}).get("negative_label", "other")
+    # calibrated thresholds when `wildcheck calibrate` ran (train does it), else the documented defaults
     thresholds = state.get("thresholds") or {k: v.model_dump() for k, v in default_thresholds(labels, negative).items()}
     digest = weights_hash(state["model"])[:12]
     human = version or f"{run_dir.name}-e{state['epoch']}"
@@ -80,7 +64,8 @@ def build_contract(state: dict, name: str | None, version: str | None, run_dir: 
         architecture=state["architecture"],
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         training_data=state.get("training_data", {}),
-        metrics={"val": _slim(state.get("val_metrics", {}))},
+        metrics={"val": _slim(state.get("val_metrics", {})), "calibration": state.get("calibration", {})},
+        val_curves=state.get("val_curves", {}),
         wildcheck_version=training.__version__,
     )
 
@@ -147,7 +132,7 @@ def export(
     state = torch_pred.state
     run_dir = ckpt.parent
     contract = build_contract(state, name, version, run_dir)
-    val, train = _val_and_train_samples(state, data)
+    val, train = run_samples(state, data)
     rng = random.Random(0)
     parity_set = rng.sample(val, min(parity_images, len(val))) if val else []
     out = Path(out)

@@ -72,3 +72,72 @@ def summary_table(metrics: dict) -> str:
             f"{fmt(m['pr_auc']):>9}{fmt(m['roc_auc']):>9}"
         )
     return "\n".join(lines)
+
+
+def decision_report(probs: np.ndarray, y_true: np.ndarray, labels: list[str], thresholds: dict, never_block,
+                    negative_label: str) -> dict:
+    """What the decision rule would do on these images: shares, block precision, block+review recall, workload."""
+    from serving.decision import decide
+
+    decisions = []
+    for p in probs:
+        decision, triggered = decide(dict(zip(labels, p.tolist())), thresholds, never_block)
+        decisions.append((decision, triggered[0] if triggered else None))
+    kinds = np.array([d for d, _ in decisions])
+    n = len(kinds)
+    per_class = {}
+    for i, label in enumerate(labels):
+        if label == negative_label:
+            continue
+        positives = np.asarray(y_true) == i
+        blocked_as = np.array([d == "block" and t == label for d, t in decisions])
+        flagged = np.isin(kinds, ["block", "review"])
+        per_class[label] = {
+            "support": int(positives.sum()),
+            "blocked": int(blocked_as.sum()),
+            "block_precision": float(positives[blocked_as].mean()) if blocked_as.any() else None,
+            "block_recall": float(blocked_as[positives].mean()) if positives.any() else None,
+            "flag_recall": float(flagged[positives].mean()) if positives.any() else None,
+        }
+    negatives = np.asarray(y_true) == labels.index(negative_label) if negative_label in labels else np.zeros(n, bool)
+    return {
+        "share": {k: float((kinds == k).mean()) for k in ("block", "review", "allow")},
+        "review_per_1000": float((kinds == "review").mean() * 1000),
+        "negatives_blocked": float((kinds[negatives] == "block").mean()) if negatives.any() else None,
+        "negatives_flagged": float(np.isin(kinds[negatives], ["block", "review"]).mean()) if negatives.any() else None,
+        "per_class": per_class,
+    }
+
+
+def format_decisions(report: dict) -> str:
+    s = report["share"]
+    fmt = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
+    lines = [f"decisions: block {s['block']:.1%}  review {s['review']:.1%}  allow {s['allow']:.1%}  "
+             f"(moderator workload {report['review_per_1000']:.0f} reviews per 1,000 images)"]
+    for label, m in report["per_class"].items():
+        lines.append(f"  {label}: block precision {fmt(m['block_precision'])}, block recall {fmt(m['block_recall'])}, "
+                     f"block+review recall {fmt(m['flag_recall'])} (support {m['support']})")
+    if report["negatives_flagged"] is not None:
+        lines.append(f"  negatives: {report['negatives_blocked']:.1%} blocked, {report['negatives_flagged']:.1%} blocked or reviewed")
+    return "\n".join(lines)
+
+
+def false_positive_report(probs: np.ndarray, y_true: np.ndarray, labels: list[str], thresholds: dict,
+                          negative_label: str) -> dict | None:
+    """Per product class: share of negative images scored at or above 0.5, the review and the block threshold."""
+    if negative_label not in labels:
+        return None
+    negatives = np.asarray(y_true) == labels.index(negative_label)
+    if not negatives.any():
+        return None
+    per_class = {}
+    for i, label in enumerate(labels):
+        if label == negative_label or label not in thresholds:
+            continue
+        t = thresholds[label]
+        scores = probs[negatives, i]
+        per_class[label] = {
+            "at_0.5": float((scores >= 0.5).mean()), "review": t.review, "at_review": float((scores >= t.review).mean()),
+            "block": t.block, "at_block": float((scores >= t.block).mean()) if t.block is not None else 0.0,
+        }
+    return {"negatives": int(negatives.sum()), "per_class": per_class}

@@ -51,3 +51,27 @@ def plot_pr_curves(y_true: np.ndarray, probs: np.ndarray, labels: list[str], pat
     if ax.lines:
         ax.legend(loc="lower left")
     _save(fig, path)
+
+
+def plot_image_grid(paths: list[str], captions: list[str], path: str | Path, title: str = "", cols: int = 4) -> None:
+    """Thumbnails with captions (e.g. the most confident false positives and their scores)."""
+    from serving.imageio import ImageError, decode_image
+
+    n = max(1, len(paths))
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img_path, caption in zip(axes.flat, paths, captions):
+        try:
+            img, _ = decode_image(img_path, draft_size=256)
+            img.thumbnail((256, 256))
+            ax.imshow(img)
+        except (ImageError, OSError):
+            ax.text(0.5, 0.5, "unreadable", ha="center")
+        ax.set_title(caption, fontsize=8)
+    if not paths:
+        axes.flat[0].text(0.5, 0.5, "none", ha="center")
+    if title:
+        fig.suptitle(title)
+    _save(fig, path)

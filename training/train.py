@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 import training
 from serving.preprocess import Preprocessing
+from training import distributed
 from training.augment import EvalTransform, TrainTransform, worker_init_fn
 from training.config import Config, dump_config
 from training.data.cache import CachedImageDataset, cache_images
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 
 HISTORY_FIELDS = [
     "epoch", "train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_f1",
-    "lr", "epoch_seconds", "train_images_per_s", "best",
+    "lr", "epoch_seconds", "train_images_per_s", "data_wait_share", "best", "mined_negatives",
 ]
 
 
@@ -55,12 +56,6 @@ def resolve_preprocessing(config: Config) -> Preprocessing:
         mean=config.data.mean or pretrained.get("mean", (0.485, 0.456, 0.406)),
         std=config.data.std or pretrained.get("std", (0.229, 0.224, 0.225)),
     )
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -159,7 +154,7 @@ def predict_dataset(model: torch.nn.Module, dataset, batch_size: int, device: to
     model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
     out = []
-    for x, _ in tqdm(loader, desc=desc, leave=False, unit="batch"):
+    for x, *_ in tqdm(loader, desc=desc, leave=False, unit="batch"):
         x = x.to(device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -193,13 +188,16 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
     ``stop_after``: leave after this many epochs in this call (a resumable pause, e.g. for a time slot).
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in remove_stale_temporaries(out_dir):
-        print(f"removed {stale.name}, left by an interrupted write")
     tc = config.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    device = pick_device(tc.device)
+    dinfo, device = distributed.init(tc.device)
+    say = print if dinfo.main else (lambda *a, **k: None)  # only rank 0 talks and writes
+    if dinfo.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in remove_stale_temporaries(out_dir):
+            print(f"removed {stale.name}, left by an interrupted write")
+    distributed.barrier(dinfo)
     seed_everything(tc.seed)
     pre = resolve_preprocessing(config)
 
@@ -214,11 +212,12 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
 
     data = prepare_data(roots, config, pre, labels=state["labels"] if state else None)
     labels = data.labels
-    atomic_write_text(out_dir / "config.yaml", dump_config(config))
-    atomic_write_text(out_dir / "labels.json", json.dumps(labels, indent=2))
-    atomic_write_text(out_dir / "skipped.json", json.dumps([s.__dict__ for s in data.skipped], indent=2))
+    if dinfo.main:
+        atomic_write_text(out_dir / "config.yaml", dump_config(config))
+        atomic_write_text(out_dir / "labels.json", json.dumps(labels, indent=2))
+        atomic_write_text(out_dir / "skipped.json", json.dumps([s.__dict__ for s in data.skipped], indent=2))
     if data.skipped:
-        print(f"skipped {len(data.skipped)} unreadable image(s); see {out_dir / 'skipped.json'}")
+        say(f"skipped {len(data.skipped)} unreadable image(s); see {out_dir / 'skipped.json'}")
 
     model = create_model(
         config.model.name, len(labels), config.model.pretrained if state is None else "none",
@@ -227,6 +226,7 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
     channels_last = tc.channels_last
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    core = model  # the unwrapped module: EMA, checkpoints and evaluation use it
 
     targets = np.asarray(data.train.targets)
     counts = np.bincount(targets, minlength=len(labels)).astype(np.float64)
@@ -235,24 +235,29 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
     sampler_gen = torch.Generator().manual_seed(tc.seed)
     n_negatives = negatives_count(config.data.negatives_per_epoch, data.n_main, data.n_pool)
     sampler = EpochSampler(data.train.targets[: data.n_main], data.n_pool, n_negatives,
-                           balance=config.data.balance == "sampler", generator=sampler_gen)
+                           balance=config.data.balance == "sampler", generator=sampler_gen,
+                           hard_max_weight=config.data.hard_negative_max_weight)
+    negative_index = labels.index(config.data.negative_label) if config.data.negative_label in labels else None
+    product_columns = [i for i in range(len(labels)) if i != negative_index]
     class_weight = None
     if config.data.balance == "loss":
         class_weight = torch.tensor(counts.sum() / (len(labels) * counts), dtype=torch.float32, device=device)
     workers = config.data.num_workers
     if workers is None:
         workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+    rank_sampler = distributed.ShardedSampler(sampler, dinfo) if dinfo.enabled else sampler
     loader = torch.utils.data.DataLoader(
-        data.train, batch_size=tc.batch_size, sampler=sampler, num_workers=workers,
-        worker_init_fn=worker_init_fn if workers else None, drop_last=len(sampler) > tc.batch_size,
+        data.train, batch_size=tc.batch_size, sampler=rank_sampler, num_workers=workers,
+        worker_init_fn=worker_init_fn if workers else None, drop_last=len(rank_sampler) > tc.batch_size,
         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
     )
     steps_per_epoch = len(loader)
     total_steps = steps_per_epoch * tc.epochs
-    optimizer = create_optimizer_v2(model, "adamw", lr=tc.lr, weight_decay=tc.weight_decay)
+    lr = tc.lr * {"none": 1.0, "linear": dinfo.world, "sqrt": dinfo.world ** 0.5}[tc.lr_scaling]
+    optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=tc.weight_decay)
     scheduler = CosineLRScheduler(
-        optimizer, t_initial=total_steps, lr_min=tc.lr * tc.min_lr_ratio,
-        warmup_t=int(tc.warmup_epochs * steps_per_epoch), warmup_lr_init=tc.lr * 0.01, warmup_prefix=True,
+        optimizer, t_initial=total_steps, lr_min=lr * tc.min_lr_ratio,
+        warmup_t=int(tc.warmup_epochs * steps_per_epoch), warmup_lr_init=lr * 0.01, warmup_prefix=True,
         t_in_epochs=False,
     )
     ema_decay = tc.ema_decay or ema_decay_for(total_steps)
@@ -263,7 +268,7 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
 
     start_epoch, best_f1, best_epoch, bad_epochs, step = 0, -1.0, 0, 0, 0
     if state is not None:
-        model.load_state_dict(state["model"])
+        core.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None and state.get("ema") is not None:
@@ -271,11 +276,22 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
         start_epoch, best_f1, best_epoch = state["epoch"], state["best_f1"], state["best_epoch"]
         bad_epochs, step = state["bad_epochs"], state["step"]
         sampler_gen.set_state(state["sampler_rng"])
+        if state.get("hardness") is not None:
+            sampler.hardness = state["hardness"].numpy().astype(np.float64)
         _set_rng_state(state["rng"])
         _truncate_history(out_dir / "history.csv", start_epoch)
-        print(f"resuming from epoch {start_epoch} (best macro-F1 {best_f1:.4f} at epoch {best_epoch})")
+        say(f"resuming from epoch {start_epoch} (best macro-F1 {best_f1:.4f} at epoch {best_epoch})")
 
-    print(
+    if dinfo.enabled:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if tc.compile:
+        model = torch.compile(model)
+    say(
+        f"{dinfo.world} process(es) x batch {tc.batch_size} = effective batch {dinfo.world * tc.batch_size}; "
+        f"lr {tc.lr:g} x {lr / tc.lr:g} ({tc.lr_scaling} scaling) = {lr:g}"
+    )
+    say(
         f"training {config.model.name} on {data.n_main} images ({dict(zip(labels, counts.astype(int).tolist()))} incl. "
         f"a pool of {data.n_pool} negatives, {n_negatives} drawn per epoch), "
         f"validating on {len(data.val)}; {steps_per_epoch} steps/epoch x {tc.epochs} epochs on {device}, "
@@ -290,8 +306,10 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
         model.train()
         t0 = time.time()
         running, seen = 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch", leave=False)
-        for x, y in bar:
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch", leave=False, disable=not dinfo.main)
+        wait_seconds, ready, seen_items = 0.0, time.perf_counter(), []
+        for x, y, idx in bar:
+            wait_seconds += time.perf_counter() - ready
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -308,13 +326,27 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
             step += 1
             scheduler.step_update(step)
             if ema is not None:
-                ema.update(model, step=step)
+                ema.update(core, step=step)
+            if data.n_pool:
+                with torch.no_grad():
+                    product = torch.softmax(logits.detach().float(), 1)[:, product_columns].max(1).values
+                sampler.update_hardness(idx.numpy(), product.cpu().numpy())
+            seen_items.extend(idx.tolist())
             running += loss.item() * len(y)
             seen += len(y)
             bar.set_postfix(loss=f"{running / seen:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            ready = time.perf_counter()
         train_seconds = time.time() - t0
-        eval_model = ema.module if ema is not None else model
-        probs = predict_dataset(eval_model, data.val, tc.batch_size * 2, device, channels_last)
+        if os.environ.get("WILDCHECK_DEBUG_SEEN"):  # which items this rank trained on (distributed tests)
+            (out_dir / "seen").mkdir(exist_ok=True)
+            np.save(out_dir / "seen" / f"rank{dinfo.rank}_epoch{epoch + 1}.npy", np.asarray(seen_items, dtype=np.int64))
+        running, seen = distributed.sum_scalars(dinfo, running, seen)
+        distributed.sync_hardness(dinfo, sampler)
+        eval_model = ema.module if ema is not None else core
+        shard = np.arange(dinfo.rank, len(data.val), dinfo.world)
+        probs = predict_dataset(eval_model, torch.utils.data.Subset(data.val, shard.tolist()), tc.batch_size * 2,
+                                device, channels_last)
+        probs = distributed.gather_predictions(dinfo, shard, probs, len(data.val))
         metrics = compute_metrics(val_targets, probs, labels)
         improved = metrics["macro_f1"] > best_f1
         if improved:
@@ -326,7 +358,8 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
             "val_accuracy": round(metrics["accuracy"], 5), "val_balanced_accuracy": round(metrics["balanced_accuracy"], 5),
             "val_macro_f1": round(metrics["macro_f1"], 5), "lr": f"{optimizer.param_groups[0]['lr']:.3e}",
             "epoch_seconds": round(time.time() - t0, 1), "train_images_per_s": round(seen / train_seconds, 1),
-            "best": int(improved),
+            "data_wait_share": round(wait_seconds / train_seconds, 4),
+            "best": int(improved), "mined_negatives": sampler.last_mined,
         }
         meta = {
             "labels": labels, "preprocessing": pre.model_dump(mode="json"), "config": config.model_dump(mode="json"),
@@ -334,31 +367,39 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
             "training_data": fingerprint(data.train_samples + data.val_samples),
             "data_roots": [str(Path(r).resolve()) for r in roots],
         }
-        if improved:
+        if improved and dinfo.main:
             atomic_torch_save(
                 {**meta, "model": eval_model.state_dict(), "epoch": epoch + 1, "ema": ema is not None,
                  "val_metrics": metrics, "temperature": 1.0},
                 out_dir / "best.pt",
             )
-        atomic_torch_save(
-            {**meta, "model": model.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
+        if dinfo.main:
+            _save_last(out_dir, history_path, row, {**meta, "model": core.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
              "step": step, "best_f1": best_f1, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-             "sampler_rng": sampler_gen.get_state(), "rng": _rng_state()},
-            out_dir / "last.pt",
-        )
-        _append_history(history_path, row)
-        print(
+             "sampler_rng": sampler_gen.get_state(), "rng": _rng_state(),
+             "hardness": torch.from_numpy(sampler.hardness)})
+        distributed.barrier(dinfo)
+        say(
             f"epoch {epoch + 1}/{tc.epochs}: loss {row['train_loss']:.4f}  val acc {row['val_accuracy']:.4f}  "
             f"bal acc {row['val_balanced_accuracy']:.4f}  macro-F1 {row['val_macro_f1']:.4f}  "
-            f"{row['train_images_per_s']} img/s  {row['epoch_seconds']}s{'  *best*' if improved else ''}"
+            f"{row['train_images_per_s']} img/s  data wait {row['data_wait_share']:.1%}  {row['epoch_seconds']}s"
+            + (f"  mined negatives {sampler.last_mined}/{n_negatives}" if n_negatives else "")
+            + ("  *best*" if improved else "")
         )
         if stop_after is not None and epoch + 1 - start_epoch >= stop_after and epoch + 1 < tc.epochs:
-            print(f"pausing after epoch {epoch + 1}; continue with --resume")
+            say(f"pausing after epoch {epoch + 1}; continue with --resume")
             break
         if tc.early_stopping_patience and bad_epochs >= tc.early_stopping_patience:
-            print(f"early stopping: no macro-F1 gain for {bad_epochs} epochs")
+            say(f"early stopping: no macro-F1 gain for {bad_epochs} epochs")
             break
+    if not dinfo.main:
+        distributed.shutdown()
+        return {}
+    if config.decision.calibrate:
+        from training.calibrate import calibrate, format_report
+
+        print(format_report(calibrate(out_dir)))
     best = load_checkpoint(out_dir / "best.pt")
     summary = {
         "run_dir": str(out_dir), "labels": labels, "best_epoch": best["epoch"], "val_metrics": best["val_metrics"],
@@ -367,7 +408,14 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
     }
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
     _plot_history(history_path, out_dir / "history.png")
+    distributed.shutdown()
     return summary
+
+
+def _save_last(out_dir: Path, history_path: Path, row: dict, state: dict) -> None:
+    """Checkpoint first, then the history row: a row never describes an epoch that was not saved."""
+    atomic_torch_save(state, out_dir / "last.pt")
+    _append_history(history_path, row)
 
 
 def _plot_history(history: Path, out: Path) -> None:

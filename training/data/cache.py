@@ -69,4 +69,4 @@ class CachedImageDataset(torch.utils.data.Dataset):
         return len(self.pixels)
 
     def __getitem__(self, index: int):
-        return self.transform(self.pixels[index]), self.targets[index]
+        return self.transform(self.pixels[index]), self.targets[index], index

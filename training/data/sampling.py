@@ -25,7 +25,7 @@ class EpochSampler(torch.utils.data.Sampler[int]):
     """
 
     def __init__(self, main_targets: list[int], n_pool: int, n_negatives: int, balance: bool,
-                 generator: torch.Generator):
+                 generator: torch.Generator, hard_max_weight: float = 1.0):
         self.main_targets = np.asarray(main_targets)
         self.n_main = len(main_targets)
         self.n_pool = n_pool
@@ -34,6 +34,23 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         self.generator = generator
         counts = np.bincount(self.main_targets) if self.n_main else np.zeros(0)
         self.weights = torch.as_tensor((1.0 / np.maximum(counts, 1))[self.main_targets], dtype=torch.double)
+        # hard-negative mining: how strongly the model recently called each pool image a product class
+        self.hardness = np.zeros(n_pool, dtype=np.float64)
+        self.touched = np.zeros(n_pool, dtype=bool)  # updated since the last cross-rank sync
+        self.hard_max_weight = max(1.0, hard_max_weight)
+        self.last_mined = 0
+
+    def pool_weights(self) -> torch.Tensor:
+        """1 for easy negatives up to ``hard_max_weight`` for the hardest: bounded, so the draw never collapses."""
+        return torch.as_tensor(1.0 + (self.hard_max_weight - 1.0) * self.hardness, dtype=torch.double)
+
+    def update_hardness(self, indices: np.ndarray, product_scores: np.ndarray) -> None:
+        """Record the highest product-class probability the model just gave these training items."""
+        indices = np.asarray(indices)
+        in_pool = indices >= self.n_main
+        pool_idx = indices[in_pool] - self.n_main
+        self.hardness[pool_idx] = 0.5 * self.hardness[pool_idx] + 0.5 * np.clip(product_scores[in_pool], 0.0, 1.0)
+        self.touched[pool_idx] = True
 
     def __len__(self) -> int:
         return self.n_main + self.n_negatives
@@ -43,7 +60,14 @@ class EpochSampler(torch.utils.data.Sampler[int]):
             main = torch.multinomial(self.weights, self.n_main, replacement=True, generator=self.generator)
         else:
             main = torch.randperm(self.n_main, generator=self.generator)
-        pool = torch.randperm(self.n_pool, generator=self.generator)[: self.n_negatives] + self.n_main
+        if self.n_negatives == 0:
+            pool = torch.zeros(0, dtype=torch.long)
+        elif self.hard_max_weight > 1.0 and self.hardness.any():
+            pool = torch.multinomial(self.pool_weights(), self.n_negatives, replacement=False, generator=self.generator)
+        else:
+            pool = torch.randperm(self.n_pool, generator=self.generator)[: self.n_negatives]
+        self.last_mined = int((self.hardness[pool.numpy()] >= 0.25).sum()) if self.n_negatives else 0
+        pool = pool + self.n_main
         order = torch.cat([main, pool])
         order = order[torch.randperm(len(order), generator=self.generator)]
         return iter(order.tolist())

@@ -1,0 +1,142 @@
+"""``wildcheck calibrate``: temperature scaling and per-class block/review thresholds from validation.
+
+Writes the temperature, thresholds and the validation score curves into ``best.pt`` (export copies them
+into the ONNX metadata), plus ``calibration.json`` and ``reliability.png`` into the run dir.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+
+from serving.runtime import softmax
+from serving.thresholds import solve_all
+from training.fileio import atomic_torch_save, atomic_write_text, load_checkpoint
+
+EPS = 1e-7
+
+
+def fit_temperature(log_probs: np.ndarray, y: np.ndarray) -> float:
+    """The T > 0 minimising the NLL of softmax(log_probs / T) (log-probabilities work as logits)."""
+    y = np.asarray(y, int)
+
+    def nll(log_t: float) -> float:
+        p = softmax(log_probs, float(np.exp(log_t)))
+        return float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], EPS, 1.0))))
+
+    result = minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded")
+    return float(np.exp(result.x))
+
+
+def nll(probs: np.ndarray, y: np.ndarray) -> float:
+    return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], EPS, 1.0))))
+
+
+def expected_calibration_error(probs: np.ndarray, y: np.ndarray, n_bins: int = 15) -> float:
+    """Top-label ECE: |accuracy - confidence| averaged over equal-width confidence bins, weighted by count."""
+    conf = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == np.asarray(y)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        in_bin = (conf > lo) & (conf <= hi)
+        if in_bin.any():
+            ece += in_bin.mean() * abs(correct[in_bin].mean() - conf[in_bin].mean())
+    return float(ece)
+
+
+def plot_reliability(before: np.ndarray, after: np.ndarray, y: np.ndarray, path: Path, n_bins: int = 15) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    edges = np.linspace(0, 1, n_bins + 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    for probs, name in ((before, "before"), (after, "after")):
+        conf, correct = probs.max(1), probs.argmax(1) == y
+        acc = [correct[(conf > lo) & (conf <= hi)].mean() if ((conf > lo) & (conf <= hi)).any() else np.nan
+               for lo, hi in zip(edges[:-1], edges[1:])]
+        ax.plot(centres, acc, marker="o", label=f"{name} (ECE {expected_calibration_error(probs, y, n_bins):.3f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect")
+    ax.set_xlabel("confidence (top class)"), ax.set_ylabel("accuracy"), ax.set_title("reliability")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def calibration_report(probs_t1: np.ndarray, y: np.ndarray, labels: list[str], negative_label: str,
+                       block_precision: float, review_recall: float, never_block: list[str],
+                       temperature: float | None = None) -> dict:
+    """Fit (or apply) a temperature on ``probs_t1`` and solve thresholds on the calibrated scores."""
+    log_probs = np.log(np.clip(probs_t1, EPS, 1.0))
+    temperature = temperature or fit_temperature(log_probs, y)
+    calibrated = softmax(log_probs, temperature)
+    solved = solve_all(calibrated, y, labels, negative_label, block_precision, review_recall, never_block)
+    curves = {}
+    for i, label in enumerate(labels):
+        if label != negative_label:
+            pos = np.asarray(y) == i
+            curves[label] = {"pos": np.round(np.sort(calibrated[pos, i]), 5).tolist(),
+                             "neg": np.round(np.sort(calibrated[~pos, i]), 5).tolist()}
+    return {
+        "temperature": temperature,
+        "n": int(len(y)),
+        "ece_before": expected_calibration_error(probs_t1, y), "ece_after": expected_calibration_error(calibrated, y),
+        "nll_before": nll(probs_t1, y), "nll_after": nll(calibrated, y),
+        "targets": {"block_precision": block_precision, "review_recall": review_recall},
+        "thresholds": {k: v.thresholds.model_dump() for k, v in solved.items()},
+        "achieved": {k: {"block_precision": v.block_precision, "review_recall": v.review_recall} for k, v in solved.items()},
+        "notes": {k: v.notes for k, v in solved.items() if v.notes},
+        "never_block": list(never_block),
+        "val_curves": curves,
+        "calibrated": calibrated,
+    }
+
+
+def calibrate(run: str | Path, data: list[str] | None = None) -> dict:
+    """Fit on the run's validation split; update best.pt; write calibration.json and reliability.png."""
+    from training.evaluate import TorchPredictor, predict_samples, resolve_checkpoint, run_samples
+
+    ckpt = resolve_checkpoint(run)
+    predictor = TorchPredictor(ckpt)
+    predictor.temperature = 1.0
+    state = predictor.state
+    decision = (state.get("config") or {}).get("decision", {})
+    negative = (state.get("config") or {}).get("data", {}).get("negative_label", "other")
+    val, _ = run_samples(state, data)
+    if not val:
+        raise ValueError("no validation images to calibrate on; pass --data")
+    probs, kept, _ = predict_samples(predictor, val, desc="calibration")
+    index = {label: i for i, label in enumerate(predictor.labels)}
+    y = np.array([index[s.label] for s in kept])
+    report = calibration_report(probs, y, predictor.labels, negative, decision.get("block_precision", 0.98),
+                                decision.get("review_recall", 0.95), decision.get("never_block", []))
+    calibrated = report.pop("calibrated")
+    run_dir = ckpt.parent
+    plot_reliability(probs, calibrated, y, run_dir / "reliability.png")
+    state.update(temperature=report["temperature"], thresholds=report["thresholds"],
+                 never_block=report["never_block"], calibration={k: v for k, v in report.items() if k != "val_curves"},
+                 val_curves=report["val_curves"])
+    atomic_torch_save(state, ckpt)
+    atomic_write_text(run_dir / "calibration.json", json.dumps({k: v for k, v in report.items() if k != "val_curves"}, indent=2))
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = [f"temperature {report['temperature']:.3f}: ECE {report['ece_before']:.4f} -> {report['ece_after']:.4f}, "
+             f"NLL {report['nll_before']:.4f} -> {report['nll_after']:.4f} on {report['n']} validation images"]
+    for label, t in report["thresholds"].items():
+        a = report["achieved"][label]
+        block = f"{t['block']:.4f}" if t["block"] is not None else "never"
+        prec = f"{a['block_precision']:.3f}" if a["block_precision"] is not None else "-"
+        rec = f"{a['review_recall']:.3f}" if a["review_recall"] is not None else "-"
+        lines.append(f"  {label}: block >= {block} (precision {prec}), review >= {t['review']:.4f} (recall {rec})")
+        for note in report["notes"].get(label, []):
+            lines.append(f"    note: {note}")
+    return "\n".join(lines)

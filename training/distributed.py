@@ -1,0 +1,105 @@
+"""torchrun / DDP support: process-group setup, per-rank sharding of the epoch order, gathering results.
+
+``wildcheck train`` runs unchanged under ``torchrun --nproc_per_node=N`` (and multi-node ``--nnodes``
+with ``--rdzv-*``): gloo on CPU, nccl on GPU. Every rank builds the same global epoch order from the
+same seeded generator (so class balancing and the negatives draw are global) and takes every N-th item.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init(device_name: str) -> tuple[DistInfo, torch.device]:
+    """Join the process group when launched by torchrun; pick this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    want_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+    info = DistInfo(rank=dist.get_rank() if world > 1 else 0, world=world, local_rank=local_rank)
+    if want_cuda:
+        torch.cuda.set_device(local_rank)
+        return info, torch.device("cuda", local_rank)
+    return info, torch.device("cpu" if device_name == "auto" else device_name)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+class ShardedSampler(torch.utils.data.Sampler[int]):
+    """This rank's share of ``inner``'s global order (padded by wrapping so all ranks take equal steps)."""
+
+    def __init__(self, inner, info: DistInfo):
+        self.inner, self.info = inner, info
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.inner) / self.info.world)
+
+    def __iter__(self):
+        order = list(self.inner)
+        total = len(self) * self.info.world
+        order += order[: total - len(order)]
+        return iter(order[self.info.rank :: self.info.world])
+
+
+def gather_predictions(info: DistInfo, indices: np.ndarray, probs: np.ndarray, n: int) -> np.ndarray:
+    """Each rank predicted ``indices``; every rank gets the full (n, C) array back."""
+    if not info.enabled:
+        return probs
+    parts = [None] * info.world
+    dist.all_gather_object(parts, (indices, probs))
+    out = np.zeros((n, probs.shape[1]), dtype=probs.dtype)
+    for idx, p in parts:
+        out[idx] = p
+    return out
+
+
+def sum_scalars(info: DistInfo, *values: float) -> list[float]:
+    if not info.enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def sync_hardness(info: DistInfo, sampler) -> None:
+    """Merge the hard-negative scores each rank updated on its own shard of the pool."""
+    if not info.enabled or sampler.n_pool == 0:
+        return
+    touched = torch.from_numpy(sampler.touched.astype(np.float64))
+    values = torch.from_numpy(sampler.hardness * sampler.touched)
+    dist.all_reduce(touched)
+    dist.all_reduce(values)
+    seen = touched.numpy() > 0
+    sampler.hardness[seen] = values.numpy()[seen] / touched.numpy()[seen]
+    sampler.touched[:] = False
