@@ -9,7 +9,7 @@ DEMO_EPOCHS ?= 4
 DEMO_PORT ?= 3000
 DEMO_SERVE ?= 1
 
-.PHONY: demo test venv bench-met clean
+.PHONY: demo test venv bench-met clean strip-notebooks
 
 venv: $(VENV)/.installed
 
@@ -44,6 +44,9 @@ test: venv
 
 bench-met: venv
 	$(BIN)/python benchmarks/met_ivory.py --out runs/met_ivory
+
+strip-notebooks: venv
+	$(BIN)/python notebooks/strip_outputs.py notebooks/*.ipynb
 
 clean:
 	rm -rf $(DEMO) runs .pytest_cache

@@ -27,7 +27,11 @@ class Preprocessing(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     input_size: int = Field(224, ge=16, description="model input is input_size x input_size")
-    resize: str = Field("shorter_side", description="resize the shorter side to input_size / crop_pct, keep aspect")
+    resize: str = Field(
+        "shorter_side",
+        description="shorter_side: shorter side to input_size / crop_pct, keep aspect; "
+        "squash: both sides to input_size / crop_pct (the whole picture stays in view)",
+    )
     crop: str = Field("center", description="then take a centred input_size square")
     crop_pct: float = Field(0.875, gt=0.0, le=1.0)
     interpolation: str = "bicubic"
@@ -47,7 +51,7 @@ class Preprocessing(BaseModel):
     @field_validator("resize", "crop", "color_order", "layout")
     @classmethod
     def _supported(cls, value: str, info) -> str:
-        allowed = {"resize": {"shorter_side"}, "crop": {"center"}, "color_order": {"RGB"}, "layout": {"NCHW"}}
+        allowed = {"resize": {"shorter_side", "squash"}, "crop": {"center"}, "color_order": {"RGB"}, "layout": {"NCHW"}}
         if value not in allowed[info.field_name]:
             raise ValueError(f"{info.field_name} must be one of {sorted(allowed[info.field_name])}")
         return value
@@ -58,10 +62,12 @@ class Preprocessing(BaseModel):
         return int(math.floor(self.input_size / self.crop_pct))
 
     def resize_image(self, img: Image.Image) -> Image.Image:
-        """Resize so the shorter side is ``resize_size``, keeping the aspect ratio."""
+        """Resize to ``resize_size``: the shorter side (aspect kept) or both sides (squash)."""
         w, h = img.size
         target = self.resize_size
-        if w <= h:
+        if self.resize == "squash":
+            new_w = new_h = target
+        elif w <= h:
             new_w, new_h = target, max(target, int(round(h * target / w)))
         else:
             new_w, new_h = max(target, int(round(w * target / h))), target

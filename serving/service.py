@@ -7,12 +7,13 @@ or ``WILDCHECK_MODEL=MODEL.onnx bentoml serve serving.service:WildCheck``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import bentoml
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
@@ -93,22 +94,30 @@ class WildCheck:
         self.checker = ImageChecker(
             settings.model, threads=settings.threads,
             limits=Limits(max_pixels=settings.max_pixels, min_side=settings.min_side),
+            max_concurrent=settings.cpu_threads,
         )
         if settings.policy:
             self.checker.apply_policy(settings.policy)
         self.checker.warm_up()
+        # CPU work (decode, preprocess, inference) runs on a small dedicated pool, not the 40-thread default:
+        # more threads only contend for 2 cores and the GIL, and each adds memory (RSS crept up under load);
+        # 2 per worker let one worker use both cores when the other is idle (benchmarks/serve_bench.py).
+        self.executor = ThreadPoolExecutor(max_workers=settings.cpu_threads, thread_name_prefix="wildcheck-cpu")
         self.ready = True
         log.info("serving %s %s", self.checker.contract.model_name, self.checker.contract.model_version)
 
     def __is_ready__(self) -> bool:
         return self.ready
 
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
     @api.post("/check", response_model=CheckResponse, responses=ERRORS, openapi_extra=CHECK_BODY)
     async def check(self, request: Request):
         """Check one image: multipart field `image`, or the raw image bytes as the body."""
         try:
             (data, content_type), = await _read_images(request, "image", many=False)
-            return await run_in_threadpool(self.checker.check, data, content_type)
+            return await self._run(self.checker.check, data, content_type)
         except ImageError as exc:
             return error_response(exc.status, exc.code, exc.message)
 
@@ -121,7 +130,7 @@ class WildCheck:
             return error_response(exc.status, exc.code, exc.message)
         if len(items) > settings.max_batch:
             return error_response(413, "batch_too_large", f"{len(items)} images; at most {settings.max_batch} per request")
-        results = await run_in_threadpool(self.checker.check_many, items)
+        results = await self._run(self.checker.check_many, items)
         return {"results": results, "count": len(results)}
 
     @api.get("/model", response_model=ModelInfo, responses=ERRORS)

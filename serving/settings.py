@@ -23,6 +23,7 @@ class Settings:
     model: str = ""
     workers: int = 2  # NOTES + serve_bench: 2 workers x 1 onnxruntime thread is fastest on 2 cores
     threads: int = 1
+    cpu_threads: int = 2  # threads per worker that decode and run the model (serve_bench: 2 beats 1 and 40)
     max_body_bytes: int = 20 * 1024 * 1024
     max_pixels: int = DEFAULT_MAX_PIXELS
     min_side: int = DEFAULT_MIN_SIDE
@@ -39,6 +40,7 @@ class Settings:
             model=os.environ.get("WILDCHECK_MODEL", ""),
             workers=_int("WILDCHECK_WORKERS", cls.workers),
             threads=_int("WILDCHECK_THREADS", cls.threads),
+            cpu_threads=_int("WILDCHECK_CPU_THREADS", cls.cpu_threads),
             max_body_bytes=_int("WILDCHECK_MAX_BODY_BYTES", cls.max_body_bytes),
             max_pixels=_int("WILDCHECK_MAX_PIXELS", cls.max_pixels),
             min_side=_int("WILDCHECK_MIN_SIDE", cls.min_side),

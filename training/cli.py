@@ -66,6 +66,7 @@ def train(
     img_size: Optional[int] = typer.Option(None, "--img-size"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     resume: bool = typer.Option(False, "--resume", help="continue from RUN_DIR/last.pt"),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="warm start from an earlier run (fewer epochs by default)"),
 ) -> None:
     """Fine-tune a model; writes best.pt, last.pt, history.csv and config.yaml into --out."""
     from training.config import load_config
@@ -75,9 +76,12 @@ def train(
         cfg = load_config(config, {"train": {"epochs": epochs, "batch_size": batch_size}, "data": {"img_size": img_size}})
         if resume and config is None and (out / "config.yaml").exists():
             cfg = load_config(out / "config.yaml", {"train": {"epochs": epochs}})
+        if init_from and epochs is None:
+            cfg.train.epochs = max(2, cfg.train.epochs // 2)
+            typer.echo(f"warm start: {cfg.train.epochs} epochs (half the config's; --epochs to change)")
         if negatives:
             cfg.data.negatives = cfg.data.negatives + [str(n) for n in negatives]
-        summary = run_training([str(d) for d in data], out, cfg, resume=resume)
+        summary = run_training([str(d) for d in data], out, cfg, resume=resume, init_from=init_from)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     if not summary:  # a non-zero rank under torchrun: rank 0 reports
@@ -152,9 +156,75 @@ def export(
                    f"{q['fp32_balanced_accuracy']:.4f} (FP32) -> {q['int8_balanced_accuracy']:.4f} (INT8)")
 
 
+@data_app.command("ingest")
+def data_ingest(
+    labels_csv: Path = typer.Argument(..., help="CSV: path,label[,source,listing_id,labeled_by,labeled_at]"),
+    into: Path = typer.Option(..., "--into", help="dataset root to add the images to"),
+    split: str = typer.Option("train", "--split", help="train (default) or val; the frozen test split only when named"),
+    report: Optional[Path] = typer.Option(None, "--report", help="write the JSON report here"),
+) -> None:
+    """Copy newly labelled images into a dataset with provenance; duplicates skipped, conflicts stop everything."""
+    from training.data.ingest import IngestConflict, format_ingest, ingest
+
+    try:
+        result = ingest(labels_csv, into, split)
+    except IngestConflict as exc:
+        typer.echo(format_ingest(exc.report))
+        if report:
+            report.write_text(json.dumps(exc.report, indent=2))
+        _fail(f"nothing was ingested: {exc}. Fix the labels (or the dataset) and run again.", code=1)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(format_ingest(result))
+    if report:
+        report.write_text(json.dumps(result, indent=2))
+
+
+@app.command()
+def compare(
+    champion: Path = typer.Argument(..., help="current model: run dir, checkpoint or ONNX"),
+    challenger: Path = typer.Argument(..., help="new run dir (the result is stored there for promote)"),
+    data: list[Path] = typer.Option(..., "--data"),
+    split: str = typer.Option("test", "--split"),
+    max_recall_drop: float = typer.Option(1.0, "--max-recall-drop", help="points of recall an existing class may lose"),
+    report: Optional[Path] = typer.Option(None, "--report", help="markdown report (default CHALLENGER/compare.md)"),
+) -> None:
+    """Per-class metrics of both, deltas, McNemar; exit 1 when the gate fails."""
+    from training.compare import compare as run_compare
+
+    try:
+        result = run_compare(champion, challenger, [str(d) for d in data], split, max_recall_drop, report)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(result["report_markdown"])
+    raise typer.Exit(0 if result["gate"] == "pass" else 1)
+
+
+@app.command()
+def promote(
+    run: Path = typer.Argument(..., help="run dir to promote"),
+    registry: Path = typer.Option(..., "--registry", help="registry folder"),
+    force: bool = typer.Option(False, "--force", help="promote even when the comparison gate failed"),
+    name: Optional[str] = typer.Option(None, "--name"),
+    version: Optional[str] = typer.Option(None, "--version"),
+) -> None:
+    """Export into REGISTRY/<name>/<version>/ with a model card, and move `current` atomically."""
+    from training.registry import PromoteRefused, promote as run_promote
+
+    try:
+        result = run_promote(run, registry, force, name, version)
+    except PromoteRefused as exc:
+        _fail(str(exc), code=1)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(f"promoted {result['name']} {result['version']} (previous: {result['previous']}): {result['path']}")
+
+
 @app.command()
 def serve(
-    model: Path = typer.Argument(..., help="ONNX file exported by `wildcheck export`"),
+    model: Optional[Path] = typer.Argument(None, help="ONNX file exported by `wildcheck export`"),
+    registry: Optional[Path] = typer.Option(None, "--registry", help="serve the registry's current model instead"),
+    name: Optional[str] = typer.Option(None, "--name", help="model name in the registry"),
     port: int = typer.Option(3000, "--port"),
     host: str = typer.Option("0.0.0.0", "--host"),
     workers: Optional[int] = typer.Option(None, "--workers", help="worker processes (default 2, WILDCHECK_WORKERS)"),
@@ -168,6 +238,15 @@ def serve(
 
     from serving.contract import ContractError, read_contract
 
+    if registry is not None:
+        from training.registry import current_model
+
+        try:
+            model = current_model(registry, name)
+        except FileNotFoundError as exc:
+            _fail(str(exc))
+    if model is None:
+        _fail("give an ONNX file or --registry DIR")
     try:
         contract = read_contract(model)
     except ContractError as exc:
@@ -186,6 +265,9 @@ def serve(
     if threads_per_worker:
         env["WILDCHECK_THREADS"] = str(threads_per_worker)
     env.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    # glibc gives every thread its own malloc arena; with a request thread pool that shows up as RSS
+    # creeping up under sustained load. Two arenas per process keep it flat.
+    env.setdefault("MALLOC_ARENA_MAX", "2")
     bentoml = shutil.which("bentoml", path=str(Path(sys.executable).parent)) or shutil.which("bentoml")
     if not bentoml:
         _fail("the bentoml command was not found; install wildcheck with its dependencies")

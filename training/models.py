@@ -117,3 +117,33 @@ def pretrained_data_config(name: str) -> dict:
     return dict(
         mean=tuple(cfg.mean), std=tuple(cfg.std), interpolation=cfg.interpolation or "bicubic", crop_pct=cfg.crop_pct
     )
+
+
+def warm_start(model: nn.Module, prior: dict, labels: list[str]) -> dict:
+    """Load an earlier run's weights; classifier rows follow the labels (old classes keep theirs, new ones start at 0)."""
+    state = prior["model"]
+    own = model.state_dict()
+    head = model.get_classifier()
+    head_keys = {k for k, v in model.named_parameters() if any(v is p for p in head.parameters())}
+    head_prefix = {k.rsplit(".", 1)[0] for k in head_keys}
+    body = {k: v for k, v in state.items() if k in own and k.rsplit(".", 1)[0] not in head_prefix and own[k].shape == v.shape}
+    missing = [k for k in own if k not in body and k.rsplit(".", 1)[0] not in head_prefix]
+    if missing:
+        raise ValueError(f"--init-from: the earlier run is a different architecture ({len(missing)} tensors do not fit)")
+    model.load_state_dict(body, strict=False)
+    old = list(prior["labels"])
+    kept, fresh = [], []
+    with torch.no_grad():
+        weight, bias = head.weight, head.bias
+        weight.zero_()
+        bias.zero_()
+        for i, label in enumerate(labels):
+            if label in old:
+                j = old.index(label)
+                prefix = next(iter(head_prefix))
+                weight[i] = state[f"{prefix}.weight"][j]
+                bias[i] = state[f"{prefix}.bias"][j]
+                kept.append(label)
+            else:
+                fresh.append(label)
+    return {"kept": kept, "fresh": fresh, "dropped": [l for l in old if l not in labels]}

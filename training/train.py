@@ -36,7 +36,7 @@ from training.data.sampling import EpochSampler, negatives_count
 from training.data.sources import Sample, fingerprint, label_counts, load_samples, select_split
 from training.fileio import atomic_torch_save, atomic_write_text, load_checkpoint, remove_stale_temporaries
 from training.metrics import compute_metrics
-from training.models import create_model, pretrained_data_config
+from training.models import create_model, pretrained_data_config, warm_start
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def _truncate_history(path: Path, last_epoch: int) -> None:
 
 
 def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = False,
-          stop_after: int | None = None) -> dict:
+          stop_after: int | None = None, init_from: str | Path | None = None) -> dict:
     """Train, validate each epoch, keep the best checkpoint. Returns the summary written to summary.json.
 
     ``stop_after``: leave after this many epochs in this call (a resumable pause, e.g. for a time slot).
@@ -219,10 +219,21 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
     if data.skipped:
         say(f"skipped {len(data.skipped)} unreadable image(s); see {out_dir / 'skipped.json'}")
 
+    warm = state is None and init_from is not None
     model = create_model(
-        config.model.name, len(labels), config.model.pretrained if state is None else "none",
+        config.model.name, len(labels), "none" if state is not None or warm else config.model.pretrained,
         config.model.drop_rate, config.model.drop_path_rate,
-    ).to(device)
+    )
+    if warm:
+        from training.evaluate import resolve_checkpoint
+
+        prior = load_checkpoint(resolve_checkpoint(init_from))
+        if prior["architecture"] != config.model.name:
+            raise ValueError(f"--init-from {init_from} is a {prior['architecture']}, the config asks for {config.model.name}")
+        moved = warm_start(model, prior, labels)
+        say(f"warm start from {init_from}: head rows kept for {moved['kept']}, fresh for {moved['fresh']}"
+            + (f", dropped {moved['dropped']}" if moved["dropped"] else ""))
+    model = model.to(device)
     channels_last = tc.channels_last
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -366,6 +377,7 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
             "architecture": config.model.name, "wildcheck_version": training.__version__,
             "training_data": fingerprint(data.train_samples + data.val_samples),
             "data_roots": [str(Path(r).resolve()) for r in roots],
+            "init_from": str(init_from) if init_from else None,
         }
         if improved and dinfo.main:
             atomic_torch_save(

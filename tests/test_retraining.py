@@ -1,0 +1,136 @@
+"""Retraining loop end to end: ingest with provenance, warm start, champion/challenger gate, promote, serve."""
+
+import csv
+import json
+import shutil
+
+import pytest
+
+from tests.conftest import tiny_config
+from training.compare import compare
+from training.data.ingest import IngestConflict, ingest
+from training.data.sources import discover
+from training.registry import PromoteRefused, current_model, promote
+from training.train import train
+
+pytestmark = pytest.mark.slow
+
+
+def _write_csv(path, rows):
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["path", "label", "source", "listing_id", "labeled_by", "labeled_at"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+@pytest.fixture(scope="module")
+def three_class_root(tmp_path_factory):
+    from training.data.synth import synthesize
+
+    root = tmp_path_factory.mktemp("retrain") / "data"
+    synthesize(root, per_class=16, size=128, seed=3, classes=("ivory", "pangolin_scales", "other"))
+    return root
+
+
+def test_ingest_train_compare_promote_serve(three_class_root, tmp_path):
+    from training.data.synth import make_image
+
+    root = three_class_root
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    rows = []
+    for i in range(12):  # a new class, tiger_skin, from a seizure
+        p = incoming / f"tiger_{i}.jpg"
+        make_image("tiger_skin", 5000 + i, 128).save(p, quality=90)
+        rows.append({"path": str(p), "label": "tiger_skin", "source": "seizure-2026-11", "listing_id": f"L{i}",
+                     "labeled_by": "mod7", "labeled_at": "2026-11-28"})
+    for i in range(4):  # more images of an old class
+        p = incoming / f"ivory_{i}.jpg"
+        make_image("ivory", 6000 + i, 128).save(p, quality=90)
+        rows.append({"path": str(p), "label": "ivory", "source": "moderation", "listing_id": f"M{i}",
+                     "labeled_by": "mod3", "labeled_at": "2026-11-27"})
+    existing = sorted((root / "train" / "ivory").glob("*.jpg"))[0]
+    dup = incoming / "dup.jpg"
+    shutil.copy(existing, dup)
+    rows.append({"path": str(dup), "label": "ivory", "source": "moderation"})
+    conflict = incoming / "conflict.jpg"
+    shutil.copy(sorted((root / "train" / "other").glob("*.jpg"))[0], conflict)
+    rows.append({"path": str(conflict), "label": "pangolin_scales", "source": "moderation"})
+    labels_csv = tmp_path / "labels.csv"
+    _write_csv(labels_csv, rows)
+
+    # v1 on three classes
+    v1 = tmp_path / "v1"
+    train([str(root)], v1, tiny_config(epochs=3))
+
+    # the conflict stops the ingest and nothing is written
+    before = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+    with pytest.raises(IngestConflict) as exc:
+        ingest(labels_csv, root)
+    assert [c["path"] for c in exc.value.conflicts] == [str(conflict)]
+    assert "already labelled 'other'" in exc.value.conflicts[0]["message"]
+    assert sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file()) == before
+
+    # without the conflicting row: the duplicate is reported, the new label announced, provenance kept
+    _write_csv(labels_csv, rows[:-1])
+    report = ingest(labels_csv, root)
+    assert len(report["added"]) == 16 and report["new_labels"] == ["tiger_skin"]
+    assert [d["path"] for d in report["duplicates"]] == [str(dup)]
+    with (root / "manifest.csv").open() as fh:
+        manifest = list(csv.DictReader(fh))
+    tiger = [r for r in manifest if r["label"] == "tiger_skin"]
+    assert len(tiger) == 12 and tiger[0]["labeled_by"] == "mod7" and tiger[0]["source"] == "seizure-2026-11"
+    assert all(r["split"] == "train" for r in tiger) and not (root / "test" / "tiger_skin").exists()
+    assert sum(1 for s in discover(root) if s.label == "tiger_skin") == 12
+    again = ingest(labels_csv, root)  # idempotent: everything is a duplicate now
+    assert not again["added"] and len(again["duplicates"]) == 17
+
+    # test images of the new class (written explicitly to the frozen split)
+    test_rows = []
+    for i in range(4):
+        p = incoming / f"tiger_test_{i}.jpg"
+        make_image("tiger_skin", 7000 + i, 128).save(p, quality=90)
+        test_rows.append({"path": str(p), "label": "tiger_skin"})
+    _write_csv(tmp_path / "test.csv", test_rows)
+    ingest(tmp_path / "test.csv", root, split="test")
+    val_rows = []
+    for i in range(4):
+        p = incoming / f"tiger_val_{i}.jpg"
+        make_image("tiger_skin", 8000 + i, 128).save(p, quality=90)
+        val_rows.append({"path": str(p), "label": "tiger_skin"})
+    _write_csv(tmp_path / "val.csv", val_rows)
+    ingest(tmp_path / "val.csv", root, split="val")
+
+    # v2: warm start, the old head rows kept, the new class fresh
+    v2 = tmp_path / "v2"
+    train([str(root)], v2, tiny_config(epochs=3), init_from=v1)
+    assert json.loads((v2 / "labels.json").read_text()) == ["ivory", "other", "pangolin_scales", "tiger_skin"]
+
+    result = compare(v1, v2, [str(root)], split="test", max_recall_drop=50.0)
+    assert result["new_labels"] == ["tiger_skin"] and "tiger_skin" in result["report_markdown"]
+    assert result["gate"] == "pass", result["failures"]
+    assert (v2 / "compare.md").exists() and json.loads((v2 / "compare.json").read_text())["gate"] == "pass"
+
+    registry = tmp_path / "registry"
+    first = promote(v1, registry, version="1")
+    with pytest.raises(PromoteRefused, match="compare"):
+        promote(tmp_path / "v1", registry, version="1b")  # a second model without a comparison
+    second = promote(v2, registry, version="2")
+    assert second["previous"] == first["version"]
+    served = current_model(registry)
+    assert served.parent.name == second["version"] and (served.parent / "model_card.md").exists()
+
+    from serving.checker import ImageChecker
+
+    checker = ImageChecker(str(served))
+    out = checker.check((root / "test" / "tiger_skin").glob("*.jpg").__next__().read_bytes())
+    assert out["model"]["version"] == second["version"] and "tiger_skin" in out["scores"]
+
+
+def test_failed_gate_blocks_promotion_unless_forced(three_class_root, tmp_path):
+    run = tmp_path / "run"
+    train([str(three_class_root)], run, tiny_config(epochs=1))
+    (run / "compare.json").write_text(json.dumps({"gate": "fail", "failures": ["ivory recall dropped by 9.0 points"]}))
+    with pytest.raises(PromoteRefused, match="ivory recall dropped"):
+        promote(run, tmp_path / "reg")
+    assert promote(run, tmp_path / "reg", force=True)["previous"] is None

@@ -1,0 +1,109 @@
+"""``wildcheck compare``: champion vs challenger on the same images, with a paired test and a gate.
+
+The gate fails (non-zero exit) when the challenger's macro-F1 on the classes the champion knows drops,
+or any existing class loses more than ``max_recall_drop`` points of recall. The result is written to
+``CHALLENGER/compare.json`` (``promote`` reads it) and a markdown report.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import binomtest
+from sklearn.metrics import f1_score
+
+from training.data.sources import load_samples, select_split
+from training.evaluate import load_predictor, predict_samples, resolve_checkpoint
+from training.metrics import compute_metrics
+
+
+def mcnemar(a_correct: np.ndarray, b_correct: np.ndarray) -> dict:
+    """Exact McNemar test on the discordant pairs."""
+    only_a = int((a_correct & ~b_correct).sum())
+    only_b = int((~a_correct & b_correct).sum())
+    p = 1.0 if only_a + only_b == 0 else float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
+    return {"champion_only_correct": only_a, "challenger_only_correct": only_b, "p_value": p}
+
+
+def _table(per_a: dict, per_b: dict, labels: list[str]) -> list[str]:
+    lines = ["| class | support | champion P | champion R | champion F1 | challenger P | challenger R | challenger F1 | ΔR (points) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for label in labels:
+        b = per_b[label]
+        a = per_a.get(label)
+        fa = (lambda k: f"{a[k]:.3f}") if a else (lambda k: "—")
+        delta = f"{100 * (b['recall'] - a['recall']):+.1f}" if a else "new"
+        lines.append(f"| {label} | {b['support']} | {fa('precision')} | {fa('recall')} | {fa('f1')} | "
+                     f"{b['precision']:.3f} | {b['recall']:.3f} | {b['f1']:.3f} | {delta} |")
+    return lines
+
+
+def _cm(matrix, labels) -> list[str]:
+    lines = ["| true \\ pred | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    lines += [f"| {label} | " + " | ".join(str(v) for v in row) + " |" for label, row in zip(labels, matrix)]
+    return lines
+
+
+def compare(champion: str | Path, challenger: str | Path, data: list[str], split: str = "test",
+            max_recall_drop: float = 1.0, report: str | Path | None = None) -> dict:
+    champ, chall = load_predictor(champion), load_predictor(challenger)
+    samples = select_split(load_samples(data, default_split=split), split)
+    samples = [s for s in samples if s.label in chall.labels]
+    if not samples:
+        raise ValueError(f"no images of the challenger's labels in split {split!r} of {data}")
+    p_chall, kept, _ = predict_samples(chall, samples, desc="challenger")
+    p_champ, kept_a, _ = predict_samples(champ, kept, desc="champion")
+    y_b = np.array([chall.labels.index(s.label) for s in kept])
+    m_b = compute_metrics(y_b, p_chall, chall.labels)
+    shared = np.array([s.label in champ.labels for s in kept])
+    y_a = np.array([champ.labels.index(s.label) for s in kept if s.label in champ.labels])
+    m_a = compute_metrics(y_a, p_champ[shared], champ.labels)
+    # like-for-like macro-F1: the same images, the champion's classes (a prediction of a new class is simply wrong)
+    pred_b = [chall.labels[i] for i in p_chall.argmax(1)]
+    true_shared = [s.label for s, k in zip(kept, shared) if k]
+    pred_b_shared = [p for p, k in zip(pred_b, shared) if k]
+    present = sorted(set(true_shared))
+    macro_b = float(f1_score(true_shared, pred_b_shared, labels=present, average="macro", zero_division=0)) \
+        if true_shared else None
+    pred_a_shared = [champ.labels[i] for i in p_champ[shared].argmax(1)]
+    a_correct = np.array([p == t for p, t in zip(pred_a_shared, true_shared)], dtype=bool)
+    b_correct = np.array([p == t for p, t in zip(pred_b_shared, true_shared)], dtype=bool)
+    failures = []
+    if macro_b is not None and macro_b < m_a["macro_f1"]:
+        failures.append(f"macro-F1 on the champion's classes dropped: {m_a['macro_f1']:.4f} -> {macro_b:.4f}")
+    for label in champ.labels:
+        a, b = m_a["per_class"][label], m_b["per_class"].get(label)
+        if b is None or a["support"] == 0:
+            continue
+        drop = 100 * (a["recall"] - b["recall"])
+        if drop > max_recall_drop:
+            failures.append(f"{label} recall dropped by {drop:.1f} points ({a['recall']:.3f} -> {b['recall']:.3f})")
+    result = {
+        "champion": str(champion), "challenger": str(challenger), "split": split, "images": len(kept),
+        "shared_images": int(shared.sum()), "new_labels": [l for l in chall.labels if l not in champ.labels],
+        "champion_metrics": m_a, "challenger_metrics": m_b,
+        "challenger_macro_f1_on_champion_classes": macro_b,
+        "mcnemar": mcnemar(a_correct, b_correct), "max_recall_drop": max_recall_drop,
+        "gate": "pass" if not failures else "fail", "failures": failures,
+    }
+    md = [f"# {Path(challenger).name} vs {Path(champion).name} on {split}", "",
+          f"Gate: **{result['gate'].upper()}**" + ("" if not failures else ": " + "; ".join(failures)), "",
+          f"{len(kept)} images, {int(shared.sum())} with labels both models know; new labels: {result['new_labels'] or 'none'}.",
+          f"Macro-F1 on the champion's classes: {m_a['macro_f1']:.4f} (champion) vs "
+          f"{result['challenger_macro_f1_on_champion_classes'] or float('nan'):.4f} (challenger).",
+          f"McNemar (exact) on shared images: champion-only correct {result['mcnemar']['champion_only_correct']}, "
+          f"challenger-only correct {result['mcnemar']['challenger_only_correct']}, p = {result['mcnemar']['p_value']:.4g}.",
+          "", *_table(m_a["per_class"], m_b["per_class"], chall.labels), "", "## Champion confusion matrix", "",
+          *_cm(m_a["confusion_matrix"], champ.labels), "", "## Challenger confusion matrix", "",
+          *_cm(m_b["confusion_matrix"], chall.labels), ""]
+    result["report_markdown"] = "\n".join(md)
+    from training.fileio import atomic_write_text
+
+    target_dir = resolve_checkpoint(challenger).parent
+    atomic_write_text(Path(report) if report else target_dir / "compare.md", result["report_markdown"])
+    if resolve_checkpoint(challenger).suffix != ".onnx":
+        atomic_write_text(target_dir / "compare.json", json.dumps({k: v for k, v in result.items()
+                                                                   if k != "report_markdown"}, indent=2))
+    return result

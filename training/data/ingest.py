@@ -1,0 +1,165 @@
+"""``wildcheck data ingest``: add moderators' labelled images to a dataset, with provenance.
+
+Images are copied under content-addressed names (``ROOT/<split>/<label>/<sha256[:20]>.<ext>``) and
+``ROOT/manifest.csv`` records every image's provenance. Exact and near-duplicates of images already in
+the dataset are skipped and reported; an image already labelled differently is a *conflict*: the ingest
+stops and writes nothing. The manifest is replaced atomically, last: a crash leaves at most unreferenced
+copies, never a half-written dataset.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import imagehash
+
+from serving.imageio import ImageError, decode_image
+from training.data.sources import discover
+from training.fileio import atomic_write_text
+
+MANIFEST_FIELDS = ["path", "label", "split", "sha256", "phash", "source", "listing_id", "labeled_by", "labeled_at",
+                   "ingested_at"]
+PROVENANCE = ("source", "listing_id", "labeled_by", "labeled_at")
+NEAR_DISTANCE = 4
+
+
+class IngestConflict(ValueError):
+    """Labels disagree with what the dataset (or the CSV itself) already says; nothing was written."""
+
+    def __init__(self, conflicts: list[dict], report: dict):
+        super().__init__(f"{len(conflicts)} conflict(s): " + "; ".join(c["message"] for c in conflicts[:5]))
+        self.conflicts = conflicts
+        self.report = report
+
+
+@dataclass
+class IngestReport:
+    added: list[dict] = field(default_factory=list)
+    duplicates: list[dict] = field(default_factory=list)
+    near_duplicates: list[dict] = field(default_factory=list)
+    unreadable: list[dict] = field(default_factory=list)
+    conflicts: list[dict] = field(default_factory=list)
+    new_labels: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("added", "duplicates", "near_duplicates", "unreadable", "conflicts",
+                                              "new_labels")}
+
+
+def _fingerprint(data: bytes) -> tuple[str, str]:
+    img, _ = decode_image(data, min_side=1)
+    return hashlib.sha256(data).hexdigest(), str(imagehash.phash(img))
+
+
+def _load_manifest(root: Path) -> list[dict]:
+    """The dataset's manifest; for a folder dataset without one, rows built from its files."""
+    manifest = root / "manifest.csv"
+    if manifest.exists():
+        with manifest.open(newline="") as fh:
+            return list(csv.DictReader(fh))
+    rows = []
+    if root.exists():
+        for s in discover(root):
+            try:
+                data = s.path.read_bytes()
+                sha, ph = _fingerprint(data)
+            except (OSError, ImageError):
+                sha, ph = hashlib.sha256(s.path.read_bytes()).hexdigest() if s.path.exists() else "", ""
+            rows.append({"path": str(s.path.relative_to(root)), "label": s.label, "split": s.split, "sha256": sha,
+                         "phash": ph, "source": "existing"})
+    return rows
+
+
+def ingest(labels_csv: str | Path, root: str | Path, split: str = "train") -> dict:
+    """Validate everything first, then copy and rewrite the manifest. Raises IngestConflict on conflicts."""
+    root, labels_csv = Path(root), Path(labels_csv)
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be train, val or test, not {split!r}")
+    existing = _load_manifest(root)
+    by_sha = {r["sha256"]: r for r in existing if r.get("sha256")}
+    known_hashes = [(r["phash"], r) for r in existing if r.get("phash")]
+    known_labels = {r["label"] for r in existing}
+    report = IngestReport()
+    staged: list[tuple[bytes, dict]] = []
+    with labels_csv.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
+            raise ValueError(f"{labels_csv}: needs columns path,label[,source,listing_id,labeled_by,labeled_at]")
+        rows = list(reader)
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    for line, row in enumerate(rows, start=2):
+        src = Path(row["path"])
+        src = src if src.is_absolute() else labels_csv.parent / src
+        label = (row.get("label") or "").strip()
+        if not label:
+            report.unreadable.append({"line": line, "path": str(src), "reason": "empty label"})
+            continue
+        try:
+            data = src.read_bytes()
+            sha, ph = _fingerprint(data)
+        except (OSError, ImageError) as exc:
+            report.unreadable.append({"line": line, "path": str(src), "reason": getattr(exc, "message", str(exc))})
+            continue
+        prior = by_sha.get(sha)
+        if prior is not None:
+            if prior["label"] != label:
+                report.conflicts.append({"line": line, "path": str(src), "sha256": sha, "message":
+                                         f"{src.name} is already labelled {prior['label']!r} ({prior['path']}), CSV says {label!r}"})
+            else:
+                report.duplicates.append({"line": line, "path": str(src), "same_as": prior["path"]})
+            continue
+        value = int(ph, 16)
+        near = next((r for h, r in known_hashes if bin(int(h, 16) ^ value).count("1") <= NEAR_DISTANCE), None)
+        if near is not None:
+            if near["label"] != label:
+                report.conflicts.append({"line": line, "path": str(src), "sha256": sha, "message":
+                                         f"{src.name} looks like {near['path']} labelled {near['label']!r}, CSV says {label!r}"})
+            else:
+                report.near_duplicates.append({"line": line, "path": str(src), "similar_to": near["path"]})
+            continue
+        ext = (src.suffix.lower() or ".jpg")
+        dest = f"{split}/{label}/{sha[:20]}{ext}"
+        entry = {"path": dest, "label": label, "split": split, "sha256": sha, "phash": ph,
+                 **{k: (row.get(k) or "") for k in PROVENANCE}, "ingested_at": now}
+        entry["source"] = entry["source"] or str(labels_csv.name)
+        by_sha[sha] = entry  # later rows of the same CSV see this one
+        known_hashes.append((ph, entry))
+        staged.append((data, entry))
+        report.added.append({"line": line, "path": str(src), "to": dest, "label": label})
+        if label not in known_labels:
+            known_labels.add(label)
+            report.new_labels.append(label)
+    if report.conflicts:
+        raise IngestConflict(report.conflicts, report.as_dict())
+    for data, entry in staged:  # content-addressed: rewriting the same bytes is harmless
+        target = root / entry["path"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            tmp = target.with_name(f".{target.name}.tmp")
+            tmp.write_bytes(data)
+            tmp.replace(target)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    for r in existing + [e for _, e in staged]:
+        writer.writerow({k: r.get(k, "") for k in MANIFEST_FIELDS})
+    atomic_write_text(root / "manifest.csv", buf.getvalue())
+    return report.as_dict()
+
+
+def format_ingest(report: dict) -> str:
+    lines = [f"added {len(report['added'])}, duplicates {len(report['duplicates'])}, near-duplicates "
+             f"{len(report['near_duplicates'])}, unreadable {len(report['unreadable'])}, conflicts {len(report['conflicts'])}"]
+    if report["new_labels"]:
+        lines.append(f"NEW LABELS: {', '.join(report['new_labels'])} (a model must be retrained to know them)")
+    for kind in ("duplicates", "near_duplicates", "unreadable", "conflicts"):
+        for item in report[kind][:20]:
+            detail = item.get("same_as") or item.get("similar_to") or item.get("reason") or item.get("message")
+            lines.append(f"  {kind[:-1]}: line {item['line']} {item['path']}: {detail}")
+    return "\n".join(lines)
+

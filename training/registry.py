@@ -1,0 +1,114 @@
+"""``wildcheck promote``: a versioned model registry on a filesystem, with an atomic ``current`` pointer.
+
+Layout::
+
+    REGISTRY/<model_name>/<model_version>/model.onnx      # the contract travels inside
+    REGISTRY/<model_name>/<model_version>/model_card.md
+    REGISTRY/<model_name>/<model_version>/metrics.json
+    REGISTRY/<model_name>/current -> <model_version>      # symlink, replaced atomically
+    REGISTRY/<model_name>/promotions.jsonl                # who/what/when, append-only
+
+``wildcheck serve --registry REGISTRY`` serves ``current``. BentoML users can instead import the same
+file into the BentoML model store (``bentoml.models.create(name)`` and copy ``model.onnx`` in), with the
+model version as the tag; the service only needs the ONNX path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+from serving.contract import read_contract
+from training.evaluate import resolve_checkpoint
+from training.fileio import atomic_path, atomic_write_text
+
+
+class PromoteRefused(RuntimeError):
+    pass
+
+
+def current_model(registry: str | Path, name: str | None = None) -> Path:
+    """The ONNX file ``current`` points at (the only model name in the registry, unless ``name`` is given)."""
+    registry = Path(registry)
+    names = sorted(p.name for p in registry.iterdir() if (p / "current").exists()) if registry.is_dir() else []
+    if name is None:
+        if len(names) != 1:
+            raise FileNotFoundError(f"{registry}: expected one promoted model, found {names or 'none'}; pass --name")
+        name = names[0]
+    path = registry / name / "current" / "model.onnx"
+    if not path.exists():
+        raise FileNotFoundError(f"{registry}/{name} has no current model; promote one with `wildcheck promote`")
+    return path
+
+
+def _point_current(model_dir: Path, version: str) -> None:
+    link = model_dir / "current"
+    tmp = model_dir / f".current.{os.getpid()}.tmp"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(version, tmp)
+    os.replace(tmp, link)  # atomic: readers see the old or the new version, never neither
+
+
+def _card(contract, compare: dict | None, run_dir: Path) -> str:
+    val = contract.metrics.get("val", {})
+    lines = [f"# {contract.model_name} {contract.model_version}", "",
+             f"- architecture: {contract.architecture}", f"- labels: {', '.join(contract.labels)}",
+             f"- created: {contract.created_at}; wildcheck {contract.wildcheck_version}",
+             f"- training data fingerprint: {contract.training_data.get('sha256', '?')}",
+             f"- run: {run_dir}", f"- preprocessing: {contract.preprocessing.model_dump()}",
+             f"- temperature: {contract.temperature:.3f}", "", "## Thresholds", ""]
+    lines += [f"- {k}: block >= {v.block if v.block is not None else 'never'}, review >= {v.review}"
+              for k, v in contract.thresholds.items()]
+    if val:
+        lines += ["", "## Validation", "", f"accuracy {val.get('accuracy', 0):.4f}, balanced accuracy "
+                  f"{val.get('balanced_accuracy', 0):.4f}, macro-F1 {val.get('macro_f1', 0):.4f} on {val.get('n')} images"]
+    if compare:
+        lines += ["", "## Comparison with the previous champion", "", f"gate: {compare['gate']}"
+                  + (f" ({'; '.join(compare['failures'])})" if compare.get("failures") else "")]
+    lines += ["", "## Intended use", "", "Flag listing photos that may sell illegal wildlife products for removal or "
+              "human review. Scores are calibrated on the validation split; re-check thresholds on the platform's own data."]
+    return "\n".join(lines) + "\n"
+
+
+def promote(run: str | Path, registry: str | Path, force: bool = False, name: str | None = None,
+            version: str | None = None) -> dict:
+    from training.export import export
+
+    ckpt = resolve_checkpoint(run)
+    run_dir = ckpt.parent
+    registry = Path(registry)
+    compare_path = run_dir / "compare.json"
+    comparison = json.loads(compare_path.read_text()) if compare_path.exists() else None
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / "model.onnx"
+        export(ckpt, staged, name=name, version=version)
+        contract = read_contract(staged)
+        model_dir = registry / contract.model_name
+        has_current = (model_dir / "current").exists()
+        if comparison and comparison["gate"] == "fail" and not force:
+            raise PromoteRefused(f"the comparison gate failed ({'; '.join(comparison['failures'])}); "
+                                 "fix the model or promote with --force")
+        if comparison is None and has_current and not force:
+            raise PromoteRefused(f"no comparison with the current model: run `wildcheck compare "
+                                 f"{model_dir / 'current' / 'model.onnx'} {run_dir} --data ROOT --split test` first")
+        target = model_dir / contract.model_version
+        target.mkdir(parents=True, exist_ok=True)
+        with atomic_path(target / "model.onnx") as final:
+            shutil.copyfile(staged, final)
+    atomic_write_text(target / "model_card.md", _card(contract, comparison, run_dir))
+    atomic_write_text(target / "metrics.json", json.dumps({"contract_metrics": contract.metrics,
+                                                           "comparison": comparison}, indent=2))
+    previous = os.readlink(model_dir / "current") if (model_dir / "current").is_symlink() else None
+    _point_current(model_dir, contract.model_version)
+    event = {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "version": contract.model_version,
+             "previous": previous, "run": str(run_dir), "forced": bool(force),
+             "gate": comparison["gate"] if comparison else None}
+    with (model_dir / "promotions.jsonl").open("a") as fh:
+        fh.write(json.dumps(event) + "\n")
+    return {"name": contract.model_name, "version": contract.model_version, "path": str(target / "model.onnx"),
+            "previous": previous}
