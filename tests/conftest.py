@@ -93,12 +93,12 @@ def problem_root(tmp_path_factory, synth_root) -> tuple[Path, dict[str, Path]]:
     return root, files
 
 
-def tiny_config(**train):
+def tiny_config(img_size: int = 64, **train):
     from training.config import load_config
 
     values = {"epochs": 2, "batch_size": 16, "threads": 2, "lr": 2e-3}
     values.update(train)
-    return load_config(None, {"train": values, "data": {"img_size": 64, "num_workers": 0, "cache_workers": 2}})
+    return load_config(None, {"train": values, "data": {"img_size": img_size, "num_workers": 0, "cache_workers": 2}})
 
 
 @pytest.fixture(scope="session")

@@ -34,4 +34,10 @@ def test_rejects_unknown_settings():
     with pytest.raises(ValueError):
         Preprocessing(interpolation="cubic-ish")
     with pytest.raises(ValueError):
-        Preprocessing(resize="squash")
+        Preprocessing(resize="stretch-ish")
+
+
+def test_squash_keeps_the_whole_picture():
+    pre = Preprocessing(input_size=64, crop_pct=1.0, resize="squash")
+    img, _ = decode_image(jpeg_bytes(photo(13, (300, 100))))
+    assert pre.resize_image(img).size == (64, 64) and pre(img).shape == (3, 64, 64)

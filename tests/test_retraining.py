@@ -28,7 +28,8 @@ def three_class_root(tmp_path_factory):
     from training.data.synth import synthesize
 
     root = tmp_path_factory.mktemp("retrain") / "data"
-    synthesize(root, per_class=16, size=128, seed=3, classes=("ivory", "pangolin_scales", "other"))
+    synthesize(root, per_class=16, size=128, seed=3, classes=("ivory", "pangolin_scales", "other"),
+               splits={"train": 1.0, "val": 0.5, "test": 0.75})
     return root
 
 
@@ -61,7 +62,7 @@ def test_ingest_train_compare_promote_serve(three_class_root, tmp_path):
 
     # v1 on three classes
     v1 = tmp_path / "v1"
-    train([str(root)], v1, tiny_config(epochs=3))
+    train([str(root)], v1, tiny_config(img_size=96, epochs=5))
 
     # the conflict stops the ingest and nothing is written
     before = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
@@ -103,10 +104,10 @@ def test_ingest_train_compare_promote_serve(three_class_root, tmp_path):
 
     # v2: warm start, the old head rows kept, the new class fresh
     v2 = tmp_path / "v2"
-    train([str(root)], v2, tiny_config(epochs=3), init_from=v1)
+    train([str(root)], v2, tiny_config(img_size=96, epochs=4), init_from=v1)
     assert json.loads((v2 / "labels.json").read_text()) == ["ivory", "other", "pangolin_scales", "tiger_skin"]
 
-    result = compare(v1, v2, [str(root)], split="test", max_recall_drop=50.0)
+    result = compare(v1, v2, [str(root)], split="test")
     assert result["new_labels"] == ["tiger_skin"] and "tiger_skin" in result["report_markdown"]
     assert result["gate"] == "pass", result["failures"]
     assert (v2 / "compare.md").exists() and json.loads((v2 / "compare.json").read_text())["gate"] == "pass"
@@ -118,7 +119,7 @@ def test_ingest_train_compare_promote_serve(three_class_root, tmp_path):
     second = promote(v2, registry, version="2")
     assert second["previous"] == first["version"]
     served = current_model(registry)
-    assert served.parent.name == second["version"] and (served.parent / "model_card.md").exists()
+    assert served.resolve().parent.name == second["version"] and (served.parent / "model_card.md").exists()
 
     from serving.checker import ImageChecker
 

@@ -58,6 +58,14 @@ def _default_augment() -> list[AugmentStep]:
         AugmentStep(name="Affine", p=0.3, params={"rotate": [-12, 12], "fill": 255}),
         AugmentStep(name="ColorJitter", p=0.7, params={"brightness": 0.3, "contrast": 0.3, "saturation": 0.3, "hue": 0.04}),
         AugmentStep(name="ToGray", p=0.05),
+        # listing-photo realism (training/realism.py), for every class alike so none becomes a shortcut
+        AugmentStep(name="TextOverlay", p=0.15),
+        AugmentStep(name="Watermark", p=0.1),
+        AugmentStep(name="Border", p=0.1),
+        AugmentStep(name="Collage", p=0.05),
+        AugmentStep(name="ScreenshotFrame", p=0.05),
+        AugmentStep(name="SmallBlurry", p=0.05),
+        # then what cameras and re-uploads do to every picture
         AugmentStep(name="GaussianBlur", p=0.1, params={"blur_limit": [3, 5]}),
         AugmentStep(name="ImageCompression", p=0.3, params={"quality_range": [30, 90]}),
     ]

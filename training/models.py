@@ -72,7 +72,8 @@ def create_model(
         kwargs["drop_path_rate"] = drop_path_rate
     if pretrained == "hub":
         model = timm.create_model(name, pretrained=True, **kwargs)
-        _zero_head(model)
+        if num_classes != (model.pretrained_cfg or {}).get("num_classes", 1000):
+            _zero_head(model)
         return model
     model = timm.create_model(name, pretrained=False, **kwargs)
     if pretrained == "none":
@@ -84,7 +85,8 @@ def create_model(
                 "use pretrained: hub (internet), a path to a state dict, or none"
             )
         load_offline_imagenet(model)
-        _zero_head(model)
+        if num_classes != 1000:  # the ImageNet head did not fit: start the new one at zero
+            _zero_head(model)
         return model
     path = Path(pretrained)
     if not path.is_file():
