@@ -13,7 +13,7 @@ from training.data.sources import discover
 from training.registry import PromoteRefused, current_model, promote
 from training.train import train
 
-pytestmark = pytest.mark.slow
+
 
 
 def _write_csv(path, rows):
@@ -69,7 +69,7 @@ def test_ingest_train_compare_promote_serve(three_class_root, tmp_path):
     with pytest.raises(IngestConflict) as exc:
         ingest(labels_csv, root)
     assert [c["path"] for c in exc.value.conflicts] == [str(conflict)]
-    assert "already labelled 'other'" in exc.value.conflicts[0]["message"]
+    assert "labelled 'other', CSV says 'pangolin_scales'" in exc.value.conflicts[0]["message"]
     assert sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file()) == before
 
     # without the conflicting row: the duplicate is reported, the new label announced, provenance kept
@@ -86,21 +86,15 @@ def test_ingest_train_compare_promote_serve(three_class_root, tmp_path):
     again = ingest(labels_csv, root)  # idempotent: everything is a duplicate now
     assert not again["added"] and len(again["duplicates"]) == 17
 
-    # test images of the new class (written explicitly to the frozen split)
-    test_rows = []
-    for i in range(4):
-        p = incoming / f"tiger_test_{i}.jpg"
-        make_image("tiger_skin", 7000 + i, 128).save(p, quality=90)
-        test_rows.append({"path": str(p), "label": "tiger_skin"})
-    _write_csv(tmp_path / "test.csv", test_rows)
-    ingest(tmp_path / "test.csv", root, split="test")
-    val_rows = []
-    for i in range(4):
-        p = incoming / f"tiger_val_{i}.jpg"
-        make_image("tiger_skin", 8000 + i, 128).save(p, quality=90)
-        val_rows.append({"path": str(p), "label": "tiger_skin"})
-    _write_csv(tmp_path / "val.csv", val_rows)
-    ingest(tmp_path / "val.csv", root, split="val")
+    # validation and test images of the new class (the frozen test split only when named)
+    for split, first_seed in (("test", 7000), ("val", 8000)):
+        split_rows = []
+        for i in range(4):
+            p = incoming / f"tiger_{split}_{i}.jpg"
+            make_image("tiger_skin", first_seed + i, 128).save(p, quality=90)
+            split_rows.append({"path": str(p), "label": "tiger_skin"})
+        _write_csv(tmp_path / f"{split}.csv", split_rows)
+        ingest(tmp_path / f"{split}.csv", root, split=split)
 
     # v2: warm start, the old head rows kept, the new class fresh
     v2 = tmp_path / "v2"
@@ -135,3 +129,25 @@ def test_failed_gate_blocks_promotion_unless_forced(three_class_root, tmp_path):
     with pytest.raises(PromoteRefused, match="ivory recall dropped"):
         promote(run, tmp_path / "reg")
     assert promote(run, tmp_path / "reg", force=True)["previous"] is None
+
+
+def test_ingest_skips_near_duplicates_and_keeps_test_frozen(tmp_path):
+    from PIL import Image
+
+    from training.data.synth import make_image
+
+    root = tmp_path / "data"
+    (root / "train" / "ivory").mkdir(parents=True)
+    make_image("ivory", 1, 200).save(root / "train" / "ivory" / "a.jpg", quality=95)
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.open(root / "train" / "ivory" / "a.jpg").resize((150, 150)).save(src / "a_small.jpg", quality=60)
+    make_image("other", 2, 200).save(src / "b.jpg")
+    _write_csv(tmp_path / "l.csv", [{"path": str(src / "a_small.jpg"), "label": "ivory"},
+                                    {"path": str(src / "b.jpg"), "label": "other"}])
+    report = ingest(tmp_path / "l.csv", root)
+    assert [d["path"] for d in report["near_duplicates"]] == [str(src / "a_small.jpg")]
+    assert len(report["added"]) == 1 and report["new_labels"] == ["other"]
+    assert not (root / "test").exists()
+    with pytest.raises(ValueError, match="split"):
+        ingest(tmp_path / "l.csv", root, split="holdout")

@@ -105,22 +105,17 @@ def ingest(labels_csv: str | Path, root: str | Path, split: str = "train") -> di
         except (OSError, ImageError) as exc:
             report.unreadable.append({"line": line, "path": str(src), "reason": getattr(exc, "message", str(exc))})
             continue
-        prior = by_sha.get(sha)
-        if prior is not None:
-            if prior["label"] != label:
-                report.conflicts.append({"line": line, "path": str(src), "sha256": sha, "message":
-                                         f"{src.name} is already labelled {prior['label']!r} ({prior['path']}), CSV says {label!r}"})
-            else:
-                report.duplicates.append({"line": line, "path": str(src), "same_as": prior["path"]})
-            continue
         value = int(ph, 16)
-        near = next((r for h, r in known_hashes if bin(int(h, 16) ^ value).count("1") <= NEAR_DISTANCE), None)
-        if near is not None:
-            if near["label"] != label:
+        prior = by_sha.get(sha)
+        near = None if prior else next(
+            (r for h, r in known_hashes if bin(int(h, 16) ^ value).count("1") <= NEAR_DISTANCE), None)
+        match, kind, verb = (prior, "duplicates", "is") if prior else (near, "near_duplicates", "looks like")
+        if match is not None:  # the same picture again: skip it, or stop when its label disagrees
+            if match["label"] != label:
                 report.conflicts.append({"line": line, "path": str(src), "sha256": sha, "message":
-                                         f"{src.name} looks like {near['path']} labelled {near['label']!r}, CSV says {label!r}"})
+                                         f"{src.name} {verb} {match['path']} labelled {match['label']!r}, CSV says {label!r}"})
             else:
-                report.near_duplicates.append({"line": line, "path": str(src), "similar_to": near["path"]})
+                getattr(report, kind).append({"line": line, "path": str(src), "same_as": match["path"]})
             continue
         ext = (src.suffix.lower() or ".jpg")
         dest = f"{split}/{label}/{sha[:20]}{ext}"
@@ -159,7 +154,7 @@ def format_ingest(report: dict) -> str:
         lines.append(f"NEW LABELS: {', '.join(report['new_labels'])} (a model must be retrained to know them)")
     for kind in ("duplicates", "near_duplicates", "unreadable", "conflicts"):
         for item in report[kind][:20]:
-            detail = item.get("same_as") or item.get("similar_to") or item.get("reason") or item.get("message")
+            detail = item.get("same_as") or item.get("reason") or item.get("message")
             lines.append(f"  {kind[:-1]}: line {item['line']} {item['path']}: {detail}")
     return "\n".join(lines)
 
