@@ -52,8 +52,9 @@ def check_content_type(declared: str | None, fmt: str) -> None:
 class ImageChecker:
     """Loads the ONNX model once; ``check`` is safe to call from several threads."""
 
-    def __init__(self, model_path: str, threads: int = 1, limits: Limits = Limits(), max_concurrent: int = 1):
-        self.model = OnnxModel(model_path, threads=threads)
+    def __init__(self, model_path: str, threads: int = 1, limits: Limits = Limits(), max_concurrent: int = 1,
+                 memory_arena: bool = True):
+        self.model = OnnxModel(model_path, threads=threads, memory_arena=memory_arena)
         self.contract = self.model.contract
         self.pre = self.contract.preprocessing
         self.limits = limits

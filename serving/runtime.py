@@ -19,7 +19,7 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 class OnnxModel:
     """Loads the file once; ``predict_proba`` takes float32 NCHW batches."""
 
-    def __init__(self, path: str | Path, threads: int = 1):
+    def __init__(self, path: str | Path, threads: int = 1, memory_arena: bool = True):
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -31,6 +31,8 @@ class OnnxModel:
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # the arena keeps the peak of concurrent runs forever; a long-running server turns it off
+        options.enable_cpu_mem_arena = memory_arena
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
 

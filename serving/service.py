@@ -94,14 +94,14 @@ class WildCheck:
         self.checker = ImageChecker(
             settings.model, threads=settings.threads,
             limits=Limits(max_pixels=settings.max_pixels, min_side=settings.min_side),
-            max_concurrent=settings.cpu_threads,
+            max_concurrent=settings.cpu_threads, memory_arena=False,
         )
         if settings.policy:
             self.checker.apply_policy(settings.policy)
         self.checker.warm_up()
         # CPU work (decode, preprocess, inference) runs on a small dedicated pool, not the 40-thread default:
         # more threads only contend for 2 cores and the GIL, and each adds memory (RSS crept up under load);
-        # 2 per worker let one worker use both cores when the other is idle (benchmarks/serve_bench.py).
+        # 4 per worker keep both cores busy while requests are parsed (benchmarks/serve_bench.py).
         self.executor = ThreadPoolExecutor(max_workers=settings.cpu_threads, thread_name_prefix="wildcheck-cpu")
         self.ready = True
         log.info("serving %s %s", self.checker.contract.model_name, self.checker.contract.model_version)

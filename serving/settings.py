@@ -23,7 +23,7 @@ class Settings:
     model: str = ""
     workers: int = 2  # NOTES + serve_bench: 2 workers x 1 onnxruntime thread is fastest on 2 cores
     threads: int = 1
-    cpu_threads: int = 2  # threads per worker that decode and run the model (serve_bench: 2 beats 1 and 40)
+    cpu_threads: int = 4  # threads per worker that decode and run the model (serve_bench: 4 beat 1, 2 and 40)
     max_body_bytes: int = 20 * 1024 * 1024
     max_pixels: int = DEFAULT_MAX_PIXELS
     min_side: int = DEFAULT_MIN_SIDE
