@@ -109,3 +109,13 @@ def trained_run(tmp_path_factory, synth_root) -> Path:
     out = tmp_path_factory.mktemp("run")
     train([str(synth_root)], out, tiny_config(epochs=3))
     return out
+
+
+@pytest.fixture(scope="session")
+def onnx_model(trained_run, tmp_path_factory) -> Path:
+    """The trained run exported once (version 9.9.9), for the service tests."""
+    from training.export import export
+
+    out = tmp_path_factory.mktemp("onnx_model") / "model.onnx"
+    export(trained_run, out, version="9.9.9")
+    return out

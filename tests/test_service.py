@@ -11,15 +11,6 @@ from tests.conftest import jpeg_bytes, photo
 
 
 @pytest.fixture(scope="module")
-def onnx_model(trained_run, tmp_path_factory):
-    from training.export import export
-
-    out = tmp_path_factory.mktemp("svc") / "model.onnx"
-    export(trained_run, out, version="9.9.9")
-    return out
-
-
-@pytest.fixture(scope="module")
 def client(onnx_model, tmp_path_factory):
     """TestClient over the service's ASGI app, with API keys and a small body limit configured."""
     import importlib
