@@ -12,7 +12,6 @@ Exports RUN_DIR (parity-gated) to FP32 and INT8, then prints:
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
 import sys

@@ -235,7 +235,7 @@ def main() -> int:
 
     ceil_rps = ceiling(args.model, photos, args.seconds, processes=args.workers)
 
-    print(f"\n| run | req/s | p50 ms | p95 ms | p99 ms | 4xx | 5xx | conn errors | client CPU (cores) |\n"
+    print("\n| run | req/s | p50 ms | p95 ms | p99 ms | 4xx | 5xx | conn errors | client CPU (cores) |\n"
           "|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['rps']:.1f} | {r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} | {r['4xx']} | {r['5xx']} | "

@@ -1,6 +1,5 @@
 """The offline ImageNet weights map onto timm's tf_efficientnet_lite0 and really recognise things."""
 
-import numpy as np
 import pytest
 import timm
 import torch

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 from serving.imageio import decode_image
 from serving.preprocess import Preprocessing

@@ -2,7 +2,6 @@
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,7 +9,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from tests.conftest import tiny_config
 from training.evaluate import evaluate
@@ -62,7 +60,7 @@ def test_single_label_split_and_unknown_labels(trained_run, synth_root, tmp_path
     # negatives-only: false-positive rates per product class, and a grid of the most confident ones
     fp = metrics["false_positives"]
     assert fp["negatives"] == 4 and set(fp["per_class"]) == {"ivory", "pangolin_scales", "tiger_skin"}
-    for label, rates in fp["per_class"].items():
+    for rates in fp["per_class"].values():
         assert 0.0 <= rates["at_block"] <= rates["at_review"] <= 1.0
     assert (tmp_path / "eval" / "false_positives.png").stat().st_size > 1000
 

@@ -14,7 +14,7 @@ from scipy.optimize import minimize_scalar
 
 from serving.runtime import softmax
 from serving.thresholds import solve_all
-from training.fileio import atomic_torch_save, atomic_write_text, load_checkpoint
+from training.fileio import atomic_torch_save, atomic_write_text
 
 EPS = 1e-7
 

@@ -161,11 +161,12 @@ def evaluate(
         raise ValueError(f"none of the images carries a label the model knows ({labels})")
     index = {label: i for i, label in enumerate(labels)}
     y_true = np.array([index[s.label] for s, k in zip(kept, known) if k])
-    metrics = compute_metrics(y_true, probs[known], labels)
+    known_probs = probs[known]  # the images whose label the model knows; indexed once
+    metrics = compute_metrics(y_true, known_probs, labels)
     thresholds, never_block, negative = _decision_settings(predictor)
-    metrics["decisions"] = decision_report(probs[known], y_true, labels, thresholds, never_block, negative)
+    metrics["decisions"] = decision_report(known_probs, y_true, labels, thresholds, never_block, negative)
     known_samples = [s for s, k in zip(kept, known) if k]
-    fp = false_positive_report(probs[known], y_true, labels, thresholds, negative)
+    fp = false_positive_report(known_probs, y_true, labels, thresholds, negative)
     if fp:
         metrics["false_positives"] = fp
     metrics["model"] = str(model)
@@ -190,15 +191,15 @@ def evaluate(
         from training.plots import plot_confusion_matrix, plot_pr_curves
 
         plot_confusion_matrix(np.array(metrics["confusion_matrix"]), labels, out_dir / "confusion_matrix.png")
-        plot_pr_curves(y_true, probs[known], labels, out_dir / "pr_curves.png")
+        plot_pr_curves(y_true, known_probs, labels, out_dir / "pr_curves.png")
         if fp:
             from training.plots import plot_image_grid
 
             negatives = [i for i, s in enumerate(known_samples) if s.label == negative]
             product = [i for i, label in enumerate(labels) if label != negative]
-            worst = sorted(negatives, key=lambda i: -probs[known][i, product].max())[:16]
+            worst = sorted(negatives, key=lambda i: -known_probs[i, product].max())[:16]
             plot_image_grid([str(known_samples[i].path) for i in worst],
-                            [", ".join(f"{labels[j]} {probs[known][i, j]:.2f}" for j in product) for i in worst],
+                            [", ".join(f"{labels[j]} {known_probs[i, j]:.2f}" for j in product) for i in worst],
                             out_dir / "false_positives.png", title=f"most confident false positives ({negative} images)")
         print(f"wrote {out_dir}/metrics.json, confusion_matrix.png, pr_curves.png")
     if predictions is not None:

@@ -25,7 +25,6 @@ from serving.runtime import OnnxModel
 from training.data.sources import Sample
 from training.evaluate import TorchPredictor, predict_samples, resolve_checkpoint, run_samples
 from training.fileio import atomic_path
-from training.metrics import compute_metrics
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import os
 import random
 import time
@@ -311,6 +310,14 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
     t_start = time.time()
     history_path = out_dir / "history.csv"
     val_targets = np.asarray(data.val.targets)
+    # what every checkpoint carries besides weights (the fingerprint stats every file: once, not per epoch)
+    meta = {
+        "labels": labels, "preprocessing": pre.model_dump(mode="json"), "config": config.model_dump(mode="json"),
+        "architecture": config.model.name, "wildcheck_version": training.__version__,
+        "training_data": fingerprint(data.train_samples + data.val_samples),
+        "data_roots": [str(Path(r).resolve()) for r in roots],
+        "init_from": str(init_from) if init_from else None,
+    }
     for epoch in range(start_epoch, tc.epochs):
         # the augmentation stream is a function of (seed, epoch), so a resumed epoch sees what it would have seen
         data.train.transform.set_seed(tc.seed * 10_007 + epoch)
@@ -371,13 +378,6 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
             "epoch_seconds": round(time.time() - t0, 1), "train_images_per_s": round(seen / train_seconds, 1),
             "data_wait_share": round(wait_seconds / train_seconds, 4),
             "best": int(improved), "mined_negatives": sampler.last_mined,
-        }
-        meta = {
-            "labels": labels, "preprocessing": pre.model_dump(mode="json"), "config": config.model_dump(mode="json"),
-            "architecture": config.model.name, "wildcheck_version": training.__version__,
-            "training_data": fingerprint(data.train_samples + data.val_samples),
-            "data_roots": [str(Path(r).resolve()) for r in roots],
-            "init_from": str(init_from) if init_from else None,
         }
         if improved and dinfo.main:
             atomic_torch_save(
