@@ -52,3 +52,14 @@ def test_offline_weights_recognise_real_photos():
             total += 1
     assert total >= 10
     assert hits / total >= 0.7, f"only {hits}/{total} real photos have their ImageNet class in the top 5"
+
+
+def test_freezing_an_unknown_module_names_the_real_ones():
+    from training.models import freeze_modules
+
+    model = create_model("tf_efficientnet_lite0", 2, "none")
+    with pytest.raises(ValueError, match=r"unknown submodules \['blocks\.99'\].*conv_stem"):
+        freeze_modules(model, ["conv_stem", "blocks.99"])
+    frozen = freeze_modules(model, ["blocks.1"])
+    assert not any(p.requires_grad for p in frozen[0].parameters())
+    assert all(p.requires_grad for p in model.blocks[2].parameters())

@@ -8,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+import torch
 import pytest
 
 from tests.conftest import tiny_config
@@ -115,3 +116,21 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(synth_root, tmp_p
     a, b = load_checkpoint(full / "last.pt")["model"], load_checkpoint(split_run / "last.pt")["model"]
     worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     assert worst < 1e-4, f"resumed weights differ by {worst}"
+
+
+def test_frozen_modules_keep_pretrained_weights_and_batchnorm_statistics(synth_root, tmp_path):
+    from training.models import create_model
+
+    config = tiny_config(epochs=1)
+    config.model.freeze = ["conv_stem", "bn1", "blocks.0"]
+    train([str(synth_root)], tmp_path, config)
+    trained = load_checkpoint(tmp_path / "last.pt")["model"]
+    pretrained = create_model(config.model.name, 4, "offline").state_dict()
+    frozen = [k for k in trained if k.split(".")[0] in ("conv_stem", "bn1") or k.startswith("blocks.0.")]
+    assert any("running_mean" in k for k in frozen) and any(k.endswith("weight") for k in frozen)
+    for key in frozen:
+        if "num_batches_tracked" not in key:
+            assert torch.equal(trained[key], pretrained[key]), f"{key} changed although frozen"
+    # and the rest did train
+    assert not torch.equal(trained["blocks.3.0.conv_pw.weight"], pretrained["blocks.3.0.conv_pw.weight"])
+    assert not torch.equal(trained["blocks.3.0.bn1.running_mean"], pretrained["blocks.3.0.bn1.running_mean"])

@@ -18,6 +18,12 @@ class ModelConfig(_Strict):
     pretrained: str = Field("offline", description="none | offline | hub | path to a state dict")
     drop_rate: float = Field(0.2, ge=0.0, lt=1.0)
     drop_path_rate: float = Field(0.05, ge=0.0, lt=1.0)
+    freeze: list[str] = Field(
+        default_factory=list,
+        description="submodules kept at their pretrained weights and BatchNorm statistics (e.g. conv_stem, bn1, "
+        "blocks.0): no backward pass through them, the largest saving on CPU, where early high-resolution "
+        "layers dominate a training step",
+    )
 
 
 class DataConfig(_Strict):
@@ -87,7 +93,9 @@ class TrainConfig(_Strict):
     ema: bool = True
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0, description="None: sized to the run's number of steps")
     early_stopping_patience: int | None = Field(4, ge=1)
-    amp: bool = Field(True, description="bf16/fp16 autocast on CUDA (ignored on CPU)")
+    amp: bool = Field(
+        True, description="autocast: bf16/fp16 on CUDA, bf16 on CPUs with native bf16 (AVX512-BF16/AMX), else off"
+    )
     channels_last: bool = True
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None: all cores")
     seed: int = 42

@@ -103,6 +103,26 @@ def create_model(
     return model
 
 
+def freeze_modules(model: nn.Module, names: list[str]) -> list[nn.Module]:
+    """Stop gradients through the named submodules; returns them so the loop can keep them in eval mode.
+
+    Parameters stop training and BatchNorm keeps its pretrained statistics (the modules stay in eval mode).
+    timm's ``freeze`` does the same by swapping in FrozenBatchNorm2d, which is ~40% slower per step on CPU
+    than eval-mode BatchNorm, so this keeps the native layers.
+    """
+    known = dict(model.named_modules())
+    missing = [n for n in names if n not in known]
+    if missing:
+        top = [n for n, _ in model.named_children()]
+        raise ValueError(f"model.freeze names unknown submodules {missing}; top-level modules are {top} "
+                         "(nested ones as e.g. blocks.0)")
+    frozen = [known[n] for n in names]
+    for module in frozen:
+        module.requires_grad_(False)
+        module.eval()
+    return frozen
+
+
 def _zero_head(model: nn.Module) -> None:
     """Start a new classifier at zero: initial loss ln(C) and no large random updates into pretrained features."""
     head = model.get_classifier()

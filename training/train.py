@@ -35,7 +35,7 @@ from training.data.sampling import EpochSampler, negatives_count
 from training.data.sources import Sample, fingerprint, label_counts, load_samples, select_split
 from training.fileio import atomic_torch_save, atomic_write_text, load_checkpoint, remove_stale_temporaries
 from training.metrics import compute_metrics
-from training.models import create_model, pretrained_data_config, warm_start
+from training.models import create_model, freeze_modules, pretrained_data_config, warm_start
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,17 @@ def prepare_data(roots: list[str], config: Config, pre: Preprocessing, labels: l
                     skipped_m + skipped_p + skipped_v)
 
 
+def autocast_setting(amp: bool, device: torch.device) -> tuple[bool, torch.dtype]:
+    """Mixed precision where the hardware does it natively: ~1.4x per CPU step with AVX512-BF16, slower without."""
+    if not amp:
+        return False, torch.float32
+    if device.type == "cuda":
+        return True, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return True, torch.bfloat16
+    return False, torch.float32
+
+
 @torch.no_grad()
 def predict_dataset(model: torch.nn.Module, dataset, batch_size: int, device: torch.device, channels_last: bool,
                     desc: str = "val") -> np.ndarray:
@@ -232,6 +243,7 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
         moved = warm_start(model, prior, labels)
         say(f"warm start from {init_from}: head rows kept for {moved['kept']}, fresh for {moved['fresh']}"
             + (f", dropped {moved['dropped']}" if moved["dropped"] else ""))
+    frozen = freeze_modules(model, config.model.freeze)
     model = model.to(device)
     channels_last = tc.channels_last
     if channels_last:
@@ -272,8 +284,7 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
     )
     ema_decay = tc.ema_decay or ema_decay_for(total_steps)
     ema = ModelEmaV3(model, decay=ema_decay, use_warmup=True) if tc.ema else None
-    use_amp = tc.amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    use_amp, amp_dtype = autocast_setting(tc.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
     start_epoch, best_f1, best_epoch, bad_epochs, step = 0, -1.0, 0, 0, 0
@@ -305,7 +316,9 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
         f"training {config.model.name} on {data.n_main} images ({dict(zip(labels, counts.astype(int).tolist()))} incl. "
         f"a pool of {data.n_pool} negatives, {n_negatives} drawn per epoch), "
         f"validating on {len(data.val)}; {steps_per_epoch} steps/epoch x {tc.epochs} epochs on {device}, "
-        f"batch {tc.batch_size}, EMA decay {ema_decay if ema else 'off'}"
+        f"batch {tc.batch_size}, EMA decay {ema_decay if ema else 'off'}, "
+        f"autocast {str(amp_dtype).removeprefix('torch.') if use_amp else 'off'}"
+        + (f", frozen {config.model.freeze}" if frozen else "")
     )
     t_start = time.time()
     history_path = out_dir / "history.csv"
@@ -322,6 +335,8 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
         # the augmentation stream is a function of (seed, epoch), so a resumed epoch sees what it would have seen
         data.train.transform.set_seed(tc.seed * 10_007 + epoch)
         model.train()
+        for module in frozen:
+            module.eval()
         t0 = time.time()
         running, seen = 0.0, 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch", leave=False, disable=not dinfo.main)
