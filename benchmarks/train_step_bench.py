@@ -28,7 +28,7 @@ def step_seconds(size: int, batch: int, steps: int, bf16: bool, freeze: list[str
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-3)
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 2, (batch,))
-    use_amp, dtype = autocast_setting(bf16, torch.device("cpu"))
+    use_amp, dtype = autocast_setting(False, bf16, torch.device("cpu"))
     times = []
     for _ in range(steps + 1):
         for module in frozen:
@@ -52,7 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    native_bf16 = autocast_setting(True, torch.device("cpu"))[0]
+    native_bf16 = autocast_setting(False, True, torch.device("cpu"))[0]
     print(f"{torch.get_num_threads()} threads, native CPU bf16: {native_bf16}, {args.size} px, batch {args.batch}")
     variants = [("fp32, all trainable", False, []), ("bf16 autocast", True, []),
                 (f"fp32, frozen {EARLY}", False, EARLY), ("bf16 + frozen", True, EARLY)]
