@@ -40,7 +40,7 @@ def _serve(model, folder, extra_args=()):
                WILDCHECK_API_KEYS="secret", WILDCHECK_MAX_BODY_BYTES=str(3_000_000))
     wildcheck = str(Path(sys.executable).parent / "wildcheck")
     log = open(folder / "server.log", "w")
-    proc = subprocess.Popen([wildcheck, "serve", str(model), "--port", str(port), "--host", "127.0.0.1", *extra_args],
+    proc = subprocess.Popen([wildcheck, "serve", *([str(model)] if model else []), "--port", str(port), "--host", "127.0.0.1", *extra_args],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
@@ -169,3 +169,17 @@ def test_policy_file_changes_a_served_decision(server, onnx_model, tmp_path):
     assert strict["decision"] == "block" and strict["scores"] == default["scores"]
     assert strict["thresholds"]["ivory"] == {"block": 0.0, "review": 0.0} != default["thresholds"]["ivory"]
     assert info["policy"]["source"] == str(policy.resolve())
+
+
+def test_serve_registry_serves_the_promoted_version(trained_run, tmp_path):
+    """`wildcheck promote` then `wildcheck serve --registry`: the endpoint answers with the promoted version."""
+    from training.registry import promote
+
+    registry = tmp_path / "registry"
+    promoted = promote(trained_run, registry, version="4.2.0")
+    with _serve(None, tmp_path / "srv", ["--registry", str(registry)]) as (base, auth):
+        info = httpx.get(base + "/v1/model", headers=auth).json()
+        r = httpx.post(base + "/v1/check", files={"image": ("a.jpg", _jpeg(), "image/jpeg")}, headers=auth, timeout=30)
+    assert promoted["version"].startswith("4.2.0")
+    assert r.status_code == 200 and r.json()["model"]["version"] == promoted["version"]
+    assert info["version"] == promoted["version"] and info["name"] == promoted["name"]
