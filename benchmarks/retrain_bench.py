@@ -58,7 +58,7 @@ def _run(args: list[str], log: Path) -> float:
     with open(log, "w") as fh:
         proc = subprocess.run([sys.executable, "-m", "training.cli", *args], stdout=fh, stderr=subprocess.STDOUT,
                               cwd=REPO)
-    if proc.returncode not in (0,):
+    if proc.returncode != 0:
         tail = log.read_text()[-2000:]
         raise SystemExit(f"step failed ({proc.returncode}): wildcheck {' '.join(args)}\n{tail}")
     return time.time() - t0
