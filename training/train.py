@@ -438,9 +438,10 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
 
 
 def _save_last(out_dir: Path, history_path: Path, row: dict, state: dict) -> None:
-    """Checkpoint first, then the history row: a row never describes an epoch that was not saved."""
-    atomic_torch_save(state, out_dir / "last.pt")
+    """History row first, then the checkpoint: a kill between the two leaves a row for an unsaved epoch,
+    which resume drops (``_truncate_history``); the other order would lose the row of a saved epoch."""
     _append_history(history_path, row)
+    atomic_torch_save(state, out_dir / "last.pt")
 
 
 def _plot_history(history: Path, out: Path) -> None:
