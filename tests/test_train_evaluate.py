@@ -158,3 +158,11 @@ def test_a_kill_between_history_and_checkpoint_writes_loses_no_epoch(synth_root,
     train([str(synth_root)], tmp_path, config, resume=True)
     with (tmp_path / "history.csv").open() as fh:
         assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [1, 2, 3]
+
+
+def test_a_fresh_run_replaces_the_history_left_in_its_directory(synth_root, tmp_path):
+    """Killed in epoch 1 after its history row (no last.pt yet), the user starts again without --resume."""
+    (tmp_path / "history.csv").write_text("epoch,train_loss\n1,0.9\n5,0.1\n")
+    train([str(synth_root)], tmp_path, tiny_config(epochs=2, early_stopping_patience=None))
+    with (tmp_path / "history.csv").open() as fh:
+        assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [1, 2]

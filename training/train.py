@@ -180,7 +180,7 @@ def _append_history(path: Path, row: dict) -> None:
 
 
 def _truncate_history(path: Path, last_epoch: int) -> None:
-    """On resume, drop rows of epochs whose checkpoint was never written."""
+    """Drop rows of epochs whose checkpoint was never written: a kill's leftover, or an earlier run's history."""
     if not path.exists():
         return
     with path.open(newline="") as fh:
@@ -298,8 +298,9 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
         if state.get("hardness") is not None:
             sampler.hardness = state["hardness"].numpy().astype(np.float64)
         _set_rng_state(state["rng"])
-        _truncate_history(out_dir / "history.csv", start_epoch)
         say(f"resuming from epoch {start_epoch} (best macro-F1 {best_f1:.4f} at epoch {best_epoch})")
+    if dinfo.main:  # rows beyond the checkpoint (all of them on a fresh start) describe no saved epoch
+        _truncate_history(out_dir / "history.csv", start_epoch)
 
     if dinfo.enabled:
         model = torch.nn.parallel.DistributedDataParallel(
