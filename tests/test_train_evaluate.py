@@ -166,3 +166,53 @@ def test_a_fresh_run_replaces_the_history_left_in_its_directory(synth_root, tmp_
     train([str(synth_root)], tmp_path, tiny_config(epochs=2, early_stopping_patience=None))
     with (tmp_path / "history.csv").open() as fh:
         assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [1, 2]
+
+
+def test_layer_decay_slows_early_layers_only(synth_root, tmp_path):
+    """timm's layer-wise lr decay: the stem barely moves from its pretrained weights, the last blocks train."""
+    from training.models import create_model
+
+    pretrained = create_model("tf_efficientnet_lite0", 4, "offline").state_dict()
+
+    def moved(run, key):
+        return (load_checkpoint(run / "last.pt")["model"][key] - pretrained[key]).abs().mean().item()
+
+    plain, decayed = tmp_path / "plain", tmp_path / "decayed"
+    one_lr = tiny_config(epochs=1, ema=False)
+    one_lr.train.layer_decay = None
+    train([str(synth_root)], plain, one_lr)
+    train([str(synth_root)], decayed, tiny_config(epochs=1, ema=False, layer_decay=0.5))
+    stem, late = "conv_stem.weight", "blocks.6.0.conv_pw.weight"
+    # 0.5 per block over 17 blocks: the stem's lr is ~1e-5 of the head's
+    assert moved(decayed, stem) < 0.01 * moved(plain, stem)
+    assert moved(decayed, late) > 0.2 * moved(plain, late)
+    history = list(csv.DictReader((decayed / "history.csv").open()))
+    assert float(history[0]["lr"]) > 1e-4  # the head's (peak) lr is what the history reports
+
+
+def test_mixed_batches_train_but_do_not_feed_hard_negative_mining(synth_root, tmp_path):
+    """Mixup/CutMix images are blends, so their scores must not mark single pool negatives as hard."""
+    import shutil
+
+    negatives = tmp_path / "negatives"
+    for split in ("train", "val"):
+        shutil.copytree(synth_root / split / "other", negatives / split / "other")
+
+    def run(name, prob):
+        config = tiny_config(epochs=2, early_stopping_patience=None)
+        config.data.negatives, config.data.negatives_per_epoch = [str(negatives)], 0.5
+        config.train.mixup.prob = prob
+        train([str(synth_root)], tmp_path / name, config)
+        return load_checkpoint(tmp_path / name / "last.pt")
+
+    mixed, plain = run("mixed", 1.0), run("plain", 0.0)
+    assert mixed["epoch"] == 2 and np.isfinite(mixed["best_f1"])
+    assert not mixed["hardness"].any()
+    assert plain["hardness"].any()
+
+
+def test_mixup_needs_a_mixing_kind():
+    from training.config import load_config
+
+    with pytest.raises(ValueError, match="mixup_alpha or cutmix_alpha"):
+        load_config(None, {"train": {"mixup": {"prob": 0.5, "mixup_alpha": 0.0, "cutmix_alpha": 0.0}}})

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class _Strict(BaseModel):
@@ -81,14 +81,34 @@ class AugmentConfig(_Strict):
     train: list[AugmentStep] = Field(default_factory=_default_augment)
 
 
+class MixupConfig(_Strict):
+    """timm's Mixup/CutMix on a share of the training batches (regularisation for small datasets)."""
+
+    prob: float = Field(0.5, ge=0.0, le=1.0, description="share of batches mixed; 0 turns mixing off")
+    mixup_alpha: float = Field(0.2, ge=0.0, description="Beta(alpha, alpha) for mixup; 0 disables mixup")
+    cutmix_alpha: float = Field(1.0, ge=0.0, description="Beta(alpha, alpha) for CutMix; 0 disables CutMix")
+    switch_prob: float = Field(0.5, ge=0.0, le=1.0, description="with both on: share of mixed batches using CutMix")
+
+    @model_validator(mode="after")
+    def _one_kind_on(self):
+        if self.prob > 0 and self.mixup_alpha == 0 and self.cutmix_alpha == 0:
+            raise ValueError("mixup.prob > 0 needs mixup_alpha or cutmix_alpha > 0")
+        return self
+
+
 class TrainConfig(_Strict):
     epochs: int = Field(8, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.02, ge=0.0)
+    layer_decay: float | None = Field(
+        0.9, gt=0.0, le=1.0, description="layer-wise lr decay (timm): each block towards the stem trains at this "
+        "factor of the next one's lr, keeping early pretrained features closer to ImageNet; None: one lr",
+    )
     warmup_epochs: float = Field(0.5, ge=0.0)
     min_lr_ratio: float = Field(0.01, ge=0.0, le=1.0)
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    mixup: MixupConfig = MixupConfig()
     grad_clip: float | None = Field(2.0, gt=0.0)
     ema: bool = True
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0, description="None: sized to the run's number of steps")

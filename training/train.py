@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.data import Mixup
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
@@ -189,6 +190,20 @@ def _truncate_history(path: Path, last_epoch: int) -> None:
     atomic_write_text(path, text)
 
 
+def _peak_lr(optimizer) -> float:
+    """The largest group lr (the head's under layer-wise decay): the number the schedule is stated in."""
+    return max(group["lr"] for group in optimizer.param_groups)
+
+
+def make_mixer(tc, num_classes: int) -> Mixup | None:
+    """timm's Mixup/CutMix, applied to every batch it is called on (``tc.mixup.prob`` picks the batches)."""
+    mc = tc.mixup
+    if mc.prob == 0:
+        return None
+    return Mixup(mixup_alpha=mc.mixup_alpha, cutmix_alpha=mc.cutmix_alpha, switch_prob=mc.switch_prob, prob=1.0,
+                 label_smoothing=tc.label_smoothing, num_classes=num_classes)
+
+
 def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = False,
           stop_after: int | None = None, init_from: str | Path | None = None) -> dict:
     """Train, validate each epoch, keep the best checkpoint. Returns the summary written to summary.json.
@@ -274,7 +289,7 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
     steps_per_epoch = len(loader)
     total_steps = steps_per_epoch * tc.epochs
     lr = tc.lr * {"none": 1.0, "linear": dinfo.world, "sqrt": dinfo.world ** 0.5}[tc.lr_scaling]
-    optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=tc.weight_decay)
+    optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=tc.weight_decay, layer_decay=tc.layer_decay)
     scheduler = CosineLRScheduler(
         optimizer, t_initial=total_steps, lr_min=lr * tc.min_lr_ratio,
         warmup_t=int(tc.warmup_epochs * steps_per_epoch), warmup_lr_init=lr * 0.01, warmup_prefix=True,
@@ -283,6 +298,7 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
     ema_decay = tc.ema_decay or ema_decay_for(total_steps)
     ema = ModelEmaV3(model, decay=ema_decay, use_warmup=True) if tc.ema else None
     use_amp, amp_dtype = autocast_setting(tc.amp, tc.cpu_bf16, device)
+    mixer = make_mixer(tc, len(labels))
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
     start_epoch, best_f1, best_epoch, bad_epochs, step = 0, -1.0, 0, 0, 0
@@ -318,6 +334,8 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
         f"batch {tc.batch_size}, EMA decay {ema_decay if ema else 'off'}, "
         f"autocast {str(amp_dtype).removeprefix('torch.') if use_amp else 'off'}"
         + (f", frozen {config.model.freeze}" if frozen else "")
+        + (f", layer lr decay {tc.layer_decay}" if tc.layer_decay else "")
+        + (f", mixup/cutmix on {tc.mixup.prob:.0%} of batches" if mixer else "")
     )
     t_start = time.time()
     history_path = out_dir / "history.csv"
@@ -345,9 +363,17 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
+            # mixed batches (timm Mixup/CutMix, smoothing included in its soft targets) say nothing about
+            # single negatives, so only unmixed batches feed hard-negative mining
+            mixed = mixer is not None and len(y) % 2 == 0 and random.random() < tc.mixup.prob
+            if mixed:
+                x, soft_targets = mixer(x, y)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 logits = model(x)
-                loss = F.cross_entropy(logits.float(), y, weight=class_weight, label_smoothing=tc.label_smoothing)
+                if mixed:
+                    loss = F.cross_entropy(logits.float(), soft_targets, weight=class_weight)
+                else:
+                    loss = F.cross_entropy(logits.float(), y, weight=class_weight, label_smoothing=tc.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if tc.grad_clip:
@@ -359,14 +385,14 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
             scheduler.step_update(step)
             if ema is not None:
                 ema.update(core, step=step)
-            if data.n_pool:
+            if data.n_pool and not mixed:
                 with torch.no_grad():
                     product = torch.softmax(logits.detach().float(), 1)[:, product_columns].max(1).values
                 sampler.update_hardness(idx.numpy(), product.cpu().numpy())
             seen_items.extend(idx.tolist())
             running += loss.item() * len(y)
             seen += len(y)
-            bar.set_postfix(loss=f"{running / seen:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            bar.set_postfix(loss=f"{running / seen:.4f}", lr=f"{_peak_lr(optimizer):.2e}")
             ready = time.perf_counter()
         train_seconds = time.time() - t0
         if os.environ.get("WILDCHECK_DEBUG_SEEN"):  # which items this rank trained on (distributed tests)
@@ -388,7 +414,7 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
         row = {
             "epoch": epoch + 1, "train_loss": round(running / max(seen, 1), 5), "val_loss": round(metrics["nll"], 5),
             "val_accuracy": round(metrics["accuracy"], 5), "val_balanced_accuracy": round(metrics["balanced_accuracy"], 5),
-            "val_macro_f1": round(metrics["macro_f1"], 5), "lr": f"{optimizer.param_groups[0]['lr']:.3e}",
+            "val_macro_f1": round(metrics["macro_f1"], 5), "lr": f"{_peak_lr(optimizer):.3e}",
             "epoch_seconds": round(time.time() - t0, 1), "train_images_per_s": round(seen / train_seconds, 1),
             "data_wait_share": round(wait_seconds / train_seconds, 4),
             "best": int(improved), "mined_negatives": sampler.last_mined,
