@@ -366,14 +366,13 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
             # mixed batches (timm Mixup/CutMix, smoothing included in its soft targets) say nothing about
             # single negatives, so only unmixed batches feed hard-negative mining
             mixed = mixer is not None and len(y) % 2 == 0 and random.random() < tc.mixup.prob
+            target, smoothing = y, tc.label_smoothing
             if mixed:
-                x, soft_targets = mixer(x, y)
+                x, target = mixer(x, y)
+                smoothing = 0.0
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 logits = model(x)
-                if mixed:
-                    loss = F.cross_entropy(logits.float(), soft_targets, weight=class_weight)
-                else:
-                    loss = F.cross_entropy(logits.float(), y, weight=class_weight, label_smoothing=tc.label_smoothing)
+                loss = F.cross_entropy(logits.float(), target, weight=class_weight, label_smoothing=smoothing)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if tc.grad_clip:
