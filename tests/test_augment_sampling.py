@@ -53,8 +53,21 @@ def test_epoch_sampler_sizes_balance_and_fresh_negatives():
     neg2 = {i for i in epoch2 if i >= 100}
     assert len(neg1) == 50 and len(neg2) == 50  # drawn without replacement
     assert neg1 != neg2  # fresh each epoch
-    main = Counter(main_targets[i] for i in epoch1 + epoch2 if i < 100)
-    assert 0.35 < main[1] / (main[0] + main[1]) < 0.65  # the minority class is drawn about half the time
+    for epoch in (epoch1, epoch2):
+        draws = Counter(i for i in epoch if i < 100)
+        assert sum(draws[i] for i in range(90, 100)) == 50  # each class gets half of the epoch
+        assert all(draws[i] == 5 for i in range(90, 100))  # minority images repeated evenly, none left out
+        assert max(draws[i] for i in range(90)) == 1  # majority images drawn at most once
+    assert {i for i in epoch1 if i < 90} != {i for i in epoch2 if i < 90}
+
+
+def test_balanced_sampler_shows_a_balanced_set_exactly_once_per_epoch():
+    # a weighted draw with replacement would leave about a third of the images out of every epoch
+    sampler = EpochSampler([0, 1, 1, 0] * 25, n_pool=0, n_negatives=0, balance=True,
+                           generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        epoch = list(sampler)
+        assert sorted(epoch) == list(range(100))
 
 
 def test_epoch_sampler_is_reproducible_from_generator_state():

@@ -19,9 +19,12 @@ def negatives_count(per_epoch: float, main_size: int, pool_size: int) -> int:
 class EpochSampler(torch.utils.data.Sampler[int]):
     """Indices ``[0, n_main)`` are the main set, ``[n_main, n_main + n_pool)`` the negatives pool.
 
-    balance=True draws the main set with replacement, each class equally likely (as many draws as the
-    main set has images); otherwise each main image appears once. ``n_negatives`` pool images are drawn
-    without replacement every epoch. The generator's state is all the randomness, so resuming restores it.
+    balance=True gives each class an equal share of the epoch (as many draws as the main set has images),
+    each class's share cut from fresh permutations of its images, so within a class every image appears
+    as evenly as the share allows (a balanced set is then seen exactly once per epoch, where a weighted draw
+    with replacement would leave about a third of it out); otherwise each main image appears once.
+    ``n_negatives`` pool images are drawn without replacement every epoch. The generator's state is all
+    the randomness, so resuming restores it.
     """
 
     def __init__(self, main_targets: list[int], n_pool: int, n_negatives: int, balance: bool,
@@ -32,8 +35,7 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         self.n_negatives = min(n_negatives, n_pool)
         self.balance = balance
         self.generator = generator
-        counts = np.bincount(self.main_targets) if self.n_main else np.zeros(0)
-        self.weights = torch.as_tensor((1.0 / np.maximum(counts, 1))[self.main_targets], dtype=torch.double)
+        self.class_members = [np.flatnonzero(self.main_targets == c) for c in np.unique(self.main_targets)]
         # hard-negative mining: how strongly the model recently called each pool image a product class
         self.hardness = np.zeros(n_pool, dtype=np.float64)
         self.touched = np.zeros(n_pool, dtype=bool)  # updated since the last cross-rank sync
@@ -52,12 +54,25 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         self.hardness[pool_idx] = 0.5 * self.hardness[pool_idx] + 0.5 * np.clip(product_scores[in_pool], 0.0, 1.0)
         self.touched[pool_idx] = True
 
+    def _balanced_main(self) -> torch.Tensor:
+        """Equal shares per class (the remainder to randomly chosen classes), each cut from permutations."""
+        n_classes = len(self.class_members)
+        shares = np.full(n_classes, self.n_main // n_classes)
+        extra = torch.randperm(n_classes, generator=self.generator)[: self.n_main % n_classes].numpy()
+        shares[extra] += 1
+        parts = []
+        for members, share in zip(self.class_members, shares):
+            rounds = -(-int(share) // len(members))
+            cycled = torch.cat([torch.randperm(len(members), generator=self.generator) for _ in range(rounds)])
+            parts.append(torch.as_tensor(members)[cycled[:share]])
+        return torch.cat(parts)
+
     def __len__(self) -> int:
         return self.n_main + self.n_negatives
 
     def __iter__(self):
         if self.balance and self.n_main:
-            main = torch.multinomial(self.weights, self.n_main, replacement=True, generator=self.generator)
+            main = self._balanced_main()
         else:
             main = torch.randperm(self.n_main, generator=self.generator)
         if self.n_negatives == 0:
