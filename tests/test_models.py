@@ -1,4 +1,4 @@
-"""The offline ImageNet weights map onto timm's tf_efficientnet_lite0 and really recognise things."""
+"""The offline ImageNet weights map onto timm's tf_efficientnet_lite0/1/2 and really recognise things."""
 
 import pytest
 import timm
@@ -7,14 +7,22 @@ import torch
 from serving.imageio import decode_image
 from serving.preprocess import Preprocessing
 from tests.conftest import shared_dataset
-from training.models import create_model, map_lukemelas_to_timm, offline_weights_path
+from training.models import OFFLINE_PACKAGES, create_model, map_lukemelas_to_timm, offline_weights_path
 
 
-def test_mapping_pairs_all_296_tensors_by_shape():
-    source = torch.load(offline_weights_path(), map_location="cpu", weights_only=True)
-    target = timm.create_model("tf_efficientnet_lite0", num_classes=1000).state_dict()
+def _needs_weights(name: str) -> None:
+    """Lite1/Lite2 weights come with the optional `backbones` extra (installed by make test)."""
+    pytest.importorskip(OFFLINE_PACKAGES[name][0])
+
+
+@pytest.mark.parametrize("name, n_tensors", [("tf_efficientnet_lite0", 296), ("tf_efficientnet_lite1", 386),
+                                              ("tf_efficientnet_lite2", 386)])
+def test_mapping_pairs_all_tensors_by_shape(name, n_tensors):
+    _needs_weights(name)
+    source = torch.load(offline_weights_path(name), map_location="cpu", weights_only=True)
+    target = timm.create_model(name, num_classes=1000).state_dict()
     mapped = map_lukemelas_to_timm(source, target)
-    assert len(mapped) == 296
+    assert len(mapped) == n_tensors
     assert all(mapped[k].shape == target[k].shape for k in mapped)
     assert next(iter(source)).startswith("_conv_stem") and next(iter(mapped)) == "conv_stem.weight"
 
@@ -38,10 +46,12 @@ _IMAGENET = {"accordion": {401}, "soccer_ball": {805}, "chandelier": {529}, "sco
              "starfish": {327}, "trilobite": {69}}
 
 
-def test_offline_weights_recognise_real_photos():
+@pytest.mark.parametrize("name, size", [("tf_efficientnet_lite0", 224), ("tf_efficientnet_lite2", 260)])
+def test_offline_weights_recognise_real_photos(name, size):
+    _needs_weights(name)
     root = shared_dataset("caltech101-negatives")
-    model = create_model("tf_efficientnet_lite0", 1000, "offline").eval()
-    pre = Preprocessing(input_size=224, crop_pct=0.875, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
+    model = create_model(name, 1000, "offline").eval()
+    pre = Preprocessing(input_size=size, crop_pct=0.875, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
     hits = total = 0
     for category, wanted in _IMAGENET.items():
         for path in sorted(root.glob(f"*/other/{category}_image_*.jpg"))[:4]:
@@ -52,6 +62,11 @@ def test_offline_weights_recognise_real_photos():
             total += 1
     assert total >= 10
     assert hits / total >= 0.7, f"only {hits}/{total} real photos have their ImageNet class in the top 5"
+
+
+def test_offline_weights_for_an_unsupported_architecture_say_what_to_use():
+    with pytest.raises(ValueError, match="tf_efficientnet_lite2"):
+        create_model("resnet18", 2, "offline")
 
 
 def test_freezing_an_unknown_module_names_the_real_ones():

