@@ -216,3 +216,16 @@ def test_mixup_needs_a_mixing_kind():
 
     with pytest.raises(ValueError, match="mixup_alpha or cutmix_alpha"):
         load_config(None, {"train": {"mixup": {"prob": 0.5, "mixup_alpha": 0.0, "cutmix_alpha": 0.0}}})
+
+
+def test_early_stopping_ends_a_run_whose_validation_macro_f1_stops_improving(synth_root, tmp_path):
+    # at lr 1e-12 the zero-initialised head stays at zero: every epoch predicts the same, so macro-F1
+    # improves only at epoch 1 and patience 2 ends the 5-epoch run after epoch 3
+    config = tiny_config(epochs=5, lr=1e-12, early_stopping_patience=2)
+    config.train.mixup.prob = 0.0
+    train([str(synth_root)], tmp_path, config)
+    with (tmp_path / "history.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert [int(r["best"]) for r in rows] == [1, 0, 0]
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
