@@ -36,9 +36,12 @@ def read_predictions(csv_path: Path) -> tuple[list[str], list[str], list[str], n
 
 
 def is_black_and_white(path: str, tolerance: float = 4.0) -> bool:
-    """A photo whose channels barely differ (archive B/W prints, scanned greyscale)."""
-    with Image.open(path) as img:
-        arr = np.asarray(img.convert("RGB").resize((64, 64)), dtype=np.int16)
+    """A photo whose channels barely differ (archive B/W prints, scanned greyscale); unreadable -> False."""
+    try:
+        with Image.open(path) as img:
+            arr = np.asarray(img.convert("RGB").resize((64, 64)), dtype=np.int16)
+    except OSError:
+        return False
     return float(np.abs(arr[..., 0] - arr[..., 1]).mean() + np.abs(arr[..., 1] - arr[..., 2]).mean()) < tolerance
 
 
@@ -55,7 +58,12 @@ def main() -> int:
         if not csv_path.exists():
             print(f"{csv_path} not found: run benchmarks/met_ivory.py (or wildcheck evaluate) first", file=sys.stderr)
             return 2
-        runs[Path(run).name] = read_predictions(csv_path)
+        name = Path(run).name if Path(run).name not in runs else str(run)  # two runs/*/best: keep both
+        try:
+            runs[name] = read_predictions(csv_path)
+        except (ValueError, KeyError) as exc:
+            print(f"{csv_path}: not a predictions file ({exc})", file=sys.stderr)
+            return 2
     paths, truth, classes, _ = next(iter(runs.values()))
     for name, (other_paths, _, other_classes, _) in runs.items():
         if other_paths != paths or other_classes != classes:

@@ -54,3 +54,15 @@ def test_refuses_runs_evaluated_on_different_images(tmp_path):
                              str(tmp_path / "run2")], check=False, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 2
     assert "other images" in result.stderr
+
+
+def test_runs_with_the_same_folder_name_are_both_kept(tmp_path):
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "a.jpg")
+    _write_run(tmp_path / "x" / "best", [(str(tmp_path / "a.jpg"), "ivory", 0.9)])
+    _write_run(tmp_path / "y" / "best", [(str(tmp_path / "a.jpg"), "ivory", 0.2)])
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "met_errors.py"), str(tmp_path / "x" / "best"),
+                             str(tmp_path / "y" / "best"), "--out", str(tmp_path / "out")],
+                            check=False, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "1 images (0 black-and-white), 2 runs" in result.stdout
+    assert "| 1 | 1 |" in result.stdout  # wrong in one of the two runs, not collapsed into one
