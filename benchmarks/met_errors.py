@@ -72,22 +72,23 @@ def main() -> int:
     y = np.array([classes.index(label) if label in classes else -1 for label in truth])
     known = y >= 0
     bw = np.array([is_black_and_white(p) for p in paths])
-    wrong = {}
-
     print(f"{known.sum()} images ({bw.sum()} black-and-white), {len(runs)} runs\n")
     print("| run | balanced accuracy | errors | errors on B/W photos | errors on colour photos |")
     print("|---|---|---|---|---|")
-    mean_probs = np.mean([probs for *_, probs in runs.values()], axis=0)
-    for name, probs in [*((n, r[3]) for n, r in runs.items()), ("average of all runs", mean_probs)]:
+
+    def report(name: str, probs: np.ndarray) -> np.ndarray:
+        """Print one table row; return which images ``probs`` gets wrong."""
         pred = probs.argmax(1)
         miss = (pred != y) & known
-        if name != "average of all runs":
-            wrong[name] = miss
         ba = balanced_accuracy_score(y[known], pred[known])
         print(f"| {name} | {ba:.4f} | {miss.sum()} | {(miss & bw).sum()} / {(bw & known).sum()} "
               f"| {(miss & ~bw).sum()} / {(~bw & known).sum()} |")
+        return miss
 
-    times_wrong = np.sum(list(wrong.values()), axis=0)
+    times_wrong = np.sum([report(name, probs) for name, (*_, probs) in runs.items()], axis=0)
+    mean_probs = np.mean([probs for *_, probs in runs.values()], axis=0)
+    report("average of all runs", mean_probs)
+
     print("\n| wrong in k runs | images |\n|---|---|")
     for k in range(len(runs) + 1):
         print(f"| {k} | {(times_wrong == k).sum()} |")
