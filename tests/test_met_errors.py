@@ -66,3 +66,13 @@ def test_runs_with_the_same_folder_name_are_both_kept(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "1 images (0 black-and-white), 2 runs" in result.stdout
     assert "| 1 | 1 |" in result.stdout  # wrong in one of the two runs, not collapsed into one
+
+
+def test_a_predictions_file_without_rows_is_refused_with_its_name(tmp_path):
+    (tmp_path / "run1" / "eval_met_val").mkdir(parents=True)
+    empty = tmp_path / "run1" / "eval_met_val" / "predictions.csv"
+    empty.write_text("path,label,pred,p_ivory,p_other\n")
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "met_errors.py"), str(tmp_path / "run1")],
+                            check=False, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 2
+    assert str(empty) in result.stderr and "no predictions" in result.stderr
