@@ -6,29 +6,37 @@ import hashlib
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from serving.decision import decide
-from serving.imageio import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageError, decode_image
+from serving.imageio import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageError, decode_image
 from serving.runtime import OnnxModel
 
-# Declared content types we accept, and the decoded format each one promises.
-CONTENT_TYPES = {
-    "image/jpeg": {"JPEG", "MPO"},
-    "image/png": {"PNG"},
-    "image/webp": {"WEBP"},
-    "image/gif": {"GIF"},
-    "image/bmp": {"BMP"},
-    "image/tiff": {"TIFF"},
-}
+# The MIME type of each decodable format, and the names clients use for them.
+FORMAT_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp",
+                "GIF": "image/gif", "BMP": "image/bmp", "TIFF": "image/tiff"}
+TYPE_ALIASES = {"image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg", "image/x-png": "image/png",
+                "image/x-ms-bmp": "image/bmp", "image/x-bmp": "image/bmp", "image/tif": "image/tiff"}
 GENERIC_TYPES = {"", "application/octet-stream"}
+
+
+def content_type_info(declared: str | None, fmt: str) -> dict:
+    """Declared vs detected type. The bytes decide how we decode: a wrong or sloppy declared type (a PNG sent
+    as image/jpeg, the unregistered image/jpg) must not make a photo go unchecked, so it is only reported."""
+    raw = (declared or "").split(";")[0].strip().lower()[:100]
+    detected = FORMAT_TYPES.get(fmt, "application/octet-stream")
+    normalized = TYPE_ALIASES.get(raw, raw)
+    return {"declared_type": raw or None, "detected_type": detected,
+            "type_mismatch": normalized not in GENERIC_TYPES and normalized != detected}
 
 
 @dataclass(frozen=True)
 class Limits:
     max_pixels: int = DEFAULT_MAX_PIXELS
     min_side: int = DEFAULT_MIN_SIDE
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
 
 
 def check_content_type(declared: str | None, fmt: str) -> None:
@@ -47,6 +55,17 @@ def check_content_type(declared: str | None, fmt: str) -> None:
         raise ImageError(
             "content_type_mismatch", f"declared {declared} but the bytes are a {fmt} image; send the right type", status=415
         )
+
+
+class Abandoned(Exception):
+    """The request this work was for has timed out or disconnected."""
+
+
+def item_error(exc: Exception) -> dict:
+    """A batch entry for an image that could not be checked."""
+    if not isinstance(exc, ImageError):
+        exc = ImageError("corrupt", f"the image could not be decoded: {type(exc).__name__}: {exc}")
+    return {"error": {"code": exc.code, "message": exc.message, "status": exc.status}}
 
 
 class ImageChecker:
@@ -69,7 +88,9 @@ class ImageChecker:
         from serving.policy import load_policy, resolve_policy
 
         self.thresholds, self.never_block, notes = resolve_policy(load_policy(path), self.contract)
-        self.policy = {"source": str(path), "notes": notes}
+        # name and hash, not the server's absolute path (which tells a client about the host's file system)
+        sha = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        self.policy = {"source": Path(path).name, "sha256": sha, "notes": notes}
 
     def warm_up(self) -> None:
         rng = np.random.default_rng(0)
@@ -78,11 +99,19 @@ class ImageChecker:
             self.model.predict_proba(batch)
 
     def prepare(self, data: bytes, content_type: str | None = None) -> tuple[np.ndarray, dict]:
+        """Decode and preprocess one image; any failure is an ImageError (never a 500 for a hostile file)."""
+        try:
+            return self._prepare(data, content_type)
+        except ImageError:
+            raise
+        except Exception as exc:
+            raise ImageError("corrupt", f"the image could not be decoded: {type(exc).__name__}: {exc}") from exc
+
+    def _prepare(self, data: bytes, content_type: str | None) -> tuple[np.ndarray, dict]:
         img, info = decode_image(data, max_pixels=self.limits.max_pixels, min_side=self.limits.min_side,
-                                 draft_size=self.pre.draft_size)
-        check_content_type(content_type, info.format)
+                                 draft_size=self.pre.draft_size, max_decode_bytes=self.limits.max_decode_bytes)
         meta = {"sha256": hashlib.sha256(data).hexdigest(), "width": info.width, "height": info.height,
-                "format": info.format}
+                "format": info.format, **content_type_info(content_type, info.format)}
         return self.pre(img), meta
 
     def predict(self, arrays: list[np.ndarray]) -> np.ndarray:
@@ -106,9 +135,12 @@ class ImageChecker:
             "elapsed_ms": round((time.perf_counter() - started) * 1000.0, 2),
         }
 
-    def check(self, data: bytes, content_type: str | None = None) -> dict:
+    def check(self, data: bytes, content_type: str | None = None, stop: threading.Event | None = None) -> dict:
+        """``stop``: set by the service when the request timed out or its client left; no inference then."""
         started = time.perf_counter()
         array, meta = self.prepare(data, content_type)
+        if stop is not None and stop.is_set():
+            raise Abandoned("the request was abandoned before inference")
         return self.result(self.predict([array])[0], meta, started)
 
     def check_many(self, items: list[tuple[bytes, str | None]]) -> list[dict]:
@@ -118,8 +150,8 @@ class ImageChecker:
         for i, (data, content_type) in enumerate(items):
             try:
                 prepared.append((i, *self.prepare(data, content_type)))
-            except ImageError as exc:
-                results[i] = {"error": {"code": exc.code, "message": exc.message, "status": exc.status}}
+            except Exception as exc:  # one bad item never sinks the batch
+                results[i] = item_error(exc)
         if prepared:
             probs = self.predict([p[1] for p in prepared])
             for (i, _, meta), p in zip(prepared, probs):
