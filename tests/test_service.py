@@ -1,7 +1,6 @@
 """The service class called directly and over HTTP in-process (starlette TestClient)."""
 
 import io
-import os
 
 import numpy as np
 import pytest
@@ -11,27 +10,9 @@ from tests.conftest import jpeg_bytes, photo
 
 
 @pytest.fixture(scope="module")
-def client(onnx_model, tmp_path_factory):
+def client(service_app):
     """TestClient over the service's ASGI app, with API keys and a small body limit configured."""
-    import importlib
-
-    from starlette.testclient import TestClient
-
-    env = {"WILDCHECK_MODEL": str(onnx_model), "WILDCHECK_API_KEYS": "k1,k2", "WILDCHECK_MAX_BODY_BYTES": str(2_000_000),
-           "BENTOML_HOME": str(tmp_path_factory.mktemp("bentoml"))}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import serving.service as service_module
-
-    service_module = importlib.reload(service_module)
-    with TestClient(service_module.WildCheck.to_asgi()) as c:
-        c.headers["X-API-Key"] = "k1"
-        yield c
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    return service_app[0]
 
 
 def _synth_jpeg(label, seed, size=256):

@@ -251,6 +251,12 @@ def serve(
         contract = read_contract(model)
     except ContractError as exc:
         _fail(str(exc))
+    from serving.settings import Settings
+
+    try:
+        Settings.from_env()  # bad numbers or an API key list with no key: fail here, not in every worker
+    except ValueError as exc:
+        _fail(str(exc))
     env = dict(os.environ, WILDCHECK_MODEL=str(model.resolve()))
     if policy:
         from serving.policy import PolicyError, load_policy, resolve_policy
@@ -286,15 +292,21 @@ def scan(
     retries: int = typer.Option(5, "--retries", help="retries on 429/5xx/connection errors, with backoff"),
 ) -> None:
     """Check many images against a running server (HTTP only); resumable; prints a decision summary."""
+    from serving.client import ScanStopped
     from serving.client import scan as run_scan
 
     try:
         summary = run_scan(source, url, out, concurrency, api_key, retries)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, ScanStopped) as exc:
         _fail(str(exc))
     typer.echo(json.dumps(summary))
+    if summary.get("skipped_lines"):
+        typer.echo(f"{summary['skipped_lines']} line(s) of {out} are not result rows and were skipped")
     if summary.get("retry later"):
         typer.echo(f"{summary['retry later']} image(s) could not be checked; run the same command again to retry them")
+    if summary.get("retry later") or summary.get("error"):
+        if summary.get("error"):
+            typer.echo(f"{summary['error']} image(s) got an error answer (see {out})")
         raise typer.Exit(1)
 
 
