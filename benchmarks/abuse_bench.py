@@ -21,7 +21,6 @@ import io
 import json
 import os
 import random
-import resource
 import signal
 import socket
 import subprocess

@@ -39,24 +39,6 @@ class Limits:
     max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
 
 
-def check_content_type(declared: str | None, fmt: str) -> None:
-    """A declared type must be a real image type and match the bytes; none or octet-stream means 'sniff'."""
-    declared = (declared or "").split(";")[0].strip().lower()
-    if declared in GENERIC_TYPES:
-        return
-    if declared not in CONTENT_TYPES:
-        hint = " (the registered type is image/jpeg)" if declared in ("image/jpg", "image/pjpeg") else ""
-        raise ImageError(
-            "unsupported_content_type",
-            f"content type {declared!r} is not accepted{hint}; use one of {sorted(CONTENT_TYPES)} or application/octet-stream",
-            status=415,
-        )
-    if fmt not in CONTENT_TYPES[declared]:
-        raise ImageError(
-            "content_type_mismatch", f"declared {declared} but the bytes are a {fmt} image; send the right type", status=415
-        )
-
-
 class Abandoned(Exception):
     """The request this work was for has timed out or disconnected."""
 

@@ -77,15 +77,6 @@ def _open(data: bytes | Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
         raise ImageError("corrupt", f"cannot read the image header: {exc}") from exc
 
 
-def sniff_format(data: bytes) -> str:
-    """The format the bytes really are (PIL's identification), '' when PIL cannot tell."""
-    try:
-        with Image.open(io.BytesIO(bytes(data))) as img:
-            return (img.format or "").upper()
-    except Exception:
-        return ""
-
-
 # Bytes per pixel PIL holds for a decoded image of each mode (everything not listed takes 4).
 _MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
 _STRIP_ROWS = 256  # high-bit-depth images are converted this many rows at a time: memory stays ~ one 8-bit copy
@@ -96,6 +87,17 @@ def decode_bytes(mode: str, width: int, height: int) -> int:
     """Memory to hold the decoded image plus its 8-bit RGB copy (what decode_image needs at its peak)."""
     per_pixel = _MODE_BYTES.get(mode, 4) + (0 if mode == "RGB" else 4)
     return width * height * per_pixel
+
+
+def decode_cost(data: bytes) -> int:
+    """``decode_bytes`` of an upload from its header alone (0 when unreadable: decoding will say why)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(bytes(data))) as img:
+                return decode_bytes(img.mode, *img.size)
+    except Exception:
+        return 0
 
 
 def _strips_to_l(img: Image.Image, convert) -> Image.Image:

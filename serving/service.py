@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 from serving.checker import Abandoned, ImageChecker, Limits, item_error
-from serving.imageio import ImageError
+from serving.imageio import ImageError, decode_cost
 from serving.middleware import (STARTED, ApiKeyMiddleware, BodyLimitMiddleware, ConcurrencyLimitMiddleware,
                                 RouteLabelMiddleware, error_response)
 from serving.schemas import BATCH_BODY, CHECK_BODY, ERRORS, BatchResponse, CheckResponse, ModelInfo
@@ -163,7 +163,7 @@ class WildCheck:
         # more threads only contend for 2 cores and the GIL, and each adds memory (RSS crept up under load);
         # 4 per worker keep both cores busy while requests are parsed (benchmarks/serve_bench.py).
         # At most WILDCHECK_MAX_QUEUE requests wait for it; abandoned work stops (serving/workqueue.py).
-        self.queue = CpuQueue(settings.cpu_threads, settings.max_queue)
+        self.queue = CpuQueue(settings.cpu_threads, settings.max_queue, settings.decode_memory_bytes)
         self.ready = True
         log.info("serving %s %s", self.checker.contract.model_name, self.checker.contract.model_version)
         log.warning("API keys: %s", f"on ({len(settings.api_keys)} key(s))" if settings.api_keys
@@ -173,9 +173,9 @@ class WildCheck:
         """Not ready while loading, and while this worker's CPU queue is full (a load balancer stops sending)."""
         return self.ready and not self.queue.saturated()
 
-    async def _run(self, request: Request, stop: threading.Event, fn, *args):
+    async def _run(self, request: Request, stop: threading.Event, fn, *args, cost: int = 0):
         deadline = request.scope.get(STARTED, time.monotonic()) + settings.timeout_s
-        return await self.queue.run(deadline, request.is_disconnected, stop, fn, *args)
+        return await self.queue.run(deadline, request.is_disconnected, stop, fn, *args, cost=cost)
 
     def _failure(self, exc: Exception) -> JSONResponse:
         """The answer for a request that could not be served (overloaded, out of time, client gone)."""
@@ -198,7 +198,8 @@ class WildCheck:
                                  "send several to /v1/check_batch")
             (data, content_type), = items
             with self.queue.admit():
-                result = await self._run(request, stop, self.checker.check, data, content_type, stop)
+                result = await self._run(request, stop, self.checker.check, data, content_type, stop,
+                                         cost=decode_cost(data))
             _count_mismatch(result)
             return result
         except ImageError as exc:
@@ -221,7 +222,8 @@ class WildCheck:
             with self.queue.admit():
                 for i, (data, content_type) in enumerate(items):  # one job per image: requests interleave
                     try:
-                        prepared.append((i, *await self._run(request, stop, self.checker.prepare, data, content_type)))
+                        prepared.append((i, *await self._run(request, stop, self.checker.prepare, data, content_type,
+                                                             cost=decode_cost(data))))
                     except ImageError as exc:  # one bad image fails only its own entry
                         results[i] = item_error(exc)
                 if prepared:

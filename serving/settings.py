@@ -42,6 +42,7 @@ class Settings:
     max_concurrency: int = 64
     max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
     max_queue: int = 8  # requests per worker waiting for or using the CPU threads; more get 503 + Retry-After
+    decode_memory_bytes: int = 512 * 2**20  # decode memory of the images being decoded at once, per worker
     body_timeout_s: float = 10.0  # the whole body must arrive within this: a slow sender cannot hold a slot
     api_keys: frozenset[str] = field(default_factory=frozenset)
     policy: str = ""
@@ -66,6 +67,7 @@ class Settings:
             policy=os.environ.get("WILDCHECK_POLICY", ""),
             max_decode_bytes=_int("WILDCHECK_MAX_DECODE_BYTES", cls.max_decode_bytes),
             max_queue=_int("WILDCHECK_MAX_QUEUE", cls.max_queue),
+            decode_memory_bytes=_int("WILDCHECK_DECODE_MEMORY_BYTES", cls.decode_memory_bytes),
             body_timeout_s=_float("WILDCHECK_BODY_TIMEOUT_S", cls.body_timeout_s),
             api_keys=api_keys,
         )

@@ -186,3 +186,14 @@ def test_serve_registry_serves_the_promoted_version(trained_run, tmp_path):
     assert promoted["version"].startswith("4.2.0")
     assert r.status_code == 200 and r.json()["model"]["version"] == promoted["version"]
     assert info["version"] == promoted["version"] and info["name"] == promoted["name"]
+
+
+def test_random_paths_do_not_grow_metrics(server):
+    """Issue 19.7: unknown paths are counted as endpoint="other", not one Prometheus series each."""
+    base, auth = server
+    with httpx.Client(timeout=30) as client:
+        for i in range(150):
+            client.get(f"{base}/v1/no-such-{i}" if i % 2 else f"{base}/zz{i}", headers=auth)
+        text = client.get(base + "/metrics").text
+    assert "no-such-" not in text and "/zz" not in text
+    assert 'endpoint="other"' in text and 'endpoint="/v1/check"' in text

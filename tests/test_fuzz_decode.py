@@ -6,7 +6,6 @@ import io
 import random
 
 import pytest
-from PIL import Image
 
 from serving.imageio import ImageError, decode_image
 from tests.conftest import photo

@@ -377,3 +377,34 @@ def test_mutated_files_through_the_http_app_are_never_5xx(app):
         assert r.status_code == 200, r.text
         for item in r.json()["results"]:
             assert "decision" in item or 400 <= item["error"]["status"] < 500, item
+
+
+def test_decode_memory_budget_serialises_expensive_images_but_not_cheap_ones():
+    """Two images that each need 60% of the worker's decode memory run one after the other; a cheap one
+    does not wait behind them (the waiting happens on the event loop, not in a pool thread)."""
+    from serving.workqueue import CpuQueue
+
+    queue = CpuQueue(threads=3, max_queue=8, memory_bytes=100)
+    spans = {}
+
+    def job(name, seconds):
+        start = time.monotonic()
+        time.sleep(seconds)
+        spans[name] = (start, time.monotonic())
+
+    async def never_gone():
+        return False
+
+    async def scenario():
+        deadline = time.monotonic() + 10
+        big = [queue.run(deadline, never_gone, threading.Event(), job, n, 0.4, cost=60) for n in ("a", "b")]
+        first = asyncio.gather(*big)
+        await asyncio.sleep(0.05)
+        await queue.run(deadline, never_gone, threading.Event(), job, "cheap", 0.0, cost=1)
+        await first
+
+    asyncio.run(scenario())
+    queue.shutdown()
+    (a0, a1), (b0, b1) = sorted([spans["a"], spans["b"]])
+    assert b0 >= a1 - 0.01, "the second expensive decode started before the first released its memory"
+    assert spans["cheap"][1] < b0 and queue.memory_used == 0
