@@ -20,6 +20,7 @@ from serving.decision import ClassThresholds, default_thresholds
 from serving.imageio import ImageError, decode_image
 from serving.preprocess import Preprocessing
 from serving.runtime import softmax
+from serving.tiling import Tiling, draft_size, predict_views, views
 from training.data.sources import Sample, load_samples, select_split
 from training.metrics import compute_metrics, decision_report, false_positive_report, format_decisions, summary_table
 
@@ -47,15 +48,18 @@ class TorchPredictor:
         self.thresholds = {k: ClassThresholds(**v) for k, v in state["thresholds"].items()} if state.get("thresholds") \
             else default_thresholds(self.labels, negative)
         self.never_block = list(state.get("never_block", []))
+        self.tiling = Tiling.model_validate(state["tiling"]) if state.get("tiling") else None
+        self.negative_index = self.labels.index(negative) if negative in self.labels else None
         self.state = state
         self.model = create_model(state["architecture"], len(self.labels), pretrained="none")
         self.model.load_state_dict(state["model"])
-        self.model.eval()
+        self.model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
         self._torch = torch
 
     def predict_logits(self, batch: np.ndarray) -> np.ndarray:
         with self._torch.inference_mode():
-            return self.model(self._torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))).float().numpy()
+            x = self._torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(next(self.model.parameters()).device)
+            return self.model(x).float().cpu().numpy()
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
         return softmax(self.predict_logits(batch), self.temperature)
@@ -98,10 +102,11 @@ def run_samples(state: dict, data: list[str] | None) -> tuple[list[Sample], list
     return val, train
 
 
-def _prepare(sample: Sample, pre: Preprocessing) -> np.ndarray | str:
+def _prepare(sample: Sample, pre: Preprocessing, tiling: Tiling | None = None) -> np.ndarray | str:
+    """The model inputs for one image (its views: ``serving.tiling``), or why it cannot be read."""
     try:
-        img, _ = decode_image(sample.path, draft_size=pre.draft_size)
-        return pre(img)
+        img, _ = decode_image(sample.path, draft_size=draft_size(pre, tiling))
+        return views(img, pre, tiling)
     except ImageError as exc:
         return f"{exc.code}: {exc.message}"
     except OSError as exc:
@@ -110,17 +115,18 @@ def _prepare(sample: Sample, pre: Preprocessing) -> np.ndarray | str:
 
 def predict_samples(predictor, samples: list[Sample], batch_size: int = 32, workers: int = 2, desc: str = "evaluating"):
     """Returns (probabilities for the readable samples, readable samples, [(path, reason)] for the others)."""
-    pre = predictor.preprocessing
+    pre, tiling = predictor.preprocessing, getattr(predictor, "tiling", None)
+    negative_index = getattr(predictor, "negative_index", None)
     probs, kept, skipped, batch, batch_samples = [], [], [], [], []
 
     def flush():
         if batch:
-            probs.append(predictor.predict_proba(np.stack(batch)))
+            probs.append(predict_views(predictor, batch, negative_index))
             kept.extend(batch_samples)
             batch.clear(), batch_samples.clear()
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for sample, arr in tqdm(zip(samples, pool.map(lambda s: _prepare(s, pre), samples)), total=len(samples),
+        for sample, arr in tqdm(zip(samples, pool.map(lambda s: _prepare(s, pre, tiling), samples)), total=len(samples),
                                 desc=desc, unit="img", leave=False):
             if isinstance(arr, str):
                 log.warning("skipping %s (%s)", sample.path, arr)
