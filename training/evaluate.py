@@ -98,14 +98,36 @@ def run_samples(state: dict, data: list[str] | None) -> tuple[list[Sample], list
     return val, train
 
 
-def _prepare(sample: Sample, pre: Preprocessing) -> np.ndarray | str:
+def _decode(sample: Sample, pre: Preprocessing):
+    """The decoded RGB picture, or the reason it cannot be used."""
     try:
         img, _ = decode_image(sample.path, draft_size=pre.draft_size)
-        return pre(img)
+        return img
     except ImageError as exc:
         return f"{exc.code}: {exc.message}"
     except OSError as exc:
         return f"unreadable: {exc}"
+
+
+def _prepare(sample: Sample, pre: Preprocessing) -> np.ndarray | str:
+    """Decoded and preprocessed model input, or the reason the image cannot be used."""
+    img = _decode(sample, pre)
+    return img if isinstance(img, str) else pre(img)
+
+
+def predict_images(predictor, images: list, batch_size: int = 32, pool: ThreadPoolExecutor | None = None) -> np.ndarray:
+    """Decoded RGB pictures -> class probabilities (N x C): the model's own preprocessing, then its forward pass.
+
+    The one "pictures to probabilities" step that evaluation, the robustness report and calibration share,
+    so that any change to how a picture is scored (e.g. tiled inference) reaches all of them at once.
+    ``pool``: a thread pool to preprocess in (PIL resizing releases the GIL).
+    """
+    pre = predictor.preprocessing
+    arrays = list(pool.map(pre, images)) if pool is not None else [pre(img) for img in images]
+    if not arrays:
+        return np.zeros((0, len(predictor.labels)), np.float32)
+    return np.concatenate([predictor.predict_proba(np.stack(arrays[i : i + batch_size]))
+                           for i in range(0, len(arrays), batch_size)])
 
 
 def predict_samples(predictor, samples: list[Sample], batch_size: int = 32, workers: int = 2, desc: str = "evaluating"):
@@ -115,18 +137,18 @@ def predict_samples(predictor, samples: list[Sample], batch_size: int = 32, work
 
     def flush():
         if batch:
-            probs.append(predictor.predict_proba(np.stack(batch)))
+            probs.append(predict_images(predictor, batch, batch_size, pool))
             kept.extend(batch_samples)
             batch.clear(), batch_samples.clear()
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for sample, arr in tqdm(zip(samples, pool.map(lambda s: _prepare(s, pre), samples)), total=len(samples),
+        for sample, img in tqdm(zip(samples, pool.map(lambda s: _decode(s, pre), samples)), total=len(samples),
                                 desc=desc, unit="img", leave=False):
-            if isinstance(arr, str):
-                log.warning("skipping %s (%s)", sample.path, arr)
-                skipped.append((str(sample.path), arr))
+            if isinstance(img, str):
+                log.warning("skipping %s (%s)", sample.path, img)
+                skipped.append((str(sample.path), img))
                 continue
-            batch.append(arr), batch_samples.append(sample)
+            batch.append(img), batch_samples.append(sample)
             if len(batch) == batch_size:
                 flush()
         flush()
