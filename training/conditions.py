@@ -336,12 +336,12 @@ def parse_conditions(spec: dict | None) -> dict[str, Condition]:
         params = dict(params or {}) if isinstance(params, dict) or params is None else params
         if not isinstance(params, dict):
             raise ConditionsError(f"condition {name!r}: parameters must be a mapping, got {params!r}")
+        if name == "clean":
+            raise ConditionsError("`clean` is the unchanged photo and always measured; name the condition otherwise")
         kind = params.pop("kind", name)
         if kind not in KINDS:
             raise ConditionsError(f"unknown condition {kind!r}; known conditions: {', '.join(KINDS)} "
                                   "(another name needs `kind: <one of these>`)")
-        if name == "clean":
-            raise ConditionsError("`clean` is the unchanged photo and always measured; name the condition otherwise")
         try:
             out[name] = _ADAPTER.validate_python({"kind": kind, **params})
         except ValidationError as exc:

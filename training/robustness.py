@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -156,7 +157,9 @@ def _others(condition: Condition, rng: np.random.Generator, index: int, pool: np
 
 def _metrics(name: str, condition: Condition | None, probs: np.ndarray, y_true: np.ndarray, sources: list[str],
              labels: list[str], thresholds, never_block, negative: str) -> ConditionResult:
-    base = compute_metrics(y_true, probs, labels)
+    with warnings.catch_warnings():  # classes the data lacks (a 3-class model on ivory data) are expected
+        warnings.simplefilter("ignore", UserWarning)
+        base = compute_metrics(y_true, probs, labels)
     report = decision_report(probs, y_true, labels, thresholds, never_block, negative)
     per_class = {
         label: ClassRobustness(pr_auc=base["per_class"][label]["pr_auc"], **{
@@ -210,6 +213,10 @@ def robustness(
     if unknown:
         print(f"labels unknown to the model (left out): {unknown}")
     pool = np.array([i for i, s in enumerate(samples) if s.label == negative], dtype=np.int64)
+    for name, condition in conditions.items():
+        if condition.others and len(pool) <= condition.others:  # a negative's collage needs others besides itself
+            raise ValueError(f"{name} needs more than {condition.others} {negative!r} images in the evaluated set, "
+                             f"found {len(pool)}; add --negatives ROOT or leave {name} out with --conditions")
     decoder = _Decoder(predictor.preprocessing.draft_size)
     names = [CLEAN, *conditions]
     probs: dict[str, list[np.ndarray]] = {n: [] for n in names}
@@ -284,8 +291,11 @@ def chart_series(report: RobustnessReport) -> dict[str, dict[str, float | None]]
     series: dict[str, dict[str, float | None]] = {}
     for name, r in report.conditions.items():
         for label, m in r.per_class.items():
+            if not m.support:  # a class the evaluated data does not contain
+                continue
             series.setdefault(f"{label} flagged", {})[name] = m.flag_recall
             series.setdefault(f"{label} blocked", {})[name] = m.block_recall
+            series.setdefault(f"{label} block precision", {})[name] = m.block_precision
         if r.negatives is not None:
             series.setdefault("negatives flagged", {})[name] = r.negatives.flagged
             series.setdefault("negatives blocked", {})[name] = r.negatives.blocked
