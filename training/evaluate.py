@@ -102,37 +102,56 @@ def run_samples(state: dict, data: list[str] | None) -> tuple[list[Sample], list
     return val, train
 
 
-def _prepare(sample: Sample, pre: Preprocessing, tiling: Tiling | None = None) -> np.ndarray | str:
-    """The model inputs for one image (its views: ``serving.tiling``), or why it cannot be read."""
+def _decode(sample: Sample, pre: Preprocessing, tiling: Tiling | None = None):
+    """The decoded RGB picture (kept large enough for the tiles, if any), or the reason it cannot be used."""
     try:
         img, _ = decode_image(sample.path, draft_size=draft_size(pre, tiling))
-        return views(img, pre, tiling)
+        return img
     except ImageError as exc:
         return f"{exc.code}: {exc.message}"
     except OSError as exc:
         return f"unreadable: {exc}"
 
 
+def predict_images(predictor, images: list, batch_size: int = 32, pool: ThreadPoolExecutor | None = None) -> np.ndarray:
+    """Decoded RGB pictures -> class probabilities (N x C): the model's own preprocessing, then its forward pass.
+
+    The one "pictures to probabilities" step that evaluation, the robustness report and calibration share,
+    so that any change to how a picture is scored (e.g. tiled inference) reaches all of them at once.
+    ``pool``: a thread pool to preprocess in (PIL resizing releases the GIL).
+    """
+    pre, tiling = predictor.preprocessing, getattr(predictor, "tiling", None)
+    negative_index = getattr(predictor, "negative_index", None)
+
+    def inputs(img):
+        return views(img, pre, tiling)
+
+    stacks = list(pool.map(inputs, images)) if pool is not None else [inputs(img) for img in images]
+    if not stacks:
+        return np.zeros((0, len(predictor.labels)), np.float32)
+    return np.concatenate([predict_views(predictor, stacks[i : i + batch_size], negative_index)
+                           for i in range(0, len(stacks), batch_size)])
+
+
 def predict_samples(predictor, samples: list[Sample], batch_size: int = 32, workers: int = 2, desc: str = "evaluating"):
     """Returns (probabilities for the readable samples, readable samples, [(path, reason)] for the others)."""
     pre, tiling = predictor.preprocessing, getattr(predictor, "tiling", None)
-    negative_index = getattr(predictor, "negative_index", None)
     probs, kept, skipped, batch, batch_samples = [], [], [], [], []
 
     def flush():
         if batch:
-            probs.append(predict_views(predictor, batch, negative_index))
+            probs.append(predict_images(predictor, batch, batch_size, pool))
             kept.extend(batch_samples)
             batch.clear(), batch_samples.clear()
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for sample, arr in tqdm(zip(samples, pool.map(lambda s: _prepare(s, pre, tiling), samples)), total=len(samples),
+        for sample, img in tqdm(zip(samples, pool.map(lambda s: _decode(s, pre, tiling), samples)), total=len(samples),
                                 desc=desc, unit="img", leave=False):
-            if isinstance(arr, str):
-                log.warning("skipping %s (%s)", sample.path, arr)
-                skipped.append((str(sample.path), arr))
+            if isinstance(img, str):
+                log.warning("skipping %s (%s)", sample.path, img)
+                skipped.append((str(sample.path), img))
                 continue
-            batch.append(arr), batch_samples.append(sample)
+            batch.append(img), batch_samples.append(sample)
             if len(batch) == batch_size:
                 flush()
         flush()
