@@ -60,6 +60,8 @@ def main() -> int:
     parser.add_argument("--eval-pool", action="append", default=None, help="pools whose val split is evaluated")
     parser.add_argument("--no-negatives", action="store_true", help="train on met-ivory alone")
     parser.add_argument("--robustness", action="store_true", help="also the listing-conditions report")
+    parser.add_argument("--robustness-limit", type=int, default=None,
+                        help="a seeded random subset of this many val images for the report (CPU budgets)")
     parser.add_argument("--epoch-time-baseline", action="store_true",
                         help="afterwards, time one epoch on met-ivory alone (the negatives pool's cost per epoch)")
     args = parser.parse_args()
@@ -90,7 +92,8 @@ def main() -> int:
         print(f"\n== {name} val (all 'other') ==")
         rows[name] = evaluate(out, [pool_root(spec, shared, out)], split="val", out_dir=out / f"eval_{name}")
     robust = {}
-    robust_args = (out, met, [pool_root(p, shared, out) for p in eval_pools]) if args.robustness else None
+    robust_args = (out, met, [pool_root(p, shared, out) for p in eval_pools], args.robustness_limit) \
+        if args.robustness else None
     import csv
 
     with open(out / "history.csv") as fh:
@@ -138,7 +141,7 @@ def main() -> int:
     return 0
 
 
-def run_robustness(run: Path, met: Path, pools: list[str]) -> dict:
+def run_robustness(run: Path, met: Path, pools: list[str], limit: int | None = None) -> dict:
     """The listing-conditions report with the run's tiling and, re-calibrated, without it."""
     import shutil
 
@@ -165,7 +168,8 @@ def run_robustness(run: Path, met: Path, pools: list[str]) -> dict:
         calibrate(run / "whole" / "best.pt")
         variants.append(("whole", run / "whole" / "best.pt"))
     for name, ckpt in variants:
-        report = robustness(ckpt, [str(met)], pools, split="val", out_dir=run / f"robustness_{name}", workers=3)
+        report = robustness(ckpt, [str(met)], pools, split="val", limit=limit, out_dir=run / f"robustness_{name}",
+                            workers=3)
         out[name] = summary(report)
     return out
 
