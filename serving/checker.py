@@ -61,15 +61,17 @@ class ImageChecker:
         self.thresholds = dict(self.contract.thresholds)
         self.never_block = list(self.contract.never_block)
         self.policy = {"source": "model"}
+        self.threshold_rules = {k: dict(v) for k, v in self.contract.threshold_rules.items()}
         # one inference at a time per worker: onnxruntime threads x concurrent runs must not exceed the cores
         self._slots = threading.Semaphore(max_concurrent)
 
     def apply_policy(self, path: str) -> None:
         """Override thresholds / never_block from a policy YAML (GET /v1/model shows what is in force)."""
-        from serving.policy import load_policy, resolve_policy
+        from serving.policy import load_policy, resolve
 
-        self.thresholds, self.never_block, notes = resolve_policy(load_policy(path), self.contract)
-        self.policy = {"source": str(path), "notes": notes}
+        r = resolve(load_policy(path), self.contract)
+        self.thresholds, self.never_block, self.threshold_rules = r.thresholds, r.never_block, r.rules
+        self.policy = {"source": str(path), "notes": r.notes, "budgets": {k: v for k, v in r.budgets.items() if v}}
 
     def warm_up(self) -> None:
         rng = np.random.default_rng(0)
@@ -132,6 +134,7 @@ class ImageChecker:
             "name": c.model_name, "version": c.model_version, "architecture": c.architecture, "labels": c.labels,
             "negative_label": c.negative_label, "precision": c.precision,
             "thresholds": {k: v.model_dump() for k, v in self.thresholds.items()}, "never_block": self.never_block,
+            "threshold_rules": self.threshold_rules,
             "policy": self.policy, "temperature": c.temperature, "preprocessing": c.preprocessing.model_dump(), "metrics": c.metrics,
             "created_at": c.created_at, "training_data": c.training_data, "wildcheck_version": c.wildcheck_version,
         }
