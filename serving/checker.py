@@ -71,7 +71,7 @@ class ImageChecker:
 
         r = resolve(load_policy(path), self.contract)
         self.thresholds, self.never_block, self.threshold_rules = r.thresholds, r.never_block, r.rules
-        self.policy = {"source": str(path), "notes": r.notes, "budgets": {k: v for k, v in r.budgets.items() if v}}
+        self.policy = {"source": str(path), "notes": r.notes, "budgets": {k: v for k, v in r.budgets.items() if v not in (None, [], {})}}
 
     def warm_up(self) -> None:
         rng = np.random.default_rng(0)

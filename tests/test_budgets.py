@@ -156,5 +156,5 @@ def test_calibrate_traffic_on_onnx_without_torch_changes_served_decisions(onnx_m
     assert before["decision"] != "allow" and after["decision"] == "allow"  # an ordinary photo no longer flagged
     assert after["scores"] == before["scores"]
     rules = checker.describe()["threshold_rules"]
-    assert rules["ivory"] == {"block": "max_block_rate", "review": "max_flag_rate"} or "max_flag_rate" in rules["ivory"].values()
+    assert rules["ivory"]["review"] == "max_flag_rate", rules
     assert checker.describe()["policy"]["budgets"]["flag_rate"] <= 0.05
