@@ -306,7 +306,7 @@ def apply_budgets(solved: dict[str, Solved], curves: dict[str, dict[str, list[fl
     if budgets.max_flag_rate is not None:
         fixed_r = {label for label in solved if "review" in fixed.get(label, ())}
         review, _ = fit_budget(scores, w, traffic.classes, review, fixed_r, budgets.max_flag_rate, 1.0, floor)
-    block, block_rule = {}, {}
+    block, block_rule, after_flag = {}, {}, {}
     for label, s in solved.items():
         b = s.thresholds.block
         if b is not None and review[label] > b:  # the flag budget pushed review above block: no review band left
@@ -315,6 +315,7 @@ def apply_budgets(solved: dict[str, Solved], curves: dict[str, dict[str, list[fl
                 report["notes"].append(f"{label}: the explicit block threshold {b} caps review; the flag budget may be exceeded")
             else:
                 b, block_rule[label] = review[label], "max_flag_rate"
+        after_flag[label] = b
         block[label] = None if label in never_block else b
     if budgets.max_block_rate is not None:
         fixed_b = {label for label in solved if "block" in fixed.get(label, ())}
@@ -322,7 +323,7 @@ def apply_budgets(solved: dict[str, Solved], curves: dict[str, dict[str, list[fl
         block_rule.update({label: "max_block_rate" for label in block if raised[label] != block[label]})
         block = raised
     for label, s in solved.items():
-        new_block = s.thresholds.block if label in never_block else block[label]
+        new_block = after_flag[label] if label in never_block else block[label]
         old = before[label]
         if review[label] != old.review:
             _record(report, s, label, "review", old.review, review[label], "max_flag_rate", budgets.max_flag_rate, curves)
@@ -339,6 +340,10 @@ def apply_budgets(solved: dict[str, Solved], curves: dict[str, dict[str, list[fl
             hit = sc >= s.thresholds.block
             s.block_precision = float(positive[hit].mean()) if hit.any() else s.block_precision
     _rates(report, solved, traffic, scores, w, idx, never_block)
+    for key, rate in (("max_flag_rate", "flag_rate"), ("max_block_rate", "block_rate")):
+        if report[key] is not None and report[rate] > report[key] + 1e-9:
+            report["notes"].append(f"{key} {report[key]} not met ({report[rate]:.4%}): explicit thresholds, or negatives "
+                                   "scoring 1.0, flag more than the budget allows")
     return report
 
 

@@ -71,6 +71,10 @@ def test_policy_budget_re_solves_on_the_stored_negatives(tmp_path):
     assert r.thresholds["ivory"].block == 0.95 and r.thresholds["ivory"].review == pytest.approx(0.720001)
     assert r.rules["ivory"] == {"block": "explicit", "review": "max_flag_rate"}
     assert any("recall at review 0.900 -> 0.700" in n for n in r.notes["ivory"])
+    # a never_block class: the flag budget raises review past its (unused) block threshold without an error
+    policy.write_text("max_flag_rate: 0.1\nnever_block: [ivory]\n")
+    r = resolve(load_policy(policy), contract)
+    assert r.thresholds["ivory"].review == pytest.approx(0.720001) and r.never_block == ["ivory"]
     contract.negative_scores = None
     with pytest.raises(PolicyError, match="--traffic"):
         resolve(load_policy(policy), contract)
