@@ -117,7 +117,8 @@ def policy_yaml(policy: Policy, resolved: Resolved, report: dict, contract: Mode
             f"on that traffic: flag rate {b['flag_rate']:.2%}, block rate {b['block_rate']:.2%}"]
     for label, t in resolved.thresholds.items():
         rules = resolved.rules[label]
-        head.append(f"{label}: review >= {t.review} ({rules['review']}), block >= {t.block} ({rules['block']})")
+        block = "never" if t.block is None else f">= {t.block}"
+        head.append(f"{label}: review >= {t.review} ({rules['review']}), block {block} ({rules['block']})")
         for note in resolved.notes.get(label, []):
             head.append(f"  {note}")
     for label, p in report["traffic_positives"].items():
