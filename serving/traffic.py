@@ -19,6 +19,7 @@ from serving.contract import ModelContract
 from serving.imageio import ImageError, decode_image
 from serving.policy import Policy, Resolved, resolve
 from serving.thresholds import TrafficScores
+from serving.tiling import draft_size, predict_views, views
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 # traffic images scoring below this on every protected class are counted, not stored: no threshold worth
@@ -52,24 +53,25 @@ def find_traffic(root: str | Path, labels: list[str], negative_label: str) -> li
 
 
 def score_paths(model, paths: list[Path], batch_size: int = 32) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
-    """Calibrated probabilities for the readable images (decoded and preprocessed as the server does),
-    their indices, and (path, reason) for the others."""
-    pre = model.preprocessing
+    """Calibrated probabilities for the readable images, scored as the server scores them (decoding,
+    preprocessing, the contract's tiling), their indices, and (path, reason) for the others."""
+    pre, tiling = model.preprocessing, getattr(model, "tiling", None)
+    negative_index = getattr(model, "negative_index", None)
     probs, kept, skipped, batch = [], [], [], []
     for i, path in enumerate(tqdm(paths, desc="scoring traffic", unit="img", leave=False)):
         try:
-            img, _ = decode_image(path, draft_size=pre.draft_size)
-            batch.append(pre(img))
+            img, _ = decode_image(path, draft_size=draft_size(pre, tiling))
+            batch.append(views(img, pre, tiling))
             kept.append(i)
         except ImageError as exc:
             skipped.append((str(path), f"{exc.code}: {exc.message}"))
         except OSError as exc:
             skipped.append((str(path), f"unreadable: {exc}"))
         if len(batch) == batch_size:
-            probs.append(model.predict_proba(np.stack(batch)))
+            probs.append(predict_views(model, batch, negative_index))
             batch = []
     if batch:
-        probs.append(model.predict_proba(np.stack(batch)))
+        probs.append(predict_views(model, batch, negative_index))
     n = len(model.labels)
     return (np.concatenate(probs) if probs else np.zeros((0, n), np.float32)), kept, skipped
 

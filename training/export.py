@@ -68,6 +68,7 @@ def build_contract(state: dict, name: str | None, version: str | None, run_dir: 
         decision=state.get("decision_rules"),
         threshold_rules=state.get("threshold_rules", {}),
         negative_scores=state.get("negative_scores"),
+        tiling=state.get("tiling"),
         wildcheck_version=training.__version__,
     )
 
@@ -79,7 +80,7 @@ def _slim(metrics: dict) -> dict:
 
 def torch_to_onnx(model: torch.nn.Module, input_size: int, path: Path) -> None:
     """Dynamo export (NOTES): fixed H x W, dynamic batch, traced with batch 2, one file without external data."""
-    model = model.eval()
+    model = model.cpu().eval()
     dummy = torch.randn(2, 3, input_size, input_size)
     batch = torch.export.Dim("batch", min=1, max=1024)
     torch.onnx.export(
