@@ -155,8 +155,9 @@ class TrafficScores(BaseModel):
 
     @classmethod
     def from_arrays(cls, classes: list[str], scores: np.ndarray, pools: list[str], floor: float = 0.0,
-                    decimals: int = 5) -> "TrafficScores":
-        """``scores``: (images, classes) probabilities; ``pools``: each image's pool name."""
+                    decimals: int = 6) -> "TrafficScores":
+        """``scores``: (images, classes) probabilities; ``pools``: each image's pool name. Six decimals, as the
+        server rounds scores: a budget threshold just above a stored score is above the image's real score."""
         scores = np.round(np.asarray(scores, float).reshape(len(pools), len(classes)), decimals)
         out = {}
         for name in sorted(set(pools)):

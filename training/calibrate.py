@@ -85,7 +85,7 @@ def calibration_report(probs_t1: np.ndarray, y: np.ndarray, labels: list[str], n
     log_probs = np.log(np.clip(probs_t1, EPS, 1.0))
     temperature = temperature or fit_temperature(log_probs, y)
     calibrated = softmax(log_probs, temperature)
-    exact = calibrated.astype(np.float64)  # rounded float32 would store 0.6766800284385681 for 0.67668
+    exact = calibrated.astype(np.float64)  # rounded float32 would store 0.6766800284385681 for 0.676680
     budgets = budgets or Budgets()
     y = np.asarray(y)
     protected = [label for label in labels if label != negative_label]
@@ -93,8 +93,8 @@ def calibration_report(probs_t1: np.ndarray, y: np.ndarray, labels: list[str], n
     curves = {}
     for label, i in zip(protected, columns):
         pos = y == i
-        curves[label] = {"pos": np.round(np.sort(exact[pos, i]), 5).tolist(),
-                         "neg": np.round(np.sort(exact[~pos, i]), 5).tolist()}
+        curves[label] = {"pos": np.round(np.sort(exact[pos, i]), 6).tolist(),  # 6 decimals: what the server returns
+                         "neg": np.round(np.sort(exact[~pos, i]), 6).tolist()}
     solved = {label: solve_class(*curve_arrays(curves[label]), block_precision, review_recall,
                                  never_block=label in never_block) for label in protected}
     negatives = y == labels.index(negative_label) if negative_label in labels else np.zeros(len(y), bool)
