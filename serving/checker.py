@@ -63,17 +63,20 @@ class ImageChecker:
         self.thresholds = dict(self.contract.thresholds)
         self.never_block = list(self.contract.never_block)
         self.policy = {"source": "model"}
+        self.threshold_rules = {k: dict(v) for k, v in self.contract.threshold_rules.items()}
         # one inference at a time per worker: onnxruntime threads x concurrent runs must not exceed the cores
         self._slots = threading.Semaphore(max_concurrent)
 
     def apply_policy(self, path: str) -> None:
         """Override thresholds / never_block from a policy YAML (GET /v1/model shows what is in force)."""
-        from serving.policy import load_policy, resolve_policy
+        from serving.policy import load_policy, resolve
 
-        self.thresholds, self.never_block, notes = resolve_policy(load_policy(path), self.contract)
+        r = resolve(load_policy(path), self.contract)
+        self.thresholds, self.never_block, self.threshold_rules = r.thresholds, r.never_block, r.rules
         # name and hash, not the server's absolute path (which tells a client about the host's file system)
         sha = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-        self.policy = {"source": Path(path).name, "sha256": sha, "notes": notes}
+        self.policy = {"source": Path(path).name, "sha256": sha, "notes": r.notes,
+                       "budgets": {k: v for k, v in r.budgets.items() if v not in (None, [], {})}}
 
     def warm_up(self) -> None:
         rng = np.random.default_rng(0)
@@ -149,6 +152,7 @@ class ImageChecker:
             "name": c.model_name, "version": c.model_version, "architecture": c.architecture, "labels": c.labels,
             "negative_label": c.negative_label, "precision": c.precision,
             "thresholds": {k: v.model_dump() for k, v in self.thresholds.items()}, "never_block": self.never_block,
+            "threshold_rules": self.threshold_rules,
             "policy": self.policy, "temperature": c.temperature, "preprocessing": c.preprocessing.model_dump(),
             "tiling": c.tiling.model_dump() if c.tiling else None, "metrics": c.metrics,
             "created_at": c.created_at, "training_data": c.training_data, "wildcheck_version": c.wildcheck_version,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ErrorBody(BaseModel):
@@ -67,6 +67,11 @@ class ModelInfo(BaseModel):
     version: str
     labels: list[str]
     thresholds: dict[str, Any]
+    threshold_rules: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="per class, what set each threshold: review_recall (recall target), block_precision "
+        "(precision target), max_flag_rate (flag budget), max_block_rate (block budget), explicit (policy value), "
+        "never_block, default, model (an older model that did not record it)",
+    )
     preprocessing: dict[str, Any]
     metrics: dict[str, Any]
 
