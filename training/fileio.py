@@ -7,8 +7,6 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-
 
 @contextmanager
 def atomic_path(path: str | Path):
@@ -41,6 +39,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
+    import torch  # here, not at the top: the registry (and so `wildcheck serve --registry`) uses this module without torch
+
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
@@ -50,4 +50,6 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
+    import torch
+
     return torch.load(path, map_location="cpu", weights_only=True)
