@@ -71,7 +71,7 @@ print(json.dumps({{"status": r.status_code, "body": r.json(), "loaded": loaded}}
 
 
 def test_serving_commands_work_and_training_commands_say_what_to_install(serving_only_env, tmp_path):
-    for command in ("serve", "scan"):
+    for command in ("serve", "scan", "build"):
         proc = _run(serving_only_env, command, "--help")
         assert proc.returncode == 0, proc.stderr
         assert "Usage" in proc.stdout

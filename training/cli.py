@@ -283,6 +283,23 @@ def serve(
 
 
 @app.command()
+def build(
+    model: Path = typer.Argument(..., help="ONNX file exported by `wildcheck export`"),
+    gallery: Optional[Path] = typer.Option(None, "--gallery", help="reference gallery to ship with the model"),
+) -> None:
+    """Build a Bento: the service, the model (via BentoML's model store) and only the serving packages."""
+    from serving.bento import BentoBuildError, build_bento
+    from serving.contract import ContractError
+
+    try:
+        tag = build_bento(model, gallery)
+    except (ContractError, BentoBuildError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    typer.echo(f"built Bento {tag}")
+    typer.echo(f"serve it: bentoml serve {tag}; container image: bentoml containerize {tag}")
+
+
+@app.command()
 def scan(
     source: Path = typer.Argument(..., help="folder of images or CSV with a 'path' column"),
     url: str = typer.Option(..., "--url", help="server base URL, e.g. http://localhost:3000"),
