@@ -116,12 +116,12 @@ def test_build_a_bento_and_serve_it_from_the_model_store(onnx_model, tmp_path):
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        photo = REPO / "examples" / "non_ivory_59953.jpg"
+        photo = REPO / "examples" / "non_ivory_59208.jpg"
         r = httpx.post(base + "/v1/check", files={"image": (photo.name, photo.read_bytes(), "image/jpeg")}, timeout=30)
         assert r.status_code == 200, r.text + (tmp_path / "serve.log").read_text()[-3000:]
         body = r.json()
         assert body["model"]["version"] == version and body["decision"] in ("block", "review", "allow")
-        assert body["image"]["sha256"] and body["image"]["width"] == 258
+        assert body["image"]["sha256"] and body["image"]["width"] == 384
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
