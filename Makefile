@@ -1,6 +1,8 @@
 # Two commands do everything on a fresh machine:
-#   make demo   set up .venv, make synthetic data, check it, train, evaluate, export, serve
+#   make demo   set up .venv; the training walkthrough on synthetic data (synth, check, train, evaluate,
+#               export); then serve the shipped ivory model and check the example photos over HTTP
 #   make test   set up .venv, run the test suite
+#   make model  reproduce the shipped model models/wildcheck-ivory.onnx from ../shared (about 25 min on 2 cores)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,8 +10,9 @@ DEMO ?= demo
 DEMO_EPOCHS ?= 4
 DEMO_PORT ?= 3000
 DEMO_SERVE ?= 1
+MODEL ?= models/wildcheck-ivory.onnx
 
-.PHONY: demo test venv bench-met clean strip-notebooks
+.PHONY: demo test venv model bench-met clean strip-notebooks
 
 venv: $(VENV)/.installed
 
@@ -17,10 +20,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "wildcheck needs Python 3.11+"'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,backbones]'
+	$(BIN)/python -m pip install --quiet -e '.[train,test,backbones]'
 	touch $@
 
 demo: venv
+	@echo "== 1/2 training walkthrough on SYNTHETIC data (drawn shapes: shows the steps, not a real model) =="
 	$(BIN)/wildcheck data synth $(DEMO)/data --per-class 40 --size 256 --seed 0
 	$(BIN)/wildcheck data check $(DEMO)/data --report $(DEMO)/data_check.json
 	$(BIN)/wildcheck train --data $(DEMO)/data --out $(DEMO)/run --epochs $(DEMO_EPOCHS) --img-size 160
@@ -28,16 +32,29 @@ demo: venv
 	$(BIN)/wildcheck export $(DEMO)/run --out $(DEMO)/model.onnx --version demo
 	$(BIN)/wildcheck evaluate $(DEMO)/model.onnx --data $(DEMO)/data --split test
 ifeq ($(DEMO_SERVE),1)
-	@set -e; \
-	$(BIN)/wildcheck serve $(DEMO)/model.onnx --port $(DEMO_PORT) & pid=$$!; \
+	@echo; echo "== 2/2 the shipped ivory model $(MODEL) checks the example photos (examples/, The Met, CC0) over HTTP =="
+	@test -f $(MODEL) || { echo "$(MODEL) is missing: run 'make model' (needs ../shared/datasets)"; exit 1; }
+	@set -e; mkdir -p $(DEMO); \
+	$(BIN)/wildcheck serve $(MODEL) --port $(DEMO_PORT) > $(DEMO)/serve.log 2>&1 & pid=$$!; \
 	trap "kill $$pid 2>/dev/null" INT TERM EXIT; \
 	for i in $$(seq 120); do curl -sf localhost:$(DEMO_PORT)/readyz >/dev/null && break; sleep 1; done; \
-	img=$$(ls $(DEMO)/data/test/ivory/*.jpg | head -1); \
-	echo; echo "curl -F image=@$$img http://localhost:$(DEMO_PORT)/v1/check"; \
-	curl -sf -F image=@$$img http://localhost:$(DEMO_PORT)/v1/check; echo; \
-	echo; echo "serving $(DEMO)/model.onnx on http://localhost:$(DEMO_PORT) (API docs: /v1/docs); Ctrl-C stops it"; \
+	curl -sf localhost:$(DEMO_PORT)/readyz >/dev/null || { tail -20 $(DEMO)/serve.log; echo "the server did not start"; exit 1; }; \
+	echo; echo "curl -F image=@examples/<photo>.jpg http://localhost:$(DEMO_PORT)/v1/check"; \
+	printf '%-22s %-9s %-8s %s\n' photo "Met label" decision "ivory score"; \
+	for img in examples/*.jpg; do \
+		name=$$(basename $$img); case $$name in non_ivory_*) truth=other;; *) truth=ivory;; esac; \
+		printf '%-22s %-9s ' $$name $$truth; \
+		curl -sf -F image=@$$img http://localhost:$(DEMO_PORT)/v1/check \
+			| $(BIN)/python -c 'import json,sys; r=json.load(sys.stdin); print("%-8s %.3f" % (r["decision"], r["scores"]["ivory"]))'; \
+	done; \
+	echo; echo "serving $(MODEL) on http://localhost:$(DEMO_PORT) (API docs: /v1/docs, log: $(DEMO)/serve.log); Ctrl-C stops it"; \
 	wait $$pid
 endif
+
+# The shipped model: the documented recipe on ../shared/datasets (Met ivory + negatives), then export.
+model: venv
+	$(BIN)/python benchmarks/met_ivory.py --out runs/ship
+	$(BIN)/wildcheck export runs/ship --out $(MODEL) --name wildcheck-ivory --version 1.0.0
 
 test: venv
 	$(BIN)/python -m pytest -q -ra

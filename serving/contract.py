@@ -104,16 +104,28 @@ class ModelContract(BaseModel):
             raise ContractError(f"{source} has invalid wildcheck metadata: {exc}") from exc
 
 
-def read_contract(path: str | Path) -> ModelContract:
-    """Read the contract from an ONNX file without loading the weights into a session."""
-    import onnx
+def contract_from_session(session, source: str = "model") -> ModelContract:
+    """The contract of a loaded onnxruntime session (its ``custom_metadata_map``): one parse, no second read."""
+    return ModelContract.from_metadata(dict(session.get_modelmeta().custom_metadata_map), source=source)
+
+
+def open_session(path: str | Path, options=None):
+    """An onnxruntime CPU session for ``path``; a missing or unreadable file is a ``ContractError``."""
+    import onnxruntime as ort
 
     path = Path(path)
     if not path.is_file():
         raise ContractError(f"{path} does not exist")
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # onnx raises DecodeError and friends
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises InvalidProtobuf, Fail, ... for files that are not models
         raise ContractError(f"{path} is not a readable ONNX file: {exc}") from exc
-    props = {p.key: p.value for p in model.metadata_props}
-    return ModelContract.from_metadata(props, source=str(path))
+
+
+def read_contract(path: str | Path) -> ModelContract:
+    """Read the contract from an ONNX file with onnxruntime (serving has no ``onnx`` package)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # only the metadata is wanted
+    return contract_from_session(open_session(path, options), source=str(path))

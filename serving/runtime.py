@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.contract import ModelContract, read_contract
+from serving.contract import ModelContract, contract_from_session, open_session
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -23,7 +23,6 @@ class OnnxModel:
         import onnxruntime as ort
 
         self.path = Path(path)
-        self.contract: ModelContract = read_contract(self.path)
         options = ort.SessionOptions()
         # NOTES: onnxruntime ignores cgroup limits; set threads explicitly. Sequential + all graph
         # optimisations were the fastest settings on a 2-core AVX2 machine.
@@ -33,7 +32,8 @@ class OnnxModel:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # the arena keeps the peak of concurrent runs forever; a long-running server turns it off
         options.enable_cpu_mem_arena = memory_arena
-        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        self.session = open_session(self.path, options)
+        self.contract: ModelContract = contract_from_session(self.session, source=str(self.path))
         self.input_name = self.session.get_inputs()[0].name
 
     @property

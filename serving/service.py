@@ -2,7 +2,8 @@
 
 We parse requests ourselves instead of using BentoML's image/file parameters (NOTES: those turn bad
 uploads into 500s and download URLs given in file fields). Start it with ``wildcheck serve MODEL.onnx``
-or ``WILDCHECK_MODEL=MODEL.onnx bentoml serve serving.service:WildCheck``.
+or ``WILDCHECK_MODEL=MODEL.onnx bentoml serve serving.service:WildCheck``; a Bento built by ``wildcheck build``
+serves the model it was built with, from BentoML's model store (serving/bento.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
+from serving.bento import stored_model_ref, use_stored_model
 from serving.checker import Abandoned, ImageChecker, Limits, item_error
 from serving.imageio import ImageError, decode_cost
 from serving.middleware import (STARTED, ApiKeyMiddleware, BodyLimitMiddleware, ConcurrencyLimitMiddleware,
@@ -27,6 +29,8 @@ from serving.settings import Settings
 from serving.workqueue import CpuQueue, Expired, Gone, Overloaded
 
 log = logging.getLogger("wildcheck.service")
+BENTO_MODEL = stored_model_ref()  # set in a Bento (`bentoml build --arg model=TAG`), else None
+use_stored_model(BENTO_MODEL)
 settings = Settings.from_env()
 
 api = FastAPI(
@@ -145,6 +149,8 @@ async def _read_images(request: Request, field: str, many: bool) -> list[tuple[b
 @bentoml.asgi_app(api, path="/v1")
 class WildCheck:
     """Loads the ONNX model named by ``WILDCHECK_MODEL`` once per worker and warms it up before ready."""
+
+    bento_model = BENTO_MODEL  # a class attribute, so `bentoml build` packs the stored model into the Bento
 
     def __init__(self) -> None:
         if not settings.model:

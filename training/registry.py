@@ -23,7 +23,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from serving.contract import read_contract
-from training.evaluate import resolve_checkpoint
 from training.fileio import atomic_path, atomic_write_text
 
 
@@ -77,6 +76,7 @@ def _card(contract, compare: dict | None, run_dir: Path) -> str:
 
 def promote(run: str | Path, registry: str | Path, force: bool = False, name: str | None = None,
             version: str | None = None) -> dict:
+    from training.evaluate import resolve_checkpoint  # the training stack: current_model() works without it
     from training.export import export
 
     ckpt = resolve_checkpoint(run)

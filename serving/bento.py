@@ -1,0 +1,117 @@
+"""The service as a Bento: the model (and gallery) travel through BentoML's model store, tagged with the version.
+
+``wildcheck build MODEL.onnx`` puts the ONNX file into the model store as ``<model_name>:<model_version>`` and
+runs ``bentoml build --arg model=<tag>`` on ``serving/bentofile.yaml``. The Bento keeps that argument, so when
+it is served (``bentoml serve <bento>``, a container, BentoCloud) the service finds its model in the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import bentoml
+
+from serving.contract import read_contract
+
+BENTOFILE = Path(__file__).with_name("bentofile.yaml")
+MODEL_FILE = "model.onnx"
+GALLERY_FILE = "gallery"  # + the gallery's own suffix
+
+
+class BentoBuildError(RuntimeError):
+    """``bentoml build`` or the model store refused; the message says what to do."""
+
+
+def _tag_part(text: str) -> str:
+    """BentoML tags allow lowercase letters, digits, ``-``, ``_`` and ``.``: '1.0.0+ab12' -> '1.0.0-ab12'."""
+    part = re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-._")
+    if not part:
+        raise BentoBuildError(f"{text!r} gives an empty BentoML tag part; export the model with --name/--version")
+    return part[:63]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def store_model(model: str | Path, gallery: str | Path | None = None) -> str:
+    """Put the ONNX file (and gallery) into BentoML's model store as ``name:version[-g<gallery hash>]``.
+
+    Returns the tag. The same files again reuse the stored model; other bytes under the same tag are refused.
+    """
+    model = Path(model)
+    contract = read_contract(model)  # a file that is not a wildcheck model stops here
+    if gallery is not None and not Path(gallery).is_file():
+        raise FileNotFoundError(f"gallery {gallery} does not exist")
+    version = _tag_part(contract.model_version)
+    digest = _sha256(model)
+    if gallery:  # the same model with another gallery is another stored model
+        gallery_digest = _sha256(Path(gallery))
+        version, digest = f"{version}-g{gallery_digest[:8]}", f"{digest}+{gallery_digest}"
+    tag = f"{_tag_part(contract.model_name)}:{version}"
+    try:
+        existing = bentoml.models.get(tag)
+    except bentoml.exceptions.NotFound:
+        existing = None
+    if existing is not None:
+        if existing.info.metadata.get("sha256") == digest:
+            return tag
+        raise BentoBuildError(f"the model store already holds {tag} with other files; remove it with "
+                              f"`bentoml models delete {tag}` or export the new model with another --version")
+    metadata = {"sha256": digest, "model_file": MODEL_FILE, "model_version": contract.model_version,
+                "labels": contract.labels, "precision": contract.precision}
+    if gallery:
+        metadata["gallery_file"] = GALLERY_FILE + Path(gallery).suffix
+    with bentoml.models.create(tag, labels={"project": "wildcheck"}, metadata=metadata) as stored:
+        shutil.copyfile(model, stored.path_of(MODEL_FILE))
+        if gallery:
+            shutil.copyfile(gallery, stored.path_of(metadata["gallery_file"]))
+    return tag
+
+
+def build_bento(model: str | Path, gallery: str | Path | None = None) -> str:
+    """Store the model, then ``bentoml build`` the service around it; returns the Bento tag."""
+    model_tag = store_model(model, gallery)
+    build_ctx = BENTOFILE.parent.parent  # the folder holding serving/: the checkout, or site-packages
+    bentoml_cli = shutil.which("bentoml", path=str(Path(sys.executable).parent)) or shutil.which("bentoml")
+    if not bentoml_cli:
+        raise BentoBuildError("the bentoml command was not found; install wildcheck with its dependencies")
+    cmd = [bentoml_cli, "build", "-f", str(BENTOFILE), "--arg", f"model={model_tag}", "--label",
+           f"model={model_tag.replace(':', '_')}", "-o", "tag", str(build_ctx)]
+    env = dict(os.environ, BENTOML_DO_NOT_TRACK=os.environ.get("BENTOML_DO_NOT_TRACK", "true"))
+    env.pop("WILDCHECK_MODEL", None)  # the service imported during the build must use the stored model
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    tags = re.findall(r"__tag__:(\S+)", proc.stdout)
+    if proc.returncode != 0 or not tags:
+        raise BentoBuildError(f"bentoml build failed (exit {proc.returncode}):\n{proc.stderr.strip() or proc.stdout.strip()}")
+    return tags[-1]
+
+
+def stored_model_ref() -> bentoml.models.BentoModel | None:
+    """The model a Bento was built with (Bento argument ``model``), or None outside a Bento."""
+    tag = getattr(bentoml.use_arguments(), "model", None)
+    return bentoml.models.BentoModel(tag) if tag else None
+
+
+def use_stored_model(ref: bentoml.models.BentoModel | None, environ=os.environ) -> None:
+    """Point ``WILDCHECK_MODEL`` (and ``WILDCHECK_GALLERY``) at the Bento's files in the model store.
+
+    A Bento serves the model it was built with; outside a Bento (``ref`` None) the environment decides.
+    """
+    if ref is None:
+        return
+    stored = ref.resolve()
+    environ["WILDCHECK_MODEL"] = stored.path_of(stored.info.metadata.get("model_file", MODEL_FILE))
+    gallery_file = stored.info.metadata.get("gallery_file")
+    if gallery_file:
+        environ["WILDCHECK_GALLERY"] = stored.path_of(gallery_file)
