@@ -6,12 +6,17 @@ import hashlib
 import threading
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
+from PIL import Image
 
 from serving.decision import decide
+from serving.explain import OVERLAY_MAX_SIDE, explain, explained_label, overlay_base64
 from serving.imageio import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageError, decode_image
-from serving.runtime import OnnxModel
+from serving.runtime import OnnxModel, softmax
+
+ExplainMode = Literal["false", "true", "png"]
 
 # Declared content types we accept, and the decoded format each one promises.
 CONTENT_TYPES = {
@@ -49,6 +54,14 @@ def check_content_type(declared: str | None, fmt: str) -> None:
         )
 
 
+@dataclass
+class Prepared:
+    array: np.ndarray
+    meta: dict
+    size: tuple[int, int]  # the decoded, upright picture that was preprocessed (what a heat map covers)
+    thumbnail: Image.Image | None = None  # kept only for explain=png
+
+
 class ImageChecker:
     """Loads the ONNX model once; ``check`` is safe to call from several threads."""
 
@@ -78,18 +91,58 @@ class ImageChecker:
             self.model.predict_proba(batch)
 
     def prepare(self, data: bytes, content_type: str | None = None) -> tuple[np.ndarray, dict]:
+        prepared = self._prepare(data, content_type)
+        return prepared.array, prepared.meta
+
+    def _prepare(self, data: bytes, content_type: str | None = None, thumbnail: bool = False) -> Prepared:
         img, info = decode_image(data, max_pixels=self.limits.max_pixels, min_side=self.limits.min_side,
                                  draft_size=self.pre.draft_size)
         check_content_type(content_type, info.format)
         meta = {"sha256": hashlib.sha256(data).hexdigest(), "width": info.width, "height": info.height,
                 "format": info.format}
-        return self.pre(img), meta
+        thumb = None
+        if thumbnail:  # a small copy, so a batch does not hold every full-size picture until the forward pass
+            thumb = img.copy()
+            thumb.thumbnail((OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE), Image.Resampling.BILINEAR)
+        return Prepared(self.pre(img), meta, img.size, thumb)
 
     def predict(self, arrays: list[np.ndarray]) -> np.ndarray:
         with self._slots:
             return self.model.predict_proba(np.stack(arrays))
 
-    def result(self, probs: np.ndarray, meta: dict, started: float) -> dict:
+    def predict_with_cam(self, arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        with self._slots:
+            logits, cam = self.model.predict_with_cam(np.stack(arrays))
+        return softmax(logits, self.model.temperature), cam
+
+    def check_explain_request(self, mode: ExplainMode, label: str | None) -> bool:
+        """Whether to explain; a request the model cannot serve is a client error (4xx), before any decoding."""
+        if mode not in ("false", "true", "png"):
+            raise ImageError("invalid_request", f"explain must be false, true or png, not {mode!r}")
+        if mode == "false":
+            if label is not None:
+                raise ImageError("invalid_request", "explain_label needs explain=true or explain=png")
+            return False
+        if not self.model.has_cam:
+            raise ImageError(
+                "explain_unavailable",
+                f"the served model {self.contract.model_name} {self.contract.model_version} has no class activation "
+                "map output (exported before heat maps existed); re-export it with `wildcheck export` to use explain",
+                status=422,
+            )
+        if label is not None and label not in self.contract.labels:
+            raise ImageError("unknown_label", f"explain_label {label!r} is not one of the model's labels {self.contract.labels}")
+        return True
+
+    def explanation(self, probs: np.ndarray, cam: np.ndarray, prepared: Prepared, label: str | None) -> dict:
+        c = self.contract
+        chosen = explained_label(probs, c.labels, c.negative_label, label)
+        result = explain(cam, chosen, c.labels, self.pre, *prepared.size)
+        if prepared.thumbnail is not None:
+            result.png = overlay_base64(prepared.thumbnail, result.grid)
+        return result.model_dump()
+
+    def result(self, probs: np.ndarray, meta: dict, started: float, explanation: dict | None = None) -> dict:
         labels = self.contract.labels
         scores = {label: round(float(p), 6) for label, p in zip(labels, probs)}
         top = int(np.argmax(probs))
@@ -103,27 +156,41 @@ class ImageChecker:
             "thresholds": {k: v.model_dump() for k, v in self.thresholds.items()},
             "model": {"name": self.contract.model_name, "version": self.contract.model_version},
             "image": meta,
+            **({"explanation": explanation} if explanation is not None else {}),
             "elapsed_ms": round((time.perf_counter() - started) * 1000.0, 2),
         }
 
-    def check(self, data: bytes, content_type: str | None = None) -> dict:
-        started = time.perf_counter()
-        array, meta = self.prepare(data, content_type)
-        return self.result(self.predict([array])[0], meta, started)
+    def check(self, data: bytes, content_type: str | None = None, explain: ExplainMode = "false",
+              explain_label: str | None = None) -> dict:
+        """With ``explain`` true/png the result carries an ``explanation`` (heat map) for the top protected class."""
+        return self.check_many([(data, content_type)], explain, explain_label, single=True)[0]
 
-    def check_many(self, items: list[tuple[bytes, str | None]]) -> list[dict]:
-        """One forward pass for the readable images; an error entry for each bad one, in request order."""
+    def check_many(self, items: list[tuple[bytes, str | None]], explain: ExplainMode = "false",
+                   explain_label: str | None = None, single: bool = False) -> list[dict]:
+        """One forward pass for the readable images; an error entry for each bad one, in request order.
+
+        ``single``: raise a bad image's ``ImageError`` instead of returning an error entry (``check``).
+        """
         started = time.perf_counter()
-        prepared, results = [], [None] * len(items)
+        explaining = self.check_explain_request(explain, explain_label)
+        prepared: list[tuple[int, Prepared]] = []
+        results: list[dict | None] = [None] * len(items)
         for i, (data, content_type) in enumerate(items):
             try:
-                prepared.append((i, *self.prepare(data, content_type)))
+                prepared.append((i, self._prepare(data, content_type, thumbnail=explain == "png")))
             except ImageError as exc:
+                if single:
+                    raise
                 results[i] = {"error": {"code": exc.code, "message": exc.message, "status": exc.status}}
         if prepared:
-            probs = self.predict([p[1] for p in prepared])
-            for (i, _, meta), p in zip(prepared, probs):
-                results[i] = self.result(p, meta, started)
+            arrays = [p.array for _, p in prepared]
+            if explaining:
+                probs, cams = self.predict_with_cam(arrays)
+            else:
+                probs, cams = self.predict(arrays), [None] * len(arrays)
+            for (i, p), prob, cam in zip(prepared, probs, cams):
+                explanation = self.explanation(prob, cam, p, explain_label) if explaining else None
+                results[i] = self.result(prob, p.meta, started, explanation)
         return results
 
     def describe(self) -> dict:

@@ -35,6 +35,13 @@ class ContractError(ValueError):
     """The file is not a wildcheck model, or its contract is incomplete."""
 
 
+class CamOutput(BaseModel):
+    """The graph output holding class activation maps (``training.cam``); absent in older files."""
+
+    output: str = "cam"
+    shape: list[int] = Field(description="per image: [classes (in label order), rows, cols] over the centre crop")
+
+
 class ModelContract(BaseModel):
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
@@ -53,6 +60,7 @@ class ModelContract(BaseModel):
     metrics: dict[str, Any]
     wildcheck_version: str
     precision: str = "fp32"
+    cam: CamOutput | None = Field(None, description="class activation maps output, for explain; None in older files")
     val_curves: dict[str, dict[str, list[float]]] = Field(
         default_factory=dict, description="calibrated validation scores per class (pos/neg), to re-solve a policy"
     )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+from serving.explain import Explanation
 
 
 class ErrorBody(BaseModel):
@@ -39,6 +41,9 @@ class CheckResponse(BaseModel):
     thresholds: dict[str, dict[str, float | None]]
     model: ModelRef
     image: ImageMeta
+    explanation: Explanation | None = Field(
+        None, description="only with explain=true/png: a heat map covering the whole uploaded picture"
+    )
     elapsed_ms: float
 
 
@@ -73,6 +78,7 @@ ERRORS = {
     401: {"model": ErrorResponse, "description": "missing or invalid API key (when WILDCHECK_API_KEYS is set)"},
     413: {"model": ErrorResponse, "description": "request body over WILDCHECK_MAX_BODY_BYTES or too many images"},
     415: {"model": ErrorResponse, "description": "unsupported image format or content type"},
+    422: {"model": ErrorResponse, "description": "explain asked of a model exported without heat maps (explain_unavailable)"},
 }
 
 _FILE = {"type": "string", "format": "binary"}

@@ -12,13 +12,13 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import bentoml
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
-from serving.checker import ImageChecker, Limits
+from serving.checker import ExplainMode, ImageChecker, Limits
 from serving.imageio import ImageError
 from serving.middleware import ApiKeyMiddleware, BodyLimitMiddleware, error_response
 from serving.schemas import BATCH_BODY, CHECK_BODY, ERRORS, BatchResponse, CheckResponse, ModelInfo
@@ -48,6 +48,11 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     return error_response(400, "invalid_request", str(exc.errors()))
+
+
+EXPLAIN = Query("false", description="`true`: add `explanation`, a heat map of where the photo shows the top "
+               "protected class (or `explain_label`); `png`: also the photo with the heat map drawn over it, as base64 PNG")
+EXPLAIN_LABEL = Query(None, description="with explain=true/png: explain this label instead of the top protected class")
 
 
 async def _read_images(request: Request, field: str, many: bool) -> list[tuple[bytes, str | None]]:
@@ -113,24 +118,27 @@ class WildCheck:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     @api.post("/check", response_model=CheckResponse, responses=ERRORS, openapi_extra=CHECK_BODY)
-    async def check(self, request: Request):
+    async def check(self, request: Request, explain: ExplainMode = EXPLAIN, explain_label: str | None = EXPLAIN_LABEL):
         """Check one image: multipart field `image`, or the raw image bytes as the body."""
         try:
+            self.checker.check_explain_request(explain, explain_label)  # before reading the upload
             (data, content_type), = await _read_images(request, "image", many=False)
-            return await self._run(self.checker.check, data, content_type)
+            return await self._run(self.checker.check, data, content_type, explain, explain_label)
         except ImageError as exc:
             return error_response(exc.status, exc.code, exc.message)
 
     @api.post("/check_batch", response_model=BatchResponse, responses=ERRORS, openapi_extra=BATCH_BODY)
-    async def check_batch(self, request: Request):
+    async def check_batch(self, request: Request, explain: ExplainMode = EXPLAIN,
+                          explain_label: str | None = EXPLAIN_LABEL):
         """Check up to WILDCHECK_MAX_BATCH images (repeated multipart field `image`); results in request order."""
         try:
+            self.checker.check_explain_request(explain, explain_label)
             items = await _read_images(request, "image", many=True)
         except ImageError as exc:
             return error_response(exc.status, exc.code, exc.message)
         if len(items) > settings.max_batch:
             return error_response(413, "batch_too_large", f"{len(items)} images; at most {settings.max_batch} per request")
-        results = await self._run(self.checker.check_many, items)
+        results = await self._run(self.checker.check_many, items, explain, explain_label)
         return {"results": results, "count": len(results)}
 
     @api.get("/model", response_model=ModelInfo, responses=ERRORS)
