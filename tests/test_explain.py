@@ -232,3 +232,23 @@ def test_ivory_collages_peak_in_the_ivory_quadrant():
         row, col = np.unravel_index(grid.argmax(), grid.shape)
         hits += (2 * int(row >= grid.shape[0] / 2) + int(col >= grid.shape[1] / 2)) == quadrant
     assert hits >= 32, f"peak in the ivory quadrant for only {hits}/40 collages"
+
+
+def test_false_positives_png_shows_heat_maps_when_the_model_has_them(onnx_model, legacy_model, synth_root, tmp_path):
+    from training.evaluate import evaluate, load_predictor
+    from training.explain import heat_grids
+
+    negatives = tmp_path / "neg" / "other"
+    negatives.mkdir(parents=True)
+    paths = sorted((synth_root / "test" / "other").glob("*.jpg"))[:4]
+    for p in paths:
+        (negatives / p.name).write_bytes(p.read_bytes())
+    widths = {}
+    for name, model in (("cam", onnx_model), ("legacy", legacy_model)):
+        evaluate(model, [str(tmp_path / "neg")], split=None, out_dir=tmp_path / name)
+        with Image.open(tmp_path / name / "false_positives.png") as png:
+            widths[name] = png.width
+    assert widths["cam"] > 1.8 * widths["legacy"]  # photo | heat map in each cell
+    grids = heat_grids(load_predictor(onnx_model), [str(p) for p in paths] + [str(tmp_path / "missing.jpg")])
+    assert all(g.shape == grids[0].shape and g.max() <= 1.0 for g in grids[:4]) and grids[4] is None
+    assert heat_grids(load_predictor(legacy_model), [str(paths[0])]) == [None]

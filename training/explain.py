@@ -39,18 +39,19 @@ def explain_image(predictor, img: Image.Image, label: str | None = None) -> tupl
     return explain(cam[0], chosen, labels, pre, *img.size), scores
 
 
-def heat_grids(predictor, paths: list[str | Path]) -> list[np.ndarray | None]:
-    """The top protected class's grid per image (None when unreadable or the model has no ``cam``)."""
+def heat_grids(predictor, paths: list[str | Path], labels: list[str] | None = None) -> list[np.ndarray | None]:
+    """Each image's grid for ``labels[i]`` (default: its top protected class); None when the image is
+    unreadable or the model has no ``cam`` output."""
     if not getattr(predictor, "has_cam", False):
         return [None] * len(paths)
     grids = []
-    for path in paths:
+    for path, label in zip(paths, labels or [None] * len(paths)):
         try:
             img, _ = decode_image(path, draft_size=predictor.preprocessing.draft_size)
         except (ImageError, OSError):
             grids.append(None)
             continue
-        grids.append(np.asarray(explain_image(predictor, img)[0].grid, dtype=np.float32))
+        grids.append(np.asarray(explain_image(predictor, img, label)[0].grid, dtype=np.float32))
     return grids
 
 
