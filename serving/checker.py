@@ -201,4 +201,5 @@ class ImageChecker:
             "thresholds": {k: v.model_dump() for k, v in self.thresholds.items()}, "never_block": self.never_block,
             "policy": self.policy, "temperature": c.temperature, "preprocessing": c.preprocessing.model_dump(), "metrics": c.metrics,
             "created_at": c.created_at, "training_data": c.training_data, "wildcheck_version": c.wildcheck_version,
+            "explain": {"available": self.model.has_cam, "cam": c.cam.model_dump() if self.model.has_cam else None},
         }

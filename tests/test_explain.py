@@ -179,6 +179,7 @@ def test_explain_errors_and_batch(client):
     assert b["error"]["code"] == "not_an_image" and a["explanation"]["label"] == c["explanation"]["label"]
     single = client.post("/v1/check?explain=true", files={"image": ("a.jpg", good, "image/jpeg")}).json()
     np.testing.assert_allclose(a["explanation"]["grid"], single["explanation"]["grid"], atol=1e-3)
+    assert client.get("/v1/model").json()["explain"] == {"available": True, "cam": {"output": "cam", "shape": [4, 2, 2]}}
     schema = client.get("/v1/openapi.json").json()
     assert "Explanation" in schema["components"]["schemas"]
     assert {"explain", "explain_label"} <= {p["name"] for p in schema["paths"]["/check"]["post"]["parameters"]}
@@ -196,6 +197,7 @@ def test_model_exported_before_heat_maps_still_serves(legacy_model, tmp_path):
         r = c.post("/v1/check?explain=true", files={"image": ("a.jpg", data, "image/jpeg")})
         assert r.status_code == 422 and r.json()["error"]["code"] == "explain_unavailable"
         assert "re-export" in r.json()["error"]["message"]
+        assert c.get("/v1/model").json()["explain"] == {"available": False, "cam": None}
 
 
 def _collage(ivory: Image.Image, others: list[Image.Image], quadrant: int, side: int = 256) -> Image.Image:
