@@ -12,9 +12,10 @@ import numpy as np
 from PIL import Image
 
 from serving.decision import decide
-from serving.explain import OVERLAY_MAX_SIDE, explain, explained_label, overlay_base64
+from serving.explain import OVERLAY_MAX_SIDE, explain, explained_label, overlay_base64, predict_views_with_cam
 from serving.imageio import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageError, decode_image
-from serving.runtime import OnnxModel, softmax
+from serving.runtime import OnnxModel
+from serving.tiling import draft_size, predict_views, views
 
 ExplainMode = Literal["false", "true", "png"]
 
@@ -56,7 +57,7 @@ def check_content_type(declared: str | None, fmt: str) -> None:
 
 @dataclass
 class Prepared:
-    array: np.ndarray
+    views: np.ndarray  # the model inputs: the whole picture, then its tiles (serving.tiling.views)
     meta: dict
     size: tuple[int, int]  # the decoded, upright picture that was preprocessed (what a heat map covers)
     thumbnail: Image.Image | None = None  # kept only for explain=png
@@ -92,11 +93,11 @@ class ImageChecker:
 
     def prepare(self, data: bytes, content_type: str | None = None) -> tuple[np.ndarray, dict]:
         prepared = self._prepare(data, content_type)
-        return prepared.array, prepared.meta
+        return prepared.views, prepared.meta
 
     def _prepare(self, data: bytes, content_type: str | None = None, thumbnail: bool = False) -> Prepared:
         img, info = decode_image(data, max_pixels=self.limits.max_pixels, min_side=self.limits.min_side,
-                                 draft_size=self.pre.draft_size)
+                                 draft_size=draft_size(self.pre, self.contract.tiling))
         check_content_type(content_type, info.format)
         meta = {"sha256": hashlib.sha256(data).hexdigest(), "width": info.width, "height": info.height,
                 "format": info.format}
@@ -104,16 +105,17 @@ class ImageChecker:
         if thumbnail:  # a small copy, so a batch does not hold every full-size picture until the forward pass
             thumb = img.copy()
             thumb.thumbnail((OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE), Image.Resampling.BILINEAR)
-        return Prepared(self.pre(img), meta, img.size, thumb)
+        return Prepared(views(img, self.pre, self.contract.tiling), meta, img.size, thumb)
 
-    def predict(self, arrays: list[np.ndarray]) -> np.ndarray:
+    def predict(self, stacks: list[np.ndarray]) -> np.ndarray:
+        """Probabilities per picture, from the views ``prepare`` made of each (one forward pass)."""
         with self._slots:
-            return self.model.predict_proba(np.stack(arrays))
+            return predict_views(self.model, stacks, self.model.negative_index)
 
-    def predict_with_cam(self, arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def predict_with_cam(self, stacks: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """``predict`` plus each picture's cam outputs (one per view)."""
         with self._slots:
-            logits, cam = self.model.predict_with_cam(np.stack(arrays))
-        return softmax(logits, self.model.temperature), cam
+            return predict_views_with_cam(self.model, stacks, self.model.negative_index, self.model.temperature)
 
     def check_explain_request(self, mode: ExplainMode, label: str | None) -> bool:
         """Whether to explain; a request the model cannot serve is a client error (4xx), before any decoding."""
@@ -137,7 +139,7 @@ class ImageChecker:
     def explanation(self, probs: np.ndarray, cam: np.ndarray, prepared: Prepared, label: str | None) -> dict:
         c = self.contract
         chosen = explained_label(probs, c.labels, c.negative_label, label)
-        result = explain(cam, chosen, c.labels, self.pre, *prepared.size)
+        result = explain(cam, chosen, c.labels, self.pre, *prepared.size, tiling=c.tiling)
         if prepared.thumbnail is not None:
             result.png = overlay_base64(prepared.thumbnail, result.grid)
         return result.model_dump()
@@ -183,11 +185,11 @@ class ImageChecker:
                     raise
                 results[i] = {"error": {"code": exc.code, "message": exc.message, "status": exc.status}}
         if prepared:
-            arrays = [p.array for _, p in prepared]
+            stacks = [p.views for _, p in prepared]
             if explaining:
-                probs, cams = self.predict_with_cam(arrays)
+                probs, cams = self.predict_with_cam(stacks)
             else:
-                probs, cams = self.predict(arrays), [None] * len(arrays)
+                probs, cams = self.predict(stacks), [None] * len(stacks)
             for (i, p), prob, cam in zip(prepared, probs, cams):
                 explanation = self.explanation(prob, cam, p, explain_label) if explaining else None
                 results[i] = self.result(prob, p.meta, started, explanation)
@@ -199,7 +201,8 @@ class ImageChecker:
             "name": c.model_name, "version": c.model_version, "architecture": c.architecture, "labels": c.labels,
             "negative_label": c.negative_label, "precision": c.precision,
             "thresholds": {k: v.model_dump() for k, v in self.thresholds.items()}, "never_block": self.never_block,
-            "policy": self.policy, "temperature": c.temperature, "preprocessing": c.preprocessing.model_dump(), "metrics": c.metrics,
+            "policy": self.policy, "temperature": c.temperature, "preprocessing": c.preprocessing.model_dump(),
+            "tiling": c.tiling.model_dump() if c.tiling else None, "metrics": c.metrics,
             "created_at": c.created_at, "training_data": c.training_data, "wildcheck_version": c.wildcheck_version,
             "explain": {"available": self.model.has_cam, "cam": c.cam.model_dump() if self.model.has_cam else None},
         }

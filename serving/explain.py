@@ -16,6 +16,8 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 from serving.preprocess import Preprocessing
+from serving.runtime import softmax
+from serving.tiling import Tiling, combine
 
 GRID_CELLS_PER_MAP_CELL = 4  # grid cells across one feature-map cell (7 x 7 map -> 28 cells over the crop)
 MAX_GRID_SIDE = 64  # bounds the response size for very elongated pictures
@@ -57,11 +59,14 @@ def grid_shape(pre: Preprocessing, map_side: int, width: int, height: int) -> tu
     return max(1, round(rows * shrink)), max(1, round(cols * shrink))
 
 
-def _axis(n_cells: int, resized: int, offset: int, crop: int, map_cells: int) -> tuple[np.ndarray, np.ndarray]:
-    """Feature-map coordinates of the grid cells' centres along one axis, and whether they are in the crop."""
-    centres = (np.arange(n_cells) + 0.5) * resized / n_cells - offset  # resized pixels, relative to the crop
-    inside = (centres >= 0) & (centres < crop)
-    return np.clip(centres / crop * map_cells - 0.5, 0, map_cells - 1), inside
+def _axis(n_cells: int, picture: int, start: int, end: int, resized: int, offset: int, crop: int,
+          map_cells: int) -> tuple[np.ndarray, np.ndarray]:
+    """Along one axis: feature-map coordinates of the grid cells' centres for the view [start, end) of the
+    picture, and whether each centre falls inside the centre crop the model saw of that view."""
+    centres = (np.arange(n_cells) + 0.5) * picture / n_cells  # picture pixels
+    in_crop = (centres - start) * resized / (end - start) - offset  # resized view pixels, relative to the crop
+    inside = (in_crop >= 0) & (in_crop < crop)
+    return np.clip(in_crop / crop * map_cells - 0.5, 0, map_cells - 1), inside
 
 
 def _bilinear(values: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
@@ -76,28 +81,63 @@ def _bilinear(values: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     return top * (1 - wy) + bottom * wy
 
 
-def heat_grid(evidence: np.ndarray, pre: Preprocessing, width: int, height: int) -> np.ndarray:
-    """(h, w) evidence over the crop -> (rows, cols) heat in [0, 1] over the whole ``width`` x ``height`` picture.
+def heat_grid(evidence: np.ndarray, pre: Preprocessing, width: int, height: int,
+              boxes: list[tuple[int, int, int, int]] | None = None) -> np.ndarray:
+    """Evidence over the model's crop(s) -> (rows, cols) heat in [0, 1] over the whole ``width`` x ``height`` picture.
 
-    Positive evidence only, scaled so the strongest cell is 1 (all 0 when nothing speaks for the class).
-    ``width`` x ``height`` is the decoded, upright picture that went through ``pre``.
+    ``evidence``: (h, w) for the whole picture, or (views, h, w) for the views ``serving.tiling.views`` made,
+    whose boxes (left, top, right, bottom) are ``boxes`` (the whole picture first); where views overlap the
+    stronger evidence counts, as tiling keeps the most suspicious view. Positive evidence only, scaled so the
+    strongest cell is 1 (all 0 when nothing speaks for the class). ``width`` x ``height`` is the decoded,
+    upright picture that went through ``pre``.
     """
-    map_h, map_w = evidence.shape
+    maps = [evidence] if evidence.ndim == 2 else list(evidence)
+    boxes = boxes or [(0, 0, width, height)]
+    if len(boxes) != len(maps):
+        raise ValueError(f"{len(maps)} evidence maps for {len(boxes)} views")
+    map_h, map_w = maps[0].shape
     rows, cols = grid_shape(pre, max(map_h, map_w), width, height)
-    resized_w, resized_h = pre.resized_size(width, height)
-    left, top = pre.crop_offsets(resized_w, resized_h)
+    grid = np.zeros((rows, cols), np.float32)
     crop = pre.input_size
-    ys, inside_y = _axis(rows, resized_h, top, crop, map_h)
-    xs, inside_x = _axis(cols, resized_w, left, crop, map_w)
-    grid = _bilinear(np.maximum(evidence, 0.0), ys, xs) * (inside_y[:, None] & inside_x[None, :])
+    for values, (left, top, right, bottom) in zip(maps, boxes):
+        resized_w, resized_h = pre.resized_size(right - left, bottom - top)
+        offset_x, offset_y = pre.crop_offsets(resized_w, resized_h)
+        ys, inside_y = _axis(rows, height, top, bottom, resized_h, offset_y, crop, map_h)
+        xs, inside_x = _axis(cols, width, left, right, resized_w, offset_x, crop, map_w)
+        view = _bilinear(np.maximum(values, 0.0), ys, xs) * (inside_y[:, None] & inside_x[None, :])
+        grid = np.maximum(grid, view)
     peak = float(grid.max())
     return (grid / peak if peak > 0 else grid).astype(np.float32)
 
 
-def explain(cam: np.ndarray, label: str, labels: list[str], pre: Preprocessing, width: int, height: int) -> Explanation:
-    """One image's ``cam`` (C, h, w) -> the ``Explanation`` of ``label`` (values rounded to 4 decimals)."""
-    grid = heat_grid(class_evidence(cam, labels.index(label)), pre, width, height)
+def view_boxes(tiling: Tiling | None, width: int, height: int) -> list[tuple[int, int, int, int]]:
+    """The boxes of the views ``serving.tiling.views`` makes of a ``width`` x ``height`` picture, in order."""
+    return [(0, 0, width, height)] + (tiling.tiles((width, height)) if tiling is not None else [])
+
+
+def explain(cams: np.ndarray, label: str, labels: list[str], pre: Preprocessing, width: int, height: int,
+            tiling: Tiling | None = None) -> Explanation:
+    """One picture's ``cam`` outputs (views, C, h, w) -> the ``Explanation`` of ``label`` (values rounded to 4 decimals)."""
+    cams = np.asarray(cams)
+    if cams.ndim == 3:
+        cams = cams[None]
+    index = labels.index(label)
+    evidence = np.stack([class_evidence(c, index) for c in cams])
+    grid = heat_grid(evidence, pre, width, height, view_boxes(tiling, width, height))
     return Explanation(label=label, rows=grid.shape[0], cols=grid.shape[1], grid=np.round(grid, 4).tolist())
+
+
+def predict_views_with_cam(model, stacks: list[np.ndarray], negative_index: int | None,
+                           temperature: float) -> tuple[np.ndarray, list[np.ndarray]]:
+    """``serving.tiling.predict_views`` plus each picture's cam outputs: (probabilities N x C, [views x C x h x w])."""
+    logits, cam = model.predict_with_cam(np.concatenate(stacks))
+    probs = softmax(logits, temperature)
+    out, cams, start = [], [], 0
+    for stack in stacks:
+        out.append(combine(probs[start : start + len(stack)], negative_index))
+        cams.append(cam[start : start + len(stack)])
+        start += len(stack)
+    return np.stack(out), cams
 
 
 def explained_label(probs: np.ndarray, labels: list[str], negative_label: str, requested: str | None = None) -> str:

@@ -60,6 +60,15 @@ class OnnxModel:
     def _feed(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         return {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)}
 
+    @property
+    def tiling(self):
+        return self.contract.tiling
+
+    @property
+    def negative_index(self) -> int | None:
+        labels = self.contract.labels
+        return labels.index(self.contract.negative_label) if self.contract.negative_label in labels else None
+
     def predict_logits(self, batch: np.ndarray) -> np.ndarray:
         # fetch by name: outputs added to the graph (cam, embedding) are not computed for a plain check
         return self.session.run([self.logits_output], self._feed(batch))[0]

@@ -13,9 +13,9 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from serving.explain import Explanation, explain, explained_label, overlay, png_bytes
+from serving.explain import Explanation, explain, explained_label, overlay, png_bytes, predict_views_with_cam
 from serving.imageio import ImageError, decode_image
-from serving.runtime import softmax
+from serving.tiling import draft_size, views
 from training.evaluate import _decision_settings, load_predictor
 from training.fileio import atomic_path, atomic_write_text
 
@@ -31,12 +31,17 @@ def explain_image(predictor, img: Image.Image, label: str | None = None) -> tupl
     labels = predictor.labels
     if label is not None and label not in labels:
         raise ValueError(f"label {label!r} is not one of the model's labels {labels}")
-    pre = predictor.preprocessing
-    logits, cam = predictor.predict_with_cam(pre(img)[None])
-    probs = softmax(logits, predictor.temperature)[0]
-    chosen = explained_label(probs, labels, _decision_settings(predictor)[2], label)
-    scores = {name: round(float(p), 6) for name, p in zip(labels, probs)}
-    return explain(cam[0], chosen, labels, pre, *img.size), scores
+    pre, tiling = predictor.preprocessing, getattr(predictor, "tiling", None)
+    probs, cams = predict_views_with_cam(predictor, [views(img, pre, tiling)], getattr(predictor, "negative_index", None),
+                                         predictor.temperature)
+    chosen = explained_label(probs[0], labels, _decision_settings(predictor)[2], label)
+    scores = {name: round(float(p), 6) for name, p in zip(labels, probs[0])}
+    return explain(cams[0], chosen, labels, pre, *img.size, tiling=tiling), scores
+
+
+def _decode(predictor, path: str | Path) -> Image.Image:
+    """Decoded as the server decodes it (JPEG draft size included), so the grids agree."""
+    return decode_image(path, draft_size=draft_size(predictor.preprocessing, getattr(predictor, "tiling", None)))[0]
 
 
 def heat_grids(predictor, paths: list[str | Path], labels: list[str] | None = None) -> list[np.ndarray | None]:
@@ -47,7 +52,7 @@ def heat_grids(predictor, paths: list[str | Path], labels: list[str] | None = No
     grids = []
     for path, label in zip(paths, labels or [None] * len(paths)):
         try:
-            img, _ = decode_image(path, draft_size=predictor.preprocessing.draft_size)
+            img = _decode(predictor, path)
         except (ImageError, OSError):
             grids.append(None)
             continue
@@ -75,7 +80,7 @@ def explain_files(model: str | Path, images: list[str | Path], out: str | Path, 
     records, taken = [], set()
     for path in tqdm([Path(p) for p in images], desc="explaining", unit="img"):
         try:
-            img, _ = decode_image(path, draft_size=predictor.preprocessing.draft_size)
+            img = _decode(predictor, path)
         except ImageError as exc:
             records.append({"image": str(path), "error": f"{exc.code}: {exc.message}"})
             continue

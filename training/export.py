@@ -24,7 +24,7 @@ from serving.decision import default_thresholds
 from serving.runtime import OnnxModel
 from training.cam import CAM_OUTPUT, WithCam, cam_unsupported
 from training.data.sources import Sample
-from training.evaluate import TorchPredictor, _prepare, predict_samples, resolve_checkpoint, run_samples
+from training.evaluate import TorchPredictor, _decode, predict_samples, resolve_checkpoint, run_samples
 from training.fileio import atomic_path
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ def build_contract(state: dict, name: str | None, version: str | None, run_dir: 
         training_data=state.get("training_data", {}),
         metrics={"val": _slim(state.get("val_metrics", {})), "calibration": state.get("calibration", {})},
         val_curves=state.get("val_curves", {}),
+        tiling=state.get("tiling"),
         wildcheck_version=training.__version__,
     )
 
@@ -82,7 +83,7 @@ def torch_to_onnx(model: torch.nn.Module, input_size: int, path: Path) -> CamOut
     Outputs ``logits`` first and, when the architecture allows it, ``cam`` (``training.cam``); returns the
     cam output's description for the contract, or None.
     """
-    model = model.eval()
+    model = model.cpu().eval()
     dummy = torch.randn(2, 3, input_size, input_size)
     batch = torch.export.Dim("batch", min=1, max=1024)
     names, cam = ["logits"], None
@@ -176,7 +177,8 @@ def export(
                 f"(limit {PARITY_MAX_ABS:.0e}), {len(parity['top1_mismatches'])} top-1 mismatches; nothing written"
             )
         if cam is not None:
-            arrays = [a for a in (_prepare(s, contract.preprocessing) for s in parity_set[:8]) if not isinstance(a, str)]
+            pre = contract.preprocessing
+            arrays = [pre(img) for img in (_decode(s, pre) for s in parity_set[:8]) if not isinstance(img, str)]
             if arrays:
                 parity["cam_max_abs_diff"] = cam_parity(model, staged, arrays)
                 if parity["cam_max_abs_diff"] > CAM_PARITY_MAX_ABS:
