@@ -94,7 +94,7 @@ def main() -> None:
           f"cam {checker.contract.cam.shape}, {len(photos)} photos of ~{np.mean([len(p) for p in photos]) / 1e3:.0f} KB, "
           f"{args.threads} onnxruntime thread(s), {args.repeats} repeats")
 
-    batch = checker.prepare(photos[0], "image/jpeg")[0][None]
+    batch = checker.prepare(photos[0], "image/jpeg")[0]  # the views of one photo (1 + tiles)
     report = profile_logits_only(Path(args.model), batch)
     print(f"cam-only nodes in the optimised graph: {report['cam_only_nodes']}; run when fetching only logits: "
           f"{report['ran_when_fetching_logits'] or 'none'}; their kernel time {report['cam_us_per_run']:.0f} us of a "
@@ -103,7 +103,7 @@ def main() -> None:
     model = checker.model
     logits_ms = median_ms(lambda: model.predict_logits(batch), args.repeats, 20)
     cam_ms = median_ms(lambda: model.predict_with_cam(batch), args.repeats, 20)
-    print(f"model call, batch 1: logits only {logits_ms:.2f} ms, logits + cam {cam_ms:.2f} ms "
+    print(f"model call, one photo ({len(batch)} view(s)): logits only {logits_ms:.2f} ms, logits + cam {cam_ms:.2f} ms "
           f"({100 * (cam_ms / logits_ms - 1):+.1f}%)")
 
     modes = ["false", "true", "png"]

@@ -115,17 +115,41 @@ def test_grid_maps_the_crop_back_onto_the_whole_picture():
     assert heat_grid(-evidence, pre, 512, 256).max() == 0  # evidence against the class is not shown
 
 
+def test_grid_covers_the_tiles_of_a_tiled_model():
+    """With tiling, a tile's evidence lands in that tile's part of the picture, beyond the whole view's crop."""
+    from serving.explain import view_boxes
+    from serving.tiling import Tiling
+
+    pre = Preprocessing(input_size=224, crop_pct=0.875)
+    boxes = view_boxes(Tiling(grid=2), 512, 512)
+    assert boxes == [(0, 0, 512, 512), (0, 0, 256, 256), (256, 0, 512, 256), (0, 256, 256, 512), (256, 256, 512, 512)]
+    evidence = np.zeros((5, 7, 7), np.float32)
+    evidence[4, 6, 6] = 2.0  # bottom-right corner of the bottom-right tile's crop: outside the whole view's crop
+    evidence[0, 3, 3] = 1.0  # the whole view's centre, weaker
+    grid = heat_grid(evidence, pre, 512, 512, boxes)
+    row, col = np.unravel_index(grid.argmax(), grid.shape)
+    assert grid.shape == (32, 32) and row >= 28 and col >= 28  # crop of tile 4 ends at 256 + 16 + 224 = 496 px
+    # the centre keeps its own, weaker evidence: cells 15 and 16 sit 1/8 of a map cell off its centre
+    np.testing.assert_allclose(grid[15:17, 15:17], 0.875 ** 2 / 2, atol=1e-4)
+
+
 def test_mirroring_the_photo_mirrors_the_grid(onnx_model):
+    """A wide photo: the crop margins and every class's map must mirror with it (a crop mapped back to the
+    wrong place, or rows/columns swapped, would not)."""
     from serving.checker import ImageChecker
 
     checker = ImageChecker(str(onnx_model))
     img = _scene()
-    a = checker.check(jpeg_bytes(img), "image/jpeg", explain="true", explain_label="tiger_skin")["explanation"]
-    b = checker.check(jpeg_bytes(ImageOps.mirror(img)), "image/jpeg", explain="true", explain_label="tiger_skin")["explanation"]
-    ga, gb = np.array(a["grid"]), np.array(b["grid"])
-    assert ga.shape == gb.shape == (a["rows"], a["cols"]) and a["cols"] > a["rows"]
-    assert np.abs(ga - gb[:, ::-1]).mean() < 0.1, "the mirrored photo's grid is not the mirrored grid"
-    assert np.abs(ga - gb).mean() > 2 * np.abs(ga - gb[:, ::-1]).mean()  # and the map is not symmetric by itself
+    shown = 0
+    for label in checker.contract.labels:
+        a = checker.check(jpeg_bytes(img), "image/jpeg", explain="true", explain_label=label)["explanation"]
+        b = checker.check(jpeg_bytes(ImageOps.mirror(img)), "image/jpeg", explain="true", explain_label=label)["explanation"]
+        ga, gb = np.array(a["grid"]), np.array(b["grid"])
+        assert ga.shape == gb.shape == (a["rows"], a["cols"]) and a["cols"] > a["rows"]
+        assert np.abs(ga - gb[:, ::-1]).mean() < 0.1, f"{label}: the mirrored photo's grid is not the mirrored grid"
+        assert ga[:, 0].max() == ga[:, -1].max() == 0  # left and right of the centre crop
+        shown += ga.max() == 1.0
+    assert shown  # at least one class has evidence to show
 
 
 def test_endpoint_grid_equals_cli_grid_and_png_overlay(client, onnx_model, tmp_path):
