@@ -7,52 +7,54 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Literal
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from serving.decision import decide
+from serving.imageio import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageError, decode_image
 from serving.explain import OVERLAY_MAX_SIDE, explain, explained_label, overlay_base64, predict_views_with_cam
-from serving.imageio import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageError, decode_image
 from serving.runtime import OnnxModel
 from serving.tiling import draft_size, predict_views, views
 
-ExplainMode = Literal["false", "true", "png"]
-
-# Declared content types we accept, and the decoded format each one promises.
-CONTENT_TYPES = {
-    "image/jpeg": {"JPEG", "MPO"},
-    "image/png": {"PNG"},
-    "image/webp": {"WEBP"},
-    "image/gif": {"GIF"},
-    "image/bmp": {"BMP"},
-    "image/tiff": {"TIFF"},
-}
+# The MIME type of each decodable format, and the names clients use for them.
+FORMAT_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp",
+                "GIF": "image/gif", "BMP": "image/bmp", "TIFF": "image/tiff"}
+TYPE_ALIASES = {"image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg", "image/x-png": "image/png",
+                "image/x-ms-bmp": "image/bmp", "image/x-bmp": "image/bmp", "image/tif": "image/tiff"}
 GENERIC_TYPES = {"", "application/octet-stream"}
+
+
+def content_type_info(declared: str | None, fmt: str) -> dict:
+    """Declared vs detected type. The bytes decide how we decode: a wrong or sloppy declared type (a PNG sent
+    as image/jpeg, the unregistered image/jpg) must not make a photo go unchecked, so it is only reported."""
+    raw = (declared or "").split(";")[0].strip().lower()[:100]
+    detected = FORMAT_TYPES.get(fmt, "application/octet-stream")
+    normalized = TYPE_ALIASES.get(raw, raw)
+    return {"declared_type": raw or None, "detected_type": detected,
+            "type_mismatch": normalized not in GENERIC_TYPES and normalized != detected}
 
 
 @dataclass(frozen=True)
 class Limits:
     max_pixels: int = DEFAULT_MAX_PIXELS
     min_side: int = DEFAULT_MIN_SIDE
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
 
 
-def check_content_type(declared: str | None, fmt: str) -> None:
-    """A declared type must be a real image type and match the bytes; none or octet-stream means 'sniff'."""
-    declared = (declared or "").split(";")[0].strip().lower()
-    if declared in GENERIC_TYPES:
-        return
-    if declared not in CONTENT_TYPES:
-        hint = " (the registered type is image/jpeg)" if declared in ("image/jpg", "image/pjpeg") else ""
-        raise ImageError(
-            "unsupported_content_type",
-            f"content type {declared!r} is not accepted{hint}; use one of {sorted(CONTENT_TYPES)} or application/octet-stream",
-            status=415,
-        )
-    if fmt not in CONTENT_TYPES[declared]:
-        raise ImageError(
-            "content_type_mismatch", f"declared {declared} but the bytes are a {fmt} image; send the right type", status=415
-        )
+class Abandoned(Exception):
+    """The request this work was for has timed out or disconnected."""
+
+
+def item_error(exc: Exception) -> dict:
+    """A batch entry for an image that could not be checked."""
+    if not isinstance(exc, ImageError):
+        exc = ImageError("corrupt", f"the image could not be decoded: {type(exc).__name__}: {exc}")
+    return {"error": {"code": exc.code, "message": exc.message, "status": exc.status}}
+
+
+ExplainMode = Literal["false", "true", "png"]
 
 
 @dataclass
@@ -75,15 +77,20 @@ class ImageChecker:
         self.thresholds = dict(self.contract.thresholds)
         self.never_block = list(self.contract.never_block)
         self.policy = {"source": "model"}
+        self.threshold_rules = {k: dict(v) for k, v in self.contract.threshold_rules.items()}
         # one inference at a time per worker: onnxruntime threads x concurrent runs must not exceed the cores
         self._slots = threading.Semaphore(max_concurrent)
 
     def apply_policy(self, path: str) -> None:
         """Override thresholds / never_block from a policy YAML (GET /v1/model shows what is in force)."""
-        from serving.policy import load_policy, resolve_policy
+        from serving.policy import load_policy, resolve
 
-        self.thresholds, self.never_block, notes = resolve_policy(load_policy(path), self.contract)
-        self.policy = {"source": str(path), "notes": notes}
+        r = resolve(load_policy(path), self.contract)
+        self.thresholds, self.never_block, self.threshold_rules = r.thresholds, r.never_block, r.rules
+        # name and hash, not the server's absolute path (which tells a client about the host's file system)
+        sha = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        self.policy = {"source": Path(path).name, "sha256": sha, "notes": r.notes,
+                       "budgets": {k: v for k, v in r.budgets.items() if v not in (None, [], {})}}
 
     def warm_up(self) -> None:
         rng = np.random.default_rng(0)
@@ -92,15 +99,24 @@ class ImageChecker:
             self.model.predict_proba(batch)
 
     def prepare(self, data: bytes, content_type: str | None = None) -> tuple[np.ndarray, dict]:
-        prepared = self._prepare(data, content_type)
+        prepared = self.prepare_full(data, content_type)
         return prepared.views, prepared.meta
 
-    def _prepare(self, data: bytes, content_type: str | None = None, thumbnail: bool = False) -> Prepared:
+    def prepare_full(self, data: bytes, content_type: str | None = None, thumbnail: bool = False) -> Prepared:
+        """Decode and preprocess one image; any failure is an ImageError (never a 500 for a hostile file)."""
+        try:
+            return self._prepare(data, content_type, thumbnail)
+        except ImageError:
+            raise
+        except Exception as exc:
+            raise ImageError("corrupt", f"the image could not be decoded: {type(exc).__name__}: {exc}") from exc
+
+    def _prepare(self, data: bytes, content_type: str | None, thumbnail: bool = False) -> Prepared:
         img, info = decode_image(data, max_pixels=self.limits.max_pixels, min_side=self.limits.min_side,
-                                 draft_size=draft_size(self.pre, self.contract.tiling))
-        check_content_type(content_type, info.format)
+                                 draft_size=draft_size(self.pre, self.contract.tiling),
+                                 max_decode_bytes=self.limits.max_decode_bytes)
         meta = {"sha256": hashlib.sha256(data).hexdigest(), "width": info.width, "height": info.height,
-                "format": info.format}
+                "format": info.format, **content_type_info(content_type, info.format)}
         thumb = None
         if thumbnail:  # a small copy, so a batch does not hold every full-size picture until the forward pass
             thumb = img.copy()
@@ -162,37 +178,41 @@ class ImageChecker:
             "elapsed_ms": round((time.perf_counter() - started) * 1000.0, 2),
         }
 
-    def check(self, data: bytes, content_type: str | None = None, explain: ExplainMode = "false",
-              explain_label: str | None = None) -> dict:
-        """With ``explain`` true/png the result carries an ``explanation`` (heat map) for the top protected class."""
-        return self.check_many([(data, content_type)], explain, explain_label, single=True)[0]
-
-    def check_many(self, items: list[tuple[bytes, str | None]], explain: ExplainMode = "false",
-                   explain_label: str | None = None, single: bool = False) -> list[dict]:
-        """One forward pass for the readable images; an error entry for each bad one, in request order.
-
-        ``single``: raise a bad image's ``ImageError`` instead of returning an error entry (``check``).
-        """
+    def check(self, data: bytes, content_type: str | None = None, stop: threading.Event | None = None,
+              explain: ExplainMode = "false", explain_label: str | None = None) -> dict:
+        """``stop``: set by the service when the request timed out or its client left; no inference then.
+        With ``explain`` true/png the result carries an ``explanation`` (heat map) for the top protected class."""
         started = time.perf_counter()
         explaining = self.check_explain_request(explain, explain_label)
-        prepared: list[tuple[int, Prepared]] = []
-        results: list[dict | None] = [None] * len(items)
+        prepared = self.prepare_full(data, content_type, thumbnail=explain == "png")
+        if stop is not None and stop.is_set():
+            raise Abandoned("the request was abandoned before inference")
+        return self.finish([prepared], explaining, explain_label, started)[0]
+
+    def finish(self, prepared: list[Prepared], explaining: bool, explain_label: str | None, started: float) -> list[dict]:
+        """One forward pass for prepared images -> their results (with explanations when asked)."""
+        stacks = [p.views for p in prepared]
+        if explaining:
+            probs, cams = self.predict_with_cam(stacks)
+        else:
+            probs, cams = self.predict(stacks), [None] * len(stacks)
+        return [self.result(prob, p.meta, started, self.explanation(prob, cam, p, explain_label) if explaining else None)
+                for p, prob, cam in zip(prepared, probs, cams)]
+
+    def check_many(self, items: list[tuple[bytes, str | None]], explain: ExplainMode = "false",
+                   explain_label: str | None = None) -> list[dict]:
+        """One forward pass for the readable images; an error entry for each bad one, in request order."""
+        started = time.perf_counter()
+        explaining = self.check_explain_request(explain, explain_label)
+        prepared, results = [], [None] * len(items)
         for i, (data, content_type) in enumerate(items):
             try:
-                prepared.append((i, self._prepare(data, content_type, thumbnail=explain == "png")))
-            except ImageError as exc:
-                if single:
-                    raise
-                results[i] = {"error": {"code": exc.code, "message": exc.message, "status": exc.status}}
+                prepared.append((i, self.prepare_full(data, content_type, thumbnail=explain == "png")))
+            except Exception as exc:  # one bad item never sinks the batch
+                results[i] = item_error(exc)
         if prepared:
-            stacks = [p.views for _, p in prepared]
-            if explaining:
-                probs, cams = self.predict_with_cam(stacks)
-            else:
-                probs, cams = self.predict(stacks), [None] * len(stacks)
-            for (i, p), prob, cam in zip(prepared, probs, cams):
-                explanation = self.explanation(prob, cam, p, explain_label) if explaining else None
-                results[i] = self.result(prob, p.meta, started, explanation)
+            for (i, _), result in zip(prepared, self.finish([p for _, p in prepared], explaining, explain_label, started)):
+                results[i] = result
         return results
 
     def describe(self) -> dict:
@@ -201,6 +221,7 @@ class ImageChecker:
             "name": c.model_name, "version": c.model_version, "architecture": c.architecture, "labels": c.labels,
             "negative_label": c.negative_label, "precision": c.precision,
             "thresholds": {k: v.model_dump() for k, v in self.thresholds.items()}, "never_block": self.never_block,
+            "threshold_rules": self.threshold_rules,
             "policy": self.policy, "temperature": c.temperature, "preprocessing": c.preprocessing.model_dump(),
             "tiling": c.tiling.model_dump() if c.tiling else None, "metrics": c.metrics,
             "created_at": c.created_at, "training_data": c.training_data, "wildcheck_version": c.wildcheck_version,

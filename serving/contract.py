@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from serving.decision import ClassThresholds
 from serving.preprocess import Preprocessing
+from serving.thresholds import TrafficScores
 from serving.tiling import Tiling
 
 METADATA_PREFIX = "wildcheck."
@@ -43,6 +44,16 @@ class CamOutput(BaseModel):
     shape: list[int] = Field(description="per image: [classes (in label order), rows, cols] over the centre crop")
 
 
+class DecisionRules(BaseModel):
+    """The rules the model's thresholds were solved with (a policy overrides some and re-solves)."""
+
+    block_precision: float = Field(0.98, gt=0.0, le=1.0)
+    review_recall: float = Field(0.95, gt=0.0, le=1.0)
+    max_flag_rate: float | None = Field(None, ge=0.0, le=1.0)
+    max_block_rate: float | None = Field(None, ge=0.0, le=1.0)
+    negative_weights: dict[str, float] | None = None
+
+
 class ModelContract(BaseModel):
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
@@ -61,10 +72,17 @@ class ModelContract(BaseModel):
     metrics: dict[str, Any]
     wildcheck_version: str
     precision: str = "fp32"
-    cam: CamOutput | None = Field(None, description="class activation maps output, for explain; None in older files")
     tiling: Tiling | None = Field(None, description="score the whole picture and a grid of tiles (serving.tiling)")
+    cam: CamOutput | None = Field(None, description="class activation maps output, for explain; None in older files")
     val_curves: dict[str, dict[str, list[float]]] = Field(
         default_factory=dict, description="calibrated validation scores per class (pos/neg), to re-solve a policy"
+    )
+    decision: DecisionRules | None = Field(None, description="targets and budgets the thresholds were solved with; None: unknown (older model)")
+    threshold_rules: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="per class, the rule that set each threshold (serving.thresholds.RULES)"
+    )
+    negative_scores: TrafficScores | None = Field(
+        None, description="the validation negatives' scores per pool, to re-solve traffic budgets in a policy"
     )
 
     @model_validator(mode="after")
