@@ -6,12 +6,15 @@ import hashlib
 import threading
 import time
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from serving.decision import decide
 from serving.imageio import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageError, decode_image
+from serving.explain import OVERLAY_MAX_SIDE, explain, explained_label, overlay_base64, predict_views_with_cam
 from serving.runtime import OnnxModel
 from serving.tiling import draft_size, predict_views, views
 
@@ -51,6 +54,17 @@ def item_error(exc: Exception) -> dict:
     return {"error": {"code": exc.code, "message": exc.message, "status": exc.status}}
 
 
+ExplainMode = Literal["false", "true", "png"]
+
+
+@dataclass
+class Prepared:
+    views: np.ndarray  # the model inputs: the whole picture, then its tiles (serving.tiling.views)
+    meta: dict
+    size: tuple[int, int]  # the decoded, upright picture that was preprocessed (what a heat map covers)
+    thumbnail: Image.Image | None = None  # kept only for explain=png
+
+
 class ImageChecker:
     """Loads the ONNX model once; ``check`` is safe to call from several threads."""
 
@@ -85,28 +99,68 @@ class ImageChecker:
             self.model.predict_proba(batch)
 
     def prepare(self, data: bytes, content_type: str | None = None) -> tuple[np.ndarray, dict]:
+        prepared = self.prepare_full(data, content_type)
+        return prepared.views, prepared.meta
+
+    def prepare_full(self, data: bytes, content_type: str | None = None, thumbnail: bool = False) -> Prepared:
         """Decode and preprocess one image; any failure is an ImageError (never a 500 for a hostile file)."""
         try:
-            return self._prepare(data, content_type)
+            return self._prepare(data, content_type, thumbnail)
         except ImageError:
             raise
         except Exception as exc:
             raise ImageError("corrupt", f"the image could not be decoded: {type(exc).__name__}: {exc}") from exc
 
-    def _prepare(self, data: bytes, content_type: str | None) -> tuple[np.ndarray, dict]:
+    def _prepare(self, data: bytes, content_type: str | None, thumbnail: bool = False) -> Prepared:
         img, info = decode_image(data, max_pixels=self.limits.max_pixels, min_side=self.limits.min_side,
                                  draft_size=draft_size(self.pre, self.contract.tiling),
                                  max_decode_bytes=self.limits.max_decode_bytes)
         meta = {"sha256": hashlib.sha256(data).hexdigest(), "width": info.width, "height": info.height,
                 "format": info.format, **content_type_info(content_type, info.format)}
-        return views(img, self.pre, self.contract.tiling), meta
+        thumb = None
+        if thumbnail:  # a small copy, so a batch does not hold every full-size picture until the forward pass
+            thumb = img.copy()
+            thumb.thumbnail((OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE), Image.Resampling.BILINEAR)
+        return Prepared(views(img, self.pre, self.contract.tiling), meta, img.size, thumb)
 
     def predict(self, stacks: list[np.ndarray]) -> np.ndarray:
         """Probabilities per picture, from the views ``prepare`` made of each (one forward pass)."""
         with self._slots:
             return predict_views(self.model, stacks, self.model.negative_index)
 
-    def result(self, probs: np.ndarray, meta: dict, started: float) -> dict:
+    def predict_with_cam(self, stacks: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """``predict`` plus each picture's cam outputs (one per view)."""
+        with self._slots:
+            return predict_views_with_cam(self.model, stacks, self.model.negative_index, self.model.temperature)
+
+    def check_explain_request(self, mode: ExplainMode, label: str | None) -> bool:
+        """Whether to explain; a request the model cannot serve is a client error (4xx), before any decoding."""
+        if mode not in ("false", "true", "png"):
+            raise ImageError("invalid_request", f"explain must be false, true or png, not {mode!r}")
+        if mode == "false":
+            if label is not None:
+                raise ImageError("invalid_request", "explain_label needs explain=true or explain=png")
+            return False
+        if not self.model.has_cam:
+            raise ImageError(
+                "explain_unavailable",
+                f"the served model {self.contract.model_name} {self.contract.model_version} has no class activation "
+                "map output (exported before heat maps existed); re-export it with `wildcheck export` to use explain",
+                status=422,
+            )
+        if label is not None and label not in self.contract.labels:
+            raise ImageError("unknown_label", f"explain_label {label!r} is not one of the model's labels {self.contract.labels}")
+        return True
+
+    def explanation(self, probs: np.ndarray, cam: np.ndarray, prepared: Prepared, label: str | None) -> dict:
+        c = self.contract
+        chosen = explained_label(probs, c.labels, c.negative_label, label)
+        result = explain(cam, chosen, c.labels, self.pre, *prepared.size, tiling=c.tiling)
+        if prepared.thumbnail is not None:
+            result.png = overlay_base64(prepared.thumbnail, result.grid)
+        return result.model_dump()
+
+    def result(self, probs: np.ndarray, meta: dict, started: float, explanation: dict | None = None) -> dict:
         labels = self.contract.labels
         scores = {label: round(float(p), 6) for label, p in zip(labels, probs)}
         top = int(np.argmax(probs))
@@ -120,30 +174,45 @@ class ImageChecker:
             "thresholds": {k: v.model_dump() for k, v in self.thresholds.items()},
             "model": {"name": self.contract.model_name, "version": self.contract.model_version},
             "image": meta,
+            **({"explanation": explanation} if explanation is not None else {}),
             "elapsed_ms": round((time.perf_counter() - started) * 1000.0, 2),
         }
 
-    def check(self, data: bytes, content_type: str | None = None, stop: threading.Event | None = None) -> dict:
-        """``stop``: set by the service when the request timed out or its client left; no inference then."""
+    def check(self, data: bytes, content_type: str | None = None, stop: threading.Event | None = None,
+              explain: ExplainMode = "false", explain_label: str | None = None) -> dict:
+        """``stop``: set by the service when the request timed out or its client left; no inference then.
+        With ``explain`` true/png the result carries an ``explanation`` (heat map) for the top protected class."""
         started = time.perf_counter()
-        array, meta = self.prepare(data, content_type)
+        explaining = self.check_explain_request(explain, explain_label)
+        prepared = self.prepare_full(data, content_type, thumbnail=explain == "png")
         if stop is not None and stop.is_set():
             raise Abandoned("the request was abandoned before inference")
-        return self.result(self.predict([array])[0], meta, started)
+        return self.finish([prepared], explaining, explain_label, started)[0]
 
-    def check_many(self, items: list[tuple[bytes, str | None]]) -> list[dict]:
+    def finish(self, prepared: list[Prepared], explaining: bool, explain_label: str | None, started: float) -> list[dict]:
+        """One forward pass for prepared images -> their results (with explanations when asked)."""
+        stacks = [p.views for p in prepared]
+        if explaining:
+            probs, cams = self.predict_with_cam(stacks)
+        else:
+            probs, cams = self.predict(stacks), [None] * len(stacks)
+        return [self.result(prob, p.meta, started, self.explanation(prob, cam, p, explain_label) if explaining else None)
+                for p, prob, cam in zip(prepared, probs, cams)]
+
+    def check_many(self, items: list[tuple[bytes, str | None]], explain: ExplainMode = "false",
+                   explain_label: str | None = None) -> list[dict]:
         """One forward pass for the readable images; an error entry for each bad one, in request order."""
         started = time.perf_counter()
+        explaining = self.check_explain_request(explain, explain_label)
         prepared, results = [], [None] * len(items)
         for i, (data, content_type) in enumerate(items):
             try:
-                prepared.append((i, *self.prepare(data, content_type)))
+                prepared.append((i, self.prepare_full(data, content_type, thumbnail=explain == "png")))
             except Exception as exc:  # one bad item never sinks the batch
                 results[i] = item_error(exc)
         if prepared:
-            probs = self.predict([p[1] for p in prepared])
-            for (i, _, meta), p in zip(prepared, probs):
-                results[i] = self.result(p, meta, started)
+            for (i, _), result in zip(prepared, self.finish([p for _, p in prepared], explaining, explain_label, started)):
+                results[i] = result
         return results
 
     def describe(self) -> dict:
@@ -156,4 +225,5 @@ class ImageChecker:
             "policy": self.policy, "temperature": c.temperature, "preprocessing": c.preprocessing.model_dump(),
             "tiling": c.tiling.model_dump() if c.tiling else None, "metrics": c.metrics,
             "created_at": c.created_at, "training_data": c.training_data, "wildcheck_version": c.wildcheck_version,
+            "explain": {"available": self.model.has_cam, "cam": c.cam.model_dump() if self.model.has_cam else None},
         }

@@ -37,6 +37,13 @@ class ContractError(ValueError):
     """The file is not a wildcheck model, or its contract is incomplete."""
 
 
+class CamOutput(BaseModel):
+    """The graph output holding class activation maps (``training.cam``); absent in older files."""
+
+    output: str = "cam"
+    shape: list[int] = Field(description="per image: [classes (in label order), rows, cols] over the centre crop")
+
+
 class DecisionRules(BaseModel):
     """The rules the model's thresholds were solved with (a policy overrides some and re-solves)."""
 
@@ -66,6 +73,7 @@ class ModelContract(BaseModel):
     wildcheck_version: str
     precision: str = "fp32"
     tiling: Tiling | None = Field(None, description="score the whole picture and a grid of tiles (serving.tiling)")
+    cam: CamOutput | None = Field(None, description="class activation maps output, for explain; None in older files")
     val_curves: dict[str, dict[str, list[float]]] = Field(
         default_factory=dict, description="calibrated validation scores per class (pos/neg), to re-solve a policy"
     )

@@ -61,17 +61,23 @@ class Preprocessing(BaseModel):
         """Length of the shorter side after resizing (before the centre crop)."""
         return int(math.floor(self.input_size / self.crop_pct))
 
-    def resize_image(self, img: Image.Image) -> Image.Image:
-        """Resize to ``resize_size``: the shorter side (aspect kept) or both sides (squash)."""
-        w, h = img.size
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(w, h) after resizing to ``resize_size``: the shorter side (aspect kept) or both sides (squash)."""
         target = self.resize_size
         if self.resize == "squash":
-            new_w = new_h = target
-        elif w <= h:
-            new_w, new_h = target, max(target, int(round(h * target / w)))
-        else:
-            new_w, new_h = max(target, int(round(w * target / h))), target
-        if (new_w, new_h) == (w, h):
+            return target, target
+        if width <= height:
+            return target, max(target, int(round(height * target / width)))
+        return max(target, int(round(width * target / height))), target
+
+    def crop_offsets(self, width: int, height: int) -> tuple[int, int]:
+        """(left, top) of the centred ``input_size`` square in a resized picture of ``width`` x ``height``."""
+        return max(0, (width - self.input_size) // 2), max(0, (height - self.input_size) // 2)
+
+    def resize_image(self, img: Image.Image) -> Image.Image:
+        """Resize to ``resize_size``: the shorter side (aspect kept) or both sides (squash)."""
+        new_w, new_h = self.resized_size(*img.size)
+        if (new_w, new_h) == img.size:
             return img
         return img.resize((new_w, new_h), _INTERPOLATIONS[self.interpolation])
 
@@ -79,7 +85,7 @@ class Preprocessing(BaseModel):
         """uint8 HWC (already resized) -> float32 CHW, centre-cropped and normalised."""
         h, w = arr.shape[:2]
         size = self.input_size
-        top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
+        left, top = self.crop_offsets(w, h)
         arr = arr[top : top + size, left : left + size]
         out = arr.astype(np.float32) * (1.0 / 255.0)
         out -= np.asarray(self.mean, dtype=np.float32)

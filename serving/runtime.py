@@ -35,6 +35,11 @@ class OnnxModel:
         self.session = open_session(self.path, options)
         self.contract: ModelContract = contract_from_session(self.session, source=str(self.path))
         self.input_name = self.session.get_inputs()[0].name
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.logits_output = outputs[0]  # the contract: logits come first
+        cam = self.contract.cam
+        # explain needs both: the contract naming the output and the graph having it
+        self.cam_output: str | None = cam.output if cam is not None and cam.output in outputs else None
 
     @property
     def labels(self) -> list[str]:
@@ -49,6 +54,13 @@ class OnnxModel:
         return self.contract.temperature
 
     @property
+    def has_cam(self) -> bool:
+        return self.cam_output is not None
+
+    def _feed(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        return {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)}
+
+    @property
     def tiling(self):
         return self.contract.tiling
 
@@ -58,7 +70,16 @@ class OnnxModel:
         return labels.index(self.contract.negative_label) if self.contract.negative_label in labels else None
 
     def predict_logits(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        # fetch by name: outputs added to the graph (cam, embedding) are not computed for a plain check
+        return self.session.run([self.logits_output], self._feed(batch))[0]
+
+    def predict_with_cam(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(logits (N, C), class activation maps (N, C, h, w)); raises if the file has no ``cam`` output."""
+        if self.cam_output is None:
+            raise ValueError(f"{self.path.name} has no class activation map output; re-export it with this version "
+                             "of `wildcheck export` to explain predictions")
+        logits, cam = self.session.run([self.logits_output, self.cam_output], self._feed(batch))
+        return logits, cam
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
         return softmax(self.predict_logits(batch), self.temperature)

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from serving.explain import Explanation
+
 
 class ErrorBody(BaseModel):
     code: str
@@ -42,6 +44,9 @@ class CheckResponse(BaseModel):
     thresholds: dict[str, dict[str, float | None]]
     model: ModelRef
     image: ImageMeta
+    explanation: Explanation | None = Field(
+        None, description="only with explain=true/png: a heat map covering the whole uploaded picture"
+    )
     elapsed_ms: float
 
 
@@ -79,13 +84,14 @@ class ModelInfo(BaseModel):
 # Every error the service answers has the body {"error": {"code", "message"}}; these are the codes.
 ERROR_CODES = {
     400: "empty, not_an_image, corrupt, too_many_pixels, too_small, not_a_file, missing_field, too_many_images, "
-         "invalid_multipart, invalid_request, invalid_content_type",
+         "invalid_multipart, invalid_request, invalid_content_type, unknown_label",
     401: "unauthorized",
     404: "not_found",
     405: "method_not_allowed",
     408: "body_timeout",
     413: "body_too_large, batch_too_large",
     415: "unsupported_format",
+    422: "explain_unavailable",
     429: "too_many_requests",
     500: "internal_error",
     503: "overloaded (with Retry-After)",
@@ -97,6 +103,7 @@ _WHEN = {
     408: "the request body did not arrive within WILDCHECK_BODY_TIMEOUT_S",
     413: "request body over WILDCHECK_MAX_BODY_BYTES or more than WILDCHECK_MAX_BATCH images",
     415: "image format outside the allow-list (JPEG, PNG, WebP, GIF, BMP, TIFF)",
+    422: "explain asked of a model exported before heat maps (re-export it)",
     429: "more than WILDCHECK_MAX_CONCURRENCY requests in this worker",
     500: "a bug: please report it",
     503: "this worker's CPU queue (WILDCHECK_MAX_QUEUE) is full: retry after Retry-After seconds",

@@ -13,14 +13,14 @@ import threading
 import time
 
 import bentoml
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 from serving.bento import stored_model_ref, use_stored_model
-from serving.checker import Abandoned, ImageChecker, Limits, item_error
+from serving.checker import Abandoned, ExplainMode, ImageChecker, Limits, item_error
 from serving.imageio import ImageError, decode_cost
 from serving.middleware import (STARTED, ApiKeyMiddleware, BodyLimitMiddleware, ConcurrencyLimitMiddleware,
                                 RouteLabelMiddleware, error_response)
@@ -109,6 +109,11 @@ def _count_mismatch(result: dict) -> None:
             pass
 
 
+EXPLAIN = Query("false", description="`true`: add `explanation`, a heat map of where the photo shows the top "
+               "protected class (or `explain_label`); `png`: also the photo with the heat map drawn over it, as base64 PNG")
+EXPLAIN_LABEL = Query(None, description="with explain=true/png: explain this label instead of the top protected class")
+
+
 async def _read_images(request: Request, field: str, many: bool) -> list[tuple[bytes, str | None]]:
     """Image bytes and declared content types from a multipart form or the raw body."""
     content_type = request.headers.get("content-type", "")
@@ -194,10 +199,11 @@ class WildCheck:
         return error_response(400, "disconnected", "the client closed the connection")
 
     @api.post("/check", response_model=CheckResponse, responses=ERRORS, openapi_extra=CHECK_BODY)
-    async def check(self, request: Request):
+    async def check(self, request: Request, explain: ExplainMode = EXPLAIN, explain_label: str | None = EXPLAIN_LABEL):
         """Check one image: multipart field `image`, or the raw image bytes as the body."""
         stop = threading.Event()
         try:
+            self.checker.check_explain_request(explain, explain_label)  # before reading the upload
             items = await _read_images(request, "image", many=False)
             if len(items) > 1:
                 raise ImageError("too_many_images", f"{len(items)} 'image' fields; /v1/check takes one image, "
@@ -205,7 +211,7 @@ class WildCheck:
             (data, content_type), = items
             with self.queue.admit():
                 result = await self._run(request, stop, self.checker.check, data, content_type, stop,
-                                         cost=decode_cost(data))
+                                         explain, explain_label, cost=decode_cost(data))
             _count_mismatch(result)
             return result
         except ImageError as exc:
@@ -214,9 +220,11 @@ class WildCheck:
             return self._failure(exc)
 
     @api.post("/check_batch", response_model=BatchResponse, responses=ERRORS, openapi_extra=BATCH_BODY)
-    async def check_batch(self, request: Request):
+    async def check_batch(self, request: Request, explain: ExplainMode = EXPLAIN,
+                          explain_label: str | None = EXPLAIN_LABEL):
         """Check up to WILDCHECK_MAX_BATCH images (repeated multipart field `image`); results in request order."""
         try:
+            explaining = self.checker.check_explain_request(explain, explain_label)
             items = await _read_images(request, "image", many=True)
         except ImageError as exc:
             return error_response(exc.status, exc.code, exc.message)
@@ -228,16 +236,17 @@ class WildCheck:
             with self.queue.admit():
                 for i, (data, content_type) in enumerate(items):  # one job per image: requests interleave
                     try:
-                        prepared.append((i, *await self._run(request, stop, self.checker.prepare, data, content_type,
-                                                             cost=decode_cost(data))))
+                        prepared.append((i, await self._run(request, stop, self.checker.prepare_full, data, content_type,
+                                                            explain == "png", cost=decode_cost(data))))
                     except ImageError as exc:  # one bad image fails only its own entry
                         results[i] = item_error(exc)
                 if prepared:
-                    probs = await self._run(request, stop, self.checker.predict, [p[1] for p in prepared])
+                    done = await self._run(request, stop, self.checker.finish, [p for _, p in prepared], explaining,
+                                           explain_label, started)
         except (Overloaded, Expired, Gone, Abandoned) as exc:
             return self._failure(exc)
-        for (i, _, meta), p in zip(prepared, probs if prepared else []):
-            results[i] = self.checker.result(p, meta, started)
+        for (i, _), result in zip(prepared, done if prepared else []):
+            results[i] = result
             _count_mismatch(results[i])
         return {"results": results, "count": len(results)}
 

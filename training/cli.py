@@ -233,6 +233,32 @@ def export(
                    f"{q['fp32_balanced_accuracy']:.4f} (FP32) -> {q['int8_balanced_accuracy']:.4f} (INT8)")
 
 
+@app.command()
+def explain(
+    model: Path = typer.Argument(..., help="ONNX file with a cam output (wildcheck export), run dir or checkpoint"),
+    images: list[Path] = typer.Argument(..., help="image files"),
+    out: Path = typer.Option(..., "--out", help="folder for one overlay PNG per image and explanations.json"),
+    label: Optional[str] = typer.Option(None, "--label", help="explain this label (default: the top protected class)"),
+    max_side: int = typer.Option(768, "--max-side", help="longer side of the overlay PNGs, in pixels"),
+) -> None:
+    """Heat maps of where each photo shows the flagged class, as the endpoint's explain=true computes them."""
+    from training.explain import explain_files
+
+    try:
+        records = explain_files(model, images, out, label, max_side)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    for r in records:
+        if "error" in r:
+            typer.echo(f"{r['image']}: skipped ({r['error']})")
+        else:
+            typer.echo(f"{r['image']}: {r['label']} {r['scores'][r['label']]:.3f} -> {out / r['overlay']}")
+    bad = sum("error" in r for r in records)
+    typer.echo(f"wrote {len(records) - bad} overlay(s) and explanations.json to {out}")
+    if bad:
+        raise typer.Exit(1)
+
+
 @data_app.command("ingest")
 def data_ingest(
     labels_csv: Path = typer.Argument(..., help="CSV: path,label[,source,listing_id,labeled_by,labeled_at]"),

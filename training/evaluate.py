@@ -65,6 +65,21 @@ class TorchPredictor:
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
         return softmax(self.predict_logits(batch), self.temperature)
 
+    @property
+    def has_cam(self) -> bool:
+        from training.cam import cam_unsupported
+
+        return cam_unsupported(self.model) is None
+
+    def predict_with_cam(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(logits, class activation maps): what the exported ``cam`` output computes (``training.cam``)."""
+        from training.cam import WithCam
+
+        with self._torch.inference_mode():
+            x = self._torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(next(self.model.parameters()).device)
+            logits, cam = WithCam(self.model)(x)
+        return logits.float().cpu().numpy(), cam.float().cpu().numpy()
+
 
 def resolve_checkpoint(model: str | Path) -> Path:
     path = Path(model)
@@ -228,9 +243,14 @@ def evaluate(
             negatives = [i for i, s in enumerate(known_samples) if s.label == negative]
             product = [i for i, label in enumerate(labels) if label != negative]
             worst = sorted(negatives, key=lambda i: -known_probs[i, product].max())[:16]
-            plot_image_grid([str(known_samples[i].path) for i in worst],
+            from training.explain import heat_grids
+
+            worst_paths = [str(known_samples[i].path) for i in worst]
+            plot_image_grid(worst_paths,
                             [", ".join(f"{labels[j]} {known_probs[i, j]:.2f}" for j in product) for i in worst],
-                            out_dir / "false_positives.png", title=f"most confident false positives ({negative} images)")
+                            out_dir / "false_positives.png", title=f"most confident false positives ({negative} images)"
+                            + (", with heat maps of the top class" if getattr(predictor, "has_cam", False) else ""),
+                            heatmaps=heat_grids(predictor, worst_paths))
         if sources:
             plot_source_false_positives(sources, out_dir / "false_positives_by_source")
         print(f"wrote {out_dir}/metrics.json, confusion_matrix.png, pr_curves.png"

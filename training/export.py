@@ -19,17 +19,19 @@ import onnx
 import torch
 
 import training
-from serving.contract import ModelContract
+from serving.contract import CamOutput, ModelContract
 from serving.decision import default_thresholds
 from serving.runtime import OnnxModel
+from training.cam import CAM_OUTPUT, WithCam, cam_unsupported
 from training.data.sources import Sample
-from training.evaluate import TorchPredictor, predict_samples, resolve_checkpoint, run_samples
+from training.evaluate import TorchPredictor, _decode, predict_samples, resolve_checkpoint, run_samples
 from training.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
 OPSET = 18
 PARITY_MAX_ABS = 1e-4
+CAM_PARITY_MAX_ABS = 1e-3  # logit units per location (values of order 1-10); measured ~1e-5
 
 
 class ExportError(RuntimeError):
@@ -78,15 +80,38 @@ def _slim(metrics: dict) -> dict:
     return {k: metrics[k] for k in keep if k in metrics}
 
 
-def torch_to_onnx(model: torch.nn.Module, input_size: int, path: Path) -> None:
-    """Dynamo export (NOTES): fixed H x W, dynamic batch, traced with batch 2, one file without external data."""
+def torch_to_onnx(model: torch.nn.Module, input_size: int, path: Path) -> CamOutput | None:
+    """Dynamo export (NOTES): fixed H x W, dynamic batch, traced with batch 2, one file without external data.
+
+    Outputs ``logits`` first and, when the architecture allows it, ``cam`` (``training.cam``); returns the
+    cam output's description for the contract, or None.
+    """
     model = model.cpu().eval()
     dummy = torch.randn(2, 3, input_size, input_size)
     batch = torch.export.Dim("batch", min=1, max=1024)
+    names, cam = ["logits"], None
+    reason = cam_unsupported(model)
+    if reason:
+        log.warning("exporting without class activation maps (explain unavailable): %s", reason)
+    else:
+        model = WithCam(model).eval()
+        names.append(CAM_OUTPUT)
+        with torch.inference_mode():
+            cam = CamOutput(output=CAM_OUTPUT, shape=list(model(dummy[:1])[1].shape[1:]))
     torch.onnx.export(
-        model, (dummy,), str(path), input_names=["image"], output_names=["logits"], opset_version=OPSET,
+        model, (dummy,), str(path), input_names=["image"], output_names=names, opset_version=OPSET,
         dynamo=True, external_data=False, dynamic_shapes=({0: batch},),
     )
+    return cam
+
+
+def cam_parity(torch_model: torch.nn.Module, onnx_path: Path, arrays: list[np.ndarray]) -> float:
+    """Max |Δ cam| between PyTorch and onnxruntime on a few real images (logit units)."""
+    ort_model = OnnxModel(onnx_path, threads=2)
+    batch = np.stack(arrays)
+    with torch.inference_mode():
+        expected = WithCam(torch_model).eval()(torch.from_numpy(batch))[1].numpy()
+    return float(np.abs(expected - ort_model.predict_with_cam(batch)[1]).max())
 
 
 def write_metadata(src: Path, dst: Path, contract: ModelContract) -> None:
@@ -143,7 +168,8 @@ def export(
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw.onnx"
         model = torch_pred.model if _tamper is None else _tamper(torch_pred.model)
-        torch_to_onnx(model, contract.preprocessing.input_size, raw)
+        cam = torch_to_onnx(model, contract.preprocessing.input_size, raw)
+        contract = contract.model_copy(update={"cam": cam})
         staged = Path(tmp) / "model.onnx"
         write_metadata(raw, staged, contract)
         parity = parity_check(torch_pred, staged, parity_set)
@@ -153,6 +179,14 @@ def export(
                 f"parity gate failed on {parity['images']} validation images: max |Δp| = {parity['max_abs_diff']:.2e} "
                 f"(limit {PARITY_MAX_ABS:.0e}), {len(parity['top1_mismatches'])} top-1 mismatches; nothing written"
             )
+        if cam is not None:
+            pre = contract.preprocessing
+            arrays = [pre(img) for img in (_decode(s, pre) for s in parity_set[:8]) if not isinstance(img, str)]
+            if arrays:
+                parity["cam_max_abs_diff"] = cam_parity(model, staged, arrays)
+                if parity["cam_max_abs_diff"] > CAM_PARITY_MAX_ABS:
+                    raise ExportError(f"parity gate failed for the cam output: max |Δcam| = "
+                                      f"{parity['cam_max_abs_diff']:.2e} (limit {CAM_PARITY_MAX_ABS:.0e}); nothing written")
         with atomic_path(out) as final:
             final.write_bytes(staged.read_bytes())
         report["fp32"] = {"path": str(out), "bytes": out.stat().st_size}

@@ -53,19 +53,33 @@ def plot_pr_curves(y_true: np.ndarray, probs: np.ndarray, labels: list[str], pat
     _save(fig, path)
 
 
-def plot_image_grid(paths: list[str], captions: list[str], path: str | Path, title: str = "", cols: int = 4) -> None:
-    """Thumbnails with captions (e.g. the most confident false positives and their scores)."""
+def plot_image_grid(paths: list[str], captions: list[str], path: str | Path, title: str = "", cols: int = 4,
+                    heatmaps: list[np.ndarray | None] | None = None) -> None:
+    """Thumbnails with captions (e.g. the most confident false positives and their scores).
+
+    ``heatmaps``: a ``serving.explain`` grid per image (or None); each is drawn over a copy beside the photo.
+    """
+    from PIL import Image
+
+    from serving.explain import overlay
     from serving.imageio import ImageError, decode_image
 
+    heatmaps = heatmaps or [None] * len(paths)
+    wide = any(h is not None for h in heatmaps)
     n = max(1, len(paths))
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=((6 if wide else 3) * cols, 3.2 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, img_path, caption in zip(axes.flat, paths, captions):
+    for ax, img_path, caption, heat in zip(axes.flat, paths, captions, heatmaps):
         try:
             img, _ = decode_image(img_path, draft_size=256)
             img.thumbnail((256, 256))
+            if heat is not None:  # photo | photo with heat map
+                side = Image.new("RGB", (2 * img.width + 8, img.height), "white")
+                side.paste(img, (0, 0))
+                side.paste(overlay(img, heat, 256), (img.width + 8, 0))
+                img = side
             ax.imshow(img)
         except (ImageError, OSError):
             ax.text(0.5, 0.5, "unreadable", ha="center")

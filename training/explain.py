@@ -1,0 +1,99 @@
+"""``wildcheck explain``: heat-map overlays for image files, computed exactly as the endpoint's ``explain``.
+
+Decoding, preprocessing, the ``cam`` output and the grid all come from ``serving`` (``serving.explain``),
+so the grid written here equals the one ``/v1/check?explain=true`` answers for the same file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from serving.explain import Explanation, explain, explained_label, overlay, png_bytes, predict_views_with_cam
+from serving.imageio import ImageError, decode_image
+from serving.tiling import draft_size, views
+from training.evaluate import _decision_settings, load_predictor
+from training.fileio import atomic_path, atomic_write_text
+
+
+def _require_cam(predictor) -> None:
+    if not predictor.has_cam:
+        raise ValueError(f"{predictor.path} has no class activation map output (exported before heat maps existed); "
+                         "re-export the run with `wildcheck export RUN --out MODEL.onnx`, or pass the run dir")
+
+
+def explain_image(predictor, img: Image.Image, label: str | None = None) -> tuple[Explanation, dict[str, float]]:
+    """Heat map of ``label`` (default: the top protected class) for a decoded RGB picture, and the scores."""
+    labels = predictor.labels
+    if label is not None and label not in labels:
+        raise ValueError(f"label {label!r} is not one of the model's labels {labels}")
+    pre, tiling = predictor.preprocessing, getattr(predictor, "tiling", None)
+    probs, cams = predict_views_with_cam(predictor, [views(img, pre, tiling)], getattr(predictor, "negative_index", None),
+                                         predictor.temperature)
+    chosen = explained_label(probs[0], labels, _decision_settings(predictor)[2], label)
+    scores = {name: round(float(p), 6) for name, p in zip(labels, probs[0])}
+    return explain(cams[0], chosen, labels, pre, *img.size, tiling=tiling), scores
+
+
+def _decode(predictor, path: str | Path) -> Image.Image:
+    """Decoded as the server decodes it (JPEG draft size included), so the grids agree."""
+    return decode_image(path, draft_size=draft_size(predictor.preprocessing, getattr(predictor, "tiling", None)))[0]
+
+
+def heat_grids(predictor, paths: list[str | Path], labels: list[str] | None = None) -> list[np.ndarray | None]:
+    """Each image's grid for ``labels[i]`` (default: its top protected class); None when the image is
+    unreadable or the model has no ``cam`` output."""
+    if not getattr(predictor, "has_cam", False):
+        return [None] * len(paths)
+    grids = []
+    for path, label in zip(paths, labels or [None] * len(paths)):
+        try:
+            img = _decode(predictor, path)
+        except (ImageError, OSError):
+            grids.append(None)
+            continue
+        grids.append(np.asarray(explain_image(predictor, img, label)[0].grid, dtype=np.float32))
+    return grids
+
+
+def _unique_name(path: Path, taken: set[str]) -> str:
+    name, n = f"{path.stem}.png", 2
+    while name in taken:
+        name, n = f"{path.stem}-{n}.png", n + 1
+    taken.add(name)
+    return name
+
+
+def explain_files(model: str | Path, images: list[str | Path], out: str | Path, label: str | None = None,
+                  max_side: int = 768) -> list[dict]:
+    """One overlay PNG per readable image in ``out`` (atomic writes) plus ``out/explanations.json`` with the grids."""
+    predictor = load_predictor(model)
+    _require_cam(predictor)
+    if label is not None and label not in predictor.labels:
+        raise ValueError(f"--label {label!r} is not one of the model's labels {predictor.labels}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    records, taken = [], set()
+    for path in tqdm([Path(p) for p in images], desc="explaining", unit="img"):
+        try:
+            img = _decode(predictor, path)
+        except ImageError as exc:
+            records.append({"image": str(path), "error": f"{exc.code}: {exc.message}"})
+            continue
+        except OSError as exc:
+            records.append({"image": str(path), "error": f"unreadable: {exc}"})
+            continue
+        explanation, scores = explain_image(predictor, img, label)
+        if min(img.size) < max_side:  # the model's decode may be a JPEG draft; draw on a sharper copy
+            img, _ = decode_image(path, draft_size=max_side)
+        name = _unique_name(path, taken)
+        with atomic_path(out / name) as tmp:
+            tmp.write_bytes(png_bytes(overlay(img, explanation.grid, max_side)))
+        records.append({"image": str(path), "overlay": name, "scores": scores,
+                        **explanation.model_dump(exclude={"png"})})
+    atomic_write_text(out / "explanations.json", json.dumps(records, indent=1))
+    return records
