@@ -87,13 +87,17 @@ def test_watermark_is_partial_and_semi_transparent():
 
 def test_frame_puts_the_photo_in_a_ninth_of_a_page_with_a_bar():
     green = flat((0, 255, 0), (120, 90))
-    for seed in range(4):
+    for seed in range(6):
         out = arr(Frame().apply(green, rng(seed)))
         is_photo = (out == (0, 255, 0)).all(axis=2)
         assert is_photo.sum() == 120 * 90  # the photo's pixels, unscaled
         assert is_photo.mean() == pytest.approx(1 / 9, rel=0.03)
         rows, cols = np.flatnonzero(is_photo.any(1)), np.flatnonzero(is_photo.any(0))
         assert (len(rows), len(cols)) == (90, 120)  # one rectangle
+        H, W = is_photo.shape
+        side = min(H, W)  # inside the central square, which a centre crop keeps
+        assert (H - side) // 2 <= rows[0] and rows[-1] < (H + side) // 2 + 1
+        assert (W - side) // 2 <= cols[0] and cols[-1] < (W + side) // 2 + 1
         top = out[2]
         assert (top == top[0]).all() and rows[0] > 5  # a UI bar above the photo
     tall = flat((0, 255, 0), (60, 400))  # too tall for a desktop page at 1/9: shrunk to fit, still inside
