@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 
 import numpy as np
 import pytest
 from PIL import Image, ImageFont
 from typer.testing import CliRunner
 
-from tests.conftest import photo
+from tests.conftest import REPO, photo
 from training.conditions import (
     KINDS,
     Banner,
@@ -45,8 +46,15 @@ def arr(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.int16)
 
 
-def others() -> list[Image.Image]:
-    return [photo(s, (100, 140)) for s in (11, 12, 13)]
+@lru_cache(maxsize=1)
+def others() -> tuple[Image.Image, ...]:
+    return tuple(photo(s, (100, 140)) for s in (11, 12, 13))
+
+
+@lru_cache(maxsize=1)
+def odd_shapes() -> tuple[Image.Image, ...]:
+    sizes = [(16, 16), (17, 300), (300, 17), (384, 237), (237, 384), (320, 320), (41, 97)]
+    return tuple(photo(k, size) for k, size in enumerate(sizes))
 
 
 def test_jpeg_q20_recompresses():
@@ -157,6 +165,16 @@ def test_same_seed_same_image_and_seed_matters_where_random(name):
         assert any(v.size != first.size or arr(v).tolist() != arr(first).tolist() for v in variants)
 
 
+@pytest.mark.parametrize("name", list(KINDS))
+def test_every_condition_handles_any_photo_shape(name):
+    """Tiny, huge-aspect, portrait and landscape photos at many seeds: an RGB picture out, never an error."""
+    condition = default_conditions()[name]
+    for src in odd_shapes():
+        for seed in range(8):
+            out = condition.apply(src, condition_rng(seed, name, str(src.size)), others())
+            assert out.mode == "RGB" and min(out.size) >= 1
+
+
 def test_conditions_file_selects_and_parameterises():
     chosen = parse_conditions({"conditions": {"jpeg": {"quality": 40}, "jpeg_q5": {"kind": "jpeg", "quality": 5},
                                               "collage": None}})
@@ -248,10 +266,21 @@ def test_robustness_command_is_deterministic_per_seed(onnx_model, synth_root, tm
     assert sum(json.loads((tmp_path / "c" / "robustness.json").read_text())["counts"].values()) == 6
 
 
-def test_bad_conditions_file_exits_2_and_names_the_problem(onnx_model, synth_root, tmp_path):
+def test_bad_conditions_file_exits_2_and_names_the_problem(synth_root, tmp_path):
     spec = tmp_path / "conditions.yaml"
     spec.write_text("conditions:\n  jpeg: {quality: 20}\n  sepia: {}\n")
-    result = _cli("robustness", onnx_model, "--data", synth_root, "--conditions", spec, "--out", tmp_path / "r")
+    model = tmp_path / "model.onnx"  # never opened: the conditions are checked before any work
+    result = _cli("robustness", model, "--data", synth_root, "--conditions", spec, "--out", tmp_path / "r")
     assert result.exit_code == 2
     assert "unknown condition 'sepia'" in result.output and "jpeg" in result.output
     assert not (tmp_path / "r").exists()  # nothing written
+
+
+def test_reporting_on_an_onnx_model_does_not_import_torch():
+    """torch costs ~0.7 GB of RSS; scoring an ONNX file and writing the report must not pull it in."""
+    import subprocess
+    import sys
+
+    code = ("import sys, training.robustness, training.plots, training.fileio, training.conditions; "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0

@@ -223,7 +223,7 @@ class Frame(Condition):
             y += int(line * 2)
             if y + line // 2 >= ch:
                 break
-            draw.rectangle([px, y, int(cw * rng.uniform(0.4, 0.9)), y + line // 2],
+            draw.rectangle([px, y, px + int(max(pw, cw // 3) * rng.uniform(0.4, 0.9)), y + line // 2],
                            fill=_grey(rng, 60, 90) if dark else _grey(rng, 200, 225))
         return canvas
 
