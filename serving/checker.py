@@ -12,6 +12,7 @@ import numpy as np
 from serving.decision import decide
 from serving.imageio import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageError, decode_image
 from serving.runtime import OnnxModel
+from serving.tiling import draft_size, predict_views, views
 
 # Declared content types we accept, and the decoded format each one promises.
 CONTENT_TYPES = {
@@ -79,15 +80,16 @@ class ImageChecker:
 
     def prepare(self, data: bytes, content_type: str | None = None) -> tuple[np.ndarray, dict]:
         img, info = decode_image(data, max_pixels=self.limits.max_pixels, min_side=self.limits.min_side,
-                                 draft_size=self.pre.draft_size)
+                                 draft_size=draft_size(self.pre, self.contract.tiling))
         check_content_type(content_type, info.format)
         meta = {"sha256": hashlib.sha256(data).hexdigest(), "width": info.width, "height": info.height,
                 "format": info.format}
-        return self.pre(img), meta
+        return views(img, self.pre, self.contract.tiling), meta
 
-    def predict(self, arrays: list[np.ndarray]) -> np.ndarray:
+    def predict(self, stacks: list[np.ndarray]) -> np.ndarray:
+        """Probabilities per picture, from the views ``prepare`` made of each (one forward pass)."""
         with self._slots:
-            return self.model.predict_proba(np.stack(arrays))
+            return predict_views(self.model, stacks, self.model.negative_index)
 
     def result(self, probs: np.ndarray, meta: dict, started: float) -> dict:
         labels = self.contract.labels
@@ -132,6 +134,7 @@ class ImageChecker:
             "name": c.model_name, "version": c.model_version, "architecture": c.architecture, "labels": c.labels,
             "negative_label": c.negative_label, "precision": c.precision,
             "thresholds": {k: v.model_dump() for k, v in self.thresholds.items()}, "never_block": self.never_block,
-            "policy": self.policy, "temperature": c.temperature, "preprocessing": c.preprocessing.model_dump(), "metrics": c.metrics,
+            "policy": self.policy, "temperature": c.temperature, "preprocessing": c.preprocessing.model_dump(),
+            "tiling": c.tiling.model_dump() if c.tiling else None, "metrics": c.metrics,
             "created_at": c.created_at, "training_data": c.training_data, "wildcheck_version": c.wildcheck_version,
         }

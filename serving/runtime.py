@@ -48,6 +48,15 @@ class OnnxModel:
     def temperature(self) -> float:
         return self.contract.temperature
 
+    @property
+    def tiling(self):
+        return self.contract.tiling
+
+    @property
+    def negative_index(self) -> int | None:
+        labels = self.contract.labels
+        return labels.index(self.contract.negative_label) if self.contract.negative_label in labels else None
+
     def predict_logits(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
 

@@ -65,6 +65,7 @@ def build_contract(state: dict, name: str | None, version: str | None, run_dir: 
         training_data=state.get("training_data", {}),
         metrics={"val": _slim(state.get("val_metrics", {})), "calibration": state.get("calibration", {})},
         val_curves=state.get("val_curves", {}),
+        tiling=state.get("tiling"),
         wildcheck_version=training.__version__,
     )
 
@@ -76,7 +77,7 @@ def _slim(metrics: dict) -> dict:
 
 def torch_to_onnx(model: torch.nn.Module, input_size: int, path: Path) -> None:
     """Dynamo export (NOTES): fixed H x W, dynamic batch, traced with batch 2, one file without external data."""
-    model = model.eval()
+    model = model.cpu().eval()
     dummy = torch.randn(2, 3, input_size, input_size)
     batch = torch.export.Dim("batch", min=1, max=1024)
     torch.onnx.export(

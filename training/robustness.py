@@ -23,6 +23,7 @@ from serving.decision import decide
 from serving.imageio import ImageError, decode_image
 from training.conditions import Condition, condition_rng, default_conditions
 from training.data.sources import KNOWN_SPLITS, Sample, load_samples, select_split
+from serving.tiling import draft_size
 from training.evaluate import _decision_settings, load_predictor, predict_images
 from training.metrics import compute_metrics, decision_report
 
@@ -217,7 +218,7 @@ def robustness(
         if condition.others and len(pool) <= condition.others:  # a negative's collage needs others besides itself
             raise ValueError(f"{name} needs more than {condition.others} {negative!r} images in the evaluated set, "
                              f"found {len(pool)}; add --negatives ROOT or leave {name} out with --conditions")
-    decoder = _Decoder(predictor.preprocessing.draft_size)
+    decoder = _Decoder(draft_size(predictor.preprocessing, getattr(predictor, "tiling", None)))
     names = [CLEAN, *conditions]
     probs: dict[str, list[np.ndarray]] = {n: [] for n in names}
     kept: list[int] = []
