@@ -144,12 +144,14 @@ def test_server_preprocessing_matches_evaluation_on_real_jpegs(onnx_model):
     from serving.checker import ImageChecker
     from tests.conftest import shared_dataset
     from training.data.sources import Sample
-    from training.evaluate import _prepare
+    from serving.tiling import views
+    from training.evaluate import _decode
 
     root = shared_dataset("met-ivory")
     checker = ImageChecker(str(onnx_model))
+    tiling = checker.contract.tiling
     paths = sorted((root / "val" / "ivory").glob("*.jpg"))[:8]
     for path in paths:
         served, _ = checker.prepare(path.read_bytes(), "image/jpeg")
-        evaluated = _prepare(Sample(path, "ivory", "val"), checker.pre)
+        evaluated = views(_decode(Sample(path, "ivory", "val"), checker.pre, tiling), checker.pre, tiling)
         np.testing.assert_array_equal(served, evaluated)

@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 
 from serving.decision import decide
 from serving.imageio import ImageError, decode_image
+from serving.tiling import draft_size
 from training.conditions import Condition, condition_rng, default_conditions
 from training.data.sources import KNOWN_SPLITS, Sample, load_samples, select_split
-from serving.tiling import draft_size
 from training.evaluate import _decision_settings, load_predictor, predict_images
 from training.metrics import compute_metrics, decision_report
 
