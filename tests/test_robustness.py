@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 
 import numpy as np
 import pytest
 from PIL import Image, ImageFont
 from typer.testing import CliRunner
 
-from tests.conftest import photo
+from tests.conftest import REPO, photo
 from training.conditions import (
     KINDS,
     Banner,
@@ -45,8 +46,15 @@ def arr(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.int16)
 
 
-def others() -> list[Image.Image]:
-    return [photo(s, (100, 140)) for s in (11, 12, 13)]
+@lru_cache(maxsize=1)
+def others() -> tuple[Image.Image, ...]:
+    return tuple(photo(s, (100, 140)) for s in (11, 12, 13))
+
+
+@lru_cache(maxsize=1)
+def odd_shapes() -> tuple[Image.Image, ...]:
+    sizes = [(16, 16), (17, 300), (300, 17), (384, 237), (237, 384), (320, 320), (41, 97)]
+    return tuple(photo(k, size) for k, size in enumerate(sizes))
 
 
 def test_jpeg_q20_recompresses():
@@ -87,13 +95,17 @@ def test_watermark_is_partial_and_semi_transparent():
 
 def test_frame_puts_the_photo_in_a_ninth_of_a_page_with_a_bar():
     green = flat((0, 255, 0), (120, 90))
-    for seed in range(4):
+    for seed in range(6):
         out = arr(Frame().apply(green, rng(seed)))
         is_photo = (out == (0, 255, 0)).all(axis=2)
         assert is_photo.sum() == 120 * 90  # the photo's pixels, unscaled
         assert is_photo.mean() == pytest.approx(1 / 9, rel=0.03)
         rows, cols = np.flatnonzero(is_photo.any(1)), np.flatnonzero(is_photo.any(0))
         assert (len(rows), len(cols)) == (90, 120)  # one rectangle
+        H, W = is_photo.shape
+        side = min(H, W)  # inside the central square, which a centre crop keeps
+        assert (H - side) // 2 <= rows[0] and rows[-1] < (H + side) // 2 + 1
+        assert (W - side) // 2 <= cols[0] and cols[-1] < (W + side) // 2 + 1
         top = out[2]
         assert (top == top[0]).all() and rows[0] > 5  # a UI bar above the photo
     tall = flat((0, 255, 0), (60, 400))  # too tall for a desktop page at 1/9: shrunk to fit, still inside
@@ -151,6 +163,16 @@ def test_same_seed_same_image_and_seed_matters_where_random(name):
     if name in RANDOM_KINDS:
         variants = [condition.apply(src, condition_rng(s, name, "k"), others()) for s in range(1, 6)]
         assert any(v.size != first.size or arr(v).tolist() != arr(first).tolist() for v in variants)
+
+
+@pytest.mark.parametrize("name", list(KINDS))
+def test_every_condition_handles_any_photo_shape(name):
+    """Tiny, huge-aspect, portrait and landscape photos at many seeds: an RGB picture out, never an error."""
+    condition = default_conditions()[name]
+    for src in odd_shapes():
+        for seed in range(8):
+            out = condition.apply(src, condition_rng(seed, name, str(src.size)), others())
+            assert out.mode == "RGB" and min(out.size) >= 1
 
 
 def test_conditions_file_selects_and_parameterises():
@@ -244,10 +266,21 @@ def test_robustness_command_is_deterministic_per_seed(onnx_model, synth_root, tm
     assert sum(json.loads((tmp_path / "c" / "robustness.json").read_text())["counts"].values()) == 6
 
 
-def test_bad_conditions_file_exits_2_and_names_the_problem(onnx_model, synth_root, tmp_path):
+def test_bad_conditions_file_exits_2_and_names_the_problem(synth_root, tmp_path):
     spec = tmp_path / "conditions.yaml"
     spec.write_text("conditions:\n  jpeg: {quality: 20}\n  sepia: {}\n")
-    result = _cli("robustness", onnx_model, "--data", synth_root, "--conditions", spec, "--out", tmp_path / "r")
+    model = tmp_path / "model.onnx"  # never opened: the conditions are checked before any work
+    result = _cli("robustness", model, "--data", synth_root, "--conditions", spec, "--out", tmp_path / "r")
     assert result.exit_code == 2
     assert "unknown condition 'sepia'" in result.output and "jpeg" in result.output
     assert not (tmp_path / "r").exists()  # nothing written
+
+
+def test_reporting_on_an_onnx_model_does_not_import_torch():
+    """torch costs ~0.7 GB of RSS; scoring an ONNX file and writing the report must not pull it in."""
+    import subprocess
+    import sys
+
+    code = ("import sys, training.robustness, training.plots, training.fileio, training.conditions; "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0

@@ -149,9 +149,9 @@ def test_server_preprocessing_matches_evaluation_on_real_jpegs(onnx_model):
 
     root = shared_dataset("met-ivory")
     checker = ImageChecker(str(onnx_model))
+    tiling = checker.contract.tiling
     paths = sorted((root / "val" / "ivory").glob("*.jpg"))[:8]
     for path in paths:
         served, _ = checker.prepare(path.read_bytes(), "image/jpeg")
-        tiling = checker.contract.tiling
         evaluated = views(_decode(Sample(path, "ivory", "val"), checker.pre, tiling), checker.pre, tiling)
         np.testing.assert_array_equal(served, evaluated)

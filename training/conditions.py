@@ -179,6 +179,9 @@ class Frame(Condition):
     kind: Literal["frame"] = "frame"
     area: float = Field(1 / 9, gt=0.01, le=0.6, description="share of the frame's area the photo takes")
     description: ClassVar[str] = "the photo small inside a plain screenshot-like page with a UI bar and text"
+    # The page is a phone, tablet or desktop screenshot (aspect drawn per image) of area ``w*h/area``; the
+    # photo keeps its pixels (so the model sees it ~3x smaller than usual at area 1/9), sits in the page's
+    # central square and is shrunk only if it cannot fit there (very elongated photos).
 
     def apply(self, img, rng, others=()):
         w, h = img.size
@@ -195,29 +198,32 @@ class Frame(Condition):
         draw.rectangle([0, 0, cw, bar], fill=bar_colour)  # app bar
         font = _font(max(8, int(bar * 0.5)), bold=True)
         draw.text((bar // 2, bar // 4), "< Marketplace", fill=(255, 255, 255), font=font, anchor="lt")
-        # the photo: keep its pixels where it fits, otherwise shrink it into the free area
-        free_w, free_h = cw - 2 * max(4, cw // 40), ch - bar - round(ch * 0.25)
-        scale = min(1.0, free_w / w, free_h / h)
-        pw, ph = max(1, round(w * scale)), max(1, round(h * scale))
+        # the photo: its own pixels where it fits, inside the page's central square (the part of a page any
+        # centre crop keeps: the report measures the model, not whether preprocessing cropped the photo away)
+        margin, side = max(4, cw // 40), min(cw, ch)
+        left, right = max(margin, (cw - side) // 2), min(cw - margin, (cw + side) // 2)
+        top, bottom = max(bar + margin, (ch - side) // 2), min(ch - margin, (ch + side) // 2)
+        scale = min(1.0, (right - left) / w, (bottom - top) / h)
+        pw, ph = max(1, int(w * scale)), max(1, int(h * scale))
         photo = img if scale == 1.0 else img.resize((pw, ph), Image.Resampling.BICUBIC)
-        px = int(rng.integers(max(4, cw // 40), max(5, cw - pw - max(4, cw // 40) + 1)))
-        py = bar + max(4, ch // 40)
+        px = int(rng.integers(left, max(left, right - pw) + 1))
+        py = top + int(rng.integers(0, max(0, (bottom - top - ph) // 3) + 1))
         canvas.paste(photo, (px, py))
         # title, price and a button below the photo, like a listing page
         line = max(8, round(ch * 0.035))
         y = py + ph + line // 2
-        draw.text((max(4, cw // 40), y), _SLOGANS[int(rng.integers(len(_SLOGANS)))], fill=ink, font=_font(line), anchor="lt")
+        draw.text((px, y), _SLOGANS[int(rng.integers(len(_SLOGANS)))], fill=ink, font=_font(line), anchor="lt")
         y += int(line * 1.6)
-        draw.text((max(4, cw // 40), y), _PRICES[int(rng.integers(len(_PRICES)))], fill=ink, font=_font(line, True), anchor="lt")
+        draw.text((px, y), _PRICES[int(rng.integers(len(_PRICES)))], fill=ink, font=_font(line, True), anchor="lt")
         y += int(line * 1.8)
         if y + line * 1.5 < ch:
-            draw.rounded_rectangle([max(4, cw // 40), y, max(4, cw // 40) + cw // 3, y + int(line * 1.5)],
+            draw.rounded_rectangle([px, y, px + cw // 3, y + int(line * 1.5)],
                                    radius=line // 3, fill=bar_colour)
         for _ in range(3):  # grey placeholder text lines
             y += int(line * 2)
             if y + line // 2 >= ch:
                 break
-            draw.rectangle([max(4, cw // 40), y, int(cw * rng.uniform(0.4, 0.9)), y + line // 2],
+            draw.rectangle([px, y, px + int(max(pw, cw // 3) * rng.uniform(0.4, 0.9)), y + line // 2],
                            fill=_grey(rng, 60, 90) if dark else _grey(rng, 200, 225))
         return canvas
 

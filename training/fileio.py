@@ -1,4 +1,8 @@
-"""Atomic writes: a crash mid-write leaves the previous file intact, never half a checkpoint."""
+"""Atomic writes: a crash mid-write leaves the previous file intact, never half a checkpoint.
+
+torch is imported only by the functions that need it: importing it costs ~0.7 GB of RSS, which a
+command that only writes JSON next to an ONNX model (robustness, data check) should not pay.
+"""
 
 from __future__ import annotations
 

@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 
 from serving.decision import decide
 from serving.imageio import ImageError, decode_image
+from serving.tiling import draft_size
 from training.conditions import Condition, condition_rng, default_conditions
 from training.data.sources import KNOWN_SPLITS, Sample, load_samples, select_split
-from serving.tiling import draft_size
 from training.evaluate import _decision_settings, load_predictor, predict_images
 from training.metrics import compute_metrics, decision_report
 
@@ -229,7 +229,11 @@ def robustness(
             return img
         condition = conditions[name]
         rng = condition_rng(seed, name, image_key(samples[index]))
-        return condition.apply(img, rng, _others(condition, rng, index, pool, samples, decoder))
+        others = _others(condition, rng, index, pool, samples, decoder)
+        try:
+            return condition.apply(img, rng, others)
+        except Exception as exc:  # a bug in a condition: say where, so it can be reproduced (same seed, same image)
+            raise ValueError(f"condition {name!r} failed on {samples[index].path} (seed {seed}): {exc}") from exc
 
     with ThreadPoolExecutor(max_workers=workers) as threads_pool, \
             tqdm(total=len(samples), desc=f"robustness ({len(names)} conditions)", unit="img") as bar:
