@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serving.decision import decide
+from serving.decision import DECISIONS, decide
 from serving.imageio import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageError, decode_image
 from serving.runtime import OnnxModel
 
@@ -53,7 +53,7 @@ class ImageChecker:
     """Loads the ONNX model once; ``check`` is safe to call from several threads."""
 
     def __init__(self, model_path: str, threads: int = 1, limits: Limits = Limits(), max_concurrent: int = 1,
-                 memory_arena: bool = True):
+                 memory_arena: bool = True, gallery: str | None = None):
         self.model = OnnxModel(model_path, threads=threads, memory_arena=memory_arena)
         self.contract = self.model.contract
         self.pre = self.contract.preprocessing
@@ -61,14 +61,29 @@ class ImageChecker:
         self.thresholds = dict(self.contract.thresholds)
         self.never_block = list(self.contract.never_block)
         self.policy = {"source": "model"}
+        self.gallery = None
+        if gallery:  # refused here (GalleryError naming the file) when unreadable or built with another model
+            from serving.gallery import Gallery
+
+            self.gallery = Gallery.load(gallery, self.contract)
         # one inference at a time per worker: onnxruntime threads x concurrent runs must not exceed the cores
         self._slots = threading.Semaphore(max_concurrent)
 
     def apply_policy(self, path: str) -> None:
         """Override thresholds / never_block from a policy YAML (GET /v1/model shows what is in force)."""
-        from serving.policy import load_policy, resolve_policy
+        from serving.policy import PolicyError, load_policy, resolve_policy
 
-        self.thresholds, self.never_block, notes = resolve_policy(load_policy(path), self.contract)
+        policy = load_policy(path)
+        self.thresholds, self.never_block, notes = resolve_policy(policy, self.contract)
+        if policy.gallery:
+            if self.gallery is None:
+                raise PolicyError(f"policy {path} has a gallery section but no gallery is served (--gallery)")
+            from serving.gallery import GalleryError
+
+            try:
+                notes["gallery"] = self.gallery.apply_policy(policy.gallery)
+            except GalleryError as exc:
+                raise PolicyError(str(exc)) from exc
         self.policy = {"source": str(path), "notes": notes}
 
     def warm_up(self) -> None:
@@ -83,18 +98,35 @@ class ImageChecker:
         check_content_type(content_type, info.format)
         meta = {"sha256": hashlib.sha256(data).hexdigest(), "width": info.width, "height": info.height,
                 "format": info.format}
+        if self.gallery is not None:
+            from serving.phash import phash
+
+            meta["phash"] = f"{phash(img):016x}"
         return self.pre(img), meta
 
-    def predict(self, arrays: list[np.ndarray]) -> np.ndarray:
+    def predict(self, arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities, and embeddings when a gallery is served (one pass either way)."""
         with self._slots:
-            return self.model.predict_proba(np.stack(arrays))
+            if self.gallery is None:
+                return self.model.predict_proba(np.stack(arrays)), None
+            return self.model.predict_with_embedding(np.stack(arrays))
 
-    def result(self, probs: np.ndarray, meta: dict, started: float) -> dict:
+    def result(self, probs: np.ndarray, meta: dict, started: float, embedding: np.ndarray | None = None) -> dict:
         labels = self.contract.labels
         scores = {label: round(float(p), 6) for label, p in zip(labels, probs)}
         top = int(np.argmax(probs))
         decision, triggered = decide(scores, self.thresholds, self.never_block)
-        return {
+        matches = []
+        if self.gallery is not None and embedding is not None:
+            found = self.gallery.match(embedding, int(meta["phash"], 16))
+            matches = [m.model_dump(exclude_none=True) for m in found]
+            g_decision, g_triggered = self.gallery.decide(found)
+            # the stricter decision wins; at equal strictness both sources are named, the model's first
+            if DECISIONS.index(g_decision) < DECISIONS.index(decision):
+                decision, triggered = g_decision, g_triggered
+            elif g_decision == decision and g_triggered:
+                triggered = triggered + g_triggered
+        out: dict = {
             "decision": decision,
             "label": labels[top],
             "score": scores[labels[top]],
@@ -105,11 +137,14 @@ class ImageChecker:
             "image": meta,
             "elapsed_ms": round((time.perf_counter() - started) * 1000.0, 2),
         }
+        out["matches"] = matches
+        return out
 
     def check(self, data: bytes, content_type: str | None = None) -> dict:
         started = time.perf_counter()
         array, meta = self.prepare(data, content_type)
-        return self.result(self.predict([array])[0], meta, started)
+        probs, emb = self.predict([array])
+        return self.result(probs[0], meta, started, None if emb is None else emb[0])
 
     def check_many(self, items: list[tuple[bytes, str | None]]) -> list[dict]:
         """One forward pass for the readable images; an error entry for each bad one, in request order."""
@@ -121,9 +156,9 @@ class ImageChecker:
             except ImageError as exc:
                 results[i] = {"error": {"code": exc.code, "message": exc.message, "status": exc.status}}
         if prepared:
-            probs = self.predict([p[1] for p in prepared])
-            for (i, _, meta), p in zip(prepared, probs):
-                results[i] = self.result(p, meta, started)
+            probs, embs = self.predict([p[1] for p in prepared])
+            for j, ((i, _, meta), p) in enumerate(zip(prepared, probs)):
+                results[i] = self.result(p, meta, started, None if embs is None else embs[j])
         return results
 
     def describe(self) -> dict:
@@ -134,4 +169,6 @@ class ImageChecker:
             "thresholds": {k: v.model_dump() for k, v in self.thresholds.items()}, "never_block": self.never_block,
             "policy": self.policy, "temperature": c.temperature, "preprocessing": c.preprocessing.model_dump(), "metrics": c.metrics,
             "created_at": c.created_at, "training_data": c.training_data, "wildcheck_version": c.wildcheck_version,
+            "embedding": c.embedding.model_dump() if c.embedding else None,
+            "gallery": self.gallery.describe() if self.gallery is not None else None,
         }

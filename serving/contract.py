@@ -35,6 +35,17 @@ class ContractError(ValueError):
     """The file is not a wildcheck model, or its contract is incomplete."""
 
 
+class EmbeddingSpec(BaseModel):
+    """The graph's embedding output: L2-normalised vectors that reference galleries compare (cosine = dot)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    output: str = "embedding"
+    size: int = Field(gt=0)
+    normalized: bool = True
+    producer: str = Field(description="what computed it, e.g. the fine-tuned backbone's pooled features")
+
+
 class ModelContract(BaseModel):
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
@@ -56,6 +67,7 @@ class ModelContract(BaseModel):
     val_curves: dict[str, dict[str, list[float]]] = Field(
         default_factory=dict, description="calibrated validation scores per class (pos/neg), to re-solve a policy"
     )
+    embedding: EmbeddingSpec | None = Field(None, description="absent in models exported before galleries existed")
 
     @model_validator(mode="after")
     def _thresholds_name_known_labels(self) -> "ModelContract":
@@ -82,6 +94,13 @@ class ModelContract(BaseModel):
             return cls.model_validate(values)
         except (json.JSONDecodeError, ValidationError) as exc:
             raise ContractError(f"{source} has invalid wildcheck metadata: {exc}") from exc
+
+
+def contract_hash(contract: ModelContract) -> str:
+    """sha256 of the canonical contract JSON: a gallery records it to refuse another model's file."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(contract.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
 def read_contract(path: str | Path) -> ModelContract:

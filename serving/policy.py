@@ -6,6 +6,8 @@ classes:
   pangolin_scales: {block_precision: 0.99, review_recall: 0.9}  # targets, re-solved on the stored val curves
   tiger_skin: {block: null}                                  # never auto-block
 never_block: [rhino_horn]
+gallery:                                                     # labels of the served gallery (--gallery)
+  pangolin_scales: {similar: 0.75, duplicate: 0.93, duplicate_hamming: 8, block: false}
 ```
 """
 
@@ -41,11 +43,23 @@ class ClassPolicy(BaseModel):
         return self
 
 
+class GalleryLabelPolicy(BaseModel):
+    """Overrides of a gallery label's thresholds; absent keys keep the gallery's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    similar: float | None = Field(None, ge=-1.0, le=1.0, description="cosine similarity -> review")
+    duplicate: float | None = Field(None, ge=-1.0, le=1.0, description="cosine similarity -> duplicate")
+    duplicate_hamming: int | None = Field(None, ge=-1, le=64, description="pHash bits -> duplicate; -1: never")
+    block: bool | None = Field(None, description="false: a duplicate goes to review instead of block")
+
+
 class Policy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     classes: dict[str, ClassPolicy] = {}
     never_block: list[str] = []
+    gallery: dict[str, GalleryLabelPolicy] = {}
 
 
 class PolicyError(ValueError):

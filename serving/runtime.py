@@ -35,6 +35,7 @@ class OnnxModel:
         options.enable_cpu_mem_arena = memory_arena
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
 
     @property
     def labels(self) -> list[str]:
@@ -48,8 +49,27 @@ class OnnxModel:
     def temperature(self) -> float:
         return self.contract.temperature
 
+    def run(self, batch: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
+        """The named outputs only: onnxruntime skips work that feeds none of them."""
+        return self.session.run(outputs, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
+
     def predict_logits(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        return self.run(batch, ["logits"])[0]
+
+    @property
+    def embedding_output(self) -> str | None:
+        spec = self.contract.embedding
+        return spec.output if spec is not None and spec.output in self.output_names else None
+
+    def predict_with_embedding(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Calibrated probabilities and L2-normalised embeddings in one pass."""
+        if self.embedding_output is None:
+            raise ValueError(f"{self.path} has no embedding output; re-export it with this wildcheck version")
+        logits, emb = self.run(batch, ["logits", self.embedding_output])
+        return softmax(logits, self.temperature), emb
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        return self.predict_with_embedding(batch)[1]
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
         return softmax(self.predict_logits(batch), self.temperature)

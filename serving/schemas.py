@@ -26,6 +26,15 @@ class ImageMeta(BaseModel):
     width: int
     height: int
     format: str
+    phash: str | None = None  # 64-bit perceptual hash (hex), when a gallery is served
+
+
+class GalleryMatch(BaseModel):
+    label: str
+    reference: str
+    similarity: float
+    kind: Literal["duplicate", "similar"]
+    hamming: int | None = None
 
 
 class CheckResponse(BaseModel):
@@ -40,6 +49,7 @@ class CheckResponse(BaseModel):
     model: ModelRef
     image: ImageMeta
     elapsed_ms: float
+    matches: list[GalleryMatch] = []
 
 
 class BatchError(BaseModel):

@@ -32,6 +32,7 @@ class Settings:
     max_concurrency: int = 64
     api_keys: frozenset[str] = field(default_factory=frozenset)
     policy: str = ""
+    gallery: str = ""
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -48,5 +49,6 @@ class Settings:
             timeout_s=_int("WILDCHECK_TIMEOUT_S", cls.timeout_s),
             max_concurrency=_int("WILDCHECK_MAX_CONCURRENCY", cls.max_concurrency),
             policy=os.environ.get("WILDCHECK_POLICY", ""),
+            gallery=os.environ.get("WILDCHECK_GALLERY", ""),
             api_keys=frozenset(k.strip() for k in keys.split(",") if k.strip()),
         )

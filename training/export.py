@@ -23,6 +23,7 @@ from serving.contract import ModelContract
 from serving.decision import default_thresholds
 from serving.runtime import OnnxModel
 from training.data.sources import Sample
+from training.embedding import EMBEDDING_OUTPUT, WithEmbedding, embedding_spec
 from training.evaluate import TorchPredictor, predict_samples, resolve_checkpoint, run_samples
 from training.fileio import atomic_path
 
@@ -44,7 +45,8 @@ def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def build_contract(state: dict, name: str | None, version: str | None, run_dir: Path) -> ModelContract:
+def build_contract(state: dict, name: str | None, version: str | None, run_dir: Path,
+                   model: torch.nn.Module | None = None) -> ModelContract:
     labels = list(state["labels"])
     negative = (state.get("config") or {}).get("data", {}).get("negative_label", "other")
     # calibrated thresholds when `wildcheck calibrate` ran (train does it), else the documented defaults
@@ -65,6 +67,7 @@ def build_contract(state: dict, name: str | None, version: str | None, run_dir: 
         training_data=state.get("training_data", {}),
         metrics={"val": _slim(state.get("val_metrics", {})), "calibration": state.get("calibration", {})},
         val_curves=state.get("val_curves", {}),
+        embedding=embedding_spec(model, state["architecture"]) if model is not None else None,
         wildcheck_version=training.__version__,
     )
 
@@ -75,12 +78,15 @@ def _slim(metrics: dict) -> dict:
 
 
 def torch_to_onnx(model: torch.nn.Module, input_size: int, path: Path) -> None:
-    """Dynamo export (NOTES): fixed H x W, dynamic batch, traced with batch 2, one file without external data."""
-    model = model.eval()
+    """Dynamo export (NOTES): fixed H x W, dynamic batch, traced with batch 2, one file without external data.
+
+    Outputs: ``logits`` (first) and ``embedding`` (``training.embedding.WithEmbedding``).
+    """
+    model = WithEmbedding(model.eval()).eval()
     dummy = torch.randn(2, 3, input_size, input_size)
     batch = torch.export.Dim("batch", min=1, max=1024)
     torch.onnx.export(
-        model, (dummy,), str(path), input_names=["image"], output_names=["logits"], opset_version=OPSET,
+        model, (dummy,), str(path), input_names=["image"], output_names=["logits", EMBEDDING_OUTPUT], opset_version=OPSET,
         dynamo=True, external_data=False, dynamic_shapes=({0: batch},),
     )
 
@@ -130,7 +136,7 @@ def export(
     torch_pred = TorchPredictor(ckpt)
     state = torch_pred.state
     run_dir = ckpt.parent
-    contract = build_contract(state, name, version, run_dir)
+    contract = build_contract(state, name, version, run_dir, torch_pred.model)
     val, train = run_samples(state, data)
     rng = random.Random(0)
     parity_set = rng.sample(val, min(parity_images, len(val))) if val else []
