@@ -3,6 +3,7 @@
     nice -n 10 python benchmarks/gallery_bench.py fewshot --model MODEL.onnx      # or --pretrained tf_efficientnet_lite0
     nice -n 10 python benchmarks/gallery_bench.py known --model MODEL.onnx
     nice -n 10 python benchmarks/gallery_bench.py scale --sizes 10000 100000 [1000000]
+    nice -n 10 python benchmarks/gallery_bench.py serve --model MODEL.onnx --sizes 10000   # added time per request
 
 fewshot: 20 Caltech-101 categories of caltech101-negatives (the 20 with most val images, clutter excluded)
 stand in for product types; k references each from train; queries = their val images; distractors =
@@ -18,7 +19,8 @@ and both; collage tiles also with the four 2 x 2 tiles as extra query views.
 
 scale: random unit vectors of the embedding's size as references; queries = references plus noise
 (cosine ~0.9, what a near-copy looks like). Query latency p50/p99 on one thread, index memory, build
-time and recall@1 against exact search, for exact numpy, usearch, hnswlib and faiss (those installed).
+time and recall@1 against exact search, for exact numpy, faiss (what serving uses), usearch and hnswlib
+(those installed; usearch is imported last: imported before onnxruntime it crashed the process).
 
 Embeddings are cached under --cache (per embedder and image list) so reruns are cheap.
 """
@@ -44,7 +46,7 @@ sys.path.insert(0, str(REPO))
 SHARED = Path(os.environ.get("WILDCHECK_SHARED", REPO.parent / "shared")) / "datasets"
 
 from serving.gallery import Gallery, GalleryHeader, solve_thresholds  # noqa: E402
-from serving.phash import phash  # noqa: E402
+from serving.gallery import preprocess_and_hash  # noqa: E402
 from serving.preprocess import Preprocessing  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------
@@ -272,6 +274,9 @@ TRANSFORMS = {"resize_30": t_resize, "jpeg_q20_40": t_jpeg, "crop_10_30": t_crop
 
 
 def known(embedder, cache: Path, negatives: int = 1500) -> dict:
+    def phash(im):  # as serving hashes: after the model's resize
+        return preprocess_and_hash(embedder.pre, im)[1]
+
     met = files("met-ivory", "val")
     refs, met_distract = met[0::2], met[1::2]
     neg_val = (files("generic-products", "val") + files("caltech101-negatives", "val")
@@ -313,7 +318,7 @@ def known(embedder, cache: Path, negatives: int = 1500) -> dict:
                            embedding={"size": e_ref.shape[1], "producer": embedder.name}, labels=["known"],
                            reference_ids=[str(i) for i in range(len(refs))], sources=[""] * len(refs),
                            thresholds=thresholds, created_at="", updated_at="")
-    gallery = Gallery(header, e_ref, np.zeros(len(refs), np.int32), h_ref, e_neg.astype(np.float16))
+    gallery = Gallery(header, e_ref, np.zeros(len(refs), np.int32), h_ref, e_neg)
     solved = gallery.thresholds["known"]
     modes = {
         "both": solved,
@@ -358,6 +363,23 @@ def known(embedder, cache: Path, negatives: int = 1500) -> dict:
         ham = np.array([hamming(h, h_ref[i:i + 1])[0] for i, h in enumerate(h_q[name])])
         diag[name] = {"similarity_p5_p10_p50": q(own, (0.05, 0.1, 0.5)), "hamming_p50_p90_p95": q(ham, (0.5, 0.9, 0.95))}
     result["margins"] = diag
+    # the issue's operating point: the similarity threshold at which <= 0.1% of the distractors are duplicates
+    # (pHash <= the gallery's bits counts too); recall = the right reference reaches it, per transformation
+    bits = solved.duplicate_hamming
+    d_sims = np.sort(d_best[d_ham > bits])[::-1]
+    allowed = int(np.floor(0.001 * len(d_best))) - int((d_ham <= bits).sum())
+    t = float(np.nextafter(np.float32(d_sims[max(allowed, 0)]), np.float32(2.0))) if allowed >= 0 else 2.0
+    point = {"similarity_threshold": round(t, 4), "pHash_bits": bits}
+    for name in queries:
+        own = np.einsum("ij,ij->i", e_q[name], e_ref)
+        ham = np.array([hamming(h, h_ref[i:i + 1])[0] for i, h in enumerate(h_q[name])])
+        point[name] = round(float(((own >= t) | (ham <= bits)).mean()), 4)
+        if name == "collage_tile":
+            tile_own = np.einsum("ivj,ij->iv", e_tiles, e_ref).max(1)
+            tile_ham = np.array([hamming(h, h_ref[i:i + 1])[0] for i, h in enumerate(h_tiles)])
+            point[name + "+2x2_views"] = round(float(((np.maximum(own, tile_own) >= t) | (ham <= bits) | (tile_ham <= bits)).mean()), 4)
+    result["at_0.1pct_false_duplicates"] = point
+    print("at 0.1% false duplicates", json.dumps(point), flush=True)
     print(json.dumps(diag), flush=True)
     return result
 
@@ -377,10 +399,15 @@ def _rss_mb() -> float:
 def _build(backend: str, data: np.ndarray):
     n, d = data.shape
     if backend == "usearch":
-        from serving.search import UsearchIndex
+        from usearch.index import Index
 
-        index = UsearchIndex(data)
-        return index, index.search
+        index = Index(ndim=d, metric="ip", dtype="f16", connectivity=16, expansion_add=128, expansion_search=64)
+        index.add(np.arange(n, dtype=np.uint64), data)
+
+        def search(q, k):
+            found = index.search(q, k, threads=1)
+            return 1 - np.atleast_2d(found.distances), np.atleast_2d(found.keys)
+        return index, search
     if backend == "hnswlib":
         import hnswlib
 
@@ -395,18 +422,10 @@ def _build(backend: str, data: np.ndarray):
             return 1 - dist, labels
         return index, search
     if backend == "faiss":
-        import faiss
+        from serving.search import FaissIndex
 
-        index = faiss.IndexHNSWSQ(d, faiss.ScalarQuantizer.QT_fp16, 16, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = 128
-        index.add(data)
-        index.hnsw.efSearch = 64
-
-        def search(q, k):
-            faiss.omp_set_num_threads(1)
-            s, i = index.search(q, k)
-            return s, i
-        return index, search
+        index = FaissIndex(data)
+        return index, index.search
     raise ValueError(backend)
 
 
@@ -456,15 +475,55 @@ def scale(sizes, dim: int, backends, queries: int = 300, seed: int = 0) -> dict:
     return out
 
 
+def serve_overhead(model: str, refs: int, rounds: int = 3) -> dict:
+    """Per-request time of ImageChecker.check on real Met photos without and with a ``refs``-reference gallery."""
+    import statistics
+    import tempfile
+
+    from serving.checker import ImageChecker
+    from serving.contract import read_contract
+    from serving.gallery import new_header
+
+    contract = read_contract(model)
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((refs, contract.embedding.size), dtype=np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    header = new_header(contract, 0.01, {})
+    g = Gallery(header, np.zeros((0, emb.shape[1]), np.float32), np.zeros(0, np.int32), np.zeros(0, np.uint64),
+                np.zeros((0, emb.shape[1]), np.float32))
+    g.add(emb, ["bench"] * refs, rng.integers(0, 2**63, refs, dtype=np.uint64), [str(i) for i in range(refs)], [""] * refs)
+    photos = [p.read_bytes() for p in files("met-ivory", "val")[:40]]
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "g.npz"
+        g.save(path)
+        checkers = {"without": ImageChecker(model), "with": ImageChecker(model, gallery=str(path))}
+        for c in checkers.values():
+            c.warm_up()
+        times = {k: [] for k in checkers}
+        for _ in range(rounds):  # interleaved, so load changes hit both alike
+            for data in photos:
+                for name, c in checkers.items():
+                    t = time.perf_counter()
+                    c.check(data)
+                    times[name].append((time.perf_counter() - t) * 1000)
+        for name, ts in times.items():
+            out[name] = {"median_ms": round(statistics.median(ts), 2), "p90_ms": round(float(np.percentile(ts, 90)), 2)}
+    out["added_median_pct"] = round(100 * (out["with"]["median_ms"] / out["without"]["median_ms"] - 1), 1)
+    out["references"] = refs
+    print(json.dumps(out), flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=["fewshot", "known", "scale", "export-pretrained"])
+    ap.add_argument("what", choices=["fewshot", "known", "scale", "serve", "export-pretrained"])
     ap.add_argument("--model", help="ONNX model with an embedding output")
     ap.add_argument("--pretrained", help="timm architecture: its ImageNet-pretrained backbone (offline weights)")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/wildcheck-gallery-bench"))
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--dim", type=int, default=1280)
-    ap.add_argument("--backends", nargs="+", default=["exact", "usearch", "hnswlib", "faiss"])
+    ap.add_argument("--backends", nargs="+", default=["exact", "faiss", "hnswlib", "usearch"])
     ap.add_argument("--json", type=Path, help="write the result here")
     args = ap.parse_args()
     if args.what == "export-pretrained":
@@ -472,6 +531,8 @@ def main() -> None:
         return
     if args.what == "scale":
         result = scale(args.sizes, args.dim, args.backends)
+    elif args.what == "serve":
+        result = serve_overhead(args.model, args.sizes[0])
     else:
         if not SHARED.is_dir():
             sys.exit(f"{SHARED} not found (set WILDCHECK_SHARED)")

@@ -99,9 +99,11 @@ class ImageChecker:
         meta = {"sha256": hashlib.sha256(data).hexdigest(), "width": info.width, "height": info.height,
                 "format": info.format}
         if self.gallery is not None:
-            from serving.phash import phash
+            from serving.gallery import preprocess_and_hash
 
-            meta["phash"] = f"{phash(img):016x}"
+            array, hashed = preprocess_and_hash(self.pre, img)
+            meta["phash"] = f"{hashed:016x}"
+            return array, meta
         return self.pre(img), meta
 
     def predict(self, arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:

@@ -2,7 +2,7 @@
 
 A gallery file (``.npz``, no pickles) holds, per reference, the model's L2-normalised embedding, a
 64-bit perceptual hash, its label, id and source, never the image; plus the embeddings of the negatives
-it was calibrated on (float16), so thresholds can be re-solved after ``add``/``remove``, the model
+it was calibrated on, so thresholds can be re-solved after ``add``/``remove``, the model
 version and contract hash it was built with, and per-label thresholds:
 
 - ``similar``: cosine similarity above which at most ``fpr`` of the negatives match the label -> review;
@@ -26,7 +26,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from serving.contract import EmbeddingSpec, ModelContract, contract_hash
-from serving.phash import hamming
+from serving.phash import hamming, phash
 from serving.search import EXACT_MAX, VectorIndex, make_index
 
 GALLERY_FORMAT = "wildcheck-gallery"
@@ -34,8 +34,10 @@ GALLERY_VERSION = 1
 # Defaults measured by benchmarks/gallery_bench.py (README "Reference galleries").
 DEFAULT_FPR = 0.01
 DEFAULT_SIMILAR = 0.80  # used only when the gallery was built without negatives
-DUPLICATE_FLOOR = 0.90  # a near-copy is at least this similar, whatever the negatives say
+DUPLICATE_FLOOR = 0.80  # a near-copy is at least this similar, whatever the negatives say
+DUPLICATE_FPR_RATIO = 0.1  # duplicate: a tenth of the negatives `similar` lets through (0.1% at --fpr 0.01)
 DUPLICATE_HAMMING = 6  # pHash bits; unrelated photos differ in ~32
+SCORE_MARGIN = 1e-4  # above the negative's score: onnxruntime differs by ~1e-6 between batch sizes
 MAX_MATCHES = 3
 SEARCH_K = 16  # nearest references looked at per query view
 
@@ -82,6 +84,13 @@ class Match(BaseModel):
     hamming: int | None = None
 
 
+def preprocess_and_hash(pre, img) -> tuple[np.ndarray, int]:
+    """Model input and pHash of one picture; the hash is taken from the model's resize (cheaper than the
+    full picture, and the same at build and query time)."""
+    resized = pre.resize_image(img)
+    return pre.crop_and_normalize(np.asarray(resized)), phash(resized)
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -96,12 +105,18 @@ def solve_thresholds(ref_emb: np.ndarray, ref_labels: np.ndarray, labels: list[s
             out[label] = LabelThresholds(similar=DEFAULT_SIMILAR, duplicate=DUPLICATE_FLOOR,
                                          notes=[f"no negatives: similar at the default {DEFAULT_SIMILAR}"])
             continue
-        scores = np.sort((negatives.astype(np.float32) @ refs.T).max(axis=1))[::-1]
-        allowed = int(np.floor(fpr * len(scores)))
-        # the lowest threshold that lets at most `allowed` negatives reach it
-        similar = float(np.nextafter(np.float32(scores[allowed]), np.float32(2.0))) if allowed < len(scores) else -1.0
-        duplicate = max(DUPLICATE_FLOOR, float(np.nextafter(np.float32(scores[0]), np.float32(2.0))), similar)
-        notes = [f"similar: {allowed} of {len(scores)} negatives reach it (fpr {fpr})"]
+        scores = np.sort((np.asarray(negatives, np.float32) @ refs.T).max(axis=1))[::-1]
+
+        def lowest_letting_through(rate: float) -> tuple[float, int]:
+            """The lowest threshold that at most floor(rate * n) negatives reach."""
+            allowed = int(np.floor(rate * len(scores)))
+            return float(scores[allowed]) + SCORE_MARGIN if allowed < len(scores) else -1.0, allowed
+
+        similar, allowed = lowest_letting_through(fpr)
+        dup_at, dup_allowed = lowest_letting_through(fpr * DUPLICATE_FPR_RATIO)
+        duplicate = max(DUPLICATE_FLOOR, dup_at, similar)
+        notes = [f"similar: {allowed} of {len(scores)} negatives reach it (fpr {fpr}); "
+                 f"duplicate: {dup_allowed} reach it (fpr {fpr * DUPLICATE_FPR_RATIO:g}, floor {DUPLICATE_FLOOR})"]
         if len(scores) < 1.0 / fpr:
             notes.append(f"only {len(scores)} negatives: fpr {fpr} cannot be resolved; similar is above every negative")
         out[label] = LabelThresholds(similar=min(similar, duplicate), duplicate=duplicate, notes=notes)
@@ -117,7 +132,8 @@ class Gallery:
         self.embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         self.label_idx = np.asarray(label_idx, dtype=np.int32)
         self.hashes = np.asarray(hashes, dtype=np.uint64)
-        self.negatives = np.asarray(negatives, dtype=np.float16)
+        # float32: thresholds sit just above a negative's similarity, rounding must not let it through
+        self.negatives = np.asarray(negatives, dtype=np.float32)
         self.source = source
         self.thresholds = dict(header.thresholds)
         self.exact_max = exact_max
@@ -325,7 +341,7 @@ class Gallery:
             "thresholds": {k: v.model_dump() for k, v in self.thresholds.items()},
             "model_name": h.model_name, "model_version": h.model_version, "contract_hash": h.contract_hash,
             "embedding": h.embedding.model_dump(), "fpr": h.fpr, "negatives": h.negatives,
-            "search": "exact" if len(self.embeddings) <= self.exact_max else "hnsw (usearch)",
+            "search": "exact" if len(self.embeddings) <= self.exact_max else "hnsw (faiss)",
             "created_at": h.created_at, "updated_at": h.updated_at,
         }
 

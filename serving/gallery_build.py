@@ -15,9 +15,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from serving.client import IMAGE_SUFFIXES, list_images
-from serving.gallery import DEFAULT_FPR, Gallery, GalleryError, new_header
+from serving.gallery import DEFAULT_FPR, Gallery, GalleryError, new_header, preprocess_and_hash
 from serving.imageio import ImageError, decode_image
-from serving.phash import phash
 from serving.runtime import OnnxModel
 
 MAX_NEGATIVES = 3000
@@ -75,8 +74,9 @@ def embed_paths(model: OnnxModel, paths: list[Path], batch_size: int = 16, desc:
         except (ImageError, OSError) as exc:
             skipped.append((str(path), getattr(exc, "message", str(exc))))
             continue
-        batch.append(pre(img))
-        hashes.append(phash(img))
+        array, hashed = preprocess_and_hash(pre, img)
+        batch.append(array)
+        hashes.append(hashed)
         kept.append(i)
         if len(batch) == batch_size:
             flush()
@@ -91,7 +91,7 @@ def _negatives(model: OnnxModel, roots: list[Path], max_images: int) -> tuple[np
     if len(paths) > max_images:
         paths = sorted(random.Random(0).sample(paths, max_images))
     emb, _, _, skipped = embed_paths(model, paths, desc="negatives")
-    return emb.astype(np.float16), {"roots": [str(r) for r in roots], "count": len(emb)}, skipped
+    return emb, {"roots": [str(r) for r in roots], "count": len(emb)}, skipped
 
 
 def _load_model(model_path: str | Path) -> OnnxModel:
@@ -112,7 +112,7 @@ def build(ref: str | Path, model_path: str | Path, out: str | Path, negatives: l
     items = read_references(ref)
     model = _load_model(model_path)
     neg, neg_info, neg_skipped = _negatives(model, list(negatives), max_negatives) if negatives else (
-        np.zeros((0, model.contract.embedding.size), np.float16), {"roots": [], "count": 0}, [])
+        np.zeros((0, model.contract.embedding.size), np.float32), {"roots": [], "count": 0}, [])
     emb, hashes, kept, skipped = embed_paths(model, [it.path for it in items], desc="references")
     if not kept:
         raise GalleryError(f"none of the {len(items)} reference images could be read; nothing written")

@@ -1,8 +1,9 @@
 """Nearest references by cosine similarity, behind one interface: exact numpy search, ANN above a size.
 
 Embeddings are L2-normalised, so cosine similarity is a dot product. Exact search costs one
-matrix-vector product (10,000 x 1,280 floats: ~1-3 ms on one core); above ``EXACT_MAX`` references an
-HNSW index answers in well under a millisecond with recall@1 close to exact (benchmarks/gallery_bench.py).
+matrix-vector product (10,000 x 1,280 floats: ~2 ms on one core, more when the cache is cold); above
+``EXACT_MAX`` references an HNSW index (faiss) answers in well under a millisecond with recall@1 close to
+exact (benchmarks/gallery_bench.py scale).
 """
 
 from __future__ import annotations
@@ -20,9 +21,19 @@ class VectorIndex(Protocol):
         ...
 
 
+def single_threaded_blas() -> None:
+    """One BLAS thread for this process. A multi-threaded matrix-vector product beside onnxruntime's threads
+    was 100x slower on a busy 2-core machine (158 ms vs 1.7 ms for 10,000 references)."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")
+
+
 class ExactIndex:
-    def __init__(self, vectors: np.ndarray):
+    def __init__(self, vectors: np.ndarray, limit_blas: bool = True):
         self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if limit_blas:
+            single_threaded_blas()
 
     def __len__(self) -> int:
         return len(self.vectors)
@@ -36,37 +47,35 @@ class ExactIndex:
         return np.take_along_axis(top_sims, order, axis=1), np.take_along_axis(top, order, axis=1)
 
 
-class UsearchIndex:
-    """HNSW (usearch) over the same vectors; cosine on normalised vectors = inner product."""
+class FaissIndex:
+    """HNSW (faiss-cpu) over float16-quantised vectors; inner product = cosine on normalised vectors.
 
-    def __init__(self, vectors: np.ndarray, dtype: str = "f16", connectivity: int = 16, expansion_add: int = 128,
-                 expansion_search: int = 64, threads: int = 0):
-        from usearch.index import Index
+    faiss over usearch: usearch 2.26 crashed the process when imported before onnxruntime (numkong),
+    and faiss built and searched faster here (benchmarks/gallery_bench.py scale).
+    """
+
+    def __init__(self, vectors: np.ndarray, connectivity: int = 16, expansion_add: int = 128, expansion_search: int = 64):
+        import faiss
 
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        self.index = Index(ndim=vectors.shape[1], metric="ip", dtype=dtype, connectivity=connectivity,
-                           expansion_add=expansion_add, expansion_search=expansion_search)
-        self.index.add(np.arange(len(vectors), dtype=np.uint64), vectors, threads=threads)
+        self.index = faiss.IndexHNSWSQ(vectors.shape[1], faiss.ScalarQuantizer.QT_fp16, connectivity, faiss.METRIC_INNER_PRODUCT)
+        self.index.hnsw.efConstruction = expansion_add
+        self.index.train(vectors[: min(len(vectors), 10_000)])
+        self.index.add(vectors)  # all cores while building
+        self.index.hnsw.efSearch = expansion_search
+        faiss.omp_set_num_threads(1)  # one query, one core: the request's thread
 
     def __len__(self) -> int:
-        return len(self.index)
+        return self.index.ntotal
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        queries = np.atleast_2d(queries).astype(np.float32)
-        found = self.index.search(queries, k, threads=1)
-        keys = np.asarray(found.keys, dtype=np.int64).reshape(len(queries), -1)
-        dist = np.asarray(found.distances, dtype=np.float32).reshape(len(queries), -1)
-        # one query gives Matches (no .counts), several BatchMatches
-        counts = np.asarray(getattr(found, "counts", [keys.shape[1]])).reshape(len(queries))
-        mask = np.arange(keys.shape[1])[None, :] >= counts[:, None]
-        keys[mask] = -1
-        sims = 1.0 - dist  # usearch's ip distance is 1 - dot
-        sims[mask] = -np.inf
-        return sims, keys
+        sims, idx = self.index.search(np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32), k)
+        sims[idx < 0] = -np.inf
+        return sims, idx.astype(np.int64)
 
 
 def make_index(vectors: np.ndarray, exact_max: int = EXACT_MAX) -> VectorIndex:
     """Exact up to ``exact_max`` references, HNSW above."""
     if len(vectors) <= exact_max:
         return ExactIndex(vectors)
-    return UsearchIndex(vectors)
+    return FaissIndex(vectors)
