@@ -8,7 +8,6 @@ are added the same way.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 EMBEDDING_OUTPUT = "embedding"
@@ -19,17 +18,33 @@ def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model.forward_head(model.forward_features(x), pre_logits=True)
 
 
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """``F.normalize`` without its ``expand_as``: onnxruntime's symbolic shape inference (INT8 pre-processing)
+    fails on the Expand node that F.normalize exports to."""
+    return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-12)
+
+
 class WithEmbedding(nn.Module):
-    """``forward(x) -> (logits, embedding)``; logits are exactly the wrapped model's in eval mode."""
+    """``forward(x) -> (logits, embedding)``; logits are exactly the wrapped model's in eval mode.
+
+    A wrapped timm model (e.g. a test's tampered ``Sequential(model, ...)``) keeps its own forward for the
+    logits; the embedding then comes from the timm model inside it.
+    """
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.direct = hasattr(model, "forward_head")
+        if not self.direct:
+            self.base = next(m for m in model.modules() if hasattr(m, "forward_head"))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pooled = pooled_features(self.model, x)
-        logits = self.model.get_classifier()(pooled)
-        return logits, F.normalize(pooled, dim=1)
+        if self.direct:
+            pooled = pooled_features(self.model, x)
+            logits = self.model.get_classifier()(pooled)
+        else:
+            logits, pooled = self.model(x), pooled_features(self.base, x)
+        return logits, l2_normalize(pooled)
 
 
 def embedding_size(model: nn.Module) -> int:
