@@ -151,6 +151,8 @@ class Gallery:
             "hashes": self.hashes,
             "negatives": self.negatives,
         }
+        if len(self.embeddings) > self.exact_max:  # the HNSW graph travels with the file: no rebuild at load
+            arrays["index"] = self.index.serialize()
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
@@ -176,6 +178,7 @@ class Gallery:
                     raise GalleryError(f"{path} is not a wildcheck gallery: it lacks {sorted(missing)}")
                 raw = bytes(npz["header"].tobytes())
                 arrays = {k: npz[k] for k in ("embeddings", "labels", "hashes", "negatives")}
+                serialized = npz["index"] if "index" in npz.files else None
         except GalleryError:
             raise
         except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as exc:
@@ -196,6 +199,16 @@ class Gallery:
         gallery = cls(header, arrays["embeddings"], arrays["labels"], arrays["hashes"], arrays["negatives"],
                       source=str(path), exact_max=exact_max)
         gallery.validate()
+        if serialized is not None and len(gallery.embeddings) > exact_max:
+            from serving.search import FaissIndex
+
+            try:
+                index = FaissIndex(None, serialized=serialized)
+            except RuntimeError as exc:
+                raise GalleryError(f"{path}: its search index is unreadable ({exc}); rebuild the gallery") from exc
+            if len(index) != len(gallery.embeddings):
+                raise GalleryError(f"{path}: its search index holds {len(index)} references, the file {len(gallery.embeddings)}")
+            gallery._index = index
         if contract is not None:
             gallery.check_model(contract)
         return gallery

@@ -277,3 +277,21 @@ def test_few_shot_label_from_five_references_catches_held_out_photos_through_the
                     assert item["decision"] in ("review", "block") and "gallery:wristwatch" in item["triggered_by"]
                     caught += 1
     assert caught / len(held_out) >= 0.6, f"{caught} of {len(held_out)} held-out {category} photos caught"
+
+
+def test_a_large_gallery_stores_its_hnsw_index_and_loads_it_without_rebuilding(tmp_path):
+    from serving.gallery import Gallery, GalleryHeader, solve_thresholds
+    from serving.search import FaissIndex
+
+    rng = np.random.default_rng(1)
+    refs = rng.standard_normal((3000, 32)).astype(np.float32)
+    refs /= np.linalg.norm(refs, axis=1, keepdims=True)
+    labels = np.zeros(3000, np.int32)
+    header = GalleryHeader(model_name="m", model_version="1", contract_hash="h", embedding={"size": 32, "producer": "test"},
+                           labels=["known"], reference_ids=[f"r{i}" for i in range(3000)], sources=[""] * 3000,
+                           thresholds=solve_thresholds(refs, labels, ["known"], np.zeros((0, 32), np.float32), 0.01),
+                           created_at="", updated_at="")
+    Gallery(header, refs, labels, np.zeros(3000, np.uint64), np.zeros((0, 32), np.float32), exact_max=1000).save(tmp_path / "g.npz")
+    loaded = Gallery.load(tmp_path / "g.npz", exact_max=1000)
+    assert isinstance(loaded._index, FaissIndex) and len(loaded._index) == 3000
+    assert loaded.match(refs[1234])[0].reference == "r1234"
