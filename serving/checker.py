@@ -128,7 +128,7 @@ class ImageChecker:
                 decision, triggered = g_decision, g_triggered
             elif g_decision == decision and g_triggered:
                 triggered = triggered + g_triggered
-        out: dict = {
+        return {
             "decision": decision,
             "label": labels[top],
             "score": scores[labels[top]],
@@ -138,9 +138,8 @@ class ImageChecker:
             "model": {"name": self.contract.model_name, "version": self.contract.model_version},
             "image": meta,
             "elapsed_ms": round((time.perf_counter() - started) * 1000.0, 2),
+            "matches": matches,
         }
-        out["matches"] = matches
-        return out
 
     def check(self, data: bytes, content_type: str | None = None) -> dict:
         started = time.perf_counter()
