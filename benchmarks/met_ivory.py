@@ -1,10 +1,15 @@
-"""Met ivory benchmark: train the default config on real photos, report Met val metrics and speed.
+"""Met ivory benchmark: train a config on real photos, report Met val metrics, false positives and robustness.
 
-    python benchmarks/met_ivory.py [--out runs/met] [--epochs N] [--no-negatives]
+    python benchmarks/met_ivory.py [--out runs/met] [--config configs/met_ivory.yaml] [--seed N]
+        [--pool NAME[:SOURCES] ...] [--eval-pool NAME[:SOURCES] ...] [--robustness] [--no-negatives]
 
-Trains on met-ivory train (+ generic-products and caltech101-negatives as a per-epoch negatives pool),
-picks the best epoch on val, then evaluates on Met val alone (the number the target is stated in) and
-on the negatives' val splits (false-positive rate for ivory).
+Trains on met-ivory train plus the negatives pools (default: those whose licences allow shipping the
+model -- generic-products, caltech101-negatives, art-antiques:artbreaker,byzart2k and
+listings-everyday:grocerystore), picks the best epoch on val, then evaluates on Met val alone (the number
+the target is stated in) and on every pool's val split (false positives). ``NAME:SRC1,SRC2`` keeps only
+those source folders of a pool (written as a CSV manifest into the run dir). ``--robustness`` adds the
+listing-conditions report (``wildcheck robustness``) on Met val + all pools' val, with the model's tiling
+and, for comparison, without it (re-calibrated).
 """
 
 from __future__ import annotations
@@ -17,6 +22,30 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
+# pools whose licences allow training a model that is redistributed (PROVENANCE.txt of each pool)
+SHIPPABLE_POOLS = ["generic-products", "caltech101-negatives", "art-antiques:artbreaker,byzart2k",
+                   "listings-everyday:grocerystore"]
+ALL_POOLS = ["generic-products", "caltech101-negatives", "art-antiques", "listings-everyday"]
+
+
+def pool_root(spec: str, shared: Path, run_dir: Path) -> str:
+    """``NAME`` -> its folder; ``NAME:SRC1,SRC2`` -> a manifest of only those sources (split/label/source/...)."""
+    name, _, sources = spec.partition(":")
+    root = shared / name
+    if not root.is_dir():
+        raise FileNotFoundError(f"pool {root} not found")
+    if not sources:
+        return str(root)
+    from training.data.sources import discover
+
+    keep = set(sources.split(","))
+    rows = [s for s in discover(root) if s.path.relative_to(root).parts[2] in keep]
+    if not rows:
+        raise ValueError(f"no images of sources {sorted(keep)} in {root}")
+    manifest = run_dir / f"pool_{name}_{'+'.join(sorted(keep))}.csv"
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    manifest.write_text("path,label,split\n" + "".join(f"{s.path.resolve()},{s.label},{s.split}\n" for s in rows))
+    return str(manifest)
 
 
 def main() -> int:
@@ -24,37 +53,47 @@ def main() -> int:
     parser.add_argument("--out", default=str(REPO / "runs" / "met_ivory"))
     parser.add_argument("--config", default=str(REPO / "configs" / "met_ivory.yaml"))
     parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--shared", default=str(SHARED), help="folder holding met-ivory and the pools")
+    parser.add_argument("--met", default=None, help="the met-ivory folder (default: SHARED/met-ivory)")
+    parser.add_argument("--pool", action="append", default=None, help="training negatives pool (repeat)")
+    parser.add_argument("--eval-pool", action="append", default=None, help="pools whose val split is evaluated")
     parser.add_argument("--no-negatives", action="store_true", help="train on met-ivory alone")
+    parser.add_argument("--robustness", action="store_true", help="also the listing-conditions report")
     parser.add_argument("--epoch-time-baseline", action="store_true",
                         help="afterwards, time one epoch on met-ivory alone (the negatives pool's cost per epoch)")
     args = parser.parse_args()
-    met = SHARED / "met-ivory"
+    shared = Path(args.shared)
+    met = Path(args.met) if args.met else shared / "met-ivory"
+    out = Path(args.out)
     if not met.is_dir():
         print(f"{met} not found: this benchmark needs ../shared/datasets", file=sys.stderr)
         return 2
 
     from training.config import load_config
     from training.evaluate import evaluate
+    from training.fileio import atomic_write_text
     from training.train import train
 
-    config = load_config(args.config, {"train": {"epochs": args.epochs}})
-    if args.no_negatives:
-        config.data.negatives = []
-    else:
-        config.data.negatives = [str(SHARED / "generic-products"), str(SHARED / "caltech101-negatives")]
+    config = load_config(args.config, {"train": {"epochs": args.epochs, "seed": args.seed}})
+    pools = [] if args.no_negatives else (args.pool or SHIPPABLE_POOLS)
+    config.data.negatives = [pool_root(p, shared, out) for p in pools]
+    eval_pools = [p for p in (args.eval_pool or ALL_POOLS) if (shared / p.partition(":")[0]).is_dir()]
     t0 = time.time()
-    summary = train([str(met)], args.out, config)
+    summary = train([str(met)], out, config)
     wall = time.time() - t0
     print("\n== Met val (met-ivory/val only) ==")
-    met_val = evaluate(args.out, [str(met)], split="val", out_dir=Path(args.out) / "eval_met_val")
+    met_val = evaluate(out, [str(met)], split="val", out_dir=out / "eval_met_val")
     rows = {"met_val": met_val}
-    for name in ("generic-products", "caltech101-negatives"):
-        if (SHARED / name).is_dir():
-            print(f"\n== {name} val (all 'other') ==")
-            rows[name] = evaluate(args.out, [str(SHARED / name)], split="val", out_dir=Path(args.out) / f"eval_{name}")
+    for spec in eval_pools:
+        name = spec.replace(":", "_").replace(",", "+")
+        print(f"\n== {name} val (all 'other') ==")
+        rows[name] = evaluate(out, [pool_root(spec, shared, out)], split="val", out_dir=out / f"eval_{name}")
+    robust = {}
+    robust_args = (out, met, [pool_root(p, shared, out) for p in eval_pools]) if args.robustness else None
     import csv
 
-    with open(Path(args.out) / "history.csv") as fh:
+    with open(out / "history.csv") as fh:
         history = list(csv.DictReader(fh))
     speed = sum(float(r["train_images_per_s"]) for r in history) / len(history)
     epoch_seconds = sum(float(r["epoch_seconds"]) for r in history) / len(history)
@@ -63,16 +102,16 @@ def main() -> int:
         # one epoch on met-ivory alone, same config: what the negatives pool costs per epoch
         alone = config.model_copy(deep=True)
         alone.data.negatives, alone.train.epochs, alone.decision.calibrate = [], 1, False
-        train([str(met)], Path(args.out) / "met_only_epoch", alone)
-        with open(Path(args.out) / "met_only_epoch" / "history.csv") as fh:
+        train([str(met)], out / "met_only_epoch", alone)
+        with open(out / "met_only_epoch" / "history.csv") as fh:
             alone_seconds = float(next(csv.DictReader(fh))["epoch_seconds"])
     print("\n| metric | value |\n|---|---|")
     print(f"| Met val balanced accuracy | {met_val['balanced_accuracy']:.4f} |")
     print(f"| Met val accuracy | {met_val['accuracy']:.4f} |")
     print(f"| Met val macro-F1 | {met_val['macro_f1']:.4f} |")
     print(f"| Met val ivory PR-AUC | {met_val['per_class']['ivory']['pr_auc']:.4f} |")
-    for name in ("generic-products", "caltech101-negatives"):
-        if name in rows:
+    for name in rows:
+        if name != "met_val" and "false_positives" in rows[name]:
             fp = rows[name]["false_positives"]["per_class"]["ivory"]
             print(f"| {name} val ({rows[name]['n']}): ivory false-positive rate at 0.5 | {fp['at_0.5']:.4f} |")
             print(f"| {name} val: ivory FPR at the review threshold ({fp['review']:.3f}) | {fp['at_review']:.4f} |")
@@ -84,11 +123,51 @@ def main() -> int:
     print(f"| epoch wall time (mean) | {epoch_seconds:.0f} s |")
     if alone_seconds:
         print(f"| epoch wall time on met-ivory alone | {alone_seconds:.0f} s (ratio {epoch_seconds / alone_seconds:.2f}x) |")
-    (Path(args.out) / "benchmark.json").write_text(json.dumps(
-        {"met_val": {k: met_val[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "confusion_matrix")},
-         "wall_seconds": wall, "train_images_per_s": speed, "epoch_seconds": epoch_seconds,
-         "met_only_epoch_seconds": alone_seconds}, indent=2))
+    def write(robust: dict) -> None:
+        atomic_write_text(out / "benchmark.json", json.dumps(
+            {"met_val": {k: met_val[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "confusion_matrix")},
+             "wall_seconds": wall, "train_images_per_s": speed, "epoch_seconds": epoch_seconds,
+             "met_only_epoch_seconds": alone_seconds, "seed": config.train.seed, "pools": pools,
+             "false_positives": {k: v["false_positives"]["per_class"] for k, v in rows.items()
+                                 if k != "met_val" and "false_positives" in v},
+             "robustness": robust}, indent=2))
+
+    write({})  # the numbers so far, in case the robustness report is cut short
+    if robust_args:
+        write(run_robustness(*robust_args))
     return 0
+
+
+def run_robustness(run: Path, met: Path, pools: list[str]) -> dict:
+    """The listing-conditions report with the run's tiling and, re-calibrated, without it."""
+    import shutil
+
+    import torch
+
+    from training.calibrate import calibrate
+    from training.robustness import robustness
+
+    def summary(report) -> dict:
+        return {name: {"ivory_flag": c.per_class["ivory"].flag_recall, "ivory_block": c.per_class["ivory"].block_recall,
+                       "negatives_flagged": c.negatives.flagged, "negatives_blocked": c.negatives.blocked,
+                       "balanced_accuracy": c.balanced_accuracy,
+                       "per_source_flagged": {k: v.flagged for k, v in c.negatives.per_source.items()}}
+                for name, c in report.conditions.items()}
+
+    out = {}
+    best = run / "best.pt"
+    state = torch.load(best, map_location="cpu", weights_only=True)
+    variants = [("tiled" if state.get("tiling") else "whole", best)]
+    if state.get("tiling"):
+        (run / "whole").mkdir(exist_ok=True)
+        state["tiling"] = None
+        torch.save(state, run / "whole" / "best.pt")
+        calibrate(run / "whole" / "best.pt")
+        variants.append(("whole", run / "whole" / "best.pt"))
+    for name, ckpt in variants:
+        report = robustness(ckpt, [str(met)], pools, split="val", out_dir=run / f"robustness_{name}", workers=3)
+        out[name] = summary(report)
+    return out
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import numpy as np
 from serving.decision import DECISIONS, decide
 from serving.imageio import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageError, decode_image
 from serving.runtime import OnnxModel
+from serving.tiling import combine, draft_size, predict_views, views
 
 # Declared content types we accept, and the decoded format each one promises.
 CONTENT_TYPES = {
@@ -94,24 +95,30 @@ class ImageChecker:
 
     def prepare(self, data: bytes, content_type: str | None = None) -> tuple[np.ndarray, dict]:
         img, info = decode_image(data, max_pixels=self.limits.max_pixels, min_side=self.limits.min_side,
-                                 draft_size=self.pre.draft_size)
+                                 draft_size=draft_size(self.pre, self.contract.tiling))
         check_content_type(content_type, info.format)
         meta = {"sha256": hashlib.sha256(data).hexdigest(), "width": info.width, "height": info.height,
                 "format": info.format}
-        if self.gallery is not None:
-            from serving.gallery import preprocess_and_hash
+        if self.gallery is not None:  # the same views, each with its pHash
+            from serving.gallery import views_and_hashes
 
-            array, hashed = preprocess_and_hash(self.pre, img)
-            meta["phash"] = f"{hashed:016x}"
-            return array, meta
-        return self.pre(img), meta
+            stack, hashes = views_and_hashes(img, self.pre, self.contract.tiling)
+            meta["phash"] = f"{hashes[0]:016x}"
+            meta["_view_hashes"] = hashes
+            return stack, meta
+        return views(img, self.pre, self.contract.tiling), meta
 
-    def predict(self, arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
-        """Probabilities, and embeddings when a gallery is served (one pass either way)."""
+    def predict(self, stacks: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        """Probabilities per picture, from the views ``prepare`` made of each (one forward pass), and with a
+        gallery the embeddings of each picture's views (the whole picture first, then its tiles)."""
         with self._slots:
             if self.gallery is None:
-                return self.model.predict_proba(np.stack(arrays)), None
-            return self.model.predict_with_embedding(np.stack(arrays))
+                return predict_views(self.model, stacks, self.model.negative_index), None
+            probs, emb = self.model.predict_with_embedding(np.concatenate(stacks))
+        bounds = np.cumsum([0] + [len(s) for s in stacks])
+        per_picture = [(probs[a:b], emb[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        return (np.stack([combine(p, self.model.negative_index) for p, _ in per_picture]),
+                [e for _, e in per_picture])
 
     def result(self, probs: np.ndarray, meta: dict, started: float, embedding: np.ndarray | None = None) -> dict:
         labels = self.contract.labels
@@ -120,7 +127,7 @@ class ImageChecker:
         decision, triggered = decide(scores, self.thresholds, self.never_block)
         matches = []
         if self.gallery is not None and embedding is not None:
-            found = self.gallery.match(embedding, int(meta["phash"], 16))
+            found = self.gallery.match(embedding, meta.pop("_view_hashes"))
             matches = [m.model_dump(exclude_none=True) for m in found]
             g_decision, g_triggered = self.gallery.decide(found)
             # the stricter decision wins; at equal strictness both sources are named, the model's first
@@ -168,7 +175,8 @@ class ImageChecker:
             "name": c.model_name, "version": c.model_version, "architecture": c.architecture, "labels": c.labels,
             "negative_label": c.negative_label, "precision": c.precision,
             "thresholds": {k: v.model_dump() for k, v in self.thresholds.items()}, "never_block": self.never_block,
-            "policy": self.policy, "temperature": c.temperature, "preprocessing": c.preprocessing.model_dump(), "metrics": c.metrics,
+            "policy": self.policy, "temperature": c.temperature, "preprocessing": c.preprocessing.model_dump(),
+            "tiling": c.tiling.model_dump() if c.tiling else None, "metrics": c.metrics,
             "created_at": c.created_at, "training_data": c.training_data, "wildcheck_version": c.wildcheck_version,
             "embedding": c.embedding.model_dump() if c.embedding else None,
             "gallery": self.gallery.describe() if self.gallery is not None else None,

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from serving.decision import ClassThresholds
 from serving.preprocess import Preprocessing
+from serving.tiling import Tiling
 
 METADATA_PREFIX = "wildcheck."
 CONTRACT_VERSION = 1
@@ -64,6 +65,7 @@ class ModelContract(BaseModel):
     metrics: dict[str, Any]
     wildcheck_version: str
     precision: str = "fp32"
+    tiling: Tiling | None = Field(None, description="score the whole picture and a grid of tiles (serving.tiling)")
     val_curves: dict[str, dict[str, list[float]]] = Field(
         default_factory=dict, description="calibrated validation scores per class (pos/neg), to re-solve a policy"
     )

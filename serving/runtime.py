@@ -49,6 +49,15 @@ class OnnxModel:
     def temperature(self) -> float:
         return self.contract.temperature
 
+    @property
+    def tiling(self):
+        return self.contract.tiling
+
+    @property
+    def negative_index(self) -> int | None:
+        labels = self.contract.labels
+        return labels.index(self.contract.negative_label) if self.contract.negative_label in labels else None
+
     def run(self, batch: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
         """The named outputs only: onnxruntime skips work that feeds none of them."""
         return self.session.run(outputs, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})

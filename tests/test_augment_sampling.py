@@ -92,7 +92,7 @@ def test_hard_negatives_drawn_more_often_but_bounded():
     sampler = EpochSampler([0, 1] * 10, n_pool=200, n_negatives=20, balance=False, generator=gen, hard_max_weight=4.0)
     hard = np.arange(20, 30) + 20  # pool images 20..29 (dataset indices 40..49)
     sampler.update_hardness(hard, np.ones(10))
-    sampler.update_hardness(hard, np.ones(10))  # hardness 0.75 after two updates (running mean)
+    sampler.update_hardness(hard, np.ones(10))  # hardness 1.0: first score as it is, then the running mean
     weights = sampler.pool_weights().numpy()
     assert weights.max() / weights.min() <= 4.0 + 1e-9 and weights[hard - 20].min() > 3.0
     hits = Counter()

@@ -56,6 +56,12 @@ class TrainTransform:
         self.compose = A.Compose([build_step(s, pre) for s in steps], seed=seed)
         self._size = pre.input_size
 
+    def set_bank(self, bank: list[np.ndarray]) -> None:
+        """Photos (uint8 HWC, all of the negative label) that scene-building steps may add to an image."""
+        for step in self.compose.transforms:
+            if hasattr(step, "bank"):
+                step.bank = bank
+
     def set_seed(self, seed: int) -> None:
         # albumentations 2.0.x creates its RNG in the constructor: every DataLoader worker would
         # repeat the same sequence unless each worker reseeds its copy.

@@ -130,6 +130,32 @@ def evaluate(
 
 
 @app.command()
+def robustness(
+    model: Path = typer.Argument(..., help="run dir, checkpoint (.pt) or ONNX file"),
+    data: list[Path] = typer.Option(..., "--data", help="dataset root; repeat to combine several"),
+    out: Path = typer.Option(..., "--out", help="folder for robustness.json and robustness.png"),
+    negatives: list[Path] = typer.Option([], "--negatives", help="root of images that are all negatives; repeatable"),
+    split: str = typer.Option("val", "--split", help="split to evaluate ('all' for every image)"),
+    conditions: Optional[Path] = typer.Option(
+        None, "--conditions", help="YAML selecting/parameterising conditions, e.g. `conditions: {jpeg: {quality: 30}}`"),
+    seed: int = typer.Option(0, "--seed", help="seeds every condition per image (same seed, same pictures)"),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="a seeded random subset of N images (quick look)"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+) -> None:
+    """Decisions on the split as it is and under listing conditions (JPEG, thumbnail, banner, watermark,
+    screenshot frame, collage, rotation, greyscale, crop, phone blur/noise)."""
+    from training.conditions import default_conditions, load_conditions
+    from training.robustness import robustness as run_robustness
+
+    try:
+        chosen = load_conditions(conditions) if conditions else default_conditions()
+        run_robustness(model, [str(d) for d in data], [str(n) for n in negatives], None if split == "all" else split,
+                       chosen, seed, limit, out, batch_size)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+
+
+@app.command()
 def export(
     run: Path = typer.Argument(..., help="run dir or checkpoint"),
     out: Path = typer.Option(..., "--out", help="ONNX file to write"),

@@ -8,6 +8,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from serving.tiling import Tiling
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
@@ -60,10 +62,15 @@ class AugmentStep(_Strict):
 def _default_augment() -> list[AugmentStep]:
     return [
         AugmentStep(name="RandomResizedCrop", params={"scale": [0.35, 1.0], "ratio": [0.75, 1.333]}),
+        # listing scenes with photos from the negatives pool (training/realism.py): collages, small in a
+        # screenshot frame, objects cut out onto clutter / photos onto plain backdrops; after the crop so
+        # the image stays whole; a no-op without a negatives pool
+        AugmentStep(name="ListingScene", p=0.35),
         AugmentStep(name="HorizontalFlip", p=0.5),
+        AugmentStep(name="RandomRotate90", p=0.2),
         AugmentStep(name="Affine", p=0.3, params={"rotate": [-12, 12], "fill": 255}),
         AugmentStep(name="ColorJitter", p=0.7, params={"brightness": 0.3, "contrast": 0.3, "saturation": 0.3, "hue": 0.04}),
-        AugmentStep(name="ToGray", p=0.05),
+        AugmentStep(name="ToGray", p=0.2),
         # listing-photo realism (training/realism.py), for every class alike so none becomes a shortcut
         AugmentStep(name="TextOverlay", p=0.15),
         AugmentStep(name="Watermark", p=0.1),
@@ -133,6 +140,10 @@ class DecisionConfig(_Strict):
     review_recall: float = Field(0.95, gt=0.0, le=1.0, description="review from where validation recall reaches this")
     never_block: list[str] = Field(default_factory=list, description="classes that always go to review")
     calibrate: bool = Field(True, description="fit temperature and thresholds on validation after training")
+    tiling: Tiling | None = Field(
+        None, description="score the whole picture and a grid x grid of tiles, keep the highest score per protected "
+        "class (collages, shelves); written into the model contract, so calibration and serving do the same",
+    )
 
 
 class Config(_Strict):

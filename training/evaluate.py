@@ -20,6 +20,7 @@ from serving.decision import ClassThresholds, default_thresholds
 from serving.imageio import ImageError, decode_image
 from serving.preprocess import Preprocessing
 from serving.runtime import softmax
+from serving.tiling import Tiling, draft_size, predict_views, views
 from training.data.sources import Sample, load_samples, select_split
 from training.metrics import compute_metrics, decision_report, false_positive_report, format_decisions, summary_table
 
@@ -47,15 +48,18 @@ class TorchPredictor:
         self.thresholds = {k: ClassThresholds(**v) for k, v in state["thresholds"].items()} if state.get("thresholds") \
             else default_thresholds(self.labels, negative)
         self.never_block = list(state.get("never_block", []))
+        self.tiling = Tiling.model_validate(state["tiling"]) if state.get("tiling") else None
+        self.negative_index = self.labels.index(negative) if negative in self.labels else None
         self.state = state
         self.model = create_model(state["architecture"], len(self.labels), pretrained="none")
         self.model.load_state_dict(state["model"])
-        self.model.eval()
+        self.model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
         self._torch = torch
 
     def predict_logits(self, batch: np.ndarray) -> np.ndarray:
         with self._torch.inference_mode():
-            return self.model(self._torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))).float().numpy()
+            x = self._torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(next(self.model.parameters()).device)
+            return self.model(x).float().cpu().numpy()
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
         return softmax(self.predict_logits(batch), self.temperature)
@@ -98,35 +102,56 @@ def run_samples(state: dict, data: list[str] | None) -> tuple[list[Sample], list
     return val, train
 
 
-def _prepare(sample: Sample, pre: Preprocessing) -> np.ndarray | str:
+def _decode(sample: Sample, pre: Preprocessing, tiling: Tiling | None = None):
+    """The decoded RGB picture (kept large enough for the tiles, if any), or the reason it cannot be used."""
     try:
-        img, _ = decode_image(sample.path, draft_size=pre.draft_size)
-        return pre(img)
+        img, _ = decode_image(sample.path, draft_size=draft_size(pre, tiling))
+        return img
     except ImageError as exc:
         return f"{exc.code}: {exc.message}"
     except OSError as exc:
         return f"unreadable: {exc}"
 
 
+def predict_images(predictor, images: list, batch_size: int = 32, pool: ThreadPoolExecutor | None = None) -> np.ndarray:
+    """Decoded RGB pictures -> class probabilities (N x C): the model's own preprocessing, then its forward pass.
+
+    The one "pictures to probabilities" step that evaluation, the robustness report and calibration share,
+    so that any change to how a picture is scored (e.g. tiled inference) reaches all of them at once.
+    ``pool``: a thread pool to preprocess in (PIL resizing releases the GIL).
+    """
+    pre, tiling = predictor.preprocessing, getattr(predictor, "tiling", None)
+    negative_index = getattr(predictor, "negative_index", None)
+
+    def inputs(img):
+        return views(img, pre, tiling)
+
+    stacks = list(pool.map(inputs, images)) if pool is not None else [inputs(img) for img in images]
+    if not stacks:
+        return np.zeros((0, len(predictor.labels)), np.float32)
+    return np.concatenate([predict_views(predictor, stacks[i : i + batch_size], negative_index)
+                           for i in range(0, len(stacks), batch_size)])
+
+
 def predict_samples(predictor, samples: list[Sample], batch_size: int = 32, workers: int = 2, desc: str = "evaluating"):
     """Returns (probabilities for the readable samples, readable samples, [(path, reason)] for the others)."""
-    pre = predictor.preprocessing
+    pre, tiling = predictor.preprocessing, getattr(predictor, "tiling", None)
     probs, kept, skipped, batch, batch_samples = [], [], [], [], []
 
     def flush():
         if batch:
-            probs.append(predictor.predict_proba(np.stack(batch)))
+            probs.append(predict_images(predictor, batch, batch_size, pool))
             kept.extend(batch_samples)
             batch.clear(), batch_samples.clear()
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for sample, arr in tqdm(zip(samples, pool.map(lambda s: _prepare(s, pre), samples)), total=len(samples),
+        for sample, img in tqdm(zip(samples, pool.map(lambda s: _decode(s, pre, tiling), samples)), total=len(samples),
                                 desc=desc, unit="img", leave=False):
-            if isinstance(arr, str):
-                log.warning("skipping %s (%s)", sample.path, arr)
-                skipped.append((str(sample.path), arr))
+            if isinstance(img, str):
+                log.warning("skipping %s (%s)", sample.path, img)
+                skipped.append((str(sample.path), img))
                 continue
-            batch.append(arr), batch_samples.append(sample)
+            batch.append(img), batch_samples.append(sample)
             if len(batch) == batch_size:
                 flush()
         flush()

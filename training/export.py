@@ -68,6 +68,7 @@ def build_contract(state: dict, name: str | None, version: str | None, run_dir: 
         metrics={"val": _slim(state.get("val_metrics", {})), "calibration": state.get("calibration", {})},
         val_curves=state.get("val_curves", {}),
         embedding=embedding_spec(model, state["architecture"]) if model is not None else None,
+        tiling=state.get("tiling"),
         wildcheck_version=training.__version__,
     )
 
@@ -82,7 +83,7 @@ def torch_to_onnx(model: torch.nn.Module, input_size: int, path: Path) -> None:
 
     Outputs: ``logits`` (first) and ``embedding`` (``training.embedding.WithEmbedding``).
     """
-    model = WithEmbedding(model.eval()).eval()
+    model = WithEmbedding(model.cpu().eval()).eval()
     dummy = torch.randn(2, 3, input_size, input_size)
     batch = torch.export.Dim("batch", min=1, max=1024)
     torch.onnx.export(

@@ -75,3 +75,38 @@ def plot_image_grid(paths: list[str], captions: list[str], path: str | Path, tit
     if title:
         fig.suptitle(title)
     _save(fig, path)
+
+
+def plot_robustness(report, path: str | Path) -> None:
+    """A bar group per listing condition (one bar per metric); each metric's clean value as a dashed line.
+
+    ``report``: a ``training.robustness.RobustnessReport``. Written atomically (a PNG people open while
+    a rerun writes must never be half a file).
+    """
+    from training.fileio import atomic_path
+    from training.robustness import CLEAN, chart_series
+
+    series = chart_series(report)
+    names = [n for n in report.conditions if n != CLEAN]
+    metrics = list(series)
+    fig, ax = plt.subplots(figsize=(min(18.0, max(8.0, 0.22 * len(names) * len(metrics) + 4)), 5))
+    width = 0.8 / max(1, len(metrics))
+    colours = plt.get_cmap("tab10").colors
+    for k, metric in enumerate(metrics):
+        colour = colours[k % len(colours)]
+        values = [series[metric].get(n) for n in names]
+        xs = np.arange(len(names)) + (k - (len(metrics) - 1) / 2) * width
+        ax.bar(xs, [np.nan if v is None else v for v in values], width, color=colour, label=metric)
+        clean = series[metric].get(CLEAN)
+        if clean is not None:
+            ax.axhline(clean, color=colour, linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("share")
+    ax.set_title(f"robustness to listing conditions (dashed: {CLEAN})")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)

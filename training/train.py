@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 HISTORY_FIELDS = [
     "epoch", "train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_f1",
     "lr", "epoch_seconds", "train_images_per_s", "data_wait_share", "best", "mined_negatives",
+    "mined_per_pool",
 ]
 
 
@@ -96,22 +97,41 @@ class Prepared:
     val: CachedImageDataset
     n_main: int
     n_pool: int
+    pool_groups: list[int]  # per pool image: which --negatives root it came from
     train_samples: list[Sample]
     val_samples: list[Sample]
     skipped: list
 
 
-def _negative_samples(roots: list[str], negative_label: str, val_size: int, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """All images under the negatives roots, relabelled; (training pool, fixed validation sample)."""
-    if not roots:
-        return [], []
-    found = [Sample(s.path, negative_label, s.split) for s in load_samples(roots)]
-    pool = [s for s in found if s.split == "train"]
-    val = [s for s in found if s.split == "val"]
-    if len(val) > val_size:
-        keep = np.random.RandomState(seed).choice(len(val), val_size, replace=False)
-        val = [val[i] for i in sorted(keep)]
-    return pool, val
+def _negative_samples(roots: list[str], negative_label: str, val_size: int, seed: int
+                      ) -> tuple[list[Sample], list[int], list[Sample]]:
+    """All images under the negatives roots, relabelled: (training pool, the pool index of each -- its root's
+    position -- and a fixed validation sample drawn evenly from the roots)."""
+    pool, groups, vals = [], [], []
+    for g, root in enumerate(roots):
+        found = [Sample(s.path, negative_label, s.split) for s in load_samples([root])]
+        train = [s for s in found if s.split == "train"]
+        pool += train
+        groups += [g] * len(train)
+        vals.append([s for s in found if s.split == "val"])
+    val = _even_sample(vals, val_size, np.random.RandomState(seed))
+    return pool, groups, val
+
+
+def _even_sample(groups: list[list[Sample]], total: int, rng: np.random.RandomState) -> list[Sample]:
+    """Up to ``total`` samples, an equal share from each group (a small group's unused share goes to the rest)."""
+    order = sorted(range(len(groups)), key=lambda g: len(groups[g]))
+    chosen: dict[int, list[Sample]] = {}
+    left = total
+    for k, g in enumerate(order):
+        share = left // (len(order) - k)
+        items = groups[g]
+        if len(items) > share:
+            keep = rng.choice(len(items), share, replace=False)
+            items = [items[i] for i in sorted(keep)]
+        chosen[g] = items
+        left -= len(items)
+    return [s for g in range(len(groups)) for s in chosen[g]]
 
 
 def prepare_data(roots: list[str], config: Config, pre: Preprocessing, labels: list[str] | None = None) -> Prepared:
@@ -120,7 +140,8 @@ def prepare_data(roots: list[str], config: Config, pre: Preprocessing, labels: l
     if not train_s:
         raise ValueError(f"no training images in {roots}: expected ROOT/train/<label>/<image> or a manifest split=train")
     negative = config.data.negative_label
-    pool_s, neg_val_s = _negative_samples(config.data.negatives, negative, config.data.val_negatives, config.train.seed)
+    pool_s, pool_groups, neg_val_s = _negative_samples(config.data.negatives, negative, config.data.val_negatives,
+                                                       config.train.seed)
     val_s = val_s + neg_val_s
     if not val_s:
         raise ValueError(
@@ -138,13 +159,15 @@ def prepare_data(roots: list[str], config: Config, pre: Preprocessing, labels: l
     main_px, main_kept, skipped_m = cache_images(train_s, pre, min_side, workers, desc="caching train")
     pool_px, pool_kept, skipped_p = cache_images(pool_s, pre, min_side, workers, desc="caching negatives")
     val_px, val_kept, skipped_v = cache_images(val_s, pre, min_side, workers, desc="caching val")
+    group_of = {s.path: g for s, g in zip(pool_s, pool_groups)}
     train_kept = main_kept + pool_kept
     train_ds = CachedImageDataset(
         main_px + pool_px, [index[s.label] for s in train_kept], TrainTransform(config.augment.train, pre, config.train.seed)
     )
+    train_ds.transform.set_bank(pool_px)  # scene-building steps add negatives' photos around an image
     val_ds = CachedImageDataset(val_px, [index[s.label] for s in val_kept], EvalTransform(pre))
-    return Prepared(labels, train_ds, val_ds, len(main_kept), len(pool_kept), train_kept, val_kept,
-                    skipped_m + skipped_p + skipped_v)
+    return Prepared(labels, train_ds, val_ds, len(main_kept), len(pool_kept), [group_of[s.path] for s in pool_kept],
+                    train_kept, val_kept, skipped_m + skipped_p + skipped_v)
 
 
 def autocast_setting(amp: bool, cpu_bf16: bool, device: torch.device) -> tuple[bool, torch.dtype]:
@@ -271,7 +294,7 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
     n_negatives = negatives_count(config.data.negatives_per_epoch, data.n_main, data.n_pool)
     sampler = EpochSampler(data.train.targets[: data.n_main], data.n_pool, n_negatives,
                            balance=config.data.balance == "sampler", generator=sampler_gen,
-                           hard_max_weight=config.data.hard_negative_max_weight)
+                           hard_max_weight=config.data.hard_negative_max_weight, pool_groups=data.pool_groups)
     negative_index = labels.index(config.data.negative_label) if config.data.negative_label in labels else None
     product_columns = [i for i in range(len(labels)) if i != negative_index]
     class_weight = None
@@ -347,6 +370,7 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
         "training_data": fingerprint(data.train_samples + data.val_samples),
         "data_roots": [str(Path(r).resolve()) for r in roots],
         "init_from": str(init_from) if init_from else None,
+        "tiling": config.decision.tiling.model_dump() if config.decision.tiling else None,
     }
     for epoch in range(start_epoch, tc.epochs):
         # the augmentation stream is a function of (seed, epoch), so a resumed epoch sees what it would have seen
@@ -417,6 +441,7 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
             "epoch_seconds": round(time.time() - t0, 1), "train_images_per_s": round(seen / train_seconds, 1),
             "data_wait_share": round(wait_seconds / train_seconds, 4),
             "best": int(improved), "mined_negatives": sampler.last_mined,
+            "mined_per_pool": ";".join(map(str, sampler.last_mined_per_group)),
         }
         if improved and dinfo.main:
             atomic_torch_save(
@@ -435,7 +460,8 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
             f"epoch {epoch + 1}/{tc.epochs}: loss {row['train_loss']:.4f}  val acc {row['val_accuracy']:.4f}  "
             f"bal acc {row['val_balanced_accuracy']:.4f}  macro-F1 {row['val_macro_f1']:.4f}  "
             f"{row['train_images_per_s']} img/s  data wait {row['data_wait_share']:.1%}  {row['epoch_seconds']}s"
-            + (f"  mined negatives {sampler.last_mined}/{n_negatives}" if n_negatives else "")
+            + (f"  mined negatives {sampler.last_mined}/{n_negatives} (per pool {sampler.last_mined_per_group})"
+               if n_negatives else "")
             + ("  *best*" if improved else "")
         )
         if stop_after is not None and epoch + 1 - start_epoch >= stop_after and epoch + 1 < tc.epochs:

@@ -1,0 +1,88 @@
+"""Compact copies of the shared datasets, for moving them to a GPU machine with a small upload limit.
+
+    python benchmarks/pack_data.py --out PACK [--pool NAME[:SOURCES]=SUBSET ...] [--quality 75]
+
+Each image is resized so its shorter side is at most ``--short-side`` (293 px: what training caches for
+256 px input at crop 0.875, so nothing the model sees is lost) and re-encoded as WebP. ``--train-cap``
+keeps a stratified random subset of a pool's training images (the per-epoch negatives draw never uses a
+whole large pool in a 12-epoch run); validation images are all kept. Layout is kept (split/label/source).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "datasets"
+EXTS = {".jpg", ".jpeg", ".png", ".webp"}
+
+
+def convert(src: Path, dst: Path, short_side: int, quality: int) -> int:
+    img = Image.open(src)
+    img = img.convert("RGB")
+    scale = short_side / min(img.size)
+    if scale < 1:
+        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    img.save(dst, "WEBP", quality=quality, method=6)
+    return dst.stat().st_size
+
+
+def plan(dataset: str, sources: list[str] | None, train_cap: int | None, seed: int) -> list[Path]:
+    root = SHARED / dataset
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in EXTS)
+    if sources:  # keep only these source folders (split/label/<source>/...)
+        files = [p for p in files if len(p.relative_to(root).parts) > 3 and p.relative_to(root).parts[2] in sources]
+    train = [p for p in files if p.relative_to(root).parts[0] == "train"]
+    rest = [p for p in files if p.relative_to(root).parts[0] != "train"]
+    if train_cap and len(train) > train_cap:
+        rng = random.Random(seed)
+        by_group: dict[str, list[Path]] = {}
+        for p in train:  # stratify by source folder, else by file-name prefix (Caltech category)
+            rel = p.relative_to(root).parts
+            key = rel[2] if len(rel) > 3 else (p.name.split("_image_")[0] if "_image_" in p.name else "")
+            by_group.setdefault(key, []).append(p)
+        keep: list[Path] = []
+        for key in sorted(by_group):
+            group = by_group[key]
+            rng.shuffle(group)
+            keep += group[: max(1, round(train_cap * len(group) / len(train)))]
+        train = sorted(keep)
+    return train + rest
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--pool", action="append", required=True,
+                    help="NAME[:SRC1,SRC2][=TRAIN_CAP][@OUTNAME], e.g. art-antiques:artbreaker,byzart2k@art-clean")
+    ap.add_argument("--short-side", type=int, default=293)
+    ap.add_argument("--quality", type=int, default=75)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    out = Path(args.out)
+    jobs = []
+    for spec in args.pool:
+        spec, _, outname = spec.partition("@")
+        spec, _, cap = spec.partition("=")
+        name, _, srcs = spec.partition(":")
+        if not (SHARED / name).is_dir():
+            print(f"{SHARED / name} not found", file=sys.stderr)
+            return 2
+        for p in plan(name, srcs.split(",") if srcs else None, int(cap) if cap else None, args.seed):
+            rel = p.relative_to(SHARED / name)
+            jobs.append((p, out / (outname or name) / rel.with_suffix(".webp")))
+    with ThreadPoolExecutor(4) as pool:
+        sizes = list(pool.map(lambda j: convert(*j, args.short_side, args.quality), jobs))
+    print(f"{len(jobs)} images, {sum(sizes) / 2**20:.1f} MiB in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
