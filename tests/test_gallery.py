@@ -295,3 +295,27 @@ def test_a_large_gallery_stores_its_hnsw_index_and_loads_it_without_rebuilding(t
     loaded = Gallery.load(tmp_path / "g.npz", exact_max=1000)
     assert isinstance(loaded._index, FaissIndex) and len(loaded._index) == 3000
     assert loaded.match(refs[1234])[0].reference == "r1234"
+
+
+@pytest.mark.realdata
+def test_a_known_photo_posted_as_one_tile_of_a_collage_matches_through_the_contracts_tiles(embedder, tmp_path):
+    import onnx
+
+    from serving.checker import ImageChecker
+
+    met, generic = shared_dataset("met-ivory"), shared_dataset("generic-products")
+    tiled = tmp_path / "tiled.onnx"  # the same graph, its contract asking for the whole picture + 2x2 tiles
+    model = onnx.load(str(embedder))
+    next(p for p in model.metadata_props if p.key == "wildcheck.tiling").value = json.dumps({"grid": 2})
+    onnx.save(model, str(tiled))
+    refs = sorted((met / "val" / "other").glob("*.jpg"))[:4]
+    _folder(tmp_path / "ref", "known", [Image.open(p).convert("RGB") for p in refs])
+    neg = _folder(tmp_path / "neg", "other", [Image.open(p).convert("RGB") for p in sorted((generic / "train" / "other").glob("*.jpg"))[:30]])
+    out = tmp_path / "g.npz"
+    assert _cli("gallery", "build", tmp_path / "ref", "--model", tiled, "--out", out, "--negatives", neg).exit_code == 0
+    others = [Image.open(p).convert("RGB").resize((256, 256)) for p in sorted((generic / "val" / "other").glob("*.jpg"))[:3]]
+    collage = Image.new("RGB", (512, 512), "white")
+    for i, im in enumerate([others[0], Image.open(refs[2]).convert("RGB").resize((256, 256)), *others[1:]]):
+        collage.paste(im, ((i % 2) * 256, (i // 2) * 256))
+    result = ImageChecker(str(tiled), gallery=str(out)).check(jpeg_bytes(collage))
+    assert result["matches"][0]["reference"] == "known/known_2.jpg" and result["matches"][0]["kind"] == "duplicate", result

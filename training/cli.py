@@ -190,12 +190,13 @@ def export_embedder(
     out: Path = typer.Option(..., "--out", help="ONNX file to write"),
     arch: str = typer.Option("tf_efficientnet_lite0", "--arch", help="backbone with offline ImageNet weights"),
     version: Optional[str] = typer.Option(None, "--version", help="human version (a weights hash is appended)"),
+    tiling: int = typer.Option(0, "--tiling", help="2: also embed the 2x2 tiles of every picture (collages; 5x the work)"),
 ) -> None:
     """The ImageNet-pretrained backbone as a wildcheck ONNX whose only job is the gallery embedding."""
     from training.embedding import export_embedder as run_export
 
     try:
-        report = run_export(out, arch, version)
+        report = run_export(out, arch, version, tiling)
     except (FileNotFoundError, ValueError, ImportError) as exc:
         _fail(str(exc))
     typer.echo(f"wrote {report['path']} ({report['bytes'] / 1e6:.1f} MB), version {report['model_version']}")

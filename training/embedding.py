@@ -61,7 +61,7 @@ def embedding_spec(model: nn.Module, architecture: str, producer: str = "fine-tu
     }
 
 
-def export_embedder(out, arch: str = "tf_efficientnet_lite0", version: str | None = None) -> dict:
+def export_embedder(out, arch: str = "tf_efficientnet_lite0", version: str | None = None, tiling: int = 0) -> dict:
     """The ImageNet-pretrained backbone as a self-contained wildcheck ONNX: ``embedding`` from pooled features.
 
     Its contract has one label (the negative ``other``, never triggered), so served alone it decides by the
@@ -88,7 +88,7 @@ def export_embedder(out, arch: str = "tf_efficientnet_lite0", version: str | Non
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         training_data={"weights": f"ImageNet-1k, offline package for {arch}", "fine_tuned": False},
         metrics={}, embedding=embedding_spec(model, arch, producer="ImageNet-pretrained"),
-        wildcheck_version=training.__version__, role="embedder",
+        wildcheck_version=training.__version__, role="embedder", tiling={"grid": tiling} if tiling else None,
     )
     out = Path(out)
     with tempfile.TemporaryDirectory() as tmp:
