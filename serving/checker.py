@@ -125,9 +125,9 @@ class ImageChecker:
         scores = {label: round(float(p), 6) for label, p in zip(labels, probs)}
         top = int(np.argmax(probs))
         decision, triggered = decide(scores, self.thresholds, self.never_block)
-        matches = []
+        matches, view_hashes = [], meta.pop("_view_hashes", None)  # internal: never in the answer
         if self.gallery is not None and embedding is not None:
-            found = self.gallery.match(embedding, meta.pop("_view_hashes"))
+            found = self.gallery.match(embedding, view_hashes)
             matches = [m.model_dump(exclude_none=True) for m in found]
             g_decision, g_triggered = self.gallery.decide(found)
             # the stricter decision wins; at equal strictness both sources are named, the model's first
