@@ -9,7 +9,9 @@ listings-everyday:grocerystore), picks the best epoch on val, then evaluates on 
 the target is stated in) and on every pool's val split (false positives). ``NAME:SRC1,SRC2`` keeps only
 those source folders of a pool (written as a CSV manifest into the run dir). ``--robustness`` adds the
 listing-conditions report (``wildcheck robustness``) on Met val + all pools' val, with the model's tiling
-and, for comparison, without it (re-calibrated).
+and, for comparison, without it (re-calibrated). Ends with the flag and block rate of every pool's source
+folders at the model's thresholds (PNGs of each source's most confident negatives in
+OUT/eval_<pool>/false_positives_by_source/). ``--no-train`` evaluates the run in --out (or --model FILE.onnx).
 """
 
 from __future__ import annotations
@@ -28,6 +30,17 @@ SHIPPABLE_POOLS = ["generic-products", "caltech101-negatives", "art-antiques:art
 ALL_POOLS = ["generic-products", "caltech101-negatives", "art-antiques", "listings-everyday"]
 
 
+def source_table(rows: dict) -> str:
+    """Markdown: flag and block rate per pool/source of negatives (evaluate's per_source)."""
+    lines = ["| negatives source | images | flagged (review+block) | blocked | top score |", "|---|---|---|---|---|"]
+    for name, metrics in rows.items():
+        for origin, r in (metrics.get("per_source") or {}).items() if name != "met_val" else ():
+            top = r["top"][0] if r["top"] else None
+            lines.append(f"| {origin} | {r['n']} | {r['flag_rate']:.2%} | {r['block_rate']:.2%} | "
+                         + (f"{top['score']:.3f} {top['label']} |" if top else "- |"))
+    return "\n".join(lines)
+
+
 def pool_root(spec: str, shared: Path, run_dir: Path) -> str:
     """``NAME`` -> its folder; ``NAME:SRC1,SRC2`` -> a manifest of only those sources (split/label/source/...)."""
     name, _, sources = spec.partition(":")
@@ -44,7 +57,8 @@ def pool_root(spec: str, shared: Path, run_dir: Path) -> str:
         raise ValueError(f"no images of sources {sorted(keep)} in {root}")
     manifest = run_dir / f"pool_{name}_{'+'.join(sorted(keep))}.csv"
     manifest.parent.mkdir(parents=True, exist_ok=True)
-    manifest.write_text("path,label,split\n" + "".join(f"{s.path.resolve()},{s.label},{s.split}\n" for s in rows))
+    manifest.write_text("path,label,split,source\n"
+                        + "".join(f"{s.path.resolve()},{s.label},{s.split},{s.source}\n" for s in rows))
     return str(manifest)
 
 
@@ -60,6 +74,10 @@ def main() -> int:
     parser.add_argument("--eval-pool", action="append", default=None, help="pools whose val split is evaluated")
     parser.add_argument("--no-negatives", action="store_true", help="train on met-ivory alone")
     parser.add_argument("--robustness", action="store_true", help="also the listing-conditions report")
+    parser.add_argument("--robustness-limit", type=int, default=None,
+                        help="a seeded random subset of this many val images for the report (CPU budgets)")
+    parser.add_argument("--no-train", action="store_true", help="evaluate the run in --out (or --model) without training")
+    parser.add_argument("--model", default=None, help="with --no-train: an ONNX file or run dir to evaluate")
     parser.add_argument("--epoch-time-baseline", action="store_true",
                         help="afterwards, time one epoch on met-ivory alone (the negatives pool's cost per epoch)")
     args = parser.parse_args()
@@ -79,6 +97,16 @@ def main() -> int:
     pools = [] if args.no_negatives else (args.pool or SHIPPABLE_POOLS)
     config.data.negatives = [pool_root(p, shared, out) for p in pools]
     eval_pools = [p for p in (args.eval_pool or ALL_POOLS) if (shared / p.partition(":")[0]).is_dir()]
+    if args.no_train:
+        model = args.model or out
+        rows = {"met_val": evaluate(model, [str(met)], split="val", out_dir=out / "eval_met_val")}
+        for spec in eval_pools:
+            name = spec.replace(":", "_").replace(",", "+")
+            rows[name] = evaluate(model, [pool_root(spec, shared, out)], split="val", out_dir=out / f"eval_{name}")
+        d = rows["met_val"]["decisions"]["per_class"]["ivory"]
+        print(f"\nMet val ivory recall at the model's thresholds: review {d['flag_recall']:.4f}, block {d['block_recall']:.4f}")
+        print("\n" + source_table(rows))
+        return 0
     t0 = time.time()
     summary = train([str(met)], out, config)
     wall = time.time() - t0
@@ -90,7 +118,8 @@ def main() -> int:
         print(f"\n== {name} val (all 'other') ==")
         rows[name] = evaluate(out, [pool_root(spec, shared, out)], split="val", out_dir=out / f"eval_{name}")
     robust = {}
-    robust_args = (out, met, [pool_root(p, shared, out) for p in eval_pools]) if args.robustness else None
+    robust_args = (out, met, [pool_root(p, shared, out) for p in eval_pools], args.robustness_limit) \
+        if args.robustness else None
     import csv
 
     with open(out / "history.csv") as fh:
@@ -110,6 +139,8 @@ def main() -> int:
     print(f"| Met val accuracy | {met_val['accuracy']:.4f} |")
     print(f"| Met val macro-F1 | {met_val['macro_f1']:.4f} |")
     print(f"| Met val ivory PR-AUC | {met_val['per_class']['ivory']['pr_auc']:.4f} |")
+    d = met_val["decisions"]["per_class"]["ivory"]  # at the model's thresholds (targets, then budgets)
+    print(f"| Met val ivory recall at review / block (the model's thresholds) | {d['flag_recall']:.4f} / {d['block_recall']:.4f} |")
     for name in rows:
         if name != "met_val" and "false_positives" in rows[name]:
             fp = rows[name]["false_positives"]["per_class"]["ivory"]
@@ -123,6 +154,7 @@ def main() -> int:
     print(f"| epoch wall time (mean) | {epoch_seconds:.0f} s |")
     if alone_seconds:
         print(f"| epoch wall time on met-ivory alone | {alone_seconds:.0f} s (ratio {epoch_seconds / alone_seconds:.2f}x) |")
+    print("\n" + source_table(rows))
     def write(robust: dict) -> None:
         atomic_write_text(out / "benchmark.json", json.dumps(
             {"met_val": {k: met_val[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "confusion_matrix")},
@@ -138,7 +170,7 @@ def main() -> int:
     return 0
 
 
-def run_robustness(run: Path, met: Path, pools: list[str]) -> dict:
+def run_robustness(run: Path, met: Path, pools: list[str], limit: int | None = None) -> dict:
     """The listing-conditions report with the run's tiling and, re-calibrated, without it."""
     import shutil
 
@@ -165,7 +197,8 @@ def run_robustness(run: Path, met: Path, pools: list[str]) -> dict:
         calibrate(run / "whole" / "best.pt")
         variants.append(("whole", run / "whole" / "best.pt"))
     for name, ckpt in variants:
-        report = robustness(ckpt, [str(met)], pools, split="val", out_dir=run / f"robustness_{name}", workers=3)
+        report = robustness(ckpt, [str(met)], pools, split="val", limit=limit, out_dir=run / f"robustness_{name}",
+                            workers=3)
         out[name] = summary(report)
     return out
 

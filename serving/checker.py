@@ -6,48 +6,49 @@ import hashlib
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from serving.decision import DECISIONS, decide
-from serving.imageio import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageError, decode_image
+from serving.imageio import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageError, decode_image
 from serving.runtime import OnnxModel
 from serving.tiling import combine, draft_size, predict_views, views
 
-# Declared content types we accept, and the decoded format each one promises.
-CONTENT_TYPES = {
-    "image/jpeg": {"JPEG", "MPO"},
-    "image/png": {"PNG"},
-    "image/webp": {"WEBP"},
-    "image/gif": {"GIF"},
-    "image/bmp": {"BMP"},
-    "image/tiff": {"TIFF"},
-}
+# The MIME type of each decodable format, and the names clients use for them.
+FORMAT_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp",
+                "GIF": "image/gif", "BMP": "image/bmp", "TIFF": "image/tiff"}
+TYPE_ALIASES = {"image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg", "image/x-png": "image/png",
+                "image/x-ms-bmp": "image/bmp", "image/x-bmp": "image/bmp", "image/tif": "image/tiff"}
 GENERIC_TYPES = {"", "application/octet-stream"}
+
+
+def content_type_info(declared: str | None, fmt: str) -> dict:
+    """Declared vs detected type. The bytes decide how we decode: a wrong or sloppy declared type (a PNG sent
+    as image/jpeg, the unregistered image/jpg) must not make a photo go unchecked, so it is only reported."""
+    raw = (declared or "").split(";")[0].strip().lower()[:100]
+    detected = FORMAT_TYPES.get(fmt, "application/octet-stream")
+    normalized = TYPE_ALIASES.get(raw, raw)
+    return {"declared_type": raw or None, "detected_type": detected,
+            "type_mismatch": normalized not in GENERIC_TYPES and normalized != detected}
 
 
 @dataclass(frozen=True)
 class Limits:
     max_pixels: int = DEFAULT_MAX_PIXELS
     min_side: int = DEFAULT_MIN_SIDE
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
 
 
-def check_content_type(declared: str | None, fmt: str) -> None:
-    """A declared type must be a real image type and match the bytes; none or octet-stream means 'sniff'."""
-    declared = (declared or "").split(";")[0].strip().lower()
-    if declared in GENERIC_TYPES:
-        return
-    if declared not in CONTENT_TYPES:
-        hint = " (the registered type is image/jpeg)" if declared in ("image/jpg", "image/pjpeg") else ""
-        raise ImageError(
-            "unsupported_content_type",
-            f"content type {declared!r} is not accepted{hint}; use one of {sorted(CONTENT_TYPES)} or application/octet-stream",
-            status=415,
-        )
-    if fmt not in CONTENT_TYPES[declared]:
-        raise ImageError(
-            "content_type_mismatch", f"declared {declared} but the bytes are a {fmt} image; send the right type", status=415
-        )
+class Abandoned(Exception):
+    """The request this work was for has timed out or disconnected."""
+
+
+def item_error(exc: Exception) -> dict:
+    """A batch entry for an image that could not be checked."""
+    if not isinstance(exc, ImageError):
+        exc = ImageError("corrupt", f"the image could not be decoded: {type(exc).__name__}: {exc}")
+    return {"error": {"code": exc.code, "message": exc.message, "status": exc.status}}
 
 
 class ImageChecker:
@@ -62,6 +63,7 @@ class ImageChecker:
         self.thresholds = dict(self.contract.thresholds)
         self.never_block = list(self.contract.never_block)
         self.policy = {"source": "model"}
+        self.threshold_rules = {k: dict(v) for k, v in self.contract.threshold_rules.items()}
         self.gallery = None
         if gallery:  # refused here (GalleryError naming the file) when unreadable or built with another model
             from serving.gallery import Gallery
@@ -72,10 +74,12 @@ class ImageChecker:
 
     def apply_policy(self, path: str) -> None:
         """Override thresholds / never_block from a policy YAML (GET /v1/model shows what is in force)."""
-        from serving.policy import PolicyError, load_policy, resolve_policy
+        from serving.policy import PolicyError, load_policy, resolve
 
         policy = load_policy(path)
-        self.thresholds, self.never_block, notes = resolve_policy(policy, self.contract)
+        r = resolve(policy, self.contract)
+        self.thresholds, self.never_block, self.threshold_rules = r.thresholds, r.never_block, r.rules
+        notes = dict(r.notes)
         if policy.gallery:
             if self.gallery is None:
                 raise PolicyError(f"policy {path} has a gallery section but no gallery is served (--gallery)")
@@ -85,7 +89,10 @@ class ImageChecker:
                 notes["gallery"] = self.gallery.apply_policy(policy.gallery)
             except GalleryError as exc:
                 raise PolicyError(str(exc)) from exc
-        self.policy = {"source": str(path), "notes": notes}
+        # name and hash, not the server's absolute path (which tells a client about the host's file system)
+        sha = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        self.policy = {"source": Path(path).name, "sha256": sha, "notes": notes,
+                       "budgets": {k: v for k, v in r.budgets.items() if v not in (None, [], {})}}
 
     def warm_up(self) -> None:
         rng = np.random.default_rng(0)
@@ -94,11 +101,20 @@ class ImageChecker:
             self.model.predict_proba(batch)
 
     def prepare(self, data: bytes, content_type: str | None = None) -> tuple[np.ndarray, dict]:
+        """Decode and preprocess one image; any failure is an ImageError (never a 500 for a hostile file)."""
+        try:
+            return self._prepare(data, content_type)
+        except ImageError:
+            raise
+        except Exception as exc:
+            raise ImageError("corrupt", f"the image could not be decoded: {type(exc).__name__}: {exc}") from exc
+
+    def _prepare(self, data: bytes, content_type: str | None) -> tuple[np.ndarray, dict]:
         img, info = decode_image(data, max_pixels=self.limits.max_pixels, min_side=self.limits.min_side,
-                                 draft_size=draft_size(self.pre, self.contract.tiling))
-        check_content_type(content_type, info.format)
+                                 draft_size=draft_size(self.pre, self.contract.tiling),
+                                 max_decode_bytes=self.limits.max_decode_bytes)
         meta = {"sha256": hashlib.sha256(data).hexdigest(), "width": info.width, "height": info.height,
-                "format": info.format}
+                "format": info.format, **content_type_info(content_type, info.format)}
         if self.gallery is not None:  # the same views, each with its pHash
             from serving.gallery import views_and_hashes
 
@@ -148,9 +164,12 @@ class ImageChecker:
             "matches": matches,
         }
 
-    def check(self, data: bytes, content_type: str | None = None) -> dict:
+    def check(self, data: bytes, content_type: str | None = None, stop: threading.Event | None = None) -> dict:
+        """``stop``: set by the service when the request timed out or its client left; no inference then."""
         started = time.perf_counter()
         array, meta = self.prepare(data, content_type)
+        if stop is not None and stop.is_set():
+            raise Abandoned("the request was abandoned before inference")
         probs, emb = self.predict([array])
         return self.result(probs[0], meta, started, None if emb is None else emb[0])
 
@@ -161,8 +180,8 @@ class ImageChecker:
         for i, (data, content_type) in enumerate(items):
             try:
                 prepared.append((i, *self.prepare(data, content_type)))
-            except ImageError as exc:
-                results[i] = {"error": {"code": exc.code, "message": exc.message, "status": exc.status}}
+            except Exception as exc:  # one bad item never sinks the batch
+                results[i] = item_error(exc)
         if prepared:
             probs, embs = self.predict([p[1] for p in prepared])
             for j, ((i, _, meta), p) in enumerate(zip(prepared, probs)):
@@ -175,6 +194,7 @@ class ImageChecker:
             "name": c.model_name, "version": c.model_version, "architecture": c.architecture, "labels": c.labels,
             "negative_label": c.negative_label, "precision": c.precision,
             "thresholds": {k: v.model_dump() for k, v in self.thresholds.items()}, "never_block": self.never_block,
+            "threshold_rules": self.threshold_rules,
             "policy": self.policy, "temperature": c.temperature, "preprocessing": c.preprocessing.model_dump(),
             "tiling": c.tiling.model_dump() if c.tiling else None, "metrics": c.metrics,
             "created_at": c.created_at, "training_data": c.training_data, "wildcheck_version": c.wildcheck_version,

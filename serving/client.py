@@ -2,12 +2,16 @@
 
 Results are appended to a JSONL file as they arrive, one line per image, so an interrupted scan resumes
 where it stopped (images with a final answer in the file are skipped; transient failures are retried).
+A final answer is a decision, or the server's JSON error about that image (e.g. ``corrupt``). A wrong key
+or URL (401/403/404/405) stops the whole run before anything is recorded: otherwise every image would be
+"done" with an error and a rerun with the right key would check nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import csv
+import fcntl
 import json
 import random
 from collections import Counter
@@ -18,13 +22,22 @@ from tqdm.auto import tqdm
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 RETRY_STATUSES = {429, 500, 502, 503, 504}
+FATAL_STATUSES = {401: "the API key was refused (--api-key / WILDCHECK_API_KEY)",
+                  403: "the API key is not allowed to check images",
+                  404: "no check endpoint at this URL (give the server's base URL, e.g. http://host:3000)",
+                  405: "this URL does not accept image uploads (give the server's base URL)"}
+MAX_RETRY_AFTER_S = 60.0
+
+
+class ScanStopped(RuntimeError):
+    """The server's answer means no image can be checked with these settings; nothing was recorded for it."""
 
 
 def list_images(source: str | Path) -> list[Path]:
     """Images under a folder (recursively) or the ``path`` column of a CSV."""
     source = Path(source)
     if source.is_file() and source.suffix.lower() == ".csv":
-        with source.open(newline="") as fh:
+        with source.open(newline="", encoding="utf-8-sig") as fh:  # -sig: Excel writes a BOM
             reader = csv.DictReader(fh)
             if not reader.fieldnames or "path" not in reader.fieldnames:
                 raise ValueError(f"{source}: the CSV needs a 'path' column")
@@ -34,56 +47,95 @@ def list_images(source: str | Path) -> list[Path]:
     raise FileNotFoundError(f"{source} is neither a folder nor a CSV file")
 
 
-def done_paths(out: Path) -> set[str]:
-    """Paths that already have a final answer (a result or a client error) in ``out``."""
-    done = set()
+def resume_key(path: str | Path) -> str:
+    """The same file however its path was typed (photos/a.jpg, ./photos/a.jpg, /abs/photos/a.jpg)."""
+    return str(Path(path).resolve())
+
+
+def read_done(out: Path) -> tuple[set[str], int]:
+    """Resume keys with a final answer in ``out``, and how many lines were not result objects (skipped)."""
+    done, bad = set(), 0
     if not out.exists():
-        return done
-    with out.open() as fh:
+        return done, bad
+    with out.open(encoding="utf-8", errors="replace") as fh:
         for line in fh:
+            if not line.strip():
+                continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
-                continue  # a line cut by a crash: the image is checked again
+                row = None  # a line cut by a crash: its image is checked again
+            if not isinstance(row, dict) or not isinstance(row.get("path"), str):
+                bad += 1
+                continue
             if not row.get("retryable"):
-                done.add(row["path"])
-    return done
+                done.add(resume_key(row["path"]))
+    return done, bad
+
+
+def done_paths(out: Path) -> set[str]:
+    """Resume keys that already have a final answer (a result or a client error) in ``out``."""
+    return read_done(out)[0]
+
+
+def _final(status: int, body) -> bool:
+    """A decision, or our JSON error about this image; anything else (a proxy's HTML page...) is not final."""
+    if not isinstance(body, dict):
+        return False
+    if status == 200:
+        return body.get("decision") in ("block", "review", "allow")
+    error = body.get("error")
+    return 400 <= status < 500 and isinstance(error, dict) and isinstance(error.get("code"), str)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    try:
+        return min(MAX_RETRY_AFTER_S, max(0.0, float(response.headers.get("retry-after", ""))))
+    except ValueError:
+        return None
 
 
 async def _check_one(client: httpx.AsyncClient, url: str, path: Path, retries: int, backoff: float) -> dict:
+    key = resume_key(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
-        return {"path": str(path), "error": {"code": "unreadable", "message": str(exc)}}
+        return {"path": key, "error": {"code": "unreadable", "message": str(exc)}}
     attempt = 0
     while True:
+        wait = None
         try:
             r = await client.post(url, files={"image": (path.name, data, "application/octet-stream")})
-            if r.status_code not in RETRY_STATUSES:
-                try:
-                    body = r.json()
-                except ValueError:
-                    body = {"error": {"code": "bad_response", "message": r.text[:200]}}
-                return {"path": str(path), "status": r.status_code, **body}
-            reason = f"HTTP {r.status_code}"
+            if r.status_code in FATAL_STATUSES:
+                raise ScanStopped(f"{url} answered {r.status_code}: {FATAL_STATUSES[r.status_code]}. Nothing was "
+                                  "recorded for it; fix the option and run the same command again.")
+            try:
+                body = r.json()
+            except ValueError:
+                body = None
+            if r.status_code not in RETRY_STATUSES and _final(r.status_code, body):
+                return {**body, "path": key, "status": r.status_code}  # our fields win over the server's
+            reason = f"HTTP {r.status_code}" + ("" if body is not None else f" (not JSON: {r.text[:80]!r})")
+            wait = _retry_after(r)
         except httpx.HTTPError as exc:
             reason = f"{type(exc).__name__}: {exc}"
         attempt += 1
         if attempt > retries:
-            return {"path": str(path), "retryable": True, "error": {"code": "unavailable", "message": reason}}
-        await asyncio.sleep(backoff * (2 ** (attempt - 1)) * (0.5 + random.random()))
+            return {"path": key, "retryable": True, "error": {"code": "unavailable", "message": reason}}
+        delay = backoff * (2 ** (attempt - 1)) * (0.5 + random.random())
+        await asyncio.sleep(max(delay, wait or 0.0))  # the server's Retry-After is a lower bound
 
 
 async def _scan(paths: list[Path], url: str, out: Path, concurrency: int, api_key: str | None, retries: int,
-                backoff: float) -> Counter:
+                backoff: float, transport: httpx.AsyncBaseTransport | None = None) -> Counter:
     headers = {"X-API-Key": api_key} if api_key else {}
     counts: Counter = Counter()
     queue: asyncio.Queue = asyncio.Queue()
     for p in paths:
         queue.put_nowait(p)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    with out.open("a") as fh, tqdm(total=len(paths), desc="scanning", unit="img") as bar:
-        async with httpx.AsyncClient(headers=headers, limits=limits, timeout=60) as client:
+    with out.open("a", encoding="utf-8") as fh, tqdm(total=len(paths), desc="scanning", unit="img") as bar:
+        async with httpx.AsyncClient(headers=headers, limits=limits, timeout=60, transport=transport) as client:
             async def worker():
                 while not queue.empty():
                     path = queue.get_nowait()
@@ -93,20 +145,52 @@ async def _scan(paths: list[Path], url: str, out: Path, concurrency: int, api_ke
                     counts[row.get("decision") or ("retry later" if row.get("retryable") else "error")] += 1
                     bar.update()
 
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            try:
+                async with asyncio.TaskGroup() as group:  # one ScanStopped cancels the other workers
+                    for _ in range(concurrency):
+                        group.create_task(worker())
+            except BaseExceptionGroup as failures:
+                stopped = [e for e in failures.exceptions if isinstance(e, ScanStopped)]
+                if stopped:
+                    raise stopped[0] from None
+                raise
     return counts
 
 
+def _end_with_newline(out: Path) -> None:
+    """A last line cut by a crash or a full disk must not swallow the next row."""
+    if out.exists() and out.stat().st_size:
+        with out.open("rb+") as fh:
+            fh.seek(-1, 2)
+            if fh.read(1) != b"\n":
+                fh.write(b"\n")
+
+
 def scan(source: str | Path, url: str, out: str | Path, concurrency: int = 8, api_key: str | None = None,
-         retries: int = 5, backoff: float = 0.5) -> dict:
-    """Check every image not yet answered in ``out``; returns counts of decisions/errors for this run."""
+         retries: int = 5, backoff: float = 0.5, transport: httpx.AsyncBaseTransport | None = None) -> dict:
+    """Check every image not yet answered in ``out``; returns counts of decisions/errors for this run.
+
+    Raises ScanStopped on 401/403/404/405 and ValueError when another scan is writing the same ``out``.
+    """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     url = url.rstrip("/")
     if not url.endswith("/v1/check"):
         url += "/v1/check"
     paths = list_images(source)
-    done = done_paths(out)
-    todo = [p for p in paths if str(p) not in done]
-    counts = asyncio.run(_scan(todo, url, out, max(1, concurrency), api_key, retries, backoff)) if todo else Counter()
-    return {"images": len(paths), "already_done": len(paths) - len(todo), "checked": len(todo), **dict(counts)}
+    lock_path = out.with_name(out.name + ".lock")
+    with lock_path.open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the OS even if we are killed
+        except BlockingIOError:
+            raise ValueError(f"another scan is writing {out} (lock {lock_path}); wait for it to finish or "
+                             "use another --out") from None
+        _end_with_newline(out)
+        done, bad_lines = read_done(out)
+        todo = [p for p in paths if resume_key(p) not in done]
+        counts = asyncio.run(_scan(todo, url, out, max(1, concurrency), api_key, retries, backoff, transport)) \
+            if todo else Counter()
+    summary = {"images": len(paths), "already_done": len(paths) - len(todo), "checked": len(todo), **dict(counts)}
+    if bad_lines:
+        summary["skipped_lines"] = bad_lines  # lines of `out` that were not result objects
+    return summary

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from serving.decision import ClassThresholds
 from serving.preprocess import Preprocessing
+from serving.thresholds import TrafficScores
 from serving.tiling import Tiling
 
 METADATA_PREFIX = "wildcheck."
@@ -45,6 +46,14 @@ class EmbeddingSpec(BaseModel):
     size: int = Field(gt=0)
     normalized: bool = True
     producer: str = Field(description="what computed it, e.g. the fine-tuned backbone's pooled features")
+class DecisionRules(BaseModel):
+    """The rules the model's thresholds were solved with (a policy overrides some and re-solves)."""
+
+    block_precision: float = Field(0.98, gt=0.0, le=1.0)
+    review_recall: float = Field(0.95, gt=0.0, le=1.0)
+    max_flag_rate: float | None = Field(None, ge=0.0, le=1.0)
+    max_block_rate: float | None = Field(None, ge=0.0, le=1.0)
+    negative_weights: dict[str, float] | None = None
 
 
 class ModelContract(BaseModel):
@@ -70,6 +79,13 @@ class ModelContract(BaseModel):
         default_factory=dict, description="calibrated validation scores per class (pos/neg), to re-solve a policy"
     )
     embedding: EmbeddingSpec | None = Field(None, description="absent in models exported before galleries existed")
+    decision: DecisionRules | None = Field(None, description="targets and budgets the thresholds were solved with; None: unknown (older model)")
+    threshold_rules: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="per class, the rule that set each threshold (serving.thresholds.RULES)"
+    )
+    negative_scores: TrafficScores | None = Field(
+        None, description="the validation negatives' scores per pool, to re-solve traffic budgets in a policy"
+    )
 
     @model_validator(mode="after")
     def _thresholds_name_known_labels(self) -> "ModelContract":

@@ -9,6 +9,7 @@ code a caller can map to an HTTP status or a line in a data report.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})
 DEFAULT_MAX_PIXELS = 40_000_000  # ~ 6300 x 6300; larger is a decompression bomb, not a listing photo
 DEFAULT_MIN_SIDE = 16
+# decoded image + its RGB copy (decode_bytes): the largest RGB photo needs 4 B/px; 16-bit grey 6, RGBA/CMYK/I/F 8
+DEFAULT_MAX_DECODE_BYTES = 256 * 2**20
 
 
 class ImageError(ValueError):
@@ -45,7 +48,14 @@ class ImageInfo:
     frames: int
 
 
-def _open(data: bytes | Path | str) -> Image.Image:
+def _bomb_error(exc: Exception, max_pixels: int) -> ImageError:
+    """PIL's own bomb limit (2 x MAX_IMAGE_PIXELS) fired: quote the configured limit, not PIL's."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    size = f" ({found.group(1)} pixels)" if found else ""
+    return ImageError("too_many_pixels", f"image is over the limit of {max_pixels} pixels{size}")
+
+
+def _open(data: bytes | Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     if isinstance(data, (bytes, bytearray, memoryview)):
         if len(data) == 0:
             raise ImageError("empty", "the image is empty (0 bytes)")
@@ -56,36 +66,83 @@ def _open(data: bytes | Path | str) -> Image.Image:
             raise ImageError("empty", f"{path} is empty (0 bytes)")
         fp = path
     try:
-        return Image.open(fp)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked next
+            return Image.open(fp)
     except UnidentifiedImageError as exc:
         raise ImageError("not_an_image", "the data is not an image PIL can identify") from exc
     except Image.DecompressionBombError as exc:
-        raise ImageError("too_many_pixels", str(exc)) from exc
-    except OSError as exc:
+        raise _bomb_error(exc, max_pixels) from exc
+    except Exception as exc:  # OSError, and ValueError/struct.error/... from a broken header (truncated IHDR, acTL)
         raise ImageError("corrupt", f"cannot read the image header: {exc}") from exc
+
+
+# Bytes per pixel PIL holds for a decoded image of each mode (everything not listed takes 4).
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+_STRIP_ROWS = 256  # high-bit-depth images are converted this many rows at a time: memory stays ~ one 8-bit copy
+_LUT16 = ((np.arange(65536, dtype=np.uint32) * 255 + 32767) // 65535).astype(np.uint8)  # round(v / 65535 * 255)
+
+
+def decode_bytes(mode: str, width: int, height: int) -> int:
+    """Memory to hold the decoded image plus its 8-bit RGB copy (what decode_image needs at its peak)."""
+    per_pixel = _MODE_BYTES.get(mode, 4) + (0 if mode == "RGB" else 4)
+    return width * height * per_pixel
+
+
+def decode_cost(data: bytes) -> int:
+    """``decode_bytes`` of an upload from its header alone (0 when unreadable: decoding will say why)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(bytes(data))) as img:
+                return decode_bytes(img.mode, *img.size)
+    except Exception:
+        return 0
+
+
+def _strips_to_l(img: Image.Image, convert) -> Image.Image:
+    """Map a high-bit-depth image to 8-bit L strip by strip (a float64 copy of a whole 36 MP image is 290 MB)."""
+    width, height = img.size
+    out = Image.new("L", img.size)
+    for top in range(0, height, _STRIP_ROWS):
+        strip = np.asarray(img.crop((0, top, width, min(height, top + _STRIP_ROWS))))
+        out.paste(Image.fromarray(np.ascontiguousarray(convert(strip)), "L"), (0, top))
+    return out
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB; transparent pixels become white (how listing pages show them)."""
     if img.mode == "RGB":
         return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # 16/32-bit grayscale: scale by the real maximum of the bit depth, not by clipping at 255.
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if img.mode != "I" or arr.max() > 255 else 255.0
-        arr8 = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr8, "L").convert("RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        # 16-bit grayscale: scale by the bit depth's maximum (not clipping at 255), integer lookup per pixel
+        return _strips_to_l(img, lambda a: _LUT16[a]).convert("RGB")
+    if img.mode == "I":
+        low, high = img.getextrema()
+        peak = 65535 if high > 255 else 255
+        return _strips_to_l(
+            img, lambda a: ((np.clip(a, 0, peak).astype(np.int64) * 255 + peak // 2) // peak).astype(np.uint8)
+        ).convert("RGB")
     if img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
-        scale = 255.0 / (hi - lo) if hi > lo else 0.0
-        return Image.fromarray(((arr - lo) * scale).astype(np.uint8), "L").convert("RGB")
+        low, high = np.inf, -np.inf
+        width, height = img.size
+        for top in range(0, height, _STRIP_ROWS):  # NaN-aware range, a strip at a time
+            strip = np.asarray(img.crop((0, top, width, min(height, top + _STRIP_ROWS))))
+            if np.isfinite(strip).any():
+                low, high = min(low, float(np.nanmin(strip))), max(high, float(np.nanmax(strip)))
+        low = 0.0 if not np.isfinite(low) else low
+        scale = 255.0 / (high - low) if np.isfinite(high) and high > low else 0.0
+        return _strips_to_l(
+            img, lambda a: np.nan_to_num((a.astype(np.float64) - low) * scale, nan=0.0, posinf=255, neginf=0)
+            .clip(0, 255).astype(np.uint8)
+        ).convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        rgba = img if img.mode == "RGBA" else img.convert("RGBA")
+        out = Image.new("RGB", rgba.size, (255, 255, 255))
+        out.paste(rgba, mask=rgba)  # = alpha_composite over white, without two more full-size RGBA copies
+        return out
     return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
@@ -96,13 +153,28 @@ def decode_image(
     min_side: int = DEFAULT_MIN_SIDE,
     draft_size: int | None = None,
     allowed_formats: frozenset[str] = SUPPORTED_FORMATS,
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
 ) -> tuple[Image.Image, ImageInfo]:
     """Decode fully (truncation is an error), apply EXIF orientation, return 8-bit RGB and the original info.
 
     ``draft_size``: for JPEGs, let libjpeg decode at a reduced DCT scale whose result is still at least
     this many pixels on its shorter side (PIL ``Image.draft``). Several times faster for large photos.
+    ``max_decode_bytes`` bounds the memory of the decoded image and its RGB copy (``decode_bytes``), so a
+    4-byte-per-pixel mode cannot cost more than the pixel limit suggests. Any failure is an ``ImageError``:
+    decoders raise all sorts (ValueError, TypeError, IndexError, struct.error) on hostile files.
     """
-    img = _open(data)
+    try:
+        return _decode(data, max_pixels, min_side, draft_size, allowed_formats, max_decode_bytes)
+    except ImageError:
+        raise
+    except MemoryError as exc:
+        raise ImageError("too_many_pixels", "the image needs more memory to decode than this server allows") from exc
+    except Exception as exc:
+        raise ImageError("corrupt", f"the image data is truncated or corrupt: {type(exc).__name__}: {exc}") from exc
+
+
+def _decode(data, max_pixels, min_side, draft_size, allowed_formats, max_decode_bytes):
+    img = _open(data, max_pixels)
     fmt = (img.format or "").upper()
     if fmt not in allowed_formats:
         raise ImageError(
@@ -115,6 +187,13 @@ def decode_image(
         raise ImageError(
             "too_many_pixels",
             f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}",
+        )
+    needed = decode_bytes(img.mode, width, height)
+    if needed > max_decode_bytes:
+        raise ImageError(
+            "too_many_pixels",
+            f"a {width}x{height} {img.mode} image needs {needed / 2**20:.0f} MiB to decode, over the limit of "
+            f"{max_decode_bytes / 2**20:.0f} MiB; send a smaller or 8-bit image",
         )
     if min(width, height) < min_side:
         raise ImageError("too_small", f"image is {width}x{height}; the shorter side must be at least {min_side} px")
@@ -131,9 +210,9 @@ def decode_image(
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-        if isinstance(exc, (Image.DecompressionBombWarning, Image.DecompressionBombError)):
-            raise ImageError("too_many_pixels", str(exc)) from exc
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise _bomb_error(exc, max_pixels) from exc
+    except Exception as exc:
         raise ImageError("corrupt", f"the image data is truncated or corrupt: {exc}") from exc
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous

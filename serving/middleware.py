@@ -1,9 +1,12 @@
-"""ASGI middleware: API keys before anything is read, and a request-size limit enforced while reading."""
+"""ASGI middleware: API keys before anything is read, a request-size and body-time limit enforced while reading,
+a per-worker concurrency limit, and Prometheus labels that cannot grow with arbitrary paths."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import time
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -13,26 +16,39 @@ def error_response(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
-async def _send_error(send: Send, status: int, code: str, message: str) -> None:
+async def _send_error(send: Send, status: int, code: str, message: str, retry_after: int | None = None) -> None:
     body = json.dumps({"error": {"code": code, "message": message}}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                (b"connection", b"close")]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
+STARTED = "wildcheck.started"  # scope key: when the request arrived (time.monotonic), for the service's deadline
+
+
 class BodyLimitMiddleware:
-    """413 when Content-Length is over the limit, or as soon as a streamed body passes it.
+    """413 when Content-Length is over the limit, or as soon as a streamed body passes it; 408 when the whole
+    body has not arrived within ``timeout_s`` (a slow sender must not hold a slot for the request timeout).
 
     The body is buffered up to the limit and replayed to the app, so nothing larger is ever held.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = 10.0):
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        scope.setdefault(STARTED, time.monotonic())
+        content_type = dict(scope.get("headers") or []).get(b"content-type", b"")
+        if not content_type.isascii():  # parsers further in raise UnicodeDecodeError on it
+            return await _send_error(send, 400, "invalid_content_type", "the Content-Type header is not ASCII")
+        if scope.get("method") in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
         limit_mb = self.max_bytes / 1024 / 1024
         declared = dict(scope.get("headers") or []).get(b"content-length")
@@ -44,8 +60,13 @@ class BodyLimitMiddleware:
             if too_big:
                 return await _send_error(send, 413, "body_too_large", f"request body over the {limit_mb:.0f} MB limit")
         chunks, size = [], 0
+        deadline = time.monotonic() + self.timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                return await _send_error(send, 408, "body_timeout",
+                                         f"the request body did not arrive within {self.timeout_s:g} s; send it at once")
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")
@@ -71,7 +92,7 @@ class BodyLimitMiddleware:
 class ApiKeyMiddleware:
     """When keys are configured, ``Authorization: Bearer KEY`` or ``X-API-Key: KEY`` is required (docs stay open)."""
 
-    OPEN_PATHS = ("/docs", "/openapi.json")
+    OPEN_PATHS = frozenset({"/docs", "/openapi.json", "/docs/oauth2-redirect"})
 
     def __init__(self, app: ASGIApp, keys: frozenset[str]):
         self.app = app
@@ -87,9 +108,73 @@ class ApiKeyMiddleware:
         return any(hmac.compare_digest(offered, key) for key in self.keys)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or scope.get("path", "").endswith(self.OPEN_PATHS):
+        if scope["type"] != "http" or not self.keys or app_path(scope) in self.OPEN_PATHS:
             return await self.app(scope, receive, send)
         if not self._authorised(dict(scope.get("headers") or [])):
             return await _send_error(send, 401, "unauthorized",
                                      "missing or invalid API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'")
         await self.app(scope, receive, send)
+
+
+def app_path(scope: Scope) -> str:
+    """The path inside the mounted app (``/docs`` for ``/v1/docs``), whichever way the server filled the scope."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
+class ConcurrencyLimitMiddleware:
+    """At most ``limit`` requests at once in this worker; more get 429 ``too_many_requests`` in our error shape
+    (BentoML's own limit, kept higher as a backstop, answers in its own shape)."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app = app
+        self.limit = limit
+        self.active = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.active >= self.limit:
+            return await _send_error(send, 429, "too_many_requests",
+                                     f"more than {self.limit} requests at once; retry shortly", retry_after=1)
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+
+def metrics_label(path: str, known: frozenset[str]) -> str:
+    """A Prometheus ``endpoint`` label: the path when it is one of ours, else ``other``, so 3,000 random
+    paths do not create 3,000 series (each one grows /metrics and the worker's memory until restart)."""
+    return path if path in known else "other"
+
+
+class RouteLabelMiddleware:
+    """Wraps BentoML's traffic-metrics middleware so that it sees ``metrics_label(path)`` as the path; the
+    app behind it gets the original scope back."""
+
+    ORIGINAL = "wildcheck.original_path"
+
+    def __init__(self, metrics_cls, app: ASGIApp, known: frozenset[str], **kwargs):
+        self.known = known
+        self.inner = metrics_cls(self._restore(app), **kwargs)
+
+    @classmethod
+    def _restore(cls, app: ASGIApp) -> ASGIApp:
+        async def restored(scope: Scope, receive: Receive, send: Send) -> None:
+            if cls.ORIGINAL in scope:
+                scope = dict(scope)
+                path = scope.pop(cls.ORIGINAL)
+                scope["path"] = path
+                scope["raw_path"] = path.encode()
+            await app(scope, receive, send)
+
+        return restored
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            label = metrics_label(scope.get("path", ""), self.known)
+            if label != scope.get("path"):
+                scope = {**scope, "path": label, self.ORIGINAL: scope.get("path", "")}
+        await self.inner(scope, receive, send)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ErrorBody(BaseModel):
@@ -35,6 +35,9 @@ class GalleryMatch(BaseModel):
     similarity: float
     kind: Literal["duplicate", "similar"]
     hamming: int | None = None
+    declared_type: str | None = None
+    detected_type: str = ""
+    type_mismatch: bool = False
 
 
 class CheckResponse(BaseModel):
@@ -74,16 +77,43 @@ class ModelInfo(BaseModel):
     version: str
     labels: list[str]
     thresholds: dict[str, Any]
+    threshold_rules: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="per class, what set each threshold: review_recall (recall target), block_precision "
+        "(precision target), max_flag_rate (flag budget), max_block_rate (block budget), explicit (policy value), "
+        "never_block, default, model (an older model that did not record it)",
+    )
     preprocessing: dict[str, Any]
     metrics: dict[str, Any]
 
 
-ERRORS = {
-    400: {"model": ErrorResponse, "description": "not an image, truncated/corrupt, too many pixels, too small, text or URL instead of a file, missing field"},
-    401: {"model": ErrorResponse, "description": "missing or invalid API key (when WILDCHECK_API_KEYS is set)"},
-    413: {"model": ErrorResponse, "description": "request body over WILDCHECK_MAX_BODY_BYTES or too many images"},
-    415: {"model": ErrorResponse, "description": "unsupported image format or content type"},
+# Every error the service answers has the body {"error": {"code", "message"}}; these are the codes.
+ERROR_CODES = {
+    400: "empty, not_an_image, corrupt, too_many_pixels, too_small, not_a_file, missing_field, too_many_images, "
+         "invalid_multipart, invalid_request, invalid_content_type",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "body_timeout",
+    413: "body_too_large, batch_too_large",
+    415: "unsupported_format",
+    429: "too_many_requests",
+    500: "internal_error",
+    503: "overloaded (with Retry-After)",
+    504: "timeout",
 }
+_WHEN = {
+    400: "not an image, truncated/corrupt, too many pixels, too small, text or URL instead of a file, missing field",
+    401: "missing or invalid API key (when WILDCHECK_API_KEYS is set)",
+    408: "the request body did not arrive within WILDCHECK_BODY_TIMEOUT_S",
+    413: "request body over WILDCHECK_MAX_BODY_BYTES or more than WILDCHECK_MAX_BATCH images",
+    415: "image format outside the allow-list (JPEG, PNG, WebP, GIF, BMP, TIFF)",
+    429: "more than WILDCHECK_MAX_CONCURRENCY requests in this worker",
+    500: "a bug: please report it",
+    503: "this worker's CPU queue (WILDCHECK_MAX_QUEUE) is full: retry after Retry-After seconds",
+    504: "not answered within WILDCHECK_TIMEOUT_S",
+}
+ERRORS = {status: {"model": ErrorResponse, "description": f"{_WHEN[status]}. Codes: {codes}"}
+          for status, codes in ERROR_CODES.items() if status in _WHEN}
 
 _FILE = {"type": "string", "format": "binary"}
 CHECK_BODY = {

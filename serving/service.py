@@ -7,9 +7,9 @@ or ``WILDCHECK_MODEL=MODEL.onnx bentoml serve serving.service:WildCheck``.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import time
 
 import bentoml
 from fastapi import FastAPI, Request
@@ -18,11 +18,13 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
-from serving.checker import ImageChecker, Limits
-from serving.imageio import ImageError
-from serving.middleware import ApiKeyMiddleware, BodyLimitMiddleware, error_response
+from serving.checker import Abandoned, ImageChecker, Limits, item_error
+from serving.imageio import ImageError, decode_cost
+from serving.middleware import (STARTED, ApiKeyMiddleware, BodyLimitMiddleware, ConcurrencyLimitMiddleware,
+                                RouteLabelMiddleware, error_response)
 from serving.schemas import BATCH_BODY, CHECK_BODY, ERRORS, BatchResponse, CheckResponse, ModelInfo
 from serving.settings import Settings
+from serving.workqueue import CpuQueue, Expired, Gone, Overloaded
 
 log = logging.getLogger("wildcheck.service")
 settings = Settings.from_env()
@@ -35,8 +37,33 @@ api = FastAPI(
     docs_url="/docs",
     openapi_url="/openapi.json",
 )
-api.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+api.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+api.add_middleware(ConcurrencyLimitMiddleware, limit=settings.max_concurrency)
 api.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)  # added last = runs first: no key, no upload read
+
+# Prometheus `endpoint` labels: our routes and BentoML's own; any other path is counted as `other`.
+METRIC_PATHS = frozenset({"/v1/check", "/v1/check_batch", "/v1/model", "/v1/docs", "/v1/openapi.json", "/",
+                          "/docs.json", "/livez", "/readyz", "/healthz", "/metrics"})
+
+
+def _label_metrics_by_route() -> None:
+    """BentoML labels its request metrics with the raw path; swap in a wrapper that labels by route."""
+    from bentoml._internal.server.http import instruments
+
+    original = instruments.RunnerTrafficMetricsMiddleware
+    if getattr(original, "wildcheck_labels", False):
+        return
+
+    class RouteLabelledMetrics(RouteLabelMiddleware):
+        wildcheck_labels = True
+
+        def __init__(self, app, **kwargs):
+            super().__init__(original, app, METRIC_PATHS, **kwargs)
+
+    instruments.RunnerTrafficMetricsMiddleware = RouteLabelledMetrics
+
+
+_label_metrics_by_route()
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -50,6 +77,34 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return error_response(400, "invalid_request", str(exc.errors()))
 
 
+@api.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error on %s", request.url.path)
+    return error_response(500, "internal_error", "unexpected server error; it was logged, please report it")
+
+
+def _mismatch_counter():
+    """Prometheus counter of images whose declared type differs from their bytes (None where unavailable)."""
+    try:
+        return bentoml.metrics.Counter(name="wildcheck_content_type_mismatch_total",
+                                       documentation="images whose declared content type differs from their bytes",
+                                       labelnames=["detected"])
+    except Exception:  # metrics are an aid; serving must not depend on them
+        return None
+
+
+_MISMATCHES = _mismatch_counter()
+
+
+def _count_mismatch(result: dict) -> None:
+    image = result.get("image") or {}
+    if image.get("type_mismatch") and _MISMATCHES is not None:
+        try:
+            _MISMATCHES.labels(detected=image.get("detected_type", "")).inc()
+        except Exception:
+            pass
+
+
 async def _read_images(request: Request, field: str, many: bool) -> list[tuple[bytes, str | None]]:
     """Image bytes and declared content types from a multipart form or the raw body."""
     content_type = request.headers.get("content-type", "")
@@ -57,6 +112,9 @@ async def _read_images(request: Request, field: str, many: bool) -> list[tuple[b
         try:
             form = await request.form(max_files=settings.max_batch + 1, max_fields=settings.max_batch + 8)
         except Exception as exc:  # malformed multipart, too many parts
+            if "Too many files" in str(exc):
+                raise ImageError("batch_too_large", f"more than {settings.max_batch} images; at most "
+                                 f"{settings.max_batch} per request", status=413) from exc
             raise ImageError("invalid_multipart", f"cannot parse the multipart body: {exc}") from exc
         values = form.getlist(field)
         if not values:
@@ -81,7 +139,8 @@ async def _read_images(request: Request, field: str, many: bool) -> list[tuple[b
 @bentoml.service(
     name="wildcheck",
     workers=settings.workers,
-    traffic={"timeout": settings.timeout_s, "max_concurrency": settings.max_concurrency},
+    # backstops only: our own deadline (504) and concurrency limit (429) answer first, in our error shape
+    traffic={"timeout": settings.timeout_s + 5, "max_concurrency": 2 * settings.max_concurrency + 8},
 )
 @bentoml.asgi_app(api, path="/v1")
 class WildCheck:
@@ -93,7 +152,8 @@ class WildCheck:
         self.ready = False
         self.checker = ImageChecker(
             settings.model, threads=settings.threads,
-            limits=Limits(max_pixels=settings.max_pixels, min_side=settings.min_side),
+            limits=Limits(max_pixels=settings.max_pixels, min_side=settings.min_side,
+                          max_decode_bytes=settings.max_decode_bytes),
             max_concurrent=settings.cpu_threads, memory_arena=False, gallery=settings.gallery or None,
         )
         if settings.policy:
@@ -102,24 +162,50 @@ class WildCheck:
         # CPU work (decode, preprocess, inference) runs on a small dedicated pool, not the 40-thread default:
         # more threads only contend for 2 cores and the GIL, and each adds memory (RSS crept up under load);
         # 4 per worker keep both cores busy while requests are parsed (benchmarks/serve_bench.py).
-        self.executor = ThreadPoolExecutor(max_workers=settings.cpu_threads, thread_name_prefix="wildcheck-cpu")
+        # At most WILDCHECK_MAX_QUEUE requests wait for it; abandoned work stops (serving/workqueue.py).
+        self.queue = CpuQueue(settings.cpu_threads, settings.max_queue, settings.decode_memory_bytes)
         self.ready = True
         log.info("serving %s %s", self.checker.contract.model_name, self.checker.contract.model_version)
+        log.warning("API keys: %s", f"on ({len(settings.api_keys)} key(s))" if settings.api_keys
+                    else "OFF: anyone who can reach this port can use it (set WILDCHECK_API_KEYS)")
 
     def __is_ready__(self) -> bool:
-        return self.ready
+        """Not ready while loading, and while this worker's CPU queue is full (a load balancer stops sending)."""
+        return self.ready and not self.queue.saturated()
 
-    async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+    async def _run(self, request: Request, stop: threading.Event, fn, *args, cost: int = 0):
+        deadline = request.scope.get(STARTED, time.monotonic()) + settings.timeout_s
+        return await self.queue.run(deadline, request.is_disconnected, stop, fn, *args, cost=cost)
+
+    def _failure(self, exc: Exception) -> JSONResponse:
+        """The answer for a request that could not be served (overloaded, out of time, client gone)."""
+        if isinstance(exc, Overloaded):
+            response = error_response(503, "overloaded", f"this worker is busy; retry after {exc.retry_after} s")
+            response.headers["Retry-After"] = str(exc.retry_after)
+            return response
+        if isinstance(exc, Expired):
+            return error_response(504, "timeout", f"not answered within {settings.timeout_s} s; retry later")
+        return error_response(400, "disconnected", "the client closed the connection")
 
     @api.post("/check", response_model=CheckResponse, responses=ERRORS, openapi_extra=CHECK_BODY)
     async def check(self, request: Request):
         """Check one image: multipart field `image`, or the raw image bytes as the body."""
+        stop = threading.Event()
         try:
-            (data, content_type), = await _read_images(request, "image", many=False)
-            return await self._run(self.checker.check, data, content_type)
+            items = await _read_images(request, "image", many=False)
+            if len(items) > 1:
+                raise ImageError("too_many_images", f"{len(items)} 'image' fields; /v1/check takes one image, "
+                                 "send several to /v1/check_batch")
+            (data, content_type), = items
+            with self.queue.admit():
+                result = await self._run(request, stop, self.checker.check, data, content_type, stop,
+                                         cost=decode_cost(data))
+            _count_mismatch(result)
+            return result
         except ImageError as exc:
             return error_response(exc.status, exc.code, exc.message)
+        except (Overloaded, Expired, Gone, Abandoned) as exc:
+            return self._failure(exc)
 
     @api.post("/check_batch", response_model=BatchResponse, responses=ERRORS, openapi_extra=BATCH_BODY)
     async def check_batch(self, request: Request):
@@ -130,7 +216,23 @@ class WildCheck:
             return error_response(exc.status, exc.code, exc.message)
         if len(items) > settings.max_batch:
             return error_response(413, "batch_too_large", f"{len(items)} images; at most {settings.max_batch} per request")
-        results = await self._run(self.checker.check_many, items)
+        started, stop = time.perf_counter(), threading.Event()
+        results, prepared = [None] * len(items), []
+        try:
+            with self.queue.admit():
+                for i, (data, content_type) in enumerate(items):  # one job per image: requests interleave
+                    try:
+                        prepared.append((i, *await self._run(request, stop, self.checker.prepare, data, content_type,
+                                                             cost=decode_cost(data))))
+                    except ImageError as exc:  # one bad image fails only its own entry
+                        results[i] = item_error(exc)
+                if prepared:
+                    probs = await self._run(request, stop, self.checker.predict, [p[1] for p in prepared])
+        except (Overloaded, Expired, Gone, Abandoned) as exc:
+            return self._failure(exc)
+        for (i, _, meta), p in zip(prepared, probs if prepared else []):
+            results[i] = self.checker.result(p, meta, started)
+            _count_mismatch(results[i])
         return {"results": results, "count": len(results)}
 
     @api.get("/model", response_model=ModelInfo, responses=ERRORS)

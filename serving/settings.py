@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from serving.imageio import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
+from serving.imageio import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 
 
 def _int(name: str, default: int) -> int:
@@ -16,6 +16,16 @@ def _int(name: str, default: int) -> int:
         return int(value)
     except ValueError as exc:
         raise ValueError(f"{name} must be an integer, got {value!r}") from exc
+
+
+def _float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return float(value)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a number, got {value!r}") from exc
 
 
 @dataclass(frozen=True)
@@ -30,6 +40,10 @@ class Settings:
     max_batch: int = 32
     timeout_s: int = 30
     max_concurrency: int = 64
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
+    max_queue: int = 8  # requests per worker waiting for or using the CPU threads; more get 503 + Retry-After
+    decode_memory_bytes: int = 512 * 2**20  # decode memory of the images being decoded at once, per worker
+    body_timeout_s: float = 10.0  # the whole body must arrive within this: a slow sender cannot hold a slot
     api_keys: frozenset[str] = field(default_factory=frozenset)
     policy: str = ""
     gallery: str = ""
@@ -37,6 +51,9 @@ class Settings:
     @classmethod
     def from_env(cls) -> "Settings":
         keys = os.environ.get("WILDCHECK_API_KEYS", "")
+        api_keys = frozenset(k.strip() for k in keys.split(",") if k.strip())
+        if keys and not api_keys:  # "," or " ": the operator meant to turn auth on; never fail open
+            raise ValueError(f"WILDCHECK_API_KEYS={keys!r} contains no key; give comma-separated keys or unset it")
         return cls(
             model=os.environ.get("WILDCHECK_MODEL", ""),
             workers=_int("WILDCHECK_WORKERS", cls.workers),
@@ -50,5 +67,9 @@ class Settings:
             max_concurrency=_int("WILDCHECK_MAX_CONCURRENCY", cls.max_concurrency),
             policy=os.environ.get("WILDCHECK_POLICY", ""),
             gallery=os.environ.get("WILDCHECK_GALLERY", ""),
-            api_keys=frozenset(k.strip() for k in keys.split(",") if k.strip()),
+            max_decode_bytes=_int("WILDCHECK_MAX_DECODE_BYTES", cls.max_decode_bytes),
+            max_queue=_int("WILDCHECK_MAX_QUEUE", cls.max_queue),
+            decode_memory_bytes=_int("WILDCHECK_DECODE_MEMORY_BYTES", cls.decode_memory_bytes),
+            body_timeout_s=_float("WILDCHECK_BODY_TIMEOUT_S", cls.body_timeout_s),
+            api_keys=api_keys,
         )

@@ -1,7 +1,6 @@
 """The service class called directly and over HTTP in-process (starlette TestClient)."""
 
 import io
-import os
 
 import numpy as np
 import pytest
@@ -11,27 +10,9 @@ from tests.conftest import jpeg_bytes, photo
 
 
 @pytest.fixture(scope="module")
-def client(onnx_model, tmp_path_factory):
+def client(service_app):
     """TestClient over the service's ASGI app, with API keys and a small body limit configured."""
-    import importlib
-
-    from starlette.testclient import TestClient
-
-    env = {"WILDCHECK_MODEL": str(onnx_model), "WILDCHECK_API_KEYS": "k1,k2", "WILDCHECK_MAX_BODY_BYTES": str(2_000_000),
-           "BENTOML_HOME": str(tmp_path_factory.mktemp("bentoml"))}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import serving.service as service_module
-
-    service_module = importlib.reload(service_module)
-    with TestClient(service_module.WildCheck.to_asgi()) as c:
-        c.headers["X-API-Key"] = "k1"
-        yield c
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    return service_app[0]
 
 
 def _synth_jpeg(label, seed, size=256):
@@ -93,8 +74,7 @@ BAD_INPUTS = [
     ("empty body", dict(content=b"", headers={"Content-Type": "image/jpeg"}), 400, "empty"),
     ("text file", dict(files={"image": ("a.txt", b"hello world", "text/plain")}), 400, "not_an_image"),
     ("truncated jpeg", dict(files={"image": ("t.jpg", jpeg_bytes(photo(1))[:500], "image/jpeg")}), 400, "corrupt"),
-    ("png as jpeg", dict(files={"image": ("p.jpg", _png(), "image/jpeg")}), 415, "content_type_mismatch"),
-    ("image/jpg type", dict(files={"image": ("p.jpg", jpeg_bytes(photo(1)), "image/jpg")}), 415, "unsupported_content_type"),
+    ("icon outside the allow-list", dict(files={"image": ("a.ico", None, "image/x-icon")}), 415, "unsupported_format"),
     ("url in file field", dict(data={"image": "http://169.254.169.254/latest/meta-data"}), 400, "not_a_file"),
     ("missing field", dict(files={"photo": ("a.jpg", jpeg_bytes(photo(1)), "image/jpeg")}), 400, "missing_field"),
     ("1x1 image", dict(files={"image": ("one.png", None, "image/png")}), 400, "too_small"),
@@ -108,9 +88,29 @@ def test_bad_inputs_get_specific_4xx_json(client, name, kwargs, status, code):
         buf = io.BytesIO()
         Image.new("RGB", (1, 1)).save(buf, "PNG")
         kwargs = dict(files={"image": ("one.png", buf.getvalue(), "image/png")})
+    if name == "icon outside the allow-list":
+        buf = io.BytesIO()
+        photo(6).save(buf, "ICO")
+        kwargs = dict(files={"image": ("a.ico", buf.getvalue(), "image/x-icon")})
     r = client.post("/v1/check", **kwargs)
     assert r.status_code == status, r.text
     assert r.json()["error"]["code"] == code and r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("declared", ["image/jpeg", "image/jpg", "text/plain"])
+def test_declared_type_never_stops_a_check_but_a_mismatch_is_flagged(client, declared):
+    """A PNG sent as image/jpeg (or the unregistered image/jpg, or text/plain) is still checked (issue 19.16):
+    a 4xx here would let a seller make a photo go unchecked. The answer says what was declared and found."""
+    png = _png()
+    r = client.post("/v1/check", files={"image": ("p.jpg", png, declared)})
+    assert r.status_code == 200, r.text
+    image = r.json()["image"]
+    assert image["format"] == "PNG" and image["declared_type"] == declared and image["detected_type"] == "image/png"
+    assert image["type_mismatch"] is True
+    same = client.post("/v1/check", files={"image": ("p.png", png, "image/png")}).json()
+    assert same["scores"] == r.json()["scores"] and same["image"]["type_mismatch"] is False
+    jpg = client.post("/v1/check", files={"image": ("p.jpg", jpeg_bytes(photo(1)), "image/jpg")}).json()
+    assert jpg["image"]["type_mismatch"] is False  # image/jpg is a sloppy name for image/jpeg, not a mismatch
 
 
 def test_oversize_body_and_bomb(client):

@@ -1,7 +1,11 @@
 """``wildcheck calibrate``: temperature scaling and per-class block/review thresholds from validation.
 
-Writes the temperature, thresholds and the validation score curves into ``best.pt`` (export copies them
-into the ONNX metadata), plus ``calibration.json`` and ``reliability.png`` into the run dir.
+Thresholds come from the targets (``block_precision``, ``review_recall``), then the traffic budgets
+(``max_flag_rate``, ``max_block_rate``) on the negatives' validation images, pool by pool. Thresholds are
+solved on the stored (rounded) curves, so a serve-time policy re-solves to the same numbers.
+Writes the temperature, thresholds, the rule behind each, the validation score curves and the negatives'
+scores into ``best.pt`` (export copies them into the ONNX metadata), plus ``calibration.json`` and
+``reliability.png`` into the run dir.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 
 from serving.runtime import softmax
-from serving.thresholds import solve_all
+from serving.thresholds import Budgets, TrafficScores, apply_budgets, curve_arrays, solve_class
 from training.fileio import atomic_torch_save, atomic_write_text
 
 EPS = 1e-7
@@ -74,41 +78,64 @@ def plot_reliability(before: np.ndarray, after: np.ndarray, y: np.ndarray, path:
 
 def calibration_report(probs_t1: np.ndarray, y: np.ndarray, labels: list[str], negative_label: str,
                        block_precision: float, review_recall: float, never_block: list[str],
-                       temperature: float | None = None) -> dict:
-    """Fit (or apply) a temperature on ``probs_t1`` and solve thresholds on the calibrated scores."""
+                       temperature: float | None = None, pools: list[str] | None = None,
+                       budgets: Budgets | None = None) -> dict:
+    """Fit (or apply) a temperature on ``probs_t1``, solve thresholds on the calibrated scores: targets first,
+    then ``budgets`` on the negatives (``pools``: each image's pool name, for the traffic mix and the report)."""
     log_probs = np.log(np.clip(probs_t1, EPS, 1.0))
     temperature = temperature or fit_temperature(log_probs, y)
     calibrated = softmax(log_probs, temperature)
-    solved = solve_all(calibrated, y, labels, negative_label, block_precision, review_recall, never_block)
+    exact = calibrated.astype(np.float64)  # rounded float32 would store 0.6766800284385681 for 0.676680
+    budgets = budgets or Budgets()
+    y = np.asarray(y)
+    protected = [label for label in labels if label != negative_label]
+    columns = [labels.index(label) for label in protected]
     curves = {}
-    for i, label in enumerate(labels):
-        if label != negative_label:
-            pos = np.asarray(y) == i
-            curves[label] = {"pos": np.round(np.sort(calibrated[pos, i]), 5).tolist(),
-                             "neg": np.round(np.sort(calibrated[~pos, i]), 5).tolist()}
+    for label, i in zip(protected, columns):
+        pos = y == i
+        curves[label] = {"pos": np.round(np.sort(exact[pos, i]), 6).tolist(),  # 6 decimals: what the server returns
+                         "neg": np.round(np.sort(exact[~pos, i]), 6).tolist()}
+    solved = {label: solve_class(*curve_arrays(curves[label]), block_precision, review_recall,
+                                 never_block=label in never_block) for label in protected}
+    negatives = y == labels.index(negative_label) if negative_label in labels else np.zeros(len(y), bool)
+    traffic = None
+    if negatives.any() and protected:
+        names = [p for p, n in zip(pools or ["validation"] * len(y), negatives) if n]
+        traffic = TrafficScores.from_arrays(protected, calibrated[negatives][:, columns], names)
+    budget_report = apply_budgets(solved, curves, traffic, budgets, list(never_block))
     return {
         "temperature": temperature,
         "n": int(len(y)),
         "ece_before": expected_calibration_error(probs_t1, y), "ece_after": expected_calibration_error(calibrated, y),
         "nll_before": nll(probs_t1, y), "nll_after": nll(calibrated, y),
-        "targets": {"block_precision": block_precision, "review_recall": review_recall},
+        "targets": {"block_precision": block_precision, "review_recall": review_recall,
+                    "max_flag_rate": budgets.max_flag_rate, "max_block_rate": budgets.max_block_rate,
+                    "negative_weights": budgets.negative_weights},
         "thresholds": {k: v.thresholds.model_dump() for k, v in solved.items()},
-        "achieved": {k: {"block_precision": v.block_precision, "review_recall": v.review_recall} for k, v in solved.items()},
+        "rules": {k: dict(v.rules) for k, v in solved.items()},
+        "achieved": {k: {"block_precision": v.block_precision, "review_recall": v.review_recall,
+                         "block_recall": v.block_recall} for k, v in solved.items()},
+        "budgets": budget_report,
         "notes": {k: v.notes for k, v in solved.items() if v.notes},
         "never_block": list(never_block),
         "val_curves": curves,
+        "negative_scores": traffic.model_dump() if traffic else None,
         "calibrated": calibrated,
     }
 
 
-def calibrate(run: str | Path, data: list[str] | None = None) -> dict:
-    """Fit on the run's validation split; update best.pt; write calibration.json and reliability.png."""
+def calibrate(run: str | Path, data: list[str] | None = None, decision_overrides: dict | None = None) -> dict:
+    """Fit on the run's validation split; update best.pt; write calibration.json and reliability.png.
+
+    ``decision_overrides``: e.g. ``{"max_flag_rate": 0.01}`` over the run's ``decision`` config (recorded in best.pt)."""
     from training.evaluate import TorchPredictor, predict_samples, resolve_checkpoint, run_samples
 
     ckpt = resolve_checkpoint(run)
     predictor = TorchPredictor(ckpt)
     predictor.temperature = 1.0
     state = predictor.state
+    if decision_overrides:
+        state.setdefault("config", {}).setdefault("decision", {}).update(decision_overrides)
     decision = (state.get("config") or {}).get("decision", {})
     negative = (state.get("config") or {}).get("data", {}).get("negative_label", "other")
     val, _ = run_samples(state, data)
@@ -117,16 +144,20 @@ def calibrate(run: str | Path, data: list[str] | None = None) -> dict:
     probs, kept, _ = predict_samples(predictor, val, desc="calibration")
     index = {label: i for i, label in enumerate(predictor.labels)}
     y = np.array([index[s.label] for s in kept])
+    budgets = Budgets(decision.get("max_flag_rate"), decision.get("max_block_rate"), decision.get("negative_weights"))
     report = calibration_report(probs, y, predictor.labels, negative, decision.get("block_precision", 0.98),
-                                decision.get("review_recall", 0.95), decision.get("never_block", []))
+                                decision.get("review_recall", 0.95), decision.get("never_block", []),
+                                pools=[s.pool or "validation" for s in kept], budgets=budgets)
     calibrated = report.pop("calibrated")
+    bulky = ("val_curves", "negative_scores")
     run_dir = ckpt.parent
     plot_reliability(probs, calibrated, y, run_dir / "reliability.png")
-    state.update(temperature=report["temperature"], thresholds=report["thresholds"],
-                 never_block=report["never_block"], calibration={k: v for k, v in report.items() if k != "val_curves"},
-                 val_curves=report["val_curves"])
+    summary = {k: v for k, v in report.items() if k not in bulky}
+    state.update(temperature=report["temperature"], thresholds=report["thresholds"], threshold_rules=report["rules"],
+                 decision_rules=report["targets"], never_block=report["never_block"], calibration=summary,
+                 val_curves=report["val_curves"], negative_scores=report["negative_scores"])
     atomic_torch_save(state, ckpt)
-    atomic_write_text(run_dir / "calibration.json", json.dumps({k: v for k, v in report.items() if k != "val_curves"}, indent=2))
+    atomic_write_text(run_dir / "calibration.json", json.dumps(summary, indent=2))
     return report
 
 
@@ -138,7 +169,29 @@ def format_report(report: dict) -> str:
         block = f"{t['block']:.4f}" if t["block"] is not None else "never"
         prec = f"{a['block_precision']:.3f}" if a["block_precision"] is not None else "-"
         rec = f"{a['review_recall']:.3f}" if a["review_recall"] is not None else "-"
-        lines.append(f"  {label}: block >= {block} (precision {prec}), review >= {t['review']:.4f} (recall {rec})")
+        rules = report.get("rules", {}).get(label, {})
+        lines.append(f"  {label}: block >= {block} (precision {prec}; set by {rules.get('block', '?')}), "
+                     f"review >= {t['review']:.4f} (recall {rec}; set by {rules.get('review', '?')})")
         for note in report["notes"].get(label, []):
             lines.append(f"    note: {note}")
+    lines += format_budgets(report.get("budgets") or {})
     return "\n".join(lines)
+
+
+def format_budgets(b: dict) -> list[str]:
+    """The traffic-budget part of a calibration report: rates reached, per pool, and each conflict."""
+    if "flag_rate" not in b:
+        return []
+    budget = lambda v: "off" if v is None else f"{v:.2%}"  # noqa: E731
+    lines = [f"  negatives ({sum(b['negatives'].values())} images): flag rate {b['flag_rate']:.2%} "
+             f"(budget {budget(b['max_flag_rate'])}), block rate {b['block_rate']:.2%} (budget {budget(b['max_block_rate'])})"
+             + (f", weighted {b['negative_weights']}" if b.get("negative_weights") else "")]
+    for pool, n in b["negatives"].items():
+        lines.append(f"    {pool} ({n}): flag {b['flag_rate_per_pool'][pool]:.2%}, block {b['block_rate_per_pool'][pool]:.2%}")
+    for c in b["conflicts"]:
+        left = "-" if c["recall_left"] is None else f"{c['recall_left']:.3f}"
+        before = "-" if c["recall_before"] is None else f"{c['recall_before']:.3f}"
+        lines.append(f"  CONFLICT {c['class']}: {c['budget']} overrides {c['target']} at {c['threshold']}; "
+                     f"the budget wins: recall at {c['threshold']} {before} -> {left}")
+    lines += [f"  note: {n}" for n in b.get("notes", [])]
+    return lines

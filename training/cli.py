@@ -98,17 +98,62 @@ def train(
 
 @app.command()
 def calibrate(
-    run: Path = typer.Argument(..., help="run dir or checkpoint"),
+    run: Path = typer.Argument(..., help="run dir or checkpoint; with --traffic also an exported ONNX file"),
     data: list[Path] = typer.Option([], "--data", help="validation data (default: the run's own)"),
+    traffic: Optional[Path] = typer.Option(
+        None, "--traffic", help="a sample of your platform's ordinary images (all taken as negative, or sorted into "
+        "ROOT/<label>/): writes a policy file (--out) whose budgets are solved on them; works without torch on an ONNX file"),
+    max_flag_rate: Optional[float] = typer.Option(None, "--max-flag-rate", min=0.0, max=1.0,
+                                                  help="share of ordinary images that may go to review or block"),
+    max_block_rate: Optional[float] = typer.Option(None, "--max-block-rate", min=0.0, max=1.0,
+                                                   help="share of ordinary images that may be blocked"),
+    out: Optional[Path] = typer.Option(None, "--out", help="with --traffic: the policy YAML to write"),
 ) -> None:
-    """Fit temperature scaling and per-class block/review thresholds on validation (train does this too)."""
+    """Fit temperature scaling and per-class block/review thresholds on validation (train does this too),
+    or, with --traffic, measure your own traffic and write a policy for `wildcheck serve --policy`."""
+    if traffic is not None:
+        return _calibrate_traffic(run, traffic, max_flag_rate, max_block_rate, out)
+    if out is not None:
+        _fail("--out is for --traffic; calibrating a run updates RUN/best.pt and writes RUN/calibration.json")
     from training.calibrate import calibrate as run_calibration, format_report
 
+    budgets = {k: v for k, v in (("max_flag_rate", max_flag_rate), ("max_block_rate", max_block_rate)) if v is not None}
     try:
-        report = run_calibration(run, [str(d) for d in data] or None)
+        report = run_calibration(run, [str(d) for d in data] or None, budgets or None)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     typer.echo(format_report(report))
+
+
+def _calibrate_traffic(model: Path, traffic: Path, max_flag_rate, max_block_rate, out: Optional[Path]) -> None:
+    """The --traffic path: imports no torch for an ONNX file."""
+    from serving.contract import ContractError
+    from serving.policy import PolicyError
+    from serving.traffic import measure_traffic, policy_yaml
+    from training.fileio import atomic_write_text
+
+    if out is None:
+        _fail("give --out POLICY.yaml: the policy file to write")
+    try:
+        if model.suffix == ".onnx":
+            from serving.runtime import OnnxModel
+
+            predictor = OnnxModel(model, threads=2)
+            contract = predictor.contract
+        else:
+            from training.evaluate import TorchPredictor, resolve_checkpoint
+            from training.export import build_contract
+
+            ckpt = resolve_checkpoint(model)
+            predictor = TorchPredictor(ckpt)
+            contract = build_contract(predictor.state, None, None, ckpt.parent)
+        policy, resolved, report = measure_traffic(predictor, contract, traffic, max_flag_rate, max_block_rate)
+    except (FileNotFoundError, ValueError, ContractError, PolicyError) as exc:
+        _fail(str(exc))
+    text = policy_yaml(policy, resolved, report, contract)
+    atomic_write_text(out, text)
+    typer.echo("".join(line[2:] + "\n" for line in text.splitlines() if line.startswith("# ")).rstrip())
+    typer.echo(f"wrote {out}")
 
 
 @app.command()
@@ -298,6 +343,12 @@ def serve(
         contract = read_contract(model)
     except ContractError as exc:
         _fail(str(exc))
+    from serving.settings import Settings
+
+    try:
+        Settings.from_env()  # bad numbers or an API key list with no key: fail here, not in every worker
+    except ValueError as exc:
+        _fail(str(exc))
     env = dict(os.environ, WILDCHECK_MODEL=str(model.resolve()))
     gallery = gallery or (Path(env["WILDCHECK_GALLERY"]) if env.get("WILDCHECK_GALLERY") else None)
     loaded = None
@@ -416,15 +467,21 @@ def scan(
     retries: int = typer.Option(5, "--retries", help="retries on 429/5xx/connection errors, with backoff"),
 ) -> None:
     """Check many images against a running server (HTTP only); resumable; prints a decision summary."""
+    from serving.client import ScanStopped
     from serving.client import scan as run_scan
 
     try:
         summary = run_scan(source, url, out, concurrency, api_key, retries)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, ScanStopped) as exc:
         _fail(str(exc))
     typer.echo(json.dumps(summary))
+    if summary.get("skipped_lines"):
+        typer.echo(f"{summary['skipped_lines']} line(s) of {out} are not result rows and were skipped")
     if summary.get("retry later"):
         typer.echo(f"{summary['retry later']} image(s) could not be checked; run the same command again to retry them")
+    if summary.get("retry later") or summary.get("error"):
+        if summary.get("error"):
+            typer.echo(f"{summary['error']} image(s) got an error answer (see {out})")
         raise typer.Exit(1)
 
 

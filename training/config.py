@@ -138,12 +138,30 @@ class TrainConfig(_Strict):
 class DecisionConfig(_Strict):
     block_precision: float = Field(0.98, gt=0.0, le=1.0, description="block where validation precision reaches this")
     review_recall: float = Field(0.95, gt=0.0, le=1.0, description="review from where validation recall reaches this")
+    max_flag_rate: float | None = Field(
+        None, ge=0.0, le=1.0, description="traffic budget: at most this share of the negatives' validation images "
+        "goes to review or block; raises thresholds over the targets (the budget wins, the conflict is reported); None: off",
+    )
+    max_block_rate: float | None = Field(
+        None, ge=0.0, le=1.0, description="traffic budget: at most this share of the negatives' validation images is blocked; None: off"
+    )
+    negative_weights: dict[str, float] | None = Field(
+        None, description="traffic mix for the budgets: weight per negatives pool, named by its root folder (e.g. "
+        "generic-products; the main dataset's own negatives under its root's name); pools not named count 0; "
+        "None: every validation negative counts the same",
+    )
     never_block: list[str] = Field(default_factory=list, description="classes that always go to review")
     calibrate: bool = Field(True, description="fit temperature and thresholds on validation after training")
     tiling: Tiling | None = Field(
         None, description="score the whole picture and a grid x grid of tiles, keep the highest score per protected "
         "class (collages, shelves); written into the model contract, so calibration and serving do the same",
     )
+
+    @model_validator(mode="after")
+    def _weights_not_negative(self):
+        if self.negative_weights and any(w < 0 for w in self.negative_weights.values()):
+            raise ValueError("negative_weights must be >= 0")
+        return self
 
 
 class Config(_Strict):

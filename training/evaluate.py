@@ -11,6 +11,7 @@ import json
 import logging
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +97,7 @@ def run_samples(state: dict, data: list[str] | None) -> tuple[list[Sample], list
     train = [s for s in select_split(samples, "train") if s.label in labels]
     if negatives:
         negative_label = state["config"]["data"]["negative_label"]
-        neg = [Sample(s.path, negative_label, s.split) for s in load_samples(negatives)]
+        neg = [replace(s, label=negative_label) for s in load_samples(negatives)]  # keeps pool and source
         val += select_split(neg, "val")
         train += select_split(neg, "train")
     return val, train
@@ -206,6 +207,10 @@ def evaluate(
             print(f"  false-positive rate on {fp['negatives']} negatives, {label}: {r['at_0.5']:.2%} at 0.5, "
                   f"{r['at_review']:.2%} at review ({r['review']:.3f}), "
                   + (f"{r['at_block']:.2%} at block ({r['block']:.3f})" if r["block"] is not None else "never blocks"))
+    sources = source_report(known_probs, known_samples, labels, thresholds, never_block, negative)
+    if sources:
+        metrics["per_source"] = sources
+        print(format_sources(sources))
     if skipped:
         print(f"skipped {len(skipped)} unreadable image(s)")
     if out_dir is not None:
@@ -226,10 +231,61 @@ def evaluate(
             plot_image_grid([str(known_samples[i].path) for i in worst],
                             [", ".join(f"{labels[j]} {known_probs[i, j]:.2f}" for j in product) for i in worst],
                             out_dir / "false_positives.png", title=f"most confident false positives ({negative} images)")
-        print(f"wrote {out_dir}/metrics.json, confusion_matrix.png, pr_curves.png")
+        if sources:
+            plot_source_false_positives(sources, out_dir / "false_positives_by_source")
+        print(f"wrote {out_dir}/metrics.json, confusion_matrix.png, pr_curves.png"
+              + (", false_positives_by_source/" if sources else ""))
     if predictions is not None:
         write_predictions(predictions, kept, probs, labels)
     return metrics
+
+
+def source_report(probs: np.ndarray, samples: list[Sample], labels: list[str], thresholds, never_block,
+                  negative: str, top: int = 8) -> dict:
+    """Per source of the negatives (``pool/source``: the root, then the first folder under the label or a
+    manifest's ``source``): images, flag rate (review or block), block rate, and the most confident ones."""
+    from serving.decision import decide
+
+    product = [j for j, label in enumerate(labels) if label in thresholds]
+    groups: dict[str, list[tuple[float, str, str, str]]] = {}
+    for i, s in enumerate(samples):
+        if s.label != negative or not product:
+            continue
+        scores = {labels[j]: float(probs[i, j]) for j in product}
+        decision, _ = decide(scores, thresholds, never_block)
+        best = max(scores, key=scores.get)
+        groups.setdefault(s.origin or "data", []).append((scores[best], best, decision, str(s.path)))
+    out = {}
+    for origin, rows in groups.items():
+        rows.sort(key=lambda r: -r[0])
+        n = len(rows)
+        out[origin] = {"n": n, "flag_rate": sum(r[2] != "allow" for r in rows) / n,
+                       "block_rate": sum(r[2] == "block" for r in rows) / n,
+                       "top": [{"score": round(sc, 4), "label": lb, "decision": d, "path": p} for sc, lb, d, p in rows[:top]]}
+    return dict(sorted(out.items(), key=lambda kv: (-kv[1]["flag_rate"], kv[0])))
+
+
+def format_sources(sources: dict) -> str:
+    lines = ["false positives by source (negatives; flag = review or block):",
+             f"  {'source':<42} {'images':>7} {'flag':>7} {'block':>7}  top score"]
+    for origin, r in sources.items():
+        top = r["top"][0] if r["top"] else None
+        lines.append(f"  {origin:<42} {r['n']:>7} {r['flag_rate']:>7.2%} {r['block_rate']:>7.2%}  "
+                     + (f"{top['score']:.3f} {top['label']}" if top else ""))
+    return "\n".join(lines)
+
+
+def plot_source_false_positives(sources: dict, folder: Path) -> None:
+    """One PNG per source: its most confident negatives with score and decision."""
+    import re
+
+    from training.plots import plot_image_grid
+
+    for origin, r in sources.items():
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", origin).strip("_") or "data"
+        plot_image_grid([t["path"] for t in r["top"]], [f"{t['label']} {t['score']:.3f} ({t['decision']})" for t in r["top"]],
+                        folder / f"{name}.png", title=f"{origin}: most confident negatives "
+                        f"(flag {r['flag_rate']:.1%}, block {r['block_rate']:.1%} of {r['n']})")
 
 
 def _decision_settings(predictor):

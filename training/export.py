@@ -68,6 +68,9 @@ def build_contract(state: dict, name: str | None, version: str | None, run_dir: 
         metrics={"val": _slim(state.get("val_metrics", {})), "calibration": state.get("calibration", {})},
         val_curves=state.get("val_curves", {}),
         embedding=embedding_spec(model, state["architecture"]) if model is not None else None,
+        decision=state.get("decision_rules"),
+        threshold_rules=state.get("threshold_rules", {}),
+        negative_scores=state.get("negative_scores"),
         tiling=state.get("tiling"),
         wildcheck_version=training.__version__,
     )

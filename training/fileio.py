@@ -7,8 +7,6 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-
 
 @contextmanager
 def atomic_path(path: str | Path):
@@ -41,12 +39,16 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
+    import torch  # here, not at the top: the torch-free commands (calibrate --traffic) write files too
+
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
 
 def load_checkpoint(path: str | Path) -> dict:
     """Load a wildcheck checkpoint safely (tensors and plain containers only)."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")

@@ -33,7 +33,7 @@ from training.augment import EvalTransform, TrainTransform, worker_init_fn
 from training.config import Config, dump_config
 from training.data.cache import CachedImageDataset, cache_images
 from training.data.sampling import EpochSampler, negatives_count
-from training.data.sources import Sample, fingerprint, label_counts, load_samples, select_split
+from training.data.sources import Sample, fingerprint, label_counts, load_samples, pool_name, select_split
 from training.fileio import atomic_torch_save, atomic_write_text, load_checkpoint, remove_stale_temporaries
 from training.metrics import compute_metrics
 from training.models import create_model, freeze_modules, pretrained_data_config, warm_start
@@ -134,12 +134,22 @@ def _even_sample(groups: list[list[Sample]], total: int, rng: np.random.RandomSt
     return [s for g in range(len(groups)) for s in chosen[g]]
 
 
+def _check_negative_weights(config: Config, roots: list[str]) -> None:
+    """Fail before training, not at calibration after it, when decision.negative_weights names no pool."""
+    weights = config.decision.negative_weights or {}
+    pools = sorted({pool_name(r) for r in list(roots) + list(config.data.negatives)})
+    unknown = sorted(set(weights) - set(pools))
+    if unknown:
+        raise ValueError(f"decision.negative_weights names {unknown}, which is no data root or negatives pool; pools: {pools}")
+
+
 def prepare_data(roots: list[str], config: Config, pre: Preprocessing, labels: list[str] | None = None) -> Prepared:
     samples = load_samples(roots)
     train_s, val_s = select_split(samples, "train"), select_split(samples, "val")
     if not train_s:
         raise ValueError(f"no training images in {roots}: expected ROOT/train/<label>/<image> or a manifest split=train")
     negative = config.data.negative_label
+    _check_negative_weights(config, roots)
     pool_s, pool_groups, neg_val_s = _negative_samples(config.data.negatives, negative, config.data.val_negatives,
                                                        config.train.seed)
     val_s = val_s + neg_val_s

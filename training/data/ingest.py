@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +27,18 @@ MANIFEST_FIELDS = ["path", "label", "split", "sha256", "phash", "source", "listi
                    "ingested_at"]
 PROVENANCE = ("source", "listing_id", "labeled_by", "labeled_at")
 NEAR_DISTANCE = 4
+# A label becomes a folder name: nothing that can climb out of ROOT/split (.., /), hide (.x) or run in a
+# spreadsheet (=1+1). Checked for every row before anything is copied.
+LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+LABEL_RULE = "labels must match [A-Za-z0-9][A-Za-z0-9_-]* (at most 64 characters)"
+EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp",
+              "TIFF": ".tif"}
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: str) -> str:
+    """A value Excel/Sheets would run as a formula gets a leading apostrophe (OWASP CSV injection advice)."""
+    return "'" + value if value.startswith(FORMULA_START) else value
 
 
 class IngestConflict(ValueError):
@@ -52,15 +65,33 @@ class IngestReport:
 
 
 def _fingerprint(data: bytes) -> tuple[str, str]:
-    img, _ = decode_image(data, min_side=1)
-    return hashlib.sha256(data).hexdigest(), str(imagehash.phash(img))
+    return _decode_fingerprint(data)[:2]
+
+
+def _decode_fingerprint(data: bytes) -> tuple[str, str, str]:
+    """sha256, perceptual hash and the format the bytes really are."""
+    img, info = decode_image(data, min_side=1)
+    return hashlib.sha256(data).hexdigest(), str(imagehash.phash(img)), info.format
+
+
+def _check_labels(rows: list[dict], labels_csv: Path) -> None:
+    """Every label is a safe folder name, or nothing is ingested."""
+    bad = []
+    for line, row in enumerate(rows, start=2):
+        label = (row.get("label") or "").strip()
+        if label and not LABEL_RE.fullmatch(label):
+            shown = label if len(label) <= 40 else label[:40] + "..."
+            bad.append(f"line {line}: {shown!r}")
+    if bad:
+        raise ValueError(f"{labels_csv}: {len(bad)} label(s) not allowed ({LABEL_RULE}): " + "; ".join(bad[:10])
+                         + ". Nothing was ingested.")
 
 
 def _load_manifest(root: Path) -> list[dict]:
     """The dataset's manifest; for a folder dataset without one, rows built from its files."""
     manifest = root / "manifest.csv"
     if manifest.exists():
-        with manifest.open(newline="") as fh:
+        with manifest.open(newline="", encoding="utf-8-sig") as fh:
             return list(csv.DictReader(fh))
     rows = []
     if root.exists():
@@ -86,11 +117,13 @@ def ingest(labels_csv: str | Path, root: str | Path, split: str = "train") -> di
     known_labels = {r["label"] for r in existing}
     report = IngestReport()
     staged: list[tuple[bytes, dict]] = []
-    with labels_csv.open(newline="") as fh:
+    with labels_csv.open(newline="", encoding="utf-8-sig") as fh:  # -sig: Excel writes a BOM
         reader = csv.DictReader(fh)
         if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
             raise ValueError(f"{labels_csv}: needs columns path,label[,source,listing_id,labeled_by,labeled_at]")
         rows = list(reader)
+    _check_labels(rows, labels_csv)
+    split_dir = (root / split).resolve()
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     for line, row in enumerate(rows, start=2):
         src = Path(row["path"])
@@ -101,7 +134,7 @@ def ingest(labels_csv: str | Path, root: str | Path, split: str = "train") -> di
             continue
         try:
             data = src.read_bytes()
-            sha, ph = _fingerprint(data)
+            sha, ph, fmt = _decode_fingerprint(data)
         except (OSError, ImageError) as exc:
             report.unreadable.append({"line": line, "path": str(src), "reason": getattr(exc, "message", str(exc))})
             continue
@@ -117,11 +150,12 @@ def ingest(labels_csv: str | Path, root: str | Path, split: str = "train") -> di
             else:
                 getattr(report, kind).append({"line": line, "path": str(src), "same_as": match["path"]})
             continue
-        ext = (src.suffix.lower() or ".jpg")
-        dest = f"{split}/{label}/{sha[:20]}{ext}"
+        dest = f"{split}/{label}/{sha[:20]}{EXTENSIONS.get(fmt, '.img')}"  # the format decoded, not the name
+        if not (root / dest).resolve().is_relative_to(split_dir):  # belt and braces after LABEL_RE
+            raise ValueError(f"line {line}: {dest} would be written outside {split_dir}. Nothing was ingested.")
         entry = {"path": dest, "label": label, "split": split, "sha256": sha, "phash": ph,
-                 **{k: (row.get(k) or "") for k in PROVENANCE}, "ingested_at": now}
-        entry["source"] = entry["source"] or str(labels_csv.name)
+                 **{k: spreadsheet_safe(row.get(k) or "") for k in PROVENANCE}, "ingested_at": now}
+        entry["source"] = entry["source"] or spreadsheet_safe(labels_csv.name)
         by_sha[sha] = entry  # later rows of the same CSV see this one
         known_hashes.append((ph, entry))
         staged.append((data, entry))

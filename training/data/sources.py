@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
@@ -22,6 +22,13 @@ class Sample:
     path: Path
     label: str
     split: str
+    source: str = ""  # first folder under the label (ROOT/<label>/<source>/...) or a manifest's `source` column
+    pool: str = ""  # the root it came from (its folder name): negatives pools are weighted and reported by it
+
+    @property
+    def origin(self) -> str:
+        """``pool/source`` (or the pool alone): where a false positive came from."""
+        return f"{self.pool}/{self.source}" if self.source else self.pool
 
 
 def _is_image(path: Path) -> bool:
@@ -33,7 +40,8 @@ def _scan_label_dirs(folder: Path, split: str) -> list[Sample]:
     for label_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for path in sorted(label_dir.rglob("*")):
             if _is_image(path):
-                samples.append(Sample(path, label_dir.name, split))
+                parts = path.relative_to(label_dir).parts
+                samples.append(Sample(path, label_dir.name, split, parts[0] if len(parts) > 1 else ""))
     return samples
 
 
@@ -49,13 +57,27 @@ def _read_manifest(csv_path: Path, default_split: str) -> list[Sample]:
             path = Path(row["path"])
             if not path.is_absolute():
                 path = csv_path.parent / path
-            samples.append(Sample(path, row["label"].strip(), (row.get("split") or default_split).strip()))
+            samples.append(Sample(path, row["label"].strip(), (row.get("split") or default_split).strip(),
+                                  (row.get("source") or "").strip()))
     return samples
 
 
+def pool_name(root: str | Path) -> str:
+    """A root's name in reports and ``negative_weights``: its folder name (a manifest: its file stem, or its
+    folder's name for ``manifest.csv``)."""
+    root = Path(root).resolve()
+    if root.suffix.lower() == ".csv":
+        return root.parent.name if root.name in MANIFEST_NAMES else root.stem
+    return root.name
+
+
 def discover(root: str | Path, default_split: str = "train") -> list[Sample]:
-    """All labelled images under one root (folder layout or CSV manifest)."""
-    root = Path(root)
+    """All labelled images under one root (folder layout or CSV manifest), tagged with the root's pool name."""
+    pool = pool_name(root)
+    return [replace(s, pool=pool) for s in _discover(Path(root), default_split)]
+
+
+def _discover(root: Path, default_split: str) -> list[Sample]:
     if root.is_file() and root.suffix.lower() == ".csv":
         return _read_manifest(root, default_split)
     if not root.is_dir():

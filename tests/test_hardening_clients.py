@@ -1,0 +1,208 @@
+"""Issue 19: `wildcheck scan` and `wildcheck data ingest` against broken servers, files and CSVs."""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import json
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from tests.conftest import jpeg_bytes, photo
+
+DECISION = {"decision": "allow", "label": "other", "score": 0.9, "scores": {"other": 0.9}}
+
+
+def _folder(tmp_path: Path, n: int = 3) -> Path:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(n):
+        (folder / f"{i}.jpg").write_bytes(jpeg_bytes(photo(i, (32, 32))))
+    return folder
+
+
+def _server(status: int = 200, body=DECISION, headers=None, calls=None):
+    def handler(request: httpx.Request) -> httpx.Response:
+        if calls is not None:
+            calls.append(request)
+        if isinstance(body, (dict, list)):
+            return httpx.Response(status, json=body, headers=headers)
+        return httpx.Response(status, text=body, headers=headers)
+
+    return httpx.MockTransport(handler)
+
+
+# --- 4: a wrong key or URL is not an answer ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("status", [401, 403, 404, 405])
+def test_wrong_key_or_url_stops_the_scan_and_records_nothing(tmp_path, status):
+    from serving.client import ScanStopped, scan
+
+    folder, out = _folder(tmp_path), tmp_path / "scan.jsonl"
+    with pytest.raises(ScanStopped, match=str(status)):
+        scan(folder, "http://x", out, transport=_server(status, {"error": {"code": "unauthorized", "message": "no"}}))
+    assert not out.exists() or out.read_text() == ""
+    fixed = scan(folder, "http://x", out, transport=_server())  # the rerun with the right key checks everything
+    assert fixed["checked"] == 3 and fixed["allow"] == 3
+
+
+@pytest.mark.parametrize("body", ["<html>proxy error</html>", {"unexpected": True}, [1, 2]])
+def test_non_json_or_unexpected_answers_are_not_final(tmp_path, body):
+    from serving.client import scan
+
+    folder, out = _folder(tmp_path, 1), tmp_path / "scan.jsonl"
+    result = scan(folder, "http://x", out, retries=1, backoff=0.001, transport=_server(200, body))
+    assert result["retry later"] == 1
+    assert scan(folder, "http://x", out, transport=_server())["checked"] == 1  # checked again, not skipped
+
+
+def test_cli_exits_non_zero_on_wrong_key_and_on_error_rows(tmp_path, monkeypatch):
+    import serving.client as client_module
+    from training.cli import app
+
+    folder, out = _folder(tmp_path, 2), tmp_path / "scan.jsonl"
+    runner = CliRunner()
+    real_scan = client_module.scan
+    monkeypatch.setattr(client_module, "scan", lambda *a, **k: real_scan(*a, **k, transport=transport))
+    transport = _server(401, {"error": {"code": "unauthorized", "message": "bad key"}})
+    r = runner.invoke(app, ["scan", str(folder), "--url", "http://x", "--out", str(out)])
+    assert r.exit_code != 0 and "401" in r.output and "API key" in r.output
+    transport = _server(400, {"error": {"code": "corrupt", "message": "bad image"}})
+    r = runner.invoke(app, ["scan", str(folder), "--url", "http://x", "--out", str(out)])
+    assert r.exit_code == 1 and "error" in r.output
+
+
+# --- 9: the results file -----------------------------------------------------------------------------------------
+
+def test_truncated_last_line_does_not_swallow_the_next_row(tmp_path):
+    from serving.client import scan
+
+    folder, out = _folder(tmp_path, 2), tmp_path / "scan.jsonl"
+    out.write_text(json.dumps({"path": str(folder / "0.jpg"), **DECISION}) + "\n" + '{"path": "cut-by-a-cra')
+    result = scan(folder, "http://x", out, transport=_server())
+    assert result["checked"] == 1 and result["skipped_lines"] == 1
+    rows = [json.loads(line) for line in out.read_text().splitlines()[2:]]
+    assert [Path(r["path"]).name for r in rows] == ["1.jpg"]  # the new row is whole, on its own line
+    assert scan(folder, "http://x", out, transport=_server())["checked"] == 0
+
+
+@pytest.mark.parametrize("junk", ["[]", "42", "{}", '"text"', '{"path": 7}'])
+def test_lines_that_are_not_results_are_skipped_and_reported(tmp_path, junk):
+    from serving.client import scan
+
+    folder, out = _folder(tmp_path, 1), tmp_path / "scan.jsonl"
+    out.write_text(junk + "\n")
+    result = scan(folder, "http://x", out, transport=_server())
+    assert result["checked"] == 1 and result["skipped_lines"] == 1
+
+
+def test_resume_key_ignores_how_the_path_was_typed(tmp_path, monkeypatch):
+    from serving.client import scan
+
+    _folder(tmp_path, 2)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "scan.jsonl"
+    assert scan("photos", "http://x", out, transport=_server())["checked"] == 2
+    assert scan("./photos", "http://x", out, transport=_server())["checked"] == 0
+    assert scan(str(tmp_path / "photos"), "http://x", out, transport=_server())["checked"] == 0
+    listing = tmp_path / "list.csv"
+    listing.write_text("path\n./photos/0.jpg\n", encoding="utf-8-sig")  # and a CSV saved by Excel (BOM)
+    assert scan(listing, "http://x", out, transport=_server())["already_done"] == 1
+
+
+def test_server_json_cannot_overwrite_path_or_status(tmp_path):
+    from serving.client import scan
+
+    folder, out = _folder(tmp_path, 1), tmp_path / "scan.jsonl"
+    scan(folder, "http://x", out, transport=_server(200, {**DECISION, "path": "/etc/passwd", "status": 999}))
+    row = json.loads(out.read_text())
+    assert row["path"] == str((folder / "0.jpg").resolve()) and row["status"] == 200
+
+
+def test_two_scans_on_the_same_out_do_not_both_write(tmp_path):
+    from serving.client import scan
+
+    folder, out = _folder(tmp_path, 1), tmp_path / "scan.jsonl"
+    with open(tmp_path / "scan.jsonl.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running scan holds
+        with pytest.raises(ValueError, match="another scan"):
+            scan(folder, "http://x", out, transport=_server())
+    assert not out.exists()
+    assert scan(folder, "http://x", out, transport=_server())["checked"] == 1  # a dead holder leaves no lock
+
+
+def test_retry_after_is_honoured(tmp_path, monkeypatch):
+    import serving.client as client_module
+
+    slept = []
+
+    async def fake_sleep(seconds):
+        slept.append(seconds)
+
+    monkeypatch.setattr(client_module.asyncio, "sleep", fake_sleep)
+    answers = iter([httpx.Response(503, json={"error": {"code": "overloaded", "message": "busy"}},
+                                   headers={"Retry-After": "7"}), httpx.Response(200, json=DECISION)])
+    transport = httpx.MockTransport(lambda request: next(answers))
+    folder, out = _folder(tmp_path, 1), tmp_path / "scan.jsonl"
+    result = client_module.scan(folder, "http://x", out, backoff=0.001, transport=transport)
+    assert result["allow"] == 1 and slept and slept[0] >= 7
+
+
+# --- 3, 14: ingest -------------------------------------------------------------------------------------------------
+
+def _labels(tmp_path: Path, rows: list[tuple[str, str]], encoding="utf-8", extra: dict | None = None) -> Path:
+    images = tmp_path / "incoming"
+    images.mkdir(exist_ok=True)
+    labels_csv = tmp_path / "labels.csv"
+    with labels_csv.open("w", newline="", encoding=encoding) as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", *(extra or {})])
+        for i, (name, label) in enumerate(rows):
+            if not (images / name).exists():
+                (images / name).write_bytes(jpeg_bytes(photo(40 + i * 7, (64, 64))))
+            writer.writerow([f"incoming/{name}", label, *(extra or {}).values()])
+    return labels_csv
+
+
+@pytest.mark.parametrize("label", ["../../../x", "../test/ivory", "..", ".", "a/b/c", "=1+1", "x" * 300,
+                                   "../manifest.csv", ".hidden"])
+def test_ingest_refuses_unsafe_labels_before_copying_anything(tmp_path, label):
+    from training.data.ingest import ingest
+
+    root = tmp_path / "data"
+    labels_csv = _labels(tmp_path, [("good.jpg", "ivory"), ("bad.jpg", label)])
+    with pytest.raises(ValueError, match=r"\[A-Za-z0-9\]"):
+        ingest(labels_csv, root)
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and "incoming" not in p.parts and p != labels_csv]
+    assert written == [], written
+
+
+def test_ingest_extension_follows_the_decoded_format(tmp_path):
+    from training.data.ingest import ingest
+
+    root = tmp_path / "data"
+    images = tmp_path / "incoming"
+    images.mkdir()
+    photo(3, (64, 64)).save(images / "really_a_png.jpg", "PNG")
+    labels_csv = _labels(tmp_path, [("really_a_png.jpg", "ivory")])
+    report = ingest(labels_csv, root)
+    assert report["added"][0]["to"].endswith(".png") and (root / report["added"][0]["to"]).is_file()
+
+
+def test_ingest_reads_excel_bom_and_neutralises_formulas(tmp_path):
+    from training.data.ingest import ingest
+
+    root = tmp_path / "data"
+    labels_csv = _labels(tmp_path, [("a.jpg", "ivory")], encoding="utf-8-sig",
+                         extra={"source": "=HYPERLINK(\"http://evil\")", "listing_id": "+123", "labeled_by": "@me"})
+    report = ingest(labels_csv, root)
+    assert len(report["added"]) == 1
+    with (root / "manifest.csv").open(newline="") as fh:
+        row = next(csv.DictReader(fh))
+    assert row["source"].startswith("'=") and row["listing_id"] == "'+123" and row["labeled_by"] == "'@me"
+    assert row["label"] == "ivory"
+    assert os.path.commonpath([root.resolve(), (root / row["path"]).resolve()]) == str(root.resolve())
