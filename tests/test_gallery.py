@@ -238,11 +238,10 @@ def test_listing_copies_of_known_photos_are_duplicates_and_unrelated_photos_matc
 
 
 @pytest.mark.realdata
-def test_few_shot_label_from_five_references_catches_held_out_photos_through_the_service(embedder, tmp_path, monkeypatch):
-    """In-process HTTP (starlette TestClient over the service's ASGI app), not a `bentoml serve` process."""
-    import importlib
-
-    from starlette.testclient import TestClient
+def test_few_shot_label_from_five_references_catches_held_out_photos_through_the_service(embedder, tmp_path):
+    """Through the checker the service runs for /v1/check_batch (in-process: BentoML allows one ASGI app per test
+    session, see conftest.service_app); notebooks/04 does the same through a real `wildcheck serve` process."""
+    from serving.checker import ImageChecker
 
     caltech, generic = shared_dataset("caltech101-negatives"), shared_dataset("generic-products")
     category = "watch"  # stands in for a product type; 23 held-out val photos
@@ -258,24 +257,17 @@ def test_few_shot_label_from_five_references_catches_held_out_photos_through_the
     out = tmp_path / "fewshot.npz"
     built = _cli("gallery", "build", tmp_path / "ref", "--model", embedder, "--out", out, "--negatives", neg)
     assert built.exit_code == 0, built.output
-    for key, value in {"WILDCHECK_MODEL": str(embedder), "WILDCHECK_GALLERY": str(out),
-                       "BENTOML_HOME": str(tmp_path / "bentoml"), "WILDCHECK_API_KEYS": ""}.items():
-        monkeypatch.setenv(key, value)
-    import serving.service as service_module
-
-    service_module = importlib.reload(service_module)
+    checker = ImageChecker(str(embedder), gallery=str(out))
+    described = checker.describe()["gallery"]
+    assert described["labels"] == {"wristwatch": 5} and described["source"] == str(out)
     held_out = sorted((caltech / "val" / "other").glob(f"{category}_image_*.jpg"))
-    with TestClient(service_module.WildCheck.to_asgi()) as client:
-        described = client.get("/v1/model").json()["gallery"]
-        assert described["labels"] == {"wristwatch": 5} and described["source"] == str(out)
-        caught = 0
-        for i in range(0, len(held_out), 8):
-            files = [("image", (p.name, p.read_bytes(), "image/jpeg")) for p in held_out[i:i + 8]]
-            for item in client.post("/v1/check_batch", files=files).json()["results"]:
-                hit = [m for m in item["matches"] if m["label"] == "wristwatch"]
-                if hit:
-                    assert item["decision"] in ("review", "block") and "gallery:wristwatch" in item["triggered_by"]
-                    caught += 1
+    caught = 0
+    for i in range(0, len(held_out), 8):
+        for item in checker.check_many([(p.read_bytes(), "image/jpeg") for p in held_out[i:i + 8]]):
+            hit = [m for m in item["matches"] if m["label"] == "wristwatch"]
+            if hit:
+                assert item["decision"] in ("review", "block") and "gallery:wristwatch" in item["triggered_by"]
+                caught += 1
     assert caught / len(held_out) >= 0.6, f"{caught} of {len(held_out)} held-out {category} photos caught"
 
 
