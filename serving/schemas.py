@@ -26,6 +26,9 @@ class ImageMeta(BaseModel):
     width: int
     height: int
     format: str
+    declared_type: str | None = None
+    detected_type: str = ""
+    type_mismatch: bool = False
     phash: str | None = None  # 64-bit perceptual hash (hex), when a gallery is served
 
 
@@ -35,9 +38,6 @@ class GalleryMatch(BaseModel):
     similarity: float
     kind: Literal["duplicate", "similar"]
     hamming: int | None = None
-    declared_type: str | None = None
-    detected_type: str = ""
-    type_mismatch: bool = False
 
 
 class CheckResponse(BaseModel):
