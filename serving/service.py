@@ -227,11 +227,11 @@ class WildCheck:
                     except ImageError as exc:  # one bad image fails only its own entry
                         results[i] = item_error(exc)
                 if prepared:
-                    probs = await self._run(request, stop, self.checker.predict, [p[1] for p in prepared])
+                    probs, embs = await self._run(request, stop, self.checker.predict, [p[1] for p in prepared])
         except (Overloaded, Expired, Gone, Abandoned) as exc:
             return self._failure(exc)
-        for (i, _, meta), p in zip(prepared, probs if prepared else []):
-            results[i] = self.checker.result(p, meta, started)
+        for j, ((i, _, meta), p) in enumerate(zip(prepared, probs if prepared else [])):
+            results[i] = self.checker.result(p, meta, started, None if embs is None else embs[j])
             _count_mismatch(results[i])
         return {"results": results, "count": len(results)}
 
