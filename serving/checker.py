@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from serving.decision import decide
+from serving.decision import DECISIONS, decide
 from serving.imageio import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageError, decode_image
 from serving.explain import OVERLAY_MAX_SIDE, explain, explained_label, overlay_base64, predict_views_with_cam
 from serving.runtime import OnnxModel
-from serving.tiling import draft_size, predict_views, views
+from serving.tiling import combine, draft_size, predict_views, views
 
 # The MIME type of each decodable format, and the names clients use for them.
 FORMAT_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp",
@@ -69,7 +69,7 @@ class ImageChecker:
     """Loads the ONNX model once; ``check`` is safe to call from several threads."""
 
     def __init__(self, model_path: str, threads: int = 1, limits: Limits = Limits(), max_concurrent: int = 1,
-                 memory_arena: bool = True):
+                 memory_arena: bool = True, gallery: str | None = None):
         self.model = OnnxModel(model_path, threads=threads, memory_arena=memory_arena)
         self.contract = self.model.contract
         self.pre = self.contract.preprocessing
@@ -78,18 +78,34 @@ class ImageChecker:
         self.never_block = list(self.contract.never_block)
         self.policy = {"source": "model"}
         self.threshold_rules = {k: dict(v) for k, v in self.contract.threshold_rules.items()}
+        self.gallery = None
+        if gallery:  # refused here (GalleryError naming the file) when unreadable or built with another model
+            from serving.gallery import Gallery
+
+            self.gallery = Gallery.load(gallery, self.contract)
         # one inference at a time per worker: onnxruntime threads x concurrent runs must not exceed the cores
         self._slots = threading.Semaphore(max_concurrent)
 
     def apply_policy(self, path: str) -> None:
         """Override thresholds / never_block from a policy YAML (GET /v1/model shows what is in force)."""
-        from serving.policy import load_policy, resolve
+        from serving.policy import PolicyError, load_policy, resolve
 
-        r = resolve(load_policy(path), self.contract)
+        policy = load_policy(path)
+        r = resolve(policy, self.contract)
         self.thresholds, self.never_block, self.threshold_rules = r.thresholds, r.never_block, r.rules
+        notes = dict(r.notes)
+        if policy.gallery:
+            if self.gallery is None:
+                raise PolicyError(f"policy {path} has a gallery section but no gallery is served (--gallery)")
+            from serving.gallery import GalleryError
+
+            try:
+                notes["gallery"] = self.gallery.apply_policy(policy.gallery)
+            except GalleryError as exc:
+                raise PolicyError(str(exc)) from exc
         # name and hash, not the server's absolute path (which tells a client about the host's file system)
         sha = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-        self.policy = {"source": Path(path).name, "sha256": sha, "notes": r.notes,
+        self.policy = {"source": Path(path).name, "sha256": sha, "notes": notes,
                        "budgets": {k: v for k, v in r.budgets.items() if v not in (None, [], {})}}
 
     def warm_up(self) -> None:
@@ -121,12 +137,26 @@ class ImageChecker:
         if thumbnail:  # a small copy, so a batch does not hold every full-size picture until the forward pass
             thumb = img.copy()
             thumb.thumbnail((OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE), Image.Resampling.BILINEAR)
+        if self.gallery is not None:  # the same views, each with its pHash
+            from serving.gallery import views_and_hashes
+
+            stack, hashes = views_and_hashes(img, self.pre, self.contract.tiling)
+            meta["phash"] = f"{hashes[0]:016x}"
+            meta["_view_hashes"] = hashes
+            return Prepared(stack, meta, img.size, thumb)
         return Prepared(views(img, self.pre, self.contract.tiling), meta, img.size, thumb)
 
-    def predict(self, stacks: list[np.ndarray]) -> np.ndarray:
-        """Probabilities per picture, from the views ``prepare`` made of each (one forward pass)."""
+    def predict(self, stacks: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        """Probabilities per picture, from the views ``prepare`` made of each (one forward pass), and with a
+        gallery the embeddings of each picture's views (the whole picture first, then its tiles)."""
         with self._slots:
-            return predict_views(self.model, stacks, self.model.negative_index)
+            if self.gallery is None:
+                return predict_views(self.model, stacks, self.model.negative_index), None
+            probs, emb = self.model.predict_with_embedding(np.concatenate(stacks))
+        bounds = np.cumsum([0] + [len(s) for s in stacks])
+        per_picture = [(probs[a:b], emb[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        return (np.stack([combine(p, self.model.negative_index) for p, _ in per_picture]),
+                [e for _, e in per_picture])
 
     def predict_with_cam(self, stacks: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """``predict`` plus each picture's cam outputs (one per view)."""
@@ -160,11 +190,22 @@ class ImageChecker:
             result.png = overlay_base64(prepared.thumbnail, result.grid)
         return result.model_dump()
 
-    def result(self, probs: np.ndarray, meta: dict, started: float, explanation: dict | None = None) -> dict:
+    def result(self, probs: np.ndarray, meta: dict, started: float, explanation: dict | None = None,
+               embedding: np.ndarray | None = None) -> dict:
         labels = self.contract.labels
         scores = {label: round(float(p), 6) for label, p in zip(labels, probs)}
         top = int(np.argmax(probs))
         decision, triggered = decide(scores, self.thresholds, self.never_block)
+        matches, view_hashes = [], meta.pop("_view_hashes", None)  # internal: never in the answer
+        if self.gallery is not None and embedding is not None:
+            found = self.gallery.match(embedding, view_hashes)
+            matches = [m.model_dump(exclude_none=True) for m in found]
+            g_decision, g_triggered = self.gallery.decide(found)
+            # the stricter decision wins; at equal strictness both sources are named, the model's first
+            if DECISIONS.index(g_decision) < DECISIONS.index(decision):
+                decision, triggered = g_decision, g_triggered
+            elif g_decision == decision and g_triggered:
+                triggered = triggered + g_triggered
         return {
             "decision": decision,
             "label": labels[top],
@@ -176,6 +217,7 @@ class ImageChecker:
             "image": meta,
             **({"explanation": explanation} if explanation is not None else {}),
             "elapsed_ms": round((time.perf_counter() - started) * 1000.0, 2),
+            "matches": matches,
         }
 
     def check(self, data: bytes, content_type: str | None = None, stop: threading.Event | None = None,
@@ -194,10 +236,13 @@ class ImageChecker:
         stacks = [p.views for p in prepared]
         if explaining:
             probs, cams = self.predict_with_cam(stacks)
+            embeddings = self.predict(stacks)[1] if self.gallery is not None else None  # a second pass: rare
         else:
-            probs, cams = self.predict(stacks), [None] * len(stacks)
-        return [self.result(prob, p.meta, started, self.explanation(prob, cam, p, explain_label) if explaining else None)
-                for p, prob, cam in zip(prepared, probs, cams)]
+            (probs, embeddings), cams = self.predict(stacks), [None] * len(stacks)
+        embeddings = embeddings if embeddings is not None else [None] * len(stacks)
+        return [self.result(prob, p.meta, started, self.explanation(prob, cam, p, explain_label) if explaining else None,
+                            embedding)
+                for p, prob, cam, embedding in zip(prepared, probs, cams, embeddings)]
 
     def check_many(self, items: list[tuple[bytes, str | None]], explain: ExplainMode = "false",
                    explain_label: str | None = None) -> list[dict]:
@@ -226,4 +271,6 @@ class ImageChecker:
             "tiling": c.tiling.model_dump() if c.tiling else None, "metrics": c.metrics,
             "created_at": c.created_at, "training_data": c.training_data, "wildcheck_version": c.wildcheck_version,
             "explain": {"available": self.model.has_cam, "cam": c.cam.model_dump() if self.model.has_cam else None},
+            "embedding": c.embedding.model_dump() if c.embedding else None,
+            "gallery": self.gallery.describe() if self.gallery is not None else None,
         }

@@ -44,6 +44,17 @@ class CamOutput(BaseModel):
     shape: list[int] = Field(description="per image: [classes (in label order), rows, cols] over the centre crop")
 
 
+class EmbeddingSpec(BaseModel):
+    """The graph's embedding output: L2-normalised vectors that reference galleries compare (cosine = dot)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    output: str = "embedding"
+    size: int = Field(gt=0)
+    normalized: bool = True
+    producer: str = Field(description="what computed it, e.g. the fine-tuned backbone's pooled features")
+
+
 class DecisionRules(BaseModel):
     """The rules the model's thresholds were solved with (a policy overrides some and re-solves)."""
 
@@ -77,6 +88,7 @@ class ModelContract(BaseModel):
     val_curves: dict[str, dict[str, list[float]]] = Field(
         default_factory=dict, description="calibrated validation scores per class (pos/neg), to re-solve a policy"
     )
+    embedding: EmbeddingSpec | None = Field(None, description="absent in models exported before galleries existed")
     decision: DecisionRules | None = Field(None, description="targets and budgets the thresholds were solved with; None: unknown (older model)")
     threshold_rules: dict[str, dict[str, str]] = Field(
         default_factory=dict, description="per class, the rule that set each threshold (serving.thresholds.RULES)"
@@ -110,6 +122,13 @@ class ModelContract(BaseModel):
             return cls.model_validate(values)
         except (json.JSONDecodeError, ValidationError) as exc:
             raise ContractError(f"{source} has invalid wildcheck metadata: {exc}") from exc
+
+
+def contract_hash(contract: ModelContract) -> str:
+    """sha256 of the canonical contract JSON: a gallery records it to refuse another model's file."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(contract.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
 def contract_from_session(session, source: str = "model") -> ModelContract:

@@ -6,6 +6,8 @@ classes:
   pangolin_scales: {block_precision: 0.99, review_recall: 0.9}  # targets, re-solved on the stored val curves
   tiger_skin: {block: null}                                  # never auto-block
 never_block: [rhino_horn]
+gallery:                                                     # labels of the served gallery (--gallery)
+  pangolin_scales: {similar: 0.75, duplicate: 0.93, duplicate_hamming: 8, block: false}
 max_flag_rate: 0.01        # traffic budgets (null: off; absent: the model's own), re-solved on the negatives'
 max_block_rate: 0.001      # scores stored in the model, or on `traffic` when present
 negative_weights: {listings-everyday: 3, generic-products: 1}   # traffic mix over those pools
@@ -48,11 +50,23 @@ class ClassPolicy(BaseModel):
         return self.block_precision is not None or self.review_recall is not None
 
 
+class GalleryLabelPolicy(BaseModel):
+    """Overrides of a gallery label's thresholds; absent keys keep the gallery's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    similar: float | None = Field(None, ge=-1.0, le=1.0, description="cosine similarity -> review")
+    duplicate: float | None = Field(None, ge=-1.0, le=1.0, description="cosine similarity -> duplicate")
+    duplicate_hamming: int | None = Field(None, ge=-1, le=64, description="pHash bits -> duplicate; -1: never")
+    block: bool | None = Field(None, description="false: a duplicate goes to review instead of block")
+
+
 class Policy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     classes: dict[str, ClassPolicy] = {}
     never_block: list[str] = []
+    gallery: dict[str, GalleryLabelPolicy] = {}
     max_flag_rate: float | None = Field(None, ge=0.0, le=1.0, description="share of negative traffic sent to review or block")
     max_block_rate: float | None = Field(None, ge=0.0, le=1.0, description="share of negative traffic blocked")
     negative_weights: dict[str, float] | None = Field(None, description="weight per negatives pool (the traffic mix)")

@@ -35,11 +35,11 @@ class OnnxModel:
         self.session = open_session(self.path, options)
         self.contract: ModelContract = contract_from_session(self.session, source=str(self.path))
         self.input_name = self.session.get_inputs()[0].name
-        outputs = [o.name for o in self.session.get_outputs()]
-        self.logits_output = outputs[0]  # the contract: logits come first
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.logits_output = self.output_names[0]  # the contract: logits come first
         cam = self.contract.cam
         # explain needs both: the contract naming the output and the graph having it
-        self.cam_output: str | None = cam.output if cam is not None and cam.output in outputs else None
+        self.cam_output: str | None = cam.output if cam is not None and cam.output in self.output_names else None
 
     @property
     def labels(self) -> list[str]:
@@ -69,8 +69,12 @@ class OnnxModel:
         labels = self.contract.labels
         return labels.index(self.contract.negative_label) if self.contract.negative_label in labels else None
 
+    def run(self, batch: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
+        """The named outputs only: onnxruntime skips work that feeds none of them."""
+        return self.session.run(outputs, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
+
     def predict_logits(self, batch: np.ndarray) -> np.ndarray:
-        # fetch by name: outputs added to the graph (cam, embedding) are not computed for a plain check
+        # fetch by name: outputs added to the graph (cam, embedding) are not asked for in a plain check
         return self.session.run([self.logits_output], self._feed(batch))[0]
 
     def predict_with_cam(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -80,6 +84,21 @@ class OnnxModel:
                              "of `wildcheck export` to explain predictions")
         logits, cam = self.session.run([self.logits_output, self.cam_output], self._feed(batch))
         return logits, cam
+
+    @property
+    def embedding_output(self) -> str | None:
+        spec = self.contract.embedding
+        return spec.output if spec is not None and spec.output in self.output_names else None
+
+    def predict_with_embedding(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Calibrated probabilities and L2-normalised embeddings in one pass."""
+        if self.embedding_output is None:
+            raise ValueError(f"{self.path} has no embedding output; re-export it with this wildcheck version")
+        logits, emb = self.run(batch, [self.logits_output, self.embedding_output])
+        return softmax(logits, self.temperature), emb
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        return self.predict_with_embedding(batch)[1]
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
         return softmax(self.predict_logits(batch), self.temperature)

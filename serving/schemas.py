@@ -31,6 +31,15 @@ class ImageMeta(BaseModel):
     declared_type: str | None = None
     detected_type: str = ""
     type_mismatch: bool = False
+    phash: str | None = None  # 64-bit perceptual hash (hex), when a gallery is served
+
+
+class GalleryMatch(BaseModel):
+    label: str
+    reference: str
+    similarity: float
+    kind: Literal["duplicate", "similar"]
+    hamming: int | None = None
 
 
 class CheckResponse(BaseModel):
@@ -48,6 +57,7 @@ class CheckResponse(BaseModel):
         None, description="only with explain=true/png: a heat map covering the whole uploaded picture"
     )
     elapsed_ms: float
+    matches: list[GalleryMatch] = []
 
 
 class BatchError(BaseModel):

@@ -165,7 +165,7 @@ class WildCheck:
             settings.model, threads=settings.threads,
             limits=Limits(max_pixels=settings.max_pixels, min_side=settings.min_side,
                           max_decode_bytes=settings.max_decode_bytes),
-            max_concurrent=settings.cpu_threads, memory_arena=False,
+            max_concurrent=settings.cpu_threads, memory_arena=False, gallery=settings.gallery or None,
         )
         if settings.policy:
             self.checker.apply_policy(settings.policy)

@@ -46,6 +46,7 @@ class Settings:
     body_timeout_s: float = 10.0  # the whole body must arrive within this: a slow sender cannot hold a slot
     api_keys: frozenset[str] = field(default_factory=frozenset)
     policy: str = ""
+    gallery: str = ""
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -65,6 +66,7 @@ class Settings:
             timeout_s=_int("WILDCHECK_TIMEOUT_S", cls.timeout_s),
             max_concurrency=_int("WILDCHECK_MAX_CONCURRENCY", cls.max_concurrency),
             policy=os.environ.get("WILDCHECK_POLICY", ""),
+            gallery=os.environ.get("WILDCHECK_GALLERY", ""),
             max_decode_bytes=_int("WILDCHECK_MAX_DECODE_BYTES", cls.max_decode_bytes),
             max_queue=_int("WILDCHECK_MAX_QUEUE", cls.max_queue),
             decode_memory_bytes=_int("WILDCHECK_DECODE_MEMORY_BYTES", cls.decode_memory_bytes),

@@ -9,9 +9,10 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 pytestmark = pytest.mark.slow
 
 
-def test_there_are_three_notebooks():
+def test_there_are_four_notebooks():
     assert [p.name for p in NOTEBOOKS] == [
-        "01_train_and_evaluate.ipynb", "02_error_analysis.ipynb", "03_call_the_endpoint.ipynb"]
+        "01_train_and_evaluate.ipynb", "02_error_analysis.ipynb", "03_call_the_endpoint.ipynb",
+        "04_reference_gallery.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

@@ -14,6 +14,9 @@ app = typer.Typer(help="wildcheck: detect illegal wildlife products in listing p
                   pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Check datasets and make synthetic ones.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+gallery_app = typer.Typer(help="Reference galleries: product types from a few photos, known photos posted again.",
+                          no_args_is_help=True)
+app.add_typer(gallery_app, name="gallery")
 
 
 # The training stack: `pip install wildcheck` leaves it out (serve, scan and build need none of it).
@@ -259,6 +262,23 @@ def explain(
         raise typer.Exit(1)
 
 
+@app.command("export-embedder")
+def export_embedder(
+    out: Path = typer.Option(..., "--out", help="ONNX file to write"),
+    arch: str = typer.Option("tf_efficientnet_lite0", "--arch", help="backbone with offline ImageNet weights"),
+    version: Optional[str] = typer.Option(None, "--version", help="human version (a weights hash is appended)"),
+    tiling: int = typer.Option(0, "--tiling", help="2: also embed the 2x2 tiles of every picture (collages; 5x the work)"),
+) -> None:
+    """The ImageNet-pretrained backbone as a wildcheck ONNX whose only job is the gallery embedding."""
+    from training.embedding import export_embedder as run_export
+
+    try:
+        report = run_export(out, arch, version, tiling)
+    except (FileNotFoundError, ValueError, ImportError) as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {report['path']} ({report['bytes'] / 1e6:.1f} MB), version {report['model_version']}")
+
+
 @data_app.command("ingest")
 def data_ingest(
     labels_csv: Path = typer.Argument(..., help="CSV: path,label[,source,listing_id,labeled_by,labeled_at]"),
@@ -334,6 +354,7 @@ def serve(
     threads_per_worker: Optional[int] = typer.Option(
         None, "--threads-per-worker", help="onnxruntime threads per worker (default 1, WILDCHECK_THREADS)"),
     policy: Optional[Path] = typer.Option(None, "--policy", help="policy YAML overriding thresholds (WILDCHECK_POLICY)"),
+    gallery: Optional[Path] = typer.Option(None, "--gallery", help="reference gallery (wildcheck gallery build; WILDCHECK_GALLERY)"),
 ) -> None:
     """Serve the image-check endpoint with `bentoml serve` (API docs at /v1/docs)."""
     import os
@@ -361,12 +382,27 @@ def serve(
     except ValueError as exc:
         _fail(str(exc))
     env = dict(os.environ, WILDCHECK_MODEL=str(model.resolve()))
+    gallery = gallery or (Path(env["WILDCHECK_GALLERY"]) if env.get("WILDCHECK_GALLERY") else None)
+    loaded = None
+    if gallery:
+        from serving.gallery import Gallery, GalleryError
+
+        try:
+            loaded = Gallery.load(gallery, contract)  # refuse here, naming the file, not in every worker
+        except GalleryError as exc:
+            _fail(str(exc))
+        env["WILDCHECK_GALLERY"] = str(gallery.resolve())
     if policy:
         from serving.policy import PolicyError, load_policy, resolve_policy
 
         try:
-            resolve_policy(load_policy(policy), contract)  # fail here, not in every worker
-        except PolicyError as exc:
+            loaded_policy = load_policy(policy)
+            resolve_policy(loaded_policy, contract)  # fail here, not in every worker
+            if loaded_policy.gallery:
+                if loaded is None:
+                    raise PolicyError(f"policy {policy} has a gallery section but no --gallery is served")
+                loaded.apply_policy(loaded_policy.gallery)
+        except (PolicyError, ValueError) as exc:
             _fail(str(exc))
         env["WILDCHECK_POLICY"] = str(policy.resolve())
     if workers:
@@ -383,6 +419,74 @@ def serve(
     typer.echo(f"serving {contract.model_name} {contract.model_version} on http://{host}:{port} (docs: /v1/docs)")
     typer.echo(f"try: curl -F image=@photo.jpg http://localhost:{port}/v1/check")
     os.execve(bentoml, [bentoml, "serve", "serving.service:WildCheck", "--host", host, "--port", str(port)], env)
+
+
+def _gallery_call(fn, *args):
+    from serving.contract import ContractError
+    from serving.gallery import GalleryError
+
+    try:
+        return fn(*args)
+    except (GalleryError, ContractError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+
+
+def _echo_gallery(info: dict, verb: str) -> None:
+    from serving.gallery_build import format_info
+
+    if verb:
+        typer.echo(verb)
+    typer.echo(format_info(info))
+    if info.get("skipped"):
+        typer.echo(f"{len(info['skipped'])} unreadable image(s) skipped (listed above); fix or remove them and `gallery add` again")
+
+
+@gallery_app.command("build")
+def gallery_build(
+    ref: Path = typer.Argument(..., help="folder of <label>/<image>, or CSV path,label[,reference_id,source]"),
+    model: Path = typer.Option(..., "--model", help="ONNX model with an embedding output (wildcheck export)"),
+    out: Path = typer.Option(..., "--out", help="gallery file to write (.npz)"),
+    negatives: list[Path] = typer.Option([], "--negatives", help="folder/CSV of ordinary photos to solve thresholds on; repeatable"),
+    fpr: float = typer.Option(0.01, "--fpr", help="share of negatives allowed to reach `similar`"),
+) -> None:
+    """Embed reference photos and solve per-label thresholds on negatives; one atomic gallery file."""
+    from serving.gallery_build import build
+
+    info = _gallery_call(build, ref, model, out, negatives, fpr)
+    _echo_gallery(info, f"wrote {out}: {info['added']} references")
+
+
+@gallery_app.command("add")
+def gallery_add(
+    gallery: Path = typer.Argument(..., help="gallery file"),
+    ref: Path = typer.Argument(..., help="folder of <label>/<image>, or CSV path,label[,reference_id,source]"),
+    model: Path = typer.Option(..., "--model", help="the model the gallery was built with"),
+) -> None:
+    """Add references (thresholds re-solved on the stored negatives)."""
+    from serving.gallery_build import add
+
+    info = _gallery_call(add, gallery, ref, model)
+    _echo_gallery(info, f"added {info['added']} references to {gallery}")
+
+
+@gallery_app.command("remove")
+def gallery_remove(
+    gallery: Path = typer.Argument(..., help="gallery file"),
+    reference: list[str] = typer.Option(..., "--reference", help="reference id to remove; repeatable"),
+) -> None:
+    """Remove references by id (thresholds re-solved)."""
+    from serving.gallery_build import remove
+
+    info = _gallery_call(remove, gallery, reference)
+    _echo_gallery(info, f"removed {info['removed']} reference(s) from {gallery}")
+
+
+@gallery_app.command("info")
+def gallery_info(gallery: Path = typer.Argument(..., help="gallery file")) -> None:
+    """Labels, counts, thresholds and the model a gallery was built with."""
+    from serving.gallery import Gallery
+
+    _echo_gallery(_gallery_call(lambda: Gallery.load(gallery).describe()), "")
 
 
 @app.command()

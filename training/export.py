@@ -24,6 +24,7 @@ from serving.decision import default_thresholds
 from serving.runtime import OnnxModel
 from training.cam import CAM_OUTPUT, WithCam, cam_unsupported
 from training.data.sources import Sample
+from training.embedding import EMBEDDING_OUTPUT, l2_normalize, pooled_features, embedding_spec
 from training.evaluate import TorchPredictor, _decode, predict_samples, resolve_checkpoint, run_samples
 from training.fileio import atomic_path
 
@@ -46,7 +47,8 @@ def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def build_contract(state: dict, name: str | None, version: str | None, run_dir: Path) -> ModelContract:
+def build_contract(state: dict, name: str | None, version: str | None, run_dir: Path,
+                   model: torch.nn.Module | None = None) -> ModelContract:
     labels = list(state["labels"])
     negative = (state.get("config") or {}).get("data", {}).get("negative_label", "other")
     # calibrated thresholds when `wildcheck calibrate` ran (train does it), else the documented defaults
@@ -67,6 +69,7 @@ def build_contract(state: dict, name: str | None, version: str | None, run_dir: 
         training_data=state.get("training_data", {}),
         metrics={"val": _slim(state.get("val_metrics", {})), "calibration": state.get("calibration", {})},
         val_curves=state.get("val_curves", {}),
+        embedding=embedding_spec(model, state["architecture"]) if model is not None else None,
         decision=state.get("decision_rules"),
         threshold_rules=state.get("threshold_rules", {}),
         negative_scores=state.get("negative_scores"),
@@ -80,26 +83,51 @@ def _slim(metrics: dict) -> dict:
     return {k: metrics[k] for k in keep if k in metrics}
 
 
+class ExportGraph(torch.nn.Module):
+    """What the ONNX file computes: ``logits`` first, then ``cam`` (``training.cam``, when the architecture has
+    one linear head on average-pooled features) and ``embedding`` (``training.embedding``), all from one pass
+    through the backbone. A wrapped model (a test's tampered ``Sequential``) keeps its own logits, no cam."""
+
+    def __init__(self, model: torch.nn.Module, with_cam: bool):
+        super().__init__()
+        self.model, self.with_cam = model, with_cam
+        self.direct = hasattr(model, "forward_head")
+        if not self.direct:
+            self.base = next(m for m in model.modules() if hasattr(m, "forward_head"))
+
+    def forward(self, x: torch.Tensor):
+        if not self.direct:
+            return self.model(x), l2_normalize(pooled_features(self.base, x))
+        features = self.model.forward_features(x)
+        pooled = self.model.forward_head(features, pre_logits=True)
+        head = self.model.get_classifier()
+        logits, embedding = head(pooled), l2_normalize(pooled)
+        if not self.with_cam:
+            return logits, embedding
+        cam = torch.einsum("ck,nkhw->nchw", head.weight, features) + head.bias[None, :, None, None]
+        return logits, cam, embedding
+
+
 def torch_to_onnx(model: torch.nn.Module, input_size: int, path: Path) -> CamOutput | None:
     """Dynamo export (NOTES): fixed H x W, dynamic batch, traced with batch 2, one file without external data.
 
-    Outputs ``logits`` first and, when the architecture allows it, ``cam`` (``training.cam``); returns the
-    cam output's description for the contract, or None.
+    Outputs (``ExportGraph``): ``logits`` first, ``cam`` when the architecture allows it, ``embedding``;
+    returns the cam output's description for the contract, or None.
     """
     model = model.cpu().eval()
     dummy = torch.randn(2, 3, input_size, input_size)
     batch = torch.export.Dim("batch", min=1, max=1024)
-    names, cam = ["logits"], None
     reason = cam_unsupported(model)
     if reason:
         log.warning("exporting without class activation maps (explain unavailable): %s", reason)
-    else:
-        model = WithCam(model).eval()
-        names.append(CAM_OUTPUT)
+    graph = ExportGraph(model, with_cam=reason is None).eval()
+    names = ["logits"] + ([] if reason else [CAM_OUTPUT]) + [EMBEDDING_OUTPUT]
+    cam = None
+    if reason is None:
         with torch.inference_mode():
-            cam = CamOutput(output=CAM_OUTPUT, shape=list(model(dummy[:1])[1].shape[1:]))
+            cam = CamOutput(output=CAM_OUTPUT, shape=list(graph(dummy[:1])[1].shape[1:]))
     torch.onnx.export(
-        model, (dummy,), str(path), input_names=["image"], output_names=names, opset_version=OPSET,
+        graph, (dummy,), str(path), input_names=["image"], output_names=names, opset_version=OPSET,
         dynamo=True, external_data=False, dynamic_shapes=({0: batch},),
     )
     return cam
@@ -159,7 +187,7 @@ def export(
     torch_pred = TorchPredictor(ckpt)
     state = torch_pred.state
     run_dir = ckpt.parent
-    contract = build_contract(state, name, version, run_dir)
+    contract = build_contract(state, name, version, run_dir, torch_pred.model)
     val, train = run_samples(state, data)
     rng = random.Random(0)
     parity_set = rng.sample(val, min(parity_images, len(val))) if val else []

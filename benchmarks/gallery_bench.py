@@ -1,0 +1,550 @@
+"""Reference-gallery benchmark: few-shot product types, known photos posted again, and search at scale.
+
+    nice -n 10 python benchmarks/gallery_bench.py fewshot --model MODEL.onnx      # or --pretrained tf_efficientnet_lite0
+    nice -n 10 python benchmarks/gallery_bench.py known --model MODEL.onnx
+    nice -n 10 python benchmarks/gallery_bench.py scale --sizes 10000 100000 [1000000]
+    nice -n 10 python benchmarks/gallery_bench.py serve --model MODEL.onnx --sizes 10000   # added time per request
+
+fewshot: 20 Caltech-101 categories of caltech101-negatives (the 20 with most val images, clutter excluded)
+stand in for product types; k references each from train; queries = their val images; distractors =
+generic-products val + the other categories' val. Per category the threshold lets 1% of distractors
+through; reported: mean recall over categories for k = 1, 3, 5, 10 (3 draws of references each).
+
+known: references = every other Met val image; queries = each reference under six transformations;
+distractors = the other Met val images + val of generic-products, caltech101-negatives, listings-everyday
+and art-antiques. The gallery's thresholds are solved by ``serving.gallery`` on 1,500 *train* negatives
+(as ``wildcheck gallery build --negatives``), then reported: duplicate recall (of the right reference)
+per transformation and the false-duplicate rate on the distractors, for embedding-only, pHash-only
+and both; collage tiles also with the four 2 x 2 tiles as extra query views.
+
+scale: random unit vectors of the embedding's size as references; queries = references plus noise
+(cosine ~0.9, what a near-copy looks like). Query latency p50/p99 on one thread, index memory, build
+time and recall@1 against exact search, for exact numpy, faiss (what serving uses), usearch and hnswlib
+(those installed; usearch is imported last: imported before onnxruntime it crashed the process).
+
+Embeddings are cached under --cache (per embedder and image list) so reruns are cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import io
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SHARED = Path(os.environ.get("WILDCHECK_SHARED", REPO.parent / "shared")) / "datasets"
+
+from serving.gallery import Gallery, GalleryHeader, solve_thresholds  # noqa: E402
+from serving.gallery import preprocess_and_hash  # noqa: E402
+from serving.preprocess import Preprocessing  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------------
+# embedders
+
+
+class OnnxEmbedder:
+    """A wildcheck model's ``embedding`` output, or a bare embedder graph (``export_pretrained``)."""
+
+    def __init__(self, path: str, threads: int = int(os.environ.get("BENCH_THREADS", "2"))):
+        import onnxruntime as ort
+
+        from serving.contract import ContractError, read_contract
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        try:
+            contract = read_contract(path)
+            self.pre, self.name = contract.preprocessing, f"onnx-{contract.model_version}"
+        except ContractError:
+            self.pre, self.name = Preprocessing(), f"onnx-{Path(path).stem}"
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(["embedding"], {self.input: batch})[0]
+
+
+def export_pretrained(arch: str, out: Path) -> None:
+    """The ImageNet-pretrained backbone as a bare ``image -> embedding`` graph (for the comparison)."""
+    import torch
+    import torch.nn.functional as F
+
+    from training.embedding import pooled_features
+    from training.models import create_model
+
+    class Embedder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = create_model(arch, num_classes=1000, pretrained="offline").eval()
+
+        def forward(self, x):
+            return F.normalize(pooled_features(self.model, x), dim=1)
+
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    torch.onnx.export(Embedder().eval(), (torch.randn(2, 3, 224, 224),), str(out), input_names=["image"],
+                      output_names=["embedding"], opset_version=18, dynamo=True, external_data=False,
+                      dynamic_shapes=({0: batch},))
+
+
+class PretrainedEmbedder:
+    """The ImageNet-pretrained backbone (offline weights), pooled features, L2-normalised."""
+
+    def __init__(self, arch: str):
+        import torch
+        import torch.nn.functional as F
+
+        from training.embedding import pooled_features
+        from training.models import create_model
+
+        torch.set_num_threads(2)
+        self.torch, self.F, self.pooled = torch, F, pooled_features
+        self.model = create_model(arch, num_classes=1000, pretrained="offline").eval()
+        self.pre = Preprocessing()  # lite0's data config: 224, bicubic, crop 0.875, mean = std = 0.5
+        self.name = f"pretrained-{arch}"
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        with self.torch.inference_mode():
+            return self.F.normalize(self.pooled(self.model, self.torch.from_numpy(batch)), dim=1).numpy()
+
+
+def embed_images(embedder, images: list[Image.Image], cache: Path, key: str, batch_size: int = 32) -> np.ndarray:
+    """Embeddings of PIL images, cached by embedder name + key."""
+    cache.mkdir(parents=True, exist_ok=True)
+    file = cache / f"{embedder.name}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy"
+    if file.exists():
+        return np.load(file)
+    from tqdm import tqdm
+
+    out = []
+    for i in tqdm(range(0, len(images), batch_size), desc=f"embed {len(images)}", leave=False):
+        out.append(embedder(np.stack([embedder.pre(im) for im in images[i:i + batch_size]])))
+    emb = np.concatenate(out).astype(np.float32)
+    np.save(file, emb)
+    return emb
+
+
+def load(path: Path) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+LIMIT = int(os.environ.get("BENCH_LIMIT", "0"))  # smoke runs: at most this many files per folder
+
+
+def files(*parts: str) -> list[Path]:
+    root = SHARED.joinpath(*parts)
+    found = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
+    return found[:: max(1, len(found) // LIMIT)][:LIMIT] if LIMIT else found
+
+
+# ---------------------------------------------------------------------------------------------------
+# few-shot
+
+
+def category(path: Path) -> str:
+    return path.name.split("_image_")[0]
+
+
+def fewshot(embedder, cache: Path, ks=(1, 3, 5, 10), draws: int = 3, fpr: float = 0.01) -> dict:
+    val = files("caltech101-negatives", "val")
+    train = files("caltech101-negatives", "train")
+    counts: dict[str, int] = {}
+    for p in val:
+        counts[category(p)] = counts.get(category(p), 0) + 1
+    cats = sorted((c for c in counts if c != "background_google"), key=lambda c: (-counts[c], c))[:20]
+    # references are drawn from the first 20 train images of each category (fewer images to embed)
+    train = [p for c in cats for p in [q for q in train if category(q) == c][:20]]
+    generic = files("generic-products", "val")
+    pool = val + generic + train
+    emb = embed_images(embedder, [load(p) for p in pool], cache, "fewshot:" + ",".join(map(str, pool)))
+    e_val, e_gen, e_train = emb[:len(val)], emb[len(val):len(val) + len(generic)], emb[len(val) + len(generic):]
+    val_cat = np.array([category(p) for p in val])
+    train_cat = np.array([category(p) for p in train])
+    result = {"categories": cats, "queries": int(sum(counts[c] for c in cats)), "distractors_generic": len(generic)}
+    for k in ks:
+        recalls = []
+        for draw in range(draws):
+            rng = np.random.default_rng(draw)
+            per_cat = []
+            for c in cats:
+                idx = np.nonzero(train_cat == c)[0]
+                if len(idx) == 0 or not (val_cat == c).any():
+                    continue
+                refs = e_train[rng.choice(idx, size=min(k, len(idx)), replace=False)]
+                distract = np.concatenate([e_gen, e_val[val_cat != c]])
+                d_scores = np.sort((distract @ refs.T).max(1))[::-1]
+                t = np.nextafter(d_scores[int(np.floor(fpr * len(d_scores)))], 2.0)
+                q_scores = (e_val[val_cat == c] @ refs.T).max(1)
+                per_cat.append(float((q_scores >= t).mean()))
+            recalls.append(float(np.mean(per_cat)))
+        result[f"k={k}"] = {"recall_mean": round(float(np.mean(recalls)), 4), "per_draw": [round(r, 4) for r in recalls]}
+        print(f"few-shot k={k}: recall at {fpr:.0%} distractors {np.mean(recalls):.3f} (draws {recalls})", flush=True)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# known photos
+
+BANNER_TEXTS = ["$450 FREE SHIPPING", "SALE 30% OFF - DM NOW", "EUR 1200 obo WhatsApp +44 7700 900123", "ANTIQUE - BEST PRICE"]
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def t_resize(im, rng):
+    w, h = im.size
+    return im.resize((max(8, round(w * 0.3)), max(8, round(h * 0.3))), Image.Resampling.BILINEAR)
+
+
+def t_jpeg(im, rng):
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=int(rng.integers(20, 41)))
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def t_crop(im, rng):
+    w, h = im.size
+    frac = rng.uniform(0.10, 0.30)  # of the area removed
+    side = np.sqrt(1.0 - frac)
+    cw, ch = round(w * side), round(h * side)
+    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    return im.crop((x, y, x + cw, y + ch))
+
+
+def t_banner(im, rng):
+    im = im.copy()
+    w, h = im.size
+    bh = max(12, round(h * rng.uniform(0.10, 0.18)))
+    y = 0 if rng.random() < 0.5 else h - bh
+    colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+    draw = ImageDraw.Draw(im)
+    draw.rectangle((0, y, w, y + bh), fill=colour)
+    text_colour = (255, 255, 255) if sum(colour) < 384 else (0, 0, 0)
+    draw.text((6, y + bh * 0.15), BANNER_TEXTS[int(rng.integers(len(BANNER_TEXTS)))], fill=text_colour, font=_font(int(bh * 0.6)))
+    return im
+
+
+def t_frame(im, rng):
+    """A screenshot: status bar on top, app chrome at the bottom, coloured margins."""
+    w, h = im.size
+    mx, top, bottom = round(w * rng.uniform(0.04, 0.12)), round(h * rng.uniform(0.10, 0.18)), round(h * rng.uniform(0.08, 0.16))
+    bg = (245, 245, 245) if rng.random() < 0.5 else (24, 24, 24)
+    canvas = Image.new("RGB", (w + 2 * mx, h + top + bottom), bg)
+    canvas.paste(im, (mx, top))
+    draw = ImageDraw.Draw(canvas)
+    fg = (0, 0, 0) if bg[0] > 128 else (255, 255, 255)
+    draw.text((mx, top * 0.2), "9:41   seller_shop   Follow", fill=fg, font=_font(max(8, int(top * 0.4))))
+    draw.text((mx, h + top + bottom * 0.2), "♡ 1,204 likes  Message seller", fill=fg, font=_font(max(8, int(bottom * 0.4))))
+    return canvas
+
+
+def collage(im, others: list[Image.Image], rng) -> tuple[Image.Image, int]:
+    """2 x 2 grid; the reference in a random cell. Returns the collage and the reference's cell."""
+    side = 256
+    cell = int(rng.integers(4))
+    tiles = list(others[:3])
+    tiles.insert(cell, im)
+    canvas = Image.new("RGB", (2 * side, 2 * side), (255, 255, 255))
+    for i, t in enumerate(tiles):
+        canvas.paste(t.resize((side, side), Image.Resampling.BILINEAR), ((i % 2) * side, (i // 2) * side))
+    return canvas, cell
+
+
+def tiles_2x2(im: Image.Image) -> list[Image.Image]:
+    w, h = im.size
+    return [im.crop((x, y, x + w // 2, y + h // 2)) for y in (0, h // 2) for x in (0, w // 2)]
+
+
+TRANSFORMS = {"resize_30": t_resize, "jpeg_q20_40": t_jpeg, "crop_10_30": t_crop, "banner": t_banner, "frame": t_frame}
+
+
+def known(embedder, cache: Path, negatives: int = 1500) -> dict:
+    def phash(im):  # as serving hashes: after the model's resize
+        return preprocess_and_hash(embedder.pre, im)[1]
+
+    met = files("met-ivory", "val")
+    refs, met_distract = met[0::2], met[1::2]
+    neg_val = (files("generic-products", "val") + files("caltech101-negatives", "val")
+               + files("listings-everyday", "val") + files("art-antiques", "val"))
+    train_pool = (files("met-ivory", "train") + files("generic-products", "train") + files("caltech101-negatives", "train")
+                  + files("listings-everyday", "train") + files("art-antiques", "train"))
+    neg_train = sorted(random.Random(0).sample(train_pool, min(negatives, len(train_pool))))
+    ref_imgs = [load(p) for p in refs]
+    rng = np.random.default_rng(0)
+    queries: dict[str, list[Image.Image]] = {name: [fn(im, rng) for im in ref_imgs] for name, fn in TRANSFORMS.items()}
+    distract_imgs = [load(p) for p in met_distract + neg_val]
+    collages, cells = [], []
+    for i, im in enumerate(ref_imgs):
+        others = [distract_imgs[j] for j in rng.choice(len(distract_imgs), 3, replace=False)]
+        made, cell = collage(im, others, rng)
+        collages.append(made)
+        cells.append(cell)
+    queries["collage_tile"] = collages
+    # only the tile that holds the reference is embedded: recall of the right reference over the whole
+    # collage + its 4 tiles is decided by that tile (the others hold distractors)
+    tiles = [tiles_2x2(c)[cell] for c, cell in zip(collages, cells)]
+
+    def emb(name, images, paths_key):
+        return embed_images(embedder, images, cache, f"known:{name}:{paths_key}")
+
+    key = ",".join(map(str, refs))
+    e_ref = emb("refs", ref_imgs, key)
+    e_q = {name: emb(name, ims, key) for name, ims in queries.items()}
+    e_tiles = emb("tiles", tiles, key).reshape(len(collages), 1, -1)
+    e_dis = emb("distract", distract_imgs, ",".join(map(str, met_distract + neg_val)))
+    e_neg = emb("negtrain", [load(p) for p in neg_train], ",".join(map(str, neg_train)))
+    h_ref = np.array([phash(im) for im in ref_imgs], np.uint64)
+    h_q = {name: [phash(im) for im in ims] for name, ims in queries.items()}
+    h_dis = [phash(im) for im in distract_imgs]
+    h_tiles = [phash(im) for im in tiles]
+
+    thresholds = solve_thresholds(e_ref, np.zeros(len(refs), np.int32), ["known"], e_neg, 0.01)
+    header = GalleryHeader(model_name="bench", model_version="bench", contract_hash="-",
+                           embedding={"size": e_ref.shape[1], "producer": embedder.name}, labels=["known"],
+                           reference_ids=[str(i) for i in range(len(refs))], sources=[""] * len(refs),
+                           thresholds=thresholds, created_at="", updated_at="")
+    gallery = Gallery(header, e_ref, np.zeros(len(refs), np.int32), h_ref, e_neg)
+    solved = gallery.thresholds["known"]
+    modes = {
+        "both": solved,
+        "embedding_only": solved.model_copy(update={"duplicate_hamming": -1}),
+        "phash_only": solved.model_copy(update={"duplicate": 2.0}),
+    }
+    result = {"references": len(refs), "distractors": len(distract_imgs), "negatives_for_thresholds": len(neg_train),
+              "thresholds": solved.model_dump(), "modes": {}}
+    for mode, rule in modes.items():
+        gallery.thresholds = {"known": rule}
+
+        def is_dup(views, h, want=None):
+            ms = gallery.match(views, h)
+            return any(m.kind == "duplicate" and (want is None or m.reference == want) for m in ms)
+
+        false = sum(is_dup(e_dis[i], h_dis[i]) for i in range(len(distract_imgs)))
+        row = {"false_duplicate_rate": round(false / len(distract_imgs), 5), "false_duplicates": int(false)}
+        for name in queries:
+            hits = sum(is_dup(e_q[name][i], h_q[name][i], str(i)) for i in range(len(refs)))
+            row[name] = round(hits / len(refs), 4)
+        hits = sum(is_dup(np.vstack([e_q["collage_tile"][i][None], e_tiles[i]]), [h_q["collage_tile"][i], h_tiles[i]], str(i))
+                   for i in range(len(refs)))
+        row["collage_tile+2x2_views"] = round(hits / len(refs), 4)
+        # false duplicates when every distractor is also looked at as 2x2 tiles would need their tiles' embeddings;
+        # the tiles of the collages that do not hold a reference stand in (3 of 4 tiles are distractors)
+        result["modes"][mode] = row
+        print(mode, json.dumps(row), flush=True)
+    # margins: the right reference's similarity / pHash distance per transformation vs the distractors' best
+    from serving.phash import hamming
+
+    d_best = (e_dis @ e_ref.T).max(1)
+    d_ham = np.array([hamming(h, h_ref).min() for h in h_dis])
+    diag = {"distractors": {"similarity_max": round(float(d_best.max()), 4),
+                            "similarity_p99.9": round(float(np.quantile(d_best, 0.999)), 4),
+                            "hamming_min": int(d_ham.min()), "hamming_p0.1": float(np.quantile(d_ham, 0.001))}}
+    q = lambda a, ps: [round(float(np.quantile(a, p)), 4) for p in ps]  # noqa: E731
+    for name in queries:
+        own = np.einsum("ij,ij->i", e_q[name], e_ref)
+        if name == "collage_tile":
+            tiles_own = np.einsum("ivj,ij->iv", e_tiles, e_ref).max(1)
+            diag[name + "+2x2_views"] = {"similarity_p5_p10_p50": q(np.maximum(own, tiles_own), (0.05, 0.1, 0.5))}
+        ham = np.array([hamming(h, h_ref[i:i + 1])[0] for i, h in enumerate(h_q[name])])
+        diag[name] = {"similarity_p5_p10_p50": q(own, (0.05, 0.1, 0.5)), "hamming_p50_p90_p95": q(ham, (0.5, 0.9, 0.95))}
+    result["margins"] = diag
+    # the issue's operating point: the similarity threshold at which <= 0.1% of the distractors are duplicates
+    # (pHash <= the gallery's bits counts too); recall = the right reference reaches it, per transformation
+    bits = solved.duplicate_hamming
+    d_sims = np.sort(d_best[d_ham > bits])[::-1]
+    allowed = int(np.floor(0.001 * len(d_best))) - int((d_ham <= bits).sum())
+    t = float(np.nextafter(np.float32(d_sims[max(allowed, 0)]), np.float32(2.0))) if allowed >= 0 else 2.0
+    point = {"similarity_threshold": round(t, 4), "pHash_bits": bits}
+    for name in queries:
+        own = np.einsum("ij,ij->i", e_q[name], e_ref)
+        ham = np.array([hamming(h, h_ref[i:i + 1])[0] for i, h in enumerate(h_q[name])])
+        point[name] = round(float(((own >= t) | (ham <= bits)).mean()), 4)
+        if name == "collage_tile":
+            tile_own = np.einsum("ivj,ij->iv", e_tiles, e_ref).max(1)
+            tile_ham = np.array([hamming(h, h_ref[i:i + 1])[0] for i, h in enumerate(h_tiles)])
+            point[name + "+2x2_views"] = round(float(((np.maximum(own, tile_own) >= t) | (ham <= bits) | (tile_ham <= bits)).mean()), 4)
+    result["at_0.1pct_false_duplicates"] = point
+    print("at 0.1% false duplicates", json.dumps(point), flush=True)
+    print(json.dumps(diag), flush=True)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# scale
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _build(backend: str, data: np.ndarray):
+    n, d = data.shape
+    if backend == "usearch":
+        from usearch.index import Index
+
+        index = Index(ndim=d, metric="ip", dtype="f16", connectivity=16, expansion_add=128, expansion_search=64)
+        index.add(np.arange(n, dtype=np.uint64), data)
+
+        def search(q, k):
+            found = index.search(q, k, threads=1)
+            return 1 - np.atleast_2d(found.distances), np.atleast_2d(found.keys)
+        return index, search
+    if backend == "hnswlib":
+        import hnswlib
+
+        index = hnswlib.Index(space="ip", dim=d)
+        index.init_index(max_elements=n, ef_construction=128, M=16)
+        index.add_items(data, np.arange(n))
+        index.set_ef(64)
+        index.set_num_threads(1)
+
+        def search(q, k):
+            labels, dist = index.knn_query(q, k=k)
+            return 1 - dist, labels
+        return index, search
+    if backend == "faiss":
+        from serving.search import FaissIndex
+
+        index = FaissIndex(data)
+        return index, index.search
+    raise ValueError(backend)
+
+
+def scale(sizes, dim: int, backends, queries: int = 300, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for n in sizes:
+        data = rng.standard_normal((n, dim), dtype=np.float32)
+        data /= np.linalg.norm(data, axis=1, keepdims=True)
+        pick = rng.choice(n, queries, replace=False)
+        noise = rng.standard_normal((queries, dim), dtype=np.float32)
+        noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+        q = data[pick] + 0.48 * noise  # cosine to the source ~0.9
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+        truth = (q @ data.T).argmax(1) if n <= 200_000 else np.concatenate(
+            [(q[i:i + 50] @ data.T).argmax(1) for i in range(0, queries, 50)])
+        out[n] = {}
+        for backend in backends:
+            try:
+                gc.collect()
+                before = _rss_mb()
+                t0 = time.perf_counter()
+                if backend == "exact":
+                    from serving.search import ExactIndex
+
+                    index = ExactIndex(data)
+                    search = index.search
+                else:
+                    index, search = _build(backend, data)
+                build_s = time.perf_counter() - t0
+                mem = _rss_mb() - before if backend != "exact" else data.nbytes / 2**20
+                lat, top1 = [], []
+                for i in range(queries):
+                    t = time.perf_counter()
+                    _, idx = search(q[i:i + 1], 10)
+                    lat.append((time.perf_counter() - t) * 1000)
+                    top1.append(int(idx[0][0]))
+                recall = float((np.array(top1) == truth).mean())
+                row = {"build_s": round(build_s, 1), "memory_mb": round(mem), "p50_ms": round(float(np.percentile(lat, 50)), 3),
+                       "p99_ms": round(float(np.percentile(lat, 99)), 3), "recall_at_1": round(recall, 4)}
+                out[n][backend] = row
+                print(n, backend, json.dumps(row), flush=True)
+                del index, search
+            except ImportError as exc:
+                print(n, backend, f"skipped: {exc}", flush=True)
+        del data
+    return out
+
+
+def serve_overhead(model: str, refs: int, rounds: int = 3) -> dict:
+    """Per-request time of ImageChecker.check on real Met photos without and with a ``refs``-reference gallery."""
+    import statistics
+    import tempfile
+
+    from serving.checker import ImageChecker
+    from serving.contract import read_contract
+    from serving.gallery import new_header
+
+    contract = read_contract(model)
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((refs, contract.embedding.size), dtype=np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    header = new_header(contract, 0.01, {})
+    g = Gallery(header, np.zeros((0, emb.shape[1]), np.float32), np.zeros(0, np.int32), np.zeros(0, np.uint64),
+                np.zeros((0, emb.shape[1]), np.float32))
+    g.add(emb, ["bench"] * refs, rng.integers(0, 2**63, refs, dtype=np.uint64), [str(i) for i in range(refs)], [""] * refs)
+    photos = [p.read_bytes() for p in files("met-ivory", "val")[:40]]
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "g.npz"
+        g.save(path)
+        checkers = {"without": ImageChecker(model), "with": ImageChecker(model, gallery=str(path))}
+        for c in checkers.values():
+            c.warm_up()
+        times = {k: [] for k in checkers}
+        for _ in range(rounds):  # interleaved, so load changes hit both alike
+            for data in photos:
+                for name, c in checkers.items():
+                    t = time.perf_counter()
+                    c.check(data)
+                    times[name].append((time.perf_counter() - t) * 1000)
+        for name, ts in times.items():
+            out[name] = {"median_ms": round(statistics.median(ts), 2), "p90_ms": round(float(np.percentile(ts, 90)), 2)}
+    out["added_median_pct"] = round(100 * (out["with"]["median_ms"] / out["without"]["median_ms"] - 1), 1)
+    out["references"] = refs
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("what", choices=["fewshot", "known", "scale", "serve", "export-pretrained"])
+    ap.add_argument("--model", help="ONNX model with an embedding output")
+    ap.add_argument("--pretrained", help="timm architecture: its ImageNet-pretrained backbone (offline weights)")
+    ap.add_argument("--cache", type=Path, default=Path("/tmp/wildcheck-gallery-bench"))
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    ap.add_argument("--dim", type=int, default=1280)
+    ap.add_argument("--backends", nargs="+", default=["exact", "faiss", "hnswlib", "usearch"])
+    ap.add_argument("--json", type=Path, help="write the result here")
+    args = ap.parse_args()
+    if args.what == "export-pretrained":
+        export_pretrained(args.pretrained, Path(args.model))
+        return
+    if args.what == "scale":
+        result = scale(args.sizes, args.dim, args.backends)
+    elif args.what == "serve":
+        result = serve_overhead(args.model, args.sizes[0])
+    else:
+        if not SHARED.is_dir():
+            sys.exit(f"{SHARED} not found (set WILDCHECK_SHARED)")
+        if bool(args.model) == bool(args.pretrained):
+            sys.exit("give --model MODEL.onnx or --pretrained ARCH")
+        embedder = OnnxEmbedder(args.model) if args.model else PretrainedEmbedder(args.pretrained)
+        result = (fewshot if args.what == "fewshot" else known)(embedder, args.cache)
+        result["embedder"] = embedder.name
+    print(json.dumps(result, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,378 @@
+"""Reference galleries: product types from a handful of photos, and known photos posted again.
+
+A gallery file (``.npz``, no pickles) holds, per reference, the model's L2-normalised embedding, a
+64-bit perceptual hash, its label, id and source, never the image; plus the embeddings of the negatives
+it was calibrated on, so thresholds can be re-solved after ``add``/``remove``, the model
+version and contract hash it was built with, and per-label thresholds:
+
+- ``similar``: cosine similarity above which at most ``fpr`` of the negatives match the label -> review;
+- ``duplicate``: a near-copy: cosine >= ``duplicate`` or pHash distance <= ``duplicate_hamming``
+  -> block when the label blocks (default), else review.
+
+numpy only: serving imports this, training builds with it (``training.gallery``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from serving.contract import EmbeddingSpec, ModelContract, contract_hash
+from serving.phash import hamming, phash
+from serving.search import EXACT_MAX, VectorIndex, make_index
+
+GALLERY_FORMAT = "wildcheck-gallery"
+GALLERY_VERSION = 1
+# Defaults measured by benchmarks/gallery_bench.py (README "Reference galleries").
+DEFAULT_FPR = 0.01
+DEFAULT_SIMILAR = 0.80  # used only when the gallery was built without negatives
+DUPLICATE_FLOOR = 0.80  # a near-copy is at least this similar, whatever the negatives say
+DUPLICATE_FPR_RATIO = 0.1  # duplicate: a tenth of the negatives `similar` lets through (0.1% at --fpr 0.01)
+DUPLICATE_HAMMING = 6  # pHash bits; unrelated photos differ in ~32
+SCORE_MARGIN = 1e-4  # above the negative's score: onnxruntime differs by ~1e-6 between batch sizes
+MAX_MATCHES = 3
+SEARCH_K = 16  # nearest references looked at per query view
+
+
+class GalleryError(ValueError):
+    """The gallery file is unusable (missing, truncated, empty, unknown version, another model's)."""
+
+
+class LabelThresholds(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    similar: float = Field(ge=-1.0, le=1.0001)
+    duplicate: float = Field(ge=-1.0, le=1.0001)
+    duplicate_hamming: int = Field(DUPLICATE_HAMMING, ge=-1, le=64, description="-1: pHash never decides")
+    block: bool = Field(True, description="a duplicate blocks; false: it goes to review")
+    notes: list[str] = []
+
+
+class GalleryHeader(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    format: Literal["wildcheck-gallery"] = GALLERY_FORMAT
+    version: int = GALLERY_VERSION
+    model_name: str
+    model_version: str
+    contract_hash: str
+    embedding: EmbeddingSpec
+    labels: list[str]
+    reference_ids: list[str]
+    sources: list[str]
+    thresholds: dict[str, LabelThresholds]
+    fpr: float = Field(DEFAULT_FPR, gt=0.0, lt=1.0)
+    negatives: dict = Field(default_factory=dict, description="roots and count the thresholds were solved on")
+    created_at: str
+    updated_at: str
+    wildcheck_version: str = ""
+
+
+class Match(BaseModel):
+    label: str
+    reference: str
+    similarity: float
+    kind: Literal["duplicate", "similar"]
+    hamming: int | None = None
+
+
+def preprocess_and_hash(pre, img) -> tuple[np.ndarray, int]:
+    """Model input and pHash of one picture; the hash is taken from the model's resize (cheaper than the
+    full picture, and the same at build and query time)."""
+    resized = pre.resize_image(img)
+    return pre.crop_and_normalize(np.asarray(resized)), phash(resized)
+
+
+def views_and_hashes(img, pre, tiling) -> tuple[np.ndarray, list[int]]:
+    """``serving.tiling.views`` (the whole picture, then the contract's tiles), with each view's pHash: a known
+    photo posted as one tile of a collage matches through its tile."""
+    crops = [img] + ([img.crop(box) for box in tiling.tiles(img.size)] if tiling is not None else [])
+    pairs = [preprocess_and_hash(pre, crop) for crop in crops]
+    return np.stack([a for a, _ in pairs]), [h for _, h in pairs]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def solve_thresholds(ref_emb: np.ndarray, ref_labels: np.ndarray, labels: list[str], negatives: np.ndarray,
+                     fpr: float) -> dict[str, LabelThresholds]:
+    """Per label: ``similar`` lets at most ``fpr`` of the negatives through; ``duplicate`` none of them."""
+    out = {}
+    for i, label in enumerate(labels):
+        refs = ref_emb[ref_labels == i]
+        if len(negatives) == 0:
+            out[label] = LabelThresholds(similar=DEFAULT_SIMILAR, duplicate=DUPLICATE_FLOOR,
+                                         notes=[f"no negatives: similar at the default {DEFAULT_SIMILAR}"])
+            continue
+        scores = np.sort((np.asarray(negatives, np.float32) @ refs.T).max(axis=1))[::-1]
+
+        def lowest_letting_through(rate: float) -> tuple[float, int]:
+            """The lowest threshold that at most floor(rate * n) negatives reach."""
+            allowed = int(np.floor(rate * len(scores)))
+            return float(scores[allowed]) + SCORE_MARGIN if allowed < len(scores) else -1.0, allowed
+
+        similar, allowed = lowest_letting_through(fpr)
+        dup_at, dup_allowed = lowest_letting_through(fpr * DUPLICATE_FPR_RATIO)
+        duplicate = max(DUPLICATE_FLOOR, dup_at, similar)
+        notes = [f"similar: {allowed} of {len(scores)} negatives reach it (fpr {fpr}); "
+                 f"duplicate: {dup_allowed} reach it (fpr {fpr * DUPLICATE_FPR_RATIO:g}, floor {DUPLICATE_FLOOR})"]
+        if len(scores) < 1.0 / fpr:
+            notes.append(f"only {len(scores)} negatives: fpr {fpr} cannot be resolved; similar is above every negative")
+        out[label] = LabelThresholds(similar=min(similar, duplicate), duplicate=duplicate, notes=notes)
+    return out
+
+
+class Gallery:
+    """References in memory (embeddings, hashes, ids), searched by ``match``."""
+
+    def __init__(self, header: GalleryHeader, embeddings: np.ndarray, label_idx: np.ndarray, hashes: np.ndarray,
+                 negatives: np.ndarray, source: str = "gallery", exact_max: int = EXACT_MAX):
+        self.header = header
+        self.embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+        self.label_idx = np.asarray(label_idx, dtype=np.int32)
+        self.hashes = np.asarray(hashes, dtype=np.uint64)
+        # float32: thresholds sit just above a negative's similarity, rounding must not let it through
+        self.negatives = np.asarray(negatives, dtype=np.float32)
+        self.source = source
+        self.thresholds = dict(header.thresholds)
+        self.exact_max = exact_max
+        self._index: VectorIndex | None = None
+
+    # ---- file ----------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """One rename: a crash mid-write leaves the previous gallery intact."""
+        path = Path(path)
+        self.header.updated_at = _now()
+        arrays = {
+            "header": np.frombuffer(self.header.model_dump_json().encode(), dtype=np.uint8),
+            "embeddings": self.embeddings,
+            "labels": self.label_idx,
+            "hashes": self.hashes,
+            "negatives": self.negatives,
+        }
+        if len(self.embeddings) > self.exact_max:  # the HNSW graph travels with the file: no rebuild at load
+            arrays["index"] = self.index.serialize()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, **arrays)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    @classmethod
+    def load(cls, path: str | Path, contract: ModelContract | None = None, exact_max: int = EXACT_MAX) -> "Gallery":
+        """Read and validate; with ``contract``, refuse a gallery built with another model."""
+        path = Path(path)
+        if not path.is_file():
+            raise GalleryError(f"gallery {path} not found; build one with `wildcheck gallery build`")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                missing = {"header", "embeddings", "labels", "hashes", "negatives"} - set(npz.files)
+                if missing:
+                    raise GalleryError(f"{path} is not a wildcheck gallery: it lacks {sorted(missing)}")
+                raw = bytes(npz["header"].tobytes())
+                arrays = {k: npz[k] for k in ("embeddings", "labels", "hashes", "negatives")}
+                serialized = npz["index"] if "index" in npz.files else None
+        except GalleryError:
+            raise
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as exc:
+            raise GalleryError(f"{path} is not a readable gallery file (truncated or corrupt?): {exc}") from exc
+        try:
+            meta = json.loads(raw)
+        except ValueError as exc:
+            raise GalleryError(f"{path} has an unreadable gallery header: {exc}") from exc
+        if not isinstance(meta, dict) or meta.get("format") != GALLERY_FORMAT:
+            raise GalleryError(f"{path} is not a wildcheck gallery (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+        if meta.get("version") != GALLERY_VERSION:
+            raise GalleryError(f"{path} has gallery version {meta.get('version')!r}; this wildcheck reads version "
+                               f"{GALLERY_VERSION}: rebuild it with `wildcheck gallery build`")
+        try:
+            header = GalleryHeader.model_validate(meta)
+        except ValidationError as exc:
+            raise GalleryError(f"{path} has an invalid gallery header: {exc}") from exc
+        gallery = cls(header, arrays["embeddings"], arrays["labels"], arrays["hashes"], arrays["negatives"],
+                      source=str(path), exact_max=exact_max)
+        gallery.validate()
+        if serialized is not None and len(gallery.embeddings) > exact_max:
+            from serving.search import FaissIndex
+
+            try:
+                index = FaissIndex(None, serialized=serialized)
+            except RuntimeError as exc:
+                raise GalleryError(f"{path}: its search index is unreadable ({exc}); rebuild the gallery") from exc
+            if len(index) != len(gallery.embeddings):
+                raise GalleryError(f"{path}: its search index holds {len(index)} references, the file {len(gallery.embeddings)}")
+            gallery._index = index
+        if contract is not None:
+            gallery.check_model(contract)
+        return gallery
+
+    def validate(self) -> None:
+        n, h = len(self.embeddings), self.header
+        if n == 0:
+            raise GalleryError(f"{self.source} holds no references; add some with `wildcheck gallery add`")
+        if self.embeddings.ndim != 2 or self.embeddings.shape[1] != h.embedding.size:
+            raise GalleryError(f"{self.source}: embeddings of shape {self.embeddings.shape}, expected (n, {h.embedding.size})")
+        if not (len(self.label_idx) == len(self.hashes) == len(h.reference_ids) == len(h.sources) == n):
+            raise GalleryError(f"{self.source}: references, labels, hashes and ids differ in number")
+        if self.label_idx.min() < 0 or self.label_idx.max() >= len(h.labels):
+            raise GalleryError(f"{self.source}: a reference has a label index outside {h.labels}")
+        if set(h.thresholds) != set(h.labels):
+            raise GalleryError(f"{self.source}: thresholds for {sorted(h.thresholds)} but labels {sorted(h.labels)}")
+        if not np.isfinite(self.embeddings).all():
+            raise GalleryError(f"{self.source}: embeddings contain NaN or infinity")
+
+    def check_model(self, contract: ModelContract) -> None:
+        h = self.header
+        if h.model_version != contract.model_version or h.contract_hash != contract_hash(contract):
+            raise GalleryError(
+                f"{self.source} was built with model {h.model_name} {h.model_version} (contract {h.contract_hash[:12]}); "
+                f"the model loaded is {contract.model_name} {contract.model_version} (contract {contract_hash(contract)[:12]}). "
+                "Embeddings of different models cannot be compared: rebuild the gallery with this model "
+                "(`wildcheck gallery build REF --model MODEL.onnx --out GALLERY`)"
+            )
+
+    # ---- edits ---------------------------------------------------------------------------------
+    def add(self, embeddings: np.ndarray, labels: list[str], hashes: np.ndarray, ids: list[str], sources: list[str]) -> None:
+        taken = set(self.header.reference_ids)
+        clash = sorted({i for i in ids if i in taken} | {i for i in ids if ids.count(i) > 1})
+        if clash:
+            raise GalleryError(f"reference ids already in {self.source} or repeated: {clash[:5]}; remove them first or give new ids")
+        for label in labels:
+            if label not in self.header.labels:
+                self.header.labels.append(label)
+        index = {label: i for i, label in enumerate(self.header.labels)}
+        self.embeddings = np.concatenate([self.embeddings, np.asarray(embeddings, np.float32)])
+        self.label_idx = np.concatenate([self.label_idx, np.array([index[l] for l in labels], np.int32)])
+        self.hashes = np.concatenate([self.hashes, np.asarray(hashes, np.uint64)])
+        self.header.reference_ids += list(ids)
+        self.header.sources += list(sources)
+        self.resolve()
+
+    def remove(self, reference_ids: list[str]) -> int:
+        wanted = set(reference_ids)
+        unknown = sorted(wanted - set(self.header.reference_ids))
+        if unknown:
+            raise GalleryError(f"no reference {unknown[:5]} in {self.source}; `wildcheck gallery info` lists them")
+        keep = np.array([r not in wanted for r in self.header.reference_ids])
+        if not keep.any():
+            raise GalleryError(f"removing {len(wanted)} reference(s) would leave {self.source} empty; delete the file instead")
+        self.embeddings, self.label_idx, self.hashes = self.embeddings[keep], self.label_idx[keep], self.hashes[keep]
+        self.header.reference_ids = [r for r, k in zip(self.header.reference_ids, keep) if k]
+        self.header.sources = [s for s, k in zip(self.header.sources, keep) if k]
+        used = sorted(set(self.label_idx.tolist()))
+        remap = np.full(len(self.header.labels), -1, np.int32)
+        remap[used] = np.arange(len(used))
+        self.header.labels = [self.header.labels[i] for i in used]
+        self.label_idx = remap[self.label_idx]
+        self.resolve()
+        return int((~keep).sum())
+
+    def resolve(self) -> None:
+        """Re-solve every label's thresholds on the stored negatives (after add/remove)."""
+        self.header.thresholds = solve_thresholds(self.embeddings, self.label_idx, self.header.labels,
+                                                  self.negatives, self.header.fpr)
+        self.thresholds = dict(self.header.thresholds)
+        self._index = None
+
+    # ---- search --------------------------------------------------------------------------------
+    @property
+    def index(self) -> VectorIndex:
+        if self._index is None:
+            self._index = make_index(self.embeddings, self.exact_max)
+        return self._index
+
+    def match(self, views: np.ndarray, phash: int | list[int] | None = None, k: int = SEARCH_K) -> list[Match]:
+        """Up to ``MAX_MATCHES`` matches (one per label, duplicates first) for one image.
+
+        ``views``: (n, d) embeddings of the same image (the whole picture, optionally tiles of it);
+        ``phash``: the pHash of each view (or just the whole picture's).
+        """
+        views = np.atleast_2d(views)
+        sims, idx = self.index.search(views, k)
+        best: dict[int, float] = {}
+        for s_row, i_row in zip(sims, idx):
+            for s, i in zip(s_row, i_row):
+                if i >= 0 and s > best.get(int(i), -np.inf):
+                    best[int(i)] = float(s)
+        dist: dict[int, int] = {}
+        limit = max(t.duplicate_hamming for t in self.thresholds.values())
+        for h in ([] if phash is None else [phash] if isinstance(phash, int) else list(phash)):
+            bits = hamming(h, self.hashes)
+            for i in np.nonzero(bits <= limit)[0].tolist():
+                dist[i] = min(int(bits[i]), dist.get(i, 64))
+                if i not in best:
+                    best[i] = float((views @ self.embeddings[i]).max())
+        per_label: dict[str, Match] = {}
+        for i, s in best.items():
+            label = self.header.labels[self.label_idx[i]]
+            rule = self.thresholds[label]
+            near_copy = s >= rule.duplicate or (i in dist and 0 <= rule.duplicate_hamming and dist[i] <= rule.duplicate_hamming)
+            if not near_copy and s < rule.similar:
+                continue
+            m = Match(label=label, reference=self.header.reference_ids[i], similarity=round(s, 4),
+                      kind="duplicate" if near_copy else "similar", hamming=dist.get(i))
+            current = per_label.get(label)
+            if current is None or (m.kind == "duplicate", m.similarity) > (current.kind == "duplicate", current.similarity):
+                per_label[label] = m
+        ranked = sorted(per_label.values(), key=lambda m: (m.kind != "duplicate", -m.similarity))
+        return ranked[:MAX_MATCHES]
+
+    def decide(self, matches: list[Match]) -> tuple[str, list[str]]:
+        """``block`` for a duplicate of a blocking label, else ``review`` for any match, else ``allow``."""
+        blocking = [m for m in matches if m.kind == "duplicate" and self.thresholds[m.label].block]
+        if blocking:
+            return "block", [f"gallery:{m.label}" for m in blocking]
+        if matches:
+            return "review", [f"gallery:{m.label}" for m in matches]
+        return "allow", []
+
+    def apply_policy(self, overrides: dict) -> dict:
+        """Policy YAML ``gallery:`` section: per label ``similar``, ``duplicate``, ``duplicate_hamming``, ``block``."""
+        unknown = sorted(set(overrides) - set(self.header.labels))
+        if unknown:
+            raise GalleryError(f"policy names gallery labels {unknown} that {self.source} does not have; "
+                               f"its labels: {self.header.labels}")
+        for label, rule in overrides.items():
+            values = {k: v for k, v in rule.model_dump().items() if v is not None}
+            merged = self.thresholds[label].model_dump() | values
+            merged["notes"] = list(merged["notes"]) + [f"policy: {sorted(values)}"]
+            self.thresholds[label] = LabelThresholds.model_validate(merged)
+        return {label: sorted(k for k, v in rule.model_dump().items() if v is not None) for label, rule in overrides.items()}
+
+    def describe(self) -> dict:
+        h = self.header
+        counts = np.bincount(self.label_idx, minlength=len(h.labels))
+        return {
+            "source": self.source, "references": len(self.embeddings), "labels": dict(zip(h.labels, counts.tolist())),
+            "thresholds": {k: v.model_dump() for k, v in self.thresholds.items()},
+            "model_name": h.model_name, "model_version": h.model_version, "contract_hash": h.contract_hash,
+            "embedding": h.embedding.model_dump(), "fpr": h.fpr, "negatives": h.negatives,
+            "search": "exact" if len(self.embeddings) <= self.exact_max else "hnsw (faiss)",
+            "created_at": h.created_at, "updated_at": h.updated_at,
+        }
+
+
+def new_header(contract: ModelContract, fpr: float, negatives: dict, wildcheck_version: str = "") -> GalleryHeader:
+    if contract.embedding is None:
+        raise GalleryError(f"model {contract.model_name} {contract.model_version} has no embedding output; "
+                           "re-export it with this wildcheck version (`wildcheck export`)")
+    now = _now()
+    return GalleryHeader(model_name=contract.model_name, model_version=contract.model_version,
+                         contract_hash=contract_hash(contract), embedding=contract.embedding, labels=[],
+                         reference_ids=[], sources=[], thresholds={}, fpr=fpr, negatives=negatives,
+                         created_at=now, updated_at=now, wildcheck_version=wildcheck_version)

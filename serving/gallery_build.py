@@ -1,0 +1,159 @@
+"""``wildcheck gallery build/add/remove/info``: reference photos -> gallery file (no torch: the ONNX model embeds).
+
+REF is a folder of ``<label>/<image>`` or a CSV ``path,label[,reference_id,source]``. Images are decoded
+exactly as the server decodes uploads; unreadable ones are skipped and reported, never fatal.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from serving.client import IMAGE_SUFFIXES, list_images
+from serving.gallery import DEFAULT_FPR, Gallery, GalleryError, new_header, preprocess_and_hash
+from serving.imageio import ImageError, decode_image
+from serving.runtime import OnnxModel
+
+MAX_NEGATIVES = 3000
+
+
+@dataclass
+class RefItem:
+    path: Path
+    label: str
+    reference_id: str
+    source: str = ""
+
+
+def read_references(ref: str | Path) -> list[RefItem]:
+    """``<label>/<image>`` folders or a CSV ``path,label[,reference_id,source]`` (paths relative to the CSV)."""
+    ref = Path(ref)
+    items: list[RefItem] = []
+    if ref.is_file() and ref.suffix.lower() == ".csv":
+        with ref.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
+                raise ValueError(f"{ref}: the CSV needs 'path' and 'label' columns (optional: reference_id, source)")
+            for row in reader:
+                path = Path(row["path"])
+                path = path if path.is_absolute() else ref.parent / path
+                label = (row.get("label") or "").strip()
+                if not label:
+                    raise ValueError(f"{ref}: row for {row['path']} has no label")
+                items.append(RefItem(path, label, (row.get("reference_id") or "").strip() or f"{label}/{path.name}",
+                                     (row.get("source") or "").strip()))
+    elif ref.is_dir():
+        for folder in sorted(p for p in ref.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+                items.append(RefItem(path, folder.name, f"{folder.name}/{path.relative_to(folder).as_posix()}", str(ref)))
+    else:
+        raise FileNotFoundError(f"{ref} is neither a folder of <label>/<image> nor a CSV file")
+    if not items:
+        raise ValueError(f"{ref} holds no images (expected <label>/<image> folders or CSV rows)")
+    return items
+
+
+def embed_paths(model: OnnxModel, paths: list[Path], batch_size: int = 16, desc: str = "embedding"):
+    """Embeddings and pHashes of the readable images; (kept indices, skipped [(path, reason)])."""
+    pre = model.preprocessing
+    embs, hashes, kept, skipped, batch = [], [], [], [], []
+
+    def flush():
+        if batch:
+            embs.append(model.embed(np.stack(batch)))
+            batch.clear()
+
+    for i, path in enumerate(tqdm(paths, desc=desc, unit="img", leave=False)):
+        try:
+            img, _ = decode_image(path, draft_size=pre.draft_size)
+        except (ImageError, OSError) as exc:
+            skipped.append((str(path), getattr(exc, "message", str(exc))))
+            continue
+        array, hashed = preprocess_and_hash(pre, img)
+        batch.append(array)
+        hashes.append(hashed)
+        kept.append(i)
+        if len(batch) == batch_size:
+            flush()
+    flush()
+    dim = model.contract.embedding.size
+    emb = np.concatenate(embs) if embs else np.zeros((0, dim), np.float32)
+    return emb, np.array(hashes, dtype=np.uint64), kept, skipped
+
+
+def _negatives(model: OnnxModel, roots: list[Path], max_images: int) -> tuple[np.ndarray, dict, list]:
+    paths = [p for root in roots for p in list_images(root)]
+    if len(paths) > max_images:
+        paths = sorted(random.Random(0).sample(paths, max_images))
+    emb, _, _, skipped = embed_paths(model, paths, desc="negatives")
+    return emb, {"roots": [str(r) for r in roots], "count": len(emb)}, skipped
+
+
+def _load_model(model_path: str | Path) -> OnnxModel:
+    model = OnnxModel(model_path, threads=2)
+    if model.embedding_output is None:
+        raise GalleryError(f"{model_path} has no embedding output; re-export it with this wildcheck version (`wildcheck export`)")
+    return model
+
+
+def build(ref: str | Path, model_path: str | Path, out: str | Path, negatives: list[Path] = (),
+          fpr: float = DEFAULT_FPR, max_negatives: int = MAX_NEGATIVES) -> dict:
+    from importlib.metadata import PackageNotFoundError, version as package_version
+
+    try:
+        version = package_version("wildcheck")
+    except PackageNotFoundError:
+        version = ""
+    items = read_references(ref)
+    model = _load_model(model_path)
+    neg, neg_info, neg_skipped = _negatives(model, list(negatives), max_negatives) if negatives else (
+        np.zeros((0, model.contract.embedding.size), np.float32), {"roots": [], "count": 0}, [])
+    emb, hashes, kept, skipped = embed_paths(model, [it.path for it in items], desc="references")
+    if not kept:
+        raise GalleryError(f"none of the {len(items)} reference images could be read; nothing written")
+    header = new_header(model.contract, fpr, neg_info, version)
+    gallery = Gallery(header, np.zeros((0, emb.shape[1]), np.float32), np.zeros(0, np.int32), np.zeros(0, np.uint64),
+                      neg, source=str(out))
+    kept_items = [items[i] for i in kept]
+    gallery.add(emb, [it.label for it in kept_items], hashes, [it.reference_id for it in kept_items],
+                [it.source for it in kept_items])
+    gallery.save(out)
+    return {"added": len(kept), "skipped": skipped, "negatives_skipped": neg_skipped, **gallery.describe()}
+
+
+def add(gallery_path: str | Path, ref: str | Path, model_path: str | Path) -> dict:
+    model = _load_model(model_path)
+    gallery = Gallery.load(gallery_path, model.contract)
+    items = read_references(ref)
+    emb, hashes, kept, skipped = embed_paths(model, [it.path for it in items], desc="references")
+    if kept:
+        kept_items = [items[i] for i in kept]
+        gallery.add(emb, [it.label for it in kept_items], hashes, [it.reference_id for it in kept_items],
+                    [it.source for it in kept_items])
+        gallery.save(gallery_path)
+    return {"added": len(kept), "skipped": skipped, **gallery.describe()}
+
+
+def remove(gallery_path: str | Path, reference_ids: list[str]) -> dict:
+    gallery = Gallery.load(gallery_path)
+    removed = gallery.remove(reference_ids)
+    gallery.save(gallery_path)
+    return {"removed": removed, **gallery.describe()}
+
+
+def format_info(info: dict) -> str:
+    lines = [f"gallery {info['source']}: {info['references']} references, model {info['model_name']} {info['model_version']}",
+             f"embedding: {info['embedding']['size']} floats ({info['embedding']['producer']}); search: {info['search']}",
+             f"thresholds solved on {info['negatives'].get('count', 0)} negatives at fpr {info['fpr']}"]
+    for label, count in info["labels"].items():
+        t = info["thresholds"][label]
+        lines.append(f"  {label}: {count} refs, similar >= {t['similar']:.4f}, duplicate >= {t['duplicate']:.4f} "
+                     f"or pHash <= {t['duplicate_hamming']} bits, duplicate {'blocks' if t['block'] else 'goes to review'}")
+    for path, reason in info.get("skipped", []):
+        lines.append(f"skipped {path}: {reason}")
+    return "\n".join(lines)

@@ -1,0 +1,313 @@
+"""Reference galleries: the embedding output, gallery files, thresholds, matching, and the service's answers."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+from typer.testing import CliRunner
+
+from tests.conftest import jpeg_bytes, photo, shared_dataset
+
+
+def _cli(*args):
+    from training.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _folder(root: Path, label: str, images: list[Image.Image]) -> Path:
+    (root / label).mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(images):
+        im.save(root / label / f"{label}_{i}.jpg", quality=92)
+    return root
+
+
+@pytest.fixture(scope="module")
+def synth_gallery(onnx_model, tmp_path_factory) -> Path:
+    """Two labels of synthetic pictures (and one unreadable file), negatives from other seeds."""
+    root = tmp_path_factory.mktemp("gal")
+    ref = _folder(root / "ref", "pangolin_scales", [photo(s) for s in range(3)])
+    _folder(ref, "tiger_skin", [photo(s) for s in range(10, 12)])
+    (ref / "tiger_skin" / "broken.jpg").write_bytes(jpeg_bytes(photo(99))[:200])
+    neg = _folder(root / "neg", "other", [photo(s) for s in range(50, 62)])
+    out = root / "g.npz"
+    result = _cli("gallery", "build", ref, "--model", onnx_model, "--out", out, "--negatives", neg)
+    assert result.exit_code == 0, result.output
+    assert "skipped" in result.output and "broken.jpg" in result.output
+    return out
+
+
+# ---- the contract's embedding output ---------------------------------------------------------------
+
+def test_export_adds_a_normalised_embedding_after_logits(onnx_model):
+    from serving.runtime import OnnxModel
+
+    model = OnnxModel(onnx_model)
+    assert model.output_names == ["logits", "embedding"]
+    spec = model.contract.embedding
+    assert spec.output == "embedding" and spec.size == 1280 and "fine-tuned" in spec.producer
+    batch = np.stack([model.preprocessing(photo(s)) for s in range(3)])
+    probs, emb = model.predict_with_embedding(batch)
+    assert emb.shape == (3, 1280) and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)
+    assert np.allclose(probs, model.predict_proba(batch), atol=1e-6)  # logits unchanged by the extra output
+
+
+def test_phash_is_imagehash_phash_without_the_dependency():
+    imagehash = pytest.importorskip("imagehash")
+    from serving.phash import phash
+
+    for seed in range(8):
+        im = photo(seed, size=(200, 150))
+        assert phash(im) == int(str(imagehash.phash(im)), 16)
+
+
+# ---- gallery files -----------------------------------------------------------------------------------
+
+def test_build_reports_skipped_images_and_add_remove_resolve_thresholds(synth_gallery, onnx_model, tmp_path):
+    from serving.gallery import Gallery
+
+    g = Gallery.load(synth_gallery)
+    assert g.describe()["labels"] == {"pangolin_scales": 3, "tiger_skin": 2}
+    assert g.header.negatives["count"] == 12 and len(g.negatives) == 12
+    copy = tmp_path / "g.npz"
+    shutil.copy(synth_gallery, copy)
+    more = _folder(tmp_path / "more", "rhino_horn", [photo(s) for s in range(20, 22)])
+    assert _cli("gallery", "add", copy, more, "--model", onnx_model).exit_code == 0
+    g2 = Gallery.load(copy)
+    assert g2.describe()["labels"]["rhino_horn"] == 2 and set(g2.thresholds) == {"pangolin_scales", "tiger_skin", "rhino_horn"}
+    # the same ids again are refused, nothing written
+    again = _cli("gallery", "add", copy, more, "--model", onnx_model)
+    assert again.exit_code == 2 and "already in" in again.output
+    removed = _cli("gallery", "remove", copy, "--reference", "rhino_horn/rhino_horn_0.jpg", "--reference", "rhino_horn/rhino_horn_1.jpg")
+    assert removed.exit_code == 0, removed.output
+    assert set(Gallery.load(copy).header.labels) == {"pangolin_scales", "tiger_skin"}
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporaries
+    info = _cli("gallery", "info", copy)
+    assert info.exit_code == 0 and "pangolin_scales: 3 refs" in info.output and g.header.model_version in info.output
+
+
+def test_an_exact_copy_is_a_duplicate_and_thresholds_hold_back_the_negatives(synth_gallery, onnx_model):
+    from serving.checker import ImageChecker
+
+    checker = ImageChecker(str(onnx_model), gallery=str(synth_gallery))
+    ref = jpeg_bytes(photo(1))
+    result = checker.check(ref)
+    assert result["matches"][0] == {**result["matches"][0], "label": "pangolin_scales",
+                                    "reference": "pangolin_scales/pangolin_scales_1.jpg", "kind": "duplicate"}
+    assert result["decision"] == "block" and "gallery:pangolin_scales" in result["triggered_by"]
+    # at fpr 0.01 with 12 negatives none of them may reach `similar`
+    negatives = sorted((synth_gallery.parent / "neg" / "other").glob("*.jpg"))
+    assert [checker.check(p.read_bytes())["matches"] for p in negatives] == [[]] * 12
+
+
+def _rewrite(src: Path, dst: Path, **changes) -> Path:
+    with np.load(src) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    header = json.loads(arrays["header"].tobytes())
+    for key, value in changes.items():
+        if key in arrays:
+            arrays[key] = value
+        else:
+            header[key] = value
+    arrays["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+    with open(dst, "wb") as fh:
+        np.savez(fh, **arrays)
+    return dst
+
+
+def test_bad_galleries_are_refused_naming_the_file(synth_gallery, onnx_model, tmp_path):
+    from serving.checker import ImageChecker
+    from serving.gallery import GalleryError
+
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(synth_gallery.read_bytes()[:5000])
+    empty = _rewrite(synth_gallery, tmp_path / "empty.npz", embeddings=np.zeros((0, 1280), np.float32),
+                     labels=np.zeros(0, np.int32), hashes=np.zeros(0, np.uint64), reference_ids=[], sources=[])
+    future = _rewrite(synth_gallery, tmp_path / "future.npz", version=99)
+    other = _rewrite(synth_gallery, tmp_path / "other.npz", model_version="1.0.0+abcdef123456")
+    cases = {truncated: "truncated", empty: "no references", future: "version 99", other: r"1\.0\.0\+abcdef123456",
+             tmp_path / "missing.npz": "not found"}
+    for path, words in cases.items():
+        with pytest.raises(GalleryError, match=words) as err:
+            ImageChecker(str(onnx_model), gallery=str(path))
+        assert str(path) in str(err.value)
+        served = _cli("serve", onnx_model, "--gallery", path)  # refuses before starting any worker
+        assert served.exit_code == 2 and str(path) in served.output.replace("\n", "")
+    with pytest.raises(GalleryError, match=r"9\.9\.9\+"):  # both versions named
+        ImageChecker(str(onnx_model), gallery=str(other))
+
+
+def test_policy_overrides_gallery_thresholds(synth_gallery, onnx_model, tmp_path):
+    from serving.checker import ImageChecker
+    from serving.policy import PolicyError
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("gallery:\n  pangolin_scales: {block: false}\n")
+    checker = ImageChecker(str(onnx_model), gallery=str(synth_gallery))
+    checker.apply_policy(str(policy))
+    from serving.gallery import Match
+
+    result = checker.check(jpeg_bytes(photo(1)))
+    found = [Match(**m) for m in result["matches"]]
+    assert found[0].kind == "duplicate" and checker.gallery.decide(found) == ("review", ["gallery:pangolin_scales"])
+    assert checker.describe()["gallery"]["thresholds"]["pangolin_scales"]["block"] is False
+    policy.write_text("gallery:\n  rhino_horn: {similar: 0.5}\n")
+    with pytest.raises(PolicyError, match="rhino_horn"):
+        checker.apply_policy(str(policy))
+    with pytest.raises(PolicyError, match="no gallery"):
+        ImageChecker(str(onnx_model)).apply_policy(str(policy))
+
+
+def test_approximate_search_agrees_with_exact_search():
+    from serving.search import ExactIndex, FaissIndex
+
+    rng = np.random.default_rng(0)
+    refs = rng.standard_normal((4000, 64)).astype(np.float32)
+    refs /= np.linalg.norm(refs, axis=1, keepdims=True)
+    queries = refs[:200] + 0.05 * rng.standard_normal((200, 64)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    exact_s, exact_i = ExactIndex(refs).search(queries, 5)
+    ann_s, ann_i = FaissIndex(refs).search(queries, 5)
+    assert (exact_i[:, 0] == np.arange(200)).mean() > 0.99
+    assert (ann_i[:, 0] == exact_i[:, 0]).mean() >= 0.98
+    assert np.allclose(ann_s[:, 0], exact_s[:, 0], atol=2e-3)  # float16 vectors in the index
+
+
+# ---- real photos ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def embedder(tmp_path_factory) -> Path:
+    """The ImageNet-pretrained backbone as a wildcheck ONNX (what benchmarks/gallery_bench.py chose)."""
+    from training.embedding import export_embedder
+
+    out = tmp_path_factory.mktemp("embedder") / "embedder.onnx"
+    export_embedder(out)
+    return out
+
+
+def _listing_copy(im: Image.Image) -> bytes:
+    """Cropped ~12%, a price banner across the bottom, re-compressed at JPEG quality 30."""
+    w, h = im.size
+    im = im.crop((int(w * 0.06), int(h * 0.04), int(w * 0.96), int(h * 0.94)))
+    draw = ImageDraw.Draw(im)
+    draw.rectangle((0, im.height * 0.86, im.width, im.height), fill=(200, 30, 30))
+    draw.text((6, im.height * 0.88), "$450 FREE SHIPPING - DM NOW", fill=(255, 255, 255))
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=30)
+    return buf.getvalue()
+
+
+@pytest.mark.realdata
+def test_listing_copies_of_known_photos_are_duplicates_and_unrelated_photos_match_nothing(embedder, tmp_path):
+    from serving.checker import ImageChecker
+
+    met, generic, caltech = shared_dataset("met-ivory"), shared_dataset("generic-products"), shared_dataset("caltech101-negatives")
+    refs = sorted((met / "val" / "ivory").glob("*.jpg"))[:6]
+    ref_root = tmp_path / "ref" / "seized_ivory"
+    ref_root.mkdir(parents=True)
+    for p in refs:
+        shutil.copy(p, ref_root / p.name)
+    neg = tmp_path / "neg"
+    neg.mkdir()
+    # negatives must look like the photos the service sees: everyday objects, clothing, other museum objects
+    broad = (sorted((caltech / "train" / "other").glob("*.jpg"))[::50] + sorted((generic / "train" / "other").glob("*.jpg"))[::60]
+             + sorted((met / "train" / "other").glob("*.jpg"))[::40])
+    for p in broad:
+        shutil.copy(p, neg / p.name)
+    out = tmp_path / "known.npz"
+    # fpr 0.005 on ~140 negatives: `similar` sits above every negative
+    built = _cli("gallery", "build", tmp_path / "ref", "--model", embedder, "--out", out, "--negatives", neg, "--fpr", 0.005)
+    assert built.exit_code == 0, built.output
+    checker = ImageChecker(str(embedder), gallery=str(out))
+    for p in refs:
+        result = checker.check(_listing_copy(Image.open(p).convert("RGB")))
+        top = result["matches"][0]
+        assert (top["label"], top["reference"], top["kind"]) == ("seized_ivory", f"seized_ivory/{p.name}", "duplicate"), result
+        assert result["decision"] == "block" and result["triggered_by"] == ["gallery:seized_ivory"]
+    unrelated = sorted((caltech / "val" / "other").glob("*.jpg"))[::40] + sorted((generic / "val" / "other").glob("*.jpg"))[::40]
+    for p in unrelated:
+        result = checker.check(p.read_bytes())
+        assert result["matches"] == [] and result["decision"] == "allow", (p.name, result["matches"])
+
+
+@pytest.mark.realdata
+def test_few_shot_label_from_five_references_catches_held_out_photos_through_the_service(embedder, tmp_path):
+    """Through the checker the service runs for /v1/check_batch (in-process: BentoML allows one ASGI app per test
+    session, see conftest.service_app); notebooks/04 does the same through a real `wildcheck serve` process."""
+    from serving.checker import ImageChecker
+
+    caltech, generic = shared_dataset("caltech101-negatives"), shared_dataset("generic-products")
+    category = "watch"  # stands in for a product type; 23 held-out val photos
+    ref = tmp_path / "ref" / "wristwatch"
+    ref.mkdir(parents=True)
+    for p in sorted((caltech / "train" / "other").glob(f"{category}_image_*.jpg"))[:5]:
+        shutil.copy(p, ref / p.name)
+    neg = tmp_path / "neg"
+    neg.mkdir()
+    others = [p for p in sorted((caltech / "train" / "other").glob("*.jpg")) if not p.name.startswith(category)]
+    for p in others[::30] + sorted((generic / "train" / "other").glob("*.jpg"))[:40]:
+        shutil.copy(p, neg / p.name)
+    out = tmp_path / "fewshot.npz"
+    built = _cli("gallery", "build", tmp_path / "ref", "--model", embedder, "--out", out, "--negatives", neg)
+    assert built.exit_code == 0, built.output
+    checker = ImageChecker(str(embedder), gallery=str(out))
+    described = checker.describe()["gallery"]
+    assert described["labels"] == {"wristwatch": 5} and described["source"] == str(out)
+    held_out = sorted((caltech / "val" / "other").glob(f"{category}_image_*.jpg"))
+    caught = 0
+    for i in range(0, len(held_out), 8):
+        for item in checker.check_many([(p.read_bytes(), "image/jpeg") for p in held_out[i:i + 8]]):
+            hit = [m for m in item["matches"] if m["label"] == "wristwatch"]
+            if hit:
+                assert item["decision"] in ("review", "block") and "gallery:wristwatch" in item["triggered_by"]
+                caught += 1
+    assert caught / len(held_out) >= 0.6, f"{caught} of {len(held_out)} held-out {category} photos caught"
+
+
+def test_a_large_gallery_stores_its_hnsw_index_and_loads_it_without_rebuilding(tmp_path):
+    from serving.gallery import Gallery, GalleryHeader, solve_thresholds
+    from serving.search import FaissIndex
+
+    rng = np.random.default_rng(1)
+    refs = rng.standard_normal((3000, 32)).astype(np.float32)
+    refs /= np.linalg.norm(refs, axis=1, keepdims=True)
+    labels = np.zeros(3000, np.int32)
+    header = GalleryHeader(model_name="m", model_version="1", contract_hash="h", embedding={"size": 32, "producer": "test"},
+                           labels=["known"], reference_ids=[f"r{i}" for i in range(3000)], sources=[""] * 3000,
+                           thresholds=solve_thresholds(refs, labels, ["known"], np.zeros((0, 32), np.float32), 0.01),
+                           created_at="", updated_at="")
+    Gallery(header, refs, labels, np.zeros(3000, np.uint64), np.zeros((0, 32), np.float32), exact_max=1000).save(tmp_path / "g.npz")
+    loaded = Gallery.load(tmp_path / "g.npz", exact_max=1000)
+    assert isinstance(loaded._index, FaissIndex) and len(loaded._index) == 3000
+    assert loaded.match(refs[1234])[0].reference == "r1234"
+
+
+@pytest.mark.realdata
+def test_a_known_photo_posted_as_one_tile_of_a_collage_matches_through_the_contracts_tiles(embedder, tmp_path):
+    import onnx
+
+    from serving.checker import ImageChecker
+
+    met, generic = shared_dataset("met-ivory"), shared_dataset("generic-products")
+    tiled = tmp_path / "tiled.onnx"  # the same graph, its contract asking for the whole picture + 2x2 tiles
+    model = onnx.load(str(embedder))
+    next(p for p in model.metadata_props if p.key == "wildcheck.tiling").value = json.dumps({"grid": 2})
+    onnx.save(model, str(tiled))
+    refs = sorted((met / "val" / "other").glob("*.jpg"))[:4]
+    _folder(tmp_path / "ref", "known", [Image.open(p).convert("RGB") for p in refs])
+    neg = _folder(tmp_path / "neg", "other", [Image.open(p).convert("RGB") for p in sorted((generic / "train" / "other").glob("*.jpg"))[:30]])
+    out = tmp_path / "g.npz"
+    assert _cli("gallery", "build", tmp_path / "ref", "--model", tiled, "--out", out, "--negatives", neg).exit_code == 0
+    others = [Image.open(p).convert("RGB").resize((256, 256)) for p in sorted((generic / "val" / "other").glob("*.jpg"))[:3]]
+    collage = Image.new("RGB", (512, 512), "white")
+    for i, im in enumerate([others[0], Image.open(refs[2]).convert("RGB").resize((256, 256)), *others[1:]]):
+        collage.paste(im, ((i % 2) * 256, (i // 2) * 256))
+    result = ImageChecker(str(tiled), gallery=str(out)).check(jpeg_bytes(collage))
+    assert result["matches"][0]["reference"] == "known/known_2.jpg" and result["matches"][0]["kind"] == "duplicate", result

@@ -1,0 +1,98 @@
+"""The exported graph's second output: L2-normalised pooled features for reference galleries.
+
+A wrapper module (not a change to the classifier) so the export stays one ``forward`` that returns a
+tuple: ``logits`` first (what serving's decision reads), then ``embedding``. Other outputs (heat maps)
+are added the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+EMBEDDING_OUTPUT = "embedding"
+
+
+def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's pre-logits features (global pool, no classifier): what the classifier sees."""
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """``F.normalize`` without its ``expand_as``: onnxruntime's symbolic shape inference (INT8 pre-processing)
+    fails on the Expand node that F.normalize exports to."""
+    return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-12)
+
+
+class WithEmbedding(nn.Module):
+    """``forward(x) -> (logits, embedding)``; logits are exactly the wrapped model's in eval mode.
+
+    A wrapped timm model (e.g. a test's tampered ``Sequential(model, ...)``) keeps its own forward for the
+    logits; the embedding then comes from the timm model inside it.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.direct = hasattr(model, "forward_head")
+        if not self.direct:
+            self.base = next(m for m in model.modules() if hasattr(m, "forward_head"))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.direct:
+            pooled = pooled_features(self.model, x)
+            logits = self.model.get_classifier()(pooled)
+        else:
+            logits, pooled = self.model(x), pooled_features(self.base, x)
+        return logits, l2_normalize(pooled)
+
+
+def embedding_size(model: nn.Module) -> int:
+    return int(model.num_features)
+
+
+def embedding_spec(model: nn.Module, architecture: str, producer: str = "fine-tuned") -> dict:
+    """What the contract says about the output: its name, size and what produced it."""
+    return {
+        "output": EMBEDDING_OUTPUT,
+        "size": embedding_size(model),
+        "normalized": True,
+        "producer": f"{producer} {architecture}: global-average-pooled pre-logits features, L2-normalised",
+    }
+
+
+def export_embedder(out, arch: str = "tf_efficientnet_lite0", version: str | None = None, tiling: int = 0) -> dict:
+    """The ImageNet-pretrained backbone as a self-contained wildcheck ONNX: ``embedding`` from pooled features.
+
+    Its contract has one label (the negative ``other``, never triggered), so served alone it decides by the
+    gallery only; it is also what ``gallery_bench.py`` compares the fine-tuned model's embedding against.
+    """
+    import tempfile
+    from datetime import datetime, timezone
+    from pathlib import Path
+
+    import training
+    from serving.contract import ModelContract
+    from serving.preprocess import Preprocessing
+    from training.export import torch_to_onnx, weights_hash, write_metadata
+    from training.models import create_model, pretrained_data_config
+
+    model = create_model(arch, num_classes=1, pretrained="offline").eval()
+    cfg = pretrained_data_config(arch)
+    pre = Preprocessing(input_size=224, crop_pct=cfg.get("crop_pct", 0.875), interpolation=cfg.get("interpolation", "bicubic"),
+                        mean=cfg.get("mean", (0.5, 0.5, 0.5)), std=cfg.get("std", (0.5, 0.5, 0.5)))
+    digest = weights_hash(model.state_dict())[:12]
+    contract = ModelContract(
+        labels=["other"], negative_label="other", preprocessing=pre, thresholds={}, model_name=f"wildcheck-embedder-{arch}",
+        model_version=f"{version or 'imagenet'}+{digest}", architecture=arch,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        training_data={"weights": f"ImageNet-1k, offline package for {arch}", "fine_tuned": False},
+        metrics={}, embedding=embedding_spec(model, arch, producer="ImageNet-pretrained"),
+        wildcheck_version=training.__version__, role="embedder", tiling={"grid": tiling} if tiling else None,
+    )
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        torch_to_onnx(model, pre.input_size, raw)
+        write_metadata(raw, out, contract)
+    return {"path": str(out), "model_version": contract.model_version, "bytes": out.stat().st_size}
