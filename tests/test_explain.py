@@ -90,7 +90,7 @@ def test_cam_output_is_each_locations_share_of_the_logits(onnx_model):
     from serving.runtime import OnnxModel
 
     model = OnnxModel(onnx_model)
-    assert [o.name for o in model.session.get_outputs()] == ["logits", "cam"]
+    assert [o.name for o in model.session.get_outputs()] == ["logits", "cam", "embedding"]  # logits first
     assert model.contract.cam.output == "cam" and model.contract.cam.shape == [4, 2, 2]  # 64 px input -> 2 x 2 map
     pre = model.preprocessing
     batch = np.stack([pre(_scene(seed=s)) for s in range(3)])

@@ -50,7 +50,7 @@ def test_export_adds_a_normalised_embedding_after_logits(onnx_model):
     from serving.runtime import OnnxModel
 
     model = OnnxModel(onnx_model)
-    assert model.output_names == ["logits", "embedding"]
+    assert model.output_names == ["logits", "cam", "embedding"]  # logits first
     spec = model.contract.embedding
     assert spec.output == "embedding" and spec.size == 1280 and "fine-tuned" in spec.producer
     batch = np.stack([model.preprocessing(photo(s)) for s in range(3)])

@@ -159,14 +159,14 @@ def test_batch_past_its_deadline_stops_between_images_and_answers_504_json(app, 
     client, service_module = app
     monkeypatch.setattr(service_module, "settings", dataclasses.replace(service_module.settings, timeout_s=1))
     calls = []
-    original = ImageChecker.prepare
+    original = ImageChecker.prepare_full  # what the service's batch route decodes each image with
 
     def slow(self, *args, **kwargs):
         calls.append(time.monotonic())
         time.sleep(0.7)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(ImageChecker, "prepare", slow)
+    monkeypatch.setattr(ImageChecker, "prepare_full", slow)
     files = [("image", (f"{i}.jpg", jpeg_bytes(photo(i)), "image/jpeg")) for i in range(4)]
     r = client.post("/v1/check_batch", files=files)
     assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
