@@ -1,5 +1,6 @@
 """The notebooks run top to bottom on the synthetic demo data, and are committed without outputs."""
 
+import os
 from pathlib import Path
 
 import nbformat
@@ -28,6 +29,11 @@ def test_runs_top_to_bottom(path, tmp_path, monkeypatch):
     from nbclient import NotebookClient
 
     monkeypatch.setenv("BENTOML_DO_NOT_TRACK", "true")
+    # a notebook runs as a user would: no server settings left in the environment by other tests (the
+    # session's in-process service sets WILDCHECK_API_KEYS, WILDCHECK_MODEL, ...; servers started from the
+    # notebook would inherit them and answer 401)
+    for name in [k for k in os.environ if k.startswith("WILDCHECK_") and k != "WILDCHECK_SHARED"]:
+        monkeypatch.delenv(name)
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
     client.execute()  # raises CellExecutionError when a cell fails
