@@ -13,6 +13,7 @@ import json
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from serving.decision import decide
 from serving.imageio import ImageError, decode_image
 from serving.tiling import draft_size
 from training.conditions import Condition, condition_rng, default_conditions
-from training.data.sources import KNOWN_SPLITS, Sample, load_samples, select_split
+from training.data.sources import Sample, load_samples, select_split
 from training.evaluate import _decision_settings, load_predictor, predict_images
 from training.metrics import compute_metrics, decision_report
 
@@ -78,18 +79,6 @@ class RobustnessReport(BaseModel):
     seconds: float
 
 
-def _source(sample: Sample, root: Path) -> str:
-    """``root name`` or ``root name/subfolder`` (pools keep one folder per source under the label)."""
-    try:
-        parts = sample.path.relative_to(root).parts[:-1]
-    except ValueError:  # a manifest's image outside its root
-        return root.stem
-    if parts and parts[0] in KNOWN_SPLITS:
-        parts = parts[1:]
-    parts = parts[1:]  # the label folder
-    return "/".join((root.name, *parts[:1]))
-
-
 def gather(data: list[str | Path], negatives: list[str | Path], split: str | None, labels: list[str],
            negative_label: str) -> tuple[list[Sample], list[str], dict[str, int]]:
     """(samples whose label the model knows, their source, counts of unknown labels left out)."""
@@ -103,12 +92,12 @@ def gather(data: list[str | Path], negatives: list[str | Path], split: str | Non
                 raise ValueError(f"no images in split {split!r} of {root}")
         for s in found:
             if is_negative:
-                s = Sample(s.path, negative_label, s.split)
+                s = replace(s, label=negative_label)
             if s.label not in labels:
                 unknown[s.label] = unknown.get(s.label, 0) + 1
                 continue
             samples.append(s)
-            sources.append(_source(s, root))
+            sources.append(s.origin)  # pool/source: where a false positive came from
     if not samples:
         raise ValueError(f"none of the images carries a label the model knows ({labels})")
     return samples, sources, unknown
