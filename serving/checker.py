@@ -15,7 +15,7 @@ from PIL import Image
 from serving.decision import DECISIONS, decide
 from serving.imageio import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageError, decode_image
 from serving.explain import OVERLAY_MAX_SIDE, explain, explained_label, overlay_base64, predict_views_with_cam
-from serving.runtime import OnnxModel
+from serving.runtime import OnnxModel, Predictor
 from serving.tiling import combine, draft_size, predict_views, views
 
 # The MIME type of each decodable format, and the names clients use for them.
@@ -66,11 +66,13 @@ class Prepared:
 
 
 class ImageChecker:
-    """Loads the ONNX model once; ``check`` is safe to call from several threads."""
+    """Loads the ONNX model once (or takes any ``Predictor``, e.g. a checkpoint's); ``check`` is safe to call
+    from several threads."""
 
-    def __init__(self, model_path: str, threads: int = 1, limits: Limits = Limits(), max_concurrent: int = 1,
-                 memory_arena: bool = True, gallery: str | None = None):
-        self.model = OnnxModel(model_path, threads=threads, memory_arena=memory_arena)
+    def __init__(self, model: str | Path | Predictor, threads: int = 1, limits: Limits = Limits(),
+                 max_concurrent: int = 1, memory_arena: bool = True, gallery: str | None = None):
+        self.model = model if isinstance(model, Predictor) else \
+            OnnxModel(model, threads=threads, memory_arena=memory_arena)
         self.contract = self.model.contract
         self.pre = self.contract.preprocessing
         self.limits = limits

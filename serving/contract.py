@@ -1,7 +1,7 @@
 """The model contract: everything serving needs, read from the ONNX file's ``metadata_props``.
 
-Training writes it (``training.export``), serving reads it here. Values are JSON strings under
-``wildcheck.*`` keys so that any ONNX tool can show them.
+Written and read here (``ModelContract.write_to`` / ``from_metadata``) so the two cannot drift. Values are
+JSON strings under ``wildcheck.*`` keys so that any ONNX tool can show them.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from serving.decision import ClassThresholds
+from serving.errors import WildcheckError
 from serving.preprocess import Preprocessing
 from serving.thresholds import TrafficScores
 from serving.tiling import Tiling
@@ -33,7 +34,7 @@ REQUIRED_KEYS = (
 )
 
 
-class ContractError(ValueError):
+class ContractError(WildcheckError, ValueError):
     """The file is not a wildcheck model, or its contract is incomplete."""
 
 
@@ -65,30 +66,27 @@ class DecisionRules(BaseModel):
     negative_weights: dict[str, float] | None = None
 
 
-class ModelContract(BaseModel):
-    model_config = ConfigDict(extra="allow", protected_namespaces=())
+class ModelSpec(BaseModel):
+    """What a trained model is and how to decide with it: one type from ``best.pt`` to the ONNX metadata.
 
-    contract_version: int = CONTRACT_VERSION
+    Training writes it into the checkpoint, calibration returns an updated copy, export extends it into a
+    ``ModelContract``; both predictors (checkpoint and ONNX) answer with it."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
     labels: list[str] = Field(min_length=1)
     negative_label: str = "other"
     preprocessing: Preprocessing
     thresholds: dict[str, ClassThresholds]
     never_block: list[str] = []
     temperature: float = Field(1.0, gt=0.0, description="logits are divided by it before the softmax")
-    model_name: str
-    model_version: str
     architecture: str
-    created_at: str
-    training_data: dict[str, Any]
-    metrics: dict[str, Any]
-    wildcheck_version: str
-    precision: str = "fp32"
+    training_data: dict[str, Any] = Field(default_factory=dict, description="fingerprint of the training images")
+    metrics: dict[str, Any] = Field(default_factory=dict, description="validation metrics and the calibration summary")
     tiling: Tiling | None = Field(None, description="score the whole picture and a grid of tiles (serving.tiling)")
-    cam: CamOutput | None = Field(None, description="class activation maps output, for explain; None in older files")
     val_curves: dict[str, dict[str, list[float]]] = Field(
         default_factory=dict, description="calibrated validation scores per class (pos/neg), to re-solve a policy"
     )
-    embedding: EmbeddingSpec | None = Field(None, description="absent in models exported before galleries existed")
     decision: DecisionRules | None = Field(None, description="targets and budgets the thresholds were solved with; None: unknown (older model)")
     threshold_rules: dict[str, dict[str, str]] = Field(
         default_factory=dict, description="per class, the rule that set each threshold (serving.thresholds.RULES)"
@@ -98,10 +96,33 @@ class ModelContract(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _thresholds_name_known_labels(self) -> "ModelContract":
+    def _thresholds_name_known_labels(self):
         unknown = set(self.thresholds) - set(self.labels)
         if unknown:
             raise ValueError(f"thresholds name labels the model does not have: {sorted(unknown)}")
+        return self
+
+    @property
+    def negative_index(self) -> int | None:
+        return self.labels.index(self.negative_label) if self.negative_label in self.labels else None
+
+
+class ModelContract(ModelSpec):
+    """The spec plus what a release adds: name, version (with the weights hash), date, graph outputs."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    contract_version: int = CONTRACT_VERSION
+    model_name: str
+    model_version: str
+    created_at: str
+    wildcheck_version: str
+    precision: str = "fp32"
+    cam: CamOutput | None = Field(None, description="class activation maps output, for explain; None in older files")
+    embedding: EmbeddingSpec | None = Field(None, description="absent in models exported before galleries existed")
+
+    @property
+    def spec(self) -> ModelSpec:
         return self
 
     def to_metadata(self) -> dict[str, str]:
@@ -122,6 +143,17 @@ class ModelContract(BaseModel):
             return cls.model_validate(values)
         except (json.JSONDecodeError, ValidationError) as exc:
             raise ContractError(f"{source} has invalid wildcheck metadata: {exc}") from exc
+
+    def write_to(self, model):
+        """Put the contract into an ``onnx.ModelProto``'s metadata (in place; returns it). Serving has no
+        ``onnx`` package, so the caller loads, checks and saves the file (``training.fileio.atomic_onnx_save``)."""
+        del model.metadata_props[:]
+        for key, value in self.to_metadata().items():
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
+        model.producer_name = "wildcheck"
+        model.doc_string = f"{self.model_name} {self.model_version}: labels {self.labels}"
+        return model
 
 
 def contract_hash(contract: ModelContract) -> str:

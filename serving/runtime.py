@@ -1,12 +1,18 @@
-"""onnxruntime session for a wildcheck ONNX file: preprocessed batch in, calibrated probabilities out."""
+"""onnxruntime session for a wildcheck ONNX file: preprocessed batch in, calibrated probabilities out.
+
+``Predictor`` declares what the checker, evaluation and calibration ask of a model, so a checkpoint
+(``training.predict.TorchPredictor``) and an ONNX file are interchangeable.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from serving.contract import ModelContract, contract_from_session, open_session
+from serving.contract import ModelContract, ModelSpec, contract_from_session, open_session
+from serving.errors import WildcheckError
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -16,8 +22,56 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-class OnnxModel:
-    """Loads the file once; ``predict_proba`` takes float32 NCHW batches."""
+@runtime_checkable
+class Predictor(Protocol):
+    """A model that scores preprocessed float32 NCHW batches as its ``spec`` says (labels, preprocessing,
+    temperature, tiling); ``contract``: the release it is or would be exported as (name, version, outputs)."""
+
+    spec: ModelSpec
+
+    @property
+    def contract(self) -> ModelContract: ...
+
+    @property
+    def has_cam(self) -> bool: ...
+
+    def predict_proba(self, batch: np.ndarray) -> np.ndarray: ...
+
+    def predict_with_cam(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class SpecView:
+    """The spec's fields that callers read off a predictor, in one place for both predictors."""
+
+    spec: ModelSpec
+
+    @property
+    def labels(self) -> list[str]:
+        return self.spec.labels
+
+    @property
+    def preprocessing(self):
+        return self.spec.preprocessing
+
+    @property
+    def temperature(self) -> float:
+        return self.spec.temperature
+
+    @property
+    def tiling(self):
+        return self.spec.tiling
+
+    @property
+    def negative_index(self) -> int | None:
+        return self.spec.negative_index
+
+
+class NoOutputError(WildcheckError, ValueError):
+    """The file lacks a graph output (cam, embedding) that the asked-for feature needs."""
+
+
+class OnnxModel(SpecView):
+    """Loads the file once (its contract comes from the same session); ``predict_proba`` takes float32 NCHW batches."""
 
     def __init__(self, path: str | Path, threads: int = 1, memory_arena: bool = True):
         import onnxruntime as ort
@@ -42,16 +96,8 @@ class OnnxModel:
         self.cam_output: str | None = cam.output if cam is not None and cam.output in self.output_names else None
 
     @property
-    def labels(self) -> list[str]:
-        return self.contract.labels
-
-    @property
-    def preprocessing(self):
-        return self.contract.preprocessing
-
-    @property
-    def temperature(self) -> float:
-        return self.contract.temperature
+    def spec(self) -> ModelSpec:
+        return self.contract
 
     @property
     def has_cam(self) -> bool:
@@ -59,15 +105,6 @@ class OnnxModel:
 
     def _feed(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         return {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)}
-
-    @property
-    def tiling(self):
-        return self.contract.tiling
-
-    @property
-    def negative_index(self) -> int | None:
-        labels = self.contract.labels
-        return labels.index(self.contract.negative_label) if self.contract.negative_label in labels else None
 
     def run(self, batch: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
         """The named outputs only: onnxruntime skips work that feeds none of them."""
@@ -80,7 +117,7 @@ class OnnxModel:
     def predict_with_cam(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(logits (N, C), class activation maps (N, C, h, w)); raises if the file has no ``cam`` output."""
         if self.cam_output is None:
-            raise ValueError(f"{self.path.name} has no class activation map output; re-export it with this version "
+            raise NoOutputError(f"{self.path.name} has no class activation map output; re-export it with this version "
                              "of `wildcheck export` to explain predictions")
         logits, cam = self.session.run([self.logits_output, self.cam_output], self._feed(batch))
         return logits, cam
@@ -93,7 +130,7 @@ class OnnxModel:
     def predict_with_embedding(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Calibrated probabilities and L2-normalised embeddings in one pass."""
         if self.embedding_output is None:
-            raise ValueError(f"{self.path} has no embedding output; re-export it with this wildcheck version")
+            raise NoOutputError(f"{self.path} has no embedding output; re-export it with this wildcheck version")
         logits, emb = self.run(batch, [self.logits_output, self.embedding_output])
         return softmax(logits, self.temperature), emb
 
