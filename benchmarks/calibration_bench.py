@@ -26,11 +26,11 @@ def main() -> int:
     from serving.runtime import softmax
     from training.calibrate import calibration_report, expected_calibration_error, nll
     from training.data.sources import load_samples, select_split
-    from training.evaluate import TorchPredictor, predict_samples
+    from training.predict import TorchPredictor, predict_samples
     from training.metrics import decision_report, format_decisions
 
     predictor = TorchPredictor(Path(sys.argv[1]) / "best.pt")
-    predictor.temperature = 1.0
+    predictor.spec = predictor.spec.model_copy(update={"temperature": 1.0})
     samples = select_split(load_samples([SHARED / "met-ivory"]), "val")
     negatives = [s for s in select_split(load_samples([SHARED / "generic-products", SHARED / "caltech101-negatives"]), "val")]
     from training.data.sources import Sample

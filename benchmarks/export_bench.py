@@ -61,7 +61,7 @@ def draft_effect(model_path: Path, data_root: Path) -> dict:
     from serving.imageio import decode_image
     from serving.runtime import OnnxModel
     from training.data.sources import load_samples, select_split
-    from training.evaluate import predict_samples
+    from training.predict import predict_samples
     from training.metrics import compute_metrics
 
     base = OnnxModel(model_path, threads=2)

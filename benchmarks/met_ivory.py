@@ -89,9 +89,14 @@ def main() -> int:
         return 2
 
     from training.config import load_config
-    from training.evaluate import evaluate
+    from training.evaluate import evaluate as run_evaluation, format_evaluation
     from training.fileio import atomic_write_text
     from training.train import train
+
+    def evaluate(*args, **kwargs) -> dict:  # printed as `wildcheck evaluate` prints it; the tables read the dict
+        report = run_evaluation(*args, **kwargs)
+        print(format_evaluation(report))
+        return report.model_dump()
 
     config = load_config(args.config, {"train": {"epochs": args.epochs, "seed": args.seed}})
     pools = [] if args.no_negatives else (args.pool or SHIPPABLE_POOLS)
@@ -174,9 +179,8 @@ def run_robustness(run: Path, met: Path, pools: list[str], limit: int | None = N
     """The listing-conditions report with the run's tiling and, re-calibrated, without it."""
     import shutil
 
-    import torch
-
     from training.calibrate import calibrate
+    from training.checkpoint import Checkpoint
     from training.robustness import robustness
 
     def summary(report) -> dict:
@@ -188,12 +192,12 @@ def run_robustness(run: Path, met: Path, pools: list[str], limit: int | None = N
 
     out = {}
     best = run / "best.pt"
-    state = torch.load(best, map_location="cpu", weights_only=True)
-    variants = [("tiled" if state.get("tiling") else "whole", best)]
-    if state.get("tiling"):
+    checkpoint = Checkpoint.load(best)
+    variants = [("tiled" if checkpoint.spec.tiling else "whole", best)]
+    if checkpoint.spec.tiling:
         (run / "whole").mkdir(exist_ok=True)
-        state["tiling"] = None
-        torch.save(state, run / "whole" / "best.pt")
+        checkpoint.spec = checkpoint.spec.model_copy(update={"tiling": None})
+        checkpoint.save(run / "whole" / "best.pt")
         calibrate(run / "whole" / "best.pt")
         variants.append(("whole", run / "whole" / "best.pt"))
     for name, ckpt in variants:

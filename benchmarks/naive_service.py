@@ -24,7 +24,7 @@ class NaiveCheck:
         import torch
         from PIL import Image
 
-        from training.evaluate import TorchPredictor
+        from training.predict import TorchPredictor
 
         self.predictor = TorchPredictor(os.environ["WILDCHECK_CHECKPOINT"].rstrip("/") + "/best.pt")
         self.np, self.torch, self.Image = np, torch, Image

@@ -111,11 +111,13 @@ def main() -> int:
         times["train scratch (all)"] = _run(["train", "--data", str(met), *negatives, "--config", args.config,
                                              "--out", str(scratch)], out / "scratch.log")
 
-    from training.evaluate import evaluate
+    from training.evaluate import evaluate, format_evaluation
 
     rows = {}
     for name, run in (("v1 (first half)", out / "v1"), ("v2 (warm start)", out / "v2"), ("scratch (all)", scratch)):
-        rows[name] = evaluate(run, [str(met)], split="val", out_dir=out / f"eval_{run.name}")
+        report = evaluate(run, [str(met)], split="val", out_dir=out / f"eval_{run.name}")
+        print(format_evaluation(report))
+        rows[name] = report.model_dump()
     reports = {k: json.loads((out / f"ingest_{k}.json").read_text()) for k in ("val", "first", "second")}
 
     print("\n| step | wall time |\n|---|---|")

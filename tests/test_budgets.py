@@ -112,7 +112,7 @@ def test_tiny_model_budget_moves_thresholds_and_reports_the_conflict(trained_run
     assert "CONFLICT ivory: max_flag_rate overrides review_recall" in text and "lookalikes" in text
     # evaluate: flag/block rates per source and one PNG of the most confident negatives per source
     metrics = evaluate(run, data, split="val", out_dir=tmp_path / "eval")
-    per_source = metrics["per_source"]
+    per_source = metrics.per_source
     assert per_source["lookalikes/carvings_shop"]["n"] == 6
     carvings, kitchen = per_source["lookalikes/carvings_shop"], per_source["lookalikes/kitchen_shop"]
     assert carvings["top"][0]["label"] == "ivory" and carvings["top"][0]["score"] > kitchen["top"][0]["score"]

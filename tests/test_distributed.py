@@ -52,4 +52,4 @@ def test_torchrun_two_processes_on_cpu(synth_root, tmp_path):
     from training.evaluate import evaluate
 
     metrics = evaluate(out, [str(synth_root)], split="test")
-    assert metrics["n"] == 16 and json.loads((out / "summary.json").read_text())["best_epoch"] in (1, 2)
+    assert metrics.n == 16 and json.loads((out / "summary.json").read_text())["best_epoch"] in (1, 2)

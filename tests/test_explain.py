@@ -261,7 +261,8 @@ def test_ivory_collages_peak_in_the_ivory_quadrant():
 
 
 def test_false_positives_png_shows_heat_maps_when_the_model_has_them(onnx_model, legacy_model, synth_root, tmp_path):
-    from training.evaluate import evaluate, load_predictor
+    from training.evaluate import evaluate
+    from training.predict import load_predictor
     from training.explain import heat_grids
 
     negatives = tmp_path / "neg" / "other"

@@ -11,8 +11,10 @@ import torch
 
 from serving.contract import ContractError, read_contract
 from serving.runtime import OnnxModel
+from training.checkpoint import Checkpoint
 from training.evaluate import evaluate
-from training.export import ExportError, export
+from training.export import ExportError, export, export_module
+from training.predict import TorchPredictor, run_samples
 
 
 @pytest.fixture(scope="session")
@@ -36,12 +38,13 @@ def test_export_is_one_self_contained_checked_file(exported):
 def test_metadata_round_trips_the_contract(exported, trained_run):
     path, _ = exported
     contract = read_contract(path)
-    state = torch.load(trained_run / "best.pt", weights_only=True)
-    assert contract.labels == state["labels"] == ["ivory", "other", "pangolin_scales", "tiger_skin"]
-    assert contract.preprocessing.model_dump(mode="json") == state["preprocessing"]
+    checkpoint = Checkpoint.load(trained_run / "best.pt")
+    spec = checkpoint.spec
+    assert contract.labels == spec.labels == ["ivory", "other", "pangolin_scales", "tiger_skin"]
+    assert contract.preprocessing == spec.preprocessing
     assert set(contract.thresholds) == {"ivory", "pangolin_scales", "tiger_skin"}  # 'other' never blocks
     assert contract.model_version.startswith("1.2.0+") and len(contract.model_version) == len("1.2.0+") + 12
-    assert contract.metrics["val"]["confusion_matrix"] == state["val_metrics"]["confusion_matrix"]
+    assert contract.metrics["val"]["confusion_matrix"] == checkpoint.val_metrics["confusion_matrix"]
     assert contract.training_data["sha256"] and contract.architecture == "tf_efficientnet_lite0"
     raw = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert json.loads(raw["wildcheck.labels"]) == contract.labels  # plain JSON any ONNX tool can show
@@ -51,17 +54,16 @@ def test_onnx_evaluation_equals_checkpoint_evaluation(exported, trained_run, syn
     path, _ = exported
     from_onnx = evaluate(path, [str(synth_root)], split="test")
     from_ckpt = evaluate(trained_run, [str(synth_root)], split="test")
-    assert from_onnx["confusion_matrix"] == from_ckpt["confusion_matrix"]
-    assert from_onnx["balanced_accuracy"] == from_ckpt["balanced_accuracy"]
+    assert from_onnx.confusion_matrix == from_ckpt.confusion_matrix
+    assert from_onnx.balanced_accuracy == from_ckpt.balanced_accuracy
 
 
 def test_parity_gate_fails_on_a_broken_export(trained_run, tmp_path):
-    def break_it(model):
-        broken = torch.nn.Sequential(model, torch.nn.Softmax(dim=1))  # probabilities instead of logits
-        return broken
-
+    predictor = TorchPredictor(trained_run / "best.pt")
+    val, _ = run_samples(predictor.checkpoint, None)
+    broken = torch.nn.Sequential(predictor.model, torch.nn.Softmax(dim=1))  # probabilities instead of logits
     with pytest.raises(ExportError, match="parity gate failed"):
-        export(trained_run, tmp_path / "broken.onnx", _tamper=break_it)
+        export_module(broken, predictor.contract, tmp_path / "broken.onnx", predictor, val[:16])
     assert not (tmp_path / "broken.onnx").exists()
 
 

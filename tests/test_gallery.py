@@ -185,7 +185,7 @@ def test_approximate_search_agrees_with_exact_search():
 @pytest.fixture(scope="module")
 def embedder(tmp_path_factory) -> Path:
     """The ImageNet-pretrained backbone as a wildcheck ONNX (what benchmarks/gallery_bench.py chose)."""
-    from training.embedding import export_embedder
+    from training.export import export_embedder
 
     out = tmp_path_factory.mktemp("embedder") / "embedder.onnx"
     export_embedder(out)

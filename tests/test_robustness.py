@@ -236,7 +236,7 @@ def test_robustness_command_reports_every_condition(onnx_model, synth_root, tmp_
     assert Image.open(out / "robustness.png").format == "PNG"
     assert not list(out.glob(".*.tmp"))
     # the clean pass is evaluation: same pictures, same decision rule, same numbers
-    decisions = evaluate(onnx_model, [synth_root], "val")["decisions"]
+    decisions = evaluate(onnx_model, [synth_root], "val").decisions
     clean = report["conditions"]["clean"]
     assert clean["negatives"]["flagged"] == pytest.approx(decisions["negatives_flagged"])
     for label, m in decisions["per_class"].items():

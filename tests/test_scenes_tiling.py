@@ -114,14 +114,14 @@ def test_served_scores_are_the_most_suspicious_view_when_the_contract_declares_t
     from serving.checker import ImageChecker
     from serving.contract import read_contract
     from serving.runtime import OnnxModel
-    from training.evaluate import predict_samples
+    from training.predict import predict_samples
     from training.data.sources import Sample
-    from training.export import write_metadata
+    from training.export import write_contract
     from tests.conftest import jpeg_bytes
 
     contract = read_contract(onnx_model).model_copy(update={"tiling": Tiling(grid=2, min_tile_side=32)})
     tiled = tmp_path / "tiled.onnx"
-    write_metadata(onnx_model, tiled, contract)
+    write_contract(onnx_model, tiled, contract)
     assert read_contract(tiled).tiling == Tiling(grid=2, min_tile_side=32)
 
     picture = Image.new("RGB", (256, 256), "white")

@@ -145,7 +145,7 @@ def test_server_preprocessing_matches_evaluation_on_real_jpegs(onnx_model):
     from tests.conftest import shared_dataset
     from training.data.sources import Sample
     from serving.tiling import views
-    from training.evaluate import _decode
+    from training.predict import decode_sample
 
     root = shared_dataset("met-ivory")
     checker = ImageChecker(str(onnx_model))
@@ -153,5 +153,5 @@ def test_server_preprocessing_matches_evaluation_on_real_jpegs(onnx_model):
     paths = sorted((root / "val" / "ivory").glob("*.jpg"))[:8]
     for path in paths:
         served, _ = checker.prepare(path.read_bytes(), "image/jpeg")
-        evaluated = views(_decode(Sample(path, "ivory", "val"), checker.pre, tiling), checker.pre, tiling)
+        evaluated = views(decode_sample(Sample(path, "ivory", "val"), checker.contract), checker.pre, tiling)
         np.testing.assert_array_equal(served, evaluated)

@@ -12,6 +12,7 @@ import torch
 import pytest
 
 from tests.conftest import tiny_config
+from training.checkpoint import Checkpoint
 from training.evaluate import evaluate
 from training.fileio import load_checkpoint
 from training.train import train
@@ -44,7 +45,7 @@ def test_evaluate_writes_metrics_predictions_and_plots(trained_run, synth_root, 
     with (tmp_path / "predictions.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 16 and {"path", "label", "pred", "p_ivory", "p_other"} <= set(rows[0])
-    assert metrics["accuracy"] == pytest.approx(np.mean([r["label"] == r["pred"] for r in rows]))
+    assert metrics.accuracy == pytest.approx(np.mean([r["label"] == r["pred"] for r in rows]))
 
 
 def test_single_label_split_and_unknown_labels(trained_run, synth_root, tmp_path):
@@ -56,10 +57,10 @@ def test_single_label_split_and_unknown_labels(trained_run, synth_root, tmp_path
         (only_other / f"{i}.jpg").write_bytes(src.read_bytes())
         (rhino / f"{i}.jpg").write_bytes(src.read_bytes())
     metrics = evaluate(trained_run, [str(tmp_path / "neg")], split=None, out_dir=tmp_path / "eval")
-    assert metrics["n"] == 4 and metrics["unknown_labels"] == {"rhino_horn": 4}
-    assert metrics["per_class"]["other"]["pr_auc"] is None  # undefined with one class present, not a crash
+    assert metrics.n == 4 and metrics.unknown_labels == {"rhino_horn": 4}
+    assert metrics.per_class["other"]["pr_auc"] is None  # undefined with one class present, not a crash
     # negatives-only: false-positive rates per product class, and a grid of the most confident ones
-    fp = metrics["false_positives"]
+    fp = metrics.false_positives
     assert fp["negatives"] == 4 and set(fp["per_class"]) == {"ivory", "pangolin_scales", "tiger_skin"}
     for rates in fp["per_class"].values():
         assert 0.0 <= rates["at_block"] <= rates["at_review"] <= 1.0
@@ -68,9 +69,9 @@ def test_single_label_split_and_unknown_labels(trained_run, synth_root, tmp_path
 
 def test_evaluation_of_checkpoint_matches_training_validation(trained_run, synth_root):
     """Training's cached validation and evaluation's decode+preprocess path give the same numbers."""
-    best = load_checkpoint(trained_run / "best.pt")
+    best = Checkpoint.load(trained_run / "best.pt")
     metrics = evaluate(trained_run, [str(synth_root)], split="val")
-    assert metrics["confusion_matrix"] == best["val_metrics"]["confusion_matrix"]
+    assert metrics.confusion_matrix == best.val_metrics["confusion_matrix"]
 
 
 def _run_cli(args, **kw):

@@ -3,9 +3,9 @@
 Thresholds come from the targets (``block_precision``, ``review_recall``), then the traffic budgets
 (``max_flag_rate``, ``max_block_rate``) on the negatives' validation images, pool by pool. Thresholds are
 solved on the stored (rounded) curves, so a serve-time policy re-solves to the same numbers.
-Writes the temperature, thresholds, the rule behind each, the validation score curves and the negatives'
-scores into ``best.pt`` (export copies them into the ONNX metadata), plus ``calibration.json`` and
-``reliability.png`` into the run dir.
+``calibrated_spec`` returns the run's ``ModelSpec`` with the temperature, thresholds, the rule behind each, the
+validation score curves and the negatives' scores; ``calibrate`` writes it into ``best.pt`` (export copies
+it into the ONNX metadata), plus ``calibration.json`` and ``reliability.png`` into the run dir.
 """
 
 from __future__ import annotations
@@ -16,11 +16,18 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import minimize_scalar
 
+from serving.contract import ModelSpec
+from serving.errors import WildcheckError
 from serving.runtime import softmax
 from serving.thresholds import Budgets, TrafficScores, apply_budgets, curve_arrays, solve_class
-from training.fileio import atomic_torch_save, atomic_write_text
+from training.config import DecisionConfig
+from training.fileio import atomic_write_text
 
 EPS = 1e-7
+
+
+class NoValidationData(WildcheckError, ValueError):
+    """Nothing to calibrate on."""
 
 
 def fit_temperature(log_probs: np.ndarray, y: np.ndarray) -> float:
@@ -52,28 +59,6 @@ def expected_calibration_error(probs: np.ndarray, y: np.ndarray, n_bins: int = 1
         if in_bin.any():
             ece += in_bin.mean() * abs(correct[in_bin].mean() - conf[in_bin].mean())
     return float(ece)
-
-
-def plot_reliability(before: np.ndarray, after: np.ndarray, y: np.ndarray, path: Path, n_bins: int = 15) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    edges = np.linspace(0, 1, n_bins + 1)
-    centres = (edges[:-1] + edges[1:]) / 2
-    for probs, name in ((before, "before"), (after, "after")):
-        conf, correct = probs.max(1), probs.argmax(1) == y
-        acc = [correct[(conf > lo) & (conf <= hi)].mean() if ((conf > lo) & (conf <= hi)).any() else np.nan
-               for lo, hi in zip(edges[:-1], edges[1:])]
-        ax.plot(centres, acc, marker="o", label=f"{name} (ECE {expected_calibration_error(probs, y, n_bins):.3f})")
-    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect")
-    ax.set_xlabel("confidence (top class)"), ax.set_ylabel("accuracy"), ax.set_title("reliability")
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def calibration_report(probs_t1: np.ndarray, y: np.ndarray, labels: list[str], negative_label: str,
@@ -124,40 +109,49 @@ def calibration_report(probs_t1: np.ndarray, y: np.ndarray, labels: list[str], n
     }
 
 
+def calibrated_spec(spec: ModelSpec, probs_t1: np.ndarray, y: np.ndarray, pools: list[str],
+                    decision: DecisionConfig) -> tuple[ModelSpec, dict]:
+    """``spec`` with the temperature, thresholds (and the rule behind each), targets, never_block, score curves
+    and calibration summary fitted on validation probabilities at temperature 1; and the full report."""
+    budgets = Budgets(decision.max_flag_rate, decision.max_block_rate, decision.negative_weights)
+    report = calibration_report(probs_t1, y, spec.labels, spec.negative_label, decision.block_precision,
+                                decision.review_recall, decision.never_block, pools=pools, budgets=budgets)
+    summary = {k: v for k, v in report.items() if k not in ("val_curves", "negative_scores", "calibrated")}
+    updated = ModelSpec.model_validate({
+        **spec.model_dump(), "temperature": report["temperature"], "thresholds": report["thresholds"],
+        "threshold_rules": report["rules"], "decision": report["targets"], "never_block": report["never_block"],
+        "metrics": {**spec.metrics, "calibration": summary}, "val_curves": report["val_curves"],
+        "negative_scores": report["negative_scores"],
+    })
+    return updated, report
+
+
 def calibrate(run: str | Path, data: list[str] | None = None, decision_overrides: dict | None = None) -> dict:
-    """Fit on the run's validation split; update best.pt; write calibration.json and reliability.png.
+    """Fit on the run's validation split; write the calibrated spec into best.pt (atomically), calibration.json
+    and reliability.png; return the report.
 
     ``decision_overrides``: e.g. ``{"max_flag_rate": 0.01}`` over the run's ``decision`` config (recorded in best.pt)."""
-    from training.evaluate import TorchPredictor, predict_samples, resolve_checkpoint, run_samples
+    from training.plots import plot_reliability
+    from training.predict import TorchPredictor, predict_samples, resolve_checkpoint, run_samples
 
-    ckpt = resolve_checkpoint(run)
-    predictor = TorchPredictor(ckpt)
-    predictor.temperature = 1.0
-    state = predictor.state
-    if decision_overrides:
-        state.setdefault("config", {}).setdefault("decision", {}).update(decision_overrides)
-    decision = (state.get("config") or {}).get("decision", {})
-    negative = (state.get("config") or {}).get("data", {}).get("negative_label", "other")
-    val, _ = run_samples(state, data)
+    path = resolve_checkpoint(run)
+    predictor = TorchPredictor(path)
+    ckpt = predictor.checkpoint
+    decision = DecisionConfig.model_validate({**ckpt.config.decision.model_dump(), **(decision_overrides or {})})
+    val, _ = run_samples(ckpt, data)
     if not val:
-        raise ValueError("no validation images to calibrate on; pass --data")
+        raise NoValidationData("no validation images to calibrate on; pass --data")
+    predictor.spec = ckpt.spec.model_copy(update={"temperature": 1.0})
     probs, kept, _ = predict_samples(predictor, val, desc="calibration")
-    index = {label: i for i, label in enumerate(predictor.labels)}
+    index = {label: i for i, label in enumerate(ckpt.spec.labels)}
     y = np.array([index[s.label] for s in kept])
-    budgets = Budgets(decision.get("max_flag_rate"), decision.get("max_block_rate"), decision.get("negative_weights"))
-    report = calibration_report(probs, y, predictor.labels, negative, decision.get("block_precision", 0.98),
-                                decision.get("review_recall", 0.95), decision.get("never_block", []),
-                                pools=[s.pool or "validation" for s in kept], budgets=budgets)
+    ckpt.spec, report = calibrated_spec(ckpt.spec, probs, y, [s.pool or "validation" for s in kept], decision)
+    ckpt.config = ckpt.config.model_copy(update={"decision": decision})
     calibrated = report.pop("calibrated")
-    bulky = ("val_curves", "negative_scores")
-    run_dir = ckpt.parent
-    plot_reliability(probs, calibrated, y, run_dir / "reliability.png")
-    summary = {k: v for k, v in report.items() if k not in bulky}
-    state.update(temperature=report["temperature"], thresholds=report["thresholds"], threshold_rules=report["rules"],
-                 decision_rules=report["targets"], never_block=report["never_block"], calibration=summary,
-                 val_curves=report["val_curves"], negative_scores=report["negative_scores"])
-    atomic_torch_save(state, ckpt)
-    atomic_write_text(run_dir / "calibration.json", json.dumps(summary, indent=2))
+    run_dir = path.parent
+    plot_reliability(probs, calibrated, y, run_dir / "reliability.png", (report["ece_before"], report["ece_after"]))
+    ckpt.save(path)
+    atomic_write_text(run_dir / "calibration.json", json.dumps(ckpt.spec.metrics["calibration"], indent=2))
     return report
 
 

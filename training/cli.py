@@ -147,12 +147,10 @@ def _calibrate_traffic(model: Path, traffic: Path, max_flag_rate, max_block_rate
             predictor = OnnxModel(model, threads=2)
             contract = predictor.contract
         else:
-            from training.evaluate import TorchPredictor, resolve_checkpoint
-            from training.export import build_contract
+            from training.predict import TorchPredictor, resolve_checkpoint
 
-            ckpt = resolve_checkpoint(model)
-            predictor = TorchPredictor(ckpt)
-            contract = build_contract(predictor.state, None, None, ckpt.parent)
+            predictor = TorchPredictor(resolve_checkpoint(model))
+            contract = predictor.contract
         policy, resolved, report = measure_traffic(predictor, contract, traffic, max_flag_rate, max_block_rate)
     except (FileNotFoundError, ValueError, ContractError, PolicyError) as exc:
         _fail(str(exc))
@@ -172,12 +170,14 @@ def evaluate(
     batch_size: int = typer.Option(32, "--batch-size"),
 ) -> None:
     """Metrics, predictions and plots for a model on labelled images."""
-    from training.evaluate import evaluate as run_evaluation
+    from training.evaluate import evaluate as run_evaluation, format_evaluation
 
     try:
-        run_evaluation(model, [str(d) for d in data], None if split == "all" else split, out, predictions, batch_size)
+        report = run_evaluation(model, [str(d) for d in data], None if split == "all" else split, out, predictions,
+                                batch_size)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
+    typer.echo(format_evaluation(report))
 
 
 @app.command()
@@ -270,7 +270,7 @@ def export_embedder(
     tiling: int = typer.Option(0, "--tiling", help="2: also embed the 2x2 tiles of every picture (collages; 5x the work)"),
 ) -> None:
     """The ImageNet-pretrained backbone as a wildcheck ONNX whose only job is the gallery embedding."""
-    from training.embedding import export_embedder as run_export
+    from training.export import export_embedder as run_export
 
     try:
         report = run_export(out, arch, version, tiling)

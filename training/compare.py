@@ -14,9 +14,14 @@ import numpy as np
 from scipy.stats import binomtest
 from sklearn.metrics import f1_score
 
+from serving.errors import WildcheckError
 from training.data.sources import load_samples, select_split
-from training.evaluate import load_predictor, predict_samples, resolve_checkpoint
 from training.metrics import compute_metrics
+from training.predict import load_predictor, predict_samples, resolve_checkpoint
+
+
+class CompareError(WildcheckError, ValueError):
+    """The two models cannot be compared on the data given."""
 
 
 def mcnemar(a_correct: np.ndarray, b_correct: np.ndarray) -> dict:
@@ -52,7 +57,7 @@ def compare(champion: str | Path, challenger: str | Path, data: list[str], split
     samples = select_split(load_samples(data, default_split=split), split)
     samples = [s for s in samples if s.label in chall.labels]
     if not samples:
-        raise ValueError(f"no images of the challenger's labels in split {split!r} of {data}")
+        raise CompareError(f"no images of the challenger's labels in split {split!r} of {data}")
     p_chall, kept, _ = predict_samples(chall, samples, desc="challenger")
     p_champ, kept_a, _ = predict_samples(champ, kept, desc="champion")
     y_b = np.array([chall.labels.index(s.label) for s in kept])

@@ -1,7 +1,7 @@
 """Evaluate a checkpoint, run dir or ONNX file on labelled images: one code path for all three.
 
-Images go through ``serving.imageio.decode_image`` and the model's ``Preprocessing`` exactly as the
-server does; only the final forward pass differs (torch or onnxruntime).
+Prediction is ``training.predict``'s (the server's decoding and preprocessing); this module turns
+probabilities into an ``Evaluation`` report, which the CLI prints with ``format_evaluation``.
 """
 
 from __future__ import annotations
@@ -10,169 +10,53 @@ import csv
 import json
 import logging
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
+from pydantic import BaseModel, ConfigDict
 
-from serving.decision import ClassThresholds, default_thresholds
-from serving.imageio import ImageError, decode_image
-from serving.preprocess import Preprocessing
-from serving.runtime import softmax
-from serving.tiling import Tiling, draft_size, predict_views, views
+from serving.errors import WildcheckError
 from training.data.sources import Sample, load_samples, select_split
 from training.metrics import compute_metrics, decision_report, false_positive_report, format_decisions, summary_table
+from training.predict import load_predictor, predict_samples
 
 log = logging.getLogger(__name__)
 
 
-class TorchPredictor:
-    """A wildcheck checkpoint (``best.pt``) with the same interface as ``serving.runtime.OnnxModel``."""
-
-    def __init__(self, checkpoint: str | Path, threads: int | None = None):
-        import torch
-
-        from training.fileio import load_checkpoint
-        from training.models import create_model
-
-        if threads:
-            torch.set_num_threads(threads)
-        state = load_checkpoint(checkpoint)
-        self.path = Path(checkpoint)
-        self.labels: list[str] = list(state["labels"])
-        self.preprocessing = Preprocessing.model_validate(state["preprocessing"])
-        self.temperature = float(state.get("temperature", 1.0))
-        negative = (state.get("config") or {}).get("data", {}).get("negative_label", "other")
-        self.negative_label = negative
-        self.thresholds = {k: ClassThresholds(**v) for k, v in state["thresholds"].items()} if state.get("thresholds") \
-            else default_thresholds(self.labels, negative)
-        self.never_block = list(state.get("never_block", []))
-        self.tiling = Tiling.model_validate(state["tiling"]) if state.get("tiling") else None
-        self.negative_index = self.labels.index(negative) if negative in self.labels else None
-        self.state = state
-        self.model = create_model(state["architecture"], len(self.labels), pretrained="none")
-        self.model.load_state_dict(state["model"])
-        self.model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-        self._torch = torch
-
-    def predict_logits(self, batch: np.ndarray) -> np.ndarray:
-        with self._torch.inference_mode():
-            x = self._torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(next(self.model.parameters()).device)
-            return self.model(x).float().cpu().numpy()
-
-    def predict_proba(self, batch: np.ndarray) -> np.ndarray:
-        return softmax(self.predict_logits(batch), self.temperature)
-
-    @property
-    def has_cam(self) -> bool:
-        from training.cam import cam_unsupported
-
-        return cam_unsupported(self.model) is None
-
-    def predict_with_cam(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(logits, class activation maps): what the exported ``cam`` output computes (``training.cam``)."""
-        from training.cam import WithCam
-
-        with self._torch.inference_mode():
-            x = self._torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(next(self.model.parameters()).device)
-            logits, cam = WithCam(self.model)(x)
-        return logits.float().cpu().numpy(), cam.float().cpu().numpy()
+class EvaluationError(WildcheckError, ValueError):
+    """The data cannot be evaluated with this model (no images in the split, no label it knows)."""
 
 
-def resolve_checkpoint(model: str | Path) -> Path:
-    path = Path(model)
-    if path.is_dir():
-        path = path / "best.pt"
-    if not path.exists():
-        raise FileNotFoundError(f"{model}: no such run dir, checkpoint or ONNX file")
-    return path
+class Evaluation(BaseModel):
+    """What ``evaluate`` measured: ``training.metrics.compute_metrics``'s fields, the decisions at the model's
+    thresholds, false-positive rates and sources on negatives, and what was left out. metrics.json is its dump."""
 
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
 
-def load_predictor(model: str | Path, threads: int | None = None):
-    """A run dir, a ``.pt`` checkpoint or a ``.onnx`` file."""
-    path = resolve_checkpoint(model)
-    if path.suffix == ".onnx":
-        from serving.runtime import OnnxModel
+    labels: list[str]
+    n: int
+    accuracy: float
+    balanced_accuracy: float | None
+    macro_f1: float
+    nll: float
+    per_class: dict[str, dict[str, Any]]
+    confusion_matrix: list[list[int]]
+    decisions: dict[str, Any]
+    false_positives: dict[str, Any] | None = None
+    per_source: dict[str, Any] | None = None
+    model: str
+    data: list[str]
+    split: str | None
+    skipped: list[dict[str, str]]
+    unknown_labels: dict[str, int]
+    out_dir: str | None = None  # where metrics.json and the plots went ...
+    written: list[str] = []  # ... and their names, for the CLI's last line
 
-        return OnnxModel(path, threads=threads or 2)
-    return TorchPredictor(path, threads=threads)
-
-
-def run_samples(state: dict, data: list[str] | None) -> tuple[list[Sample], list[Sample]]:
-    """(validation, training) samples of a run: its recorded data roots and negatives, or ``data``."""
-    roots = data or state.get("data_roots") or []
-    if not roots:
-        raise ValueError("the run does not record its data; pass --data ROOT")
-    negatives = (state.get("config") or {}).get("data", {}).get("negatives", []) if not data else []
-    samples = load_samples(roots)
-    labels = set(state["labels"])
-    val = [s for s in select_split(samples, "val") if s.label in labels]
-    train = [s for s in select_split(samples, "train") if s.label in labels]
-    if negatives:
-        negative_label = state["config"]["data"]["negative_label"]
-        neg = [replace(s, label=negative_label) for s in load_samples(negatives)]  # keeps pool and source
-        val += select_split(neg, "val")
-        train += select_split(neg, "train")
-    return val, train
-
-
-def _decode(sample: Sample, pre: Preprocessing, tiling: Tiling | None = None):
-    """The decoded RGB picture (kept large enough for the tiles, if any), or the reason it cannot be used."""
-    try:
-        img, _ = decode_image(sample.path, draft_size=draft_size(pre, tiling))
-        return img
-    except ImageError as exc:
-        return f"{exc.code}: {exc.message}"
-    except OSError as exc:
-        return f"unreadable: {exc}"
-
-
-def predict_images(predictor, images: list, batch_size: int = 32, pool: ThreadPoolExecutor | None = None) -> np.ndarray:
-    """Decoded RGB pictures -> class probabilities (N x C): the model's own preprocessing, then its forward pass.
-
-    The one "pictures to probabilities" step that evaluation, the robustness report and calibration share,
-    so that any change to how a picture is scored (e.g. tiled inference) reaches all of them at once.
-    ``pool``: a thread pool to preprocess in (PIL resizing releases the GIL).
-    """
-    pre, tiling = predictor.preprocessing, getattr(predictor, "tiling", None)
-    negative_index = getattr(predictor, "negative_index", None)
-
-    def inputs(img):
-        return views(img, pre, tiling)
-
-    stacks = list(pool.map(inputs, images)) if pool is not None else [inputs(img) for img in images]
-    if not stacks:
-        return np.zeros((0, len(predictor.labels)), np.float32)
-    return np.concatenate([predict_views(predictor, stacks[i : i + batch_size], negative_index)
-                           for i in range(0, len(stacks), batch_size)])
-
-
-def predict_samples(predictor, samples: list[Sample], batch_size: int = 32, workers: int = 2, desc: str = "evaluating"):
-    """Returns (probabilities for the readable samples, readable samples, [(path, reason)] for the others)."""
-    pre, tiling = predictor.preprocessing, getattr(predictor, "tiling", None)
-    probs, kept, skipped, batch, batch_samples = [], [], [], [], []
-
-    def flush():
-        if batch:
-            probs.append(predict_images(predictor, batch, batch_size, pool))
-            kept.extend(batch_samples)
-            batch.clear(), batch_samples.clear()
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for sample, img in tqdm(zip(samples, pool.map(lambda s: _decode(s, pre, tiling), samples)), total=len(samples),
-                                desc=desc, unit="img", leave=False):
-            if isinstance(img, str):
-                log.warning("skipping %s (%s)", sample.path, img)
-                skipped.append((str(sample.path), img))
-                continue
-            batch.append(img), batch_samples.append(sample)
-            if len(batch) == batch_size:
-                flush()
-        flush()
-    n_labels = len(predictor.labels)
-    return (np.concatenate(probs) if probs else np.zeros((0, n_labels), np.float32)), kept, skipped
+    def to_json(self) -> str:
+        dump = self.model_dump(mode="json", exclude={"out_dir", "written"})
+        return json.dumps({k: v for k, v in dump.items() if v is not None or k not in ("false_positives", "per_source")},
+                          indent=2)
 
 
 def evaluate(
@@ -183,81 +67,89 @@ def evaluate(
     predictions: str | Path | None = None,
     batch_size: int = 32,
     threads: int | None = None,
-) -> dict:
+) -> Evaluation:
     """Metrics (and, with ``out_dir``, metrics.json, predictions.csv and PNG plots) for ``model`` on ``data``."""
     predictor = load_predictor(model, threads=threads)
+    spec = predictor.spec
     samples = load_samples(data, default_split=split or "val")
     if split:
         chosen = select_split(samples, split)
         if not chosen:
-            raise ValueError(f"no images in split {split!r} of {data}; splits present: {sorted({s.split for s in samples})}")
+            raise EvaluationError(f"no images in split {split!r} of {data}; splits present: {sorted({s.split for s in samples})}")
         samples = chosen
-    labels = predictor.labels
+    labels, negative = spec.labels, spec.negative_label
     unknown = Counter(s.label for s in samples if s.label not in labels)
-    if unknown:
-        print(f"labels unknown to the model (left out of the metrics, still predicted): {dict(unknown)}")
     probs, kept, skipped = predict_samples(predictor, samples, batch_size)
     known = np.array([s.label in labels for s in kept], dtype=bool)
     if not known.any():
-        raise ValueError(f"none of the images carries a label the model knows ({labels})")
+        raise EvaluationError(f"none of the images carries a label the model knows ({labels})")
     index = {label: i for i, label in enumerate(labels)}
     y_true = np.array([index[s.label] for s, k in zip(kept, known) if k])
     known_probs = probs[known]  # the images whose label the model knows; indexed once
-    metrics = compute_metrics(y_true, known_probs, labels)
-    thresholds, never_block, negative = _decision_settings(predictor)
-    metrics["decisions"] = decision_report(known_probs, y_true, labels, thresholds, never_block, negative)
     known_samples = [s for s, k in zip(kept, known) if k]
-    fp = false_positive_report(known_probs, y_true, labels, thresholds, negative)
-    if fp:
-        metrics["false_positives"] = fp
-    metrics["model"] = str(model)
-    metrics["data"] = [str(d) for d in data]
-    metrics["split"] = split
-    metrics["skipped"] = [{"path": p, "reason": r} for p, r in skipped]
-    metrics["unknown_labels"] = dict(unknown)
-    print(summary_table(metrics))
-    print(format_decisions(metrics["decisions"]))
-    if fp:
-        for label, r in fp["per_class"].items():
-            print(f"  false-positive rate on {fp['negatives']} negatives, {label}: {r['at_0.5']:.2%} at 0.5, "
-                  f"{r['at_review']:.2%} at review ({r['review']:.3f}), "
-                  + (f"{r['at_block']:.2%} at block ({r['block']:.3f})" if r["block"] is not None else "never blocks"))
-    sources = source_report(known_probs, known_samples, labels, thresholds, never_block, negative)
-    if sources:
-        metrics["per_source"] = sources
-        print(format_sources(sources))
-    if skipped:
-        print(f"skipped {len(skipped)} unreadable image(s)")
+    fp = false_positive_report(known_probs, y_true, labels, spec.thresholds, negative)
+    report = Evaluation(
+        **compute_metrics(y_true, known_probs, labels),
+        decisions=decision_report(known_probs, y_true, labels, spec.thresholds, spec.never_block, negative),
+        false_positives=fp or None,
+        per_source=source_report(known_probs, known_samples, labels, spec.thresholds, spec.never_block, negative) or None,
+        model=str(model), data=[str(d) for d in data], split=split,
+        skipped=[{"path": p, "reason": r} for p, r in skipped], unknown_labels=dict(unknown),
+    )
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (out_dir / "metrics.json").write_text(report.to_json())
         predictions = predictions or out_dir / "predictions.csv"
-        from training.plots import plot_confusion_matrix, plot_pr_curves
-
-        plot_confusion_matrix(np.array(metrics["confusion_matrix"]), labels, out_dir / "confusion_matrix.png")
-        plot_pr_curves(y_true, known_probs, labels, out_dir / "pr_curves.png")
-        if fp:
-            from training.plots import plot_image_grid
-
-            negatives = [i for i, s in enumerate(known_samples) if s.label == negative]
-            product = [i for i, label in enumerate(labels) if label != negative]
-            worst = sorted(negatives, key=lambda i: -known_probs[i, product].max())[:16]
-            from training.explain import heat_grids
-
-            worst_paths = [str(known_samples[i].path) for i in worst]
-            plot_image_grid(worst_paths,
-                            [", ".join(f"{labels[j]} {known_probs[i, j]:.2f}" for j in product) for i in worst],
-                            out_dir / "false_positives.png", title=f"most confident false positives ({negative} images)"
-                            + (", with heat maps of the top class" if getattr(predictor, "has_cam", False) else ""),
-                            heatmaps=heat_grids(predictor, worst_paths))
-        if sources:
-            plot_source_false_positives(sources, out_dir / "false_positives_by_source")
-        print(f"wrote {out_dir}/metrics.json, confusion_matrix.png, pr_curves.png"
-              + (", false_positives_by_source/" if sources else ""))
+        report.out_dir = str(out_dir)
+        report.written = ["metrics.json"] + _write_plots(report, predictor, y_true, known_probs, known_samples, out_dir)
     if predictions is not None:
         write_predictions(predictions, kept, probs, labels)
-    return metrics
+    return report
+
+
+def _write_plots(report: Evaluation, predictor, y_true: np.ndarray, probs: np.ndarray, samples: list[Sample],
+                 out_dir: Path) -> list[str]:
+    from training.explain import heat_grids
+    from training.plots import plot_confusion_matrix, plot_image_grid, plot_pr_curves, plot_source_false_positives
+
+    labels, negative = report.labels, predictor.spec.negative_label
+    plot_confusion_matrix(np.array(report.confusion_matrix), labels, out_dir / "confusion_matrix.png")
+    plot_pr_curves(y_true, probs, labels, out_dir / "pr_curves.png")
+    written = ["confusion_matrix.png", "pr_curves.png"]
+    if report.false_positives:
+        negatives = [i for i, s in enumerate(samples) if s.label == negative]
+        product = [i for i, label in enumerate(labels) if label != negative]
+        worst = sorted(negatives, key=lambda i: -probs[i, product].max())[:16]
+        worst_paths = [str(samples[i].path) for i in worst]
+        plot_image_grid(worst_paths, [", ".join(f"{labels[j]} {probs[i, j]:.2f}" for j in product) for i in worst],
+                        out_dir / "false_positives.png", title=f"most confident false positives ({negative} images)"
+                        + (", with heat maps of the top class" if predictor.has_cam else ""),
+                        heatmaps=heat_grids(predictor, worst_paths))
+    if report.per_source:
+        plot_source_false_positives(report.per_source, out_dir / "false_positives_by_source")
+        written.append("false_positives_by_source/")
+    return written
+
+
+def format_evaluation(report: Evaluation) -> str:
+    """The report as the CLI prints it."""
+    lines = []
+    if report.unknown_labels:
+        lines.append(f"labels unknown to the model (left out of the metrics, still predicted): {report.unknown_labels}")
+    lines += [summary_table(report.model_dump()), format_decisions(report.decisions)]
+    fp = report.false_positives
+    for label, r in (fp["per_class"].items() if fp else ()):
+        lines.append(f"  false-positive rate on {fp['negatives']} negatives, {label}: {r['at_0.5']:.2%} at 0.5, "
+                     f"{r['at_review']:.2%} at review ({r['review']:.3f}), "
+                     + (f"{r['at_block']:.2%} at block ({r['block']:.3f})" if r["block"] is not None else "never blocks"))
+    if report.per_source:
+        lines.append(format_sources(report.per_source))
+    if report.skipped:
+        lines.append(f"skipped {len(report.skipped)} unreadable image(s)")
+    if report.out_dir:
+        lines.append(f"wrote {report.out_dir}/" + ", ".join(report.written))
+    return "\n".join(lines)
 
 
 def source_report(probs: np.ndarray, samples: list[Sample], labels: list[str], thresholds, never_block,
@@ -293,26 +185,6 @@ def format_sources(sources: dict) -> str:
         lines.append(f"  {origin:<42} {r['n']:>7} {r['flag_rate']:>7.2%} {r['block_rate']:>7.2%}  "
                      + (f"{top['score']:.3f} {top['label']}" if top else ""))
     return "\n".join(lines)
-
-
-def plot_source_false_positives(sources: dict, folder: Path) -> None:
-    """One PNG per source: its most confident negatives with score and decision."""
-    import re
-
-    from training.plots import plot_image_grid
-
-    for origin, r in sources.items():
-        name = re.sub(r"[^A-Za-z0-9._-]+", "_", origin).strip("_") or "data"
-        plot_image_grid([t["path"] for t in r["top"]], [f"{t['label']} {t['score']:.3f} ({t['decision']})" for t in r["top"]],
-                        folder / f"{name}.png", title=f"{origin}: most confident negatives "
-                        f"(flag {r['flag_rate']:.1%}, block {r['block_rate']:.1%} of {r['n']})")
-
-
-def _decision_settings(predictor):
-    contract = getattr(predictor, "contract", None)
-    if contract is not None:  # ONNX: the contract's thresholds
-        return contract.thresholds, contract.never_block, contract.negative_label
-    return predictor.thresholds, predictor.never_block, predictor.negative_label
 
 
 def write_predictions(path: str | Path, samples: list[Sample], probs: np.ndarray, labels: list[str]) -> None:

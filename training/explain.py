@@ -14,40 +14,50 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from serving.explain import Explanation, explain, explained_label, overlay, png_bytes, predict_views_with_cam
+from serving.errors import WildcheckError
 from serving.imageio import ImageError, decode_image
+from serving.runtime import Predictor
 from serving.tiling import draft_size, views
-from training.evaluate import _decision_settings, load_predictor
+from training.predict import load_predictor
 from training.fileio import atomic_path, atomic_write_text
 
 
-def _require_cam(predictor) -> None:
+class NoCamError(WildcheckError, ValueError):
+    """The model cannot draw heat maps."""
+
+
+class UnknownLabel(WildcheckError, ValueError):
+    """A label to explain that the model does not have."""
+
+
+def _require_cam(predictor: Predictor) -> None:
     if not predictor.has_cam:
-        raise ValueError(f"{predictor.path} has no class activation map output (exported before heat maps existed); "
+        raise NoCamError(f"{predictor.path} has no class activation map output (exported before heat maps existed); "
                          "re-export the run with `wildcheck export RUN --out MODEL.onnx`, or pass the run dir")
 
 
-def explain_image(predictor, img: Image.Image, label: str | None = None) -> tuple[Explanation, dict[str, float]]:
+def explain_image(predictor: Predictor, img: Image.Image, label: str | None = None) -> tuple[Explanation, dict[str, float]]:
     """Heat map of ``label`` (default: the top protected class) for a decoded RGB picture, and the scores."""
     labels = predictor.labels
     if label is not None and label not in labels:
-        raise ValueError(f"label {label!r} is not one of the model's labels {labels}")
-    pre, tiling = predictor.preprocessing, getattr(predictor, "tiling", None)
-    probs, cams = predict_views_with_cam(predictor, [views(img, pre, tiling)], getattr(predictor, "negative_index", None),
-                                         predictor.temperature)
-    chosen = explained_label(probs[0], labels, _decision_settings(predictor)[2], label)
+        raise UnknownLabel(f"label {label!r} is not one of the model's labels {labels}")
+    spec = predictor.spec
+    pre, tiling = spec.preprocessing, spec.tiling
+    probs, cams = predict_views_with_cam(predictor, [views(img, pre, tiling)], spec.negative_index, spec.temperature)
+    chosen = explained_label(probs[0], labels, predictor.spec.negative_label, label)
     scores = {name: round(float(p), 6) for name, p in zip(labels, probs[0])}
     return explain(cams[0], chosen, labels, pre, *img.size, tiling=tiling), scores
 
 
-def _decode(predictor, path: str | Path) -> Image.Image:
+def _decode(predictor: Predictor, path: str | Path) -> Image.Image:
     """Decoded as the server decodes it (JPEG draft size included), so the grids agree."""
-    return decode_image(path, draft_size=draft_size(predictor.preprocessing, getattr(predictor, "tiling", None)))[0]
+    return decode_image(path, draft_size=draft_size(predictor.spec.preprocessing, predictor.spec.tiling))[0]
 
 
-def heat_grids(predictor, paths: list[str | Path], labels: list[str] | None = None) -> list[np.ndarray | None]:
+def heat_grids(predictor: Predictor, paths: list[str | Path], labels: list[str] | None = None) -> list[np.ndarray | None]:
     """Each image's grid for ``labels[i]`` (default: its top protected class); None when the image is
     unreadable or the model has no ``cam`` output."""
-    if not getattr(predictor, "has_cam", False):
+    if not predictor.has_cam:
         return [None] * len(paths)
     grids = []
     for path, label in zip(paths, labels or [None] * len(paths)):
@@ -74,7 +84,7 @@ def explain_files(model: str | Path, images: list[str | Path], out: str | Path, 
     predictor = load_predictor(model)
     _require_cam(predictor)
     if label is not None and label not in predictor.labels:
-        raise ValueError(f"--label {label!r} is not one of the model's labels {predictor.labels}")
+        raise UnknownLabel(f"--label {label!r} is not one of the model's labels {predictor.labels}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     records, taken = [], set()

@@ -7,26 +7,23 @@ Before the file is written, onnxruntime must agree with PyTorch on real validati
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
 
-import training
 from serving.contract import CamOutput, ModelContract
-from serving.decision import default_thresholds
-from serving.runtime import OnnxModel
+from serving.errors import WildcheckError
+from serving.runtime import OnnxModel, Predictor
 from training.cam import CAM_OUTPUT, WithCam, cam_unsupported
 from training.data.sources import Sample
 from training.embedding import EMBEDDING_OUTPUT, l2_normalize, pooled_features, embedding_spec
-from training.evaluate import TorchPredictor, _decode, predict_samples, resolve_checkpoint, run_samples
-from training.fileio import atomic_path
+from training.fileio import atomic_onnx_save, atomic_path
+from training.predict import TorchPredictor, decode_sample, predict_samples, resolve_checkpoint, run_samples
 
 log = logging.getLogger(__name__)
 
@@ -35,52 +32,8 @@ PARITY_MAX_ABS = 1e-4
 CAM_PARITY_MAX_ABS = 1e-3  # logit units per location (values of order 1-10); measured ~1e-5
 
 
-class ExportError(RuntimeError):
+class ExportError(WildcheckError, RuntimeError):
     """The export was refused (parity or accuracy gate); nothing was written."""
-
-
-def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(state_dict):
-        h.update(key.encode())
-        h.update(state_dict[key].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def build_contract(state: dict, name: str | None, version: str | None, run_dir: Path,
-                   model: torch.nn.Module | None = None) -> ModelContract:
-    labels = list(state["labels"])
-    negative = (state.get("config") or {}).get("data", {}).get("negative_label", "other")
-    # calibrated thresholds when `wildcheck calibrate` ran (train does it), else the documented defaults
-    thresholds = state.get("thresholds") or {k: v.model_dump() for k, v in default_thresholds(labels, negative).items()}
-    digest = weights_hash(state["model"])[:12]
-    human = version or f"{run_dir.name}-e{state['epoch']}"
-    return ModelContract(
-        labels=labels,
-        negative_label=negative,
-        preprocessing=state["preprocessing"],
-        thresholds=thresholds,
-        never_block=list(state.get("never_block", [])),
-        temperature=float(state.get("temperature", 1.0)),
-        model_name=name or "wildcheck-" + state["architecture"],
-        model_version=f"{human}+{digest}",
-        architecture=state["architecture"],
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        training_data=state.get("training_data", {}),
-        metrics={"val": _slim(state.get("val_metrics", {})), "calibration": state.get("calibration", {})},
-        val_curves=state.get("val_curves", {}),
-        embedding=embedding_spec(model, state["architecture"]) if model is not None else None,
-        decision=state.get("decision_rules"),
-        threshold_rules=state.get("threshold_rules", {}),
-        negative_scores=state.get("negative_scores"),
-        tiling=state.get("tiling"),
-        wildcheck_version=training.__version__,
-    )
-
-
-def _slim(metrics: dict) -> dict:
-    keep = ("n", "accuracy", "balanced_accuracy", "macro_f1", "nll", "per_class", "confusion_matrix", "labels")
-    return {k: metrics[k] for k in keep if k in metrics}
 
 
 class ExportGraph(torch.nn.Module):
@@ -142,23 +95,15 @@ def cam_parity(torch_model: torch.nn.Module, onnx_path: Path, arrays: list[np.nd
     return float(np.abs(expected - ort_model.predict_with_cam(batch)[1]).max())
 
 
-def write_metadata(src: Path, dst: Path, contract: ModelContract) -> None:
-    model = onnx.load(str(src))
-    del model.metadata_props[:]
-    for key, value in contract.to_metadata().items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
-    model.producer_name = "wildcheck"
-    model.doc_string = f"{contract.model_name} {contract.model_version}: labels {contract.labels}"
-    onnx.checker.check_model(model, full_check=True)
-    with atomic_path(dst) as tmp:
-        onnx.save_model(model, str(tmp), save_as_external_data=False)
+def write_contract(src: Path, dst: Path, contract: ModelContract) -> None:
+    """``src`` with ``contract`` in its metadata, checked and written atomically to ``dst``."""
+    atomic_onnx_save(contract.write_to(onnx.load(str(src))), dst)
 
 
-def parity_check(torch_pred: TorchPredictor, onnx_path: Path, samples: list[Sample]) -> dict:
-    """Max |Δ probability| and top-1 disagreements between PyTorch and onnxruntime on real images."""
+def parity_check(reference: Predictor, onnx_path: Path, samples: list[Sample]) -> dict:
+    """Max |Δ probability| and top-1 disagreements between the reference (PyTorch) and onnxruntime on real images."""
     ort_model = OnnxModel(onnx_path, threads=2)
-    p_torch, kept, _ = predict_samples(torch_pred, samples, desc="parity (torch)")
+    p_torch, kept, _ = predict_samples(reference, samples, desc="parity (torch)")
     p_ort, kept2, _ = predict_samples(ort_model, kept, desc="parity (onnxruntime)")
     if not kept:
         raise ExportError("no readable validation images for the parity check")
@@ -177,30 +122,46 @@ def export(
     int8: bool = False,
     calib_images: int = 300,
     int8_max_drop: float = 1.0,
-    _tamper=None,
 ) -> dict:
     """Export ``run`` (run dir or checkpoint) to ``out``; with ``int8`` also ``out`` with ``.int8.onnx``.
 
     Returns a report dict. Raises ``ExportError`` (nothing written) when a gate fails.
     """
     ckpt = resolve_checkpoint(run)
-    torch_pred = TorchPredictor(ckpt)
-    state = torch_pred.state
-    run_dir = ckpt.parent
-    contract = build_contract(state, name, version, run_dir, torch_pred.model)
-    val, train = run_samples(state, data)
-    rng = random.Random(0)
-    parity_set = rng.sample(val, min(parity_images, len(val))) if val else []
+    predictor = TorchPredictor(ckpt)
+    checkpoint = predictor.checkpoint
+    contract = checkpoint.release(name, version, ckpt.parent.name,
+                                  embedding=embedding_spec(predictor.model, checkpoint.spec.architecture))
+    val, train = run_samples(checkpoint, data)
+    parity_set = random.Random(0).sample(val, min(parity_images, len(val))) if val else []
+    out = Path(out)
+    report, contract = export_module(predictor.model, contract, out, predictor, parity_set)
+    if int8:
+        from training.quantize import quantize_int8
+
+        q = quantize_int8(out, train, val, contract, calib_images, int8_max_drop)
+        if not q.accepted:
+            raise ExportError(q.reason)
+        report["int8"] = q.model_dump(exclude={"accepted", "reason"})
+    return report
+
+
+def export_module(model: torch.nn.Module, contract: ModelContract, out: str | Path, reference: Predictor,
+                  parity_set: list[Sample]) -> tuple[dict, ModelContract]:
+    """Write ``model`` as ``out`` with ``contract`` (its ``cam`` filled in from the graph) if onnxruntime agrees
+    with ``reference`` on ``parity_set``; raises ``ExportError`` and writes nothing otherwise. Returns the
+    report and the contract written.
+
+    ``model`` is normally ``reference``'s own module; the parity test passes a broken one."""
     out = Path(out)
     report: dict = {"model_version": contract.model_version}
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw.onnx"
-        model = torch_pred.model if _tamper is None else _tamper(torch_pred.model)
         cam = torch_to_onnx(model, contract.preprocessing.input_size, raw)
         contract = contract.model_copy(update={"cam": cam})
         staged = Path(tmp) / "model.onnx"
-        write_metadata(raw, staged, contract)
-        parity = parity_check(torch_pred, staged, parity_set)
+        write_contract(raw, staged, contract)
+        parity = parity_check(reference, staged, parity_set)
         report["parity"] = parity
         if parity["max_abs_diff"] > PARITY_MAX_ABS or parity["top1_mismatches"]:
             raise ExportError(
@@ -208,8 +169,8 @@ def export(
                 f"(limit {PARITY_MAX_ABS:.0e}), {len(parity['top1_mismatches'])} top-1 mismatches; nothing written"
             )
         if cam is not None:
-            pre = contract.preprocessing
-            arrays = [pre(img) for img in (_decode(s, pre) for s in parity_set[:8]) if not isinstance(img, str)]
+            arrays = [contract.preprocessing(img) for img in (decode_sample(s, contract) for s in parity_set[:8])
+                      if not isinstance(img, str)]
             if arrays:
                 parity["cam_max_abs_diff"] = cam_parity(model, staged, arrays)
                 if parity["cam_max_abs_diff"] > CAM_PARITY_MAX_ABS:
@@ -217,9 +178,39 @@ def export(
                                       f"{parity['cam_max_abs_diff']:.2e} (limit {CAM_PARITY_MAX_ABS:.0e}); nothing written")
         with atomic_path(out) as final:
             final.write_bytes(staged.read_bytes())
-        report["fp32"] = {"path": str(out), "bytes": out.stat().st_size}
-        if int8:
-            from training.quantize import quantize_int8
+    report["fp32"] = {"path": str(out), "bytes": out.stat().st_size}
+    return report, contract
 
-            report["int8"] = quantize_int8(out, train, val, contract, calib_images, int8_max_drop)
-    return report
+
+def export_embedder(out, arch: str = "tf_efficientnet_lite0", version: str | None = None, tiling: int = 0) -> dict:
+    """The ImageNet-pretrained backbone as a self-contained wildcheck ONNX: ``embedding`` from pooled features.
+
+    Its contract has one label (the negative ``other``, never triggered), so served alone it decides by the
+    gallery only; it is also what ``gallery_bench.py`` compares the fine-tuned model's embedding against.
+    """
+    from datetime import datetime, timezone
+
+    import training
+    from serving.preprocess import Preprocessing
+    from training.checkpoint import weights_hash
+    from training.models import create_model, pretrained_data_config
+
+    model = create_model(arch, num_classes=1, pretrained="offline").eval()
+    cfg = pretrained_data_config(arch)
+    pre = Preprocessing(input_size=224, crop_pct=cfg.get("crop_pct", 0.875), interpolation=cfg.get("interpolation", "bicubic"),
+                        mean=cfg.get("mean", (0.5, 0.5, 0.5)), std=cfg.get("std", (0.5, 0.5, 0.5)))
+    digest = weights_hash(model.state_dict())[:12]
+    contract = ModelContract(
+        labels=["other"], negative_label="other", preprocessing=pre, thresholds={}, model_name=f"wildcheck-embedder-{arch}",
+        model_version=f"{version or 'imagenet'}+{digest}", architecture=arch,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        training_data={"weights": f"ImageNet-1k, offline package for {arch}", "fine_tuned": False},
+        metrics={}, embedding=embedding_spec(model, arch, producer="ImageNet-pretrained"),
+        wildcheck_version=training.__version__, role="embedder", tiling={"grid": tiling} if tiling else None,
+    )
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        torch_to_onnx(model, pre.input_size, raw)
+        write_contract(raw, out, contract)
+    return {"path": str(out), "model_version": contract.model_version, "bytes": out.stat().st_size}

@@ -56,6 +56,15 @@ def atomic_torch_save(obj, path: str | Path) -> None:
         torch.save(obj, tmp)
 
 
+def atomic_onnx_save(model, path: str | Path) -> None:
+    """Check an ``onnx.ModelProto`` fully, then write it as one file (no external data)."""
+    import onnx
+
+    onnx.checker.check_model(model, full_check=True)
+    with atomic_path(path) as tmp:
+        onnx.save_model(model, str(tmp), save_as_external_data=False)
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Load a wildcheck checkpoint safely (tensors and plain containers only)."""
     import torch

@@ -154,9 +154,9 @@ def pretrained_data_config(name: str) -> dict:
     )
 
 
-def warm_start(model: nn.Module, prior: dict, labels: list[str]) -> dict:
-    """Load an earlier run's weights; classifier rows follow the labels (old classes keep theirs, new ones start at 0)."""
-    state = prior["model"]
+def warm_start(model: nn.Module, state: dict, old: list[str], labels: list[str]) -> dict:
+    """Load an earlier run's weights (``state``, trained on labels ``old``); classifier rows follow the labels
+    (old classes keep theirs, new ones start at 0)."""
     own = model.state_dict()
     head = model.get_classifier()
     head_keys = {k for k, v in model.named_parameters() if any(v is p for p in head.parameters())}
@@ -166,7 +166,6 @@ def warm_start(model: nn.Module, prior: dict, labels: list[str]) -> dict:
     if missing:
         raise ValueError(f"--init-from: the earlier run is a different architecture ({len(missing)} tensors do not fit)")
     model.load_state_dict(body, strict=False)
-    old = list(prior["labels"])
     kept, fresh = [], []
     with torch.no_grad():
         weight, bias = head.weight, head.bias

@@ -91,17 +91,16 @@ def plot_image_grid(paths: list[str], captions: list[str], path: str | Path, tit
     _save(fig, path)
 
 
-def plot_robustness(report, path: str | Path) -> None:
-    """A bar group per listing condition (one bar per metric); each metric's clean value as a dashed line.
+def plot_robustness(series: dict[str, dict[str, float | None]], conditions: list[str], path: str | Path,
+                    clean: str = "clean") -> None:
+    """A bar group per listing condition (one bar per metric); each metric's ``clean`` value as a dashed line.
 
-    ``report``: a ``training.robustness.RobustnessReport``. Written atomically (a PNG people open while
+    ``series``: ``training.robustness.chart_series`` of a report. Written atomically (a PNG people open while
     a rerun writes must never be half a file).
     """
     from training.fileio import atomic_path
-    from training.robustness import CLEAN, chart_series
 
-    series = chart_series(report)
-    names = [n for n in report.conditions if n != CLEAN]
+    names = [n for n in conditions if n != clean]
     metrics = list(series)
     fig, ax = plt.subplots(figsize=(min(18.0, max(8.0, 0.22 * len(names) * len(metrics) + 4)), 5))
     width = 0.8 / max(1, len(metrics))
@@ -111,16 +110,46 @@ def plot_robustness(report, path: str | Path) -> None:
         values = [series[metric].get(n) for n in names]
         xs = np.arange(len(names)) + (k - (len(metrics) - 1) / 2) * width
         ax.bar(xs, [np.nan if v is None else v for v in values], width, color=colour, label=metric)
-        clean = series[metric].get(CLEAN)
+        clean = series[metric].get(clean)
         if clean is not None:
             ax.axhline(clean, color=colour, linestyle="--", linewidth=1)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("share")
-    ax.set_title(f"robustness to listing conditions (dashed: {CLEAN})")
+    ax.set_title(f"robustness to listing conditions (dashed: {clean})")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def plot_source_false_positives(sources: dict, folder: Path) -> None:
+    """One PNG per source: its most confident negatives with score and decision."""
+    import re
+
+    for origin, r in sources.items():
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", origin).strip("_") or "data"
+        plot_image_grid([t["path"] for t in r["top"]], [f"{t['label']} {t['score']:.3f} ({t['decision']})" for t in r["top"]],
+                        folder / f"{name}.png", title=f"{origin}: most confident negatives "
+                        f"(flag {r['flag_rate']:.1%}, block {r['block_rate']:.1%} of {r['n']})")
+
+
+def plot_reliability(before: np.ndarray, after: np.ndarray, y: np.ndarray, path: Path, ece: tuple[float, float],
+                     n_bins: int = 15) -> None:
+    """Accuracy against confidence before and after temperature scaling; ``ece``: (before, after), for the legend."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    edges = np.linspace(0, 1, n_bins + 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    for probs, name, error in ((before, "before", ece[0]), (after, "after", ece[1])):
+        conf, correct = probs.max(1), probs.argmax(1) == y
+        acc = [correct[(conf > lo) & (conf <= hi)].mean() if ((conf > lo) & (conf <= hi)).any() else np.nan
+               for lo, hi in zip(edges[:-1], edges[1:])]
+        ax.plot(centres, acc, marker="o", label=f"{name} (ECE {error:.3f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect")
+    ax.set_xlabel("confidence (top class)"), ax.set_ylabel("accuracy"), ax.set_title("reliability")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -11,15 +11,18 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
+from pydantic import BaseModel
 
 from serving.contract import ModelContract
 from serving.imageio import ImageError, decode_image
 from serving.runtime import OnnxModel
 from training.data.sources import Sample
-from training.evaluate import predict_samples
+from training.fileio import atomic_onnx_save
 from training.metrics import compute_metrics
+from training.predict import predict_samples
 
 
 class _Reader(CalibrationDataReader):
@@ -55,16 +58,28 @@ def _metrics(model: OnnxModel, samples: list[Sample], labels: list[str]) -> dict
     return compute_metrics(np.array([index[s.label] for s in kept]), probs, labels)
 
 
+class Int8Report(BaseModel):
+    """The INT8 attempt: accepted (file written) or refused, with the accuracies that decided it."""
+
+    accepted: bool
+    reason: str | None = None  # why it was refused
+    calibration_images: int = 0
+    val_images: int = 0
+    fp32_balanced_accuracy: float | None = None
+    int8_balanced_accuracy: float | None = None
+    drop_points: float | None = None
+    path: str | None = None
+    bytes: int | None = None
+
+
 def quantize_int8(fp32_path: Path, train: list[Sample], val: list[Sample], contract: ModelContract,
                   calib_images: int = 300, max_drop_points: float = 1.0,
-                  method: CalibrationMethod = CalibrationMethod.MinMax) -> dict:
+                  method: CalibrationMethod = CalibrationMethod.MinMax) -> Int8Report:
     """Write ``<fp32>.int8.onnx`` next to ``fp32_path`` unless val balanced accuracy drops too much."""
-    from training.export import ExportError, write_metadata
-
     if not train:
-        raise ExportError("no training images to calibrate INT8 on; pass --data")
+        return Int8Report(accepted=False, reason="no training images to calibrate INT8 on; pass --data")
     if not val:
-        raise ExportError("no validation images to check INT8 accuracy on; pass --data")
+        return Int8Report(accepted=False, reason="no validation images to check INT8 accuracy on; pass --data")
     arrays = _calibration_arrays(train, contract, calib_images)
     out = fp32_path.with_name(fp32_path.stem + ".int8.onnx")
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,28 +90,30 @@ def quantize_int8(fp32_path: Path, train: list[Sample], val: list[Sample], contr
             str(prepped), str(q), _Reader(arrays, "image"), quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method,
         )
+        quantized = onnx.load(str(q))
         fp32_metrics = _metrics(OnnxModel(fp32_path, threads=2), val, contract.labels)
         staged = Path(tmp) / "int8.onnx"
         int8_contract = contract.model_copy(update={"precision": "int8"})
-        write_metadata(q, staged, int8_contract)
+        atomic_onnx_save(int8_contract.write_to(quantized), staged)
         int8_metrics = _metrics(OnnxModel(staged, threads=2), val, contract.labels)
         drop = 100.0 * (fp32_metrics["balanced_accuracy"] - int8_metrics["balanced_accuracy"])
-        report = {
-            "calibration_images": len(arrays), "val_images": fp32_metrics["n"],
-            "fp32_balanced_accuracy": fp32_metrics["balanced_accuracy"],
-            "int8_balanced_accuracy": int8_metrics["balanced_accuracy"], "drop_points": drop,
-        }
-        if drop > max_drop_points:
-            raise ExportError(
+        report = Int8Report(
+            accepted=drop <= max_drop_points, calibration_images=len(arrays), val_images=fp32_metrics["n"],
+            fp32_balanced_accuracy=fp32_metrics["balanced_accuracy"],
+            int8_balanced_accuracy=int8_metrics["balanced_accuracy"], drop_points=drop,
+        )
+        if not report.accepted:
+            report.reason = (
                 f"INT8 refused: val balanced accuracy drops by {drop:.2f} points "
                 f"({fp32_metrics['balanced_accuracy']:.4f} -> {int8_metrics['balanced_accuracy']:.4f}), "
                 f"over the limit of {max_drop_points} points; keep the FP32 model"
             )
+            return report
         final_contract = int8_contract.model_copy(
             update={"metrics": {**contract.metrics, "int8_val": {k: int8_metrics[k] for k in
                                                                   ("n", "accuracy", "balanced_accuracy", "macro_f1")},
                                 "fp32_val_same_images": {k: fp32_metrics[k] for k in
                                                          ("n", "accuracy", "balanced_accuracy", "macro_f1")}}})
-        write_metadata(q, out, final_contract)
-    report.update(path=str(out), bytes=out.stat().st_size)
+        atomic_onnx_save(final_contract.write_to(quantized), out)
+    report.path, report.bytes = str(out), out.stat().st_size
     return report

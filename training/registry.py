@@ -23,11 +23,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from serving.contract import read_contract
+from serving.errors import WildcheckError
 from training.fileio import atomic_path, atomic_write_text
 
 
-class PromoteRefused(RuntimeError):
-    pass
+class PromoteRefused(WildcheckError, RuntimeError):
+    """A gate (the comparison, or its absence) stops the promotion; ``--force`` overrides it."""
+
+
+class NoCurrentModel(WildcheckError, FileNotFoundError):
+    """The registry has no (single) promoted model to serve."""
 
 
 def current_model(registry: str | Path, name: str | None = None) -> Path:
@@ -36,11 +41,11 @@ def current_model(registry: str | Path, name: str | None = None) -> Path:
     names = sorted(p.name for p in registry.iterdir() if (p / "current").exists()) if registry.is_dir() else []
     if name is None:
         if len(names) != 1:
-            raise FileNotFoundError(f"{registry}: expected one promoted model, found {names or 'none'}; pass --name")
+            raise NoCurrentModel(f"{registry}: expected one promoted model, found {names or 'none'}; pass --name")
         name = names[0]
     path = registry / name / "current" / "model.onnx"
     if not path.exists():
-        raise FileNotFoundError(f"{registry}/{name} has no current model; promote one with `wildcheck promote`")
+        raise NoCurrentModel(f"{registry}/{name} has no current model; promote one with `wildcheck promote`")
     return path
 
 
@@ -76,7 +81,7 @@ def _card(contract, compare: dict | None, run_dir: Path) -> str:
 
 def promote(run: str | Path, registry: str | Path, force: bool = False, name: str | None = None,
             version: str | None = None) -> dict:
-    from training.evaluate import resolve_checkpoint  # the training stack: current_model() works without it
+    from training.predict import resolve_checkpoint  # the training stack: current_model() works without it
     from training.export import export
 
     ckpt = resolve_checkpoint(run)

@@ -3,7 +3,7 @@
 Listing photos are screenshots, collages, thumbnails, recompressed and sideways; a model that only
 holds up on museum photography cannot be switched on. Each image is decoded once; every condition
 (``training.conditions``) is applied to that decoded picture with a generator seeded by (seed,
-condition, image), then scored through ``training.evaluate.predict_images`` and decided by
+condition, image), then scored through ``training.predict.predict_images`` and decided by
 ``serving.decision.decide`` at the model's own thresholds, exactly like evaluation and serving.
 """
 
@@ -21,14 +21,19 @@ from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 from serving.decision import decide
+from serving.errors import WildcheckError
 from serving.imageio import ImageError, decode_image
 from serving.tiling import draft_size
 from training.conditions import Condition, condition_rng, default_conditions
 from training.data.sources import Sample, load_samples, select_split
-from training.evaluate import _decision_settings, load_predictor, predict_images
 from training.metrics import compute_metrics, decision_report
+from training.predict import load_predictor, predict_images
 
 CLEAN = "clean"
+
+
+class RobustnessError(WildcheckError, ValueError):
+    """The data cannot be used for the report (no images, no known label, too few negatives for a condition)."""
 
 
 class ClassRobustness(BaseModel):
@@ -89,7 +94,7 @@ def gather(data: list[str | Path], negatives: list[str | Path], split: str | Non
         if split:
             found = select_split(found, split)
             if not found:
-                raise ValueError(f"no images in split {split!r} of {root}")
+                raise RobustnessError(f"no images in split {split!r} of {root}")
         for s in found:
             if is_negative:
                 s = replace(s, label=negative_label)
@@ -99,7 +104,7 @@ def gather(data: list[str | Path], negatives: list[str | Path], split: str | Non
             samples.append(s)
             sources.append(s.origin)  # pool/source: where a false positive came from
     if not samples:
-        raise ValueError(f"none of the images carries a label the model knows ({labels})")
+        raise RobustnessError(f"none of the images carries a label the model knows ({labels})")
     return samples, sources, unknown
 
 
@@ -141,7 +146,7 @@ def _others(condition: Condition, rng: np.random.Generator, index: int, pool: np
             picked.append(img)
             if len(picked) == condition.others:
                 return picked
-    raise ValueError(f"a {condition.kind} needs {condition.others} other readable negative "
+    raise RobustnessError(f"a {condition.kind} needs {condition.others} other readable negative "
                      "images in the evaluated set; add --negatives ROOT or leave the condition out with --conditions")
 
 
@@ -195,7 +200,8 @@ def robustness(
     conditions = default_conditions() if conditions is None else conditions
     predictor = load_predictor(model, threads=threads)
     labels = list(predictor.labels)
-    thresholds, never_block, negative = _decision_settings(predictor)
+    spec = predictor.spec
+    thresholds, never_block, negative = spec.thresholds, spec.never_block, spec.negative_label
     samples, sources, unknown = gather(list(data), list(negatives), split, labels, negative)
     if limit is not None and limit < len(samples):
         keep = np.sort(np.random.default_rng(seed).permutation(len(samples))[:limit])
@@ -205,9 +211,9 @@ def robustness(
     pool = np.array([i for i, s in enumerate(samples) if s.label == negative], dtype=np.int64)
     for name, condition in conditions.items():
         if condition.others and len(pool) <= condition.others:  # a negative's collage needs others besides itself
-            raise ValueError(f"{name} needs more than {condition.others} {negative!r} images in the evaluated set, "
+            raise RobustnessError(f"{name} needs more than {condition.others} {negative!r} images in the evaluated set, "
                              f"found {len(pool)}; add --negatives ROOT or leave {name} out with --conditions")
-    decoder = _Decoder(draft_size(predictor.preprocessing, getattr(predictor, "tiling", None)))
+    decoder = _Decoder(draft_size(spec.preprocessing, spec.tiling))
     names = [CLEAN, *conditions]
     probs: dict[str, list[np.ndarray]] = {n: [] for n in names}
     kept: list[int] = []
@@ -239,7 +245,7 @@ def robustness(
             kept += chunk
             bar.update(min(batch_size, len(samples) - start))
     if not kept:
-        raise ValueError("none of the images could be read")
+        raise RobustnessError("none of the images could be read")
     index = {label: i for i, label in enumerate(labels)}
     y_true = np.array([index[samples[i].label] for i in kept])
     kept_sources = [sources[i] for i in kept]
@@ -276,7 +282,7 @@ def write_report(report: RobustnessReport, out_dir: str | Path) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "robustness.json", json.dumps(report.model_dump(mode="json"), indent=2))
-    plot_robustness(report, out_dir / "robustness.png")
+    plot_robustness(chart_series(report), list(report.conditions), out_dir / "robustness.png", CLEAN)
     print(f"wrote {out_dir}/robustness.json and robustness.png")
 
 

@@ -30,6 +30,7 @@ import training
 from serving.preprocess import Preprocessing
 from training import distributed
 from training.augment import EvalTransform, TrainTransform, worker_init_fn
+from training.checkpoint import Checkpoint, initial_spec, published_metrics
 from training.config import Config, dump_config
 from training.data.cache import CachedImageDataset, cache_images
 from training.data.sampling import EpochSampler, negatives_count
@@ -281,12 +282,12 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
         config.model.drop_rate, config.model.drop_path_rate,
     )
     if warm:
-        from training.evaluate import resolve_checkpoint
+        from training.predict import resolve_checkpoint
 
-        prior = load_checkpoint(resolve_checkpoint(init_from))
-        if prior["architecture"] != config.model.name:
-            raise ValueError(f"--init-from {init_from} is a {prior['architecture']}, the config asks for {config.model.name}")
-        moved = warm_start(model, prior, labels)
+        prior = Checkpoint.load(resolve_checkpoint(init_from))
+        if prior.spec.architecture != config.model.name:
+            raise ValueError(f"--init-from {init_from} is a {prior.spec.architecture}, the config asks for {config.model.name}")
+        moved = warm_start(model, prior.weights, prior.spec.labels, labels)
         say(f"warm start from {init_from}: head rows kept for {moved['kept']}, fresh for {moved['fresh']}"
             + (f", dropped {moved['dropped']}" if moved["dropped"] else ""))
     frozen = freeze_modules(model, config.model.freeze)
@@ -382,6 +383,7 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
         "init_from": str(init_from) if init_from else None,
         "tiling": config.decision.tiling.model_dump() if config.decision.tiling else None,
     }
+    spec = initial_spec(config, labels, pre, meta["training_data"])  # best.pt's (training.checkpoint)
     for epoch in range(start_epoch, tc.epochs):
         # the augmentation stream is a function of (seed, epoch), so a resumed epoch sees what it would have seen
         data.train.transform.set_seed(tc.seed * 10_007 + epoch)
@@ -454,11 +456,9 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
             "mined_per_pool": ";".join(map(str, sampler.last_mined_per_group)),
         }
         if improved and dinfo.main:
-            atomic_torch_save(
-                {**meta, "model": eval_model.state_dict(), "epoch": epoch + 1, "ema": ema is not None,
-                 "val_metrics": metrics, "temperature": 1.0},
-                out_dir / "best.pt",
-            )
+            Checkpoint(spec.model_copy(update={"metrics": published_metrics(metrics)}), eval_model.state_dict(),
+                       epoch + 1, metrics, config, meta["data_roots"], meta["init_from"], ema is not None,
+                       ).save(out_dir / "best.pt")
         if dinfo.main:
             _save_last(out_dir, history_path, row, {**meta, "model": core.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
@@ -487,9 +487,9 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
         from training.calibrate import calibrate, format_report
 
         print(format_report(calibrate(out_dir)))
-    best = load_checkpoint(out_dir / "best.pt")
+    best = Checkpoint.load(out_dir / "best.pt")
     summary = {
-        "run_dir": str(out_dir), "labels": labels, "best_epoch": best["epoch"], "val_metrics": best["val_metrics"],
+        "run_dir": str(out_dir), "labels": labels, "best_epoch": best.epoch, "val_metrics": best.val_metrics,
         "wall_seconds": round(time.time() - t_start, 1), "train_counts": label_counts(data.train_samples),
         "skipped": len(data.skipped),
     }
