@@ -166,6 +166,7 @@ class WildCheck:
             limits=Limits(max_pixels=settings.max_pixels, min_side=settings.min_side,
                           max_decode_bytes=settings.max_decode_bytes),
             max_concurrent=settings.cpu_threads, memory_arena=False, gallery=settings.gallery or None,
+            embedder=settings.embedder or None,
         )
         if settings.policy:
             self.checker.apply_policy(settings.policy)

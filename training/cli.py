@@ -355,6 +355,8 @@ def serve(
         None, "--threads-per-worker", help="onnxruntime threads per worker (default 1, WILDCHECK_THREADS)"),
     policy: Optional[Path] = typer.Option(None, "--policy", help="policy YAML overriding thresholds (WILDCHECK_POLICY)"),
     gallery: Optional[Path] = typer.Option(None, "--gallery", help="reference gallery (wildcheck gallery build; WILDCHECK_GALLERY)"),
+    embedder: Optional[Path] = typer.Option(
+        None, "--embedder", help="the embedder the gallery was built with (wildcheck export-embedder; WILDCHECK_EMBEDDER)"),
 ) -> None:
     """Serve the image-check endpoint with `bentoml serve` (API docs at /v1/docs)."""
     import os
@@ -383,13 +385,23 @@ def serve(
         _fail(str(exc))
     env = dict(os.environ, WILDCHECK_MODEL=str(model.resolve()))
     gallery = gallery or (Path(env["WILDCHECK_GALLERY"]) if env.get("WILDCHECK_GALLERY") else None)
+    embedder = embedder or (Path(env["WILDCHECK_EMBEDDER"]) if env.get("WILDCHECK_EMBEDDER") else None)
     loaded = None
+    if embedder and not gallery:
+        _fail(f"--embedder {embedder} only serves a gallery's matches: give --gallery too (WILDCHECK_GALLERY)")
     if gallery:
         from serving.gallery import Gallery, GalleryError
 
         try:
-            loaded = Gallery.load(gallery, contract)  # refuse here, naming the file, not in every worker
-        except GalleryError as exc:
+            gallery_contract, served_as = contract, "model"
+            if embedder:
+                gallery_contract, served_as = read_contract(embedder), "embedder"
+                if gallery_contract.embedding is None:
+                    _fail(f"{embedder} has no embedding output: give a model from `wildcheck export-embedder`")
+                env["WILDCHECK_EMBEDDER"] = str(embedder.resolve())
+            # refuse here, naming the file and both models, not in every worker
+            loaded = Gallery.load(gallery, gallery_contract, served_as=served_as)
+        except (GalleryError, ContractError) as exc:
             _fail(str(exc))
         env["WILDCHECK_GALLERY"] = str(gallery.resolve())
     if policy:
