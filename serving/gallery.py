@@ -160,7 +160,7 @@ class Gallery:
             "hashes": self.hashes,
             "negatives": self.negatives,
         }
-        if len(self.embeddings) > self.exact_max:  # the HNSW graph travels with the file: no rebuild at load
+        if len(self.embeddings) > self.exact_max:  # the search index travels with the file: no rebuild at load
             arrays["index"] = self.index.serialize()
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
