@@ -505,14 +505,18 @@ def gallery_info(gallery: Path = typer.Argument(..., help="gallery file")) -> No
 def build(
     model: Path = typer.Argument(..., help="ONNX file exported by `wildcheck export`"),
     gallery: Optional[Path] = typer.Option(None, "--gallery", help="reference gallery to ship with the model"),
+    embedder: Optional[Path] = typer.Option(None, "--embedder", help="the embedder the gallery was built with"),
 ) -> None:
     """Build a Bento: the service, the model (via BentoML's model store) and only the serving packages."""
     from serving.bento import BentoBuildError, build_bento
-    from serving.contract import ContractError
+    from serving.contract import ContractError, read_contract
+    from serving.gallery import Gallery, GalleryError
 
     try:
-        tag = build_bento(model, gallery)
-    except (ContractError, BentoBuildError, FileNotFoundError) as exc:
+        if gallery:  # a gallery that the served model (or embedder) cannot use would stop every worker: refuse now
+            Gallery.load(gallery, read_contract(embedder or model), served_as="embedder" if embedder else "model")
+        tag = build_bento(model, gallery, embedder)
+    except (ContractError, BentoBuildError, FileNotFoundError, GalleryError) as exc:
         _fail(str(exc))
     typer.echo(f"built Bento {tag}")
     typer.echo(f"serve it: bentoml serve {tag}; container image: bentoml containerize {tag}")
