@@ -18,13 +18,14 @@ from pathlib import Path
 import bentoml
 
 from serving.contract import read_contract
+from serving.errors import WildcheckError
 
 BENTOFILE = Path(__file__).with_name("bentofile.yaml")
 MODEL_FILE = "model.onnx"
 GALLERY_FILE = "gallery"  # + the gallery's own suffix
 
 
-class BentoBuildError(RuntimeError):
+class BentoBuildError(WildcheckError, RuntimeError):
     """``bentoml build`` or the model store refused; the message says what to do."""
 
 

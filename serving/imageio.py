@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from serving.errors import WildcheckError
+
 # Formats a listing photo can reasonably come in. Anything else PIL can open (PDF, EPS, ICO, ...) is
 # refused: fewer decoders reachable from the internet means less attack surface.
 SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})
@@ -26,7 +28,7 @@ DEFAULT_MIN_SIDE = 16
 DEFAULT_MAX_DECODE_BYTES = 256 * 2**20
 
 
-class ImageError(ValueError):
+class ImageError(WildcheckError, ValueError):
     """An image that cannot be used. ``code`` is machine-readable, ``status`` the HTTP status to answer."""
 
     def __init__(self, code: str, message: str, status: int = 400):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from serving.errors import InvalidInput
 from serving.imageio import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 
 
@@ -15,7 +16,7 @@ def _number(name: str, default, parse, kind: str):
     try:
         return parse(value)
     except ValueError as exc:
-        raise ValueError(f"{name} must be {kind}, got {value!r}") from exc
+        raise InvalidInput(f"{name} must be {kind}, got {value!r}") from exc
 
 
 def _int(name: str, default: int) -> int:
@@ -51,7 +52,7 @@ class Settings:
         keys = os.environ.get("WILDCHECK_API_KEYS", "")
         api_keys = frozenset(k.strip() for k in keys.split(",") if k.strip())
         if keys and not api_keys:  # "," or " ": the operator meant to turn auth on; never fail open
-            raise ValueError(f"WILDCHECK_API_KEYS={keys!r} contains no key; give comma-separated keys or unset it")
+            raise InvalidInput(f"WILDCHECK_API_KEYS={keys!r} contains no key; give comma-separated keys or unset it")
         return cls(
             model=os.environ.get("WILDCHECK_MODEL", ""),
             workers=_int("WILDCHECK_WORKERS", cls.workers),

@@ -8,6 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from serving.errors import InvalidInput, MissingInput
 from serving.tiling import Tiling
 
 
@@ -178,17 +179,17 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, A
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"config {path} not found")
+            raise MissingInput(f"config {path} not found")
         raw = yaml.safe_load(path.read_text()) or {}
         if not isinstance(raw, dict):
-            raise ValueError(f"config {path} must be a mapping of sections (model, data, augment, train)")
+            raise InvalidInput(f"config {path} must be a mapping of sections (model, data, augment, train)")
     for section, values in (overrides or {}).items():
         raw.setdefault(section, {})
         raw[section].update({k: v for k, v in values.items() if v is not None})
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        raise ValueError(f"invalid config{f' {path}' if path else ''}:\n{exc}") from exc
+        raise InvalidInput(f"invalid config{f' {path}' if path else ''}:\n{exc}") from exc
 
 
 def dump_config(config: Config) -> str:

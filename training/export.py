@@ -21,6 +21,7 @@ import torch
 import training
 from serving.contract import CamOutput, ModelContract
 from serving.decision import default_thresholds
+from serving.errors import WildcheckError
 from serving.runtime import OnnxModel
 from training.cam import CAM_OUTPUT, WithCam, cam_unsupported
 from training.data.sources import Sample
@@ -35,8 +36,10 @@ PARITY_MAX_ABS = 1e-4
 CAM_PARITY_MAX_ABS = 1e-3  # logit units per location (values of order 1-10); measured ~1e-5
 
 
-class ExportError(RuntimeError):
+class ExportError(WildcheckError, RuntimeError):
     """The export was refused (parity or accuracy gate); nothing was written."""
+
+    exit_code = 1
 
 
 def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import imagehash
 
+from serving.errors import InvalidInput, WildcheckError
 from serving.imageio import ImageError, decode_image
 from training.data.sources import discover
 from training.fileio import atomic_write_text
@@ -41,8 +42,10 @@ def spreadsheet_safe(value: str) -> str:
     return "'" + value if value.startswith(FORMULA_START) else value
 
 
-class IngestConflict(ValueError):
+class IngestConflict(WildcheckError, ValueError):
     """Labels disagree with what the dataset (or the CSV itself) already says; nothing was written."""
+
+    exit_code = 1
 
     def __init__(self, conflicts: list[dict], report: dict):
         super().__init__(f"{len(conflicts)} conflict(s): " + "; ".join(c["message"] for c in conflicts[:5]))
@@ -83,7 +86,7 @@ def _check_labels(rows: list[dict], labels_csv: Path) -> None:
             shown = label if len(label) <= 40 else label[:40] + "..."
             bad.append(f"line {line}: {shown!r}")
     if bad:
-        raise ValueError(f"{labels_csv}: {len(bad)} label(s) not allowed ({LABEL_RULE}): " + "; ".join(bad[:10])
+        raise InvalidInput(f"{labels_csv}: {len(bad)} label(s) not allowed ({LABEL_RULE}): " + "; ".join(bad[:10])
                          + ". Nothing was ingested.")
 
 
@@ -110,7 +113,7 @@ def ingest(labels_csv: str | Path, root: str | Path, split: str = "train") -> di
     """Validate everything first, then copy and rewrite the manifest. Raises IngestConflict on conflicts."""
     root, labels_csv = Path(root), Path(labels_csv)
     if split not in ("train", "val", "test"):
-        raise ValueError(f"split must be train, val or test, not {split!r}")
+        raise InvalidInput(f"split must be train, val or test, not {split!r}")
     existing = _load_manifest(root)
     by_sha = {r["sha256"]: r for r in existing if r.get("sha256")}
     known_hashes = [(r["phash"], r) for r in existing if r.get("phash")]
@@ -120,7 +123,7 @@ def ingest(labels_csv: str | Path, root: str | Path, split: str = "train") -> di
     with labels_csv.open(newline="", encoding="utf-8-sig") as fh:  # -sig: Excel writes a BOM
         reader = csv.DictReader(fh)
         if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
-            raise ValueError(f"{labels_csv}: needs columns path,label[,source,listing_id,labeled_by,labeled_at]")
+            raise InvalidInput(f"{labels_csv}: needs columns path,label[,source,listing_id,labeled_by,labeled_at]")
         rows = list(reader)
     _check_labels(rows, labels_csv)
     split_dir = (root / split).resolve()
@@ -152,7 +155,7 @@ def ingest(labels_csv: str | Path, root: str | Path, split: str = "train") -> di
             continue
         dest = f"{split}/{label}/{sha[:20]}{EXTENSIONS.get(fmt, '.img')}"  # the format decoded, not the name
         if not (root / dest).resolve().is_relative_to(split_dir):  # belt and braces after LABEL_RE
-            raise ValueError(f"line {line}: {dest} would be written outside {split_dir}. Nothing was ingested.")
+            raise InvalidInput(f"line {line}: {dest} would be written outside {split_dir}. Nothing was ingested.")
         entry = {"path": dest, "label": label, "split": split, "sha256": sha, "phash": ph,
                  **{k: spreadsheet_safe(row.get(k) or "") for k in PROVENANCE}, "ingested_at": now}
         entry["source"] = entry["source"] or spreadsheet_safe(labels_csv.name)
