@@ -95,22 +95,21 @@ def train(
     epochs: Optional[int] = typer.Option(None, "--epochs"),
     img_size: Optional[int] = typer.Option(None, "--img-size"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-    resume: bool = typer.Option(False, "--resume", help="continue from RUN_DIR/last.pt"),
+    resume: bool = typer.Option(False, "--resume", help="continue from RUN_DIR/last.pt with the run's saved config "
+                                "(--epochs extends it; other settings that differ from the saved ones are refused)"),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="warm start from an earlier run (fewer epochs by default)"),
+    set_: list[str] = typer.Option([], "--set", metavar="SECTION.KEY=VALUE",
+                                   help="override one config setting, e.g. --set train.lr=0.0005; repeatable"),
 ) -> None:
     """Fine-tune a model; writes best.pt, last.pt, history.csv and config.yaml into --out."""
-    from training.config import load_config
+    from training.config import resolve_config
     from training.train import train as run_training
 
-    cfg = load_config(config, {"train": {"epochs": epochs, "batch_size": batch_size}, "data": {"img_size": img_size}})
-    if resume and config is None and (out / "config.yaml").exists():
-        cfg = load_config(out / "config.yaml", {"train": {"epochs": epochs}})
-    if init_from and epochs is None:
-        cfg.train.epochs = max(2, cfg.train.epochs // 2)
-        typer.echo(f"warm start: {cfg.train.epochs} epochs (half the config's; --epochs to change)")
-    if negatives:
-        cfg.data.negatives = cfg.data.negatives + [str(n) for n in negatives]
-    summary = run_training([str(d) for d in data], out, cfg, resume=resume, init_from=init_from)
+    resolved = resolve_config(config, run_dir=out, resume=resume, warm_start=init_from is not None, epochs=epochs,
+                              img_size=img_size, batch_size=batch_size, negatives=negatives, sets=set_)
+    for note in resolved.notes:
+        typer.echo(note)
+    summary = run_training([str(d) for d in data], out, resolved.config, resume=resume, init_from=init_from)
     if not summary:  # a non-zero rank under torchrun: rank 0 reports
         return
     m = summary["val_metrics"]
