@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from serving.client import IMAGE_SUFFIXES, list_images
+from serving.client import list_images
 from serving.errors import InvalidInput, MissingInput
 from serving.gallery import DEFAULT_FPR, Gallery, GalleryError, new_header, preprocess_and_hash
-from serving.imageio import ImageError, decode_image
+from serving.imageio import IMAGE_EXTENSIONS, ImageError, decode_image
 from serving.runtime import OnnxModel
 
 MAX_NEGATIVES = 3000
@@ -50,7 +50,7 @@ def read_references(ref: str | Path) -> list[RefItem]:
                                      (row.get("source") or "").strip()))
     elif ref.is_dir():
         for folder in sorted(p for p in ref.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+            for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
                 items.append(RefItem(path, folder.name, f"{folder.name}/{path.relative_to(folder).as_posix()}", str(ref)))
     else:
         raise MissingInput(f"{ref} is neither a folder of <label>/<image> nor a CSV file")

@@ -17,12 +17,11 @@ from tqdm.auto import tqdm
 
 from serving.contract import ModelContract
 from serving.errors import InvalidInput, MissingInput
-from serving.imageio import ImageError, decode_image
+from serving.imageio import IMAGE_EXTENSIONS, ImageError, decode_image
 from serving.policy import Policy, Resolved, resolve
 from serving.thresholds import TrafficScores
 from serving.tiling import draft_size, predict_views, views
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 # traffic images scoring below this on every protected class are counted, not stored: no threshold worth
 # setting is that low, and it keeps a policy for 100,000 images small
 TRAFFIC_FLOOR = 0.001

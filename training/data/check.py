@@ -19,7 +19,7 @@ import imagehash
 import numpy as np
 from tqdm.auto import tqdm
 
-from serving.imageio import ImageError, decode_image
+from serving.imageio import FORMATS, IMAGE_EXTENSIONS, ImageError, decode_image
 from training.data.sources import Sample, label_counts, load_samples
 
 UNUSUAL_MODES = {
@@ -73,11 +73,9 @@ def _inspect(sample: Sample, min_side: int) -> FileResult:
         result.notes.append("EXIF orientation applied (pixels stored rotated)")
     if info.frames > 1:
         result.notes.append(f"animated ({info.frames} frames; the first is used)")
-    suffix = path.suffix.lower().lstrip(".")
-    expected = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF", "bmp": "BMP",
-                "tif": "TIFF", "tiff": "TIFF"}.get(suffix)
-    if expected and expected != info.format and not (expected == "JPEG" and info.format == "MPO"):
-        result.notes.append(f"file extension .{suffix} but the content is {info.format}")
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_EXTENSIONS and suffix not in (FORMATS[info.format].extensions if info.format in FORMATS else ()):
+        result.notes.append(f"file extension {suffix} but the content is {info.format}")
     if min(info.width, info.height) < min_side:
         result.notes.append(f"too small: {info.width}x{info.height} (shorter side < {min_side} px)")
     result.phash = str(imagehash.phash(img))

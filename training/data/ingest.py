@@ -20,7 +20,7 @@ from pathlib import Path
 import imagehash
 
 from serving.errors import InvalidInput, WildcheckError
-from serving.imageio import ImageError, decode_image
+from serving.imageio import FORMATS, ImageError, decode_image
 from training.data.sources import discover
 from training.fileio import atomic_write_text
 
@@ -32,8 +32,6 @@ NEAR_DISTANCE = 4
 # spreadsheet (=1+1). Checked for every row before anything is copied.
 LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 LABEL_RULE = "labels must match [A-Za-z0-9][A-Za-z0-9_-]* (at most 64 characters)"
-EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp",
-              "TIFF": ".tif"}
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
@@ -153,7 +151,7 @@ def ingest(labels_csv: str | Path, root: str | Path, split: str = "train") -> di
             else:
                 getattr(report, kind).append({"line": line, "path": str(src), "same_as": match["path"]})
             continue
-        dest = f"{split}/{label}/{sha[:20]}{EXTENSIONS.get(fmt, '.img')}"  # the format decoded, not the name
+        dest = f"{split}/{label}/{sha[:20]}{FORMATS[fmt].extensions[0] if fmt in FORMATS else '.img'}"  # the format decoded, not the name
         if not (root / dest).resolve().is_relative_to(split_dir):  # belt and braces after LABEL_RE
             raise InvalidInput(f"line {line}: {dest} would be written outside {split_dir}. Nothing was ingested.")
         entry = {"path": dest, "label": label, "split": split, "sha256": sha, "phash": ph,

@@ -13,8 +13,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from serving.errors import InvalidInput, MissingInput
+from serving.imageio import IMAGE_EXTENSIONS, is_image_file
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 KNOWN_SPLITS = ("train", "val", "test")
 MANIFEST_NAMES = ("manifest.csv",)
 
@@ -33,15 +33,11 @@ class Sample:
         return f"{self.pool}/{self.source}" if self.source else self.pool
 
 
-def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-
-
 def _scan_label_dirs(folder: Path, split: str) -> list[Sample]:
     samples = []
     for label_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for path in sorted(label_dir.rglob("*")):
-            if _is_image(path):
+            if is_image_file(path):
                 parts = path.relative_to(label_dir).parts
                 samples.append(Sample(path, label_dir.name, split, parts[0] if len(parts) > 1 else ""))
     return samples
