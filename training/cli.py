@@ -59,12 +59,16 @@ def data_check(
     roots: list[Path] = typer.Argument(..., help="dataset roots (folders or CSV manifests)"),
     report: Optional[Path] = typer.Option(None, "--report", help="write the full JSON report here"),
     min_side: int = typer.Option(32, help="images with a shorter side below this are flagged"),
-    near_distance: int = typer.Option(4, help="perceptual-hash Hamming distance that counts as a near-duplicate"),
+    near_distance: Optional[int] = typer.Option(
+        None, "--near-distance", min=0, max=64,
+        help="pHash bits two images may differ in and be near-duplicates (default 4, training/data/neardup.py)"),
 ) -> None:
     """Counts, unreadable files, odd encodings, duplicates and leakage. Exit 1 when there are errors."""
     from training.data.check import check_dataset, format_report, write_report
+    from training.data.neardup import NEAR_DISTANCE
 
-    result = check_dataset(roots, min_side=min_side, near_distance=near_distance)
+    near = NEAR_DISTANCE if near_distance is None else near_distance
+    result = check_dataset(roots, min_side=min_side, near_distance=near)
     typer.echo(format_report(result))
     if report:
         write_report(result, report)
@@ -277,12 +281,16 @@ def data_ingest(
     into: Path = typer.Option(..., "--into", help="dataset root to add the images to"),
     split: str = typer.Option("train", "--split", help="train (default) or val; the frozen test split only when named"),
     report: Optional[Path] = typer.Option(None, "--report", help="write the JSON report here"),
+    near_distance: Optional[int] = typer.Option(
+        None, "--near-distance", min=0, max=64,
+        help="pHash bits two images may differ in and be near-duplicates (default 4, training/data/neardup.py)"),
 ) -> None:
     """Copy newly labelled images into a dataset with provenance; duplicates skipped, conflicts stop everything."""
     from training.data.ingest import IngestConflict, format_ingest, ingest
+    from training.data.neardup import NEAR_DISTANCE
 
     try:
-        result = ingest(labels_csv, into, split)
+        result = ingest(labels_csv, into, split, NEAR_DISTANCE if near_distance is None else near_distance)
     except IngestConflict as exc:  # the report says which rows conflict: show and keep it
         typer.echo(format_ingest(exc.report))
         if report:

@@ -229,7 +229,8 @@ def parse_set(item: str) -> tuple[tuple[str, ...], Any]:
         inner = [a for a in (get_args(annotation) or (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
         if depth < len(path) - 1:
             if not inner:
-                raise InvalidInput(f"--set {item}: {'.'.join(path[: depth + 1])} is a value, not a section; set it whole")
+                section = ".".join(path[: depth + 1])
+                raise InvalidInput(f"--set {item}: {section} is a value, not a section; set it whole")
             model = inner[0]
     try:
         value = yaml.safe_load(text)

@@ -17,17 +17,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import imagehash
-
 from serving.errors import InvalidInput, WildcheckError
 from serving.imageio import FORMATS, ImageError, decode_image
+from training.data.neardup import NEAR_DISTANCE, HashIndex, image_hash
 from training.data.sources import discover
 from training.fileio import atomic_write_text
 
 MANIFEST_FIELDS = ["path", "label", "split", "sha256", "phash", "source", "listing_id", "labeled_by", "labeled_at",
                    "ingested_at"]
 PROVENANCE = ("source", "listing_id", "labeled_by", "labeled_at")
-NEAR_DISTANCE = 4
 # A label becomes a folder name: nothing that can climb out of ROOT/split (.., /), hide (.x) or run in a
 # spreadsheet (=1+1). Checked for every row before anything is copied.
 LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -72,7 +70,7 @@ def _fingerprint(data: bytes) -> tuple[str, str]:
 def _decode_fingerprint(data: bytes) -> tuple[str, str, str]:
     """sha256, perceptual hash and the format the bytes really are."""
     img, info = decode_image(data, min_side=1)
-    return hashlib.sha256(data).hexdigest(), str(imagehash.phash(img)), info.format
+    return hashlib.sha256(data).hexdigest(), image_hash(img), info.format
 
 
 def _check_labels(rows: list[dict], labels_csv: Path) -> None:
@@ -107,14 +105,18 @@ def _load_manifest(root: Path) -> list[dict]:
     return rows
 
 
-def ingest(labels_csv: str | Path, root: str | Path, split: str = "train") -> dict:
-    """Validate everything first, then copy and rewrite the manifest. Raises IngestConflict on conflicts."""
+def ingest(labels_csv: str | Path, root: str | Path, split: str = "train", near_distance: int = NEAR_DISTANCE) -> dict:
+    """Validate everything first, then copy and rewrite the manifest. Raises IngestConflict on conflicts.
+
+    A new image within ``near_distance`` pHash bits of one already there (or earlier in the CSV) is a near-duplicate.
+    """
     root, labels_csv = Path(root), Path(labels_csv)
     if split not in ("train", "val", "test"):
         raise InvalidInput(f"split must be train, val or test, not {split!r}")
     existing = _load_manifest(root)
     by_sha = {r["sha256"]: r for r in existing if r.get("sha256")}
-    known_hashes = [(r["phash"], r) for r in existing if r.get("phash")]
+    hashed = [r for r in existing if r.get("phash")]
+    known = HashIndex((r["phash"] for r in hashed), near_distance)  # built once; each row is one numpy search
     known_labels = {r["label"] for r in existing}
     report = IngestReport()
     staged: list[tuple[bytes, dict]] = []
@@ -139,10 +141,9 @@ def ingest(labels_csv: str | Path, root: str | Path, split: str = "train") -> di
         except (OSError, ImageError) as exc:
             report.unreadable.append({"line": line, "path": str(src), "reason": getattr(exc, "message", str(exc))})
             continue
-        value = int(ph, 16)
         prior = by_sha.get(sha)
-        near = None if prior else next(
-            (r for h, r in known_hashes if bin(int(h, 16) ^ value).count("1") <= NEAR_DISTANCE), None)
+        hit = None if prior else known.first_within(ph)
+        near = hashed[hit[0]] if hit else None
         match, kind, verb = (prior, "duplicates", "is") if prior else (near, "near_duplicates", "looks like")
         if match is not None:  # the same picture again: skip it, or stop when its label disagrees
             if match["label"] != label:
@@ -151,14 +152,16 @@ def ingest(labels_csv: str | Path, root: str | Path, split: str = "train") -> di
             else:
                 getattr(report, kind).append({"line": line, "path": str(src), "same_as": match["path"]})
             continue
-        dest = f"{split}/{label}/{sha[:20]}{FORMATS[fmt].extensions[0] if fmt in FORMATS else '.img'}"  # the format decoded, not the name
+        extension = FORMATS[fmt].extensions[0] if fmt in FORMATS else ".img"  # the format decoded, not the name
+        dest = f"{split}/{label}/{sha[:20]}{extension}"
         if not (root / dest).resolve().is_relative_to(split_dir):  # belt and braces after LABEL_RE
             raise InvalidInput(f"line {line}: {dest} would be written outside {split_dir}. Nothing was ingested.")
         entry = {"path": dest, "label": label, "split": split, "sha256": sha, "phash": ph,
                  **{k: spreadsheet_safe(row.get(k) or "") for k in PROVENANCE}, "ingested_at": now}
         entry["source"] = entry["source"] or spreadsheet_safe(labels_csv.name)
         by_sha[sha] = entry  # later rows of the same CSV see this one
-        known_hashes.append((ph, entry))
+        known.add(ph)
+        hashed.append(entry)
         staged.append((data, entry))
         report.added.append({"line": line, "path": str(src), "to": dest, "label": label})
         if label not in known_labels:
