@@ -1,7 +1,7 @@
 """The image-check endpoint: a BentoML service with a FastAPI app mounted at ``/v1``.
 
-We parse requests ourselves instead of using BentoML's image/file parameters (NOTES: those turn bad
-uploads into 500s and download URLs given in file fields). Start it with ``wildcheck serve MODEL.onnx``
+We parse requests ourselves instead of using BentoML's image/file parameters: in BentoML 1.4 those turn bad
+uploads into 500s and download URLs given in file fields (tests/test_hardening_service.py holds us to 4xx). Start it with ``wildcheck serve MODEL.onnx``
 or ``WILDCHECK_MODEL=MODEL.onnx bentoml serve serving.service:WildCheck``; a Bento built by ``wildcheck build``
 serves the model it was built with, from BentoML's model store (serving/bento.py).
 

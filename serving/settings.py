@@ -30,7 +30,7 @@ def _float(name: str, default: float) -> float:
 @dataclass(frozen=True)
 class Settings:
     model: str = ""
-    workers: int = 2  # NOTES + serve_bench: 2 workers x 1 onnxruntime thread is fastest on 2 cores
+    workers: int = 2  # 2 workers x 1 onnxruntime thread is fastest on 2 cores (benchmarks/serve_bench.py)
     threads: int = 1
     cpu_threads: int = 4  # threads per worker that decode and run the model (serve_bench: 4 beat 1, 2 and 40)
     max_body_bytes: int = 20 * 1024 * 1024

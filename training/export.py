@@ -112,7 +112,8 @@ class ExportGraph(torch.nn.Module):
 
 
 def torch_to_onnx(model: torch.nn.Module, input_size: int, path: Path) -> CamOutput | None:
-    """Dynamo export (NOTES): fixed H x W, dynamic batch, traced with batch 2, one file without external data.
+    """Dynamo export: fixed H x W (dynamic H/W took ~10 minutes to export for tf_efficientnet_lite0 and ran
+    slower), dynamic batch traced with batch 2 (a size-1 dimension is specialised), one file without external data.
 
     Outputs (``ExportGraph``): ``logits`` first, ``cam`` when the architecture allows it, ``embedding``;
     returns the cam output's description for the contract, or None.
