@@ -65,3 +65,9 @@ def test_user_facing_errors_share_the_base(name):
 
     cls = getattr(importlib.import_module(modules[name]), name)
     assert issubclass(cls, WildcheckError)
+
+
+def test_ingest_of_a_missing_csv_is_a_message_and_writes_nothing(tmp_path):
+    """Before, the CLI's per-command except FileNotFoundError hid open()'s error; now ingest names the file itself."""
+    result = CliRunner().invoke(app, ["data", "ingest", str(tmp_path / "labels.csv"), "--into", str(tmp_path / "ds")])
+    assert result.exit_code == 2 and "labels.csv not found" in result.output and not (tmp_path / "ds").exists()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from serving.errors import InvalidInput, WildcheckError
+from serving.errors import InvalidInput, MissingInput, WildcheckError
 from serving.imageio import FORMATS, ImageError, decode_image
 from training.data.neardup import NEAR_DISTANCE, HashIndex, image_hash
 from training.data.sources import discover
@@ -113,6 +113,8 @@ def ingest(labels_csv: str | Path, root: str | Path, split: str = "train", near_
     root, labels_csv = Path(root), Path(labels_csv)
     if split not in ("train", "val", "test"):
         raise InvalidInput(f"split must be train, val or test, not {split!r}")
+    if not labels_csv.is_file():
+        raise MissingInput(f"{labels_csv} not found: give the CSV of labelled images (path,label,...)")
     existing = _load_manifest(root)
     by_sha = {r["sha256"]: r for r in existing if r.get("sha256")}
     hashed = [r for r in existing if r.get("phash")]
