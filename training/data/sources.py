@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from serving.errors import InvalidInput, MissingInput
-from serving.imageio import IMAGE_EXTENSIONS, is_image_file
+from serving.imageio import is_image_file
 
 KNOWN_SPLITS = ("train", "val", "test")
 MANIFEST_NAMES = ("manifest.csv",)
