@@ -18,6 +18,7 @@ from pathlib import Path
 import bentoml
 
 from serving.contract import read_contract
+from serving.errors import MissingInput, WildcheckError
 
 BENTOFILE = Path(__file__).with_name("bentofile.yaml")
 MODEL_FILE = "model.onnx"
@@ -25,7 +26,7 @@ GALLERY_FILE = "gallery"  # + the gallery's own suffix
 EMBEDDER_FILE = "embedder.onnx"
 
 
-class BentoBuildError(RuntimeError):
+class BentoBuildError(WildcheckError, RuntimeError):
     """``bentoml build`` or the model store refused; the message says what to do."""
 
 
@@ -54,7 +55,7 @@ def store_model(model: str | Path, gallery: str | Path | None = None, embedder: 
     model = Path(model)
     contract = read_contract(model)  # a file that is not a wildcheck model stops here
     if gallery is not None and not Path(gallery).is_file():
-        raise FileNotFoundError(f"gallery {gallery} does not exist")
+        raise MissingInput(f"gallery {gallery} does not exist")
     if embedder is not None:
         if gallery is None:
             raise BentoBuildError(f"an embedder ({embedder}) only serves a gallery: give --gallery too")
