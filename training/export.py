@@ -35,6 +35,8 @@ CAM_PARITY_MAX_ABS = 1e-3  # logit units per location (values of order 1-10); me
 class ExportError(WildcheckError, RuntimeError):
     """The export was refused (parity or accuracy gate); nothing was written."""
 
+    exit_code = 1
+
 
 class ExportGraph(torch.nn.Module):
     """What the ONNX file computes: ``logits`` first, then ``cam`` (``training.cam``, when the architecture has
@@ -62,7 +64,8 @@ class ExportGraph(torch.nn.Module):
 
 
 def torch_to_onnx(model: torch.nn.Module, input_size: int, path: Path) -> CamOutput | None:
-    """Dynamo export (NOTES): fixed H x W, dynamic batch, traced with batch 2, one file without external data.
+    """Dynamo export: fixed H x W (dynamic H/W took ~10 minutes to export for tf_efficientnet_lite0 and ran
+    slower), dynamic batch traced with batch 2 (a size-1 dimension is specialised), one file without external data.
 
     Outputs (``ExportGraph``): ``logits`` first, ``cam`` when the architecture allows it, ``embedding``;
     returns the cam output's description for the contract, or None.

@@ -23,15 +23,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from serving.contract import read_contract
-from serving.errors import WildcheckError
+from serving.errors import MissingInput, WildcheckError
 from training.fileio import atomic_path, atomic_write_text
 
 
 class PromoteRefused(WildcheckError, RuntimeError):
-    """A gate (the comparison, or its absence) stops the promotion; ``--force`` overrides it."""
+    """The comparison gate failed (or was not run); nothing was promoted."""
+
+    exit_code = 1
 
 
-class NoCurrentModel(WildcheckError, FileNotFoundError):
+class NoCurrentModel(MissingInput):
     """The registry has no (single) promoted model to serve."""
 
 
