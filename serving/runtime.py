@@ -12,7 +12,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from serving.contract import ModelContract, ModelSpec, contract_from_session, open_session
-from serving.errors import WildcheckError
+from serving.errors import InvalidInput
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -66,7 +66,7 @@ class SpecView:
         return self.spec.negative_index
 
 
-class NoOutputError(WildcheckError, ValueError):
+class NoOutputError(InvalidInput):
     """The file lacks a graph output (cam, embedding) that the asked-for feature needs."""
 
 

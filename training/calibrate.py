@@ -17,7 +17,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 
 from serving.contract import ModelSpec
-from serving.errors import WildcheckError
+from serving.errors import InvalidInput
 from serving.runtime import softmax
 from serving.thresholds import Budgets, TrafficScores, apply_budgets, curve_arrays, solve_class
 from training.config import DecisionConfig
@@ -26,7 +26,7 @@ from training.fileio import atomic_write_text
 EPS = 1e-7
 
 
-class NoValidationData(WildcheckError, ValueError):
+class NoValidationData(InvalidInput):
     """Nothing to calibrate on."""
 
 

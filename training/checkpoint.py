@@ -17,7 +17,7 @@ from pydantic import ValidationError
 import training
 from serving.contract import EmbeddingSpec, ModelContract, ModelSpec
 from serving.decision import default_thresholds
-from serving.errors import WildcheckError
+from serving.errors import InvalidInput
 from serving.preprocess import Preprocessing
 from training.config import Config
 from training.fileio import atomic_torch_save, load_checkpoint
@@ -26,7 +26,7 @@ FORMAT = 2
 PUBLISHED_METRICS = ("n", "accuracy", "balanced_accuracy", "macro_f1", "nll", "per_class", "confusion_matrix", "labels")
 
 
-class CheckpointError(WildcheckError, ValueError):
+class CheckpointError(InvalidInput):
     """The file is not a wildcheck checkpoint (or one this version cannot read)."""
 
 

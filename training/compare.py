@@ -14,13 +14,13 @@ import numpy as np
 from scipy.stats import binomtest
 from sklearn.metrics import f1_score
 
-from serving.errors import WildcheckError
+from serving.errors import InvalidInput
 from training.data.sources import load_samples, select_split
 from training.metrics import compute_metrics
 from training.predict import load_predictor, predict_samples, resolve_checkpoint
 
 
-class CompareError(WildcheckError, ValueError):
+class CompareError(InvalidInput):
     """The two models cannot be compared on the data given."""
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from serving.errors import WildcheckError
+from serving.errors import InvalidInput
 from training.data.sources import Sample, load_samples, select_split
 from training.metrics import compute_metrics, decision_report, false_positive_report, format_decisions, summary_table
 from training.predict import load_predictor, predict_samples
@@ -24,7 +24,7 @@ from training.predict import load_predictor, predict_samples
 log = logging.getLogger(__name__)
 
 
-class EvaluationError(WildcheckError, ValueError):
+class EvaluationError(InvalidInput):
     """The data cannot be evaluated with this model (no images in the split, no label it knows)."""
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from serving.explain import Explanation, explain, explained_label, overlay, png_bytes, predict_views_with_cam
-from serving.errors import WildcheckError
+from serving.errors import InvalidInput
 from serving.imageio import ImageError, decode_image
 from serving.runtime import Predictor
 from serving.tiling import draft_size, views
@@ -22,11 +22,11 @@ from training.predict import load_predictor
 from training.fileio import atomic_path, atomic_write_text
 
 
-class NoCamError(WildcheckError, ValueError):
+class NoCamError(InvalidInput):
     """The model cannot draw heat maps."""
 
 
-class UnknownLabel(WildcheckError, ValueError):
+class UnknownLabel(InvalidInput):
     """A label to explain that the model does not have."""
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from serving.contract import ModelContract, ModelSpec
-from serving.errors import WildcheckError
+from serving.errors import InvalidInput, MissingInput
 from serving.imageio import ImageError, decode_image
 from serving.runtime import OnnxModel, Predictor, SpecView, softmax
 from serving.tiling import draft_size, predict_views, views
@@ -28,11 +28,11 @@ from training.data.sources import Sample, load_samples, select_split
 log = logging.getLogger(__name__)
 
 
-class ModelNotFound(WildcheckError, FileNotFoundError):
+class ModelNotFound(MissingInput):
     """No run dir, checkpoint or ONNX file at the path given."""
 
 
-class NoRunData(WildcheckError, ValueError):
+class NoRunData(InvalidInput):
     """The run does not say where its images are, and none were given."""
 
 

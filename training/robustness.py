@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 from serving.decision import decide
-from serving.errors import WildcheckError
+from serving.errors import InvalidInput
 from serving.imageio import ImageError, decode_image
 from serving.tiling import draft_size
 from training.conditions import Condition, condition_rng, default_conditions
@@ -32,7 +32,7 @@ from training.predict import load_predictor, predict_images
 CLEAN = "clean"
 
 
-class RobustnessError(WildcheckError, ValueError):
+class RobustnessError(InvalidInput):
     """The data cannot be used for the report (no images, no known label, too few negatives for a condition)."""
 
 
