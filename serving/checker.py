@@ -16,7 +16,7 @@ from serving.decision import DECISIONS, decide
 from serving.imageio import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageError, decode_image
 from serving.explain import OVERLAY_MAX_SIDE, explain, explained_label, overlay_base64, predict_views_with_cam
 from serving.runtime import OnnxModel
-from serving.tiling import combine, draft_size, predict_views, views
+from serving.tiling import combine, draft_size, predict_views, view_boxes, views
 
 # The MIME type of each decodable format, and the names clients use for them.
 FORMAT_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp",
@@ -63,6 +63,7 @@ class Prepared:
     meta: dict
     size: tuple[int, int]  # the decoded, upright picture that was preprocessed (what a heat map covers)
     thumbnail: Image.Image | None = None  # kept only for explain=png
+    boxes: list[tuple[int, int, int, int]] | None = None  # each view's box in that picture (serving.tiling.view_boxes)
 
 
 class ImageChecker:
@@ -137,14 +138,15 @@ class ImageChecker:
         if thumbnail:  # a small copy, so a batch does not hold every full-size picture until the forward pass
             thumb = img.copy()
             thumb.thumbnail((OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE), Image.Resampling.BILINEAR)
+        boxes = view_boxes(img, self.contract.tiling)  # a collage's panels are found once, here
         if self.gallery is not None:  # the same views, each with its pHash
             from serving.gallery import views_and_hashes
 
-            stack, hashes = views_and_hashes(img, self.pre, self.contract.tiling)
+            stack, hashes = views_and_hashes(img, self.pre, self.contract.tiling, boxes)
             meta["phash"] = f"{hashes[0]:016x}"
             meta["_view_hashes"] = hashes
-            return Prepared(stack, meta, img.size, thumb)
-        return Prepared(views(img, self.pre, self.contract.tiling), meta, img.size, thumb)
+            return Prepared(stack, meta, img.size, thumb, boxes)
+        return Prepared(views(img, self.pre, self.contract.tiling, boxes), meta, img.size, thumb, boxes)
 
     def predict(self, stacks: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray] | None]:
         """Probabilities per picture, from the views ``prepare`` made of each (one forward pass), and with a
@@ -185,7 +187,7 @@ class ImageChecker:
     def explanation(self, probs: np.ndarray, cam: np.ndarray, prepared: Prepared, label: str | None) -> dict:
         c = self.contract
         chosen = explained_label(probs, c.labels, c.negative_label, label)
-        result = explain(cam, chosen, c.labels, self.pre, *prepared.size, tiling=c.tiling)
+        result = explain(cam, chosen, c.labels, self.pre, *prepared.size, tiling=c.tiling, boxes=prepared.boxes)
         if prepared.thumbnail is not None:
             result.png = overlay_base64(prepared.thumbnail, result.grid)
         return result.model_dump()
