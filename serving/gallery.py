@@ -106,10 +106,13 @@ def preprocess_and_hash(pre, img) -> tuple[np.ndarray, int]:
     return pre.crop_and_normalize(np.asarray(resized)), phash(resized)
 
 
-def views_and_hashes(img, pre, tiling) -> tuple[np.ndarray, list[int]]:
-    """``serving.tiling.views`` (the whole picture, then the contract's tiles), with each view's pHash: a known
-    photo posted as one tile of a collage matches through its tile."""
-    crops = [img] + ([img.crop(box) for box in tiling.tiles(img.size)] if tiling is not None else [])
+def views_and_hashes(img, pre, tiling, boxes=None) -> tuple[np.ndarray, list[int]]:
+    """``serving.tiling.views`` (the whole picture, then the contract's tiles or panels), with each view's pHash:
+    a known photo posted as one tile of a collage matches through its tile. ``boxes``: ``view_boxes`` if known."""
+    from serving.tiling import view_boxes
+
+    boxes = view_boxes(img, tiling) if boxes is None else boxes
+    crops = [img] + [img.crop(box) for box in boxes[1:]]
     pairs = [preprocess_and_hash(pre, crop) for crop in crops]
     return np.stack([a for a, _ in pairs]), [h for _, h in pairs]
 
