@@ -7,6 +7,7 @@
     nice -n 10 python benchmarks/gallery_bench.py memory-build --model EMBEDDER.onnx --sizes 1000000 --gallery G.npz
     python benchmarks/gallery_bench.py memory-load --gallery G.npz --json out.json     # a worker's RSS and load time
     nice -n 10 python benchmarks/gallery_bench.py memory-edit --gallery G.npz     # `gallery remove` at that size
+    python benchmarks/gallery_bench.py memory-compare --json before.json --against after.json   # same matches?
     python benchmarks/gallery_bench.py precision --model EMBEDDER.onnx     # float16 reference vectors vs float32
 
 fewshot: 20 Caltech-101 categories of caltech101-negatives (the 20 with most val images, clutter excluded)
@@ -641,6 +642,22 @@ def memory_edit(path: Path) -> dict:
     return result
 
 
+def memory_compare(before: Path, after: Path) -> dict:
+    """Two ``memory-load --json`` outputs on one file: do the matches (reference, kind, pHash distance) agree, and
+    by how much do their similarities differ."""
+    a, b = (json.loads(p.read_text())["matches"] for p in (before, after))
+    key = lambda ms: [(m["reference"], m["kind"], m["hamming"]) for m in ms]  # noqa: E731
+    differ = [i for i, (x, y) in enumerate(zip(a, b)) if key(x) != key(y)]
+    gaps = [(i, abs(m["similarity"] - o["similarity"])) for i, (x, y) in enumerate(zip(a, b)) if key(x) == key(y)
+            for m, o in zip(x, y)]
+    result = {"queries": len(a), "queries_with_other_matches": len(differ), "differing_queries": differ[:20],
+              "matches_before": {k: sum(m["kind"] == k for ms in a for m in ms) for k in ("duplicate", "similar")},
+              "max_abs_similarity_diff": round(max((g for _, g in gaps), default=0.0), 5),
+              "queries_with_a_similarity_diff": sorted({i for i, g in gaps if g > 0})}
+    print(json.dumps(result), flush=True)
+    return result
+
+
 def memory_load(path: Path, out: Path | None = None) -> dict:
     """Load a gallery file as a worker does and answer its queries (``memory_build``): load time, RSS after load,
     after the queries (steady) and peak (VmHWM), what the gallery holds in numpy arrays, and every match (``out``:
@@ -726,7 +743,7 @@ def serve_overhead(model: str, refs: int, embedder: str | None = None, rounds: i
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=["fewshot", "known", "scale", "serve", "export-pretrained", "memory-build", "memory-load", "memory-edit", "precision"])
+    ap.add_argument("what", choices=["fewshot", "known", "scale", "serve", "export-pretrained", "memory-build", "memory-load", "memory-edit", "memory-compare", "precision"])
     ap.add_argument("--model", help="ONNX model with an embedding output")
     ap.add_argument("--embedder", help="serve: also measure a gallery matched with this separate embedder (--embedder)")
     ap.add_argument("--pretrained", help="timm architecture: its ImageNet-pretrained backbone (offline weights)")
@@ -735,6 +752,7 @@ def main() -> None:
     ap.add_argument("--kinds", nargs="+", default=["ivf", "hnsw"], help="scale: faiss index kinds to measure")
     ap.add_argument("--json", type=Path, help="write the result here")
     ap.add_argument("--gallery", type=Path, help="memory-build: the gallery file to write; memory-load: to load")
+    ap.add_argument("--against", type=Path, help="memory-compare: the second memory-load --json output")
     ap.add_argument("--dtype", default="float16", help="memory-build: the references' dtype as handed to Gallery")
     args = ap.parse_args()
     if args.what == "export-pretrained":
@@ -742,6 +760,9 @@ def main() -> None:
         return
     if args.what == "memory-build":
         result = memory_build(args.sizes[0], real_centres(args.model, args.cache), args.gallery, args.dtype)
+    elif args.what == "memory-compare":
+        result = memory_compare(args.json, args.against)
+        return
     elif args.what == "memory-edit":
         result = memory_edit(args.gallery)
     elif args.what == "precision":
