@@ -4,6 +4,11 @@
     nice -n 10 python benchmarks/gallery_bench.py known --model MODEL.onnx
     nice -n 10 python benchmarks/gallery_bench.py scale --model EMBEDDER.onnx --sizes 10000 100000 1000000
     python benchmarks/gallery_bench.py serve --model MODEL.onnx --embedder EMBEDDER.onnx --sizes 10000   # added time per request
+    nice -n 10 python benchmarks/gallery_bench.py memory-build --model EMBEDDER.onnx --sizes 1000000 --gallery G.npz
+    python benchmarks/gallery_bench.py memory-load --gallery G.npz --json out.json     # a worker's RSS and load time
+    nice -n 10 python benchmarks/gallery_bench.py memory-edit --gallery G.npz     # `gallery remove` at that size
+    python benchmarks/gallery_bench.py memory-compare --json before.json --against after.json   # same matches?
+    python benchmarks/gallery_bench.py precision --model EMBEDDER.onnx     # float16 reference vectors vs float32
 
 fewshot: 20 Caltech-101 categories of caltech101-negatives (the 20 with most val images, clutter excluded)
 stand in for product types; k references each from train; queries = their val images; distractors =
@@ -24,6 +29,11 @@ exact-search size (``serving.search.FaissIndex``, IVF) and the HNSW graph it use
 by block so 1M x 1,280 floats are never in memory at once: build time, index size, query latency p50/p99
 on one core (one faiss thread, the process pinned to one CPU) and recall@1 against exact search
 (computed block by block), per nprobe / efSearch; exact numpy search up to 100k references.
+
+memory-build / memory-load: a gallery file of ``Mixture`` references (20 labels, thresholds solved on 1,000
+new-photo draws) with 500 queries beside it (200 near-copies, 200 new photos, 100 pHash hits on unrelated vectors);
+memory-load loads it as a worker does and answers them: load time, RSS after load, steady and peak, the arrays the
+gallery holds, every match (--json: to compare two versions of the code on one file).
 
 Embeddings are cached under --cache (per embedder and image list) so reruns are cheap.
 """
@@ -541,6 +551,144 @@ def scale(sizes, centres: np.ndarray, kinds=("ivf", "hnsw"), sweeps=None, querie
     return out
 
 
+# ---------------------------------------------------------------------------------------------------
+# memory of a served gallery
+
+
+def memory_build(refs: int, centres: np.ndarray, out: Path, dtype: str = "float16", labels: int = 20,
+                 negatives: int = 1000, chunk: int = 50_000, seed: int = 0) -> dict:
+    """A ``refs``-reference gallery file of ``Mixture`` vectors (``labels`` labels, random pHashes, thresholds solved
+    on ``negatives`` new-photo draws), made block by block into one ``dtype`` array, plus its queries beside it
+    (``OUT.queries.npz``): near-copies, new photos, and pHash-only probes (a new photo carrying a reference's
+    pHash: that reference is rarely among the nearest, so its similarity is computed apart)."""
+    mix = Mixture(centres, seed=seed)
+    rng = np.random.default_rng([seed, refs, 7])
+    emb = np.empty((refs, mix.dim), np.dtype(dtype))
+    for j in range(0, refs, chunk):
+        emb[j:j + chunk] = mix.chunk(j // chunk, min(chunk, refs - j))
+    label_idx = (np.arange(refs) % labels).astype(np.int32)
+    hashes = rng.integers(0, 2**63, refs, dtype=np.uint64)
+    neg = mix.chunk(10**7, negatives)
+    names = [f"kind_{i:02d}" for i in range(labels)]
+    header = GalleryHeader(model_name="bench", model_version="1", contract_hash="bench",
+                           embedding={"size": mix.dim, "producer": "gallery_bench memory"}, labels=names,
+                           reference_ids=[f"r{i}" for i in range(refs)], sources=[""] * refs, thresholds={},
+                           created_at="", updated_at="")
+    t0 = time.perf_counter()
+    gallery = Gallery(header, emb, label_idx, hashes, neg, source=str(out))
+    del emb
+    gallery.resolve()
+    solve_s = time.perf_counter() - t0
+    gallery.save(out)
+    picked = rng.choice(refs, 300, replace=False)
+    near = mix.near_copy(np.asarray(gallery.embeddings[picked[:200]], np.float32), refs)
+    new = mix.chunk(10**6 + refs, 200)
+    probe = mix.chunk(10**6 + refs + 1, 100)
+    np.savez(str(out) + ".queries.npz", views=np.concatenate([near, new, probe]).astype(np.float32),
+             phash=np.concatenate([rng.integers(0, 2**63, 400, dtype=np.uint64),
+                                   hashes[picked[200:]]]))
+    result = {"references": refs, "dtype": dtype, "resolve_s": round(solve_s, 1),
+              "build_and_save_s": round(time.perf_counter() - t0, 1), "file_mb": round(out.stat().st_size / 2**20),
+              "peak_rss_mb": round(_peak_rss_mb())}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def precision(centres: np.ndarray, gallery: Path | None = None) -> dict:
+    """Similarity error of float16 reference vectors vs float32, on real embeddings (every pair of the shared val
+    photos): as a pHash hit is scored (q . fp16(r)) and as the IVF index re-ranks (1 - |q - fp16(r)|^2 / 2).
+    ``gallery`` (a file with float32 embeddings): its thresholds solved on them vs on them rounded to float16."""
+    from serving.search import FaissIndex
+
+    e = np.ascontiguousarray(centres, np.float32)
+    exact = e @ e.T
+    dot = e @ e.astype(np.float16).astype(np.float32).T
+    index = FaissIndex(e)  # as a large gallery stores it; its re-rank vectors, reconstructed
+    rerank = e @ index.reconstruct(np.arange(len(e))).T
+    sq = (index.reconstruct(np.arange(len(e))) ** 2).sum(1)
+    l2 = 1.0 - ((e**2).sum(1)[:, None] + sq[None, :] - 2 * rerank) / 2.0
+    band = (exact >= 0.8) & (exact <= 0.98)
+    out = {"photos": len(e), "pairs": int(exact.size), "pairs_0.8_0.98": int(band.sum())}
+    for name, approx in (("fp16_dot", dot), ("index_dot", rerank), ("index_l2", l2)):
+        err = np.abs(approx - exact)
+        out[name] = {"max_abs": float(f"{err.max():.2e}"), "p99.9_abs": float(f"{np.percentile(err, 99.9):.2e}"),
+                     "max_abs_0.8_0.98": float(f"{err[band].max():.2e}")}
+    if gallery is not None:
+        with np.load(gallery) as npz:
+            emb, labels, neg = npz["embeddings"], npz["labels"], npz["negatives"]
+        names = [str(i) for i in range(int(labels.max()) + 1)]
+        t32 = solve_thresholds(emb.astype(np.float32), labels, names, neg, 0.01)
+        t16 = solve_thresholds(emb.astype(np.float16), labels, names, neg, 0.01)
+        out["thresholds_fp16_vs_fp32_max_abs"] = {
+            key: float(f"{max(abs(getattr(t16[n], key) - getattr(t32[n], key)) for n in names):.2e}")
+            for key in ("similar", "duplicate")}
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def memory_edit(path: Path) -> dict:
+    """``wildcheck gallery remove`` on a large gallery (load, remove one reference, save beside it): time and peak
+    RSS (the embeddings are read from the file and the index rebuilt)."""
+    t0 = time.perf_counter()
+    gallery = Gallery.load(path)
+    gallery.remove([gallery.header.reference_ids[0]])
+    removed_s = time.perf_counter() - t0
+    out = Path(str(path) + ".edited.npz")
+    gallery.save(out)
+    result = {"references": len(gallery.header.reference_ids), "load_and_remove_s": round(removed_s, 1),
+              "total_s": round(time.perf_counter() - t0, 1), "embeddings": str(gallery.embeddings.dtype),
+              "peak_rss_mb": round(_peak_rss_mb()), "file_mb": round(out.stat().st_size / 2**20)}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def memory_compare(before: Path, after: Path) -> dict:
+    """Two ``memory-load --json`` outputs on one file: do the matches (reference, kind, pHash distance) agree, and
+    by how much do their similarities differ."""
+    a, b = (json.loads(p.read_text())["matches"] for p in (before, after))
+    key = lambda ms: [(m["reference"], m["kind"], m["hamming"]) for m in ms]  # noqa: E731
+    differ = [i for i, (x, y) in enumerate(zip(a, b)) if key(x) != key(y)]
+    gaps = [(i, abs(m["similarity"] - o["similarity"])) for i, (x, y) in enumerate(zip(a, b)) if key(x) == key(y)
+            for m, o in zip(x, y)]
+    result = {"queries": len(a), "queries_with_other_matches": len(differ), "differing_queries": differ[:20],
+              "matches_before": {k: sum(m["kind"] == k for ms in a for m in ms) for k in ("duplicate", "similar")},
+              "max_abs_similarity_diff": round(max((g for _, g in gaps), default=0.0), 5),
+              "queries_with_a_similarity_diff": sorted({i for i, g in gaps if g > 0})}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def memory_load(path: Path, out: Path | None = None) -> dict:
+    """Load a gallery file as a worker does and answer its queries (``memory_build``): load time, RSS after load,
+    after the queries (steady) and peak (VmHWM), what the gallery holds in numpy arrays, and every match (``out``:
+    written as JSON, to compare two versions of the code on the same file)."""
+    import faiss  # noqa: F401  (imported before the baseline: every worker imports it)
+
+    q = np.load(str(path) + ".queries.npz")
+    views, hashes = q["views"], q["phash"]
+    base = _rss_mb()
+    t0 = time.perf_counter()
+    gallery = Gallery.load(path)
+    load_s = time.perf_counter() - t0
+    after_load = _rss_mb()
+    matches, times = [], []
+    for v, h in zip(views, hashes):
+        t = time.perf_counter()
+        found = gallery.match(v[None], [int(h)])
+        times.append((time.perf_counter() - t) * 1000)
+        matches.append([m.model_dump() for m in found])
+    held = {k: (str(v.dtype), round(v.nbytes / 2**20, 1)) for k, v in vars(gallery).items() if isinstance(v, np.ndarray)}
+    result = {"file": str(path), "references": len(gallery.header.reference_ids), "load_s": round(load_s, 1),
+              "rss_baseline_mb": round(base), "rss_after_load_mb": round(after_load), "rss_steady_mb": round(_rss_mb()),
+              "peak_rss_mb": round(_peak_rss_mb()), "arrays_held_mb": held, "search": gallery.index.describe(),
+              "queries": len(views), "match_p50_ms": round(float(np.percentile(times, 50)), 2),
+              "match_p99_ms": round(float(np.percentile(times, 99)), 2)}
+    print(json.dumps(result), flush=True)
+    if out:
+        out.write_text(json.dumps({**result, "matches": matches}))
+    return result
+
+
 def _random_gallery(contract, refs: int, path: Path) -> None:
     """``refs`` random unit vectors as one label (search time does not depend on what the vectors show)."""
     from serving.gallery import new_header
@@ -595,7 +743,7 @@ def serve_overhead(model: str, refs: int, embedder: str | None = None, rounds: i
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=["fewshot", "known", "scale", "serve", "export-pretrained"])
+    ap.add_argument("what", choices=["fewshot", "known", "scale", "serve", "export-pretrained", "memory-build", "memory-load", "memory-edit", "memory-compare", "precision"])
     ap.add_argument("--model", help="ONNX model with an embedding output")
     ap.add_argument("--embedder", help="serve: also measure a gallery matched with this separate embedder (--embedder)")
     ap.add_argument("--pretrained", help="timm architecture: its ImageNet-pretrained backbone (offline weights)")
@@ -603,11 +751,26 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--kinds", nargs="+", default=["ivf", "hnsw"], help="scale: faiss index kinds to measure")
     ap.add_argument("--json", type=Path, help="write the result here")
+    ap.add_argument("--gallery", type=Path, help="memory-build: the gallery file to write; memory-load: to load")
+    ap.add_argument("--against", type=Path, help="memory-compare: the second memory-load --json output")
+    ap.add_argument("--dtype", default="float16", help="memory-build: the references' dtype as handed to Gallery")
     args = ap.parse_args()
     if args.what == "export-pretrained":
         export_pretrained(args.pretrained, Path(args.model))
         return
-    if args.what == "scale":
+    if args.what == "memory-build":
+        result = memory_build(args.sizes[0], real_centres(args.model, args.cache), args.gallery, args.dtype)
+    elif args.what == "memory-compare":
+        result = memory_compare(args.json, args.against)
+        return
+    elif args.what == "memory-edit":
+        result = memory_edit(args.gallery)
+    elif args.what == "precision":
+        result = precision(real_centres(args.model, args.cache), args.gallery)
+    elif args.what == "memory-load":
+        result = memory_load(args.gallery, args.json)
+        return
+    elif args.what == "scale":
         if not args.model:
             sys.exit("give --model EMBEDDER.onnx: its embeddings of the shared val photos are the mixture's centres")
         result = scale(args.sizes, real_centres(args.model, args.cache), tuple(args.kinds))

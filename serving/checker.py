@@ -17,7 +17,7 @@ from serving.imageio import (DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, DEFAU
                              ImageError, decode_image)
 from serving.explain import OVERLAY_MAX_SIDE, explain, explained_label, overlay_base64, predict_views_with_cam
 from serving.runtime import OnnxModel, Predictor
-from serving.tiling import combine, draft_size, predict_views, views
+from serving.tiling import combine, draft_size, predict_views, view_boxes, views
 
 GENERIC_TYPES = {"", "application/octet-stream"}
 
@@ -60,6 +60,7 @@ class Prepared:
     size: tuple[int, int]  # the decoded, upright picture that was preprocessed (what a heat map covers)
     thumbnail: Image.Image | None = None  # kept only for explain=png
     gallery_views: np.ndarray | None = None  # the same views preprocessed for a separate embedder (--embedder)
+    boxes: list[tuple[int, int, int, int]] | None = None  # each view's box in that picture (serving.tiling.view_boxes)
 
 
 class ImageChecker:
@@ -157,17 +158,21 @@ class ImageChecker:
         if thumbnail:  # a small copy, so a batch does not hold every full-size picture until the forward pass
             thumb = img.copy()
             thumb.thumbnail((OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE), Image.Resampling.BILINEAR)
+        boxes = view_boxes(img, self.contract.tiling)  # a collage's panels are found once, here
         if self.gallery is not None:  # the same views, each with its pHash (taken after the gallery model's resize)
             from serving.gallery import views_and_hashes
 
             g = self.gallery_model.contract
-            stack, hashes = views_and_hashes(img, g.preprocessing, g.tiling or self.contract.tiling)
+            gallery_tiling = g.tiling or self.contract.tiling
+            stack, hashes = views_and_hashes(img, g.preprocessing, gallery_tiling,
+                                             boxes if gallery_tiling == self.contract.tiling else None)
             meta["phash"] = f"{hashes[0]:016x}"
             meta["_view_hashes"] = hashes
             if self.embedder is not None:
-                return Prepared(views(img, self.pre, self.contract.tiling), meta, img.size, thumb, gallery_views=stack)
-            return Prepared(stack, meta, img.size, thumb)
-        return Prepared(views(img, self.pre, self.contract.tiling), meta, img.size, thumb)
+                return Prepared(views(img, self.pre, self.contract.tiling, boxes), meta, img.size, thumb,
+                                gallery_views=stack, boxes=boxes)
+            return Prepared(stack, meta, img.size, thumb, boxes=boxes)
+        return Prepared(views(img, self.pre, self.contract.tiling, boxes), meta, img.size, thumb, boxes=boxes)
 
     def predict(self, stacks: list[np.ndarray], gallery_stacks: list[np.ndarray] | None = None,
                 ) -> tuple[np.ndarray, list[np.ndarray] | None]:
@@ -215,7 +220,7 @@ class ImageChecker:
     def explanation(self, probs: np.ndarray, cam: np.ndarray, prepared: Prepared, label: str | None) -> dict:
         c = self.contract
         chosen = explained_label(probs, c.labels, c.negative_label, label)
-        result = explain(cam, chosen, c.labels, self.pre, *prepared.size, tiling=c.tiling)
+        result = explain(cam, chosen, c.labels, self.pre, *prepared.size, tiling=c.tiling, boxes=prepared.boxes)
         if prepared.thumbnail is not None:
             result.png = overlay_base64(prepared.thumbnail, result.grid)
         return result.model_dump()

@@ -83,7 +83,7 @@ class ModelSpec(BaseModel):
     architecture: str
     training_data: dict[str, Any] = Field(default_factory=dict, description="fingerprint of the training images")
     metrics: dict[str, Any] = Field(default_factory=dict, description="validation metrics and the calibration summary")
-    tiling: Tiling | None = Field(None, description="score the whole picture and a grid of tiles (serving.tiling)")
+    tiling: Tiling | None = Field(None, description="score the whole picture and a grid of tiles or a collage's panels (serving.tiling)")
     val_curves: dict[str, dict[str, list[float]]] = Field(
         default_factory=dict, description="calibrated validation scores per class (pos/neg), to re-solve a policy"
     )

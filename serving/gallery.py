@@ -1,6 +1,7 @@
 """Reference galleries: product types from a handful of photos, and known photos posted again.
 
-A gallery file (``.npz``, no pickles) holds, per reference, the model's L2-normalised embedding, a
+A gallery file (``.npz``, no pickles) holds, per reference, the model's L2-normalised embedding (float32;
+float16 above the exact-search size, where the search index holds them for serving), a
 64-bit perceptual hash, its label, id and source, never the image; plus the embeddings of the negatives
 it was calibrated on, so thresholds can be re-solved after ``add``/``remove``, the model
 version and contract hash it was built with, and per-label thresholds:
@@ -8,6 +9,10 @@ version and contract hash it was built with, and per-label thresholds:
 - ``similar``: cosine similarity above which at most ``fpr`` of the negatives match the label -> review;
 - ``duplicate``: a near-copy: cosine >= ``duplicate`` or pHash distance <= ``duplicate_hamming``
   -> block when the label blocks (default), else review.
+
+Memory: a large gallery (above ``exact_max``, with its stored faiss index) is served from the index alone (2.7 GB
+at 1M references, its float16 re-rank vectors included) plus small per-reference arrays: the file's embeddings
+are read only when ``add``/``remove`` need them, and the index is streamed from the file, never held twice.
 
 numpy only: serving imports this, training builds with it (``training.gallery``).
 """
@@ -41,6 +46,15 @@ DUPLICATE_HAMMING = 6  # pHash bits; unrelated photos differ in ~32
 SCORE_MARGIN = 1e-4  # above the negative's score: onnxruntime differs by ~1e-6 between batch sizes
 MAX_MATCHES = 3
 SEARCH_K = 16  # nearest references looked at per query view
+THRESHOLD_BLOCK = 20_000  # references compared with the negatives at a time (3,000 x 20,000 float32: 240 MB)
+READ_BLOCK = 50_000  # rows of a file's embeddings read at a time
+
+
+def storage_dtype(n: int, exact_max: int = EXACT_MAX) -> np.dtype:
+    """float32 for exactly searched galleries (as before: their thresholds were solved on float32); float16 above,
+    the vectors the IVF index re-ranks on, so thresholds are solved on what is served (vs float32: at most 1.1e-4
+    similarity on real embeddings, benchmarks/README.md "Memory of a served gallery")."""
+    return np.dtype(np.float32 if n <= exact_max else np.float16)
 
 
 class GalleryError(WildcheckError, ValueError):
@@ -92,10 +106,13 @@ def preprocess_and_hash(pre, img) -> tuple[np.ndarray, int]:
     return pre.crop_and_normalize(np.asarray(resized)), phash(resized)
 
 
-def views_and_hashes(img, pre, tiling) -> tuple[np.ndarray, list[int]]:
-    """``serving.tiling.views`` (the whole picture, then the contract's tiles), with each view's pHash: a known
-    photo posted as one tile of a collage matches through its tile."""
-    crops = [img] + ([img.crop(box) for box in tiling.tiles(img.size)] if tiling is not None else [])
+def views_and_hashes(img, pre, tiling, boxes=None) -> tuple[np.ndarray, list[int]]:
+    """``serving.tiling.views`` (the whole picture, then the contract's tiles or panels), with each view's pHash:
+    a known photo posted as one tile of a collage matches through its tile. ``boxes``: ``view_boxes`` if known."""
+    from serving.tiling import view_boxes
+
+    boxes = view_boxes(img, tiling) if boxes is None else boxes
+    crops = [img] + [img.crop(box) for box in boxes[1:]]
     pairs = [preprocess_and_hash(pre, crop) for crop in crops]
     return np.stack([a for a, _ in pairs]), [h for _, h in pairs]
 
@@ -108,13 +125,18 @@ def solve_thresholds(ref_emb: np.ndarray, ref_labels: np.ndarray, labels: list[s
                      fpr: float) -> dict[str, LabelThresholds]:
     """Per label: ``similar`` lets at most ``fpr`` of the negatives through; ``duplicate`` none of them."""
     out = {}
+    negatives = np.asarray(negatives, np.float32)
     for i, label in enumerate(labels):
-        refs = ref_emb[ref_labels == i]
+        rows = np.nonzero(ref_labels == i)[0]
         if len(negatives) == 0:
             out[label] = LabelThresholds(similar=DEFAULT_SIMILAR, duplicate=DUPLICATE_FLOOR,
                                          notes=[f"no negatives: similar at the default {DEFAULT_SIMILAR}"])
             continue
-        scores = np.sort((np.asarray(negatives, np.float32) @ refs.T).max(axis=1))[::-1]
+        best = np.full(len(negatives), -np.inf, np.float32)  # block by block: 1M refs x 3,000 negatives is 12 GB
+        for start in range(0, len(rows), THRESHOLD_BLOCK):
+            block = np.asarray(ref_emb[rows[start:start + THRESHOLD_BLOCK]], np.float32)
+            np.maximum(best, (negatives @ block.T).max(axis=1), out=best)
+        scores = np.sort(best)[::-1]
 
         def lowest_letting_through(rate: float) -> tuple[float, int]:
             """The lowest threshold that at most floor(rate * n) negatives reach."""
@@ -132,13 +154,56 @@ def solve_thresholds(ref_emb: np.ndarray, ref_labels: np.ndarray, labels: list[s
     return out
 
 
-class Gallery:
-    """References in memory (embeddings, hashes, ids), searched by ``match``."""
+class _LazyEmbeddings:
+    """A large gallery file's embeddings, read only when ``add``/``remove`` need them (a served gallery never does);
+    refused when the file changed since it was loaded."""
 
-    def __init__(self, header: GalleryHeader, embeddings: np.ndarray, label_idx: np.ndarray, hashes: np.ndarray,
-                 negatives: np.ndarray, source: str = "gallery", exact_max: int = EXACT_MAX):
+    def __init__(self, path: Path, shape: tuple[int, int], stamp: tuple[int, int]):
+        self.path, self.shape, self.stamp = path, shape, stamp
+
+    def read(self, dtype: np.dtype) -> np.ndarray:
+        st = self.path.stat()
+        if (st.st_size, st.st_mtime_ns) != self.stamp:
+            raise GalleryError(f"{self.path} changed since it was loaded; load it again")
+        with zipfile.ZipFile(self.path) as zf, zf.open("embeddings.npy") as fh:
+            shape, fortran, stored = _read_npy_header(fh)
+            if fortran or len(shape) != 2:
+                return np.ascontiguousarray(np.lib.format.read_array(fh, allow_pickle=False), dtype=dtype)
+            out = np.empty(shape, dtype)
+            for start in range(0, shape[0], READ_BLOCK):  # block by block: a float32 file is not held whole
+                rows = min(READ_BLOCK, shape[0] - start)
+                data = fh.read(rows * shape[1] * stored.itemsize)
+                if len(data) != rows * shape[1] * stored.itemsize:
+                    raise GalleryError(f"{self.path}: its embeddings are truncated; rebuild the gallery")
+                out[start:start + rows] = np.frombuffer(data, stored).reshape(rows, shape[1])
+            return out
+
+
+def _read_npy_header(fh) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(fh)
+    return (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(fh)
+
+
+def _member_header(zf: zipfile.ZipFile, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of a ``.npy`` member without reading its data."""
+    with zf.open(f"{name}.npy") as fh:
+        shape, _, dtype = _read_npy_header(fh)
+    return shape, dtype
+
+
+class Gallery:
+    """References in memory (embeddings, hashes, ids), searched by ``match``.
+
+    ``embeddings`` are float32 up to ``exact_max`` references, float16 above (``storage_dtype``); a large gallery
+    loaded with its index holds none until ``add``/``remove``/``save`` ask (``_LazyEmbeddings``)."""
+
+    def __init__(self, header: GalleryHeader, embeddings: np.ndarray | None, label_idx: np.ndarray, hashes: np.ndarray,
+                 negatives: np.ndarray, source: str = "gallery", exact_max: int = EXACT_MAX,
+                 lazy: _LazyEmbeddings | None = None):
         self.header = header
-        self.embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+        self._lazy = lazy
+        self._embeddings = None if embeddings is None else np.ascontiguousarray(
+            embeddings, dtype=storage_dtype(len(embeddings), exact_max))
         self.label_idx = np.asarray(label_idx, dtype=np.int32)
         self.hashes = np.asarray(hashes, dtype=np.uint64)
         # float32: thresholds sit just above a negative's similarity, rounding must not let it through
@@ -148,9 +213,32 @@ class Gallery:
         self.exact_max = exact_max
         self._index: VectorIndex | None = None
 
+    def __len__(self) -> int:
+        return len(self.label_idx)
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        """The references' embeddings (``storage_dtype``); read from the file on first use for a large gallery."""
+        if self._embeddings is None:
+            if self._lazy is None:
+                raise GalleryError(f"{self.source}: no embeddings held and no file to read them from")
+            self._embeddings = self._lazy.read(storage_dtype(len(self), self.exact_max))
+        return self._embeddings
+
+    @embeddings.setter
+    def embeddings(self, value: np.ndarray) -> None:
+        self._embeddings, self._lazy = np.ascontiguousarray(value, dtype=storage_dtype(len(value), self.exact_max)), None
+
+    def vectors(self, ids: list[int]) -> np.ndarray:
+        """float32 embeddings of a few references: from the index when the gallery holds none (what it searches)."""
+        if self._embeddings is None and self._index is not None:
+            return self._index.reconstruct(np.asarray(ids, np.int64))
+        return np.asarray(self.embeddings[np.asarray(ids, np.int64)], np.float32)
+
     # ---- file ----------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        """One rename: a crash mid-write leaves the previous gallery intact."""
+        """One rename: a crash mid-write leaves the previous gallery intact. Written member by member as ``np.savez``
+        would (a zip of ``.npy``), the index streamed from faiss: nothing large is copied to be written."""
         path = Path(path)
         self.header.updated_at = _now()
         arrays = {
@@ -160,13 +248,20 @@ class Gallery:
             "hashes": self.hashes,
             "negatives": self.negatives,
         }
-        if len(self.embeddings) > self.exact_max:  # the search index travels with the file: no rebuild at load
-            arrays["index"] = self.index.serialize()
+        index = self.index if len(self) > self.exact_max else None  # travels with the file: no rebuild at load
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
+                with zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+                    for name, array in arrays.items():
+                        with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
+                            np.lib.format.write_array(member, np.asarray(array), allow_pickle=False)
+                    if index is not None:
+                        with zf.open("index.npy", "w", force_zip64=True) as member:  # a uint8 array, as before
+                            np.lib.format.write_array_header_2_0(
+                                member, {"descr": "|u1", "fortran_order": False, "shape": (index.serialized_size(),)})
+                            index.write(member.write)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
@@ -182,14 +277,23 @@ class Gallery:
         path = Path(path)
         if not path.is_file():
             raise GalleryError(f"gallery {path} not found; build one with `wildcheck gallery build`")
+        stat = path.stat()
         try:
             with np.load(path, allow_pickle=False) as npz:
                 missing = {"header", "embeddings", "labels", "hashes", "negatives"} - set(npz.files)
                 if missing:
                     raise GalleryError(f"{path} is not a wildcheck gallery: it lacks {sorted(missing)}")
                 raw = bytes(npz["header"].tobytes())
-                arrays = {k: npz[k] for k in ("embeddings", "labels", "hashes", "negatives")}
-                serialized = npz["index"] if "index" in npz.files else None
+                arrays = {k: npz[k] for k in ("labels", "hashes", "negatives")}
+                has_index = "index" in npz.files
+                shape, dtype = _member_header(npz.zip, "embeddings")
+                lazy = None
+                if has_index and len(arrays["labels"]) > exact_max:  # served from the index: read when edited
+                    lazy = _LazyEmbeddings(path, shape, (stat.st_size, stat.st_mtime_ns))
+                    arrays["embeddings"] = None
+                else:
+                    arrays["embeddings"] = npz["embeddings"]
+                index = cls._read_index(npz.zip, path) if lazy is not None else None
         except GalleryError:
             raise
         except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as exc:
@@ -207,36 +311,47 @@ class Gallery:
             header = GalleryHeader.model_validate(meta)
         except ValidationError as exc:
             raise GalleryError(f"{path} has an invalid gallery header: {exc}") from exc
+        if len(shape) != 2 or not np.issubdtype(dtype, np.floating):
+            raise GalleryError(f"{path}: embeddings of shape {shape} and type {dtype}, expected (n, {header.embedding.size}) floats")
         gallery = cls(header, arrays["embeddings"], arrays["labels"], arrays["hashes"], arrays["negatives"],
-                      source=str(path), exact_max=exact_max)
-        gallery.validate()
-        if serialized is not None and len(gallery.embeddings) > exact_max:
-            from serving.search import FaissIndex
-
-            try:
-                index = FaissIndex(None, serialized=serialized)
-            except RuntimeError as exc:
-                raise GalleryError(f"{path}: its search index is unreadable ({exc}); rebuild the gallery") from exc
-            if len(index) != len(gallery.embeddings):
-                raise GalleryError(f"{path}: its search index holds {len(index)} references, the file {len(gallery.embeddings)}")
+                      source=str(path), exact_max=exact_max, lazy=lazy)
+        gallery.validate(shape)
+        if index is not None:
+            if len(index) != len(gallery) or index.index.d != header.embedding.size:
+                raise GalleryError(f"{path}: its search index holds {len(index)} references of {index.index.d} "
+                                   f"dimensions, the file {len(gallery)} of {header.embedding.size}")
             gallery._index = index
         if contract is not None:
             gallery.check_model(contract, served_as)
         return gallery
 
-    def validate(self) -> None:
-        n, h = len(self.embeddings), self.header
-        if n == 0:
+    @staticmethod
+    def _read_index(zf: zipfile.ZipFile, path: Path):
+        """The stored faiss index, streamed from its zip member (a uint8 ``.npy``)."""
+        from serving.search import FaissIndex
+
+        with zf.open("index.npy") as fh:
+            _read_npy_header(fh)
+            try:
+                return FaissIndex.read(fh.read)
+            except RuntimeError as exc:
+                raise GalleryError(f"{path}: its search index is unreadable ({exc}); rebuild the gallery") from exc
+
+    def validate(self, shape: tuple[int, ...] | None = None) -> None:
+        """``shape``: the stored embeddings' shape, when they are not read (a large gallery served from its index)."""
+        n, h = len(self), self.header
+        shape = tuple(self._embeddings.shape) if self._embeddings is not None else tuple(shape)
+        if n == 0 or shape[0] == 0:
             raise GalleryError(f"{self.source} holds no references; add some with `wildcheck gallery add`")
-        if self.embeddings.ndim != 2 or self.embeddings.shape[1] != h.embedding.size:
-            raise GalleryError(f"{self.source}: embeddings of shape {self.embeddings.shape}, expected (n, {h.embedding.size})")
+        if len(shape) != 2 or shape[1] != h.embedding.size or shape[0] != n:
+            raise GalleryError(f"{self.source}: embeddings of shape {shape}, expected ({n}, {h.embedding.size})")
         if not (len(self.label_idx) == len(self.hashes) == len(h.reference_ids) == len(h.sources) == n):
             raise GalleryError(f"{self.source}: references, labels, hashes and ids differ in number")
         if self.label_idx.min() < 0 or self.label_idx.max() >= len(h.labels):
             raise GalleryError(f"{self.source}: a reference has a label index outside {h.labels}")
         if set(h.thresholds) != set(h.labels):
             raise GalleryError(f"{self.source}: thresholds for {sorted(h.thresholds)} but labels {sorted(h.labels)}")
-        if not np.isfinite(self.embeddings).all():
+        if self._embeddings is not None and not np.isfinite(self._embeddings).all():
             raise GalleryError(f"{self.source}: embeddings contain NaN or infinity")
 
     def check_model(self, contract: ModelContract, served_as: str = "model") -> None:
@@ -262,7 +377,10 @@ class Gallery:
             if label not in self.header.labels:
                 self.header.labels.append(label)
         index = {label: i for i, label in enumerate(self.header.labels)}
-        self.embeddings = np.concatenate([self.embeddings, np.asarray(embeddings, np.float32)])
+        old, new = self.embeddings, np.asarray(embeddings, np.float32)
+        merged = np.empty((len(old) + len(new), old.shape[1]), storage_dtype(len(old) + len(new), self.exact_max))
+        merged[:len(old)], merged[len(old):] = old, new  # no float32 copy of a float16 gallery
+        self.embeddings = merged
         self.label_idx = np.concatenate([self.label_idx, np.array([index[l] for l in labels], np.int32)])
         self.hashes = np.concatenate([self.hashes, np.asarray(hashes, np.uint64)])
         self.header.reference_ids += list(ids)
@@ -321,8 +439,10 @@ class Gallery:
             bits = hamming(h, self.hashes)
             for i in np.nonzero(bits <= limit)[0].tolist():
                 dist[i] = min(int(bits[i]), dist.get(i, 64))
-                if i not in best:
-                    best[i] = float((views @ self.embeddings[i]).max())
+        unseen = sorted(set(dist) - set(best))
+        if unseen:  # pHash hits the search did not return: their similarity from the same stored vectors
+            for i, s in zip(unseen, (views @ self.vectors(unseen).T).max(axis=0).tolist()):
+                best[i] = float(s)
         per_label: dict[str, Match] = {}
         for i, s in best.items():
             label = self.header.labels[self.label_idx[i]]
@@ -364,7 +484,7 @@ class Gallery:
         h = self.header
         counts = np.bincount(self.label_idx, minlength=len(h.labels))
         return {
-            "source": self.source, "references": len(self.embeddings), "labels": dict(zip(h.labels, counts.tolist())),
+            "source": self.source, "references": len(self), "labels": dict(zip(h.labels, counts.tolist())),
             "thresholds": {k: v.model_dump() for k, v in self.thresholds.items()},
             "model_name": h.model_name, "model_version": h.model_version, "contract_hash": h.contract_hash,
             "embedding": h.embedding.model_dump(), "fpr": h.fpr, "negatives": h.negatives,

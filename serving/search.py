@@ -21,11 +21,16 @@ EXACT_MAX = 5_000  # 10,000 x 1,280 floats scanned per request cost ~8 ms beside
 PCA_DIM = 256  # the coarse search's dimensions; re-ranking uses all of them
 NPROBE = 32  # inverted lists scanned per query
 REFINE_FACTOR = 8  # candidates re-ranked on float16 vectors: REFINE_FACTOR x k
+ADD_CHUNK = 50_000  # vectors converted to float32 and added at a time: 1M x 1,280 float32 is never in memory
 
 
 class VectorIndex(Protocol):
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(similarities, indices), each (n_queries, k), best first; -1 pads when k > size."""
+        ...
+
+    def reconstruct(self, ids: np.ndarray) -> np.ndarray:
+        """The stored vectors of ``ids`` as float32 (n, d): what ``search`` compares queries with."""
         ...
 
 
@@ -57,6 +62,9 @@ class ExactIndex:
         order = np.argsort(-top_sims, axis=1, kind="stable")
         return np.take_along_axis(top_sims, order, axis=1), np.take_along_axis(top, order, axis=1)
 
+    def reconstruct(self, ids: np.ndarray) -> np.ndarray:
+        return self.vectors[np.asarray(ids, np.int64)]
+
 
 def ivf_lists(n: int) -> int:
     """Inverted lists for ``n`` references: a power of two near 2 sqrt(n), with >= 39 training points each
@@ -80,11 +88,11 @@ class FaissIndex:
 
         if serialized is not None:  # built by `gallery build/add/remove` and stored in the gallery file
             index = faiss.deserialize_index(np.asarray(serialized, dtype=np.uint8))
-        elif index is None:
-            vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        elif index is None:  # vectors may be float16 (large galleries): converted ADD_CHUNK at a time
             built = FaissIndex.empty(vectors.shape[1], len(vectors), kind)
             built.train(vectors)
-            built.add(vectors)
+            for start in range(0, len(vectors), ADD_CHUNK):
+                built.add(vectors[start:start + ADD_CHUNK])
             index = built.index
         self.index = index
         self.configure()
@@ -113,7 +121,7 @@ class FaissIndex:
 
         faiss.omp_set_num_threads(os.cpu_count())  # all cores while building
         most = self.train_points
-        if len(sample) > most:
+        if len(sample) > most:  # a row subset first: the whole sample is never converted to float32
             sample = sample[np.sort(np.random.default_rng(0).choice(len(sample), most, replace=False))]
         sample = np.ascontiguousarray(sample, dtype=np.float32)
         self.index.train(sample)
@@ -176,6 +184,41 @@ class FaissIndex:
         import faiss
 
         return faiss.serialize_index(self.index)
+
+    def serialized_size(self) -> int:
+        """Bytes ``write`` will write (one pass through faiss's writer, nothing kept)."""
+        import faiss
+
+        total = 0
+
+        def count(chunk: bytes) -> None:
+            nonlocal total
+            total += len(chunk)
+
+        faiss.write_index(self.index, faiss.PyCallbackIOWriter(count))
+        return total
+
+    def write(self, write) -> None:
+        """Stream the index to ``write(bytes)`` in 1 MB chunks: no second copy of a 2.7 GB index in memory."""
+        import faiss
+
+        faiss.write_index(self.index, faiss.PyCallbackIOWriter(write))
+
+    @classmethod
+    def read(cls, read) -> "FaissIndex":
+        """Read an index streamed by ``read(n) -> bytes`` (a gallery file's zip member): only the index itself
+        is held, never its serialized bytes beside it (``serialized=`` holds both: 2 x 2.7 GB at 1M)."""
+        import faiss
+
+        return cls(index=faiss.read_index(faiss.PyCallbackIOReader(read)))
+
+    def reconstruct(self, ids: np.ndarray) -> np.ndarray:
+        """The re-rank vectors (float16 in the IVF index, as stored) as float32: a pHash hit's similarity is
+        computed on the same vectors as every searched match's."""
+        ids = np.asarray(ids, np.int64)
+        if len(ids) == 0:
+            return np.zeros((0, self.index.d), np.float32)
+        return self.index.reconstruct_batch(ids).astype(np.float32, copy=False)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         import faiss

@@ -408,3 +408,67 @@ def test_a_known_photo_posted_as_one_tile_of_a_collage_matches_through_the_contr
         collage.paste(im, ((i % 2) * 256, (i // 2) * 256))
     result = ImageChecker(str(tiled), gallery=str(out)).check(jpeg_bytes(collage))
     assert result["matches"][0]["reference"] == "known/known_2.jpg" and result["matches"][0]["kind"] == "duplicate", result
+
+
+def test_a_large_gallery_is_served_from_its_index_without_a_full_precision_copy_and_still_edits(tmp_path):
+    """Above the exact-search size the loaded gallery holds the faiss index (its float16 re-rank vectors) and small
+    per-reference arrays, never the (n, d) float32 embeddings; it finds the same duplicates and similar photos as
+    the full-precision exact search, a pHash hit outside the nearest gets its similarity from the index, and
+    add/remove still work (the file's float16 embeddings are read when an edit needs them)."""
+    from serving.gallery import Gallery, GalleryError, GalleryHeader
+
+    rng = np.random.default_rng(3)
+    n, d, kinds = 3000, 128, 30
+    unit = lambda x: (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)  # noqa: E731
+    centres = unit(rng.standard_normal((kinds, d)))
+    kind_of = rng.integers(kinds, size=n)
+    refs = unit(centres[kind_of] + 0.6 * rng.standard_normal((n, d)) / np.sqrt(d))  # ~0.85 to the centre
+    negatives = unit(rng.standard_normal((400, d)))  # unrelated photos
+    labels = (kind_of % 3).astype(np.int32)
+    hashes = rng.integers(0, 2**63, n, dtype=np.uint64)
+
+    def header():
+        return GalleryHeader(model_name="m", model_version="1", contract_hash="h", embedding={"size": d, "producer": "t"},
+                             labels=["a", "b", "c"], reference_ids=[f"r{i}" for i in range(n)], sources=[""] * n,
+                             thresholds={}, created_at="", updated_at="")
+
+    exact = Gallery(header(), refs, labels, hashes, negatives, exact_max=10_000)  # as before: float32, exact search
+    exact.resolve()
+    large = Gallery(header(), refs, labels, hashes, negatives, exact_max=1000)
+    large.resolve()
+    large.save(tmp_path / "large.npz")
+    loaded = Gallery.load(tmp_path / "large.npz", exact_max=1000)
+
+    held = {k: v for k, v in vars(loaded).items() if isinstance(v, np.ndarray)}
+    assert loaded._embeddings is None and not any(v.ndim == 2 and len(v) == n for v in held.values()), held.keys()
+    assert sum(v.nbytes for v in held.values()) < n * 16 + negatives.nbytes  # labels, hashes (+ the negatives)
+    assert loaded.describe()["search"].startswith("ivf") and loaded.describe()["references"] == n
+
+    near = unit(refs[:60] + 0.25 * rng.standard_normal((60, d)) / np.sqrt(d))  # re-posted copies
+    new = unit(centres[kind_of[60:120]] + 0.6 * rng.standard_normal((60, d)) / np.sqrt(d))  # new photos of a kind
+    probe_hash = [int(hashes[i]) for i in range(200, 220)]  # a pHash hit on an unrelated query vector
+    queries = [(q, None) for q in np.concatenate([near, new])] + [(negatives[i], h) for i, h in enumerate(probe_hash)]
+    kinds_seen = set()
+    for q, h in queries:
+        want, got = exact.match(q, h), loaded.match(q, h)
+        assert [(m.reference, m.kind, m.hamming) for m in got] == [(m.reference, m.kind, m.hamming) for m in want]
+        assert np.allclose([m.similarity for m in got], [m.similarity for m in want], atol=2e-3)
+        kinds_seen |= {m.kind for m in got}
+    assert kinds_seen == {"duplicate", "similar"}
+    assert loaded.match(near[0])[0].reference == "r0" and loaded.match(near[0])[0].kind == "duplicate"
+    assert loaded.match(negatives[0], probe_hash[0])[0].reference == "r200"  # found by pHash, scored from the index
+
+    extra = unit(rng.standard_normal((5, d)))
+    loaded.add(extra, ["d"] * 5, rng.integers(0, 2**63, 5, dtype=np.uint64), [f"new{i}" for i in range(5)], [""] * 5)
+    assert loaded.embeddings.dtype == np.float16 and loaded.embeddings.shape == (n + 5, d)
+    assert loaded.remove(["r0"]) == 1
+    loaded.save(tmp_path / "large.npz")
+    edited = Gallery.load(tmp_path / "large.npz", exact_max=1000)
+    assert edited._embeddings is None and len(edited) == n + 4
+    top = edited.match(extra[2])[0]
+    assert (top.reference, top.label, top.kind) == ("new2", "d", "duplicate")
+    assert all(m.reference != "r0" for m in edited.match(refs[0]))
+
+    (tmp_path / "large.npz").write_bytes((tmp_path / "large.npz").read_bytes() + b"\0")  # replaced after loading
+    with pytest.raises(GalleryError, match="changed since it was loaded"):
+        edited.remove(["r1"])

@@ -17,7 +17,7 @@ from serving.explain import Explanation, explain, explained_label, overlay, png_
 from serving.errors import InvalidInput
 from serving.imageio import ImageError, decode_image
 from serving.runtime import Predictor
-from serving.tiling import draft_size, views
+from serving.tiling import draft_size, view_boxes, views
 from training.predict import load_predictor
 from training.fileio import atomic_path, atomic_write_text
 
@@ -43,10 +43,12 @@ def explain_image(predictor: Predictor, img: Image.Image, label: str | None = No
         raise UnknownLabel(f"label {label!r} is not one of the model's labels {labels}")
     spec = predictor.spec
     pre, tiling = spec.preprocessing, spec.tiling
-    probs, cams = predict_views_with_cam(predictor, [views(img, pre, tiling)], spec.negative_index, spec.temperature)
-    chosen = explained_label(probs[0], labels, predictor.spec.negative_label, label)
+    boxes = view_boxes(img, tiling)
+    probs, cams = predict_views_with_cam(predictor, [views(img, pre, tiling, boxes)], spec.negative_index,
+                                         spec.temperature)
+    chosen = explained_label(probs[0], labels, spec.negative_label, label)
     scores = {name: round(float(p), 6) for name, p in zip(labels, probs[0])}
-    return explain(cams[0], chosen, labels, pre, *img.size, tiling=tiling), scores
+    return explain(cams[0], chosen, labels, pre, *img.size, tiling=tiling, boxes=boxes), scores
 
 
 def _decode(predictor: Predictor, path: str | Path) -> Image.Image:
