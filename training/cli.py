@@ -91,6 +91,10 @@ def train(
         if negatives:
             cfg.data.negatives = cfg.data.negatives + [str(n) for n in negatives]
         summary = run_training([str(d) for d in data], out, cfg, resume=resume, init_from=init_from)
+        if summary and cfg.decision.calibrate:  # rank 0 only: fit temperature and thresholds on validation
+            from training.calibrate import calibrate as run_calibration, format_report
+
+            typer.echo(format_report(run_calibration(out)))
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     if not summary:  # a non-zero rank under torchrun: rank 0 reports
