@@ -150,3 +150,25 @@ def test_mining_state_round_trips_and_the_draw_follows_it():
     first, second = list(sampler(miner, 7)), list(sampler(copy, 7))
     assert first == second and (miner.last_mined, miner.last_mined_per_pool) == (copy.last_mined, copy.last_mined_per_pool)
     assert list(sampler(HardNegativeMiner(20, 100, [0] * 50 + [1] * 50, 4.0), 7)) != first  # hardness changes the draw
+
+
+def test_the_mixup_coin_is_reproducible_from_its_generator():
+    from training.augment import BatchMixer
+
+    mixup = load_config(None, {"train": {"mixup": {"prob": 0.5}}}).train.mixup
+    x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 0, 1])
+
+    def tosses(mixer, n=40):
+        return [mixer(x.clone(), y)[2] for _ in range(n)]
+
+    a, b = BatchMixer(mixup, 0.1, 2, seed=3), BatchMixer(mixup, 0.1, 2, seed=3)
+    first = tosses(a)
+    assert first == tosses(b) and 5 < sum(first) < 35  # same seed, same batches mixed; about half of them
+    state = a.state_dict()
+    later = tosses(a)
+    b.load_state_dict(state)
+    assert tosses(b) == later != first  # a restored coin continues where it was
+    assert not any(a(x[:3], y[:3])[2] for _ in range(10))  # odd batches never mix
+    xm, target, mixed = next(out for out in (a(x.clone(), y) for _ in range(20)) if out[2])  # timm mixes in place
+    assert target.shape == (4, 2) and not torch.equal(xm, x)  # soft targets, blended images
+

@@ -102,7 +102,7 @@ def run_lines(config: Config, data: TrainData, opt: Optimization, steps: int, wo
         f"batch {tc.batch_size}, {opt.describe()}"
         + (f", frozen {config.model.freeze}" if frozen else "")
         + (f", layer lr decay {tc.layer_decay}" if tc.layer_decay else "")
-        + (f", mixup/cutmix on {opt.mix_prob:.0%} of batches" if opt.mixer else ""),
+        + (f", mixup/cutmix on {opt.mixer.prob:.0%} of batches" if opt.mixer else ""),
     ]
 
 

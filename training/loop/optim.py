@@ -6,11 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from timm.data import Mixup
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 
+from training.augment import BatchMixer
 from training.config import TrainConfig
 
 
@@ -28,15 +28,6 @@ def autocast_setting(amp: bool, cpu_bf16: bool, device: torch.device) -> tuple[b
     return False, torch.float32
 
 
-def make_mixer(tc: TrainConfig, num_classes: int) -> Mixup | None:
-    """timm's Mixup/CutMix, applied to every batch it is called on (``tc.mixup.prob`` picks the batches)."""
-    mc = tc.mixup
-    if mc.prob == 0:
-        return None
-    return Mixup(mixup_alpha=mc.mixup_alpha, cutmix_alpha=mc.cutmix_alpha, switch_prob=mc.switch_prob, prob=1.0,
-                 label_smoothing=tc.label_smoothing, num_classes=num_classes)
-
-
 def peak_lr(optimizer: torch.optim.Optimizer) -> float:
     """The largest group lr (the head's under layer-wise decay): the number the schedule is stated in."""
     return max(group["lr"] for group in optimizer.param_groups)
@@ -48,8 +39,7 @@ class Optimization:
     scheduler: CosineLRScheduler
     ema: ModelEmaV3 | None
     scaler: torch.amp.GradScaler
-    mixer: Mixup | None
-    mix_prob: float
+    mixer: BatchMixer | None  # Mixup/CutMix on a seeded share of the batches
     use_amp: bool
     amp_dtype: torch.dtype
     lr: float  # the peak lr after scaling by the number of processes
@@ -71,13 +61,16 @@ class Optimization:
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "ema": self.ema.module.state_dict() if self.ema is not None else None}
+                "ema": self.ema.module.state_dict() if self.ema is not None else None,
+                "mixer": self.mixer.state_dict() if self.mixer is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.module.load_state_dict(state["ema"])
+        if self.mixer is not None and state.get("mixer") is not None:
+            self.mixer.load_state_dict(state["mixer"])
 
 
 def build_optimization(module: torch.nn.Module, tc: TrainConfig, steps_per_epoch: int, world: int,
@@ -94,5 +87,7 @@ def build_optimization(module: torch.nn.Module, tc: TrainConfig, steps_per_epoch
     ema = ModelEmaV3(module, decay=tc.ema_decay or ema_decay_for(total_steps), use_warmup=True) if tc.ema else None
     use_amp, amp_dtype = autocast_setting(tc.amp, tc.cpu_bf16, device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    return Optimization(optimizer, scheduler, ema, scaler, make_mixer(tc, num_classes), tc.mixup.prob, use_amp,
-                        amp_dtype, lr, tc.label_smoothing, tc.grad_clip, class_weight)
+    # the coin's stream is the seed's + 1: not the sampler's, which is seeded with train.seed itself
+    mixer = BatchMixer(tc.mixup, tc.label_smoothing, num_classes, tc.seed + 1) if tc.mixup.prob > 0 else None
+    return Optimization(optimizer, scheduler, ema, scaler, mixer, use_amp, amp_dtype, lr, tc.label_smoothing,
+                        tc.grad_clip, class_weight)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -56,11 +55,8 @@ def train_one_epoch(model: torch.nn.Module, module: torch.nn.Module, loader, opt
         x, y = _to_device(x, device, channels_last), y.to(device, non_blocking=True)
         # mixed batches (timm Mixup/CutMix, smoothing included in its soft targets) say nothing about
         # single negatives, so only unmixed batches feed hard-negative mining
-        mixed = opt.mixer is not None and len(y) % 2 == 0 and random.random() < opt.mix_prob
-        target, smoothing = y, opt.label_smoothing
-        if mixed:
-            x, target = opt.mixer(x, y)
-            smoothing = 0.0
+        x, target, mixed = opt.mixer(x, y) if opt.mixer is not None else (x, y, False)
+        smoothing = 0.0 if mixed else opt.label_smoothing  # mixed targets carry their own smoothing
         with opt.autocast(device):
             logits = model(x)
             loss = F.cross_entropy(logits.float(), target, weight=opt.class_weight, label_smoothing=smoothing)
