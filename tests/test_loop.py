@@ -172,3 +172,33 @@ def test_the_mixup_coin_is_reproducible_from_its_generator():
     xm, target, mixed = next(out for out in (a(x.clone(), y) for _ in range(20)) if out[2])  # timm mixes in place
     assert target.shape == (4, 2) and not torch.equal(xm, x)  # soft targets, blended images
 
+
+def test_train_data_puts_main_images_first_then_the_pool_which_keeps_its_source_and_pool(tmp_path):
+    from tests.conftest import photo
+    from training.loop.data import TrainData, negative_samples, resolve_preprocessing
+
+    def images(folder, n, seed):
+        folder.mkdir(parents=True)
+        for i in range(n):
+            photo(seed + i, (64, 48)).save(folder / f"{i}.jpg")
+
+    main, negatives = tmp_path / "main", tmp_path / "street_photos"
+    for split, n in (("train", 3), ("val", 1)):
+        images(main / split / "ivory", n, 0)
+        images(main / split / "other", n, 10)
+    images(negatives / "train" / "cars" / "shop_a", 4, 20)  # labelled 'cars' on disk, source shop_a
+    images(negatives / "val" / "cars", 2, 30)
+    pool, groups, val = negative_samples([str(negatives)], "other", val_size=1, seed=0)
+    assert {(s.label, s.source, s.pool) for s in pool} == {("other", "shop_a", "street_photos")}
+    assert groups == [0] * 4 and len(val) == 1 and val[0].pool == "street_photos"
+
+    config = load_config(None, {"data": {"img_size": 32, "negatives": [str(negatives)], "negatives_per_epoch": 2,
+                                         "cache_workers": 1}})
+    data = TrainData.build([str(main)], config, resolve_preprocessing(config), say=lambda *a: None)
+    assert (data.n_main, data.n_pool, data.labels) == (6, 4, ["ivory", "other"])
+    assert [s.pool for s in data.train_samples] == ["main"] * 6 + ["street_photos"] * 4
+    assert data.train.targets[6:] == [1] * 4 and data.product_columns == [0]
+    sampler = data.build_sampler(config)
+    epoch = list(sampler)
+    assert len(epoch) == 8 and sorted(i for i in epoch if i < 6) == list(range(6))  # every main image once
+    assert len({i for i in epoch if i >= 6}) == 2 and data.miner.n_main == 6  # two pool images drawn afresh

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -43,11 +43,11 @@ def resolve_preprocessing(config: Config) -> Preprocessing:
 
 def negative_samples(roots: list[str], negative_label: str, val_size: int, seed: int
                      ) -> tuple[list[Sample], list[int], list[Sample]]:
-    """All images under the negatives roots, relabelled: (training pool, the pool index of
+    """All images under the negatives roots, relabelled (their source and pool kept): (training pool, the pool index of
     each -- its root's position -- and a fixed validation sample drawn evenly from the roots)."""
     pool, groups, vals = [], [], []
     for g, root in enumerate(roots):
-        found = [Sample(s.path, negative_label, s.split) for s in load_samples([root])]
+        found = [replace(s, label=negative_label) for s in load_samples([root])]
         train = [s for s in found if s.split == "train"]
         pool += train
         groups += [g] * len(train)
