@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import torch
 
+from serving.errors import WildcheckError
 from serving.preprocess import Preprocessing
 from training.config import AugmentStep, MixupConfig
 
@@ -20,12 +21,16 @@ _CV2_INTERPOLATION = {"bicubic": cv2.INTER_CUBIC, "bilinear": cv2.INTER_LINEAR, 
                       "lanczos": cv2.INTER_LANCZOS4}
 
 
+class AugmentError(WildcheckError, ValueError):
+    """An augmentation step of the config that albumentations (or training.realism) cannot build."""
+
+
 def _transform_class(name: str):
     from training import realism
 
     cls = getattr(realism, name, None) or getattr(A, name, None)
     if cls is None or not (inspect.isclass(cls) and issubclass(cls, A.BasicTransform)):
-        raise ValueError(f"unknown augmentation {name!r}: use an albumentations transform or one of training.realism")
+        raise AugmentError(f"unknown augmentation {name!r}: use an albumentations transform or one of training.realism")
     return cls
 
 
@@ -35,7 +40,7 @@ def build_step(step: AugmentStep, pre: Preprocessing):
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
     unknown = set(params) - accepted
     if unknown:
-        raise ValueError(f"augmentation {step.name}: unknown arguments {sorted(unknown)}; it accepts {sorted(accepted)}")
+        raise AugmentError(f"augmentation {step.name}: unknown arguments {sorted(unknown)}; it accepts {sorted(accepted)}")
     if "size" in accepted and "size" not in params and step.name.endswith("Crop"):
         params["size"] = (pre.input_size, pre.input_size)
     if step.name == "RandomResizedCrop" and "interpolation" not in params:
