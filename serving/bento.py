@@ -18,13 +18,14 @@ from pathlib import Path
 import bentoml
 
 from serving.contract import read_contract
+from serving.errors import MissingInput, WildcheckError
 
 BENTOFILE = Path(__file__).with_name("bentofile.yaml")
 MODEL_FILE = "model.onnx"
 GALLERY_FILE = "gallery"  # + the gallery's own suffix
 
 
-class BentoBuildError(RuntimeError):
+class BentoBuildError(WildcheckError, RuntimeError):
     """``bentoml build`` or the model store refused; the message says what to do."""
 
 
@@ -52,7 +53,7 @@ def store_model(model: str | Path, gallery: str | Path | None = None) -> str:
     model = Path(model)
     contract = read_contract(model)  # a file that is not a wildcheck model stops here
     if gallery is not None and not Path(gallery).is_file():
-        raise FileNotFoundError(f"gallery {gallery} does not exist")
+        raise MissingInput(f"gallery {gallery} does not exist")
     version = _tag_part(contract.model_version)
     digest = _sha256(model)
     if gallery:  # the same model with another gallery is another stored model

@@ -13,16 +13,12 @@ import numpy as np
 from PIL import Image
 
 from serving.decision import DECISIONS, decide
-from serving.imageio import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageError, decode_image
+from serving.imageio import (DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, FORMATS, MIME_ALIASES,
+                             ImageError, decode_image)
 from serving.explain import OVERLAY_MAX_SIDE, explain, explained_label, overlay_base64, predict_views_with_cam
 from serving.runtime import OnnxModel
 from serving.tiling import combine, draft_size, predict_views, views
 
-# The MIME type of each decodable format, and the names clients use for them.
-FORMAT_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp",
-                "GIF": "image/gif", "BMP": "image/bmp", "TIFF": "image/tiff"}
-TYPE_ALIASES = {"image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg", "image/x-png": "image/png",
-                "image/x-ms-bmp": "image/bmp", "image/x-bmp": "image/bmp", "image/tif": "image/tiff"}
 GENERIC_TYPES = {"", "application/octet-stream"}
 
 
@@ -30,8 +26,8 @@ def content_type_info(declared: str | None, fmt: str) -> dict:
     """Declared vs detected type. The bytes decide how we decode: a wrong or sloppy declared type (a PNG sent
     as image/jpeg, the unregistered image/jpg) must not make a photo go unchecked, so it is only reported."""
     raw = (declared or "").split(";")[0].strip().lower()[:100]
-    detected = FORMAT_TYPES.get(fmt, "application/octet-stream")
-    normalized = TYPE_ALIASES.get(raw, raw)
+    detected = FORMATS[fmt].mime if fmt in FORMATS else "application/octet-stream"
+    normalized = MIME_ALIASES.get(raw, raw)
     return {"declared_type": raw or None, "detected_type": detected,
             "type_mismatch": normalized not in GENERIC_TYPES and normalized != detected}
 

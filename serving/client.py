@@ -20,7 +20,9 @@ from pathlib import Path
 import httpx
 from tqdm.auto import tqdm
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+from serving.errors import InvalidInput, MissingInput, WildcheckError
+from serving.imageio import IMAGE_EXTENSIONS
+
 RETRY_STATUSES = {429, 500, 502, 503, 504}
 FATAL_STATUSES = {401: "the API key was refused (--api-key / WILDCHECK_API_KEY)",
                   403: "the API key is not allowed to check images",
@@ -29,7 +31,7 @@ FATAL_STATUSES = {401: "the API key was refused (--api-key / WILDCHECK_API_KEY)"
 MAX_RETRY_AFTER_S = 60.0
 
 
-class ScanStopped(RuntimeError):
+class ScanStopped(WildcheckError, RuntimeError):
     """The server's answer means no image can be checked with these settings; nothing was recorded for it."""
 
 
@@ -40,11 +42,11 @@ def list_images(source: str | Path) -> list[Path]:
         with source.open(newline="", encoding="utf-8-sig") as fh:  # -sig: Excel writes a BOM
             reader = csv.DictReader(fh)
             if not reader.fieldnames or "path" not in reader.fieldnames:
-                raise ValueError(f"{source}: the CSV needs a 'path' column")
+                raise InvalidInput(f"{source}: the CSV needs a 'path' column")
             return [p if p.is_absolute() else source.parent / p for p in (Path(r["path"]) for r in reader)]
     if source.is_dir():
-        return sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    raise FileNotFoundError(f"{source} is neither a folder nor a CSV file")
+        return sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    raise MissingInput(f"{source} is neither a folder nor a CSV file")
 
 
 def resume_key(path: str | Path) -> str:
@@ -183,7 +185,7 @@ def scan(source: str | Path, url: str, out: str | Path, concurrency: int = 8, ap
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the OS even if we are killed
         except BlockingIOError:
-            raise ValueError(f"another scan is writing {out} (lock {lock_path}); wait for it to finish or "
+            raise InvalidInput(f"another scan is writing {out} (lock {lock_path}); wait for it to finish or "
                              "use another --out") from None
         _end_with_newline(out)
         done, bad_lines = read_done(out)

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from serving.decision import ClassThresholds
+from serving.errors import WildcheckError
 from serving.preprocess import Preprocessing
 from serving.thresholds import TrafficScores
 from serving.tiling import Tiling
@@ -33,7 +34,7 @@ REQUIRED_KEYS = (
 )
 
 
-class ContractError(ValueError):
+class ContractError(WildcheckError, ValueError):
     """The file is not a wildcheck model, or its contract is incomplete."""
 
 

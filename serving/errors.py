@@ -8,4 +8,18 @@ so that serving's errors (contract, gallery, policy) can share it without import
 
 
 class WildcheckError(Exception):
-    """A mistake the user can fix; the message says how."""
+    """A mistake the user can fix; the message says how.
+
+    ``exit_code`` is the CLI's exit status: 2 for a usage mistake; a refusal by a quality gate (export parity,
+    promote) or a labelling conflict sets 1, as a failed check does.
+    """
+
+    exit_code: int = 2
+
+
+class InvalidInput(WildcheckError, ValueError):
+    """Something the user gave (a file's contents, a setting, an option value) cannot be used."""
+
+
+class MissingInput(WildcheckError, FileNotFoundError):
+    """A file or folder the user named does not exist (or is not the kind expected)."""

@@ -26,6 +26,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from serving.contract import EmbeddingSpec, ModelContract, contract_hash
+from serving.errors import WildcheckError
 from serving.phash import hamming, phash
 from serving.search import EXACT_MAX, VectorIndex, make_index
 
@@ -42,7 +43,7 @@ MAX_MATCHES = 3
 SEARCH_K = 16  # nearest references looked at per query view
 
 
-class GalleryError(ValueError):
+class GalleryError(WildcheckError, ValueError):
     """The gallery file is unusable (missing, truncated, empty, unknown version, another model's)."""
 
 

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from serving.client import IMAGE_SUFFIXES, list_images
+from serving.client import list_images
+from serving.errors import InvalidInput, MissingInput
 from serving.gallery import DEFAULT_FPR, Gallery, GalleryError, new_header, preprocess_and_hash
-from serving.imageio import ImageError, decode_image
+from serving.imageio import IMAGE_EXTENSIONS, ImageError, decode_image
 from serving.runtime import OnnxModel
 
 MAX_NEGATIVES = 3000
@@ -38,23 +39,23 @@ def read_references(ref: str | Path) -> list[RefItem]:
         with ref.open(newline="") as fh:
             reader = csv.DictReader(fh)
             if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
-                raise ValueError(f"{ref}: the CSV needs 'path' and 'label' columns (optional: reference_id, source)")
+                raise InvalidInput(f"{ref}: the CSV needs 'path' and 'label' columns (optional: reference_id, source)")
             for row in reader:
                 path = Path(row["path"])
                 path = path if path.is_absolute() else ref.parent / path
                 label = (row.get("label") or "").strip()
                 if not label:
-                    raise ValueError(f"{ref}: row for {row['path']} has no label")
+                    raise InvalidInput(f"{ref}: row for {row['path']} has no label")
                 items.append(RefItem(path, label, (row.get("reference_id") or "").strip() or f"{label}/{path.name}",
                                      (row.get("source") or "").strip()))
     elif ref.is_dir():
         for folder in sorted(p for p in ref.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+            for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
                 items.append(RefItem(path, folder.name, f"{folder.name}/{path.relative_to(folder).as_posix()}", str(ref)))
     else:
-        raise FileNotFoundError(f"{ref} is neither a folder of <label>/<image> nor a CSV file")
+        raise MissingInput(f"{ref} is neither a folder of <label>/<image> nor a CSV file")
     if not items:
-        raise ValueError(f"{ref} holds no images (expected <label>/<image> folders or CSV rows)")
+        raise InvalidInput(f"{ref} holds no images (expected <label>/<image> folders or CSV rows)")
     return items
 
 

@@ -17,16 +17,50 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-# Formats a listing photo can reasonably come in. Anything else PIL can open (PDF, EPS, ICO, ...) is
-# refused: fewer decoders reachable from the internet means less attack surface.
-SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})
+from serving.errors import WildcheckError
+
+
+
+@dataclass(frozen=True)
+class ImageFormat:
+    """One format a listing photo can come in: PIL's name, its MIME type, its file extensions (the first is the
+    one we write) and the non-standard MIME names clients send for it."""
+
+    pil: str
+    mime: str
+    extensions: tuple[str, ...]
+    mime_aliases: tuple[str, ...] = ()
+
+
+# The one table of image formats (decoding, content types, dataset/folder scans, ingest's file names). Anything
+# else PIL can open (PDF, EPS, ICO, ...) is refused: fewer decoders reachable from the internet, less attack surface.
+IMAGE_FORMATS = (
+    ImageFormat("JPEG", "image/jpeg", (".jpg", ".jpeg"), ("image/jpg", "image/pjpeg")),
+    ImageFormat("MPO", "image/jpeg", (".jpg", ".jpeg")),  # multi-picture JPEG from phones: a JPEG to everyone else
+    ImageFormat("PNG", "image/png", (".png",), ("image/x-png",)),
+    ImageFormat("WEBP", "image/webp", (".webp",)),
+    ImageFormat("GIF", "image/gif", (".gif",)),
+    ImageFormat("BMP", "image/bmp", (".bmp",), ("image/x-ms-bmp", "image/x-bmp")),
+    ImageFormat("TIFF", "image/tiff", (".tif", ".tiff"), ("image/tif",)),
+)
+FORMATS = {f.pil: f for f in IMAGE_FORMATS}
+SUPPORTED_FORMATS = frozenset(FORMATS)
+IMAGE_EXTENSIONS = frozenset(ext for f in IMAGE_FORMATS for ext in f.extensions)
+IMAGE_MIME_TYPES = tuple(dict.fromkeys(f.mime for f in IMAGE_FORMATS))
+MIME_ALIASES = {alias: f.mime for f in IMAGE_FORMATS for alias in f.mime_aliases}
+
+
+def is_image_file(path: Path) -> bool:
+    """A file whose extension is one of the image formats (case-insensitive); hidden files (.DS_Store, ._x) are not."""
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
 DEFAULT_MAX_PIXELS = 40_000_000  # ~ 6300 x 6300; larger is a decompression bomb, not a listing photo
 DEFAULT_MIN_SIDE = 16
 # decoded image + its RGB copy (decode_bytes): the largest RGB photo needs 4 B/px; 16-bit grey 6, RGBA/CMYK/I/F 8
 DEFAULT_MAX_DECODE_BYTES = 256 * 2**20
 
 
-class ImageError(ValueError):
+class ImageError(WildcheckError, ValueError):
     """An image that cannot be used. ``code`` is machine-readable, ``status`` the HTTP status to answer."""
 
     def __init__(self, code: str, message: str, status: int = 400):

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from serving.contract import DecisionRules, ModelContract
 from serving.decision import ClassThresholds
+from serving.errors import WildcheckError
 from serving.thresholds import Budgets, Solved, TrafficScores, apply_budgets, curve_arrays, solve_class
 
 
@@ -79,7 +80,7 @@ class Policy(BaseModel):
         return self
 
 
-class PolicyError(ValueError):
+class PolicyError(WildcheckError, ValueError):
     pass
 
 

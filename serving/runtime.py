@@ -24,8 +24,8 @@ class OnnxModel:
 
         self.path = Path(path)
         options = ort.SessionOptions()
-        # NOTES: onnxruntime ignores cgroup limits; set threads explicitly. Sequential + all graph
-        # optimisations were the fastest settings on a 2-core AVX2 machine.
+        # onnxruntime ignores cgroup limits and thread environment variables: set threads explicitly. Sequential
+        # execution and all graph optimisations were the fastest settings on a 2-core AVX2 machine.
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

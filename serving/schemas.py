@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from serving.explain import Explanation
+from serving.imageio import IMAGE_MIME_TYPES
 
 
 class ErrorBody(BaseModel):
@@ -128,9 +129,7 @@ CHECK_BODY = {
         "required": True,
         "content": {
             "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {"image": _FILE}}},
-            "image/jpeg": {"schema": _FILE},
-            "image/png": {"schema": _FILE},
-            "image/webp": {"schema": _FILE},
+            **{mime: {"schema": _FILE} for mime in IMAGE_MIME_TYPES},
             "application/octet-stream": {"schema": _FILE},
         },
     }

@@ -1,13 +1,17 @@
 """The image-check endpoint: a BentoML service with a FastAPI app mounted at ``/v1``.
 
-We parse requests ourselves instead of using BentoML's image/file parameters (NOTES: those turn bad
-uploads into 500s and download URLs given in file fields). Start it with ``wildcheck serve MODEL.onnx``
+We parse requests ourselves instead of using BentoML's image/file parameters: in BentoML 1.4 those turn bad
+uploads into 500s and download URLs given in file fields (tests/test_hardening_service.py holds us to 4xx). Start it with ``wildcheck serve MODEL.onnx``
 or ``WILDCHECK_MODEL=MODEL.onnx bentoml serve serving.service:WildCheck``; a Bento built by ``wildcheck build``
 serves the model it was built with, from BentoML's model store (serving/bento.py).
+
+``build_api(settings)`` builds the service; the module attribute ``WildCheck`` (what those commands import) is the
+one built from the environment, on first access rather than at import, so tests build their own without reloading.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -29,21 +33,6 @@ from serving.settings import Settings
 from serving.workqueue import CpuQueue, Expired, Gone, Overloaded
 
 log = logging.getLogger("wildcheck.service")
-BENTO_MODEL = stored_model_ref()  # set in a Bento (`bentoml build --arg model=TAG`), else None
-use_stored_model(BENTO_MODEL)
-settings = Settings.from_env()
-
-api = FastAPI(
-    title="wildcheck image check",
-    version="1",
-    description="Send a listing photo, get `block`, `review` or `allow` with per-class scores. "
-    "Upload the image bytes (multipart field `image`, or the raw request body); URLs are never fetched.",
-    docs_url="/docs",
-    openapi_url="/openapi.json",
-)
-api.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
-api.add_middleware(ConcurrencyLimitMiddleware, limit=settings.max_concurrency)
-api.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)  # added last = runs first: no key, no upload read
 
 # Prometheus `endpoint` labels: our routes and BentoML's own; any other path is counted as `other`.
 METRIC_PATHS = frozenset({"/v1/check", "/v1/check_batch", "/v1/model", "/v1/docs", "/v1/openapi.json", "/",
@@ -67,24 +56,37 @@ def _label_metrics_by_route() -> None:
     instruments.RunnerTrafficMetricsMiddleware = RouteLabelledMetrics
 
 
-_label_metrics_by_route()
-
-
-@api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     return error_response(exc.status_code, code, str(exc.detail))
 
 
-@api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     return error_response(400, "invalid_request", str(exc.errors()))
 
 
-@api.exception_handler(Exception)
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error on %s", request.url.path)
     return error_response(500, "internal_error", "unexpected server error; it was logged, please report it")
+
+
+def _fastapi(settings: Settings) -> FastAPI:
+    """The app mounted at /v1: middleware sized by ``settings``, every error answered as JSON."""
+    api = FastAPI(
+        title="wildcheck image check",
+        version="1",
+        description="Send a listing photo, get `block`, `review` or `allow` with per-class scores. "
+        "Upload the image bytes (multipart field `image`, or the raw request body); URLs are never fetched.",
+        docs_url="/docs",
+        openapi_url="/openapi.json",
+    )
+    api.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    api.add_middleware(ConcurrencyLimitMiddleware, limit=settings.max_concurrency)
+    api.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)  # added last = runs first: no key, no upload read
+    api.add_exception_handler(StarletteHTTPException, _http_error)
+    api.add_exception_handler(RequestValidationError, _validation_error)
+    api.add_exception_handler(Exception, _internal_error)
+    return api
 
 
 def _mismatch_counter():
@@ -97,7 +99,7 @@ def _mismatch_counter():
         return None
 
 
-_MISMATCHES = _mismatch_counter()
+_MISMATCHES = _mismatch_counter()  # one per process: Prometheus refuses a second counter of the same name
 
 
 def _count_mismatch(result: dict) -> None:
@@ -114,16 +116,16 @@ EXPLAIN = Query("false", description="`true`: add `explanation`, a heat map of w
 EXPLAIN_LABEL = Query(None, description="with explain=true/png: explain this label instead of the top protected class")
 
 
-async def _read_images(request: Request, field: str, many: bool) -> list[tuple[bytes, str | None]]:
+async def _read_images(request: Request, field: str, many: bool, max_batch: int) -> list[tuple[bytes, str | None]]:
     """Image bytes and declared content types from a multipart form or the raw body."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         try:
-            form = await request.form(max_files=settings.max_batch + 1, max_fields=settings.max_batch + 8)
+            form = await request.form(max_files=max_batch + 1, max_fields=max_batch + 8)
         except Exception as exc:  # malformed multipart, too many parts
             if "Too many files" in str(exc):
-                raise ImageError("batch_too_large", f"more than {settings.max_batch} images; at most "
-                                 f"{settings.max_batch} per request", status=413) from exc
+                raise ImageError("batch_too_large", f"more than {max_batch} images; at most "
+                                 f"{max_batch} per request", status=413) from exc
             raise ImageError("invalid_multipart", f"cannot parse the multipart body: {exc}") from exc
         values = form.getlist(field)
         if not values:
@@ -145,124 +147,157 @@ async def _read_images(request: Request, field: str, many: bool) -> list[tuple[b
     return [(body, content_type or None)]
 
 
-@bentoml.service(
-    name="wildcheck",
-    workers=settings.workers,
-    # backstops only: our own deadline (504) and concurrency limit (429) answer first, in our error shape
-    traffic={"timeout": settings.timeout_s + 5, "max_concurrency": 2 * settings.max_concurrency + 8},
-)
-@bentoml.asgi_app(api, path="/v1")
-class WildCheck:
-    """Loads the ONNX model named by ``WILDCHECK_MODEL`` once per worker and warms it up before ready."""
+def build_api(settings: Settings, bento_model: bentoml.models.BentoModel | None = None):
+    """The BentoML service (class ``WildCheck``) serving ``settings.model`` with these limits.
 
-    bento_model = BENTO_MODEL  # a class attribute, so `bentoml build` packs the stored model into the Bento
+    Tests build one with their own ``Settings``; ``bentoml serve serving.service:WildCheck``, ``wildcheck serve``
+    and a Bento get the one built from the environment (module attribute ``WildCheck``, below). ``bento_model``:
+    the stored model a Bento was built with; a class attribute, so ``bentoml build`` packs it into the Bento.
+    """
+    _label_metrics_by_route()
+    api = _fastapi(settings)
+    stored_model, service_settings = bento_model, settings  # class bodies do not see the function's arguments
 
-    def __init__(self) -> None:
-        if not settings.model:
-            raise RuntimeError("set WILDCHECK_MODEL to the ONNX file to serve (or use `wildcheck serve MODEL.onnx`)")
-        self.ready = False
-        self.checker = ImageChecker(
-            settings.model, threads=settings.threads,
-            limits=Limits(max_pixels=settings.max_pixels, min_side=settings.min_side,
-                          max_decode_bytes=settings.max_decode_bytes),
-            max_concurrent=settings.cpu_threads, memory_arena=False, gallery=settings.gallery or None,
-        )
-        if settings.policy:
-            self.checker.apply_policy(settings.policy)
-        self.checker.warm_up()
-        # CPU work (decode, preprocess, inference) runs on a small dedicated pool, not the 40-thread default:
-        # more threads only contend for 2 cores and the GIL, and each adds memory (RSS crept up under load);
-        # 4 per worker keep both cores busy while requests are parsed (benchmarks/serve_bench.py).
-        # At most WILDCHECK_MAX_QUEUE requests wait for it; abandoned work stops (serving/workqueue.py).
-        self.queue = CpuQueue(settings.cpu_threads, settings.max_queue, settings.decode_memory_bytes)
-        self.ready = True
-        log.info("serving %s %s", self.checker.contract.model_name, self.checker.contract.model_version)
-        log.warning("API keys: %s", f"on ({len(settings.api_keys)} key(s))" if settings.api_keys
-                    else "OFF: anyone who can reach this port can use it (set WILDCHECK_API_KEYS)")
+    @bentoml.service(
+        name="wildcheck",
+        workers=settings.workers,
+        # backstops only: our own deadline (504) and concurrency limit (429) answer first, in our error shape
+        traffic={"timeout": settings.timeout_s + 5, "max_concurrency": 2 * settings.max_concurrency + 8},
+    )
+    @bentoml.asgi_app(api, path="/v1")
+    class WildCheck:
+        """Loads the ONNX model named by ``WILDCHECK_MODEL`` once per worker and warms it up before ready."""
 
-    def __is_ready__(self) -> bool:
-        """Not ready while loading, and while this worker's CPU queue is full (a load balancer stops sending)."""
-        return self.ready and not self.queue.saturated()
+        bento_model = stored_model
+        settings = service_settings  # read through self at run time: a test may swap it (a shorter deadline)
 
-    async def _run(self, request: Request, stop: threading.Event, fn, *args, cost: int = 0):
-        deadline = request.scope.get(STARTED, time.monotonic()) + settings.timeout_s
-        return await self.queue.run(deadline, request.is_disconnected, stop, fn, *args, cost=cost)
+        def __init__(self) -> None:
+            s = self.settings
+            if not s.model:
+                raise RuntimeError("set WILDCHECK_MODEL to the ONNX file to serve "
+                                   "(or use `wildcheck serve MODEL.onnx`)")
+            self.ready = False
+            self.checker = ImageChecker(
+                s.model, threads=s.threads,
+                limits=Limits(max_pixels=s.max_pixels, min_side=s.min_side, max_decode_bytes=s.max_decode_bytes),
+                max_concurrent=s.cpu_threads, memory_arena=False, gallery=s.gallery or None,
+            )
+            if s.policy:
+                self.checker.apply_policy(s.policy)
+            self.checker.warm_up()
+            # CPU work (decode, preprocess, inference) runs on a small dedicated pool, not the 40-thread default:
+            # more threads only contend for 2 cores and the GIL, and each adds memory (RSS crept up under load);
+            # 4 per worker keep both cores busy while requests are parsed (benchmarks/serve_bench.py).
+            # At most WILDCHECK_MAX_QUEUE requests wait for it; abandoned work stops (serving/workqueue.py).
+            self.queue = CpuQueue(s.cpu_threads, s.max_queue, s.decode_memory_bytes)
+            self.ready = True
+            log.info("serving %s %s", self.checker.contract.model_name, self.checker.contract.model_version)
+            log.warning("API keys: %s", f"on ({len(s.api_keys)} key(s))" if s.api_keys
+                        else "OFF: anyone who can reach this port can use it (set WILDCHECK_API_KEYS)")
 
-    def _failure(self, exc: Exception) -> JSONResponse:
-        """The answer for a request that could not be served (overloaded, out of time, client gone)."""
-        if isinstance(exc, Overloaded):
-            response = error_response(503, "overloaded", f"this worker is busy; retry after {exc.retry_after} s")
-            response.headers["Retry-After"] = str(exc.retry_after)
-            return response
-        if isinstance(exc, Expired):
-            return error_response(504, "timeout", f"not answered within {settings.timeout_s} s; retry later")
-        return error_response(400, "disconnected", "the client closed the connection")
+        def __is_ready__(self) -> bool:
+            """Not ready while loading, and while this worker's CPU queue is full (a load balancer stops sending)."""
+            return self.ready and not self.queue.saturated()
 
-    @api.post("/check", response_model=CheckResponse, responses=ERRORS, openapi_extra=CHECK_BODY)
-    async def check(self, request: Request, explain: ExplainMode = EXPLAIN, explain_label: str | None = EXPLAIN_LABEL):
-        """Check one image: multipart field `image`, or the raw image bytes as the body."""
-        stop = threading.Event()
-        try:
-            self.checker.check_explain_request(explain, explain_label)  # before reading the upload
-            items = await _read_images(request, "image", many=False)
-            if len(items) > 1:
-                raise ImageError("too_many_images", f"{len(items)} 'image' fields; /v1/check takes one image, "
-                                 "send several to /v1/check_batch")
-            (data, content_type), = items
-            with self.queue.admit():
-                result = await self._run(request, stop, self.checker.check, data, content_type, stop,
-                                         explain, explain_label, cost=decode_cost(data))
-            _count_mismatch(result)
-            return result
-        except ImageError as exc:
-            return error_response(exc.status, exc.code, exc.message)
-        except (Overloaded, Expired, Gone, Abandoned) as exc:
-            return self._failure(exc)
+        async def _run(self, request: Request, stop: threading.Event, fn, *args, cost: int = 0):
+            deadline = request.scope.get(STARTED, time.monotonic()) + self.settings.timeout_s
+            return await self.queue.run(deadline, request.is_disconnected, stop, fn, *args, cost=cost)
 
-    @api.post("/check_batch", response_model=BatchResponse, responses=ERRORS, openapi_extra=BATCH_BODY)
-    async def check_batch(self, request: Request, explain: ExplainMode = EXPLAIN,
-                          explain_label: str | None = EXPLAIN_LABEL):
-        """Check up to WILDCHECK_MAX_BATCH images (repeated multipart field `image`); results in request order."""
-        try:
-            explaining = self.checker.check_explain_request(explain, explain_label)
-            items = await _read_images(request, "image", many=True)
-        except ImageError as exc:
-            return error_response(exc.status, exc.code, exc.message)
-        if len(items) > settings.max_batch:
-            return error_response(413, "batch_too_large", f"{len(items)} images; at most {settings.max_batch} per request")
-        started, stop = time.perf_counter(), threading.Event()
-        results, prepared = [None] * len(items), []
-        try:
-            with self.queue.admit():
-                for i, (data, content_type) in enumerate(items):  # one job per image: requests interleave
-                    try:
-                        prepared.append((i, await self._run(request, stop, self.checker.prepare_full, data, content_type,
-                                                            explain == "png", cost=decode_cost(data))))
-                    except ImageError as exc:  # one bad image fails only its own entry
-                        results[i] = item_error(exc)
-                if prepared:
-                    done = await self._run(request, stop, self.checker.finish, [p for _, p in prepared], explaining,
-                                           explain_label, started)
-        except (Overloaded, Expired, Gone, Abandoned) as exc:
-            return self._failure(exc)
-        for (i, _), result in zip(prepared, done if prepared else []):
-            results[i] = result
-            _count_mismatch(results[i])
-        return {"results": results, "count": len(results)}
+        def _failure(self, exc: Exception) -> JSONResponse:
+            """The answer for a request that could not be served (overloaded, out of time, client gone)."""
+            if isinstance(exc, Overloaded):
+                response = error_response(503, "overloaded", f"this worker is busy; retry after {exc.retry_after} s")
+                response.headers["Retry-After"] = str(exc.retry_after)
+                return response
+            if isinstance(exc, Expired):
+                return error_response(504, "timeout", f"not answered within {self.settings.timeout_s} s; retry later")
+            return error_response(400, "disconnected", "the client closed the connection")
 
-    @api.get("/model", response_model=ModelInfo, responses=ERRORS)
-    def model(self):
-        """Labels, thresholds, preprocessing, version and validation metrics of the served model."""
-        return self.checker.describe()
+        @api.post("/check", response_model=CheckResponse, responses=ERRORS, openapi_extra=CHECK_BODY)
+        async def check(self, request: Request, explain: ExplainMode = EXPLAIN,
+                        explain_label: str | None = EXPLAIN_LABEL):
+            """Check one image: multipart field `image`, or the raw image bytes as the body."""
+            stop = threading.Event()
+            try:
+                self.checker.check_explain_request(explain, explain_label)  # before reading the upload
+                items = await _read_images(request, "image", False, self.settings.max_batch)
+                if len(items) > 1:
+                    raise ImageError("too_many_images", f"{len(items)} 'image' fields; /v1/check takes one image, "
+                                     "send several to /v1/check_batch")
+                (data, content_type), = items
+                with self.queue.admit():
+                    result = await self._run(request, stop, self.checker.check, data, content_type, stop,
+                                             explain, explain_label, cost=decode_cost(data))
+                _count_mismatch(result)
+                return result
+            except ImageError as exc:
+                return error_response(exc.status, exc.code, exc.message)
+            except (Overloaded, Expired, Gone, Abandoned) as exc:
+                return self._failure(exc)
+
+        @api.post("/check_batch", response_model=BatchResponse, responses=ERRORS, openapi_extra=BATCH_BODY)
+        async def check_batch(self, request: Request, explain: ExplainMode = EXPLAIN,
+                              explain_label: str | None = EXPLAIN_LABEL):
+            """Check up to WILDCHECK_MAX_BATCH images (repeated multipart field `image`); results in request order."""
+            try:
+                explaining = self.checker.check_explain_request(explain, explain_label)
+                items = await _read_images(request, "image", True, self.settings.max_batch)
+            except ImageError as exc:
+                return error_response(exc.status, exc.code, exc.message)
+            max_batch = self.settings.max_batch
+            if len(items) > max_batch:
+                return error_response(413, "batch_too_large", f"{len(items)} images; at most {max_batch} per request")
+            started, stop = time.perf_counter(), threading.Event()
+            results, prepared = [None] * len(items), []
+            try:
+                with self.queue.admit():
+                    for i, (data, content_type) in enumerate(items):  # one job per image: requests interleave
+                        try:
+                            prepared.append((i, await self._run(
+                                request, stop, self.checker.prepare_full, data, content_type, explain == "png",
+                                cost=decode_cost(data))))
+                        except ImageError as exc:  # one bad image fails only its own entry
+                            results[i] = item_error(exc)
+                    if prepared:
+                        done = await self._run(request, stop, self.checker.finish, [p for _, p in prepared],
+                                               explaining, explain_label, started)
+            except (Overloaded, Expired, Gone, Abandoned) as exc:
+                return self._failure(exc)
+            for (i, _), result in zip(prepared, done if prepared else []):
+                results[i] = result
+                _count_mismatch(results[i])
+            return {"results": results, "count": len(results)}
+
+        @api.get("/model", response_model=ModelInfo, responses=ERRORS)
+        def model(self):
+            """Labels, thresholds, preprocessing, version and validation metrics of the served model."""
+            return self.checker.describe()
+
+    # Registered after the class so it comes after the class routes: unknown paths under /v1 get JSON, not text.
+    @api.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+    async def _fallback(path: str, request: Request) -> JSONResponse:
+        route = "/" + path
+        if route in KNOWN_ROUTES:
+            return error_response(405, "method_not_allowed", f"use {KNOWN_ROUTES[route]} {route}")
+        return error_response(404, "not_found", f"no endpoint /v1{route}; see /v1/docs")
+
+    return WildCheck
 
 
-# Registered after the class so it comes after the class routes: unknown paths under /v1 get JSON, not text.
-_KNOWN = {"/check": "POST", "/check_batch": "POST", "/model": "GET"}
+KNOWN_ROUTES = {"/check": "POST", "/check_batch": "POST", "/model": "GET"}
 
 
-@api.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
-async def _fallback(path: str, request: Request) -> JSONResponse:
-    route = "/" + path
-    if route in _KNOWN:
-        return error_response(405, "method_not_allowed", f"use {_KNOWN[route]} {route}")
-    return error_response(404, "not_found", f"no endpoint /v1{route}; see /v1/docs")
+@functools.cache
+def _from_environment():
+    """The service as ``bentoml serve``, ``wildcheck serve`` and a Bento run it: settings from the environment;
+    in a Bento, the model (and gallery) it was built with, from BentoML's model store."""
+    bento_model = stored_model_ref()  # set in a Bento (`bentoml build --arg model=TAG`), else None
+    use_stored_model(bento_model)
+    return build_api(Settings.from_env(), bento_model)
+
+
+def __getattr__(name: str):
+    """``serving.service:WildCheck`` is built when first asked for, not when the module is imported (PEP 562)."""
+    if name == "WildCheck":
+        return _from_environment()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from serving.errors import InvalidInput
 from serving.imageio import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 
 
@@ -15,7 +16,7 @@ def _number(name: str, default, parse, kind: str):
     try:
         return parse(value)
     except ValueError as exc:
-        raise ValueError(f"{name} must be {kind}, got {value!r}") from exc
+        raise InvalidInput(f"{name} must be {kind}, got {value!r}") from exc
 
 
 def _int(name: str, default: int) -> int:
@@ -29,7 +30,7 @@ def _float(name: str, default: float) -> float:
 @dataclass(frozen=True)
 class Settings:
     model: str = ""
-    workers: int = 2  # NOTES + serve_bench: 2 workers x 1 onnxruntime thread is fastest on 2 cores
+    workers: int = 2  # 2 workers x 1 onnxruntime thread is fastest on 2 cores (benchmarks/serve_bench.py)
     threads: int = 1
     cpu_threads: int = 4  # threads per worker that decode and run the model (serve_bench: 4 beat 1, 2 and 40)
     max_body_bytes: int = 20 * 1024 * 1024
@@ -51,7 +52,7 @@ class Settings:
         keys = os.environ.get("WILDCHECK_API_KEYS", "")
         api_keys = frozenset(k.strip() for k in keys.split(",") if k.strip())
         if keys and not api_keys:  # "," or " ": the operator meant to turn auth on; never fail open
-            raise ValueError(f"WILDCHECK_API_KEYS={keys!r} contains no key; give comma-separated keys or unset it")
+            raise InvalidInput(f"WILDCHECK_API_KEYS={keys!r} contains no key; give comma-separated keys or unset it")
         return cls(
             model=os.environ.get("WILDCHECK_MODEL", ""),
             workers=_int("WILDCHECK_WORKERS", cls.workers),

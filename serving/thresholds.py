@@ -22,6 +22,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from serving.decision import DEFAULT_REVIEW, ClassThresholds
+from serving.errors import InvalidInput
 
 # what can set a threshold (shown per threshold by GET /v1/model)
 RULES = {
@@ -178,7 +179,7 @@ class TrafficScores(BaseModel):
         if weights:
             unknown = sorted(set(weights) - set(names))
             if unknown:
-                raise ValueError(f"negative_weights names pools that are not there: {unknown}; pools: {names}")
+                raise InvalidInput(f"negative_weights names pools that are not there: {unknown}; pools: {names}")
             shares = {p: float(weights.get(p, 0.0)) for p in names}
             left_out = [p for p in names if shares[p] == 0.0]
             if left_out:
@@ -187,7 +188,7 @@ class TrafficScores(BaseModel):
             shares = {p: float(self.pools[p].n) for p in names}
         total = sum(shares.values())
         if total <= 0:
-            raise ValueError("negative_weights give every pool weight 0")
+            raise InvalidInput("negative_weights give every pool weight 0")
         rows, w, idx = [], [], []
         for i, p in enumerate(names):
             pool = self.pools[p]
@@ -293,12 +294,12 @@ def apply_budgets(solved: dict[str, Solved], curves: dict[str, dict[str, list[fl
                     "negative_weights": budgets.negative_weights, "conflicts": [], "notes": []}
     if traffic is None:
         if budgets.any:
-            raise ValueError("traffic budgets need the negatives' validation scores, and none are stored; "
+            raise InvalidInput("traffic budgets need the negatives' validation scores, and none are stored; "
                              "recalibrate (wildcheck calibrate RUN) or measure your traffic (wildcheck calibrate MODEL --traffic ROOT)")
         return report
     missing = sorted(set(solved) - set(traffic.classes))
     if missing:
-        raise ValueError(f"the negatives' scores lack classes {missing} (they hold {traffic.classes})")
+        raise InvalidInput(f"the negatives' scores lack classes {missing} (they hold {traffic.classes})")
     scores, w, idx, notes = traffic.weighted(budgets.negative_weights)
     report["notes"] += notes
     floor = max((p.floor for p in traffic.pools.values()), default=0.0)

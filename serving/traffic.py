@@ -16,12 +16,12 @@ import yaml
 from tqdm.auto import tqdm
 
 from serving.contract import ModelContract
-from serving.imageio import ImageError, decode_image
+from serving.errors import InvalidInput, MissingInput
+from serving.imageio import IMAGE_EXTENSIONS, ImageError, decode_image
 from serving.policy import Policy, Resolved, resolve
 from serving.thresholds import TrafficScores
 from serving.tiling import draft_size, predict_views, views
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 # traffic images scoring below this on every protected class are counted, not stored: no threshold worth
 # setting is that low, and it keeps a policy for 100,000 images small
 TRAFFIC_FLOOR = 0.001
@@ -37,18 +37,18 @@ def find_traffic(root: str | Path, labels: list[str], negative_label: str) -> li
     model's labels, else every image is taken as negative (ordinary traffic)."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"traffic folder {root} not found")
+        raise MissingInput(f"traffic folder {root} not found")
     folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if any(d.name in labels for d in folders):
         unknown = [d.name for d in folders if d.name not in labels]
         if unknown:
-            raise ValueError(f"{root} has folders named after the model's labels and others ({unknown}); name every "
+            raise InvalidInput(f"{root} has folders named after the model's labels and others ({unknown}); name every "
                              f"folder after a label ({labels}) or use no label folders (all images taken as negative)")
         items = [(p, d.name) for d in folders for p in _images(d)]
     else:
         items = [(p, negative_label) for p in _images(root)]
     if not items:
-        raise ValueError(f"no images under {root}")
+        raise InvalidInput(f"no images under {root}")
     return items
 
 
@@ -88,12 +88,12 @@ def measure_traffic(model, contract: ModelContract, root: str | Path, max_flag_r
     columns = [labels.index(c) for c in protected]
     is_neg = np.array([label == negative for label in y], bool)
     if not is_neg.any():
-        raise ValueError(f"no readable negative images in {root}: the budgets need ordinary traffic")
+        raise InvalidInput(f"no readable negative images in {root}: the budgets need ordinary traffic")
     model_rules = contract.decision
     flag = max_flag_rate if max_flag_rate is not None else (model_rules.max_flag_rate if model_rules else None)
     block = max_block_rate if max_block_rate is not None else (model_rules.max_block_rate if model_rules else None)
     if flag is None and block is None:
-        raise ValueError("no budget: give --max-flag-rate and/or --max-block-rate (the model has no default budgets)")
+        raise InvalidInput("no budget: give --max-flag-rate and/or --max-block-rate (the model has no default budgets)")
     pool = Path(root).resolve().name or "traffic"
     traffic = TrafficScores.from_arrays(protected, probs[is_neg][:, columns], [pool] * int(is_neg.sum()), floor=TRAFFIC_FLOOR)
     policy = Policy(max_flag_rate=flag, max_block_rate=block, traffic=traffic)

@@ -129,23 +129,20 @@ def service_app(onnx_model, tmp_path_factory):
     """The service in-process (starlette TestClient) with API keys k1/k2, a 2 MB body limit, a CPU queue of 2
     and batches of 4; server errors come back as responses. One per session: BentoML registers its
     Prometheus metrics globally, so a second app in the same process fails with DuplicateTimeseries."""
-    import importlib
-
     from starlette.testclient import TestClient
 
-    env = {"WILDCHECK_MODEL": str(onnx_model), "WILDCHECK_API_KEYS": "k1,k2", "WILDCHECK_MAX_BODY_BYTES": str(2_000_000),
-           "WILDCHECK_MAX_QUEUE": "2", "WILDCHECK_MAX_BATCH": "4", "WILDCHECK_CPU_THREADS": "2",
-           "BENTOML_HOME": str(tmp_path_factory.mktemp("bentoml"))}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import serving.service as service_module
+    from serving.service import build_api
+    from serving.settings import Settings
 
-    service_module = importlib.reload(service_module)
-    with TestClient(service_module.WildCheck.to_asgi(), raise_server_exceptions=False) as c:
+    settings = Settings(model=str(onnx_model), api_keys=frozenset({"k1", "k2"}), max_body_bytes=2_000_000, max_queue=2,
+                        max_batch=4, cpu_threads=2)
+    old = os.environ.get("BENTOML_HOME")
+    os.environ["BENTOML_HOME"] = str(tmp_path_factory.mktemp("bentoml"))
+    service = build_api(settings)
+    with TestClient(service.to_asgi(), raise_server_exceptions=False) as c:
         c.headers["X-API-Key"] = "k1"
-        yield c, service_module
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+        yield c, service
+    if old is None:
+        os.environ.pop("BENTOML_HOME", None)
+    else:
+        os.environ["BENTOML_HOME"] = old

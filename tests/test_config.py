@@ -1,5 +1,6 @@
 """Configs: YAML validated into typed objects, unknown keys and 1.x-style augmentation arguments refused."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,98 @@ def test_albumentations_1x_argument_is_refused():
         TrainTransform([AugmentStep(name="ImageCompression", params={"quality_lower": 30})], Preprocessing())
     with pytest.raises(ValueError, match="unknown augmentation"):
         TrainTransform([AugmentStep(name="NoSuchTransform")], Preprocessing())
+
+
+# --- resolving a run's config: file, flags, --set, negatives, warm start, resume ---------------------------------
+
+from training.config import ConfigConflict, dump_config, resolve_config  # noqa: E402
+
+
+def _saved_run(tmp_path, **train) -> Path:
+    """A run dir as `train` leaves it: the resolved config in config.yaml."""
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = load_config(None, {"train": {"epochs": 6, "batch_size": 8, **train}, "data": {"img_size": 64,
+                                                                                         "negatives": ["negs/a"]}})
+    (run / "config.yaml").write_text(dump_config(cfg))
+    return run
+
+
+def test_new_run_file_then_flags_then_set(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("train: {epochs: 5, lr: 0.01}\ndata: {img_size: 96}\n")
+    cfg = resolve_config(cfg_file, epochs=3, batch_size=4,
+                         sets=["train.lr=0.0005", "train.mixup.prob=0", "train.grad_clip=null", "data.img_size=128"]).config
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.lr) == (3, 4, 0.0005)
+    assert cfg.train.mixup.prob == 0 and cfg.train.grad_clip is None and cfg.data.img_size == 128
+
+
+@pytest.mark.parametrize("item, message", [
+    ("train.epochz=3", "train has no key 'epochz'; keys: epochs, batch_size"),
+    ("trian.epochs=3", "the config has no key 'trian'"),
+    ("train.epochs=many", "--set train.epochs=many: Input should be a valid integer"),
+    ("train.epochs=0", "--set train.epochs=0: Input should be greater than or equal to 1"),
+    ("train.lr.x=1", "train.lr is a value, not a section"),
+    ("epochs", "write SECTION.KEY=VALUE"),
+])
+def test_set_refuses_unknown_keys_and_bad_values_by_name(item, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        resolve_config(None, sets=[item])
+
+
+def test_warm_start_halves_epochs_unless_given():
+    halved = resolve_config(None, warm_start=True, sets=["train.epochs=9"])
+    assert halved.config.train.epochs == 4 and "warm start: 4 epochs" in halved.notes[0]
+    assert resolve_config(None, warm_start=True, epochs=7).config.train.epochs == 7
+
+
+def test_negatives_are_appended_once(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("data: {negatives: [pool/a]}\n")
+    cfg = resolve_config(cfg_file, negatives=[Path("pool/b"), Path("pool/a"), Path("pool/b")]).config
+    assert cfg.data.negatives == ["pool/a", "pool/b"]
+
+
+def test_resume_uses_the_saved_config_and_epochs_extend_it(tmp_path):
+    run = _saved_run(tmp_path)
+    same = resolve_config(None, run_dir=run, resume=True, img_size=64, negatives=[Path("negs/a")])
+    assert same.config == load_config(run / "config.yaml")
+    assert resolve_config(None, run_dir=run, resume=True, epochs=10).config.train.epochs == 10
+    # a warm start's halved epochs were saved: resuming keeps them, it does not halve again
+    assert resolve_config(None, run_dir=run, resume=True, warm_start=True).config.train.epochs == 6
+
+
+@pytest.mark.parametrize("asked, key, saved, value", [
+    ({"img_size": 96}, "data.img_size", 64, 96),
+    ({"batch_size": 32}, "train.batch_size", 8, 32),
+    ({"sets": ["train.lr=0.1"]}, "train.lr", 0.001, 0.1),
+    ({"negatives": [Path("negs/b")]}, "data.negatives", ["negs/a"], ["negs/a", "negs/b"]),
+])
+def test_resume_refuses_what_differs_from_the_saved_run(tmp_path, asked, key, saved, value):
+    """Before, --resume kept only --epochs and silently trained on with the saved values."""
+    run = _saved_run(tmp_path)
+    with pytest.raises(ConfigConflict) as exc:
+        resolve_config(None, run_dir=run, resume=True, **asked)
+    assert f"{key}: saved {saved!r}, asked {value!r}" in str(exc.value)
+    assert "another --out" in str(exc.value) and str(run / "config.yaml") in str(exc.value)
+
+
+def test_resume_with_a_config_file_must_match_the_saved_run(tmp_path):
+    run = _saved_run(tmp_path)
+    other = tmp_path / "other.yaml"
+    other.write_text("train: {epochs: 6, batch_size: 8}\ndata: {img_size: 64, negatives: [negs/a]}\nmodel: {drop_rate: 0.5}\n")
+    with pytest.raises(ConfigConflict, match=re.escape("model.drop_rate: saved 0.2, asked 0.5")):
+        resolve_config(other, run_dir=run, resume=True)
+
+
+def test_cli_resume_with_a_conflicting_override_exits_2_before_training(tmp_path):
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    run = _saved_run(tmp_path)
+    result = CliRunner().invoke(app, ["train", "--data", str(tmp_path), "--out", str(run), "--resume", "--img-size", "96"])
+    assert result.exit_code == 2, result.output
+    assert "data.img_size: saved 64, asked 96" in result.output and not (run / "last.pt").exists()
+    bad = CliRunner().invoke(app, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "new"), "--set", "train.epochz=1"])
+    assert bad.exit_code == 2 and "train has no key 'epochz'" in bad.output

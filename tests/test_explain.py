@@ -34,25 +34,20 @@ def _forget_bentoml_metrics() -> None:
 @contextmanager
 def _service_client(model: Path, bentoml_home: Path):
     """TestClient over the service serving ``model`` (no API keys); restores the environment afterwards."""
-    import importlib
-
     from starlette.testclient import TestClient
 
-    env = {"WILDCHECK_MODEL": str(model), "BENTOML_HOME": str(bentoml_home), "WILDCHECK_API_KEYS": None}
-    saved = {k: os.environ.get(k) for k in env}
-    for k, v in env.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    from serving.service import build_api
+    from serving.settings import Settings
+
+    saved = os.environ.get("BENTOML_HOME")
+    os.environ["BENTOML_HOME"] = str(bentoml_home)
     _forget_bentoml_metrics()
     try:
-        import serving.service as service_module
-
-        service_module = importlib.reload(service_module)
-        with TestClient(service_module.WildCheck.to_asgi()) as c:
+        with TestClient(build_api(Settings(model=str(model))).to_asgi()) as c:
             yield c
     finally:
         _forget_bentoml_metrics()
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        os.environ.pop("BENTOML_HOME", None) if saved is None else os.environ.__setitem__("BENTOML_HOME", saved)
 
 
 @pytest.fixture(scope="module")

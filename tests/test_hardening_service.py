@@ -156,8 +156,8 @@ def test_full_queue_answers_503_with_retry_after_and_readyz_says_so(app, monkeyp
 def test_batch_past_its_deadline_stops_between_images_and_answers_504_json(app, monkeypatch):
     from serving.checker import ImageChecker
 
-    client, service_module = app
-    monkeypatch.setattr(service_module, "settings", dataclasses.replace(service_module.settings, timeout_s=1))
+    client, service = app
+    monkeypatch.setattr(service.inner, "settings", dataclasses.replace(service.inner.settings, timeout_s=1))
     calls = []
     original = ImageChecker.prepare_full  # what the service's batch route decodes each image with
 

@@ -103,3 +103,29 @@ def test_jpeg_draft_decodes_smaller_but_large_enough():
     img, info = decode_image(jpeg_bytes(big), draft_size=256)
     assert (info.width, info.height) == (1600, 1200)
     assert min(img.size) >= 256 and img.size[0] < 1600
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_one_format_table_decodes_types_names_and_lists_each_format(fmt, tmp_path):
+    """The table (serving/imageio.IMAGE_FORMATS) is what decoding, the service's content types, folder scans and data
+    check's extension check read: a file written under its table extension goes through all of them."""
+    from serving.checker import content_type_info
+    from serving.client import list_images
+    from serving.imageio import FORMATS
+    from training.data.check import check_dataset
+
+    entry = FORMATS[fmt]
+    path = tmp_path / "other" / f"a{entry.extensions[0]}"
+    path.parent.mkdir()
+    photo(4, (64, 48)).save(path, fmt)
+    _, info = decode_image(path.read_bytes())
+    assert info.format == fmt
+    assert content_type_info(entry.mime, fmt)["type_mismatch"] is False
+    for alias in entry.mime_aliases:
+        assert content_type_info(alias, fmt) == {"declared_type": alias, "detected_type": entry.mime, "type_mismatch": False}
+    assert content_type_info("image/svg+xml", fmt)["type_mismatch"] is True
+    assert list_images(tmp_path) == [path]
+    assert not [w for w in check_dataset([tmp_path])["warnings"] if "extension" in w["message"]]
+    renamed = path.rename(path.with_name("b.png" if fmt != "PNG" else "b.jpg"))
+    assert [w["message"] for w in check_dataset([tmp_path])["warnings"]] == [
+        f"file extension {renamed.suffix} but the content is {fmt}"]

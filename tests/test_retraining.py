@@ -159,3 +159,29 @@ def test_ingest_skips_near_duplicates_and_keeps_test_frozen(tmp_path):
     assert not (root / "test").exists()
     with pytest.raises(ValueError, match="split"):
         ingest(tmp_path / "l.csv", root, split="holdout")
+
+
+def test_ingest_near_copies_within_one_csv_and_the_distance_setting(tmp_path):
+    """A near-copy of a row added earlier in the same CSV is skipped too (the index grows as rows are staged,
+    past its first allocation); a ``near_distance`` below the copy's distance lets it in."""
+    from PIL import Image
+
+    from training.data.neardup import image_hash
+    from training.data.synth import make_image
+
+    src = tmp_path / "in"
+    src.mkdir()
+    rows = []
+    for i in range(20):  # 20 distinct pictures, then a re-compressed, resized copy of the 20th
+        make_image("ivory", 100 + i, 200).save(src / f"{i}.jpg", quality=95)
+        rows.append({"path": str(src / f"{i}.jpg"), "label": "ivory"})
+    Image.open(src / "19.jpg").crop((1, 1, 199, 199)).save(src / "copy.jpg", quality=90)
+    distance = bin(int(image_hash(Image.open(src / "19.jpg")), 16) ^ int(image_hash(Image.open(src / "copy.jpg")), 16)).count("1")
+    assert 0 < distance <= 4
+    rows.append({"path": str(src / "copy.jpg"), "label": "ivory"})
+    _write_csv(tmp_path / "l.csv", rows)
+    report = ingest(tmp_path / "l.csv", tmp_path / "data")
+    assert len(report["added"]) == 20
+    assert report["near_duplicates"] == [{"line": 22, "path": str(src / "copy.jpg"), "same_as": report["added"][19]["to"]}]
+    strict = ingest(tmp_path / "l.csv", tmp_path / "strict", near_distance=distance - 1)
+    assert len(strict["added"]) == 21 and not strict["near_duplicates"]

@@ -9,14 +9,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 
-app = typer.Typer(help="wildcheck: detect illegal wildlife products in listing photos.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
-data_app = typer.Typer(help="Check datasets and make synthetic ones.", no_args_is_help=True)
-app.add_typer(data_app, name="data")
-gallery_app = typer.Typer(help="Reference galleries: product types from a few photos, known photos posted again.",
-                          no_args_is_help=True)
-app.add_typer(gallery_app, name="gallery")
+from serving.errors import WildcheckError
 
 
 # The training stack: `pip install wildcheck` leaves it out (serve, scan and build need none of it).
@@ -30,20 +25,50 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+class _Wildcheck(TyperGroup):
+    """The root command. The one place where a user's mistake becomes a message: a ``WildcheckError`` from any
+    command is printed as ``error: MESSAGE`` on stderr and exits with its ``exit_code`` (2), no traceback.
+
+    It sits here rather than around ``app()`` in ``main()`` so that ``typer.testing.CliRunner().invoke(app, ...)``
+    sees the same exit status and message as the installed ``wildcheck`` command. Anything else is a bug and keeps
+    its traceback (``pretty_exceptions_enable=False``: typer re-raises it unchanged).
+    """
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except WildcheckError as exc:
+            _fail(str(exc), exc.exit_code)
+        except ModuleNotFoundError as exc:  # commands import lazily, so a serving-only install fails exactly here
+            if (exc.name or "").partition(".")[0] not in TRAIN_MODULES:
+                raise
+            _fail(f"{NEEDS_TRAIN}; {exc.name} is not installed")
+
+
+app = typer.Typer(help="wildcheck: detect illegal wildlife products in listing photos.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False, cls=_Wildcheck)
+data_app = typer.Typer(help="Check datasets and make synthetic ones.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+gallery_app = typer.Typer(help="Reference galleries: product types from a few photos, known photos posted again.",
+                          no_args_is_help=True)
+app.add_typer(gallery_app, name="gallery")
+
+
 @data_app.command("check")
 def data_check(
     roots: list[Path] = typer.Argument(..., help="dataset roots (folders or CSV manifests)"),
     report: Optional[Path] = typer.Option(None, "--report", help="write the full JSON report here"),
     min_side: int = typer.Option(32, help="images with a shorter side below this are flagged"),
-    near_distance: int = typer.Option(4, help="perceptual-hash Hamming distance that counts as a near-duplicate"),
+    near_distance: Optional[int] = typer.Option(
+        None, "--near-distance", min=0, max=64,
+        help="pHash bits two images may differ in and be near-duplicates (default 4, training/data/neardup.py)"),
 ) -> None:
     """Counts, unreadable files, odd encodings, duplicates and leakage. Exit 1 when there are errors."""
     from training.data.check import check_dataset, format_report, write_report
+    from training.data.neardup import NEAR_DISTANCE
 
-    try:
-        result = check_dataset(roots, min_side=min_side, near_distance=near_distance)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+    near = NEAR_DISTANCE if near_distance is None else near_distance
+    result = check_dataset(roots, min_side=min_side, near_distance=near)
     typer.echo(format_report(result))
     if report:
         write_report(result, report)
@@ -74,29 +99,25 @@ def train(
     epochs: Optional[int] = typer.Option(None, "--epochs"),
     img_size: Optional[int] = typer.Option(None, "--img-size"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-    resume: bool = typer.Option(False, "--resume", help="continue from RUN_DIR/last.pt"),
+    resume: bool = typer.Option(False, "--resume", help="continue from RUN_DIR/last.pt with the run's saved config "
+                                "(--epochs extends it; other settings that differ from the saved ones are refused)"),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="warm start from an earlier run (fewer epochs by default)"),
+    set_: list[str] = typer.Option([], "--set", metavar="SECTION.KEY=VALUE",
+                                   help="override one config setting, e.g. --set train.lr=0.0005; repeatable"),
 ) -> None:
     """Fine-tune a model; writes best.pt, last.pt, history.csv and config.yaml into --out."""
-    from training.config import load_config
+    from training.config import resolve_config
     from training.train import train as run_training
 
-    try:
-        cfg = load_config(config, {"train": {"epochs": epochs, "batch_size": batch_size}, "data": {"img_size": img_size}})
-        if resume and config is None and (out / "config.yaml").exists():
-            cfg = load_config(out / "config.yaml", {"train": {"epochs": epochs}})
-        if init_from and epochs is None:
-            cfg.train.epochs = max(2, cfg.train.epochs // 2)
-            typer.echo(f"warm start: {cfg.train.epochs} epochs (half the config's; --epochs to change)")
-        if negatives:
-            cfg.data.negatives = cfg.data.negatives + [str(n) for n in negatives]
-        summary = run_training([str(d) for d in data], out, cfg, resume=resume, init_from=init_from)
-        if summary and cfg.decision.calibrate:  # rank 0 only: fit temperature and thresholds on validation
-            from training.calibrate import calibrate as run_calibration, format_report
+    resolved = resolve_config(config, run_dir=out, resume=resume, warm_start=init_from is not None, epochs=epochs,
+                              img_size=img_size, batch_size=batch_size, negatives=negatives, sets=set_)
+    for note in resolved.notes:
+        typer.echo(note)
+    summary = run_training([str(d) for d in data], out, resolved.config, resume=resume, init_from=init_from)
+    if summary and resolved.config.decision.calibrate:  # rank 0 only: fit temperature and thresholds on validation
+        from training.calibrate import calibrate as run_calibration, format_report
 
-            typer.echo(format_report(run_calibration(out)))
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+        typer.echo(format_report(run_calibration(out)))
     if not summary:  # a non-zero rank under torchrun: rank 0 reports
         return
     m = summary["val_metrics"]
@@ -128,38 +149,30 @@ def calibrate(
     from training.calibrate import calibrate as run_calibration, format_report
 
     budgets = {k: v for k, v in (("max_flag_rate", max_flag_rate), ("max_block_rate", max_block_rate)) if v is not None}
-    try:
-        report = run_calibration(run, [str(d) for d in data] or None, budgets or None)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+    report = run_calibration(run, [str(d) for d in data] or None, budgets or None)
     typer.echo(format_report(report))
 
 
 def _calibrate_traffic(model: Path, traffic: Path, max_flag_rate, max_block_rate, out: Optional[Path]) -> None:
     """The --traffic path: imports no torch for an ONNX file."""
-    from serving.contract import ContractError
-    from serving.policy import PolicyError
     from serving.traffic import measure_traffic, policy_yaml
     from training.fileio import atomic_write_text
 
     if out is None:
         _fail("give --out POLICY.yaml: the policy file to write")
-    try:
-        if model.suffix == ".onnx":
-            from serving.runtime import OnnxModel
+    if model.suffix == ".onnx":
+        from serving.runtime import OnnxModel
 
-            predictor = OnnxModel(model, threads=2)
-            contract = predictor.contract
-        else:
-            from training.evaluate import TorchPredictor, resolve_checkpoint
-            from training.export import build_contract
+        predictor = OnnxModel(model, threads=2)
+        contract = predictor.contract
+    else:
+        from training.evaluate import TorchPredictor, resolve_checkpoint
+        from training.export import build_contract
 
-            ckpt = resolve_checkpoint(model)
-            predictor = TorchPredictor(ckpt)
-            contract = build_contract(predictor.state, None, None, ckpt.parent)
-        policy, resolved, report = measure_traffic(predictor, contract, traffic, max_flag_rate, max_block_rate)
-    except (FileNotFoundError, ValueError, ContractError, PolicyError) as exc:
-        _fail(str(exc))
+        ckpt = resolve_checkpoint(model)
+        predictor = TorchPredictor(ckpt)
+        contract = build_contract(predictor.state, None, None, ckpt.parent)
+    policy, resolved, report = measure_traffic(predictor, contract, traffic, max_flag_rate, max_block_rate)
     text = policy_yaml(policy, resolved, report, contract)
     atomic_write_text(out, text)
     typer.echo("".join(line[2:] + "\n" for line in text.splitlines() if line.startswith("# ")).rstrip())
@@ -178,10 +191,7 @@ def evaluate(
     """Metrics, predictions and plots for a model on labelled images."""
     from training.evaluate import evaluate as run_evaluation
 
-    try:
-        run_evaluation(model, [str(d) for d in data], None if split == "all" else split, out, predictions, batch_size)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+    run_evaluation(model, [str(d) for d in data], None if split == "all" else split, out, predictions, batch_size)
 
 
 @app.command()
@@ -202,12 +212,9 @@ def robustness(
     from training.conditions import default_conditions, load_conditions
     from training.robustness import robustness as run_robustness
 
-    try:
-        chosen = load_conditions(conditions) if conditions else default_conditions()
-        run_robustness(model, [str(d) for d in data], [str(n) for n in negatives], None if split == "all" else split,
-                       chosen, seed, limit, out, batch_size)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+    chosen = load_conditions(conditions) if conditions else default_conditions()
+    run_robustness(model, [str(d) for d in data], [str(n) for n in negatives], None if split == "all" else split,
+                   chosen, seed, limit, out, batch_size)
 
 
 @app.command()
@@ -222,15 +229,10 @@ def export(
     int8_max_drop: float = typer.Option(1.0, "--int8-max-drop", help="refuse INT8 if val balanced accuracy drops more (points)"),
 ) -> None:
     """Export one self-contained ONNX file with the model contract in its metadata (parity-checked)."""
-    from training.export import ExportError, export as run_export
+    from training.export import export as run_export
 
-    try:
-        report = run_export(run, out, [str(d) for d in data] or None, name, version, int8=int8,
-                            calib_images=calib_images, int8_max_drop=int8_max_drop)
-    except ExportError as exc:
-        _fail(str(exc), code=1)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+    report = run_export(run, out, [str(d) for d in data] or None, name, version, int8=int8,
+                        calib_images=calib_images, int8_max_drop=int8_max_drop)
     p = report["parity"]
     typer.echo(f"parity: {p['images']} images, max |Δp| {p['max_abs_diff']:.2e}, {len(p['top1_mismatches'])} top-1 mismatches")
     typer.echo(f"wrote {report['fp32']['path']} ({report['fp32']['bytes'] / 1e6:.1f} MB), version {report['model_version']}")
@@ -251,10 +253,7 @@ def explain(
     """Heat maps of where each photo shows the flagged class, as the endpoint's explain=true computes them."""
     from training.explain import explain_files
 
-    try:
-        records = explain_files(model, images, out, label, max_side)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+    records = explain_files(model, images, out, label, max_side)
     for r in records:
         if "error" in r:
             typer.echo(f"{r['image']}: skipped ({r['error']})")
@@ -276,10 +275,7 @@ def export_embedder(
     """The ImageNet-pretrained backbone as a wildcheck ONNX whose only job is the gallery embedding."""
     from training.embedding import export_embedder as run_export
 
-    try:
-        report = run_export(out, arch, version, tiling)
-    except (FileNotFoundError, ValueError, ImportError) as exc:
-        _fail(str(exc))
+    report = run_export(out, arch, version, tiling)
     typer.echo(f"wrote {report['path']} ({report['bytes'] / 1e6:.1f} MB), version {report['model_version']}")
 
 
@@ -289,19 +285,21 @@ def data_ingest(
     into: Path = typer.Option(..., "--into", help="dataset root to add the images to"),
     split: str = typer.Option("train", "--split", help="train (default) or val; the frozen test split only when named"),
     report: Optional[Path] = typer.Option(None, "--report", help="write the JSON report here"),
+    near_distance: Optional[int] = typer.Option(
+        None, "--near-distance", min=0, max=64,
+        help="pHash bits two images may differ in and be near-duplicates (default 4, training/data/neardup.py)"),
 ) -> None:
     """Copy newly labelled images into a dataset with provenance; duplicates skipped, conflicts stop everything."""
     from training.data.ingest import IngestConflict, format_ingest, ingest
+    from training.data.neardup import NEAR_DISTANCE
 
     try:
-        result = ingest(labels_csv, into, split)
-    except IngestConflict as exc:
+        result = ingest(labels_csv, into, split, NEAR_DISTANCE if near_distance is None else near_distance)
+    except IngestConflict as exc:  # the report says which rows conflict: show and keep it
         typer.echo(format_ingest(exc.report))
         if report:
             report.write_text(json.dumps(exc.report, indent=2))
-        _fail(f"nothing was ingested: {exc}. Fix the labels (or the dataset) and run again.", code=1)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+        _fail(f"nothing was ingested: {exc}. Fix the labels (or the dataset) and run again.", exc.exit_code)
     typer.echo(format_ingest(result))
     if report:
         report.write_text(json.dumps(result, indent=2))
@@ -319,10 +317,7 @@ def compare(
     """Per-class metrics of both, deltas, McNemar; exit 1 when the gate fails."""
     from training.compare import compare as run_compare
 
-    try:
-        result = run_compare(champion, challenger, [str(d) for d in data], split, max_recall_drop, report)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+    result = run_compare(champion, challenger, [str(d) for d in data], split, max_recall_drop, report)
     typer.echo(result["report_markdown"])
     raise typer.Exit(0 if result["gate"] == "pass" else 1)
 
@@ -336,14 +331,9 @@ def promote(
     version: Optional[str] = typer.Option(None, "--version"),
 ) -> None:
     """Export into REGISTRY/<name>/<version>/ with a model card, and move `current` atomically."""
-    from training.registry import PromoteRefused, promote as run_promote
+    from training.registry import promote as run_promote
 
-    try:
-        result = run_promote(run, registry, force, name, version)
-    except PromoteRefused as exc:
-        _fail(str(exc), code=1)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+    result = run_promote(run, registry, force, name, version)
     typer.echo(f"promoted {result['name']} {result['version']} (previous: {result['previous']}): {result['path']}")
 
 
@@ -364,50 +354,35 @@ def serve(
     import os
     import shutil
 
-    from serving.contract import ContractError, read_contract
+    from serving.contract import read_contract
 
     if registry is not None:
         from training.registry import current_model
 
-        try:
-            model = current_model(registry, name)
-        except FileNotFoundError as exc:
-            _fail(str(exc))
+        model = current_model(registry, name)
     if model is None:
         _fail("give an ONNX file or --registry DIR")
-    try:
-        contract = read_contract(model)
-    except ContractError as exc:
-        _fail(str(exc))
+    contract = read_contract(model)
     from serving.settings import Settings
 
-    try:
-        Settings.from_env()  # bad numbers or an API key list with no key: fail here, not in every worker
-    except ValueError as exc:
-        _fail(str(exc))
+    Settings.from_env()  # bad numbers or an API key list with no key: fail here, not in every worker
     env = dict(os.environ, WILDCHECK_MODEL=str(model.resolve()))
     gallery = gallery or (Path(env["WILDCHECK_GALLERY"]) if env.get("WILDCHECK_GALLERY") else None)
     loaded = None
     if gallery:
-        from serving.gallery import Gallery, GalleryError
+        from serving.gallery import Gallery
 
-        try:
-            loaded = Gallery.load(gallery, contract)  # refuse here, naming the file, not in every worker
-        except GalleryError as exc:
-            _fail(str(exc))
+        loaded = Gallery.load(gallery, contract)  # refuse here, naming the file, not in every worker
         env["WILDCHECK_GALLERY"] = str(gallery.resolve())
     if policy:
         from serving.policy import PolicyError, load_policy, resolve_policy
 
-        try:
-            loaded_policy = load_policy(policy)
-            resolve_policy(loaded_policy, contract)  # fail here, not in every worker
-            if loaded_policy.gallery:
-                if loaded is None:
-                    raise PolicyError(f"policy {policy} has a gallery section but no --gallery is served")
-                loaded.apply_policy(loaded_policy.gallery)
-        except (PolicyError, ValueError) as exc:
-            _fail(str(exc))
+        loaded_policy = load_policy(policy)
+        resolve_policy(loaded_policy, contract)  # fail here, not in every worker
+        if loaded_policy.gallery:
+            if loaded is None:
+                raise PolicyError(f"policy {policy} has a gallery section but no --gallery is served")
+            loaded.apply_policy(loaded_policy.gallery)
         env["WILDCHECK_POLICY"] = str(policy.resolve())
     if workers:
         env["WILDCHECK_WORKERS"] = str(workers)
@@ -423,16 +398,6 @@ def serve(
     typer.echo(f"serving {contract.model_name} {contract.model_version} on http://{host}:{port} (docs: /v1/docs)")
     typer.echo(f"try: curl -F image=@photo.jpg http://localhost:{port}/v1/check")
     os.execve(bentoml, [bentoml, "serve", "serving.service:WildCheck", "--host", host, "--port", str(port)], env)
-
-
-def _gallery_call(fn, *args):
-    from serving.contract import ContractError
-    from serving.gallery import GalleryError
-
-    try:
-        return fn(*args)
-    except (GalleryError, ContractError, FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
 
 
 def _echo_gallery(info: dict, verb: str) -> None:
@@ -456,7 +421,7 @@ def gallery_build(
     """Embed reference photos and solve per-label thresholds on negatives; one atomic gallery file."""
     from serving.gallery_build import build
 
-    info = _gallery_call(build, ref, model, out, negatives, fpr)
+    info = build(ref, model, out, negatives, fpr)
     _echo_gallery(info, f"wrote {out}: {info['added']} references")
 
 
@@ -469,7 +434,7 @@ def gallery_add(
     """Add references (thresholds re-solved on the stored negatives)."""
     from serving.gallery_build import add
 
-    info = _gallery_call(add, gallery, ref, model)
+    info = add(gallery, ref, model)
     _echo_gallery(info, f"added {info['added']} references to {gallery}")
 
 
@@ -481,7 +446,7 @@ def gallery_remove(
     """Remove references by id (thresholds re-solved)."""
     from serving.gallery_build import remove
 
-    info = _gallery_call(remove, gallery, reference)
+    info = remove(gallery, reference)
     _echo_gallery(info, f"removed {info['removed']} reference(s) from {gallery}")
 
 
@@ -490,7 +455,7 @@ def gallery_info(gallery: Path = typer.Argument(..., help="gallery file")) -> No
     """Labels, counts, thresholds and the model a gallery was built with."""
     from serving.gallery import Gallery
 
-    _echo_gallery(_gallery_call(lambda: Gallery.load(gallery).describe()), "")
+    _echo_gallery(Gallery.load(gallery).describe(), "")
 
 
 @app.command()
@@ -499,13 +464,9 @@ def build(
     gallery: Optional[Path] = typer.Option(None, "--gallery", help="reference gallery to ship with the model"),
 ) -> None:
     """Build a Bento: the service, the model (via BentoML's model store) and only the serving packages."""
-    from serving.bento import BentoBuildError, build_bento
-    from serving.contract import ContractError
+    from serving.bento import build_bento
 
-    try:
-        tag = build_bento(model, gallery)
-    except (ContractError, BentoBuildError, FileNotFoundError) as exc:
-        _fail(str(exc))
+    tag = build_bento(model, gallery)
     typer.echo(f"built Bento {tag}")
     typer.echo(f"serve it: bentoml serve {tag}; container image: bentoml containerize {tag}")
 
@@ -520,13 +481,9 @@ def scan(
     retries: int = typer.Option(5, "--retries", help="retries on 429/5xx/connection errors, with backoff"),
 ) -> None:
     """Check many images against a running server (HTTP only); resumable; prints a decision summary."""
-    from serving.client import ScanStopped
     from serving.client import scan as run_scan
 
-    try:
-        summary = run_scan(source, url, out, concurrency, api_key, retries)
-    except (FileNotFoundError, ValueError, ScanStopped) as exc:
-        _fail(str(exc))
+    summary = run_scan(source, url, out, concurrency, api_key, retries)
     typer.echo(json.dumps(summary))
     if summary.get("skipped_lines"):
         typer.echo(f"{summary['skipped_lines']} line(s) of {out} are not result rows and were skipped")
@@ -540,13 +497,7 @@ def scan(
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        app()
-    except ModuleNotFoundError as exc:  # commands import lazily, so a serving-only install fails exactly here
-        if (exc.name or "").partition(".")[0] not in TRAIN_MODULES:
-            raise
-        typer.secho(f"error: {NEEDS_TRAIN}; {exc.name} is not installed", fg=typer.colors.RED, err=True)
-        sys.exit(2)
+    app()  # user mistakes (WildcheckError) become messages in _Wildcheck.invoke
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from serving.errors import WildcheckError
+
 Rng = np.random.Generator
 
 _PRICES = ("$120", "€85", "£40", "$1,250", "€390", "$75 OBO", "¥12,000", "£600")
@@ -322,7 +324,7 @@ def default_conditions() -> dict[str, Condition]:
     return {kind: cls() for kind, cls in KINDS.items()}
 
 
-class ConditionsError(ValueError):
+class ConditionsError(WildcheckError, ValueError):
     """A conditions file that names an unknown condition or parameter, or is not a mapping."""
 
 

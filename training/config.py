@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from serving.errors import InvalidInput, MissingInput
 from serving.tiling import Tiling
 
 
@@ -172,23 +175,150 @@ class Config(_Strict):
     decision: DecisionConfig = DecisionConfig()
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
-    """Read YAML (or take the defaults), apply CLI overrides such as ``{"train": {"epochs": 3}}``."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config {path} not found")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"config {path} must be a mapping of sections (model, data, augment, train)")
-    for section, values in (overrides or {}).items():
-        raw.setdefault(section, {})
-        raw[section].update({k: v for k, v in values.items() if v is not None})
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise MissingInput(f"config {path} not found")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise InvalidInput(f"config {path} must be a mapping of sections (model, data, augment, train)")
+    return raw
+
+
+def _merge(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` merged into a copy of ``raw``, section by section; a None override keeps the value."""
+    merged = dict(raw)
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            merged[key] = _merge(merged[key] if isinstance(merged.get(key), dict) else {}, value)
+        elif value is not None:
+            merged[key] = value
+    return merged
+
+
+def _validate(raw: dict[str, Any], where: str, sets: dict[tuple[str, ...], str] | None = None) -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        raise ValueError(f"invalid config{f' {path}' if path else ''}:\n{exc}") from exc
+        for err in exc.errors():  # name the --set the user typed, not pydantic's location
+            for path, item in (sets or {}).items():
+                if tuple(err["loc"][: len(path)]) == path:
+                    raise InvalidInput(f"--set {item}: {err['msg']}") from exc
+        raise InvalidInput(f"invalid config{where}:\n{exc}") from exc
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+    """Read YAML (or take the defaults), apply overrides such as ``{"train": {"epochs": 3}}`` (None: keep)."""
+    raw = _read_yaml(Path(path)) if path is not None else {}
+    return _validate(_merge(raw, overrides or {}), f" {path}" if path else "")
+
+
+def parse_set(item: str) -> tuple[tuple[str, ...], Any]:
+    """``"train.mixup.prob=0"`` -> ``(("train", "mixup", "prob"), 0)``; the value is read as YAML (numbers,
+    true/false, null, [lists], {maps}). The key must name a setting of :class:`Config`: a typo is refused here,
+    with the keys that exist, instead of being ignored."""
+    key, sep, text = item.partition("=")
+    path = tuple(part.strip() for part in key.split("."))
+    if not sep or len(path) < 2 or not all(path):
+        raise InvalidInput(f"--set {item!r}: write SECTION.KEY=VALUE, e.g. --set train.lr=0.0005")
+    model: type[BaseModel] = Config
+    for depth, part in enumerate(path):
+        if part not in model.model_fields:
+            where = ".".join(path[:depth]) or "the config"
+            raise InvalidInput(f"--set {item}: {where} has no key {part!r}; keys: {', '.join(model.model_fields)}")
+        annotation = model.model_fields[part].annotation
+        inner = [a for a in (get_args(annotation) or (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if depth < len(path) - 1:
+            if not inner:
+                section = ".".join(path[: depth + 1])
+                raise InvalidInput(f"--set {item}: {section} is a value, not a section; set it whole")
+            model = inner[0]
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InvalidInput(f"--set {item}: the value is not valid YAML ({exc.problem})") from exc
+    return path, value
+
+
+def _assign(raw: dict[str, Any], path: tuple[str, ...], value: Any) -> dict[str, Any]:
+    """A copy of ``raw`` with the value at ``path`` replaced (a map or None too: a --set replaces, never merges)."""
+    raw = dict(raw)
+    node = raw
+    for part in path[:-1]:
+        child = node.get(part)
+        node[part] = dict(child) if isinstance(child, dict) else {}
+        node = node[part]
+    node[path[-1]] = value
+    return raw
+
+
+def _leaves(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys of a dumped config; lists (augmentation steps, freeze, negatives) compare whole."""
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_leaves(value, f"{prefix}.{key}" if prefix else key))
+    return out
+
+
+class ConfigConflict(InvalidInput):
+    """``--resume`` was asked for settings that differ from the saved run's."""
+
+
+@dataclass
+class ResolvedConfig:
+    config: Config
+    notes: list[str] = field(default_factory=list)  # what the user should know (warm start's epochs)
+
+
+def resolve_config(config_file: str | Path | None = None, *, run_dir: str | Path | None = None, resume: bool = False,
+                   warm_start: bool = False, epochs: int | None = None, img_size: int | None = None,
+                   batch_size: int | None = None, negatives: Sequence[str | Path] = (),
+                   sets: Sequence[str] = ()) -> ResolvedConfig:
+    """The run's configuration from everything that can set it, in one place.
+
+    A new run: ``config_file`` (or the defaults), then ``--epochs/--img-size/--batch-size``, then each
+    ``--set SECTION.KEY=VALUE`` (later wins), validated together; ``negatives`` are appended to
+    ``data.negatives`` (once each). A warm start (``--init-from``) without ``epochs`` trains half the epochs.
+
+    ``resume``: the run's own ``RUN_DIR/config.yaml`` is the configuration (a resumed run must be the run that was
+    saved). What was asked besides is resolved the same way and must agree with it: a differing value is refused,
+    naming the key, instead of being dropped. Epochs are the exception: ``--epochs`` (or ``--set train.epochs``)
+    extends the run; otherwise it keeps its saved number (a warm start's halved one included).
+    """
+    flags = {"train": {"epochs": epochs, "batch_size": batch_size}, "data": {"img_size": img_size}}
+    parsed = [parse_set(item) for item in sets]
+    saved_path = Path(run_dir) / "config.yaml" if run_dir is not None else None
+    resuming = resume and saved_path is not None and saved_path.is_file()
+    where = f" {config_file}" if config_file else ""
+    if resuming and config_file is None:
+        raw, where = _read_yaml(saved_path), f" {saved_path}"
+    else:
+        raw = _read_yaml(Path(config_file)) if config_file is not None else {}
+    raw = _merge(raw, flags)
+    for path, value in parsed:
+        raw = _assign(raw, path, value)
+    config = _validate(raw, where, {path: item for (path, _), item in zip(parsed, sets)})
+    extra = [str(n) for n in negatives if str(n) not in config.data.negatives]
+    if extra:
+        config.data.negatives = config.data.negatives + list(dict.fromkeys(extra))
+    notes = []
+    if resuming:
+        saved = load_config(saved_path)
+        asked, kept = _leaves(config.model_dump(mode="json")), _leaves(saved.model_dump(mode="json"))
+        conflicts = [k for k in kept if k != "train.epochs" and asked.get(k) != kept[k]]
+        if conflicts:
+            lines = "; ".join(f"{k}: saved {kept[k]!r}, asked {asked.get(k)!r}" for k in conflicts[:8])
+            raise ConfigConflict(
+                f"--resume continues the run saved in {saved_path}, and what was asked differs from it ({lines}). "
+                f"Drop those options (and --config) to resume as saved, or start a new run in another --out"
+            )
+        asked_epochs = epochs is not None or any(path == ("train", "epochs") for path, _ in parsed)
+        config.train.epochs = config.train.epochs if asked_epochs else saved.train.epochs  # not a config file's
+    elif warm_start and epochs is None:
+        config.train.epochs = max(2, config.train.epochs // 2)
+        notes.append(f"warm start: {config.train.epochs} epochs (half the config's; --epochs to change)")
+    return ResolvedConfig(config, notes)
 
 
 def dump_config(config: Config) -> str:

@@ -21,6 +21,7 @@ import torch
 import training
 from serving.contract import CamOutput, ModelContract
 from serving.decision import default_thresholds
+from serving.errors import WildcheckError
 from serving.runtime import OnnxModel
 from training.cam import CAM_OUTPUT, WithCam, cam_unsupported
 from training.data.sources import Sample
@@ -35,8 +36,10 @@ PARITY_MAX_ABS = 1e-4
 CAM_PARITY_MAX_ABS = 1e-3  # logit units per location (values of order 1-10); measured ~1e-5
 
 
-class ExportError(RuntimeError):
+class ExportError(WildcheckError, RuntimeError):
     """The export was refused (parity or accuracy gate); nothing was written."""
+
+    exit_code = 1
 
 
 def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
@@ -109,7 +112,8 @@ class ExportGraph(torch.nn.Module):
 
 
 def torch_to_onnx(model: torch.nn.Module, input_size: int, path: Path) -> CamOutput | None:
-    """Dynamo export (NOTES): fixed H x W, dynamic batch, traced with batch 2, one file without external data.
+    """Dynamo export: fixed H x W (dynamic H/W took ~10 minutes to export for tf_efficientnet_lite0 and ran
+    slower), dynamic batch traced with batch 2 (a size-1 dimension is specialised), one file without external data.
 
     Outputs (``ExportGraph``): ``logits`` first, ``cam`` when the architecture allows it, ``embedding``;
     returns the cam output's description for the contract, or None.

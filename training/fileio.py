@@ -11,6 +11,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from serving.errors import MissingInput
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -62,7 +64,7 @@ def load_checkpoint(path: str | Path) -> dict:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
+        raise MissingInput(f"checkpoint {path} not found")
     import torch
 
     return torch.load(path, map_location="cpu", weights_only=True)

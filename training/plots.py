@@ -1,4 +1,4 @@
-"""PNG plots for evaluation reports (matplotlib, headless)."""
+"""PNG plots for evaluation reports (matplotlib, headless; scikit-learn's displays where one fits)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from sklearn.metrics import precision_recall_curve  # noqa: E402
+from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay  # noqa: E402
 
 
-def _save(fig, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _save(fig, path: str | Path) -> None:
+    """Write the figure as PNG atomically (a report someone opens while a rerun writes is never half a file)."""
+    from training.fileio import atomic_path
+
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -26,26 +28,23 @@ def plot_confusion_matrix(cm: np.ndarray, labels: list[str], path: str | Path) -
     share = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     size = max(4.0, 0.9 * len(labels) + 2)
     fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    for i in range(cm.shape[0]):
-        for j in range(cm.shape[1]):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if share[i, j] > 0.5 else "black")
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
+    display = ConfusionMatrixDisplay(share, display_labels=labels)
+    display.plot(ax=ax, cmap="Blues", colorbar=False, xticks_rotation=45, im_kw={"vmin": 0, "vmax": 1})
+    for (i, j), text in np.ndenumerate(display.text_):  # shaded by share, labelled with the counts
+        text.set_text(str(cm[i, j]))
     ax.set_xlabel("predicted"), ax.set_ylabel("true")
     ax.set_title("confusion matrix")
     _save(fig, path)
 
 
 def plot_pr_curves(y_true: np.ndarray, probs: np.ndarray, labels: list[str], path: str | Path) -> None:
-    """One precision-recall curve per class present in the data (one-vs-rest)."""
+    """One precision-recall curve per class present in the data (one-vs-rest), average precision in the legend."""
     fig, ax = plt.subplots(figsize=(6, 5))
     for i, label in enumerate(labels):
         positives = y_true == i
         if not positives.any() or positives.all():
             continue
-        precision, recall, _ = precision_recall_curve(positives, probs[:, i])
-        ax.plot(recall, precision, label=label)
+        PrecisionRecallDisplay.from_predictions(positives, probs[:, i], name=label, ax=ax)
     ax.set_xlabel("recall"), ax.set_ylabel("precision"), ax.set_xlim(0, 1), ax.set_ylim(0, 1.02)
     ax.set_title("precision-recall (one vs rest)")
     if ax.lines:
@@ -94,10 +93,8 @@ def plot_image_grid(paths: list[str], captions: list[str], path: str | Path, tit
 def plot_robustness(report, path: str | Path) -> None:
     """A bar group per listing condition (one bar per metric); each metric's clean value as a dashed line.
 
-    ``report``: a ``training.robustness.RobustnessReport``. Written atomically (a PNG people open while
-    a rerun writes must never be half a file).
+    ``report``: a ``training.robustness.RobustnessReport``.
     """
-    from training.fileio import atomic_path
     from training.robustness import CLEAN, chart_series
 
     series = chart_series(report)
@@ -120,19 +117,14 @@ def plot_robustness(report, path: str | Path) -> None:
     ax.set_title(f"robustness to listing conditions (dashed: {CLEAN})")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_history(history: str | Path, out: str | Path) -> None:
     """Loss and validation curves of a run's history.csv, for people who would rather look than read it."""
     import csv
-    import os
 
-    history, out = Path(history), Path(out)
-    with history.open(newline="") as fh:
+    with Path(history).open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     if not rows:
         return
@@ -144,8 +136,4 @@ def plot_history(history: str | Path, out: str | Path) -> None:
     for key in ("val_accuracy", "val_balanced_accuracy", "val_macro_f1"):
         b.plot(epochs, [float(r[key]) for r in rows], label=key)
     b.set_xlabel("epoch"), b.legend()
-    fig.tight_layout()
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)
+    _save(fig, out)

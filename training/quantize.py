@@ -1,7 +1,8 @@
 """Static INT8 (QDQ, per-channel, U8 activations / S8 weights) with an accuracy gate.
 
-NOTES: U8S8 is the combination that is faster than FP32 on AVX2 without VNNI; dynamic quantization is
-much slower for CNNs; calibrate on real training images after ``quant_pre_process``.
+U8S8 is the combination that is faster than FP32 on AVX2 without VNNI (ORT's default S8S8 is not;
+benchmarks/export_bench.py measures FP32 vs INT8); dynamic quantization is several times slower for CNNs;
+calibrate on real training images after ``quant_pre_process``.
 """
 
 from __future__ import annotations

@@ -23,11 +23,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from serving.contract import read_contract
+from serving.errors import WildcheckError
 from training.fileio import atomic_path, atomic_write_text
 
 
-class PromoteRefused(RuntimeError):
-    pass
+class PromoteRefused(WildcheckError, RuntimeError):
+    """The comparison gate failed (or was not run); nothing was promoted."""
+
+    exit_code = 1
 
 
 def current_model(registry: str | Path, name: str | None = None) -> Path:

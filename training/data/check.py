@@ -15,11 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import imagehash
-import numpy as np
 from tqdm.auto import tqdm
 
-from serving.imageio import ImageError, decode_image
+from serving.imageio import FORMATS, IMAGE_EXTENSIONS, ImageError, decode_image
+from training.data.neardup import NEAR_DISTANCE, image_hash, near_pairs
 from training.data.sources import Sample, label_counts, load_samples
 
 UNUSUAL_MODES = {
@@ -73,32 +72,17 @@ def _inspect(sample: Sample, min_side: int) -> FileResult:
         result.notes.append("EXIF orientation applied (pixels stored rotated)")
     if info.frames > 1:
         result.notes.append(f"animated ({info.frames} frames; the first is used)")
-    suffix = path.suffix.lower().lstrip(".")
-    expected = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF", "bmp": "BMP",
-                "tif": "TIFF", "tiff": "TIFF"}.get(suffix)
-    if expected and expected != info.format and not (expected == "JPEG" and info.format == "MPO"):
-        result.notes.append(f"file extension .{suffix} but the content is {info.format}")
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_EXTENSIONS and suffix not in (FORMATS[info.format].extensions if info.format in FORMATS else ()):
+        result.notes.append(f"file extension {suffix} but the content is {info.format}")
     if min(info.width, info.height) < min_side:
         result.notes.append(f"too small: {info.width}x{info.height} (shorter side < {min_side} px)")
-    result.phash = str(imagehash.phash(img))
+    result.phash = image_hash(img)
     return result
 
 
-def _near_duplicate_pairs(hashes: list[str], max_distance: int) -> list[tuple[int, int, int]]:
-    """All (i, j, distance) with Hamming distance <= max_distance between 64-bit perceptual hashes."""
-    if len(hashes) < 2:
-        return []
-    values = np.array([int(h, 16) for h in hashes], dtype=np.uint64)
-    pairs = []
-    for i in range(len(values) - 1):
-        dist = np.bitwise_count(values[i + 1 :] ^ values[i])
-        for j in np.nonzero(dist <= max_distance)[0]:
-            pairs.append((i, i + 1 + int(j), int(dist[j])))
-    return pairs
-
-
 def check_dataset(
-    roots: list[str | Path], min_side: int = 32, near_distance: int = 4, workers: int = 2
+    roots: list[str | Path], min_side: int = 32, near_distance: int = NEAR_DISTANCE, workers: int = 2
 ) -> dict:
     """Inspect every image under ``roots``; return the JSON-able report."""
     samples = load_samples(roots)
@@ -134,7 +118,7 @@ def check_dataset(
 
     hashed = [r for r in results if r.phash and not r.error]
     near = []
-    for i, j, dist in _near_duplicate_pairs([r.phash for r in hashed], near_distance):
+    for i, j, dist in near_pairs([r.phash for r in hashed], near_distance):
         a, b = hashed[i], hashed[j]
         if a.sha256 == b.sha256:
             continue  # already an exact duplicate

@@ -17,22 +17,19 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import imagehash
-
-from serving.imageio import ImageError, decode_image
+from serving.errors import InvalidInput, MissingInput, WildcheckError
+from serving.imageio import FORMATS, ImageError, decode_image
+from training.data.neardup import NEAR_DISTANCE, HashIndex, image_hash
 from training.data.sources import discover
 from training.fileio import atomic_write_text
 
 MANIFEST_FIELDS = ["path", "label", "split", "sha256", "phash", "source", "listing_id", "labeled_by", "labeled_at",
                    "ingested_at"]
 PROVENANCE = ("source", "listing_id", "labeled_by", "labeled_at")
-NEAR_DISTANCE = 4
 # A label becomes a folder name: nothing that can climb out of ROOT/split (.., /), hide (.x) or run in a
 # spreadsheet (=1+1). Checked for every row before anything is copied.
 LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 LABEL_RULE = "labels must match [A-Za-z0-9][A-Za-z0-9_-]* (at most 64 characters)"
-EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp",
-              "TIFF": ".tif"}
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
@@ -41,8 +38,10 @@ def spreadsheet_safe(value: str) -> str:
     return "'" + value if value.startswith(FORMULA_START) else value
 
 
-class IngestConflict(ValueError):
+class IngestConflict(WildcheckError, ValueError):
     """Labels disagree with what the dataset (or the CSV itself) already says; nothing was written."""
+
+    exit_code = 1
 
     def __init__(self, conflicts: list[dict], report: dict):
         super().__init__(f"{len(conflicts)} conflict(s): " + "; ".join(c["message"] for c in conflicts[:5]))
@@ -71,7 +70,7 @@ def _fingerprint(data: bytes) -> tuple[str, str]:
 def _decode_fingerprint(data: bytes) -> tuple[str, str, str]:
     """sha256, perceptual hash and the format the bytes really are."""
     img, info = decode_image(data, min_side=1)
-    return hashlib.sha256(data).hexdigest(), str(imagehash.phash(img)), info.format
+    return hashlib.sha256(data).hexdigest(), image_hash(img), info.format
 
 
 def _check_labels(rows: list[dict], labels_csv: Path) -> None:
@@ -83,7 +82,7 @@ def _check_labels(rows: list[dict], labels_csv: Path) -> None:
             shown = label if len(label) <= 40 else label[:40] + "..."
             bad.append(f"line {line}: {shown!r}")
     if bad:
-        raise ValueError(f"{labels_csv}: {len(bad)} label(s) not allowed ({LABEL_RULE}): " + "; ".join(bad[:10])
+        raise InvalidInput(f"{labels_csv}: {len(bad)} label(s) not allowed ({LABEL_RULE}): " + "; ".join(bad[:10])
                          + ". Nothing was ingested.")
 
 
@@ -106,21 +105,27 @@ def _load_manifest(root: Path) -> list[dict]:
     return rows
 
 
-def ingest(labels_csv: str | Path, root: str | Path, split: str = "train") -> dict:
-    """Validate everything first, then copy and rewrite the manifest. Raises IngestConflict on conflicts."""
+def ingest(labels_csv: str | Path, root: str | Path, split: str = "train", near_distance: int = NEAR_DISTANCE) -> dict:
+    """Validate everything first, then copy and rewrite the manifest. Raises IngestConflict on conflicts.
+
+    A new image within ``near_distance`` pHash bits of one already there (or earlier in the CSV) is a near-duplicate.
+    """
     root, labels_csv = Path(root), Path(labels_csv)
     if split not in ("train", "val", "test"):
-        raise ValueError(f"split must be train, val or test, not {split!r}")
+        raise InvalidInput(f"split must be train, val or test, not {split!r}")
+    if not labels_csv.is_file():
+        raise MissingInput(f"{labels_csv} not found: give the CSV of labelled images (path,label,...)")
     existing = _load_manifest(root)
     by_sha = {r["sha256"]: r for r in existing if r.get("sha256")}
-    known_hashes = [(r["phash"], r) for r in existing if r.get("phash")]
+    hashed = [r for r in existing if r.get("phash")]
+    known = HashIndex((r["phash"] for r in hashed), near_distance)  # built once; each row is one numpy search
     known_labels = {r["label"] for r in existing}
     report = IngestReport()
     staged: list[tuple[bytes, dict]] = []
     with labels_csv.open(newline="", encoding="utf-8-sig") as fh:  # -sig: Excel writes a BOM
         reader = csv.DictReader(fh)
         if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
-            raise ValueError(f"{labels_csv}: needs columns path,label[,source,listing_id,labeled_by,labeled_at]")
+            raise InvalidInput(f"{labels_csv}: needs columns path,label[,source,listing_id,labeled_by,labeled_at]")
         rows = list(reader)
     _check_labels(rows, labels_csv)
     split_dir = (root / split).resolve()
@@ -138,10 +143,9 @@ def ingest(labels_csv: str | Path, root: str | Path, split: str = "train") -> di
         except (OSError, ImageError) as exc:
             report.unreadable.append({"line": line, "path": str(src), "reason": getattr(exc, "message", str(exc))})
             continue
-        value = int(ph, 16)
         prior = by_sha.get(sha)
-        near = None if prior else next(
-            (r for h, r in known_hashes if bin(int(h, 16) ^ value).count("1") <= NEAR_DISTANCE), None)
+        hit = None if prior else known.first_within(ph)
+        near = hashed[hit[0]] if hit else None
         match, kind, verb = (prior, "duplicates", "is") if prior else (near, "near_duplicates", "looks like")
         if match is not None:  # the same picture again: skip it, or stop when its label disagrees
             if match["label"] != label:
@@ -150,14 +154,16 @@ def ingest(labels_csv: str | Path, root: str | Path, split: str = "train") -> di
             else:
                 getattr(report, kind).append({"line": line, "path": str(src), "same_as": match["path"]})
             continue
-        dest = f"{split}/{label}/{sha[:20]}{EXTENSIONS.get(fmt, '.img')}"  # the format decoded, not the name
+        extension = FORMATS[fmt].extensions[0] if fmt in FORMATS else ".img"  # the format decoded, not the name
+        dest = f"{split}/{label}/{sha[:20]}{extension}"
         if not (root / dest).resolve().is_relative_to(split_dir):  # belt and braces after LABEL_RE
-            raise ValueError(f"line {line}: {dest} would be written outside {split_dir}. Nothing was ingested.")
+            raise InvalidInput(f"line {line}: {dest} would be written outside {split_dir}. Nothing was ingested.")
         entry = {"path": dest, "label": label, "split": split, "sha256": sha, "phash": ph,
                  **{k: spreadsheet_safe(row.get(k) or "") for k in PROVENANCE}, "ingested_at": now}
         entry["source"] = entry["source"] or spreadsheet_safe(labels_csv.name)
         by_sha[sha] = entry  # later rows of the same CSV see this one
-        known_hashes.append((ph, entry))
+        known.add(ph)
+        hashed.append(entry)
         staged.append((data, entry))
         report.added.append({"line": line, "path": str(src), "to": dest, "label": label})
         if label not in known_labels:

@@ -12,7 +12,9 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+from serving.errors import InvalidInput, MissingInput
+from serving.imageio import is_image_file
+
 KNOWN_SPLITS = ("train", "val", "test")
 MANIFEST_NAMES = ("manifest.csv",)
 
@@ -31,15 +33,11 @@ class Sample:
         return f"{self.pool}/{self.source}" if self.source else self.pool
 
 
-def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-
-
 def _scan_label_dirs(folder: Path, split: str) -> list[Sample]:
     samples = []
     for label_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for path in sorted(label_dir.rglob("*")):
-            if _is_image(path):
+            if is_image_file(path):
                 parts = path.relative_to(label_dir).parts
                 samples.append(Sample(path, label_dir.name, split, parts[0] if len(parts) > 1 else ""))
     return samples
@@ -50,10 +48,10 @@ def _read_manifest(csv_path: Path, default_split: str) -> list[Sample]:
     with csv_path.open(newline="") as fh:
         reader = csv.DictReader(fh)
         if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
-            raise ValueError(f"{csv_path}: a manifest needs at least the columns path,label (and optionally split)")
+            raise InvalidInput(f"{csv_path}: a manifest needs at least the columns path,label (and optionally split)")
         for line_no, row in enumerate(reader, start=2):
             if not row.get("path") or not row.get("label"):
-                raise ValueError(f"{csv_path}:{line_no}: empty path or label")
+                raise InvalidInput(f"{csv_path}:{line_no}: empty path or label")
             path = Path(row["path"])
             if not path.is_absolute():
                 path = csv_path.parent / path
@@ -81,7 +79,7 @@ def _discover(root: Path, default_split: str) -> list[Sample]:
     if root.is_file() and root.suffix.lower() == ".csv":
         return _read_manifest(root, default_split)
     if not root.is_dir():
-        raise FileNotFoundError(f"dataset {root} not found (expected a folder or a CSV manifest)")
+        raise MissingInput(f"dataset {root} not found (expected a folder or a CSV manifest)")
     for name in MANIFEST_NAMES:
         if (root / name).is_file():
             return _read_manifest(root / name, default_split)
@@ -100,7 +98,7 @@ def load_samples(roots: list[str | Path] | tuple[str | Path, ...], default_split
     for root in roots:
         found = discover(root, default_split)
         if not found:
-            raise ValueError(f"no images found under {root}; expected ROOT/<split>/<label>/<image> or ROOT/<label>/<image>")
+            raise InvalidInput(f"no images found under {root}; expected ROOT/<split>/<label>/<image> or ROOT/<label>/<image>")
         samples += found
     return samples
 

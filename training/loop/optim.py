@@ -15,7 +15,7 @@ from training.config import TrainConfig
 
 
 def ema_decay_for(total_steps: int) -> float:
-    """EMA horizon of about a tenth of the run (0.9998 is far too slow for ~1,000 steps)."""
+    """EMA horizon of about a tenth of the run (0.9998 averages over ~5,000 steps: far too slow for ~1,000)."""
     return float(min(0.9998, max(0.99, 1.0 - 10.0 / max(total_steps, 1))))
 
 
