@@ -2,7 +2,7 @@
 #   make demo   set up .venv; the training walkthrough on synthetic data (synth, check, train, evaluate,
 #               export); then serve the shipped ivory model and check the example photos over HTTP
 #   make test   set up .venv, run the test suite
-#   make model  reproduce the shipped model models/wildcheck-ivory.onnx from ../shared (about 25 min on 2 cores)
+#   make model  reproduce the shipped model models/wildcheck-ivory.onnx from ../shared (about 70 min on 2 cores)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -54,7 +54,7 @@ endif
 # The shipped model: the documented recipe on ../shared/datasets (Met ivory + negatives), then export.
 model: venv
 	$(BIN)/python benchmarks/met_ivory.py --out runs/ship
-	$(BIN)/wildcheck export runs/ship --out $(MODEL) --name wildcheck-ivory --version 1.0.0
+	$(BIN)/wildcheck export runs/ship --out $(MODEL) --name wildcheck-ivory --version 1.1.0
 
 test: venv
 	$(BIN)/python -m pytest -q -ra

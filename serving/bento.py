@@ -23,6 +23,7 @@ from serving.errors import MissingInput, WildcheckError
 BENTOFILE = Path(__file__).with_name("bentofile.yaml")
 MODEL_FILE = "model.onnx"
 GALLERY_FILE = "gallery"  # + the gallery's own suffix
+EMBEDDER_FILE = "embedder.onnx"
 
 
 class BentoBuildError(WildcheckError, RuntimeError):
@@ -45,8 +46,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def store_model(model: str | Path, gallery: str | Path | None = None) -> str:
-    """Put the ONNX file (and gallery) into BentoML's model store as ``name:version[-g<gallery hash>]``.
+def store_model(model: str | Path, gallery: str | Path | None = None, embedder: str | Path | None = None) -> str:
+    """Put the ONNX file (and gallery, and the embedder it was built with) into BentoML's model store as
+    ``name:version[-g<gallery (+ embedder) hash>]``.
 
     Returns the tag. The same files again reuse the stored model; other bytes under the same tag are refused.
     """
@@ -54,10 +56,16 @@ def store_model(model: str | Path, gallery: str | Path | None = None) -> str:
     contract = read_contract(model)  # a file that is not a wildcheck model stops here
     if gallery is not None and not Path(gallery).is_file():
         raise MissingInput(f"gallery {gallery} does not exist")
+    if embedder is not None:
+        if gallery is None:
+            raise BentoBuildError(f"an embedder ({embedder}) only serves a gallery: give --gallery too")
+        read_contract(embedder)  # a wildcheck ONNX, or stop here
     version = _tag_part(contract.model_version)
     digest = _sha256(model)
     if gallery:  # the same model with another gallery is another stored model
         gallery_digest = _sha256(Path(gallery))
+        if embedder is not None:  # another embedder is another stored model too
+            gallery_digest = hashlib.sha256(f"{gallery_digest}+{_sha256(Path(embedder))}".encode()).hexdigest()
         version, digest = f"{version}-g{gallery_digest[:8]}", f"{digest}+{gallery_digest}"
     tag = f"{_tag_part(contract.model_name)}:{version}"
     try:
@@ -73,16 +81,20 @@ def store_model(model: str | Path, gallery: str | Path | None = None) -> str:
                 "labels": contract.labels, "precision": contract.precision}
     if gallery:
         metadata["gallery_file"] = GALLERY_FILE + Path(gallery).suffix
+    if embedder:
+        metadata["embedder_file"] = EMBEDDER_FILE
     with bentoml.models.create(tag, labels={"project": "wildcheck"}, metadata=metadata) as stored:
         shutil.copyfile(model, stored.path_of(MODEL_FILE))
         if gallery:
             shutil.copyfile(gallery, stored.path_of(metadata["gallery_file"]))
+        if embedder:
+            shutil.copyfile(embedder, stored.path_of(EMBEDDER_FILE))
     return tag
 
 
-def build_bento(model: str | Path, gallery: str | Path | None = None) -> str:
+def build_bento(model: str | Path, gallery: str | Path | None = None, embedder: str | Path | None = None) -> str:
     """Store the model, then ``bentoml build`` the service around it; returns the Bento tag."""
-    model_tag = store_model(model, gallery)
+    model_tag = store_model(model, gallery, embedder)
     build_ctx = BENTOFILE.parent.parent  # the folder holding serving/: the checkout, or site-packages
     bentoml_cli = shutil.which("bentoml", path=str(Path(sys.executable).parent)) or shutil.which("bentoml")
     if not bentoml_cli:
@@ -116,3 +128,6 @@ def use_stored_model(ref: bentoml.models.BentoModel | None, environ=os.environ) 
     gallery_file = stored.info.metadata.get("gallery_file")
     if gallery_file:
         environ["WILDCHECK_GALLERY"] = stored.path_of(gallery_file)
+    embedder_file = stored.info.metadata.get("embedder_file")
+    if embedder_file:
+        environ["WILDCHECK_EMBEDDER"] = stored.path_of(embedder_file)

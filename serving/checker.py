@@ -17,7 +17,7 @@ from serving.imageio import (DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, DEFAU
                              ImageError, decode_image)
 from serving.explain import OVERLAY_MAX_SIDE, explain, explained_label, overlay_base64, predict_views_with_cam
 from serving.runtime import OnnxModel
-from serving.tiling import combine, draft_size, predict_views, views
+from serving.tiling import combine, draft_size, predict_views, view_boxes, views
 
 GENERIC_TYPES = {"", "application/octet-stream"}
 
@@ -59,13 +59,15 @@ class Prepared:
     meta: dict
     size: tuple[int, int]  # the decoded, upright picture that was preprocessed (what a heat map covers)
     thumbnail: Image.Image | None = None  # kept only for explain=png
+    gallery_views: np.ndarray | None = None  # the same views preprocessed for a separate embedder (--embedder)
+    boxes: list[tuple[int, int, int, int]] | None = None  # each view's box in that picture (serving.tiling.view_boxes)
 
 
 class ImageChecker:
     """Loads the ONNX model once; ``check`` is safe to call from several threads."""
 
     def __init__(self, model_path: str, threads: int = 1, limits: Limits = Limits(), max_concurrent: int = 1,
-                 memory_arena: bool = True, gallery: str | None = None):
+                 memory_arena: bool = True, gallery: str | None = None, embedder: str | None = None):
         self.model = OnnxModel(model_path, threads=threads, memory_arena=memory_arena)
         self.contract = self.model.contract
         self.pre = self.contract.preprocessing
@@ -75,12 +77,28 @@ class ImageChecker:
         self.policy = {"source": "model"}
         self.threshold_rules = {k: dict(v) for k, v in self.contract.threshold_rules.items()}
         self.gallery = None
+        self.embedder: OnnxModel | None = None  # a separate model whose embedding the gallery was built with
+        if embedder:
+            from serving.gallery import GalleryError
+
+            if not gallery:
+                raise GalleryError(f"an embedder ({embedder}) only serves a gallery's matches: give the gallery too "
+                                   "(--gallery / WILDCHECK_GALLERY)")
+            self.embedder = OnnxModel(embedder, threads=threads, memory_arena=memory_arena)
+            if self.embedder.embedding_output is None:
+                raise GalleryError(f"{embedder} has no embedding output: give a model from `wildcheck export-embedder`")
         if gallery:  # refused here (GalleryError naming the file) when unreadable or built with another model
             from serving.gallery import Gallery
 
-            self.gallery = Gallery.load(gallery, self.contract)
+            self.gallery = Gallery.load(gallery, self.gallery_model.contract,
+                                        served_as="embedder" if self.embedder is not None else "model")
         # one inference at a time per worker: onnxruntime threads x concurrent runs must not exceed the cores
         self._slots = threading.Semaphore(max_concurrent)
+
+    @property
+    def gallery_model(self) -> OnnxModel:
+        """The model whose embedding the gallery is matched with: the embedder if one is served, else the classifier."""
+        return self.embedder if self.embedder is not None else self.model
 
     def apply_policy(self, path: str) -> None:
         """Override thresholds / never_block from a policy YAML (GET /v1/model shows what is in force)."""
@@ -109,6 +127,10 @@ class ImageChecker:
         batch = rng.standard_normal((1, 3, self.pre.input_size, self.pre.input_size), dtype=np.float32)
         for _ in range(3):
             self.model.predict_proba(batch)
+        if self.embedder is not None:
+            size = self.embedder.preprocessing.input_size
+            for _ in range(3):
+                self.embedder.embed(rng.standard_normal((1, 3, size, size), dtype=np.float32))
 
     def prepare(self, data: bytes, content_type: str | None = None) -> tuple[np.ndarray, dict]:
         prepared = self.prepare_full(data, content_type)
@@ -133,21 +155,35 @@ class ImageChecker:
         if thumbnail:  # a small copy, so a batch does not hold every full-size picture until the forward pass
             thumb = img.copy()
             thumb.thumbnail((OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE), Image.Resampling.BILINEAR)
-        if self.gallery is not None:  # the same views, each with its pHash
+        boxes = view_boxes(img, self.contract.tiling)  # a collage's panels are found once, here
+        if self.gallery is not None:  # the same views, each with its pHash (taken after the gallery model's resize)
             from serving.gallery import views_and_hashes
 
-            stack, hashes = views_and_hashes(img, self.pre, self.contract.tiling)
+            g = self.gallery_model.contract
+            gallery_tiling = g.tiling or self.contract.tiling
+            stack, hashes = views_and_hashes(img, g.preprocessing, gallery_tiling,
+                                             boxes if gallery_tiling == self.contract.tiling else None)
             meta["phash"] = f"{hashes[0]:016x}"
             meta["_view_hashes"] = hashes
-            return Prepared(stack, meta, img.size, thumb)
-        return Prepared(views(img, self.pre, self.contract.tiling), meta, img.size, thumb)
+            if self.embedder is not None:
+                return Prepared(views(img, self.pre, self.contract.tiling, boxes), meta, img.size, thumb,
+                                gallery_views=stack, boxes=boxes)
+            return Prepared(stack, meta, img.size, thumb, boxes=boxes)
+        return Prepared(views(img, self.pre, self.contract.tiling, boxes), meta, img.size, thumb, boxes=boxes)
 
-    def predict(self, stacks: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray] | None]:
+    def predict(self, stacks: list[np.ndarray], gallery_stacks: list[np.ndarray] | None = None,
+                ) -> tuple[np.ndarray, list[np.ndarray] | None]:
         """Probabilities per picture, from the views ``prepare`` made of each (one forward pass), and with a
-        gallery the embeddings of each picture's views (the whole picture first, then its tiles)."""
+        gallery the embeddings of each picture's views (the whole picture first, then its tiles): the
+        classifier's own, or with an embedder its pass over ``gallery_stacks``."""
         with self._slots:
             if self.gallery is None:
                 return predict_views(self.model, stacks, self.model.negative_index), None
+            if self.embedder is not None:
+                probs = predict_views(self.model, stacks, self.model.negative_index)
+                emb = self.embedder.run(np.concatenate(gallery_stacks), [self.embedder.embedding_output])[0]
+                bounds = np.cumsum([0] + [len(s) for s in gallery_stacks])
+                return probs, [emb[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
             probs, emb = self.model.predict_with_embedding(np.concatenate(stacks))
         bounds = np.cumsum([0] + [len(s) for s in stacks])
         per_picture = [(probs[a:b], emb[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
@@ -181,7 +217,7 @@ class ImageChecker:
     def explanation(self, probs: np.ndarray, cam: np.ndarray, prepared: Prepared, label: str | None) -> dict:
         c = self.contract
         chosen = explained_label(probs, c.labels, c.negative_label, label)
-        result = explain(cam, chosen, c.labels, self.pre, *prepared.size, tiling=c.tiling)
+        result = explain(cam, chosen, c.labels, self.pre, *prepared.size, tiling=c.tiling, boxes=prepared.boxes)
         if prepared.thumbnail is not None:
             result.png = overlay_base64(prepared.thumbnail, result.grid)
         return result.model_dump()
@@ -230,11 +266,12 @@ class ImageChecker:
     def finish(self, prepared: list[Prepared], explaining: bool, explain_label: str | None, started: float) -> list[dict]:
         """One forward pass for prepared images -> their results (with explanations when asked)."""
         stacks = [p.views for p in prepared]
+        gallery_stacks = [p.gallery_views for p in prepared] if self.embedder is not None else None
         if explaining:
             probs, cams = self.predict_with_cam(stacks)
-            embeddings = self.predict(stacks)[1] if self.gallery is not None else None  # a second pass: rare
+            embeddings = self.predict(stacks, gallery_stacks)[1] if self.gallery is not None else None  # a second pass: rare
         else:
-            (probs, embeddings), cams = self.predict(stacks), [None] * len(stacks)
+            (probs, embeddings), cams = self.predict(stacks, gallery_stacks), [None] * len(stacks)
         embeddings = embeddings if embeddings is not None else [None] * len(stacks)
         return [self.result(prob, p.meta, started, self.explanation(prob, cam, p, explain_label) if explaining else None,
                             embedding)
@@ -269,4 +306,17 @@ class ImageChecker:
             "explain": {"available": self.model.has_cam, "cam": c.cam.model_dump() if self.model.has_cam else None},
             "embedding": c.embedding.model_dump() if c.embedding else None,
             "gallery": self.gallery.describe() if self.gallery is not None else None,
+            "embedder": self._describe_embedder(),
         }
+
+    def _describe_embedder(self) -> dict | None:
+        """The separate model galleries are matched with (``--embedder``); None: the classifier's own embedding."""
+        if self.embedder is None:
+            return None
+        from serving.contract import contract_hash
+
+        e = self.embedder.contract
+        return {"name": e.model_name, "version": e.model_version, "architecture": e.architecture,
+                "contract_hash": contract_hash(e), "preprocessing": e.preprocessing.model_dump(),
+                "embedding": e.embedding.model_dump() if e.embedding else None,
+                "tiling": e.tiling.model_dump() if e.tiling else None, "training_data": e.training_data}

@@ -84,7 +84,7 @@ class ModelContract(BaseModel):
     metrics: dict[str, Any]
     wildcheck_version: str
     precision: str = "fp32"
-    tiling: Tiling | None = Field(None, description="score the whole picture and a grid of tiles (serving.tiling)")
+    tiling: Tiling | None = Field(None, description="score the whole picture and a grid of tiles or a collage's panels (serving.tiling)")
     cam: CamOutput | None = Field(None, description="class activation maps output, for explain; None in older files")
     val_curves: dict[str, dict[str, list[float]]] = Field(
         default_factory=dict, description="calibrated validation scores per class (pos/neg), to re-solve a policy"

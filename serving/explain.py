@@ -111,19 +111,23 @@ def heat_grid(evidence: np.ndarray, pre: Preprocessing, width: int, height: int,
 
 
 def view_boxes(tiling: Tiling | None, width: int, height: int) -> list[tuple[int, int, int, int]]:
-    """The boxes of the views ``serving.tiling.views`` makes of a ``width`` x ``height`` picture, in order."""
+    """The boxes of the views ``serving.tiling.views`` makes of a ``width`` x ``height`` picture, in order
+    (grid tiling; a collage's panels depend on the picture: ``serving.tiling.view_boxes``)."""
+    if tiling is not None and tiling.mode == "panels":
+        raise ValueError("panel views depend on the picture: pass the boxes serving.tiling.view_boxes gave")
     return [(0, 0, width, height)] + (tiling.tiles((width, height)) if tiling is not None else [])
 
 
 def explain(cams: np.ndarray, label: str, labels: list[str], pre: Preprocessing, width: int, height: int,
-            tiling: Tiling | None = None) -> Explanation:
-    """One picture's ``cam`` outputs (views, C, h, w) -> the ``Explanation`` of ``label`` (values rounded to 4 decimals)."""
+            tiling: Tiling | None = None, boxes: list[tuple[int, int, int, int]] | None = None) -> Explanation:
+    """One picture's ``cam`` outputs (views, C, h, w) -> the ``Explanation`` of ``label`` (values rounded to 4 decimals).
+    ``boxes``: the views' boxes (``serving.tiling.view_boxes``); needed for panels, derived for a grid."""
     cams = np.asarray(cams)
     if cams.ndim == 3:
         cams = cams[None]
     index = labels.index(label)
     evidence = np.stack([class_evidence(c, index) for c in cams])
-    grid = heat_grid(evidence, pre, width, height, view_boxes(tiling, width, height))
+    grid = heat_grid(evidence, pre, width, height, boxes if boxes is not None else view_boxes(tiling, width, height))
     return Explanation(label=label, rows=grid.shape[0], cols=grid.shape[1], grid=np.round(grid, 4).tolist())
 
 

@@ -92,10 +92,13 @@ def preprocess_and_hash(pre, img) -> tuple[np.ndarray, int]:
     return pre.crop_and_normalize(np.asarray(resized)), phash(resized)
 
 
-def views_and_hashes(img, pre, tiling) -> tuple[np.ndarray, list[int]]:
-    """``serving.tiling.views`` (the whole picture, then the contract's tiles), with each view's pHash: a known
-    photo posted as one tile of a collage matches through its tile."""
-    crops = [img] + ([img.crop(box) for box in tiling.tiles(img.size)] if tiling is not None else [])
+def views_and_hashes(img, pre, tiling, boxes=None) -> tuple[np.ndarray, list[int]]:
+    """``serving.tiling.views`` (the whole picture, then the contract's tiles or panels), with each view's pHash:
+    a known photo posted as one tile of a collage matches through its tile. ``boxes``: ``view_boxes`` if known."""
+    from serving.tiling import view_boxes
+
+    boxes = view_boxes(img, tiling) if boxes is None else boxes
+    crops = [img] + [img.crop(box) for box in boxes[1:]]
     pairs = [preprocess_and_hash(pre, crop) for crop in crops]
     return np.stack([a for a, _ in pairs]), [h for _, h in pairs]
 
@@ -160,7 +163,7 @@ class Gallery:
             "hashes": self.hashes,
             "negatives": self.negatives,
         }
-        if len(self.embeddings) > self.exact_max:  # the HNSW graph travels with the file: no rebuild at load
+        if len(self.embeddings) > self.exact_max:  # the search index travels with the file: no rebuild at load
             arrays["index"] = self.index.serialize()
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -175,8 +178,10 @@ class Gallery:
                 os.unlink(tmp)
 
     @classmethod
-    def load(cls, path: str | Path, contract: ModelContract | None = None, exact_max: int = EXACT_MAX) -> "Gallery":
-        """Read and validate; with ``contract``, refuse a gallery built with another model."""
+    def load(cls, path: str | Path, contract: ModelContract | None = None, exact_max: int = EXACT_MAX,
+             served_as: str = "model") -> "Gallery":
+        """Read and validate; with ``contract``, refuse a gallery built with another model (``served_as``: what
+        that model is to the service, "model" or "embedder", for the message)."""
         path = Path(path)
         if not path.is_file():
             raise GalleryError(f"gallery {path} not found; build one with `wildcheck gallery build`")
@@ -219,7 +224,7 @@ class Gallery:
                 raise GalleryError(f"{path}: its search index holds {len(index)} references, the file {len(gallery.embeddings)}")
             gallery._index = index
         if contract is not None:
-            gallery.check_model(contract)
+            gallery.check_model(contract, served_as)
         return gallery
 
     def validate(self) -> None:
@@ -237,14 +242,17 @@ class Gallery:
         if not np.isfinite(self.embeddings).all():
             raise GalleryError(f"{self.source}: embeddings contain NaN or infinity")
 
-    def check_model(self, contract: ModelContract) -> None:
+    def check_model(self, contract: ModelContract, served_as: str = "model") -> None:
         h = self.header
         if h.model_version != contract.model_version or h.contract_hash != contract_hash(contract):
+            built_with_embedder = h.model_name.startswith("wildcheck-embedder")
+            hint = (" or serve the embedder it was built with beside the classifier (--embedder EMBEDDER.onnx)"
+                    if built_with_embedder and served_as == "model" else "")
             raise GalleryError(
                 f"{self.source} was built with model {h.model_name} {h.model_version} (contract {h.contract_hash[:12]}); "
-                f"the model loaded is {contract.model_name} {contract.model_version} (contract {contract_hash(contract)[:12]}). "
-                "Embeddings of different models cannot be compared: rebuild the gallery with this model "
-                "(`wildcheck gallery build REF --model MODEL.onnx --out GALLERY`)"
+                f"the {served_as} loaded is {contract.model_name} {contract.model_version} (contract {contract_hash(contract)[:12]}). "
+                f"Embeddings of different models cannot be compared: rebuild the gallery with this {served_as} "
+                f"(`wildcheck gallery build REF --model MODEL.onnx --out GALLERY`){hint}"
             )
 
     # ---- edits ---------------------------------------------------------------------------------
@@ -363,7 +371,7 @@ class Gallery:
             "thresholds": {k: v.model_dump() for k, v in self.thresholds.items()},
             "model_name": h.model_name, "model_version": h.model_version, "contract_hash": h.contract_hash,
             "embedding": h.embedding.model_dump(), "fpr": h.fpr, "negatives": h.negatives,
-            "search": "exact" if len(self.embeddings) <= self.exact_max else "hnsw (faiss)",
+            "search": self.index.describe(),
             "created_at": h.created_at, "updated_at": h.updated_at,
         }
 

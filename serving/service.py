@@ -181,6 +181,7 @@ def build_api(settings: Settings, bento_model: bentoml.models.BentoModel | None 
                 s.model, threads=s.threads,
                 limits=Limits(max_pixels=s.max_pixels, min_side=s.min_side, max_decode_bytes=s.max_decode_bytes),
                 max_concurrent=s.cpu_threads, memory_arena=False, gallery=s.gallery or None,
+                embedder=s.embedder or None,
             )
             if s.policy:
                 self.checker.apply_policy(s.policy)

@@ -46,6 +46,7 @@ class Settings:
     api_keys: frozenset[str] = field(default_factory=frozenset)
     policy: str = ""
     gallery: str = ""
+    embedder: str = ""  # a separate model whose embedding the gallery was built with (wildcheck export-embedder)
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -66,6 +67,7 @@ class Settings:
             max_concurrency=_int("WILDCHECK_MAX_CONCURRENCY", cls.max_concurrency),
             policy=os.environ.get("WILDCHECK_POLICY", ""),
             gallery=os.environ.get("WILDCHECK_GALLERY", ""),
+            embedder=os.environ.get("WILDCHECK_EMBEDDER", ""),
             max_decode_bytes=_int("WILDCHECK_MAX_DECODE_BYTES", cls.max_decode_bytes),
             max_queue=_int("WILDCHECK_MAX_QUEUE", cls.max_queue),
             decode_memory_bytes=_int("WILDCHECK_DECODE_MEMORY_BYTES", cls.decode_memory_bytes),

@@ -56,9 +56,14 @@ gallery.write_bytes(b"reference embeddings")
 with_gallery = store_model(model, gallery)
 env = {}
 use_stored_model(bentoml.models.BentoModel(with_gallery), environ=env)
+with_embedder = store_model(model, gallery, embedder=model)  # any wildcheck ONNX stands in for the embedder
+embedder_env = {}
+use_stored_model(bentoml.models.BentoModel(with_embedder), environ=embedder_env)
 print(json.dumps({"first": first, "again": again, "refused": refused, "with_gallery": with_gallery,
                   "model_same": Path(env["WILDCHECK_MODEL"]).read_bytes() == model.read_bytes(),
-                  "gallery": Path(env["WILDCHECK_GALLERY"]).read_bytes().decode()}))
+                  "gallery": Path(env["WILDCHECK_GALLERY"]).read_bytes().decode(), "no_embedder": "WILDCHECK_EMBEDDER" not in env,
+                  "with_embedder": with_embedder,
+                  "embedder_same": Path(embedder_env["WILDCHECK_EMBEDDER"]).read_bytes() == model.read_bytes()}))
 """
 
 
@@ -74,6 +79,8 @@ def test_model_store_tags_by_version_and_refuses_other_bytes_under_a_tag(onnx_mo
     assert f"bentoml models delete {out['first']}" in out["refused"]
     assert out["with_gallery"].startswith(out["first"] + "-g") and out["model_same"]
     assert out["gallery"] == "reference embeddings"
+    assert out["no_embedder"] and out["embedder_same"]  # a gallery's embedder travels with it, under its own tag
+    assert out["with_embedder"].startswith(out["first"] + "-g") and out["with_embedder"] != out["with_gallery"]
 
 
 def _free_port() -> int:

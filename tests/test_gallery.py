@@ -192,6 +192,48 @@ def embedder(tmp_path_factory) -> Path:
     return out
 
 
+def test_an_embedder_beside_the_classifier_matches_the_gallery_while_the_classifier_decides(
+        onnx_model, embedder, synth_gallery, tmp_path):
+    from serving.checker import ImageChecker
+    from serving.contract import read_contract
+    from serving.gallery import GalleryError
+
+    ref = _folder(tmp_path / "ref", "pangolin_scales", [photo(s) for s in range(3)])
+    out = tmp_path / "embedder_gallery.npz"
+    built = _cli("gallery", "build", ref, "--model", embedder, "--out", out)
+    assert built.exit_code == 0, built.output
+    both = ImageChecker(str(onnx_model), gallery=str(out), embedder=str(embedder))
+    data = jpeg_bytes(photo(1))
+    result, plain = both.check(data), ImageChecker(str(onnx_model)).check(data)
+    assert result["scores"] == plain["scores"] and result["model"] == plain["model"]  # the classifier decides as before
+    top = result["matches"][0]
+    assert (top["reference"], top["kind"]) == ("pangolin_scales/pangolin_scales_1.jpg", "duplicate")
+    assert top["similarity"] >= 0.99  # the embedder's embedding of the same picture, not the classifier's
+    assert result["decision"] == "block" and "gallery:pangolin_scales" in result["triggered_by"]
+    batch = both.check_many([(data, "image/jpeg"), (b"not an image", None), (jpeg_bytes(photo(40)), None)])
+    assert batch[0]["matches"] == result["matches"] and "error" in batch[1]
+    assert not [m for m in batch[2]["matches"] if m["kind"] == "duplicate"]
+    described, e = both.describe(), read_contract(embedder)
+    assert described["version"] == read_contract(onnx_model).model_version
+    assert described["embedder"]["version"] == e.model_version == described["gallery"]["model_version"]
+    assert described["embedder"]["preprocessing"]["input_size"] == 224
+
+    classifier_v, embedder_v = read_contract(onnx_model).model_version, e.model_version
+    with pytest.raises(GalleryError, match="embedder loaded") as err:  # a gallery of the classifier's embedding
+        ImageChecker(str(onnx_model), gallery=str(synth_gallery), embedder=str(embedder))
+    assert classifier_v in str(err.value) and embedder_v in str(err.value) and str(synth_gallery) in str(err.value)
+    with pytest.raises(GalleryError, match="--embedder") as err:  # an embedder's gallery without the embedder
+        ImageChecker(str(onnx_model), gallery=str(out))
+    assert classifier_v in str(err.value) and embedder_v in str(err.value)
+    with pytest.raises(GalleryError, match="give the gallery"):
+        ImageChecker(str(onnx_model), embedder=str(embedder))
+    served = _cli("serve", onnx_model, "--embedder", embedder, "--gallery", synth_gallery)  # refused before any worker
+    text = served.output.replace("\n", "")
+    assert served.exit_code == 2 and classifier_v in text and embedder_v in text, served.output
+    served = _cli("serve", onnx_model, "--embedder", embedder)
+    assert served.exit_code == 2 and "--gallery" in served.output
+
+
 def _listing_copy(im: Image.Image) -> bytes:
     """Cropped ~12%, a price banner across the bottom, re-compressed at JPEG quality 30."""
     w, h = im.size
@@ -237,30 +279,44 @@ def test_listing_copies_of_known_photos_are_duplicates_and_unrelated_photos_matc
         assert result["matches"] == [] and result["decision"] == "allow", (p.name, result["matches"])
 
 
-@pytest.mark.realdata
-def test_few_shot_label_from_five_references_catches_held_out_photos_through_the_service(embedder, tmp_path):
-    """Through the checker the service runs for /v1/check_batch (in-process: BentoML allows one ASGI app per test
-    session, see conftest.service_app); notebooks/04 does the same through a real `wildcheck serve` process."""
-    from serving.checker import ImageChecker
+FEW_SHOT_CATEGORY = "watch"  # a Caltech-101 category standing in for a product type; 23 held-out val photos
 
+
+@pytest.fixture(scope="module")
+def watch_gallery(embedder, tmp_path_factory) -> Path:
+    """A few-shot label, ``wristwatch``, from 5 Caltech-101 train photos of one category, built with the embedder
+    (once per module: the in-process and the `bentoml serve` tests share it)."""
     caltech, generic = shared_dataset("caltech101-negatives"), shared_dataset("generic-products")
-    category = "watch"  # stands in for a product type; 23 held-out val photos
-    ref = tmp_path / "ref" / "wristwatch"
+    root = tmp_path_factory.mktemp("fewshot")
+    ref = root / "ref" / "wristwatch"
     ref.mkdir(parents=True)
-    for p in sorted((caltech / "train" / "other").glob(f"{category}_image_*.jpg"))[:5]:
+    for p in sorted((caltech / "train" / "other").glob(f"{FEW_SHOT_CATEGORY}_image_*.jpg"))[:5]:
         shutil.copy(p, ref / p.name)
-    neg = tmp_path / "neg"
+    neg = root / "neg"
     neg.mkdir()
-    others = [p for p in sorted((caltech / "train" / "other").glob("*.jpg")) if not p.name.startswith(category)]
+    others = [p for p in sorted((caltech / "train" / "other").glob("*.jpg")) if not p.name.startswith(FEW_SHOT_CATEGORY)]
     for p in others[::30] + sorted((generic / "train" / "other").glob("*.jpg"))[:40]:
         shutil.copy(p, neg / p.name)
-    out = tmp_path / "fewshot.npz"
-    built = _cli("gallery", "build", tmp_path / "ref", "--model", embedder, "--out", out, "--negatives", neg)
+    out = root / "fewshot.npz"
+    built = _cli("gallery", "build", root / "ref", "--model", embedder, "--out", out, "--negatives", neg)
     assert built.exit_code == 0, built.output
-    checker = ImageChecker(str(embedder), gallery=str(out))
+    return out
+
+
+def _held_out(category: str = FEW_SHOT_CATEGORY) -> list[Path]:
+    return sorted((shared_dataset("caltech101-negatives") / "val" / "other").glob(f"{category}_image_*.jpg"))
+
+
+@pytest.mark.realdata
+def test_few_shot_label_from_five_references_catches_held_out_photos_through_the_service(embedder, watch_gallery):
+    """Through the checker the service runs for /v1/check_batch, on every held-out photo; the real `bentoml serve`
+    test below sends a few of them to a running server."""
+    from serving.checker import ImageChecker
+
+    checker = ImageChecker(str(embedder), gallery=str(watch_gallery))
     described = checker.describe()["gallery"]
-    assert described["labels"] == {"wristwatch": 5} and described["source"] == str(out)
-    held_out = sorted((caltech / "val" / "other").glob(f"{category}_image_*.jpg"))
+    assert described["labels"] == {"wristwatch": 5} and described["source"] == str(watch_gallery)
+    held_out = _held_out()
     caught = 0
     for i in range(0, len(held_out), 8):
         for item in checker.check_many([(p.read_bytes(), "image/jpeg") for p in held_out[i:i + 8]]):
@@ -268,10 +324,46 @@ def test_few_shot_label_from_five_references_catches_held_out_photos_through_the
             if hit:
                 assert item["decision"] in ("review", "block") and "gallery:wristwatch" in item["triggered_by"]
                 caught += 1
-    assert caught / len(held_out) >= 0.6, f"{caught} of {len(held_out)} held-out {category} photos caught"
+    assert caught / len(held_out) >= 0.6, f"{caught} of {len(held_out)} held-out {FEW_SHOT_CATEGORY} photos caught"
 
 
-def test_a_large_gallery_stores_its_hnsw_index_and_loads_it_without_rebuilding(tmp_path):
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "wildcheck-ivory.onnx"
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_bentoml_serve_with_the_ivory_classifier_and_an_embedder_catches_a_few_shot_label(embedder, watch_gallery,
+                                                                                        tmp_path):
+    """`wildcheck serve ivory.onnx --embedder E --gallery G` (a real `bentoml serve`): held-out photos of the few-shot
+    label are matched through the embedder's embedding and sent to review; an unrelated photo matches nothing;
+    /v1/model describes both models."""
+    import httpx
+
+    from tests.test_e2e_serve import _serve
+
+    held_out = _held_out()[:4]
+    unrelated = sorted((shared_dataset("generic-products") / "val" / "other").glob("*.jpg"))[0]
+    with _serve(SHIPPED, tmp_path, ["--embedder", str(embedder), "--gallery", str(watch_gallery), "--workers", "1"]) as (base, auth):
+        r = httpx.post(base + "/v1/check_batch", headers=auth, timeout=60,
+                       files=[("image", (p.name, p.read_bytes(), "image/jpeg")) for p in held_out])
+        assert r.status_code == 200, r.text
+        results = r.json()["results"]
+        caught = [x for x in results if x["matches"] and x["matches"][0]["label"] == "wristwatch"]
+        assert len(caught) >= 3, [x["matches"] for x in results]
+        for x in caught:  # the classifier (ivory vs other) allows a watch; the gallery sends it to review
+            assert x["decision"] == "review" and "gallery:wristwatch" in x["triggered_by"], x
+            assert x["model"]["name"] == "wildcheck-ivory" and "ivory" in x["scores"]
+        r = httpx.post(base + "/v1/check", headers=auth, timeout=60,
+                       files={"image": (unrelated.name, unrelated.read_bytes(), "image/jpeg")})
+        assert r.status_code == 200 and r.json()["matches"] == [], r.text
+        assert not [t for t in r.json()["triggered_by"] if t.startswith("gallery:")]
+        described = httpx.get(base + "/v1/model", headers=auth, timeout=30).json()
+    assert described["name"] == "wildcheck-ivory" and described["embedder"]["version"] == described["gallery"]["model_version"]
+    assert described["embedder"]["name"].startswith("wildcheck-embedder") and described["gallery"]["labels"] == {"wristwatch": 5}
+
+
+def test_a_large_gallery_stores_its_search_index_and_loads_it_without_rebuilding(tmp_path):
+    """The IVF index is stored and loaded; a gallery saved with the HNSW graph galleries stored before still loads."""
     from serving.gallery import Gallery, GalleryHeader, solve_thresholds
     from serving.search import FaissIndex
 
@@ -283,10 +375,15 @@ def test_a_large_gallery_stores_its_hnsw_index_and_loads_it_without_rebuilding(t
                            labels=["known"], reference_ids=[f"r{i}" for i in range(3000)], sources=[""] * 3000,
                            thresholds=solve_thresholds(refs, labels, ["known"], np.zeros((0, 32), np.float32), 0.01),
                            created_at="", updated_at="")
-    Gallery(header, refs, labels, np.zeros(3000, np.uint64), np.zeros((0, 32), np.float32), exact_max=1000).save(tmp_path / "g.npz")
-    loaded = Gallery.load(tmp_path / "g.npz", exact_max=1000)
-    assert isinstance(loaded._index, FaissIndex) and len(loaded._index) == 3000
-    assert loaded.match(refs[1234])[0].reference == "r1234"
+    for kind in ("ivf", "hnsw"):
+        gallery = Gallery(header, refs, labels, np.zeros(3000, np.uint64), np.zeros((0, 32), np.float32), exact_max=1000)
+        gallery._index = FaissIndex(refs, kind=kind)
+        gallery.save(tmp_path / f"{kind}.npz")
+        loaded = Gallery.load(tmp_path / f"{kind}.npz", exact_max=1000)
+        assert isinstance(loaded._index, FaissIndex) and len(loaded._index) == 3000
+        assert loaded.describe()["search"].startswith(kind)
+        top = loaded.match(refs[1234])[0]
+        assert top.reference == "r1234" and top.similarity == pytest.approx(1.0, abs=2e-3), kind  # a cosine either way
 
 
 @pytest.mark.realdata

@@ -32,7 +32,8 @@ def test_shipped_contract():
 
     c = read_contract(SHIPPED)
     assert c.labels == ["ivory", "other"] and c.negative_label == "other"
-    assert c.model_name == "wildcheck-ivory" and c.model_version.startswith("1.0.0+")
+    assert c.model_name == "wildcheck-ivory" and c.model_version.startswith("1.1.0+")
+    assert c.tiling is not None and c.tiling.mode == "panels"  # a collage's panels are scored too
     t = c.thresholds["ivory"]
     assert 0.0 < t.review <= t.block <= 1.0
     assert c.metrics and c.training_data
@@ -56,3 +57,33 @@ def test_shipped_model_decides_the_examples(checker, row):
         assert result["triggered_by"] == ["ivory"]
     else:
         assert result["decision"] == "allow", result
+
+
+def _collage(files: list[str], side: int = 400, gutter: int = 12) -> bytes:
+    """A seller's 2x2 collage: each photo letterboxed into a light panel, panels separated by a white gutter."""
+    import io
+
+    from PIL import Image
+
+    canvas = Image.new("RGB", (2 * side + 3 * gutter,) * 2, (255, 255, 255))
+    for k, name in enumerate(files):
+        photo = Image.open(EXAMPLES / name).convert("RGB")
+        photo.thumbnail((side, side))
+        panel = Image.new("RGB", (side, side), (245, 245, 245))
+        panel.paste(photo, ((side - photo.width) // 2, (side - photo.height) // 2))
+        canvas.paste(panel, (gutter + (k % 2) * (side + gutter), gutter + (k // 2) * (side + gutter)))
+    out = io.BytesIO()
+    canvas.save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+@needs_model
+@pytest.mark.parametrize("ivory", ["ivory_13342.jpg", "ivory_14307.jpg", "ivory_324217.jpg"])
+def test_shipped_model_catches_ivory_in_one_panel_of_a_collage(checker, ivory):
+    """Scored as a whole picture these collages are allowed (ivory score 0.11-0.38 with 1.0.0's whole-photo
+    inference); the panels mode finds the four panels and the ivory one decides."""
+    others = [r["file"] for r in _examples() if r["label"] == "other"]
+    result = checker.check(_collage([ivory] + others), "image/jpeg")
+    assert result["decision"] in ("review", "block"), result
+    assert result["triggered_by"] == ["ivory"]
+    assert checker.check(_collage(others + others[:1]), "image/jpeg")["decision"] == "allow"

@@ -349,6 +349,8 @@ def serve(
         None, "--threads-per-worker", help="onnxruntime threads per worker (default 1, WILDCHECK_THREADS)"),
     policy: Optional[Path] = typer.Option(None, "--policy", help="policy YAML overriding thresholds (WILDCHECK_POLICY)"),
     gallery: Optional[Path] = typer.Option(None, "--gallery", help="reference gallery (wildcheck gallery build; WILDCHECK_GALLERY)"),
+    embedder: Optional[Path] = typer.Option(
+        None, "--embedder", help="the embedder the gallery was built with (wildcheck export-embedder; WILDCHECK_EMBEDDER)"),
 ) -> None:
     """Serve the image-check endpoint with `bentoml serve` (API docs at /v1/docs)."""
     import os
@@ -368,11 +370,21 @@ def serve(
     Settings.from_env()  # bad numbers or an API key list with no key: fail here, not in every worker
     env = dict(os.environ, WILDCHECK_MODEL=str(model.resolve()))
     gallery = gallery or (Path(env["WILDCHECK_GALLERY"]) if env.get("WILDCHECK_GALLERY") else None)
+    embedder = embedder or (Path(env["WILDCHECK_EMBEDDER"]) if env.get("WILDCHECK_EMBEDDER") else None)
     loaded = None
+    if embedder and not gallery:
+        _fail(f"--embedder {embedder} only serves a gallery's matches: give --gallery too (WILDCHECK_GALLERY)")
     if gallery:
         from serving.gallery import Gallery
 
-        loaded = Gallery.load(gallery, contract)  # refuse here, naming the file, not in every worker
+        gallery_contract, served_as = contract, "model"
+        if embedder:
+            gallery_contract, served_as = read_contract(embedder), "embedder"
+            if gallery_contract.embedding is None:
+                _fail(f"{embedder} has no embedding output: give a model from `wildcheck export-embedder`")
+            env["WILDCHECK_EMBEDDER"] = str(embedder.resolve())
+        # refuse here, naming the file and both models, not in every worker
+        loaded = Gallery.load(gallery, gallery_contract, served_as=served_as)
         env["WILDCHECK_GALLERY"] = str(gallery.resolve())
     if policy:
         from serving.policy import PolicyError, load_policy, resolve_policy
@@ -462,11 +474,16 @@ def gallery_info(gallery: Path = typer.Argument(..., help="gallery file")) -> No
 def build(
     model: Path = typer.Argument(..., help="ONNX file exported by `wildcheck export`"),
     gallery: Optional[Path] = typer.Option(None, "--gallery", help="reference gallery to ship with the model"),
+    embedder: Optional[Path] = typer.Option(None, "--embedder", help="the embedder the gallery was built with"),
 ) -> None:
     """Build a Bento: the service, the model (via BentoML's model store) and only the serving packages."""
     from serving.bento import build_bento
+    from serving.contract import read_contract
+    from serving.gallery import Gallery
 
-    tag = build_bento(model, gallery)
+    if gallery:  # a gallery that the served model (or embedder) cannot use would stop every worker: refuse now
+        Gallery.load(gallery, read_contract(embedder or model), served_as="embedder" if embedder else "model")
+    tag = build_bento(model, gallery, embedder)
     typer.echo(f"built Bento {tag}")
     typer.echo(f"serve it: bentoml serve {tag}; container image: bentoml containerize {tag}")
 

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from serving.explain import Explanation, explain, explained_label, overlay, png_bytes, predict_views_with_cam
 from serving.imageio import ImageError, decode_image
-from serving.tiling import draft_size, views
+from serving.tiling import draft_size, view_boxes, views
 from training.evaluate import _decision_settings, load_predictor
 from training.fileio import atomic_path, atomic_write_text
 
@@ -32,11 +32,12 @@ def explain_image(predictor, img: Image.Image, label: str | None = None) -> tupl
     if label is not None and label not in labels:
         raise ValueError(f"label {label!r} is not one of the model's labels {labels}")
     pre, tiling = predictor.preprocessing, getattr(predictor, "tiling", None)
-    probs, cams = predict_views_with_cam(predictor, [views(img, pre, tiling)], getattr(predictor, "negative_index", None),
-                                         predictor.temperature)
+    boxes = view_boxes(img, tiling)
+    probs, cams = predict_views_with_cam(predictor, [views(img, pre, tiling, boxes)],
+                                         getattr(predictor, "negative_index", None), predictor.temperature)
     chosen = explained_label(probs[0], labels, _decision_settings(predictor)[2], label)
     scores = {name: round(float(p), 6) for name, p in zip(labels, probs[0])}
-    return explain(cams[0], chosen, labels, pre, *img.size, tiling=tiling), scores
+    return explain(cams[0], chosen, labels, pre, *img.size, tiling=tiling, boxes=boxes), scores
 
 
 def _decode(predictor, path: str | Path) -> Image.Image:

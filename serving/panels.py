@@ -1,0 +1,237 @@
+"""Find the panels of a seller's collage: full-length straight seams along rows and columns (numpy only).
+
+Collage apps put photos side by side in a grid or an uneven layout, separated by a gutter of uniform colour
+or by nothing at all (a sharp discontinuity). Both leave a trace an ordinary photo rarely has: a straight
+line across the WHOLE picture (or across one panel, for uneven layouts) at which the content changes in
+most places. ``find_panels`` looks for such seams on a small copy of the picture, cuts the picture along
+them (recursively, XY-cut style), and returns the panels with content, or nothing when the picture is not
+a collage, so ordinary photos are scored exactly as before.
+
+A seam is either
+- a *gutter*: a band of rows (columns) each of one uniform colour, the same along the band, with content
+  on both sides, bounded by straight edges (the first rows outside the band differ from the gutter on a
+  large share of their length, on average over both sides), which tells a gutter from the plain backdrop
+  between two objects (whose first differing row is the tip of a contour); or
+- a *discontinuity*: a row boundary across which most columns change much more than they change a few rows
+  above and below (texture), i.e. two unrelated pictures meet; three or more such rows closer together
+  than a panel can be tall are a pattern (checks, tiles), not seams.
+A uniform outer border of one colour (or letterboxing) is trimmed first, if what is left keeps most of the
+picture. Cuts that would leave a panel under the minimum size (a banner, a UI bar, a thin strip) are not
+made, and panels that are nearly one colour are dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+Box = tuple[int, int, int, int]  # left, top, right, bottom
+
+
+@dataclass(frozen=True)
+class SeamRules:
+    """The detector's constants (work-image units: 0-255 per channel, summed over channels where noted)."""
+
+    work_side: int = 384  # the picture is box-downscaled so its longer side is at most this
+    tolerance: float = 10.0  # a pixel belongs to a uniform row if every channel is within this of the row mean
+    uniform_share: float = 0.98  # share of a row's pixels within tolerance for the row to be uniform
+    edge_share: float = 0.3  # mean share of the first rows beside a gutter (both sides) that differ from it (straight edges)
+    jump: float = 36.0  # a column's change across a discontinuity (sum of channels) must exceed this ...
+    texture_ratio: float = 2.0  # ... and this many times its change a few rows away on either side
+    cut_share: float = 0.7  # share of columns that must change like that for a discontinuity seam
+    content_share: float = 0.05  # a panel with less than this share of pixels off its dominant colour is empty
+    max_depth: int = 3  # nested splits (uneven layouts: a column split into rows, ...)
+    keep: float = 0.5  # trimming a uniform border must keep at least this share of each side
+
+
+def _work_array(img: Image.Image, side: int) -> tuple[np.ndarray, float]:
+    """RGB float32 copy with longer side <= ``side`` (an integer box reduction: fast, averages noise, keeps
+    straight edges straight); and the factor from work to picture coordinates."""
+    factor = max(1, -(-max(img.size) // side))
+    work = img.reduce(factor) if factor > 1 else img
+    return np.asarray(work.convert("RGB"), dtype=np.float32), img.width / work.width
+
+
+def _uniform_rows(region: np.ndarray, rules: SeamRules) -> tuple[np.ndarray, np.ndarray]:
+    """Which rows are one colour across the region (``uniform_share`` of pixels within ``tolerance`` of the
+    row's mean), and the row means."""
+    means = region.mean(axis=1)  # (h, 3)
+    close = _within(region, means[:, None, :], rules.tolerance).mean(axis=1)
+    return close >= rules.uniform_share, means
+
+
+def _within(pixels: np.ndarray, colour: np.ndarray, tolerance: float) -> np.ndarray:
+    """Per pixel: every channel within ``tolerance`` of ``colour`` (channel by channel: numpy reduces a
+    3-long last axis slowly)."""
+    out = np.abs(pixels[..., 0] - colour[..., 0]) <= tolerance
+    out &= np.abs(pixels[..., 1] - colour[..., 1]) <= tolerance
+    out &= np.abs(pixels[..., 2] - colour[..., 2]) <= tolerance
+    return out
+
+
+def _along(region: np.ndarray) -> np.ndarray:
+    """Every other pixel along the rows of a long region: shares along a line need no more (half the work)."""
+    return region[:, ::2] if region.shape[1] >= 128 else region
+
+
+def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) of each run of True."""
+    padded = np.concatenate([[False], flags, [False]])
+    change = np.flatnonzero(padded[1:] != padded[:-1])
+    return list(zip(change[::2].tolist(), change[1::2].tolist()))
+
+
+def _trim(region: np.ndarray, rules: SeamRules) -> tuple[int, int]:
+    """[start, end) of the rows left when a uniform border of one colour (a collage's outer border,
+    letterboxing; not a gradient backdrop) goes; rows are tested from each end inwards, so a picture without
+    a border costs two rows."""
+    h = region.shape[0]
+
+    def border(y: int, colour: np.ndarray | None) -> tuple[bool, np.ndarray]:
+        uniform, means = _uniform_rows(region[y : y + 1], rules)
+        same = colour is None or np.abs(means[0] - colour).max() <= rules.tolerance
+        return bool(uniform[0]) and same, means[0]
+
+    start, colour = 0, None
+    while start < h:
+        ok, mean = border(start, colour)
+        if not ok:
+            break
+        colour = mean if colour is None else colour
+        start += 1
+    end, colour = h, None
+    while end > start:
+        ok, mean = border(end - 1, colour)
+        if not ok:
+            break
+        colour = mean if colour is None else colour
+        end -= 1
+    return start, end
+
+
+def _gutters(region: np.ndarray, rules: SeamRules) -> list[tuple[int, int]]:
+    """Row bands [start, end) of one uniform colour across the region's width, bounded by straight edges
+    (the first rows beside the band differ from it on ``edge_share`` of their length, on average)."""
+    h = region.shape[0]
+    region = _along(region)
+    uniform, means = _uniform_rows(region, rules)
+    steady = np.ones(h, dtype=bool)  # a colour step between uniform rows ends a band (two touching gutters)
+    steady[1:] = np.abs(means[1:] - means[:-1]).max(axis=1) <= rules.tolerance / 2
+    bands = []
+    for start, end in _runs(uniform):
+        cuts = [start] + [int(y) for y in np.flatnonzero(~steady[start + 1 : end]) + start + 1] + [end]
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            if a == 0 or b == h:
+                continue  # a border, not a seam
+            colour = means[a:b].mean(axis=0)
+            near = [y for y in (a - 2, a - 1, b, b + 1) if 0 <= y < h]
+            differs = 1.0 - _within(region[near], colour, 2 * rules.tolerance).mean(axis=1)
+            above = differs[[i for i, y in enumerate(near) if y < a]].max()
+            below = differs[[i for i, y in enumerate(near) if y >= b]].max()
+            if above + below >= 2 * rules.edge_share:
+                bands.append((a, b))
+    return bands
+
+
+def _discontinuities(region: np.ndarray, rules: SeamRules, min_len: int) -> list[tuple[int, int]]:
+    """Rows y (as bands [y, y+1)) where most columns jump from row y-1 to y+1 far more than nearby. Three or
+    more jumps each closer than a panel can be tall to the next are a pattern (checks, tiles, stripes), not
+    seams; two are the edges of one thin gutter."""
+    h = region.shape[0]
+    if h < 9:
+        return []
+    region = _along(region)
+    diff = np.abs(region[2:] - region[:-2])
+    change = diff[..., 0] + diff[..., 1] + diff[..., 2]  # change[i]: rows i -> i+2, centred on row i+1
+    rows = np.arange(4, h - 4)  # centre rows with texture measured 3 rows away on both sides
+    centre, before, after = change[rows - 1], change[rows - 4], change[rows + 2]
+    cut = (centre > rules.jump) & (centre > rules.texture_ratio * np.maximum(before, after))
+    score = cut.mean(axis=1)
+    peaks: list[int] = []
+    for i in np.flatnonzero(score >= rules.cut_share):
+        if score[i] >= score[max(0, i - 2) : i + 3].max() and (not peaks or rows[i] - peaks[-1] > 2):
+            peaks.append(int(rows[i]))
+    out, run = [], peaks[:1]
+    for y in peaks[1:] + [None]:  # runs of jumps closer than a panel; three or more are a pattern
+        if y is not None and y - run[-1] < min_len:
+            run.append(y)
+            continue
+        if len(run) <= 2:
+            out += [(p, p + 1) for p in run]
+        run = [y]
+    return out
+
+
+def _cuts(region: np.ndarray, rules: SeamRules, min_len: int) -> list[tuple[int, int]]:
+    """The region's row segments [start, end) between seams, each at least ``min_len`` rows; [] if no split."""
+    h = region.shape[0]
+    seams = sorted(_gutters(region, rules) + _discontinuities(region, rules, min_len))
+    merged: list[list[int]] = []
+    for a, b in seams:  # seams closer than a panel can be tall are one cut (both edges of a gutter, ...)
+        if merged and a - merged[-1][1] < min_len:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    edges = [0] + [v for a, b in merged for v in (a, b)] + [h]
+    segments = [(edges[i], edges[i + 1]) for i in range(0, len(edges), 2)]
+    segments = [(a, b) for a, b in segments if b - a >= min_len]
+    return segments if len(segments) >= 2 else []
+
+
+def _split(arr: np.ndarray, arr_t: np.ndarray, box: Box, rules: SeamRules, min_w: int, min_h: int,
+           depth: int) -> list[Box]:
+    """XY-cut: trim the picture's uniform border, cut it along full-length row seams (else column seams), recurse.
+    ``arr_t``: ``arr`` transposed (contiguous), for the column passes."""
+    left, top, right, bottom = box
+    if depth == 0:  # a collage's outer border or letterboxing (inside a panel, a margin is the photo's own)
+        a, b = _trim(arr[top:bottom, left:right], rules)
+        a2, b2 = _trim(arr_t[left:right, top + a : top + b], rules) if b > a else (0, 0)
+        # not a plain backdrop: what is left must keep most of the picture (an object on a plain backdrop
+        # trimmed to its bounding box would turn its own straight edges into "seams")
+        if min(b - a, b2 - a2) > 0 and b - a >= max(min_h, rules.keep * (bottom - top)) \
+                and b2 - a2 >= max(min_w, rules.keep * (right - left)):
+            left, top, right, bottom = left + a2, top + a, left + b2, top + b
+    box = (left, top, right, bottom)
+    if right - left < min_w or bottom - top < min_h or depth >= rules.max_depth:
+        return [box]
+    rows = _cuts(arr[top:bottom, left:right], rules, min_h)
+    if rows:
+        return [p for a, b in rows for p in _split(arr, arr_t, (left, top + a, right, top + b), rules, min_w, min_h, depth + 1)]
+    cols = _cuts(arr_t[left:right, top:bottom], rules, min_w)
+    if cols:
+        return [p for a, b in cols for p in _split(arr, arr_t, (left + a, top, left + b, bottom), rules, min_w, min_h, depth + 1)]
+    return [box]
+
+
+def _has_content(arr: np.ndarray, box: Box, rules: SeamRules) -> bool:
+    """A panel shows something: enough of it differs from its own dominant colour (not a gutter, a banner,
+    a caption on a plain strip)."""
+    left, top, right, bottom = box
+    pixels = _along(arr[top:bottom, left:right])[::2]
+    colour = np.median(pixels.reshape(-1, 3), axis=0)
+    return float(1.0 - _within(pixels, colour, 2 * rules.tolerance).mean()) >= rules.content_share
+
+
+def find_panels(img: Image.Image, min_side: int = 64, min_fraction: float = 0.2, max_panels: int = 9,
+                rules: SeamRules = SeamRules()) -> list[Box]:
+    """The panels (left, top, right, bottom, in ``img`` pixels) of a collage, or [] when ``img`` is not one.
+
+    A panel is at least ``min_side`` pixels and ``min_fraction`` of the picture's width and height; panels
+    without content (gutters, borders, banners) are left out; fewer than two panels, or more than
+    ``max_panels`` (bounded work per request), means no collage.
+    """
+    arr, scale = _work_array(img, rules.work_side)
+    h, w = arr.shape[:2]
+    min_w = max(int(np.ceil(min_side / scale)), int(np.ceil(min_fraction * w)), 8)
+    min_h = max(int(np.ceil(min_side / scale)), int(np.ceil(min_fraction * h)), 8)
+    if w < 2 * min_w and h < 2 * min_h:
+        return []
+    boxes = _split(arr, np.ascontiguousarray(arr.transpose(1, 0, 2)), (0, 0, w, h), rules, min_w, min_h, 0)
+    panels = [b for b in boxes if b[2] - b[0] >= min_w and b[3] - b[1] >= min_h and _has_content(arr, b, rules)]
+    if not 2 <= len(panels) <= max_panels:
+        return []
+    W, H = img.size
+    return [(min(W, round(l * scale)), min(H, round(t * scale)), min(W, round(r * scale)), min(H, round(b * scale)))
+            for l, t, r, b in panels]
