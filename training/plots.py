@@ -118,3 +118,22 @@ def plot_robustness(report, path: str | Path) -> None:
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     _save(fig, path)
+
+
+def plot_history(history: str | Path, out: str | Path) -> None:
+    """Loss and validation curves of a run's history.csv, for people who would rather look than read it."""
+    import csv
+
+    with Path(history).open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        return
+    epochs = [int(r["epoch"]) for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(epochs, [float(r["train_loss"]) for r in rows], label="train loss")
+    a.plot(epochs, [float(r["val_loss"]) for r in rows], label="val NLL")
+    a.set_xlabel("epoch"), a.legend()
+    for key in ("val_accuracy", "val_balanced_accuracy", "val_macro_f1"):
+        b.plot(epochs, [float(r[key]) for r in rows], label=key)
+    b.set_xlabel("epoch"), b.legend()
+    _save(fig, out)
