@@ -114,6 +114,10 @@ def main() -> int:
         return 0
     t0 = time.time()
     summary = train([str(met)], out, config)
+    if config.decision.calibrate:  # what `wildcheck train` does after training
+        from training.calibrate import calibrate, format_report
+
+        print(format_report(calibrate(out)))
     wall = time.time() - t0
     print("\n== Met val (met-ivory/val only) ==")
     met_val = evaluate(out, [str(met)], split="val", out_dir=out / "eval_met_val")

@@ -103,11 +103,14 @@ def tiny_config(img_size: int = 64, **train):
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, synth_root) -> Path:
-    """Two quick epochs on the synthetic data at 64 px (shared by evaluation and export tests)."""
+    """Three quick epochs on the synthetic data at 64 px, calibrated like `wildcheck train` does (shared by
+    evaluation and export tests)."""
+    from training.calibrate import calibrate
     from training.train import train
 
     out = tmp_path_factory.mktemp("run")
     train([str(synth_root)], out, tiny_config(epochs=3))
+    calibrate(out)
     return out
 
 

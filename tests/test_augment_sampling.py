@@ -10,7 +10,7 @@ from serving.preprocess import Preprocessing
 from training.augment import TrainTransform, worker_init_fn
 from training.config import Config
 from training.data.cache import CachedImageDataset
-from training.data.sampling import EpochSampler, negatives_count
+from training.data.sampling import EpochSampler, HardNegativeMiner, negatives_count
 from tests.conftest import photo
 
 
@@ -89,11 +89,12 @@ def test_negatives_count_ratio_count_and_cap():
 
 def test_hard_negatives_drawn_more_often_but_bounded():
     gen = torch.Generator().manual_seed(0)
-    sampler = EpochSampler([0, 1] * 10, n_pool=200, n_negatives=20, balance=False, generator=gen, hard_max_weight=4.0)
+    miner = HardNegativeMiner(n_main=20, n_pool=200, max_weight=4.0)
+    sampler = EpochSampler([0, 1] * 10, n_pool=200, n_negatives=20, balance=False, generator=gen, miner=miner)
     hard = np.arange(20, 30) + 20  # pool images 20..29 (dataset indices 40..49)
-    sampler.update_hardness(hard, np.ones(10))
-    sampler.update_hardness(hard, np.ones(10))  # hardness 1.0: first score as it is, then the running mean
-    weights = sampler.pool_weights().numpy()
+    miner.update(hard, np.ones(10))
+    miner.update(hard, np.ones(10))  # hardness 1.0: first score as it is, then the running mean
+    weights = miner.weights().numpy()
     assert weights.max() / weights.min() <= 4.0 + 1e-9 and weights[hard - 20].min() > 3.0
     hits = Counter()
     for _ in range(200):
@@ -101,10 +102,10 @@ def test_hard_negatives_drawn_more_often_but_bounded():
     hard_rate = np.mean([hits[i] for i in hard]) / 200
     easy_rate = np.mean([hits[i] for i in range(50, 220)]) / 200
     assert 2.0 < hard_rate / easy_rate < 4.5  # favoured, within the bound
-    assert sampler.last_mined <= 10
+    assert miner.last_mined <= 10
     # main-set items never change pool hardness
-    sampler.update_hardness(np.array([0, 1]), np.array([1.0, 1.0]))
-    assert set(np.nonzero(sampler.hardness)[0]) == set(hard - 20)
+    miner.update(np.array([0, 1]), np.array([1.0, 1.0]))
+    assert set(np.nonzero(miner.hardness)[0]) == set(hard - 20)
 
 
 REALISM = ["TextOverlay", "Watermark", "Border", "Collage", "ScreenshotFrame", "SmallBlurry"]

@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 
 from serving.preprocess import Preprocessing
 from serving.tiling import Tiling, combine, views
-from training.data.sampling import EpochSampler
+from training.data.sampling import EpochSampler, HardNegativeMiner
 from training.realism import ListingScene, plain_background_mask
 from tests.conftest import photo
 
@@ -82,14 +82,15 @@ def test_pools_share_the_negatives_draw_equally():
 
 def test_mining_bites_even_when_every_score_is_low():
     gen = torch.Generator().manual_seed(0)
-    sampler = EpochSampler([0, 1] * 10, n_pool=200, n_negatives=20, balance=False, generator=gen, hard_max_weight=4.0)
+    miner = HardNegativeMiner(n_main=20, n_pool=200, max_weight=4.0)
+    sampler = EpochSampler([0, 1] * 10, n_pool=200, n_negatives=20, balance=False, generator=gen, miner=miner)
     scores = np.full(200, 0.02)
     scores[:10] = 0.12  # low in absolute terms, but the hardest of the pool
-    sampler.update_hardness(np.arange(200) + 20, scores)
-    weights = sampler.pool_weights().numpy()
+    miner.update(np.arange(200) + 20, scores)
+    weights = miner.weights().numpy()
     assert weights[:10].min() == pytest.approx(4.0) and weights[10:].max() == pytest.approx(1.0)
     list(sampler)
-    assert sampler.last_mined >= 1 and sampler.last_mined_per_group == [sampler.last_mined]
+    assert miner.last_mined >= 1 and miner.last_mined_per_pool == [miner.last_mined]
 
 
 def test_tiles_cover_the_picture_and_thumbnails_get_none():

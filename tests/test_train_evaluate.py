@@ -137,15 +137,15 @@ def test_frozen_modules_keep_pretrained_weights_and_batchnorm_statistics(synth_r
     assert not torch.equal(trained["blocks.3.0.bn1.running_mean"], pretrained["blocks.3.0.bn1.running_mean"])
 
 
-@pytest.mark.parametrize("dies_in", ["_append_history", "atomic_torch_save"])
+@pytest.mark.parametrize("dies_in", ["append_history", "atomic_torch_save"])
 def test_a_kill_between_history_and_checkpoint_writes_loses_no_epoch(synth_root, tmp_path, monkeypatch, dies_in):
     """Whichever of the two end-of-epoch writes a kill interrupts, resume yields history 1..N without gaps."""
-    import training.train as train_module
+    import training.loop.rundir as train_module
 
     real = getattr(train_module, dies_in)
 
     def dying(*args):
-        if dies_in == "_append_history" and args[1]["epoch"] == 2:
+        if dies_in == "append_history" and args[1]["epoch"] == 2:
             raise KeyboardInterrupt("killed while appending the history row of epoch 2")
         if dies_in == "atomic_torch_save" and str(args[1]).endswith("last.pt") and args[0]["epoch"] == 2:
             raise KeyboardInterrupt("killed while writing last.pt of epoch 2")

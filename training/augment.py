@@ -13,11 +13,16 @@ import cv2
 import numpy as np
 import torch
 
+from serving.errors import WildcheckError
 from serving.preprocess import Preprocessing
-from training.config import AugmentStep
+from training.config import AugmentStep, MixupConfig
 
 _CV2_INTERPOLATION = {"bicubic": cv2.INTER_CUBIC, "bilinear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST,
                       "lanczos": cv2.INTER_LANCZOS4}
+
+
+class AugmentError(WildcheckError, ValueError):
+    """An augmentation step of the config that albumentations (or training.realism) cannot build."""
 
 
 def _transform_class(name: str):
@@ -25,7 +30,7 @@ def _transform_class(name: str):
 
     cls = getattr(realism, name, None) or getattr(A, name, None)
     if cls is None or not (inspect.isclass(cls) and issubclass(cls, A.BasicTransform)):
-        raise ValueError(f"unknown augmentation {name!r}: use an albumentations transform or one of training.realism")
+        raise AugmentError(f"unknown augmentation {name!r}: use an albumentations transform or one of training.realism")
     return cls
 
 
@@ -35,7 +40,7 @@ def build_step(step: AugmentStep, pre: Preprocessing):
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
     unknown = set(params) - accepted
     if unknown:
-        raise ValueError(f"augmentation {step.name}: unknown arguments {sorted(unknown)}; it accepts {sorted(accepted)}")
+        raise AugmentError(f"augmentation {step.name}: unknown arguments {sorted(unknown)}; it accepts {sorted(accepted)}")
     if "size" in accepted and "size" not in params and step.name.endswith("Crop"):
         params["size"] = (pre.input_size, pre.input_size)
     if step.name == "RandomResizedCrop" and "interpolation" not in params:
@@ -100,3 +105,31 @@ def worker_init_fn(worker_id: int) -> None:
     transform = getattr(dataset, "transform", None)
     if transform is not None:
         transform.set_seed(seed)
+
+
+class BatchMixer:
+    """timm's Mixup/CutMix on a share ``prob`` of the training batches, the share picked by a seeded coin
+    (a ``torch.Generator`` whose state resumes with the run, not the global ``random``)."""
+
+    def __init__(self, mixup: MixupConfig, label_smoothing: float, num_classes: int, seed: int):
+        from timm.data import Mixup
+
+        self.prob = mixup.prob
+        self.mixup = Mixup(mixup_alpha=mixup.mixup_alpha, cutmix_alpha=mixup.cutmix_alpha,
+                           switch_prob=mixup.switch_prob, prob=1.0, label_smoothing=label_smoothing,
+                           num_classes=num_classes)
+        self.coin = torch.Generator().manual_seed(seed)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(images, targets, mixed): mixed batches get soft targets (smoothing included); timm mixes even
+        batches only, so an odd one passes unmixed without tossing the coin."""
+        if len(y) % 2 or torch.rand(1, generator=self.coin).item() >= self.prob:
+            return x, y, False
+        x, target = self.mixup(x, y)
+        return x, target, True
+
+    def state_dict(self) -> dict:
+        return {"coin": self.coin.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.coin.set_state(state["coin"])

@@ -114,6 +114,10 @@ def train(
     for note in resolved.notes:
         typer.echo(note)
     summary = run_training([str(d) for d in data], out, resolved.config, resume=resume, init_from=init_from)
+    if summary and resolved.config.decision.calibrate:  # rank 0 only: fit temperature and thresholds on validation
+        from training.calibrate import calibrate as run_calibration, format_report
+
+        typer.echo(format_report(run_calibration(out)))
     if not summary:  # a non-zero rank under torchrun: rank 0 reports
         return
     m = summary["val_metrics"]

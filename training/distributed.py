@@ -92,14 +92,26 @@ def sum_scalars(info: DistInfo, *values: float) -> list[float]:
     return t.tolist()
 
 
-def sync_hardness(info: DistInfo, sampler) -> None:
-    """Merge the hard-negative scores each rank updated on its own shard of the pool."""
-    if not info.enabled or sampler.n_pool == 0:
-        return
-    touched = torch.from_numpy(sampler.touched.astype(np.float64))
-    values = torch.from_numpy(sampler.hardness * sampler.touched)
-    dist.all_reduce(touched)
-    dist.all_reduce(values)
-    seen = touched.numpy() > 0
-    sampler.hardness[seen] = values.numpy()[seen] / touched.numpy()[seen]
-    sampler.touched[:] = False
+def sum_arrays(info: DistInfo, *arrays: np.ndarray) -> list[np.ndarray]:
+    """Element-wise sums of float arrays over all ranks (each rank passes arrays of the same shapes)."""
+    if not info.enabled:
+        return list(arrays)
+    out = []
+    for array in arrays:
+        t = torch.from_numpy(np.asarray(array, dtype=np.float64).copy())
+        dist.all_reduce(t)
+        out.append(t.numpy())
+    return out
+
+
+def wrap_model(module: torch.nn.Module, info: DistInfo, device: torch.device, compile: bool) -> torch.nn.Module:
+    """The model the loop trains: ``module`` itself, or wrapped for DDP and/or ``torch.compile``."""
+    model = module
+    if info.enabled:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(model) if compile else model
+
+
+def printer(info: DistInfo):
+    """``print`` on rank 0, silence elsewhere: the loop's one output channel."""
+    return print if info.main else (lambda *args, **kwargs: None)

@@ -118,6 +118,25 @@ def plot_robustness(series: dict[str, dict[str, float | None]], conditions: list
     _save(fig, path)
 
 
+def plot_history(history: str | Path, out: str | Path) -> None:
+    """Loss and validation curves of a run's history.csv, for people who would rather look than read it."""
+    import csv
+
+    with Path(history).open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        return
+    epochs = [int(r["epoch"]) for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(epochs, [float(r["train_loss"]) for r in rows], label="train loss")
+    a.plot(epochs, [float(r["val_loss"]) for r in rows], label="val NLL")
+    a.set_xlabel("epoch"), a.legend()
+    for key in ("val_accuracy", "val_balanced_accuracy", "val_macro_f1"):
+        b.plot(epochs, [float(r[key]) for r in rows], label=key)
+    b.set_xlabel("epoch"), b.legend()
+    _save(fig, out)
+
+
 def plot_source_false_positives(sources: dict, folder: Path) -> None:
     """One PNG per source: its most confident negatives with score and decision."""
     import re

@@ -1,0 +1,1 @@
+"""The training loop's parts; ``training.train.train`` orchestrates them."""

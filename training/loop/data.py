@@ -1,0 +1,191 @@
+"""The training data of a run: images cached once, the index convention, the epoch sampler and its miner.
+
+Training items ``[0, n_main)`` are the main images (every epoch), ``[n_main, n_main + n_pool)`` the negatives
+pool (a fresh draw each epoch). ``TrainData`` is the one place that knows this; the sampler and the
+hard-negative miner it builds are told, not left to guess.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from serving.errors import WildcheckError
+from serving.preprocess import Preprocessing
+from training.augment import EvalTransform, TrainTransform, worker_init_fn
+from training.config import Config
+from training.data.cache import CachedImageDataset, cache_images
+from training.data.sampling import EpochSampler, HardNegativeMiner, negatives_count
+from training.data.sources import Sample, load_samples, pool_name, select_split
+from training.distributed import DistInfo, ShardedSampler
+from training.models import pretrained_data_config
+
+
+class DataError(WildcheckError, ValueError):
+    """The data roots cannot make a training run (no images, one label, a negatives weight naming no pool)."""
+
+
+def resolve_preprocessing(config: Config) -> Preprocessing:
+    """The preprocessing this run trains with: config values, else what the pretrained weights expect."""
+    pretrained = pretrained_data_config(config.model.name) if config.model.pretrained != "none" else {}
+    return Preprocessing(
+        input_size=config.data.img_size,
+        crop_pct=config.data.crop_pct,
+        interpolation=config.data.interpolation or pretrained.get("interpolation", "bicubic"),
+        mean=config.data.mean or pretrained.get("mean", (0.485, 0.456, 0.406)),
+        std=config.data.std or pretrained.get("std", (0.229, 0.224, 0.225)),
+    )
+
+
+def negative_samples(roots: list[str], negative_label: str, val_size: int, seed: int
+                     ) -> tuple[list[Sample], list[int], list[Sample]]:
+    """All images under the negatives roots, relabelled (their source and pool kept): (training pool, the pool index of
+    each -- its root's position -- and a fixed validation sample drawn evenly from the roots)."""
+    pool, groups, vals = [], [], []
+    for g, root in enumerate(roots):
+        found = [replace(s, label=negative_label) for s in load_samples([root])]
+        train = [s for s in found if s.split == "train"]
+        pool += train
+        groups += [g] * len(train)
+        vals.append([s for s in found if s.split == "val"])
+    val = _even_sample(vals, val_size, np.random.RandomState(seed))
+    return pool, groups, val
+
+
+def _even_sample(groups: list[list[Sample]], total: int, rng: np.random.RandomState) -> list[Sample]:
+    """Up to ``total`` samples, an equal share from each group (a small group's unused share goes to the rest)."""
+    order = sorted(range(len(groups)), key=lambda g: len(groups[g]))
+    chosen: dict[int, list[Sample]] = {}
+    left = total
+    for k, g in enumerate(order):
+        share = left // (len(order) - k)
+        items = groups[g]
+        if len(items) > share:
+            keep = rng.choice(len(items), share, replace=False)
+            items = [items[i] for i in sorted(keep)]
+        chosen[g] = items
+        left -= len(items)
+    return [s for g in range(len(groups)) for s in chosen[g]]
+
+
+def _check_negative_weights(config: Config, roots: list[str]) -> None:
+    """Fail before training, not at calibration after it, when decision.negative_weights names no pool."""
+    weights = config.decision.negative_weights or {}
+    pools = sorted({pool_name(r) for r in list(roots) + list(config.data.negatives)})
+    unknown = sorted(set(weights) - set(pools))
+    if unknown:
+        raise DataError(f"decision.negative_weights names {unknown}, which is no data root or negatives pool; pools: {pools}")
+
+
+@dataclass
+class TrainData:
+    labels: list[str]
+    train: CachedImageDataset  # main training images first, then the negatives pool
+    val: CachedImageDataset
+    n_main: int
+    n_pool: int
+    pool_groups: list[int]  # per pool image: which --negatives root it came from
+    train_samples: list[Sample]
+    val_samples: list[Sample]
+    skipped: list
+    negative_label: str = "other"
+    generator: torch.Generator = field(default_factory=torch.Generator)  # the sampler's: all of its randomness
+    sampler: EpochSampler | None = None
+
+    @classmethod
+    def build(cls, roots: list[str], config: Config, pre: Preprocessing, labels: list[str] | None = None,
+              say=print) -> TrainData:
+        """Find, relabel and cache the images of ``roots`` and the negatives pools (``labels``: a resumed run's)."""
+        samples = load_samples(roots)
+        train_s, val_s = select_split(samples, "train"), select_split(samples, "val")
+        if not train_s:
+            raise DataError(f"no training images in {roots}: expected ROOT/train/<label>/<image> or a manifest split=train")
+        negative = config.data.negative_label
+        _check_negative_weights(config, roots)
+        pool_s, pool_groups, neg_val_s = negative_samples(config.data.negatives, negative, config.data.val_negatives,
+                                                          config.train.seed)
+        val_s = val_s + neg_val_s
+        if not val_s:
+            raise DataError(
+                f"no validation images in {roots}: add ROOT/val/<label>/<image> (or split=val rows) so the best epoch can be chosen"
+            )
+        labels = labels or sorted({s.label for s in train_s} | ({negative} if pool_s else set()))
+        if len(labels) < 2:
+            raise DataError(f"training needs at least two labels, found {labels}")
+        unknown_val = Counter(s.label for s in val_s if s.label not in labels)
+        if unknown_val:
+            say(f"validation labels not in training data are left out of validation: {dict(unknown_val)}")
+        val_s = [s for s in val_s if s.label in labels]
+        index = {label: i for i, label in enumerate(labels)}
+        workers, min_side = config.data.cache_workers, config.data.min_side
+        main_px, main_kept, skipped_m = cache_images(train_s, pre, min_side, workers, desc="caching train")
+        pool_px, pool_kept, skipped_p = cache_images(pool_s, pre, min_side, workers, desc="caching negatives")
+        val_px, val_kept, skipped_v = cache_images(val_s, pre, min_side, workers, desc="caching val")
+        group_of = {s.path: g for s, g in zip(pool_s, pool_groups)}
+        train_kept = main_kept + pool_kept
+        train_ds = CachedImageDataset(
+            main_px + pool_px, [index[s.label] for s in train_kept], TrainTransform(config.augment.train, pre, config.train.seed)
+        )
+        train_ds.transform.set_bank(pool_px)  # scene-building steps add negatives' photos around an image
+        val_ds = CachedImageDataset(val_px, [index[s.label] for s in val_kept], EvalTransform(pre))
+        data = cls(labels, train_ds, val_ds, len(main_kept), len(pool_kept), [group_of[s.path] for s in pool_kept],
+                   train_kept, val_kept, skipped_m + skipped_p + skipped_v, negative)
+        empty = [label for label, c in zip(labels, data.counts) if c == 0]
+        if empty:
+            raise DataError(f"labels without readable training images: {empty}")
+        return data
+
+    @property
+    def counts(self) -> np.ndarray:
+        """Training images per label (pool included), in label order."""
+        return np.bincount(np.asarray(self.train.targets), minlength=len(self.labels)).astype(np.float64)
+
+    @property
+    def product_columns(self) -> list[int]:
+        """Every label's column but the negative label's: what a hard negative is scored on."""
+        return [i for i, label in enumerate(self.labels) if label != self.negative_label]
+
+    def class_weight(self, device: torch.device) -> torch.Tensor:
+        """Inverse-frequency loss weights (``data.balance: loss``)."""
+        counts = self.counts
+        return torch.tensor(counts.sum() / (len(self.labels) * counts), dtype=torch.float32, device=device)
+
+    @property
+    def miner(self) -> HardNegativeMiner:
+        return self.sampler.miner
+
+    def build_sampler(self, config: Config) -> EpochSampler:
+        """This run's epoch sampler over (main, pool), its generator seeded from ``train.seed``."""
+        self.generator.manual_seed(config.train.seed)
+        n_negatives = negatives_count(config.data.negatives_per_epoch, self.n_main, self.n_pool)
+        miner = HardNegativeMiner(self.n_main, self.n_pool, self.pool_groups, config.data.hard_negative_max_weight,
+                                  self.product_columns)
+        self.sampler = EpochSampler(self.train.targets[: self.n_main], self.n_pool, n_negatives,
+                                    balance=config.data.balance == "sampler", generator=self.generator, miner=miner)
+        return self.sampler
+
+    def loader(self, info: DistInfo, batch_size: int, workers: int | None, device: torch.device):
+        """The training DataLoader: this rank's shard of the sampler's global order."""
+        if workers is None:
+            workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+        rank_sampler = ShardedSampler(self.sampler, info) if info.enabled else self.sampler
+        return torch.utils.data.DataLoader(
+            self.train, batch_size=batch_size, sampler=rank_sampler, num_workers=workers,
+            worker_init_fn=worker_init_fn if workers else None, drop_last=len(rank_sampler) > batch_size,
+            pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+        )
+
+    def set_epoch(self, seed: int, epoch: int) -> None:
+        """The augmentation stream is a function of (seed, epoch), so a resumed epoch sees what it would have seen."""
+        self.train.transform.set_seed(seed * 10_007 + epoch)
+
+    def state_dict(self) -> dict:
+        return {"sampler_rng": self.generator.get_state(), **self.miner.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["sampler_rng"])
+        self.miner.load_state_dict(state)

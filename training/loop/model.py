@@ -1,0 +1,42 @@
+"""The module a run trains: created (pretrained, or blank when a checkpoint will fill it), warm-started from an
+earlier run, partly frozen, on its device and memory format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from serving.errors import WildcheckError
+from training.config import Config
+from training.models import create_model, freeze_modules, warm_start
+
+
+class WarmStartError(WildcheckError, ValueError):
+    """--init-from names a run of another architecture."""
+
+
+def build_model(config: Config, labels: list[str], device: torch.device, *, resuming: bool = False,
+                init_from: str | Path | None = None, say=print) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
+    """(the unwrapped module, its frozen submodules). ``resuming``: no pretrained weights (last.pt replaces them);
+    ``init_from``: a fresh run starts from that run's weights, head rows matched by label."""
+    warm = not resuming and init_from is not None
+    module = create_model(
+        config.model.name, len(labels), "none" if resuming or warm else config.model.pretrained,
+        config.model.drop_rate, config.model.drop_path_rate,
+    )
+    if warm:
+        from training.checkpoint import Checkpoint
+        from training.predict import resolve_checkpoint
+
+        prior = Checkpoint.load(resolve_checkpoint(init_from))
+        if prior.spec.architecture != config.model.name:
+            raise WarmStartError(f"--init-from {init_from} is a {prior.spec.architecture}, the config asks for {config.model.name}")
+        moved = warm_start(module, prior.weights, prior.spec.labels, labels)
+        say(f"warm start from {init_from}: head rows kept for {moved['kept']}, fresh for {moved['fresh']}"
+            + (f", dropped {moved['dropped']}" if moved["dropped"] else ""))
+    frozen = freeze_modules(module, config.model.freeze)
+    module = module.to(device)
+    if config.train.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    return module, frozen

@@ -1,0 +1,107 @@
+"""One training epoch and one validation pass, in the shape of timm's ``train_one_epoch`` / ``validate``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from training import distributed
+from training.data.sampling import HardNegativeMiner
+from training.distributed import DistInfo
+from training.loop.optim import Optimization, peak_lr
+from training.loop.rundir import TrainState
+from training.metrics import compute_metrics
+
+
+@dataclass
+class EpochStats:
+    loss_sum: float  # summed over items (and ranks)
+    seen: int
+    started: float  # time.time() at the epoch's start
+    train_seconds: float
+    wait_seconds: float  # of which waiting for data
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.seen, 1)
+
+
+def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def train_one_epoch(model: torch.nn.Module, module: torch.nn.Module, loader, opt: Optimization, state: TrainState,
+                    device: torch.device, *, channels_last: bool = False, frozen: list[torch.nn.Module] = (),
+                    miner: HardNegativeMiner | None = None, info: DistInfo = DistInfo(), desc: str = "train",
+                    on_batch: Callable[[torch.Tensor], None] | None = None) -> EpochStats:
+    """One pass over ``loader``: ``model`` (perhaps DDP-wrapped) is trained, ``module`` (the unwrapped one)
+    feeds the EMA. Unmixed batches score the pool's negatives for ``miner``; losses and mining are merged
+    over ranks at the end. ``on_batch(indices)`` sees each batch's dataset indices after its step."""
+    model.train()
+    for m in frozen:  # frozen modules keep their pretrained batch-norm statistics
+        m.eval()
+    started, loss_sum, seen, wait = time.time(), 0.0, 0, 0.0
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not info.main)
+    ready = time.perf_counter()
+    for x, y, idx in bar:
+        wait += time.perf_counter() - ready
+        x, y = _to_device(x, device, channels_last), y.to(device, non_blocking=True)
+        # mixed batches (timm Mixup/CutMix, smoothing included in its soft targets) say nothing about
+        # single negatives, so only unmixed batches feed hard-negative mining
+        x, target, mixed = opt.mixer(x, y) if opt.mixer is not None else (x, y, False)
+        smoothing = 0.0 if mixed else opt.label_smoothing  # mixed targets carry their own smoothing
+        with opt.autocast(device):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), target, weight=opt.class_weight, label_smoothing=smoothing)
+        opt.optimizer.zero_grad(set_to_none=True)
+        opt.scaler.scale(loss).backward()
+        if opt.grad_clip:
+            opt.scaler.unscale_(opt.optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip)
+        opt.scaler.step(opt.optimizer)
+        opt.scaler.update()
+        state.step += 1
+        opt.scheduler.step_update(state.step)
+        if opt.ema is not None:
+            opt.ema.update(module, step=state.step)
+        if miner is not None and miner.n_pool and not mixed:
+            miner.update_from_batch(idx, logits)
+        if on_batch is not None:
+            on_batch(idx)
+        loss_sum += loss.item() * len(y)
+        seen += len(y)
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{peak_lr(opt.optimizer):.2e}")
+        ready = time.perf_counter()
+    train_seconds = time.time() - started
+    loss_sum, seen = distributed.sum_scalars(info, loss_sum, seen)
+    if miner is not None:
+        miner.sync(info)
+    return EpochStats(loss_sum, seen, started, train_seconds, wait)
+
+
+@torch.no_grad()
+def predict_dataset(module: torch.nn.Module, dataset, batch_size: int, device: torch.device, channels_last: bool,
+                    desc: str = "val") -> np.ndarray:
+    """Softmax probabilities for every item of ``dataset``, in order."""
+    module.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    out = []
+    for x, *_ in tqdm(loader, desc=desc, leave=False, unit="batch"):
+        out.append(torch.softmax(module(_to_device(x, device, channels_last)).float(), dim=1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def validate(module: torch.nn.Module, dataset, labels: list[str], batch_size: int, device: torch.device, *,
+             channels_last: bool = False, info: DistInfo = DistInfo()) -> dict:
+    """Metrics of ``module`` on ``dataset`` (each rank predicts every N-th item; all ranks get all metrics)."""
+    shard = np.arange(info.rank, len(dataset), info.world)
+    probs = predict_dataset(module, torch.utils.data.Subset(dataset, shard.tolist()), batch_size, device, channels_last)
+    probs = distributed.gather_predictions(info, shard, probs, len(dataset))
+    return compute_metrics(np.asarray(dataset.targets), probs, labels)
