@@ -21,8 +21,6 @@ import io
 import json
 import os
 import random
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +35,8 @@ import psutil
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from serving.launch import ServerNotReady, ServerProcess, free_port  # noqa: E402
 
 
 def png16(side: int = 6000) -> bytes:
@@ -46,30 +46,15 @@ def png16(side: int = 6000) -> bytes:
     return buf.getvalue()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model: Path, port: int, env_extra: dict[str, str], log_path: Path) -> subprocess.Popen:
+def start_server(model: Path, port: int, env_extra: dict[str, str], log_path: Path) -> ServerProcess:
     env = dict(os.environ, BENTOML_DO_NOT_TRACK="true", BENTOML_HOME=tempfile.mkdtemp(prefix="bentoml-"), **env_extra)
     wildcheck = str(Path(sys.executable).parent / "wildcheck")
-    log = open(log_path, "w")
-    proc = subprocess.Popen([wildcheck, "serve", str(model), "--port", str(port), "--host", "127.0.0.1"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited:\n{log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGTERM)
-    raise SystemExit("server never became ready")
+    server = ServerProcess([wildcheck, "serve", str(model), "--port", str(port), "--host", "127.0.0.1"], port,
+                           log_path, env=env, ready_timeout=120)
+    try:
+        return server.wait_ready()
+    except ServerNotReady as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def worker_rss(proc: subprocess.Popen) -> dict[int, int]:
@@ -324,21 +309,17 @@ def main() -> None:
         photos = [p.read_bytes() for p in sorted(args.photos.rglob("*.jpg"))[:64]]
         if not photos:
             raise SystemExit(f"no .jpg photos under {args.photos}")
-        port = _free_port()
+        port = free_port()
         env = dict(kv.split("=", 1) for kv in args.env)
         log_path = Path(tempfile.mkdtemp(prefix="abuse-")) / "server.log"
-        proc = start_server(args.model, port, env, log_path)
+        server = start_server(args.model, port, env, log_path)
         try:
-            result = asyncio.run(attack(args, f"http://127.0.0.1:{port}", port, proc, photos))
+            result = asyncio.run(attack(args, server.base, port, server.proc, photos))
             result["server_settings"] = env
             log = log_path.read_text()
             result["server_tracebacks"] = log.count("Traceback")
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+            server.stop()
         print(json.dumps(result, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))

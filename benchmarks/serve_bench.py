@@ -17,9 +17,6 @@ import asyncio
 import io
 import multiprocessing as mp
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +28,9 @@ import psutil
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from serving.launch import ServerProcess, free_port  # noqa: E402
+
 SHARED = REPO.parent / "shared" / "datasets"
 
 
@@ -56,40 +56,21 @@ def listing_photos(n: int = 48, side: int = 1000) -> list[bytes]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_free_port = free_port  # serve_footprint and abuse_bench import it from here
 
 
-class Server:
+class Server(ServerProcess):
+    """A started, ready server (``serving.launch``) whose memory can be read."""
+
     def __init__(self, argv: list[str], env: dict, port: int):
-        self.port = port
-        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
-        self.proc = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {Path(self.log.name).read_text()[-2000:]}")
-            try:
-                if httpx.get(self.base + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError("server not ready after 120 s")
+        log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+        log.close()
+        super().__init__(argv, port, log.name, env=env, ready_timeout=120)
+        self.wait_ready()
 
     def rss_mb(self) -> float:
         procs = [psutil.Process(self.proc.pid)] + psutil.Process(self.proc.pid).children(recursive=True)
         return sum(p.memory_info().rss for p in procs if p.is_running()) / 1e6
-
-    def stop(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
 
 
 def multipart(photo: bytes, boundary: str = "wildcheckbenchboundary") -> tuple[bytes, dict]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.serve_bench import _free_port, listing_photos  # noqa: E402
+from serving.launch import ServerNotReady, ServerProcess  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,22 +87,15 @@ def main() -> int:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WILDCHECK_")}
     env.update(BENTOML_HOME=home, BENTOML_DO_NOT_TRACK="true")
     started = time.perf_counter()
-    proc = subprocess.Popen([args.wildcheck, "serve", args.model, "--port", str(port), "--host", "127.0.0.1"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = ServerProcess([args.wildcheck, "serve", args.model, "--port", str(port), "--host", "127.0.0.1"], port,
+                           Path(home) / "server.log", env=env, ready_timeout=180, poll=0.1)
+    proc = server.proc
     try:
-        while True:
-            if proc.poll() is not None:
-                print("the server exited before it was ready", file=sys.stderr)
-                return 1
-            try:
-                if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.perf_counter() - started > 180:
-                print("not ready after 180 s", file=sys.stderr)
-                return 1
-            time.sleep(0.1)
+        try:
+            server.wait_ready()
+        except ServerNotReady as exc:
+            print(exc, file=sys.stderr)
+            return 1
         print(f"startup: {time.perf_counter() - started:.1f} s from `wildcheck serve` to /readyz 200")
         supervisor = psutil.Process(proc.pid)
         time.sleep(3)
@@ -136,11 +129,7 @@ def main() -> int:
         time.sleep(3)
         print("idle after load: workers " + ", ".join(f"{rss_mb(w):.0f}" for w in ws) + " MB")
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        server.stop()
     return 0
 
 

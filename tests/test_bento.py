@@ -2,11 +2,8 @@
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import tomllib
 from pathlib import Path
 
@@ -14,6 +11,7 @@ import httpx
 import pytest
 import yaml
 
+from serving.launch import ServerProcess, free_port
 from tests.conftest import REPO
 
 WILDCHECK = [sys.executable, "-m", "training.cli"]
@@ -83,12 +81,6 @@ def test_model_store_tags_by_version_and_refuses_other_bytes_under_a_tag(onnx_mo
     assert out["with_embedder"].startswith(out["first"] + "-g") and out["with_embedder"] != out["with_gallery"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_build_a_bento_and_serve_it_from_the_model_store(onnx_model, tmp_path):
     from serving.contract import read_contract
@@ -105,34 +97,17 @@ def test_build_a_bento_and_serve_it_from_the_model_store(onnx_model, tmp_path):
     src = {p.name for p in (home / "bentos" / tag.replace(":", "/") / "src" / "serving").glob("*")}
     assert "service.py" in src and not any(name.endswith(".onnx") for name in src)
 
-    port = _free_port()
+    port = free_port()
     bentoml_cli = str(Path(sys.executable).parent / "bentoml")
     # WILDCHECK_MODEL points nowhere: the Bento must take its model from the store
     env = _env(home, WILDCHECK_MODEL=str(tmp_path / "nowhere.onnx"))
     env.pop("PYTHONPATH")  # the Bento's own copy of serving/ runs
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([bentoml_cli, "serve", tag, "--port", str(port), "--host", "127.0.0.1"], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+    argv = [bentoml_cli, "serve", tag, "--port", str(port), "--host", "127.0.0.1"]
+    with ServerProcess(argv, port, tmp_path / "serve.log", env=env, cwd=tmp_path, ready_timeout=90) as server:
         photo = REPO / "examples" / "non_ivory_59208.jpg"
-        r = httpx.post(base + "/v1/check", files={"image": (photo.name, photo.read_bytes(), "image/jpeg")}, timeout=30)
-        assert r.status_code == 200, r.text + (tmp_path / "serve.log").read_text()[-3000:]
+        r = httpx.post(server.base + "/v1/check", files={"image": (photo.name, photo.read_bytes(), "image/jpeg")},
+                       timeout=30)
+        assert r.status_code == 200, r.text + server.log_tail()
         body = r.json()
         assert body["model"]["version"] == version and body["decision"] in ("block", "review", "allow")
         assert body["image"]["sha256"] and body["image"]["width"] == 384
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()

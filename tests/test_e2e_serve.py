@@ -5,26 +5,17 @@ import hashlib
 import io
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
 
+from serving.launch import ServerNotReady, ServerProcess, free_port
 from tests.conftest import jpeg_bytes, photo
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -35,37 +26,22 @@ def server(onnx_model, tmp_path_factory):
 
 @contextlib.contextmanager
 def _serve(model, folder, extra_args=()):
+    """`wildcheck serve` with an API key and a 3 MB body limit; yields (base URL, auth header)."""
     folder.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, BENTOML_HOME=str(folder / "bentoml"), BENTOML_DO_NOT_TRACK="true",
                WILDCHECK_API_KEYS="secret", WILDCHECK_MAX_BODY_BYTES=str(3_000_000))
     wildcheck = str(Path(sys.executable).parent / "wildcheck")
-    log = open(folder / "server.log", "w")
-    proc = subprocess.Popen([wildcheck, "serve", *([str(model)] if model else []), "--port", str(port), "--host", "127.0.0.1", *extra_args],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    ready = False
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                ready = True
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    if not ready:
-        os.killpg(proc.pid, signal.SIGTERM)
-        pytest.fail("server never became ready:\n" + (folder / "server.log").read_text()[-3000:])
+    argv = [wildcheck, "serve", *([str(model)] if model else []), "--port", str(port), "--host", "127.0.0.1", *extra_args]
+    server = ServerProcess(argv, port, folder / "server.log", env=env, ready_timeout=90)
     try:
-        yield base, {"X-API-Key": "secret"}
+        server.wait_ready()
+    except ServerNotReady as exc:
+        pytest.fail(str(exc))
+    try:
+        yield server.base, {"X-API-Key": "secret"}
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+        server.stop()
 
 
 def _jpeg(label="ivory", seed=1, size=256):
@@ -152,7 +128,7 @@ def test_scan_retries_then_leaves_failures_for_the_next_run(tmp_path):
     folder.mkdir()
     (folder / "a.jpg").write_bytes(_jpeg("other", 1))
     out = tmp_path / "scan.jsonl"
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     result = scan(folder, dead, out, retries=2, backoff=0.01)
     assert result["retry later"] == 1
     assert scan(folder, dead, out, retries=0, backoff=0.01)["checked"] == 1  # retried, not skipped
