@@ -17,7 +17,7 @@ from serving.imageio import (DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, DEFAU
                              ImageError, decode_image)
 from serving.explain import OVERLAY_MAX_SIDE, explain, explained_label, overlay_base64, predict_views_with_cam
 from serving.runtime import OnnxModel, Predictor
-from serving.tiling import combine, draft_size, predict_views, view_boxes, views
+from serving.tiling import combine_pictures, draft_size, per_picture, predict_views, view_boxes, views
 
 GENERIC_TYPES = {"", "application/octet-stream"}
 
@@ -185,13 +185,9 @@ class ImageChecker:
             if self.embedder is not None:
                 probs = predict_views(self.model, stacks, self.model.negative_index)
                 emb = self.embedder.run(np.concatenate(gallery_stacks), [self.embedder.embedding_output])[0]
-                bounds = np.cumsum([0] + [len(s) for s in gallery_stacks])
-                return probs, [emb[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+                return probs, per_picture(emb, gallery_stacks)
             probs, emb = self.model.predict_with_embedding(np.concatenate(stacks))
-        bounds = np.cumsum([0] + [len(s) for s in stacks])
-        per_picture = [(probs[a:b], emb[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
-        return (np.stack([combine(p, self.model.negative_index) for p, _ in per_picture]),
-                [e for _, e in per_picture])
+        return combine_pictures(probs, stacks, self.model.negative_index), per_picture(emb, stacks)
 
     def predict_with_cam(self, stacks: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """``predict`` plus each picture's cam outputs (one per view)."""

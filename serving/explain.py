@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 
 from serving.preprocess import Preprocessing
 from serving.runtime import softmax
-from serving.tiling import Tiling, combine
+from serving.tiling import Tiling, combine_pictures, per_picture
 
 GRID_CELLS_PER_MAP_CELL = 4  # grid cells across one feature-map cell (7 x 7 map -> 28 cells over the crop)
 MAX_GRID_SIDE = 64  # bounds the response size for very elongated pictures
@@ -135,13 +135,7 @@ def predict_views_with_cam(model, stacks: list[np.ndarray], negative_index: int 
                            temperature: float) -> tuple[np.ndarray, list[np.ndarray]]:
     """``serving.tiling.predict_views`` plus each picture's cam outputs: (probabilities N x C, [views x C x h x w])."""
     logits, cam = model.predict_with_cam(np.concatenate(stacks))
-    probs = softmax(logits, temperature)
-    out, cams, start = [], [], 0
-    for stack in stacks:
-        out.append(combine(probs[start : start + len(stack)], negative_index))
-        cams.append(cam[start : start + len(stack)])
-        start += len(stack)
-    return np.stack(out), cams
+    return combine_pictures(softmax(logits, temperature), stacks, negative_index), per_picture(cam, stacks)
 
 
 def explained_label(probs: np.ndarray, labels: list[str], negative_label: str, requested: str | None = None) -> str:

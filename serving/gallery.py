@@ -91,7 +91,7 @@ class GalleryHeader(BaseModel):
     wildcheck_version: str = ""
 
 
-class Match(BaseModel):
+class GalleryMatch(BaseModel):
     label: str
     reference: str
     similarity: float
@@ -420,7 +420,7 @@ class Gallery:
             self._index = make_index(self.embeddings, self.exact_max)
         return self._index
 
-    def match(self, views: np.ndarray, phash: int | list[int] | None = None, k: int = SEARCH_K) -> list[Match]:
+    def match(self, views: np.ndarray, phash: int | list[int] | None = None, k: int = SEARCH_K) -> list[GalleryMatch]:
         """Up to ``MAX_MATCHES`` matches (one per label, duplicates first) for one image.
 
         ``views``: (n, d) embeddings of the same image (the whole picture, optionally tiles of it);
@@ -443,14 +443,14 @@ class Gallery:
         if unseen:  # pHash hits the search did not return: their similarity from the same stored vectors
             for i, s in zip(unseen, (views @ self.vectors(unseen).T).max(axis=0).tolist()):
                 best[i] = float(s)
-        per_label: dict[str, Match] = {}
+        per_label: dict[str, GalleryMatch] = {}
         for i, s in best.items():
             label = self.header.labels[self.label_idx[i]]
             rule = self.thresholds[label]
             near_copy = s >= rule.duplicate or (i in dist and 0 <= rule.duplicate_hamming and dist[i] <= rule.duplicate_hamming)
             if not near_copy and s < rule.similar:
                 continue
-            m = Match(label=label, reference=self.header.reference_ids[i], similarity=round(s, 4),
+            m = GalleryMatch(label=label, reference=self.header.reference_ids[i], similarity=round(s, 4),
                       kind="duplicate" if near_copy else "similar", hamming=dist.get(i))
             current = per_label.get(label)
             if current is None or (m.kind == "duplicate", m.similarity) > (current.kind == "duplicate", current.similarity):
@@ -458,7 +458,7 @@ class Gallery:
         ranked = sorted(per_label.values(), key=lambda m: (m.kind != "duplicate", -m.similarity))
         return ranked[:MAX_MATCHES]
 
-    def decide(self, matches: list[Match]) -> tuple[str, list[str]]:
+    def decide(self, matches: list[GalleryMatch]) -> tuple[str, list[str]]:
         """``block`` for a duplicate of a blocking label, else ``review`` for any match, else ``allow``."""
         blocking = [m for m in matches if m.kind == "duplicate" and self.thresholds[m.label].block]
         if blocking:

@@ -108,7 +108,7 @@ class OnnxModel(SpecView):
 
     def run(self, batch: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
         """The named outputs only: onnxruntime skips work that feeds none of them."""
-        return self.session.run(outputs, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
+        return self.session.run(outputs, self._feed(batch))
 
     def predict_logits(self, batch: np.ndarray) -> np.ndarray:
         # fetch by name: outputs added to the graph (cam, embedding) are not asked for in a plain check

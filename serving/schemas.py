@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from serving.explain import Explanation
+from serving.gallery import GalleryMatch
 from serving.imageio import IMAGE_MIME_TYPES
 
 
@@ -33,14 +34,6 @@ class ImageMeta(BaseModel):
     detected_type: str = ""
     type_mismatch: bool = False
     phash: str | None = None  # 64-bit perceptual hash (hex), when a gallery is served
-
-
-class GalleryMatch(BaseModel):
-    label: str
-    reference: str
-    similarity: float
-    kind: Literal["duplicate", "similar"]
-    hamming: int | None = None
 
 
 class CheckResponse(BaseModel):

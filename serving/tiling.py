@@ -104,13 +104,19 @@ def combine(view_probs: np.ndarray, negative_index: int | None) -> np.ndarray:
     return out.astype(np.float32)
 
 
+def per_picture(outputs: np.ndarray, stacks: list[np.ndarray]) -> list[np.ndarray]:
+    """The rows of one forward pass over ``np.concatenate(stacks)``, split back into each picture's views."""
+    bounds = np.cumsum([0] + [len(stack) for stack in stacks])
+    return [outputs[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def combine_pictures(view_probs: np.ndarray, stacks: list[np.ndarray], negative_index: int | None) -> np.ndarray:
+    """One probability vector per picture (``combine``) from the probabilities of all pictures' views."""
+    return np.stack([combine(p, negative_index) for p in per_picture(view_probs, stacks)])
+
+
 def predict_views(predictor, stacks: list[np.ndarray], negative_index: int | None) -> np.ndarray:
     """One forward pass over every view of every picture (``stacks`` from ``views``), combined per picture."""
     if not stacks:
         return np.zeros((0, len(predictor.labels)), np.float32)
-    probs = predictor.predict_proba(np.concatenate(stacks))
-    out, start = [], 0
-    for stack in stacks:
-        out.append(combine(probs[start : start + len(stack)], negative_index))
-        start += len(stack)
-    return np.stack(out)
+    return combine_pictures(predictor.predict_proba(np.concatenate(stacks)), stacks, negative_index)

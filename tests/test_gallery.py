@@ -152,10 +152,10 @@ def test_policy_overrides_gallery_thresholds(synth_gallery, onnx_model, tmp_path
     policy.write_text("gallery:\n  pangolin_scales: {block: false}\n")
     checker = ImageChecker(str(onnx_model), gallery=str(synth_gallery))
     checker.apply_policy(str(policy))
-    from serving.gallery import Match
+    from serving.gallery import GalleryMatch
 
     result = checker.check(jpeg_bytes(photo(1)))
-    found = [Match(**m) for m in result["matches"]]
+    found = [GalleryMatch(**m) for m in result["matches"]]
     assert found[0].kind == "duplicate" and checker.gallery.decide(found) == ("review", ["gallery:pangolin_scales"])
     assert checker.describe()["gallery"]["thresholds"]["pangolin_scales"]["block"] is False
     policy.write_text("gallery:\n  rhino_horn: {similar: 0.5}\n")
