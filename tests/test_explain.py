@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import importlib
 import io
 import json
 import os
@@ -39,13 +40,19 @@ def _service_client(model: Path, bentoml_home: Path):
     from serving.service import build_api
     from serving.settings import Settings
 
+    bentoml_service = importlib.import_module("_bentoml_sdk.service")  # the package attribute is the decorator
+
     saved = os.environ.get("BENTOML_HOME")
     os.environ["BENTOML_HOME"] = str(bentoml_home)
+    # BentoML keeps one current service instance per process and routes every in-process request to it; this
+    # service replaces the session's (conftest.service_app) and clears it on shutdown, so put the other back
+    previous = bentoml_service._current_service
     _forget_bentoml_metrics()
     try:
         with TestClient(build_api(Settings(model=str(model))).to_asgi()) as c:
             yield c
     finally:
+        bentoml_service.set_current_service(previous)
         _forget_bentoml_metrics()
         os.environ.pop("BENTOML_HOME", None) if saved is None else os.environ.__setitem__("BENTOML_HOME", saved)
 
