@@ -54,7 +54,7 @@ endif
 # The shipped model: the documented recipe on ../shared/datasets (Met ivory + negatives), then export.
 model: venv
 	$(BIN)/python benchmarks/met_ivory.py --out runs/ship
-	$(BIN)/wildcheck export runs/ship --out $(MODEL) --name wildcheck-ivory --version 1.1.0
+	$(BIN)/wildcheck export runs/ship --out $(MODEL) --name wildcheck-ivory --version 1.2.0
 
 test: venv
 	$(BIN)/python -m pytest -q -ra

@@ -181,18 +181,18 @@ class ImageChecker:
         classifier's own, or with an embedder its pass over ``gallery_stacks``."""
         with self._slots:
             if self.gallery is None:
-                return predict_views(self.model, stacks, self.model.negative_index), None
+                return predict_views(self.model, stacks), None
             if self.embedder is not None:
-                probs = predict_views(self.model, stacks, self.model.negative_index)
+                probs = predict_views(self.model, stacks)
                 emb = self.embedder.run(np.concatenate(gallery_stacks), [self.embedder.embedding_output])[0]
                 return probs, per_picture(emb, gallery_stacks)
             probs, emb = self.model.predict_with_embedding(np.concatenate(stacks))
-        return combine_pictures(probs, stacks, self.model.negative_index), per_picture(emb, stacks)
+        return combine_pictures(probs, stacks, self.model.view_rule), per_picture(emb, stacks)
 
     def predict_with_cam(self, stacks: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """``predict`` plus each picture's cam outputs (one per view)."""
         with self._slots:
-            return predict_views_with_cam(self.model, stacks, self.model.negative_index, self.model.temperature)
+            return predict_views_with_cam(self.model, stacks)
 
     def check_explain_request(self, mode: ExplainMode, label: str | None) -> bool:
         """Whether to explain; a request the model cannot serve is a client error (4xx), before any decoding."""

@@ -131,11 +131,10 @@ def explain(cams: np.ndarray, label: str, labels: list[str], pre: Preprocessing,
     return Explanation(label=label, rows=grid.shape[0], cols=grid.shape[1], grid=np.round(grid, 4).tolist())
 
 
-def predict_views_with_cam(model, stacks: list[np.ndarray], negative_index: int | None,
-                           temperature: float) -> tuple[np.ndarray, list[np.ndarray]]:
+def predict_views_with_cam(model, stacks: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
     """``serving.tiling.predict_views`` plus each picture's cam outputs: (probabilities N x C, [views x C x h x w])."""
     logits, cam = model.predict_with_cam(np.concatenate(stacks))
-    return combine_pictures(softmax(logits, temperature), stacks, negative_index), per_picture(cam, stacks)
+    return combine_pictures(softmax(logits, model.temperature), stacks, model.view_rule), per_picture(cam, stacks)
 
 
 def explained_label(probs: np.ndarray, labels: list[str], negative_label: str, requested: str | None = None) -> str:

@@ -13,6 +13,7 @@ import numpy as np
 
 from serving.contract import ModelContract, ModelSpec, contract_from_session, open_session
 from serving.errors import InvalidInput
+from serving.tiling import ViewRule
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -64,6 +65,14 @@ class SpecView:
     @property
     def negative_index(self) -> int | None:
         return self.spec.negative_index
+
+    @property
+    def view_rule(self) -> ViewRule:
+        """How views combine (``serving.tiling.ViewRule``), worked out once per spec."""
+        cached = getattr(self, "_view_rule", None)
+        if cached is None or cached[0] is not self.spec:
+            cached = self._view_rule = (self.spec, ViewRule.of(self.spec))
+        return cached[1]
 
 
 class NoOutputError(InvalidInput):

@@ -7,11 +7,18 @@ trained on. Two modes: ``grid`` scores a fixed grid of tiles of every picture; `
 panels of a collage, only when ``serving.panels`` finds one (ordinary photos are scored whole, as without
 tiling). Declared in the model contract, so evaluation, calibration, the robustness report and the
 server all score the same views.
+
+A collage of k photos is k chances for a false positive, and the composite itself is no photo the model
+was trained on. ``whole_with_panels: false`` scores a found collage by its panels only, and
+``collage_rate: m`` holds each of its k panels to the thresholds at which the calibration negatives' flag
+(and block) rate is min(m, k)/k of the whole-photo one (``ViewRule``; m = 1 is Bonferroni's correction),
+so a collage of ordinary photos is flagged at most about m times as often as one ordinary photo.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -19,8 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from serving.panels import Box, find_panels
 from serving.preprocess import Preprocessing
+from serving.thresholds import tail_threshold
 
 _PANEL_FIELDS = ("mode", "min_panel_fraction", "max_panels")
+_PANEL_RULE_DEFAULTS = {"whole_with_panels": True, "collage_rate": None}  # what 1.1.0 contracts did
 
 
 class Tiling(BaseModel):
@@ -38,15 +47,25 @@ class Tiling(BaseModel):
     min_panel_fraction: float = Field(
         0.2, gt=0.0, le=0.5, description="panels mode: a panel is at least this share of the picture's width and height")
     max_panels: int = Field(9, ge=2, le=16, description="panels mode: more panels than this is scored whole (bounded work)")
+    whole_with_panels: bool = Field(
+        True, description="panels mode: also score the whole composite when a collage is found (false: its panels only)")
+    collage_rate: float | None = Field(
+        None, ge=1.0, description="panels mode: a collage of k panels may be flagged (blocked) about this many times as "
+        "often as one ordinary photo: each panel is held to the thresholds at which the calibration negatives' flag and "
+        "block rates are min(this, k)/k of the whole-photo ones (1: Bonferroni; null: the whole-photo thresholds)")
 
     @model_serializer(mode="wrap")
-    def _grid_as_before(self, handler):
-        """A grid tiling serialises exactly as before panels existed: older readers accept it and the
-        contract hash of a grid model does not change."""
+    def _as_before(self, handler):
+        """A grid tiling serialises exactly as before panels existed, and a panels tiling with the 1.1.0 rule
+        as 1.1.0 wrote it: older readers accept them and those models' contract hashes do not change."""
         data = handler(self)
         if self.mode == "grid":
-            for key in _PANEL_FIELDS:
+            for key in (*_PANEL_FIELDS, *_PANEL_RULE_DEFAULTS):
                 data.pop(key, None)
+        else:
+            for key, default in _PANEL_RULE_DEFAULTS.items():
+                if data.get(key) == default:
+                    data.pop(key)
         return data
 
     def boxes(self, img: Image.Image) -> list[Box]:
@@ -87,10 +106,77 @@ def views(img: Image.Image, pre: Preprocessing, tiling: Tiling | None, boxes: li
     return np.stack([pre(img)] + [pre(img.crop(box)) for box in boxes[1:]])
 
 
-def combine(view_probs: np.ndarray, negative_index: int | None) -> np.ndarray:
-    """One probability vector from the views of one picture: each protected class takes its highest view
-    score; the negative class keeps what is left (protected scores are rescaled if they sum above 1).
-    With two classes this is exactly the view whose protected score is highest."""
+@dataclass(frozen=True)
+class ViewRule:
+    """How the scores of a picture's views become the picture's scores (``ViewRule.of(spec)``).
+
+    ``panel_knots[k]``: for a collage of k panels, per class index, the piecewise-linear map of a panel's
+    score (xs) onto the whole-photo scale (ys) that sends the k-panel review and block thresholds onto the
+    model's own, so the one decision rule (``serving.decision.decide``) applies unchanged."""
+
+    negative_index: int | None
+    panels_only: bool = False  # a found collage is scored by its panels, not its whole composite
+    panel_knots: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, spec: Any) -> "ViewRule":
+        """From a ``ModelSpec``-like object (labels, negative_index, tiling, thresholds, negative_scores). The
+        correction needs the calibration negatives' scores: without them (before calibration) panels keep
+        the whole-photo thresholds, which flags more, never less."""
+        tiling = spec.tiling
+        if tiling is None or tiling.mode != "panels":
+            return cls(spec.negative_index)
+        knots = {}
+        if tiling.collage_rate is not None and spec.negative_scores is not None:
+            knots = panel_knots(spec.labels, spec.thresholds, spec.negative_scores, tiling.max_panels, tiling.collage_rate)
+        return cls(spec.negative_index, panels_only=not tiling.whole_with_panels, panel_knots=knots)
+
+
+def panel_knots(labels: list[str], thresholds: dict, negatives, max_panels: int, collage_rate: float = 1.0
+                ) -> dict[int, dict[int, tuple[np.ndarray, np.ndarray]]]:
+    """Per number of panels k (2..max_panels) and protected class: the knots that map the thresholds whose
+    weighted share of calibration negatives at or above them is min(collage_rate, k)/k of the model's
+    (review, block) shares onto the model's thresholds."""
+    scores, weights, _, _ = negatives.weighted()
+    floor = max((p.floor for p in negatives.pools.values()), default=0.0)
+    out: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
+    for k in range(2, max_panels + 1):
+        per_class = {}
+        for label, t in thresholds.items():
+            if label not in negatives.classes or label not in labels:
+                continue
+            col = scores[:, negatives.classes.index(label)]
+            xs, ys = [0.0], [0.0]
+            for base in (t.review, t.block):
+                if base is None:
+                    continue
+                share = float(weights[col >= base].sum())
+                stricter = tail_threshold(col, weights, share * min(collage_rate, k) / k, floor) if share > 0 else base
+                x = 1.0 if stricter is None else min(1.0, max(base, stricter))
+                if x >= 1.0:  # no panel score below 1 may reach this threshold: all of (0, 1) maps below it
+                    xs.append(1.0)
+                    ys.append(base)
+                    break
+                if x > xs[-1]:
+                    xs.append(x)
+                    ys.append(base)
+            per_class[labels.index(label)] = (np.array(xs + [1.0]), np.array(ys + [1.0]))
+        out[k] = per_class
+    return out
+
+
+def combine(view_probs: np.ndarray, rule: ViewRule) -> np.ndarray:
+    """One probability vector from the views of one picture (the whole picture first): each protected class
+    takes its highest view score; the negative class keeps what is left (protected scores are rescaled if
+    they sum above 1). With two classes this is exactly the view whose protected score is highest. For a
+    collage the rule may leave out the whole composite and map panel scores (``ViewRule``)."""
+    negative_index = rule.negative_index
+    k = len(view_probs) - 1
+    if k >= 2 and (rule.panels_only or rule.panel_knots):
+        panels = view_probs[1:].astype(np.float64)
+        for c, (xs, ys) in rule.panel_knots.get(k, {}).items():
+            panels[:, c] = np.interp(panels[:, c], xs, ys)
+        view_probs = panels if rule.panels_only else np.concatenate([view_probs[:1], panels])
     if len(view_probs) == 1 or negative_index is None:
         return view_probs[0] if len(view_probs) == 1 else view_probs.max(axis=0)
     out = view_probs.max(axis=0).astype(np.float64)
@@ -110,13 +196,15 @@ def per_picture(outputs: np.ndarray, stacks: list[np.ndarray]) -> list[np.ndarra
     return [outputs[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def combine_pictures(view_probs: np.ndarray, stacks: list[np.ndarray], negative_index: int | None) -> np.ndarray:
+def combine_pictures(view_probs: np.ndarray, stacks: list[np.ndarray], rule: ViewRule) -> np.ndarray:
     """One probability vector per picture (``combine``) from the probabilities of all pictures' views."""
-    return np.stack([combine(p, negative_index) for p in per_picture(view_probs, stacks)])
+    return np.stack([combine(p, rule) for p in per_picture(view_probs, stacks)]).astype(np.float32)
 
 
-def predict_views(predictor, stacks: list[np.ndarray], negative_index: int | None) -> np.ndarray:
-    """One forward pass over every view of every picture (``stacks`` from ``views``), combined per picture."""
+def predict_views(predictor, stacks: list[np.ndarray], rule: ViewRule | None = None) -> np.ndarray:
+    """One forward pass over every view of every picture (``stacks`` from ``views``), combined per picture
+    (``rule``: the predictor's spec's ``ViewRule`` unless given)."""
     if not stacks:
         return np.zeros((0, len(predictor.labels)), np.float32)
-    return combine_pictures(predictor.predict_proba(np.concatenate(stacks)), stacks, negative_index)
+    rule = predictor.view_rule if rule is None else rule
+    return combine_pictures(predictor.predict_proba(np.concatenate(stacks)), stacks, rule)

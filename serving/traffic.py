@@ -56,7 +56,6 @@ def score_paths(model, paths: list[Path], batch_size: int = 32) -> tuple[np.ndar
     """Calibrated probabilities for the readable images, scored as the server scores them (decoding,
     preprocessing, the contract's tiling), their indices, and (path, reason) for the others."""
     pre, tiling = model.preprocessing, getattr(model, "tiling", None)
-    negative_index = getattr(model, "negative_index", None)
     probs, kept, skipped, batch = [], [], [], []
     for i, path in enumerate(tqdm(paths, desc="scoring traffic", unit="img", leave=False)):
         try:
@@ -68,10 +67,10 @@ def score_paths(model, paths: list[Path], batch_size: int = 32) -> tuple[np.ndar
         except OSError as exc:
             skipped.append((str(path), f"unreadable: {exc}"))
         if len(batch) == batch_size:
-            probs.append(predict_views(model, batch, negative_index))
+            probs.append(predict_views(model, batch))
             batch = []
     if batch:
-        probs.append(predict_views(model, batch, negative_index))
+        probs.append(predict_views(model, batch))
     n = len(model.labels)
     return (np.concatenate(probs) if probs else np.zeros((0, n), np.float32)), kept, skipped
 

@@ -12,7 +12,8 @@ from training.config import AugmentStep, Config, load_config
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")) + sorted((REPO / "benchmarks").glob("*.yaml")),
+                         ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
     cfg = load_config(path)
     TrainTransform(cfg.augment.train, Preprocessing(input_size=cfg.data.img_size))

@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 
 from serving.panels import find_panels
 from serving.preprocess import Preprocessing
-from serving.tiling import Tiling, combine, view_boxes, views
+from serving.tiling import Tiling, ViewRule, combine, view_boxes, views
 from tests.conftest import jpeg_bytes, shared_dataset
 
 # rows of a layout: each row is (height weight, number of columns); "big+2" is a large left panel and two
@@ -168,6 +168,65 @@ def test_contract_round_trips_the_panels_mode_and_old_grid_contracts_read_as_bef
     assert "tiling" in ModelContract.model_fields
 
 
+def test_panels_rule_fields_serialise_only_when_set_so_1_1_0_contracts_keep_their_hash():
+    old = {"mode": "panels", "grid": 2, "min_tile_side": 64, "min_panel_fraction": 0.2, "max_panels": 9}  # 1.1.0
+    assert Tiling.model_validate(old).model_dump(mode="json") == old
+    ruled = Tiling(mode="panels", whole_with_panels=False, collage_rate=2)
+    dumped = ruled.model_dump(mode="json")
+    assert dumped["whole_with_panels"] is False and dumped["collage_rate"] == 2
+    assert Tiling.model_validate(dumped) == ruled
+    with pytest.raises(ValueError):
+        Tiling(mode="panels", collage_rate=0.5)  # a collage cannot be held below one photo's rate
+
+
+def _spec_with_negatives(tiling: Tiling, review: float = 0.8, block: float = 0.95):
+    """A two-class spec whose 100 calibration negatives score 0.00, 0.01, ..., 0.99 on ivory."""
+    from serving.contract import ModelSpec
+    from serving.decision import ClassThresholds
+    from serving.preprocess import Preprocessing
+    from serving.thresholds import TrafficScores
+
+    negatives = TrafficScores.from_arrays(["ivory"], np.arange(100)[:, None] / 100, ["pool"] * 100)
+    return ModelSpec(labels=["ivory", "other"], preprocessing=Preprocessing(input_size=64), architecture="test",
+                     thresholds={"ivory": ClassThresholds(review=review, block=block)}, negative_scores=negatives,
+                     tiling=tiling)
+
+
+def test_collage_rate_holds_each_panel_to_the_stricter_threshold_of_its_share_of_negatives():
+    # review 0.80 lets 20 of the 100 negatives through; four panels at collage_rate 1 share that: 5 each, so
+    # a panel must clear the sixth-highest negative (0.94); block 0.95 (5 negatives, 1.25 each -> 1): 0.98
+    rule = ViewRule.of(_spec_with_negatives(Tiling(mode="panels", whole_with_panels=False, collage_rate=1)))
+    xs, ys = rule.panel_knots[4][0]
+    assert 0.94 < xs[1] <= 0.95 and ys[1] == pytest.approx(0.8)
+    assert 0.98 < xs[2] <= 0.99 and ys[2] == pytest.approx(0.95)
+
+    def picture(whole: float, panel: float, k: int = 4) -> float:
+        views = np.array([[whole, 1 - whole]] + [[0.1, 0.9]] * (k - 1) + [[panel, 1 - panel]], np.float32)
+        return float(combine(views, rule)[0])
+
+    assert picture(0.1, 0.94) < 0.8 <= picture(0.1, 0.95)  # the panel must clear 0.94 to reach review
+    assert picture(0.1, 0.98) < 0.95 <= picture(0.1, 0.99)  # and 0.98 to reach block
+    assert picture(0.99, 0.1) < 0.8  # a found collage is its panels: the composite's own score is left out
+    # collage_rate 2: each of four panels gets half of the review share, 10 negatives: above 0.89
+    doubled = ViewRule.of(_spec_with_negatives(Tiling(mode="panels", collage_rate=2)))
+    assert 0.89 < doubled.panel_knots[4][0][0][1] <= 0.90 and not doubled.panels_only
+    # an ordinary photo (no panels) and a collage rule without the negatives' scores keep the plain maximum
+    assert float(combine(np.array([[0.85, 0.15]], np.float32), rule)[0]) == pytest.approx(0.85)
+    bare = _spec_with_negatives(Tiling(mode="panels", collage_rate=1)).model_copy(update={"negative_scores": None})
+    assert ViewRule.of(bare).panel_knots == {}
+
+
+def test_collage_rule_unreachable_threshold_never_lets_a_panel_through():
+    # every negative scores 1.0: no panel threshold below 1 keeps a share of them out
+    from serving.thresholds import TrafficScores
+
+    spec = _spec_with_negatives(Tiling(mode="panels", collage_rate=1))
+    spec = spec.model_copy(update={"negative_scores": TrafficScores.from_arrays(["ivory"], np.ones((10, 1)), ["p"] * 10)})
+    rule = ViewRule.of(spec)
+    views = np.array([[0.1, 0.9], [0.999, 0.001], [0.2, 0.8]], np.float32)
+    assert float(combine(views, rule)[0]) < 0.8
+
+
 def test_served_and_evaluated_scores_take_the_collage_panels(onnx_model, tmp_path):
     """A collage JPEG in: the server's (and evaluation's) score is the most suspicious of the whole picture and
     each panel scored on its own; an ordinary photo is scored whole."""
@@ -195,7 +254,7 @@ def test_served_and_evaluated_scores_take_the_collage_panels(onnx_model, tmp_pat
     scale = img.width / collage.width  # the server decoded the JPEG at a reduced size
     assert taken_apart(panels, [tuple(round(v * scale) for v in b) for b in boxes])
     alone = plain.predict_proba(np.stack([plain.preprocessing(img)] + [plain.preprocessing(img.crop(b)) for b in panels]))
-    expected = combine(alone, negative)
+    expected = combine(alone, ViewRule(negative))
     checker = ImageChecker(str(model_path))
     served = checker.check(data)
     got = np.array([served["scores"][label] for label in plain.labels])

@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from serving.preprocess import Preprocessing
-from serving.tiling import Tiling, combine, views
+from serving.tiling import Tiling, ViewRule, combine, views
 from training.data.sampling import EpochSampler, HardNegativeMiner
 from training.realism import ListingScene, plain_background_mask
 from tests.conftest import photo
@@ -105,9 +105,9 @@ def test_tiles_cover_the_picture_and_thumbnails_get_none():
 
 def test_combine_takes_the_most_suspicious_view_per_protected_class():
     two = np.array([[0.2, 0.8], [0.7, 0.3], [0.1, 0.9]], np.float32)  # ivory, other
-    assert np.allclose(combine(two, negative_index=1), [0.7, 0.3])
+    assert np.allclose(combine(two, ViewRule(1)), [0.7, 0.3])
     three = np.array([[0.6, 0.1, 0.3], [0.1, 0.5, 0.4]], np.float32)  # a, b, other
-    out = combine(three, negative_index=2)
+    out = combine(three, ViewRule(2))
     assert np.isclose(out.sum(), 1.0) and out[0] == pytest.approx(0.6 / 1.1, rel=1e-5) and out[2] == 0
 
 
@@ -135,7 +135,7 @@ def test_served_scores_are_the_most_suspicious_view_when_the_contract_declares_t
 
     img, _ = decode_image(data)
     per_view = plain.predict_proba(views(img, plain.preprocessing, contract.tiling))
-    expected = combine(per_view, negative)
+    expected = combine(per_view, ViewRule(negative))
     served = ImageChecker(str(tiled)).check(data)
     got = np.array([served["scores"][label] for label in plain.labels])
     assert np.allclose(got, expected, atol=1e-5)

@@ -32,7 +32,7 @@ def test_shipped_contract():
 
     c = read_contract(SHIPPED)
     assert c.labels == ["ivory", "other"] and c.negative_label == "other"
-    assert c.model_name == "wildcheck-ivory" and c.model_version.startswith("1.1.0+")
+    assert c.model_name == "wildcheck-ivory" and c.model_version.startswith("1.2.0+")
     assert c.tiling is not None and c.tiling.mode == "panels"  # a collage's panels are scored too
     t = c.thresholds["ivory"]
     assert 0.0 < t.review <= t.block <= 1.0

@@ -44,8 +44,7 @@ def explain_image(predictor: Predictor, img: Image.Image, label: str | None = No
     spec = predictor.spec
     pre, tiling = spec.preprocessing, spec.tiling
     boxes = view_boxes(img, tiling)
-    probs, cams = predict_views_with_cam(predictor, [views(img, pre, tiling, boxes)], spec.negative_index,
-                                         spec.temperature)
+    probs, cams = predict_views_with_cam(predictor, [views(img, pre, tiling, boxes)])
     chosen = explained_label(probs[0], labels, spec.negative_label, label)
     scores = {name: round(float(p), 6) for name, p in zip(labels, probs[0])}
     return explain(cams[0], chosen, labels, pre, *img.size, tiling=tiling, boxes=boxes), scores

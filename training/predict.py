@@ -147,7 +147,7 @@ def predict_images(predictor: Predictor, images: list, batch_size: int = 32, poo
     stacks = list(pool.map(inputs, images)) if pool is not None else [inputs(img) for img in images]
     if not stacks:
         return np.zeros((0, len(spec.labels)), np.float32)
-    return np.concatenate([predict_views(predictor, stacks[i : i + batch_size], spec.negative_index)
+    return np.concatenate([predict_views(predictor, stacks[i : i + batch_size])
                            for i in range(0, len(stacks), batch_size)])
 
 
