@@ -21,10 +21,11 @@ POOLS = ["generic-products", "caltech101-negatives", "art-antiques", "listings-e
 
 
 def main() -> int:
+    from serving.decision import decide
     from serving.tiling import Tiling, ViewRule, combine, draft_size, view_boxes, views
     from training.conditions import condition_rng, default_conditions
     from training.predict import load_predictor
-    from training.robustness import _Decoder, _others, gather, image_key
+    from training.robustness import _Decoder, _others, gather, image_key, seeded_subset
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
@@ -40,9 +41,7 @@ def main() -> int:
     pictures: dict[str, list[tuple[str, np.ndarray]]] = {}
     for name, (roots, limit) in sets.items():
         samples, _, _ = gather([str(r) for r in roots], [], "val", labels, negative)
-        if limit is not None and limit < len(samples):
-            keep = np.sort(np.random.default_rng(0).permutation(len(samples))[:limit])
-            samples = [samples[i] for i in keep]
+        samples = [samples[i] for i in seeded_subset(len(samples), limit, 0)]
         pool = np.array([i for i, s in enumerate(samples) if s.label == negative], dtype=np.int64)
         decoder = _Decoder(draft_size(spec.preprocessing, spec.tiling))
         rows = pictures[name] = []
@@ -68,8 +67,9 @@ def main() -> int:
         for cls in protected + [None]:
             for key in (("met",) if cls is not None else ("met", "pools")):
                 want = negative if cls is None else cls
-                chosen = [(label, combine(p, rule)) for label, p in pictures[key] if label == want]
-                flagged = [any(probs[labels.index(c)] >= spec.thresholds[c].review for c in protected) for _, probs in chosen]
+                combined = [combine(p, rule) for label, p in pictures[key] if label == want]
+                flagged = [decide(dict(zip(labels, map(float, probs))), spec.thresholds, spec.never_block)[0] != "allow"
+                           for probs in combined]
                 cells.append(f"{np.mean(flagged):.3f}" if cls is not None else f"{np.mean(flagged):.1%}")
         print(f"| {name} | " + " | ".join(cells) + " |")
     return 0

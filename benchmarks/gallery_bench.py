@@ -401,20 +401,21 @@ def known(embedder, cache: Path, negatives: int = 1500) -> dict:
 # scale
 
 
-def _rss_mb() -> float:
+def _status_mb(field: str) -> float:
+    """A memory line of /proc/self/status (VmRSS: now, VmHWM: peak) in MB; NaN where there is none."""
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _rss_mb() -> float:
+    return _status_mb("VmRSS")
 
 
 def _peak_rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return _status_mb("VmHWM")
 
 
 def real_centres(model: str, cache: Path) -> np.ndarray:

@@ -139,18 +139,18 @@ def panel_knots(labels: list[str], thresholds: dict, negatives, max_panels: int,
     (review, block) shares onto the model's thresholds."""
     scores, weights, _, _ = negatives.weighted()
     floor = max((p.floor for p in negatives.pools.values()), default=0.0)
+    columns = {}  # class index -> (its negatives' scores, [(threshold, share of negatives at or above it)])
+    for label, t in thresholds.items():
+        if label in negatives.classes and label in labels:
+            col = scores[:, negatives.classes.index(label)]
+            columns[labels.index(label)] = (col, [(b, float(weights[col >= b].sum())) for b in (t.review, t.block)
+                                                  if b is not None])
     out: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
     for k in range(2, max_panels + 1):
         per_class = {}
-        for label, t in thresholds.items():
-            if label not in negatives.classes or label not in labels:
-                continue
-            col = scores[:, negatives.classes.index(label)]
+        for c, (col, bases) in columns.items():
             xs, ys = [0.0], [0.0]
-            for base in (t.review, t.block):
-                if base is None:
-                    continue
-                share = float(weights[col >= base].sum())
+            for base, share in bases:
                 stricter = tail_threshold(col, weights, share * min(collage_rate, k) / k, floor) if share > 0 else base
                 x = 1.0 if stricter is None else min(1.0, max(base, stricter))
                 if x >= 1.0:  # no panel score below 1 may reach this threshold: all of (0, 1) maps below it
@@ -160,7 +160,7 @@ def panel_knots(labels: list[str], thresholds: dict, negatives, max_panels: int,
                 if x > xs[-1]:
                     xs.append(x)
                     ys.append(base)
-            per_class[labels.index(label)] = (np.array(xs + [1.0]), np.array(ys + [1.0]))
+            per_class[c] = (np.array(xs + [1.0]), np.array(ys + [1.0]))
         out[k] = per_class
     return out
 

@@ -108,6 +108,13 @@ def gather(data: list[str | Path], negatives: list[str | Path], split: str | Non
     return samples, sources, unknown
 
 
+def seeded_subset(n: int, limit: int | None, seed: int) -> np.ndarray:
+    """The indices ``--limit`` keeps of ``n`` images: a seeded random subset, in order (all when no limit)."""
+    if limit is None or limit >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).permutation(n)[:limit])
+
+
 def image_key(sample: Sample) -> str:
     """What seeds an image's conditions: stable across machines and across --limit."""
     return "/".join(sample.path.parts[-3:])
@@ -204,7 +211,7 @@ def robustness(
     thresholds, never_block, negative = spec.thresholds, spec.never_block, spec.negative_label
     samples, sources, unknown = gather(list(data), list(negatives), split, labels, negative)
     if limit is not None and limit < len(samples):
-        keep = np.sort(np.random.default_rng(seed).permutation(len(samples))[:limit])
+        keep = seeded_subset(len(samples), limit, seed)
         samples, sources = [samples[i] for i in keep], [sources[i] for i in keep]
     if unknown:
         print(f"labels unknown to the model (left out): {unknown}")
