@@ -241,6 +241,20 @@ def export(
 
 
 @app.command()
+def ensemble(
+    runs: list[Path] = typer.Argument(..., help="two or more run dirs (or best.pt) of one recipe, e.g. different seeds"),
+    out: Path = typer.Option(..., "--out", help="run dir to write (best.pt, calibration.json); export it like any run"),
+    data: list[Path] = typer.Option([], "--data", help="validation images (default: the runs' own)"),
+) -> None:
+    """Average the logits of several trainings into one model (one ONNX file once exported), then calibrate it."""
+    from training.calibrate import format_report
+    from training.ensemble import make_ensemble
+
+    report = make_ensemble(runs, out, [str(d) for d in data] or None, say=typer.echo)
+    typer.echo(format_report(report))
+
+
+@app.command()
 def explain(
     model: Path = typer.Argument(..., help="ONNX file with a cam output (wildcheck export), run dir or checkpoint"),
     images: list[Path] = typer.Argument(..., help="image files"),

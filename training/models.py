@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import timm
@@ -70,6 +71,59 @@ def load_offline_imagenet(model: nn.Module, name: str = "tf_efficientnet_lite0")
         raise RuntimeError(f"offline weights did not fit: missing {missing}, unexpected {unexpected}")
 
 
+PATTERN = re.compile(r"^ensemble(\d+):(.+)$")
+
+
+def ensemble_name(members: int, architecture: str) -> str:
+    """``ensemble4:tf_efficientnet_lite0``: what the spec's ``architecture`` says, and ``create_model`` reads."""
+    return f"ensemble{members}:{architecture}"
+
+
+def parse_name(name: str) -> tuple[int, str] | None:
+    """(members, member architecture) of an ensemble's name; None for a plain timm name."""
+    match = PATTERN.match(name)
+    return (int(match.group(1)), match.group(2)) if match else None
+
+
+class Ensemble(nn.Module):
+    """m classifiers of one timm architecture whose logits are the mean of theirs (``wildcheck ensemble``,
+    training/ensemble.py). Shaped like a timm classifier -- ``forward_features`` (the members' feature maps side
+    by side), average pooling, one ``Linear`` head holding the members' heads side by side, each divided by m --
+    so the export's class activation maps (the mean of the members') and gallery embedding (the members' pooled
+    features, concatenated) work unchanged."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        if len(members) < 2:
+            raise InvalidInput("an ensemble needs at least two members")
+        self.members = nn.ModuleList(members)
+        self.global_pool = members[0].global_pool  # timm's average pool + flatten (parameter-free)
+        self.num_features = sum(int(m.num_features) for m in members)
+        heads = [m.get_classifier() for m in members]
+        self.classifier = nn.Linear(self.num_features, heads[0].out_features)
+        self.sync_head()
+
+    @torch.no_grad()
+    def sync_head(self) -> None:
+        """The joint head from the members' heads: [W_1 ... W_m] / m and the mean bias."""
+        heads = [m.get_classifier() for m in self.members]
+        self.classifier.weight.copy_(torch.cat([h.weight for h in heads], dim=1) / len(heads))
+        self.classifier.bias.copy_(torch.stack([h.bias for h in heads]).mean(0))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m.forward_features(x) for m in self.members], dim=1)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        return x if pre_logits else self.classifier(x)
+
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
 def create_model(
     name: str,
     num_classes: int,
@@ -82,6 +136,12 @@ def create_model(
     pretrained: ``none`` (random init), ``offline`` (weights shipped in a package; EfficientNet-Lite0/1/2),
     ``hub`` (timm downloads them; needs internet) or a path to a state dict / wildcheck checkpoint.
     """
+    ensemble = parse_name(name)
+    if ensemble:  # trained runs averaged (training/ensemble.py): built empty, loaded from the checkpoint
+        if pretrained != "none":
+            raise InvalidInput(f"{name} is built from trained runs (wildcheck ensemble), not trained from {pretrained} weights")
+        members, member = ensemble
+        return Ensemble([create_model(member, num_classes, "none", drop_rate, drop_path_rate) for _ in range(members)])
     if not timm.is_model(name):
         raise InvalidInput(f"model.name {name!r} is no timm architecture; list them with "
                            "python -c 'import timm; print(timm.list_models(\"*lite*\"))'")

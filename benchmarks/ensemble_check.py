@@ -1,0 +1,155 @@
+"""Do averaged seeds beat one seed? Whole-photo ivory recall at a 1% flag budget, as is and under conditions.
+
+    python benchmarks/ensemble_check.py --arm "noise20=runs/N20a,runs/N20b,runs/N20c,runs/N20d" [--arm ...]
+        [--conditions clean,greyscale,crop,phone] [--unseen ROOT_OR_CSV ...] [--cache DIR]
+
+For each run (its ``best.pt``), the logits of every validation photo of the run (Met val + its pools' val
+splits, as calibration sees them) are computed once per condition (``training.conditions``, seeded) and
+cached in ``--cache`` as RUN_NAME.npz. Each arm then reports, over its runs taken alone, over every pair
+(logits averaged, as ``wildcheck ensemble`` does) and over all of them: the ivory recall and the share of
+negatives flagged at the score that flags 1% of the clean negatives, as is and under each condition
+(mean ± sd over runs or pairs). ``--unseen``: negatives from sources no run trained on (their val split,
+e.g. the pools' research-only sources), reported as the share flagged at that same score. Whole photo only (no collage panels): a quick screen before the full
+``wildcheck robustness`` report of the chosen ensemble.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def cache_logits(runs: list[Path], conditions: list[str], cache: Path) -> None:
+    """RUN.npz (one array of logits per condition) for each run not cached yet; meta.npz (labels, pools)."""
+    import torch
+
+    from training.conditions import default_conditions
+    from training.predict import TorchPredictor, decode_sample, run_samples
+
+    todo = [r for r in runs if not (cache / f"{r.name}.npz").is_file()]
+    if not todo:
+        return
+    torch.set_num_threads(2)
+    first = TorchPredictor(todo[0] / "best.pt", threads=2)
+    val, _ = run_samples(first.checkpoint, None)
+    decoded = [decode_sample(s, first.spec) for s in val]
+    kept = [(s, img) for s, img in zip(val, decoded) if not isinstance(img, str)]
+    images = [img for _, img in kept]
+    labels = first.spec.labels
+    np.savez(cache / "meta.npz", y=np.array([labels.index(s.label) for s, _ in kept]),
+             pools=np.array([s.pool or "validation" for s, _ in kept]), labels=np.array(labels))
+    known, pre = default_conditions(), first.spec.preprocessing
+    arrays = {}
+    with ThreadPoolExecutor(2) as pool:
+        for name in conditions:
+            rng = np.random.default_rng(0)
+            shown = images if name == "clean" else [known[name].apply(img, rng, images[:3]) for img in images]
+            arrays[name] = np.stack(list(pool.map(pre, shown))).astype(np.float16)  # preprocessed once for all runs
+    for run in todo:
+        predictor = TorchPredictor(run / "best.pt", threads=2)
+        logits = {name: np.concatenate([predictor.predict_logits(a[i:i + 64].astype(np.float32))
+                                        for i in range(0, len(a), 64)]) for name, a in arrays.items()}
+        np.savez(cache / f"{run.name}.npz", **logits)
+        print(f"cached {run.name}", flush=True)
+
+
+def cache_unseen(runs: list[Path], roots: list[str], cache: Path) -> None:
+    """RUN.unseen.npz: clean logits of the val images under ``roots`` (all taken as negatives), per run."""
+    import torch
+
+    from training.data.sources import load_samples, select_split
+    from training.predict import TorchPredictor, predict_samples
+
+    todo = [r for r in runs if not (cache / f"{r.name}.unseen.npz").is_file()]
+    samples = select_split(load_samples(roots), "val")
+    torch.set_num_threads(2)
+    for run in todo:
+        predictor = TorchPredictor(run / "best.pt", threads=2)
+        predictor.spec = predictor.spec.model_copy(update={"temperature": 1.0, "tiling": None})  # the cached logits' scale
+        probs, kept, _ = predict_samples(predictor, samples, desc=f"unseen {run.name}")
+        sources = np.array([s.source or str(Path(s.path).parent.name) for s in kept])
+        np.savez(cache / f"{run.name}.unseen.npz", logits=np.log(np.clip(probs, 1e-12, 1)), sources=sources)
+
+
+def recall_at_budget(score: dict[str, np.ndarray], positive: np.ndarray, conditions: list[str],
+                     budget: float = 0.01, unseen: np.ndarray | None = None) -> list[float]:
+    """[recall, negatives flagged] per condition at the clean score that flags ``budget`` of the negatives
+    (then the share of ``unseen`` negatives' scores above it)."""
+    negatives = np.sort(score["clean"][~positive])
+    threshold = negatives[int(np.ceil((1 - budget) * len(negatives))) - 1]
+    out = []
+    for name in conditions:
+        out += [float(np.mean(score[name][positive] > threshold)), float(np.mean(score[name][~positive] > threshold))]
+    if unseen is not None:
+        out.append(float(np.mean(unseen > threshold)))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arm", action="append", required=True, help="NAME=RUN1,RUN2,... (runs of one recipe)")
+    ap.add_argument("--conditions", default="clean,greyscale,crop,phone")
+    ap.add_argument("--cache", default=str(REPO / "runs" / "ensemble_check"))
+    ap.add_argument("--label", default="ivory", help="the protected class scored")
+    ap.add_argument("--unseen", action="append", default=[], help="negatives no run trained on (a root or CSV manifest)")
+    args = ap.parse_args()
+    conditions = args.conditions.split(",")
+    if conditions[0] != "clean":
+        conditions = ["clean"] + [c for c in conditions if c != "clean"]
+    arms = {}
+    for spec in args.arm:
+        name, _, runs = spec.partition("=")
+        arms[name] = [Path(r) for r in runs.split(",")]
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    cache_logits([r for runs in arms.values() for r in runs], conditions, cache)
+    if args.unseen:
+        cache_unseen([r for runs in arms.values() for r in runs], args.unseen, cache)
+    meta = np.load(cache / "meta.npz")
+    labels = list(meta["labels"])
+    c = labels.index(args.label)
+    positive = meta["y"] == c
+    logits = {r.name: np.load(cache / f"{r.name}.npz") for runs in arms.values() for r in runs}
+
+    def score(names: tuple[str, ...]) -> dict[str, np.ndarray]:  # averaged logits -> the class's margin
+        out = {}
+        for cond in conditions:
+            mean = np.mean([logits[n][cond] for n in names], axis=0)
+            out[cond] = mean[:, c] - np.delete(mean, c, axis=1).max(1)
+        return out
+
+    def unseen(names: tuple[str, ...]) -> np.ndarray | None:  # log-probabilities average like logits for 2 classes
+        if not args.unseen:
+            return None
+        mean = np.mean([np.load(cache / f"{n}.unseen.npz")["logits"] for n in names], axis=0)
+        return mean[:, c] - np.delete(mean, c, axis=1).max(1)
+
+    header = " | ".join(f"{cond} recall | {cond} negatives flagged" for cond in conditions)
+    header += " | unseen negatives flagged" if args.unseen else ""
+    print(f"| arm | models | {header} |\n|---|---|" + "---|" * (2 * len(conditions) + bool(args.unseen)))
+    for name, runs in arms.items():
+        names = [r.name for r in runs]
+        for what, groups in (("1", [(n,) for n in names]), ("2 averaged", list(itertools.combinations(names, 2))),
+                             (f"{len(names)} averaged", [tuple(names)] if len(names) > 2 else [])):
+            if not groups:
+                continue
+            rows = [recall_at_budget(score(g), positive, conditions, unseen=unseen(g)) for g in groups]
+            cells = []
+            for col in zip(*rows):
+                sd = f" ± {statistics.stdev(col):.3f}" if len(col) > 1 else ""
+                cells.append(f"{statistics.mean(col):.3f}{sd}")
+            print(f"| {name} | {what} ({len(groups)}) | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""`wildcheck ensemble`: trainings of one recipe averaged into one model that calibrates, exports and explains."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from serving.runtime import OnnxModel
+from tests.conftest import photo, tiny_config
+
+
+@pytest.fixture(scope="module")
+def second_run(tmp_path_factory, synth_root):
+    """The session's trained run's recipe with another seed (one epoch: its weights only need to differ)."""
+    from training.train import train
+
+    out = tmp_path_factory.mktemp("run_seed2")
+    train([str(synth_root)], out, tiny_config(epochs=1, seed=2))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ensemble_run(trained_run, second_run, tmp_path_factory):
+    from training.ensemble import make_ensemble
+
+    out = tmp_path_factory.mktemp("ensemble")
+    make_ensemble([trained_run, second_run], out)
+    return out
+
+
+def test_logits_are_the_members_mean_and_cams_average(trained_run, second_run):
+    from training.cam import WithCam
+    from training.checkpoint import Checkpoint
+    from training.models import Ensemble
+    from training.models import create_model
+
+    members = []
+    for run in (trained_run, second_run):
+        ck = Checkpoint.load(run / "best.pt")
+        m = create_model(ck.spec.architecture, len(ck.spec.labels), pretrained="none")
+        m.load_state_dict(ck.weights)
+        members.append(m.eval())
+    ensemble = Ensemble(members).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.inference_mode():
+        expected = torch.stack([m(x) for m in members]).mean(0)
+        assert not torch.allclose(members[0](x), members[1](x))  # two different models, or the test proves nothing
+        torch.testing.assert_close(ensemble(x), expected, atol=1e-5, rtol=1e-5)
+        logits, cam = WithCam(ensemble)(x)
+        member_cams = torch.stack([WithCam(m)(x)[1] for m in members]).mean(0)
+    torch.testing.assert_close(cam, member_cams, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cam.mean((2, 3)), logits, atol=1e-5, rtol=1e-5)  # a CAM's mean is its logit
+
+
+def test_ensemble_run_is_calibrated_and_exports_one_file(ensemble_run, trained_run, tmp_path):
+    from training.checkpoint import Checkpoint
+    from training.export import export
+
+    ck = Checkpoint.load(ensemble_run / "best.pt")
+    assert ck.spec.architecture == "ensemble2:" + Checkpoint.load(trained_run / "best.pt").spec.architecture
+    assert [m["seed"] for m in ck.spec.training_data["ensemble"]] == [42, 2]
+    assert ck.spec.metrics["val"]["n"] > 0 and "balanced_accuracy" in ck.spec.metrics["val"]
+    assert ck.spec.metrics["calibration"]["thresholds"]  # thresholds solved for the ensemble itself
+    assert (ensemble_run / "calibration.json").is_file()
+
+    out = tmp_path / "ensemble.onnx"
+    report = export(ensemble_run, out, version="1.0.0")
+    assert report["parity"]["max_abs_diff"] < 1e-4 and not report["parity"]["top1_mismatches"]
+    model = OnnxModel(out)
+    assert model.contract.architecture.startswith("ensemble2:")
+    assert model.contract.embedding.size == 2 * 1280  # both members' pooled features
+    assert model.contract.cam is not None  # heat maps survive the averaging
+    x = np.stack([model.contract.preprocessing(photo(s)) for s in range(2)])
+    logits, cam = model.predict_with_cam(x)
+    np.testing.assert_allclose(cam.mean((2, 3)), logits, atol=1e-4)
+
+
+def test_runs_of_different_recipes_are_refused(trained_run, tmp_path, synth_root):
+    from training.ensemble import EnsembleError, build
+    from training.train import train
+
+    other = tmp_path / "other"
+    train([str(synth_root)], other, tiny_config(img_size=48, epochs=1))
+    with pytest.raises(EnsembleError, match="preprocessing"):
+        build([trained_run, other], tmp_path / "bad")
+    with pytest.raises(EnsembleError, match="twice"):
+        build([trained_run, trained_run], tmp_path / "bad2")
+    assert not (tmp_path / "bad" / "best.pt").exists() and not (tmp_path / "bad2" / "best.pt").exists()
+
+
+def test_cli_ensemble_then_refuses_to_nest(ensemble_run, trained_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    result = CliRunner().invoke(app, ["ensemble", str(ensemble_run), str(trained_run), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "ensemble already" in result.output

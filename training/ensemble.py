@@ -1,0 +1,101 @@
+"""Several trainings of one recipe as one model: ``wildcheck ensemble RUN1 RUN2 ... --out RUN``.
+
+Runs that differ only in their seed make partly different mistakes, and the mean of their logits
+(``training.models.Ensemble``) cancels the part that differs: at the same flag budget on the validation
+negatives it finds more ivory, as is and under listing conditions. Mistakes the runs share stay -- photos of a
+kind none of them trained on (prints, jewellery) are flagged as often or more (benchmarks/README.md, "Averaged
+seeds"). The result is a run dir with a ``best.pt`` like any other, validated and calibrated afresh, so it
+exports to one self-contained ONNX file whose outputs (logits, heat maps, embedding) keep their meaning.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from serving.errors import InvalidInput
+from training.checkpoint import Checkpoint, initial_spec, weights_hash
+from training.models import Ensemble, create_model, ensemble_name, parse_name
+
+
+class EnsembleError(InvalidInput):
+    """The runs cannot be averaged: different labels, preprocessing, architecture or tiling."""
+
+
+
+def build(runs: list[str | Path], out: str | Path, say=print) -> Path:
+    """Average the runs' best checkpoints into ``out``/best.pt (uncalibrated: the caller calibrates)."""
+    from training.fileio import atomic_write_text
+    from training.predict import resolve_checkpoint
+
+    paths = [resolve_checkpoint(r) for r in runs]
+    if len(paths) < 2:
+        raise EnsembleError("an ensemble needs at least two runs")
+    checkpoints = [Checkpoint.load(p) for p in paths]
+    first = checkpoints[0]
+    nested = [str(p) for p, ck in zip(paths, checkpoints) if parse_name(ck.spec.architecture)]
+    if nested:
+        raise EnsembleError(f"{', '.join(nested)}: an ensemble already; list its runs instead")
+    for path, ck in zip(paths[1:], checkpoints[1:]):
+        for field in ("labels", "negative_label", "preprocessing", "architecture", "tiling"):
+            if getattr(ck.spec, field) != getattr(first.spec, field):
+                raise EnsembleError(f"{path} differs from {paths[0]} in {field}: "
+                                    f"{getattr(ck.spec, field)!r} vs {getattr(first.spec, field)!r}; "
+                                    "only runs of one recipe (different seeds) can be averaged")
+    hashes = [weights_hash(ck.weights) for ck in checkpoints]
+    if len(set(hashes)) < len(hashes):
+        raise EnsembleError("the same weights are listed twice")
+    labels = first.spec.labels
+    members = []
+    for ck in checkpoints:
+        member = create_model(ck.spec.architecture, len(labels), pretrained="none")
+        member.load_state_dict(ck.weights)
+        members.append(member)
+    model = Ensemble(members).eval()
+    config = first.config.model_copy(deep=True)
+    config.model.name = ensemble_name(len(members), first.spec.architecture)
+    training_data = {**first.spec.training_data,
+                     "ensemble": [{"run": str(p.parent), "seed": ck.config.train.seed, "epoch": ck.epoch,
+                                   "val_balanced_accuracy": ck.val_metrics.get("balanced_accuracy")}
+                                  for p, ck in zip(paths, checkpoints)]}
+    spec = initial_spec(config, labels, first.spec.preprocessing, training_data)
+    ensemble = Checkpoint(spec=spec, weights=model.state_dict(), epoch=max(ck.epoch for ck in checkpoints),
+                          val_metrics={}, config=config, data_roots=first.data_roots, ema=first.ema)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ensemble.save(out / "best.pt")
+    atomic_write_text(out / "labels.json", __import__("json").dumps(labels))
+    say(f"wrote {out / 'best.pt'}: {len(members)} x {first.spec.architecture}, logits averaged")
+    return out / "best.pt"
+
+
+def validate(path: Path, data: list[str] | None = None) -> dict:
+    """The ensemble's validation metrics on its runs' validation images (what training records per epoch),
+    written into the checkpoint so the exported contract publishes them like any run's."""
+    import numpy as np
+
+    from training.checkpoint import published_metrics
+    from training.metrics import compute_metrics
+    from training.predict import TorchPredictor, predict_samples, run_samples
+
+    predictor = TorchPredictor(path)
+    ck = predictor.checkpoint
+    val, _ = run_samples(ck, data)
+    probs, kept, _ = predict_samples(predictor, val, desc="validation")
+    index = {label: i for i, label in enumerate(ck.spec.labels)}
+    metrics = compute_metrics(np.array([index[s.label] for s in kept]), probs, ck.spec.labels)
+    ck.val_metrics = metrics
+    ck.spec = ck.spec.model_copy(update={"metrics": published_metrics(metrics)})
+    ck.save(path)
+    return metrics
+
+
+def make_ensemble(runs: list[str | Path], out: str | Path, data: list[str] | None = None, say=print) -> dict:
+    """``wildcheck ensemble``: build, validate and calibrate (the thresholds are the ensemble's own, solved on
+    the same validation images and budgets as its members'). Returns the calibration report."""
+    from training.calibrate import calibrate
+
+    path = build(runs, out, say)
+    metrics = validate(path, data)
+    say(f"validation: balanced accuracy {metrics['balanced_accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
+        f"on {metrics['n']} images")
+    return calibrate(path.parent, data)
