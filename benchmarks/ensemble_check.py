@@ -3,13 +3,14 @@
     python benchmarks/ensemble_check.py --arm "noise20=runs/N20a,runs/N20b,runs/N20c,runs/N20d" [--arm ...]
         [--conditions clean,greyscale,crop,phone] [--unseen ROOT_OR_CSV ...] [--cache DIR]
 
-For each run (its ``best.pt``), the logits of every validation photo of the run (Met val + its pools' val
+For each run (its ``best.pt``, or an exported ONNX file: a shipped model), the logits of every validation photo of the run (Met val + its pools' val
 splits, as calibration sees them) are computed once per condition (``training.conditions``, seeded) and
 cached in ``--cache`` as RUN_NAME.npz. Each arm then reports, over its runs taken alone, over every pair
 (logits averaged, as ``wildcheck ensemble`` does) and over all of them: the ivory recall and the share of
 negatives flagged at the score that flags 1% of the clean negatives, as is and under each condition
 (mean ± sd over runs or pairs). ``--unseen``: negatives from sources no run trained on (their val split,
-e.g. the pools' research-only sources), reported as the share flagged at that same score. Whole photo only (no collage panels): a quick screen before the full
+e.g. the pools' research-only sources), reported as the share flagged at that same score, and the clean
+recall when the 1% budget counts them among the negatives. Whole photo only (no collage panels): a quick screen before the full
 ``wildcheck robustness`` report of the chosen ensemble.
 """
 
@@ -28,6 +29,24 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+def key(run: Path) -> str:
+    """A run's name in the cache: its folder's name, or for an ONNX file its folder's and its own."""
+    return f"{run.parent.name}_{run.stem}" if run.suffix == ".onnx" else run.name
+
+
+def predictor_of(run: Path):
+    """A run dir's best.pt, or an ONNX file, as a predictor scoring at temperature 1 on the whole photo."""
+    from training.predict import TorchPredictor, load_predictor
+
+    if run.suffix == ".onnx":
+        model = load_predictor(run, threads=2)
+        model.contract = model.contract.model_copy(update={"temperature": 1.0, "tiling": None})
+        return model
+    model = TorchPredictor(run / "best.pt", threads=2)
+    model.spec = model.spec.model_copy(update={"temperature": 1.0, "tiling": None})
+    return model
+
+
 def cache_logits(runs: list[Path], conditions: list[str], cache: Path) -> None:
     """RUN.npz (one array of logits per condition) for each run not cached yet; meta.npz (labels, pools)."""
     import torch
@@ -35,11 +54,14 @@ def cache_logits(runs: list[Path], conditions: list[str], cache: Path) -> None:
     from training.conditions import default_conditions
     from training.predict import TorchPredictor, decode_sample, run_samples
 
-    todo = [r for r in runs if not (cache / f"{r.name}.npz").is_file()]
+    todo = [r for r in runs if not (cache / f"{key(r)}.npz").is_file()]
     if not todo:
         return
     torch.set_num_threads(2)
-    first = TorchPredictor(todo[0] / "best.pt", threads=2)
+    first = next((r for r in runs if r.suffix != ".onnx"), None)
+    if first is None:
+        raise SystemExit("name at least one run dir: its checkpoint says which validation photos to score")
+    first = TorchPredictor(first / "best.pt", threads=2)
     val, _ = run_samples(first.checkpoint, None)
     decoded = [decode_sample(s, first.spec) for s in val]
     kept = [(s, img) for s, img in zip(val, decoded) if not isinstance(img, str)]
@@ -55,11 +77,11 @@ def cache_logits(runs: list[Path], conditions: list[str], cache: Path) -> None:
             shown = images if name == "clean" else [known[name].apply(img, rng, images[:3]) for img in images]
             arrays[name] = np.stack(list(pool.map(pre, shown))).astype(np.float16)  # preprocessed once for all runs
     for run in todo:
-        predictor = TorchPredictor(run / "best.pt", threads=2)
+        predictor = predictor_of(run)
         logits = {name: np.concatenate([predictor.predict_logits(a[i:i + 64].astype(np.float32))
                                         for i in range(0, len(a), 64)]) for name, a in arrays.items()}
-        np.savez(cache / f"{run.name}.npz", **logits)
-        print(f"cached {run.name}", flush=True)
+        np.savez(cache / f"{key(run)}.npz", **logits)
+        print(f"cached {key(run)}", flush=True)
 
 
 def cache_unseen(runs: list[Path], roots: list[str], cache: Path) -> None:
@@ -67,17 +89,15 @@ def cache_unseen(runs: list[Path], roots: list[str], cache: Path) -> None:
     import torch
 
     from training.data.sources import load_samples, select_split
-    from training.predict import TorchPredictor, predict_samples
+    from training.predict import predict_samples
 
-    todo = [r for r in runs if not (cache / f"{r.name}.unseen.npz").is_file()]
+    todo = [r for r in runs if not (cache / f"{key(r)}.unseen.npz").is_file()]
     samples = select_split(load_samples(roots), "val")
     torch.set_num_threads(2)
-    for run in todo:
-        predictor = TorchPredictor(run / "best.pt", threads=2)
-        predictor.spec = predictor.spec.model_copy(update={"temperature": 1.0, "tiling": None})  # the cached logits' scale
-        probs, kept, _ = predict_samples(predictor, samples, desc=f"unseen {run.name}")
+    for run in todo:  # temperature 1: the cached logits' scale
+        probs, kept, _ = predict_samples(predictor_of(run), samples, desc=f"unseen {key(run)}")
         sources = np.array([s.source or str(Path(s.path).parent.name) for s in kept])
-        np.savez(cache / f"{run.name}.unseen.npz", logits=np.log(np.clip(probs, 1e-12, 1)), sources=sources)
+        np.savez(cache / f"{key(run)}.unseen.npz", logits=np.log(np.clip(probs, 1e-12, 1)), sources=sources)
 
 
 def recall_at_budget(score: dict[str, np.ndarray], positive: np.ndarray, conditions: list[str],
@@ -89,8 +109,10 @@ def recall_at_budget(score: dict[str, np.ndarray], positive: np.ndarray, conditi
     out = []
     for name in conditions:
         out += [float(np.mean(score[name][positive] > threshold)), float(np.mean(score[name][~positive] > threshold))]
-    if unseen is not None:
-        out.append(float(np.mean(unseen > threshold)))
+    if unseen is not None:  # then the clean recall with the unseen photos counted among the budget's negatives
+        everything = np.sort(np.concatenate([score["clean"][~positive], unseen]))
+        wide = everything[int(np.ceil((1 - budget) * len(everything))) - 1]
+        out += [float(np.mean(unseen > threshold)), float(np.mean(score["clean"][positive] > wide))]
     return out
 
 
@@ -118,7 +140,7 @@ def main() -> int:
     labels = list(meta["labels"])
     c = labels.index(args.label)
     positive = meta["y"] == c
-    logits = {r.name: np.load(cache / f"{r.name}.npz") for runs in arms.values() for r in runs}
+    logits = {key(r): np.load(cache / f"{key(r)}.npz") for runs in arms.values() for r in runs}
 
     def score(names: tuple[str, ...]) -> dict[str, np.ndarray]:  # averaged logits -> the class's margin
         out = {}
@@ -134,10 +156,10 @@ def main() -> int:
         return mean[:, c] - np.delete(mean, c, axis=1).max(1)
 
     header = " | ".join(f"{cond} recall | {cond} negatives flagged" for cond in conditions)
-    header += " | unseen negatives flagged" if args.unseen else ""
-    print(f"| arm | models | {header} |\n|---|---|" + "---|" * (2 * len(conditions) + bool(args.unseen)))
+    header += " | unseen negatives flagged | clean recall, budget over all negatives" if args.unseen else ""
+    print(f"| arm | models | {header} |\n|---|---|" + "---|" * (2 * len(conditions) + 2 * bool(args.unseen)))
     for name, runs in arms.items():
-        names = [r.name for r in runs]
+        names = [key(r) for r in runs]
         for what, groups in (("1", [(n,) for n in names]), ("2 averaged", list(itertools.combinations(names, 2))),
                              (f"{len(names)} averaged", [tuple(names)] if len(names) > 2 else [])):
             if not groups:

@@ -32,12 +32,14 @@ def test_shipped_contract():
 
     c = read_contract(SHIPPED)
     assert c.labels == ["ivory", "other"] and c.negative_label == "other"
-    assert c.model_name == "wildcheck-ivory" and c.model_version.startswith("1.2.0+")
+    assert c.model_name == "wildcheck-ivory" and c.model_version.startswith("1.3.0+")
+    assert c.architecture == "ensemble2:tf_efficientnet_lite0"  # two seeds' logits averaged (wildcheck ensemble)
+    assert [m["seed"] for m in c.training_data["ensemble"]] == [42, 7]
     assert c.tiling is not None and c.tiling.mode == "panels"  # a collage's panels are scored too
     t = c.thresholds["ivory"]
     assert 0.0 < t.review <= t.block <= 1.0
     assert c.metrics and c.training_data
-    assert SHIPPED.stat().st_size < 20_000_000  # FP32 ~14 MB, INT8 ~4 MB
+    assert SHIPPED.stat().st_size < 30_000_000  # FP32, two EfficientNet-Lite0: ~27 MB
     assert (REPO / "models" / "model_card.md").is_file()
 
 

@@ -54,7 +54,7 @@ def build(runs: list[str | Path], out: str | Path, say=print) -> Path:
     config = first.config.model_copy(deep=True)
     config.model.name = ensemble_name(len(members), first.spec.architecture)
     training_data = {**first.spec.training_data,
-                     "ensemble": [{"run": str(p.parent), "seed": ck.config.train.seed, "epoch": ck.epoch,
+                     "ensemble": [{"run": p.parent.name, "seed": ck.config.train.seed, "epoch": ck.epoch,
                                    "val_balanced_accuracy": ck.val_metrics.get("balanced_accuracy")}
                                   for p, ck in zip(paths, checkpoints)]}
     spec = initial_spec(config, labels, first.spec.preprocessing, training_data)
