@@ -86,6 +86,10 @@ def test_runs_of_different_recipes_are_refused(trained_run, tmp_path, synth_root
         build([trained_run, other], tmp_path / "bad")
     with pytest.raises(EnsembleError, match="twice"):
         build([trained_run, trained_run], tmp_path / "bad2")
+    before = (trained_run / "best.pt").read_bytes()
+    with pytest.raises(EnsembleError, match="one of the runs"):  # would overwrite a member's best.pt
+        build([other, trained_run], trained_run)
+    assert (trained_run / "best.pt").read_bytes() == before
     assert not (tmp_path / "bad" / "best.pt").exists() and not (tmp_path / "bad2" / "best.pt").exists()
 
 

@@ -10,6 +10,7 @@ exports to one self-contained ONNX file whose outputs (logits, heat maps, embedd
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from serving.errors import InvalidInput
@@ -21,7 +22,6 @@ class EnsembleError(InvalidInput):
     """The runs cannot be averaged: different labels, preprocessing, architecture or tiling."""
 
 
-
 def build(runs: list[str | Path], out: str | Path, say=print) -> Path:
     """Average the runs' best checkpoints into ``out``/best.pt (uncalibrated: the caller calibrates)."""
     from training.fileio import atomic_write_text
@@ -30,6 +30,10 @@ def build(runs: list[str | Path], out: str | Path, say=print) -> Path:
     paths = [resolve_checkpoint(r) for r in runs]
     if len(paths) < 2:
         raise EnsembleError("an ensemble needs at least two runs")
+    out = Path(out)
+    clobbered = [str(p.parent) for p in paths if p.parent.resolve() == out.resolve()]
+    if clobbered:
+        raise EnsembleError(f"--out {out} is one of the runs ({clobbered[0]}): name a new folder for the ensemble")
     checkpoints = [Checkpoint.load(p) for p in paths]
     first = checkpoints[0]
     nested = [str(p) for p, ck in zip(paths, checkpoints) if parse_name(ck.spec.architecture)]
@@ -60,10 +64,9 @@ def build(runs: list[str | Path], out: str | Path, say=print) -> Path:
     spec = initial_spec(config, labels, first.spec.preprocessing, training_data)
     ensemble = Checkpoint(spec=spec, weights=model.state_dict(), epoch=max(ck.epoch for ck in checkpoints),
                           val_metrics={}, config=config, data_roots=first.data_roots, ema=first.ema)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ensemble.save(out / "best.pt")
-    atomic_write_text(out / "labels.json", __import__("json").dumps(labels))
+    atomic_write_text(out / "labels.json", json.dumps(labels))
     say(f"wrote {out / 'best.pt'}: {len(members)} x {first.spec.architecture}, logits averaged")
     return out / "best.pt"
 
