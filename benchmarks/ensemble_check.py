@@ -100,18 +100,22 @@ def cache_unseen(runs: list[Path], roots: list[str], cache: Path) -> None:
         np.savez(cache / f"{key(run)}.unseen.npz", logits=np.log(np.clip(probs, 1e-12, 1)), sources=sources)
 
 
+def budget_threshold(negatives: np.ndarray, budget: float) -> float:
+    """The score above which at most ``budget`` of ``negatives`` lie."""
+    ordered = np.sort(negatives)
+    return ordered[int(np.ceil((1 - budget) * len(ordered))) - 1]
+
+
 def recall_at_budget(score: dict[str, np.ndarray], positive: np.ndarray, conditions: list[str],
                      budget: float = 0.01, unseen: np.ndarray | None = None) -> list[float]:
     """[recall, negatives flagged] per condition at the clean score that flags ``budget`` of the negatives
     (then the share of ``unseen`` negatives' scores above it)."""
-    negatives = np.sort(score["clean"][~positive])
-    threshold = negatives[int(np.ceil((1 - budget) * len(negatives))) - 1]
+    threshold = budget_threshold(score["clean"][~positive], budget)
     out = []
     for name in conditions:
         out += [float(np.mean(score[name][positive] > threshold)), float(np.mean(score[name][~positive] > threshold))]
     if unseen is not None:  # then the clean recall with the unseen photos counted among the budget's negatives
-        everything = np.sort(np.concatenate([score["clean"][~positive], unseen]))
-        wide = everything[int(np.ceil((1 - budget) * len(everything))) - 1]
+        wide = budget_threshold(np.concatenate([score["clean"][~positive], unseen]), budget)
         out += [float(np.mean(unseen > threshold)), float(np.mean(score["clean"][positive] > wide))]
     return out
 

@@ -146,6 +146,12 @@ def calibrate(run: str | Path, data: list[str] | None = None, decision_overrides
     probs, kept, _ = predict_samples(predictor, val, desc="calibration")
     index = {label: i for i, label in enumerate(ckpt.spec.labels)}
     y = np.array([index[s.label] for s in kept])
+    if not ckpt.val_metrics:  # a checkpoint no training validated (training.ensemble): these scores are its validation
+        from training.checkpoint import published_metrics
+        from training.metrics import compute_metrics
+
+        ckpt.val_metrics = compute_metrics(y, probs, ckpt.spec.labels)
+        ckpt.spec = ckpt.spec.model_copy(update={"metrics": published_metrics(ckpt.val_metrics)})
     ckpt.spec, report = calibrated_spec(ckpt.spec, probs, y, [s.pool or "validation" for s in kept], decision)
     ckpt.config = ckpt.config.model_copy(update={"decision": decision})
     calibrated = report.pop("calibrated")

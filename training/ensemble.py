@@ -4,7 +4,7 @@ Runs that differ only in their seed make partly different mistakes, and the mean
 (``training.models.Ensemble``) cancels the part that differs: at the same flag budget on the validation
 negatives it finds more ivory, as is and under listing conditions. Mistakes the runs share stay -- photos of a
 kind none of them trained on (prints, jewellery) are flagged as often or more (benchmarks/README.md, "Averaged
-seeds"). The result is a run dir with a ``best.pt`` like any other, validated and calibrated afresh, so it
+seeds"). The result is a run dir with a ``best.pt`` like any other, calibrated (and so validated) afresh, so it
 exports to one self-contained ONNX file whose outputs (logits, heat maps, embedding) keep their meaning.
 """
 
@@ -71,34 +71,15 @@ def build(runs: list[str | Path], out: str | Path, say=print) -> Path:
     return out / "best.pt"
 
 
-def validate(path: Path, data: list[str] | None = None) -> dict:
-    """The ensemble's validation metrics on its runs' validation images (what training records per epoch),
-    written into the checkpoint so the exported contract publishes them like any run's."""
-    import numpy as np
-
-    from training.checkpoint import published_metrics
-    from training.metrics import compute_metrics
-    from training.predict import TorchPredictor, predict_samples, run_samples
-
-    predictor = TorchPredictor(path)
-    ck = predictor.checkpoint
-    val, _ = run_samples(ck, data)
-    probs, kept, _ = predict_samples(predictor, val, desc="validation")
-    index = {label: i for i, label in enumerate(ck.spec.labels)}
-    metrics = compute_metrics(np.array([index[s.label] for s in kept]), probs, ck.spec.labels)
-    ck.val_metrics = metrics
-    ck.spec = ck.spec.model_copy(update={"metrics": published_metrics(metrics)})
-    ck.save(path)
-    return metrics
-
-
 def make_ensemble(runs: list[str | Path], out: str | Path, data: list[str] | None = None, say=print) -> dict:
-    """``wildcheck ensemble``: build, validate and calibrate (the thresholds are the ensemble's own, solved on
-    the same validation images and budgets as its members'). Returns the calibration report."""
+    """``wildcheck ensemble``: build, then calibrate, whose one pass over the validation images also records the
+    ensemble's validation metrics (the thresholds are its own, solved on the same validation images and budgets
+    as its members'). Returns the calibration report."""
     from training.calibrate import calibrate
 
     path = build(runs, out, say)
-    metrics = validate(path, data)
+    report = calibrate(path.parent, data)
+    metrics = Checkpoint.load(path).val_metrics
     say(f"validation: balanced accuracy {metrics['balanced_accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
         f"on {metrics['n']} images")
-    return calibrate(path.parent, data)
+    return report

@@ -71,7 +71,7 @@ def load_offline_imagenet(model: nn.Module, name: str = "tf_efficientnet_lite0")
         raise RuntimeError(f"offline weights did not fit: missing {missing}, unexpected {unexpected}")
 
 
-PATTERN = re.compile(r"^ensemble(\d+):(.+)$")
+_ENSEMBLE_NAME = re.compile(r"^ensemble(\d+):(.+)$")
 
 
 def ensemble_name(members: int, architecture: str) -> str:
@@ -81,7 +81,7 @@ def ensemble_name(members: int, architecture: str) -> str:
 
 def parse_name(name: str) -> tuple[int, str] | None:
     """(members, member architecture) of an ensemble's name; None for a plain timm name."""
-    match = PATTERN.match(name)
+    match = _ENSEMBLE_NAME.match(name)
     return (int(match.group(1)), match.group(2)) if match else None
 
 
