@@ -100,3 +100,20 @@ def test_cli_ensemble_then_refuses_to_nest(ensemble_run, trained_run, tmp_path):
 
     result = CliRunner().invoke(app, ["ensemble", str(ensemble_run), str(trained_run), "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "ensemble already" in result.output
+
+
+def test_cli_ensemble_bad_runs_exit_2_and_write_nothing(trained_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    corrupt, empty = tmp_path / "corrupt", tmp_path / "empty"
+    for folder, content in ((corrupt, b"not a checkpoint"), (empty, b"")):
+        folder.mkdir()
+        (folder / "best.pt").write_bytes(content)
+    for bad, says in ((tmp_path / "missing", "no such run dir"), (corrupt, "not a readable wildcheck checkpoint"),
+                      (empty, "not a readable wildcheck checkpoint")):
+        out = tmp_path / f"out_{bad.name}"
+        result = CliRunner().invoke(app, ["ensemble", str(trained_run), str(bad), "--out", str(out)])
+        assert result.exit_code == 2 and says in result.output, result.output
+        assert not out.exists()

@@ -11,7 +11,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from serving.errors import MissingInput
+from serving.errors import InvalidInput, MissingInput
 
 
 def _umask() -> int:
@@ -68,12 +68,18 @@ def atomic_onnx_save(model, path: str | Path) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Load a wildcheck checkpoint safely (tensors and plain containers only)."""
+    """Load a wildcheck checkpoint safely (tensors and plain containers only); a file torch cannot read that
+    way (truncated, not a checkpoint, or holding code) is a client error, not a traceback."""
+    import pickle
+
     import torch
 
     path = Path(path)
     if not path.is_file():
         raise MissingInput(f"checkpoint {path} not found")
-    import torch
-
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InvalidInput(f"{path} is not a readable wildcheck checkpoint ({reason}); "
+                           "pass a run dir or the best.pt that `wildcheck train` wrote") from exc
