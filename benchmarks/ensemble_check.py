@@ -29,6 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+SEEDING = "per-image"  # condition_rng(0, condition, image_key) per photo; caches before it drew from one generator
+
+
 def key(run: Path) -> str:
     """A run's name in the cache: its folder's name, or for an ONNX file its folder's and its own."""
     return f"{run.parent.name}_{run.stem}" if run.suffix == ".onnx" else run.name
@@ -47,11 +50,23 @@ def predictor_of(run: Path):
     return model
 
 
+def condition_images(name: str, kept: list) -> list:
+    """The photos of ``kept`` ((sample, image) pairs) under condition ``name``, each drawn from its own generator
+    as `wildcheck robustness` seeds it (seed 0): a photo looks the same whatever else is screened with it."""
+    from training.conditions import condition_rng, default_conditions
+    from training.robustness import image_key
+
+    images = [img for _, img in kept]
+    if name == "clean":
+        return images
+    condition = default_conditions()[name]
+    return [condition.apply(img, condition_rng(0, name, image_key(sample)), images[:3]) for sample, img in kept]
+
+
 def cache_logits(runs: list[Path], conditions: list[str], cache: Path) -> None:
     """RUN.npz (one array of logits per condition) for each run not cached yet; meta.npz (labels, pools)."""
     import torch
 
-    from training.conditions import default_conditions
     from training.predict import TorchPredictor, decode_sample, run_samples
 
     todo = [r for r in runs if not (cache / f"{key(r)}.npz").is_file()]
@@ -65,16 +80,14 @@ def cache_logits(runs: list[Path], conditions: list[str], cache: Path) -> None:
     val, _ = run_samples(first.checkpoint, None)
     decoded = [decode_sample(s, first.spec) for s in val]
     kept = [(s, img) for s, img in zip(val, decoded) if not isinstance(img, str)]
-    images = [img for _, img in kept]
     labels = first.spec.labels
     np.savez(cache / "meta.npz", y=np.array([labels.index(s.label) for s, _ in kept]),
-             pools=np.array([s.pool or "validation" for s, _ in kept]), labels=np.array(labels))
-    known, pre = default_conditions(), first.spec.preprocessing
-    arrays = {}
+             pools=np.array([s.pool or "validation" for s, _ in kept]), labels=np.array(labels),
+             seeding=np.array(SEEDING))
+    pre, arrays = first.spec.preprocessing, {}
     with ThreadPoolExecutor(2) as pool:
         for name in conditions:
-            rng = np.random.default_rng(0)
-            shown = images if name == "clean" else [known[name].apply(img, rng, images[:3]) for img in images]
+            shown = condition_images(name, kept)
             arrays[name] = np.stack(list(pool.map(pre, shown))).astype(np.float16)  # preprocessed once for all runs
     for run in todo:
         predictor = predictor_of(run)
@@ -137,6 +150,9 @@ def main() -> int:
         arms[name] = [Path(r) for r in runs.split(",")]
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
+    if (cache / "meta.npz").is_file() and "seeding" not in np.load(cache / "meta.npz").files:
+        raise SystemExit(f"{cache} holds logits of conditions seeded the old way (one generator for all photos): "
+                         "name a new --cache")
     cache_logits([r for runs in arms.values() for r in runs], conditions, cache)
     if args.unseen:
         cache_unseen([r for runs in arms.values() for r in runs], args.unseen, cache)

@@ -78,6 +78,8 @@ def main() -> int:
                         help="a seeded random subset of this many val images for the report (CPU budgets)")
     parser.add_argument("--no-train", action="store_true", help="evaluate the run in --out (or --model) without training")
     parser.add_argument("--model", default=None, help="with --no-train: an ONNX file or run dir to evaluate")
+    parser.add_argument("--init-from", default=None,
+                        help="warm start from this run's best.pt (`wildcheck train --init-from`)")
     parser.add_argument("--epoch-time-baseline", action="store_true",
                         help="afterwards, time one epoch on met-ivory alone (the negatives pool's cost per epoch)")
     args = parser.parse_args()
@@ -113,7 +115,7 @@ def main() -> int:
         print("\n" + source_table(rows))
         return 0
     t0 = time.time()
-    summary = train([str(met)], out, config)
+    summary = train([str(met)], out, config, init_from=args.init_from)
     if config.decision.calibrate:  # what `wildcheck train` does after training
         from training.calibrate import calibrate, format_report
 

@@ -1,0 +1,43 @@
+"""benchmarks/ensemble_check.py: the screen shows each photo as `wildcheck robustness` does."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from ensemble_check import condition_images  # noqa: E402
+
+from training.conditions import condition_rng, default_conditions  # noqa: E402
+from training.data.sources import Sample  # noqa: E402
+from training.robustness import image_key  # noqa: E402
+
+
+def _kept(n: int) -> list:
+    rng = np.random.default_rng(3)
+    return [(Sample(Path(f"/data/met/val/ivory/photo{i}.jpg"), "ivory", "val"),
+             Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8))) for i in range(n)]
+
+
+def test_a_photo_under_phone_noise_is_the_same_whatever_is_screened_with_it():
+    """The screen drew every photo's noise from one generator, so a photo's image depended on the photos before
+    it (and differed from the robustness report's); now each photo has the report's own generator."""
+    kept = _kept(4)
+    forward = condition_images("phone", kept)
+    backward = condition_images("phone", kept[::-1])[::-1]
+    alone = condition_images("phone", kept[2:3])
+    for a, b in zip(forward, backward):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert np.array_equal(np.asarray(forward[2]), np.asarray(alone[0]))
+    sample, img = kept[1]
+    report = default_conditions()["phone"].apply(img, condition_rng(0, "phone", image_key(sample)), [])
+    assert np.array_equal(np.asarray(forward[1]), np.asarray(report))
+    assert not np.array_equal(np.asarray(forward[1]), np.asarray(img))  # the condition did change the photo
+
+
+def test_clean_is_the_photos_themselves():
+    kept = _kept(2)
+    assert condition_images("clean", kept) == [img for _, img in kept]
