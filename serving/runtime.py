@@ -15,6 +15,22 @@ from serving.contract import ModelContract, ModelSpec, contract_from_session, op
 from serving.errors import InvalidInput
 from serving.tiling import ViewRule
 
+# The most rows (views) one forward pass takes; bigger batches run in slices of this size. A batch of 32
+# pictures is up to 320 views with tiling (a collage's panels), onnxruntime's memory for a pass grows with its
+# rows and its arena keeps the largest: the robustness report of the shipped model on 192 Met photos peaked at
+# 9.7 GB RSS uncapped, 1.5 GB at 16 rows (2.3 GB at 32) and ran 0.80x the time (benchmarks/pass_rows.py).
+# Read at call time, so a benchmark may set it.
+MAX_ROWS_PER_PASS = 16
+
+
+def in_slices(batch: np.ndarray, run, max_rows: int | None = None) -> list[np.ndarray]:
+    """``run(rows) -> [outputs]`` over ``batch`` in slices of at most ``max_rows`` rows, each output joined back."""
+    max_rows = max_rows or MAX_ROWS_PER_PASS
+    if len(batch) <= max_rows:
+        return list(run(batch))
+    parts = [run(batch[i : i + max_rows]) for i in range(0, len(batch), max_rows)]
+    return [np.concatenate(outs) for outs in zip(*parts)]
+
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     z = logits.astype(np.float64) / temperature
@@ -116,19 +132,20 @@ class OnnxModel(SpecView):
         return {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)}
 
     def run(self, batch: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
-        """The named outputs only: onnxruntime skips work that feeds none of them."""
-        return self.session.run(outputs, self._feed(batch))
+        """The named outputs only (onnxruntime skips work that feeds none of them), in passes of at most
+        ``MAX_ROWS_PER_PASS`` rows."""
+        return in_slices(batch, lambda rows: self.session.run(outputs, self._feed(rows)))
 
     def predict_logits(self, batch: np.ndarray) -> np.ndarray:
         # fetch by name: outputs added to the graph (cam, embedding) are not asked for in a plain check
-        return self.session.run([self.logits_output], self._feed(batch))[0]
+        return self.run(batch, [self.logits_output])[0]
 
     def predict_with_cam(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(logits (N, C), class activation maps (N, C, h, w)); raises if the file has no ``cam`` output."""
         if self.cam_output is None:
             raise NoOutputError(f"{self.path.name} has no class activation map output; re-export it with this version "
                              "of `wildcheck export` to explain predictions")
-        logits, cam = self.session.run([self.logits_output, self.cam_output], self._feed(batch))
+        logits, cam = self.run(batch, [self.logits_output, self.cam_output])
         return logits, cam
 
     @property

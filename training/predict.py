@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from serving.contract import ModelContract, ModelSpec
 from serving.errors import InvalidInput, MissingInput
 from serving.imageio import ImageError, decode_image
-from serving.runtime import OnnxModel, Predictor, SpecView, softmax
+from serving.runtime import OnnxModel, Predictor, SpecView, in_slices, softmax
 from serving.tiling import draft_size, predict_views, views
 from training.checkpoint import Checkpoint
 from training.data.sources import Sample, load_samples, select_split
@@ -64,8 +64,11 @@ class TorchPredictor(SpecView):
         return x.to(next(self.model.parameters()).device)
 
     def predict_logits(self, batch: np.ndarray) -> np.ndarray:
-        with self._torch.inference_mode():
-            return self.model(self._input(batch)).float().cpu().numpy()
+        def run(rows):
+            with self._torch.inference_mode():
+                return [self.model(self._input(rows)).float().cpu().numpy()]
+
+        return in_slices(batch, run)[0]
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
         return softmax(self.predict_logits(batch), self.temperature)
@@ -80,9 +83,12 @@ class TorchPredictor(SpecView):
         """(logits, class activation maps): what the exported ``cam`` output computes (``training.cam``)."""
         from training.cam import WithCam
 
-        with self._torch.inference_mode():
-            logits, cam = WithCam(self.model)(self._input(batch))
-        return logits.float().cpu().numpy(), cam.float().cpu().numpy()
+        def run(rows):
+            with self._torch.inference_mode():
+                return [out.float().cpu().numpy() for out in WithCam(self.model)(self._input(rows))]
+
+        logits, cam = in_slices(batch, run)
+        return logits, cam
 
 
 def resolve_checkpoint(model: str | Path) -> Path:
