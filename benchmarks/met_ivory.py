@@ -1,7 +1,8 @@
 """Met ivory benchmark: train a config on real photos, report Met val metrics, false positives and robustness.
 
     python benchmarks/met_ivory.py [--out runs/met] [--config configs/met_ivory.yaml] [--seed N]
-        [--pool NAME[:SOURCES] ...] [--eval-pool NAME[:SOURCES] ...] [--robustness] [--no-negatives]
+        [--set SECTION.KEY=VALUE ...] [--init-from RUN] [--pool NAME[:SOURCES] ...]
+        [--eval-pool NAME[:SOURCES] ...] [--robustness] [--no-negatives]
 
 Trains on met-ivory train plus the negatives pools (default: those whose licences allow shipping the
 model -- generic-products, caltech101-negatives, art-antiques:artbreaker,byzart2k and
@@ -50,6 +51,7 @@ def pool_root(spec: str, shared: Path, run_dir: Path) -> str:
     if not sources:
         return str(root)
     from training.data.sources import discover
+    from training.fileio import atomic_write_text
 
     keep = set(sources.split(","))
     rows = [s for s in discover(root) if s.path.relative_to(root).parts[2] in keep]
@@ -57,8 +59,8 @@ def pool_root(spec: str, shared: Path, run_dir: Path) -> str:
         raise ValueError(f"no images of sources {sorted(keep)} in {root}")
     manifest = run_dir / f"pool_{name}_{'+'.join(sorted(keep))}.csv"
     manifest.parent.mkdir(parents=True, exist_ok=True)
-    manifest.write_text("path,label,split,source\n"
-                        + "".join(f"{s.path.resolve()},{s.label},{s.split},{s.source}\n" for s in rows))
+    atomic_write_text(manifest, "path,label,split,source\n"
+                      + "".join(f"{s.path.resolve()},{s.label},{s.split},{s.source}\n" for s in rows))
     return str(manifest)
 
 
@@ -68,6 +70,8 @@ def main() -> int:
     parser.add_argument("--config", default=str(REPO / "configs" / "met_ivory.yaml"))
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config setting as `wildcheck train --set` does, e.g. train.lr=0.0002")
     parser.add_argument("--shared", default=str(SHARED), help="folder holding met-ivory and the pools")
     parser.add_argument("--met", default=None, help="the met-ivory folder (default: SHARED/met-ivory)")
     parser.add_argument("--pool", action="append", default=None, help="training negatives pool (repeat)")
@@ -90,7 +94,7 @@ def main() -> int:
         print(f"{met} not found: this benchmark needs ../shared/datasets", file=sys.stderr)
         return 2
 
-    from training.config import load_config
+    from training.config import resolve_config
     from training.evaluate import evaluate as run_evaluation, format_evaluation
     from training.fileio import atomic_write_text
     from training.train import train
@@ -100,7 +104,8 @@ def main() -> int:
         print(format_evaluation(report))
         return report.model_dump()
 
-    config = load_config(args.config, {"train": {"epochs": args.epochs, "seed": args.seed}})
+    sets = args.set + ([f"train.seed={args.seed}"] if args.seed is not None else [])
+    config = resolve_config(args.config, epochs=args.epochs, sets=sets).config  # the config's epochs, warm or not
     pools = [] if args.no_negatives else (args.pool or SHIPPABLE_POOLS)
     config.data.negatives = [pool_root(p, shared, out) for p in pools]
     eval_pools = [p for p in (args.eval_pool or ALL_POOLS) if (shared / p.partition(":")[0]).is_dir()]

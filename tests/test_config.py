@@ -80,10 +80,15 @@ def test_set_refuses_unknown_keys_and_bad_values_by_name(item, message):
         resolve_config(None, sets=[item])
 
 
-def test_warm_start_halves_epochs_unless_given():
-    halved = resolve_config(None, warm_start=True, sets=["train.epochs=9"])
+def test_warm_start_halves_epochs_unless_given(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("train: {epochs: 9}\n")
+    halved = resolve_config(cfg_file, warm_start=True)
     assert halved.config.train.epochs == 4 and "warm start: 4 epochs" in halved.notes[0]
-    assert resolve_config(None, warm_start=True, epochs=7).config.train.epochs == 7
+    assert resolve_config(cfg_file, warm_start=True, epochs=7).config.train.epochs == 7
+    # --set train.epochs asks for a number as --epochs does (it was halved: 3 asked, 2 trained)
+    asked = resolve_config(cfg_file, warm_start=True, sets=["train.epochs=3"])
+    assert asked.config.train.epochs == 3 and not asked.notes
 
 
 def test_negatives_are_appended_once(tmp_path):

@@ -303,6 +303,7 @@ def resolve_config(config_file: str | Path | None = None, *, run_dir: str | Path
     if extra:
         config.data.negatives = config.data.negatives + list(dict.fromkeys(extra))
     notes = []
+    asked_epochs = epochs is not None or any(path == ("train", "epochs") for path, _ in parsed)
     if resuming:
         saved = load_config(saved_path)
         asked, kept = _leaves(config.model_dump(mode="json")), _leaves(saved.model_dump(mode="json"))
@@ -313,9 +314,8 @@ def resolve_config(config_file: str | Path | None = None, *, run_dir: str | Path
                 f"--resume continues the run saved in {saved_path}, and what was asked differs from it ({lines}). "
                 f"Drop those options (and --config) to resume as saved, or start a new run in another --out"
             )
-        asked_epochs = epochs is not None or any(path == ("train", "epochs") for path, _ in parsed)
         config.train.epochs = config.train.epochs if asked_epochs else saved.train.epochs  # not a config file's
-    elif warm_start and epochs is None:
+    elif warm_start and not asked_epochs:
         config.train.epochs = max(2, config.train.epochs // 2)
         notes.append(f"warm start: {config.train.epochs} epochs (half the config's; --epochs to change)")
     return ResolvedConfig(config, notes)
