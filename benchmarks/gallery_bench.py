@@ -60,6 +60,7 @@ SHARED = Path(os.environ.get("WILDCHECK_SHARED", REPO.parent / "shared")) / "dat
 
 from serving.gallery import Gallery, GalleryHeader, solve_thresholds  # noqa: E402
 from serving.gallery import preprocess_and_hash  # noqa: E402
+from serving.imageio import images_under  # noqa: E402
 from serving.preprocess import Preprocessing  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------
@@ -157,7 +158,7 @@ LIMIT = int(os.environ.get("BENCH_LIMIT", "0"))  # smoke runs: at most this many
 
 def files(*parts: str) -> list[Path]:
     root = SHARED.joinpath(*parts)
-    found = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
+    found = images_under(root)
     return found[:: max(1, len(found) // LIMIT)][:LIMIT] if LIMIT else found
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from serving.imageio import images_under
 from serving.panels import find_panels
 
 DATASETS = ("met-ivory", "generic-products", "caltech101-negatives", "art-antiques", "listings-everyday")
@@ -38,7 +39,7 @@ LAYOUTS = {
 
 def photos(shared: Path, split: str, name: str) -> list[Path]:
     root = shared / name / split
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
+    return images_under(root)
 
 
 def _fit(img: Image.Image, w: int, h: int, fit: str, colour) -> Image.Image:

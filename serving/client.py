@@ -21,7 +21,7 @@ import httpx
 from tqdm.auto import tqdm
 
 from serving.errors import InvalidInput, MissingInput, WildcheckError
-from serving.imageio import IMAGE_EXTENSIONS
+from serving.imageio import images_under
 
 RETRY_STATUSES = {429, 500, 502, 503, 504}
 FATAL_STATUSES = {401: "the API key was refused (--api-key / WILDCHECK_API_KEY)",
@@ -45,7 +45,7 @@ def list_images(source: str | Path) -> list[Path]:
                 raise InvalidInput(f"{source}: the CSV needs a 'path' column")
             return [p if p.is_absolute() else source.parent / p for p in (Path(r["path"]) for r in reader)]
     if source.is_dir():
-        return sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        return images_under(source)
     raise MissingInput(f"{source} is neither a folder nor a CSV file")
 
 

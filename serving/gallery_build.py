@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from serving.client import list_images
 from serving.errors import InvalidInput, MissingInput
 from serving.gallery import DEFAULT_FPR, Gallery, GalleryError, new_header, preprocess_and_hash
-from serving.imageio import IMAGE_EXTENSIONS, ImageError, decode_image
+from serving.imageio import ImageError, decode_image, images_under
 from serving.runtime import OnnxModel
 
 MAX_NEGATIVES = 3000
@@ -50,7 +50,7 @@ def read_references(ref: str | Path) -> list[RefItem]:
                                      (row.get("source") or "").strip()))
     elif ref.is_dir():
         for folder in sorted(p for p in ref.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
+            for path in images_under(folder):
                 items.append(RefItem(path, folder.name, f"{folder.name}/{path.relative_to(folder).as_posix()}", str(ref)))
     else:
         raise MissingInput(f"{ref} is neither a folder of <label>/<image> nor a CSV file")

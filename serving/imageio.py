@@ -54,6 +54,14 @@ def is_image_file(path: Path) -> bool:
     """A file whose extension is one of the image formats (case-insensitive); hidden files (.DS_Store, ._x) are not."""
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
+
+def images_under(folder: str | Path) -> list[Path]:
+    """The image files under ``folder``, recursively and sorted; hidden files and folders (macOS ``._x.jpg``
+    resource forks, ``.thumbnails/``) are not photos. The one folder walk of every command that takes a folder."""
+    folder = Path(folder)
+    return [p for p in sorted(folder.rglob("*"))
+            if is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+
 DEFAULT_MAX_PIXELS = 40_000_000  # ~ 6300 x 6300; larger is a decompression bomb, not a listing photo
 DEFAULT_MIN_SIDE = 16
 # decoded image + its RGB copy (decode_bytes): the largest RGB photo needs 4 B/px; 16-bit grey 6, RGBA/CMYK/I/F 8

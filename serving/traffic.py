@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from serving.contract import ModelContract
 from serving.errors import InvalidInput, MissingInput
-from serving.imageio import IMAGE_EXTENSIONS, ImageError, decode_image
+from serving.imageio import ImageError, decode_image, images_under
 from serving.policy import Policy, Resolved, resolve
 from serving.thresholds import TrafficScores
 from serving.tiling import draft_size, predict_views, views
@@ -25,11 +25,6 @@ from serving.tiling import draft_size, predict_views, views
 # traffic images scoring below this on every protected class are counted, not stored: no threshold worth
 # setting is that low, and it keeps a policy for 100,000 images small
 TRAFFIC_FLOOR = 0.001
-
-
-def _images(folder: Path) -> list[Path]:
-    return [p for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-            and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
 
 
 def find_traffic(root: str | Path, labels: list[str], negative_label: str) -> list[tuple[Path, str]]:
@@ -44,9 +39,9 @@ def find_traffic(root: str | Path, labels: list[str], negative_label: str) -> li
         if unknown:
             raise InvalidInput(f"{root} has folders named after the model's labels and others ({unknown}); name every "
                              f"folder after a label ({labels}) or use no label folders (all images taken as negative)")
-        items = [(p, d.name) for d in folders for p in _images(d)]
+        items = [(p, d.name) for d in folders for p in images_under(d)]
     else:
-        items = [(p, negative_label) for p in _images(root)]
+        items = [(p, negative_label) for p in images_under(root)]
     if not items:
         raise InvalidInput(f"no images under {root}")
     return items

@@ -189,6 +189,37 @@ def test_endpoint_grid_equals_cli_grid_and_png_overlay(client, onnx_model, tmp_p
         assert png.format == "PNG" and png.size[0] / png.size[1] == pytest.approx(1.3, abs=0.02)
 
 
+def test_cli_explains_a_folder_and_reports_what_it_could_not(onnx_model, tmp_path):
+    """A folder is its photos (recursively, hidden files and folders left out); a missing file is reported
+    beside the others instead of sinking the batch. The folder was read as one corrupt 'image' before."""
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    photos = tmp_path / "photos"
+    (photos / "shop_a").mkdir(parents=True)
+    (photos / ".thumbnails").mkdir()
+    (photos / "shop_a" / "vase.jpg").write_bytes(jpeg_bytes(_scene((200, 160), seed=1)))
+    (photos / "tusk.jpg").write_bytes(jpeg_bytes(_scene((180, 220), seed=2)))
+    (photos / "._tusk.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble resource fork")  # macOS copies add these
+    (photos / ".thumbnails" / "tusk.jpg").write_bytes(jpeg_bytes(_scene((32, 32), seed=3)))
+    (photos / "notes.txt").write_text("not a photo")
+    out = tmp_path / "overlays"
+    result = CliRunner().invoke(app, ["explain", str(onnx_model), str(photos), str(tmp_path / "gone.jpg"),
+                                      "--out", str(out)])
+    assert result.exit_code == 1, result.output  # something was not explained
+    records = json.loads((out / "explanations.json").read_text())
+    assert [Path(r["image"]).name for r in records] == ["vase.jpg", "tusk.jpg", "gone.jpg"]
+    assert all("overlay" in r for r in records[:2]) and records[2]["error"] == "not found: no such file"
+    assert sorted(p.name for p in out.iterdir()) == ["explanations.json", "tusk.png", "vase.png"]
+
+    (tmp_path / "empty" / ".hidden").mkdir(parents=True)
+    (tmp_path / "empty" / ".hidden" / "x.jpg").write_bytes(jpeg_bytes(_scene((64, 64), seed=4)))
+    result = CliRunner().invoke(app, ["explain", str(onnx_model), str(tmp_path / "empty"), "--out", str(tmp_path / "o2")])
+    assert result.exit_code == 2 and "no images under" in result.output
+    assert not (tmp_path / "o2").exists()  # nothing written for a mistake
+
+
 def test_explain_errors_and_batch(client):
     good = jpeg_bytes(_scene(seed=11))
     for query in ("", "?explain=true", "?explain=png"):  # a bad image gets the same 4xx with or without explain

@@ -129,3 +129,26 @@ def test_one_format_table_decodes_types_names_and_lists_each_format(fmt, tmp_pat
     renamed = path.rename(path.with_name("b.png" if fmt != "PNG" else "b.jpg"))
     assert [w["message"] for w in check_dataset([tmp_path])["warnings"]] == [
         f"file extension {renamed.suffix} but the content is {fmt}"]
+
+
+def test_one_folder_walk_leaves_out_hidden_files_and_folders(tmp_path):
+    """Every command that takes a folder (scan, explain, traffic, galleries, datasets) lists it with
+    ``images_under``: a macOS copy's ``._x.jpg`` resource forks and ``.thumbnails/`` are not photos. `wildcheck
+    scan` sent ``._x.jpg`` to the server (an error line per fork) before."""
+    from serving.client import list_images
+    from serving.imageio import images_under
+    from serving.traffic import find_traffic
+    from training.data.sources import load_samples
+
+    shop = tmp_path / "other" / "shop"
+    (tmp_path / "other" / ".thumbnails").mkdir(parents=True)
+    shop.mkdir()
+    photo(1, (64, 48)).save(shop / "b.JPG")
+    photo(2, (64, 48)).save(tmp_path / "other" / "a.png")
+    (shop / "._b.JPG").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    photo(3, (32, 32)).save(tmp_path / "other" / ".thumbnails" / "a.png")
+    (shop / "notes.txt").write_text("no")
+    expected = [tmp_path / "other" / "a.png", shop / "b.JPG"]
+    assert images_under(tmp_path) == list_images(tmp_path) == expected
+    assert [p for p, _ in find_traffic(tmp_path, ["ivory", "other"], "other")] == expected
+    assert sorted(s.path for s in load_samples([tmp_path])) == expected

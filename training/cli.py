@@ -257,7 +257,7 @@ def ensemble(
 @app.command()
 def explain(
     model: Path = typer.Argument(..., help="ONNX file with a cam output (wildcheck export), run dir or checkpoint"),
-    images: list[Path] = typer.Argument(..., help="image files"),
+    images: list[Path] = typer.Argument(..., help="image files or folders (their images, recursively)"),
     out: Path = typer.Option(..., "--out", help="folder for one overlay PNG per image and explanations.json"),
     label: Optional[str] = typer.Option(None, "--label", help="explain this label (default: the top protected class)"),
     max_side: int = typer.Option(768, "--max-side", help="longer side of the overlay PNGs, in pixels"),

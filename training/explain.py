@@ -14,8 +14,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from serving.explain import Explanation, explain, explained_label, overlay, png_bytes, predict_views_with_cam
-from serving.errors import InvalidInput
-from serving.imageio import ImageError, decode_image
+from serving.errors import InvalidInput, MissingInput
+from serving.imageio import IMAGE_EXTENSIONS, ImageError, decode_image, images_under
 from serving.runtime import Predictor
 from serving.tiling import draft_size, view_boxes, views
 from training.predict import load_predictor
@@ -79,9 +79,26 @@ def _unique_name(path: Path, taken: set[str]) -> str:
     return name
 
 
+def image_paths(images: list[str | Path]) -> list[Path]:
+    """Files as given (a missing one is reported with the others), each folder as the images under it."""
+    paths = []
+    for item in map(Path, images):
+        if item.is_dir():
+            found = images_under(item)
+            if not found:
+                raise MissingInput(f"no images under {item} (files ending {', '.join(sorted(IMAGE_EXTENSIONS))}; hidden ones "
+                                   "are left out)")
+            paths += found
+        else:
+            paths.append(item)
+    return paths
+
+
 def explain_files(model: str | Path, images: list[str | Path], out: str | Path, label: str | None = None,
                   max_side: int = 768) -> list[dict]:
-    """One overlay PNG per readable image in ``out`` (atomic writes) plus ``out/explanations.json`` with the grids."""
+    """One overlay PNG per readable image (``images``: files or folders) in ``out`` (atomic writes) plus
+    ``out/explanations.json`` with the grids."""
+    images = image_paths(images)
     predictor = load_predictor(model)
     _require_cam(predictor)
     if label is not None and label not in predictor.labels:
@@ -89,7 +106,10 @@ def explain_files(model: str | Path, images: list[str | Path], out: str | Path, 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     records, taken = [], set()
-    for path in tqdm([Path(p) for p in images], desc="explaining", unit="img"):
+    for path in tqdm(images, desc="explaining", unit="img"):
+        if not path.is_file():
+            records.append({"image": str(path), "error": "not found: no such file"})
+            continue
         try:
             img = _decode(predictor, path)
         except ImageError as exc:
