@@ -62,6 +62,7 @@ def images_under(folder: str | Path) -> list[Path]:
     return [p for p in sorted(folder.rglob("*"))
             if is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
 
+
 DEFAULT_MAX_PIXELS = 40_000_000  # ~ 6300 x 6300; larger is a decompression bomb, not a listing photo
 DEFAULT_MIN_SIDE = 16
 # decoded image + its RGB copy (decode_bytes): the largest RGB photo needs 4 B/px; 16-bit grey 6, RGBA/CMYK/I/F 8

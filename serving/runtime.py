@@ -23,9 +23,10 @@ from serving.tiling import ViewRule
 MAX_ROWS_PER_PASS = 16
 
 
-def in_slices(batch: np.ndarray, run, max_rows: int | None = None) -> list[np.ndarray]:
-    """``run(rows) -> [outputs]`` over ``batch`` in slices of at most ``max_rows`` rows, each output joined back."""
-    max_rows = max_rows or MAX_ROWS_PER_PASS
+def in_slices(batch: np.ndarray, run) -> list[np.ndarray]:
+    """``run(rows) -> [outputs]`` over ``batch`` in slices of at most ``MAX_ROWS_PER_PASS`` rows, each output
+    joined back."""
+    max_rows = MAX_ROWS_PER_PASS
     if len(batch) <= max_rows:
         return list(run(batch))
     parts = [run(batch[i : i + max_rows]) for i in range(0, len(batch), max_rows)]
