@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from serving.client import list_images
 from serving.errors import InvalidInput, MissingInput
 from serving.gallery import DEFAULT_FPR, Gallery, GalleryError, new_header, preprocess_and_hash
-from serving.imageio import ImageError, decode_image, images_under
+from serving.imageio import ImageError, decode_image, images_under, label_folders
 from serving.runtime import OnnxModel
 
 MAX_NEGATIVES = 3000
@@ -49,7 +49,7 @@ def read_references(ref: str | Path) -> list[RefItem]:
                 items.append(RefItem(path, label, (row.get("reference_id") or "").strip() or f"{label}/{path.name}",
                                      (row.get("source") or "").strip()))
     elif ref.is_dir():
-        for folder in sorted(p for p in ref.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for folder in label_folders(ref):
             for path in images_under(folder):
                 items.append(RefItem(path, folder.name, f"{folder.name}/{path.relative_to(folder).as_posix()}", str(ref)))
     else:

@@ -63,6 +63,12 @@ def images_under(folder: str | Path) -> list[Path]:
             if is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
 
 
+def label_folders(root: str | Path) -> list[Path]:
+    """The visible subfolders of ``root``, sorted: the ``ROOT/<label>/`` folders of a dataset, traffic sample or
+    gallery (hidden ones such as ``.thumbnails/`` or ``.ipynb_checkpoints/`` are no label)."""
+    return sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 DEFAULT_MAX_PIXELS = 40_000_000  # ~ 6300 x 6300; larger is a decompression bomb, not a listing photo
 DEFAULT_MIN_SIDE = 16
 # decoded image + its RGB copy (decode_bytes): the largest RGB photo needs 4 B/px; 16-bit grey 6, RGBA/CMYK/I/F 8

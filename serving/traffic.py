@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from serving.contract import ModelContract
 from serving.errors import InvalidInput, MissingInput
-from serving.imageio import ImageError, decode_image, images_under
+from serving.imageio import ImageError, decode_image, images_under, label_folders
 from serving.policy import Policy, Resolved, resolve
 from serving.thresholds import TrafficScores
 from serving.tiling import draft_size, predict_views, views
@@ -33,7 +33,7 @@ def find_traffic(root: str | Path, labels: list[str], negative_label: str) -> li
     root = Path(root)
     if not root.is_dir():
         raise MissingInput(f"traffic folder {root} not found")
-    folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    folders = label_folders(root)
     if any(d.name in labels for d in folders):
         unknown = [d.name for d in folders if d.name not in labels]
         if unknown:

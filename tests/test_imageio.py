@@ -136,11 +136,13 @@ def test_one_folder_walk_leaves_out_hidden_files_and_folders(tmp_path):
     ``images_under``: a macOS copy's ``._x.jpg`` resource forks and ``.thumbnails/`` are not photos. `wildcheck
     scan` sent ``._x.jpg`` to the server (an error line per fork) before."""
     from serving.client import list_images
-    from serving.imageio import images_under
+    from serving.imageio import images_under, label_folders
     from serving.traffic import find_traffic
     from training.data.sources import load_samples
 
     shop = tmp_path / "other" / "shop"
+    (tmp_path / ".ipynb_checkpoints").mkdir()  # a hidden folder beside the label folders is no label
+    photo(4, (32, 32)).save(tmp_path / ".ipynb_checkpoints" / "c.png")
     (tmp_path / "other" / ".thumbnails").mkdir(parents=True)
     shop.mkdir()
     photo(1, (64, 48)).save(shop / "b.JPG")
@@ -150,5 +152,6 @@ def test_one_folder_walk_leaves_out_hidden_files_and_folders(tmp_path):
     (shop / "notes.txt").write_text("no")
     expected = [tmp_path / "other" / "a.png", shop / "b.JPG"]
     assert images_under(tmp_path) == list_images(tmp_path) == expected
+    assert label_folders(tmp_path) == [tmp_path / "other"]
     assert [p for p, _ in find_traffic(tmp_path, ["ivory", "other"], "other")] == expected
     assert sorted(s.path for s in load_samples([tmp_path])) == expected

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from serving.errors import InvalidInput, MissingInput
-from serving.imageio import images_under
+from serving.imageio import images_under, label_folders
 
 KNOWN_SPLITS = ("train", "val", "test")
 MANIFEST_NAMES = ("manifest.csv",)
@@ -35,7 +35,7 @@ class Sample:
 
 def _scan_label_dirs(folder: Path, split: str) -> list[Sample]:
     samples = []
-    for label_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for label_dir in label_folders(folder):
         for path in images_under(label_dir):
             parts = path.relative_to(label_dir).parts
             samples.append(Sample(path, label_dir.name, split, parts[0] if len(parts) > 1 else ""))
