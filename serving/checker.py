@@ -68,10 +68,10 @@ class ImageChecker:
     from several threads."""
 
     def __init__(self, model: str | Path | Predictor, threads: int = 1, limits: Limits = Limits(),
-                 max_concurrent: int = 1, memory_arena: bool = True, gallery: str | None = None,
+                 max_concurrent: int = 1, release_above_rows: int | None = None, gallery: str | None = None,
                  embedder: str | None = None):
         self.model = model if isinstance(model, Predictor) else \
-            OnnxModel(model, threads=threads, memory_arena=memory_arena)
+            OnnxModel(model, threads=threads, release_above_rows=release_above_rows)
         self.contract = self.model.contract
         self.pre = self.contract.preprocessing
         self.limits = limits
@@ -87,7 +87,7 @@ class ImageChecker:
             if not gallery:
                 raise GalleryError(f"an embedder ({embedder}) only serves a gallery's matches: give the gallery too "
                                    "(--gallery / WILDCHECK_GALLERY)")
-            self.embedder = OnnxModel(embedder, threads=threads, memory_arena=memory_arena)
+            self.embedder = OnnxModel(embedder, threads=threads, release_above_rows=release_above_rows)
             if self.embedder.embedding_output is None:
                 raise GalleryError(f"{embedder} has no embedding output: give a model from `wildcheck export-embedder`")
         if gallery:  # refused here (GalleryError naming the file) when unreadable or built with another model

@@ -16,11 +16,12 @@ from serving.errors import InvalidInput
 from serving.tiling import ViewRule
 
 # The most rows (views) one forward pass takes; bigger batches run in slices of this size. A batch of 32
-# pictures is up to 320 views with tiling (a collage's panels), onnxruntime's memory for a pass grows with its
-# rows and its arena keeps the largest: the robustness report of the shipped model on 192 Met photos peaked at
-# 9.7 GB RSS uncapped, 1.5 GB at 16 rows (2.3 GB at 32) and ran 0.80x the time (benchmarks/pass_rows.py).
-# Read at call time, so a benchmark may set it.
-MAX_ROWS_PER_PASS = 16
+# pictures is up to 320 views with tiling (a collage's panels); onnxruntime's memory for a pass grows with its
+# rows and its arena keeps the largest, while on CPU smaller passes are no slower per view. The robustness
+# report of the shipped 1.4.0 on 192 Met photos (2 threads) peaked at 2.15 GB RSS at 16 rows, 1.14 GB at 4,
+# 0.86 GB at 1, in 57, 54 and 54 s (benchmarks/pass_rows.py; uncapped it was 9.7 GB with 1.3.1); one thread:
+# 19.8 ms per view at 1 row, 22.2 at 4, 25.2 at 16. Read at call time, so a benchmark may set it.
+MAX_ROWS_PER_PASS = 4
 
 
 def in_slices(batch: np.ndarray, run) -> list[np.ndarray]:
@@ -99,7 +100,11 @@ class NoOutputError(InvalidInput):
 class OnnxModel(SpecView):
     """Loads the file once (its contract comes from the same session); ``predict_proba`` takes float32 NCHW batches."""
 
-    def __init__(self, path: str | Path, threads: int = 1, memory_arena: bool = True):
+    def __init__(self, path: str | Path, threads: int = 1, release_above_rows: int | None = None):
+        """``release_above_rows``: after a pass of more rows than this, onnxruntime's arena hands back the memory
+        the pass took (arena shrinkage). A server keeps a warm arena for one-photo passes (without an arena a
+        320 px view took 1.9x the time: every tensor was a fresh allocation) and does not keep a batch's peak
+        forever (16 rows of the shipped model left 770 MB in the arena, 150 MB released)."""
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -110,9 +115,10 @@ class OnnxModel(SpecView):
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # the arena keeps the peak of concurrent runs forever; a long-running server turns it off
-        options.enable_cpu_mem_arena = memory_arena
         self.session = open_session(self.path, options)
+        self.release_above_rows = release_above_rows
+        self._release = ort.RunOptions()
+        self._release.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         self.contract: ModelContract = contract_from_session(self.session, source=str(self.path))
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -135,7 +141,10 @@ class OnnxModel(SpecView):
     def run(self, batch: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
         """The named outputs only (onnxruntime skips work that feeds none of them), in passes of at most
         ``MAX_ROWS_PER_PASS`` rows."""
-        return in_slices(batch, lambda rows: self.session.run(outputs, self._feed(rows)))
+        return in_slices(batch, lambda rows: self.session.run(outputs, self._feed(rows), self._run_options(len(rows))))
+
+    def _run_options(self, rows: int):
+        return self._release if self.release_above_rows is not None and rows > self.release_above_rows else None
 
     def predict_logits(self, batch: np.ndarray) -> np.ndarray:
         # fetch by name: outputs added to the graph (cam, embedding) are not asked for in a plain check

@@ -177,10 +177,12 @@ def build_api(settings: Settings, bento_model: bentoml.models.BentoModel | None 
                 raise RuntimeError("set WILDCHECK_MODEL to the ONNX file to serve "
                                    "(or use `wildcheck serve MODEL.onnx`)")
             self.ready = False
+            # a warm onnxruntime arena for one-photo passes; passes of more views (batches, collages) give back
+            # the memory they took (serving.runtime.OnnxModel)
             self.checker = ImageChecker(
                 s.model, threads=s.threads,
                 limits=Limits(max_pixels=s.max_pixels, min_side=s.min_side, max_decode_bytes=s.max_decode_bytes),
-                max_concurrent=s.cpu_threads, memory_arena=False, gallery=s.gallery or None,
+                max_concurrent=s.cpu_threads, release_above_rows=1, gallery=s.gallery or None,
                 embedder=s.embedder or None,
             )
             if s.policy:
