@@ -32,9 +32,10 @@ def test_shipped_contract():
 
     c = read_contract(SHIPPED)
     assert c.labels == ["ivory", "other"] and c.negative_label == "other"
-    assert c.model_name == "wildcheck-ivory" and c.model_version.startswith("1.3.1+")
+    assert c.model_name == "wildcheck-ivory" and c.model_version.startswith("1.4.0+")
     assert c.architecture == "ensemble2:tf_efficientnet_lite0"  # two seeds' logits averaged (wildcheck ensemble)
     assert [m["seed"] for m in c.training_data["ensemble"]] == [42, 7]
+    assert c.preprocessing.input_size == 320  # 1.4.0: the fine-tune stage at 320 px
     assert c.tiling is not None and c.tiling.mode == "panels"  # a collage's panels are scored too
     t = c.thresholds["ivory"]
     assert 0.0 < t.review <= t.block <= 1.0
