@@ -15,7 +15,7 @@ from training.checkpoint import Checkpoint
 from training.evaluate import evaluate
 from training.export import ExportError, export, export_module
 from training.predict import TorchPredictor, run_samples
-from tests.conftest import REPO
+from tests.conftest import REPO, photo
 
 
 @pytest.fixture(scope="session")
@@ -136,6 +136,24 @@ def test_big_batches_run_in_passes_of_bounded_rows(exported, trained_run, monkey
     torch_rows.clear()
     logits, cam = torch_model.predict_with_cam(x)
     assert torch_rows == [4, 4, 2] and len(logits) == len(cam) == 10
+
+
+def test_pictures_are_scored_a_few_at_a_time(exported, monkeypatch):
+    """Evaluation and the robustness report make, score and drop the views of MAX_ROWS_PER_PASS pictures at a
+    time, with the scores of one big batch: a batch of 32 collages was held whole before its passes (up to 320
+    views, 390 MB at 320 px)."""
+    import serving.runtime as runtime
+    from training.predict import predict_images
+
+    model = OnnxModel(exported[0])
+    pictures = [photo(seed, (90, 70)) for seed in range(7)]
+    one_batch = runtime.softmax(model.predict_logits(np.stack([model.preprocessing(p) for p in pictures])),
+                                model.temperature)
+    monkeypatch.setattr(runtime, "MAX_ROWS_PER_PASS", 2)
+    scored, predict_proba = [], model.predict_proba
+    model.predict_proba = lambda batch: (scored.append(len(batch)), predict_proba(batch))[1]
+    np.testing.assert_allclose(predict_images(model, pictures), one_batch, rtol=1e-4, atol=1e-6)
+    assert scored == [2, 2, 2, 1]
 
 
 def _rss_mb() -> float:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from serving import runtime
 from serving.contract import ModelContract, ModelSpec
 from serving.errors import InvalidInput, MissingInput
 from serving.imageio import ImageError, decode_image
@@ -138,23 +139,27 @@ def decode_sample(sample: Sample, spec: ModelSpec):
         return f"unreadable: {exc}"
 
 
-def predict_images(predictor: Predictor, images: list, batch_size: int = 32, pool: ThreadPoolExecutor | None = None) -> np.ndarray:
+def predict_images(predictor: Predictor, images: list, pool: ThreadPoolExecutor | None = None) -> np.ndarray:
     """Decoded RGB pictures -> class probabilities (N x C): the model's own preprocessing, then its forward pass.
 
     The one "pictures to probabilities" step that evaluation, the robustness report and calibration share,
     so that any change to how a picture is scored (e.g. tiled inference) reaches all of them at once.
-    ``pool``: a thread pool to preprocess in (PIL resizing releases the GIL).
+    ``pool``: a thread pool to preprocess in (PIL resizing releases the GIL). A few pictures at a time
+    (``MAX_ROWS_PER_PASS``): their views are made, scored and dropped, so a batch of collages (ten views each,
+    1.2 MB a view at 320 px) is never held whole.
     """
     spec = predictor.spec
 
     def inputs(img):
         return views(img, spec.preprocessing, spec.tiling)
 
-    stacks = list(pool.map(inputs, images)) if pool is not None else [inputs(img) for img in images]
-    if not stacks:
-        return np.zeros((0, len(spec.labels)), np.float32)
-    return np.concatenate([predict_views(predictor, stacks[i : i + batch_size])
-                           for i in range(0, len(stacks), batch_size)])
+    step = runtime.MAX_ROWS_PER_PASS
+    probs = []
+    for i in range(0, len(images), step):
+        chunk = images[i : i + step]
+        stacks = list(pool.map(inputs, chunk)) if pool is not None else [inputs(img) for img in chunk]
+        probs.append(predict_views(predictor, stacks))
+    return np.concatenate(probs) if probs else np.zeros((0, len(spec.labels)), np.float32)
 
 
 def predict_samples(predictor: Predictor, samples: list[Sample], batch_size: int = 32, workers: int = 2,
@@ -164,7 +169,7 @@ def predict_samples(predictor: Predictor, samples: list[Sample], batch_size: int
 
     def flush():
         if batch:
-            probs.append(predict_images(predictor, batch, batch_size, pool))
+            probs.append(predict_images(predictor, batch, pool))
             kept.extend(batch_samples)
             batch.clear(), batch_samples.clear()
 

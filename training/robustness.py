@@ -248,7 +248,7 @@ def robustness(
                 if not chunk:
                     break
                 shown = list(threads_pool.map(transformed, [(name, img, i) for img, i in zip(images, chunk)]))
-                probs[name].append(predict_images(predictor, shown, batch_size, threads_pool))
+                probs[name].append(predict_images(predictor, shown, threads_pool))
             kept += chunk
             bar.update(min(batch_size, len(samples) - start))
     if not kept:
