@@ -104,7 +104,7 @@ class OnnxModel(SpecView):
         """``release_above_rows``: after a pass of more rows than this, onnxruntime's arena hands back the memory
         the pass took (arena shrinkage). A server keeps a warm arena for one-photo passes (without an arena a
         320 px view took 1.9x the time: every tensor was a fresh allocation) and does not keep a batch's peak
-        forever (16 rows of the shipped model left 770 MB in the arena, 150 MB released)."""
+        forever (8 views of the shipped model after 1: 271 MB left behind in a kept arena, 14 MB released)."""
         import onnxruntime as ort
 
         self.path = Path(path)
