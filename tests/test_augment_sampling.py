@@ -129,3 +129,32 @@ def test_realism_steps_in_a_training_pipeline():
     steps = Config().augment.train + [AugmentStep(name=n, p=1.0) for n in REALISM]
     x = TrainTransform(steps, Preprocessing(input_size=64))(np.asarray(photo(4, (120, 90))))
     assert x.shape == (3, 64, 64) and torch.isfinite(x).all()
+
+
+def test_paired_views_leave_the_pictures_augmentation_alone():
+    """A transform with condition views gives the picture it gives without them (same seed), plus the picture
+    under one of the views -- here greyscale, so the view's three channels carry one picture."""
+    from training.config import AugmentStep
+
+    pre = Preprocessing(input_size=64)
+    img = np.asarray(photo(5, (120, 90)))
+    plain = TrainTransform(Config().augment.train, pre, seed=3)
+    paired = TrainTransform(Config().augment.train, pre, seed=3, views=[[AugmentStep(name="ToGray", p=1.0)]])
+    for _ in range(3):
+        x = plain(img)
+        y, view = paired(img)
+        assert torch.equal(x, y)
+        rgb = view * torch.tensor(pre.std).view(3, 1, 1) + torch.tensor(pre.mean).view(3, 1, 1)
+        assert (rgb[0] - rgb[1]).abs().max() < 1e-5 and (rgb[1] - rgb[2]).abs().max() < 1e-5
+        assert (x - view).abs().mean() > 0.01
+
+
+def test_every_default_condition_view_builds_and_changes_the_picture():
+    from training.config import ConsistencyConfig
+
+    pre = Preprocessing(input_size=64)
+    img = np.asarray(photo(6, (120, 90)))
+    for view in ConsistencyConfig().views:
+        x, v = TrainTransform([], pre, seed=1, views=[view])(img)
+        assert v.shape == x.shape == (3, 64, 64) and torch.isfinite(v).all()
+        assert (x - v).abs().mean() > 0.001, view

@@ -141,3 +141,11 @@ def test_cli_resume_with_a_conflicting_override_exits_2_before_training(tmp_path
     assert "data.img_size: saved 64, asked 96" in result.output and not (run / "last.pt").exists()
     bad = CliRunner().invoke(app, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "new"), "--set", "train.epochz=1"])
     assert bad.exit_code == 2 and "train has no key 'epochz'" in bad.output
+
+
+def test_consistency_needs_a_view_when_on():
+    from serving.errors import InvalidInput
+
+    assert load_config(None, {"train": {"consistency": {"weight": 3}}}).train.consistency.views
+    with pytest.raises(InvalidInput, match="needs at least one view"):
+        load_config(None, {"train": {"consistency": {"weight": 3, "views": []}}})

@@ -202,3 +202,43 @@ def test_train_data_puts_main_images_first_then_the_pool_which_keeps_its_source_
     epoch = list(sampler)
     assert len(epoch) == 8 and sorted(i for i in epoch if i < 6) == list(range(6))  # every main image once
     assert len({i for i in epoch if i >= 6}) == 2 and data.miner.n_main == 6  # two pool images drawn afresh
+
+
+class PairedToy(Toy):
+    """Toy pictures, each with a view whose first channel is washed out to one bright value (a stand-in for a
+    listing condition): a net that reads brightness off every channel calls dark views bright."""
+
+    def __init__(self, n: int = 32, seed: int = 0):
+        super().__init__(n, seed)
+        self.views = self.x.clone()
+        self.views[:, 0] = 3.0
+
+    def __getitem__(self, i):
+        return (self.x[i], self.views[i]), self.targets[i], i
+
+
+def _disagreement_after_training(weight: float, **train) -> tuple[float, list, float]:
+    from training.loop.steps import view_disagreement
+
+    module, data = tiny_net(), PairedToy()
+    opt = tiny_optimization(module, consistency={"weight": weight}, **train)
+    loader = torch.utils.data.DataLoader(data, batch_size=8, shuffle=False)
+    stats = [train_one_epoch(module, module, loader, opt, TrainState(), torch.device("cpu")) for _ in range(6)]
+    module.eval()
+    with torch.no_grad():
+        accuracy = (module(data.x).argmax(1) == torch.tensor(data.targets)).float().mean().item()
+        return view_disagreement(module(data.x), module(data.views)).item(), stats, accuracy
+
+
+def test_paired_views_pull_a_views_prediction_towards_its_pictures():
+    """train.consistency: the same net on the same batches agrees with itself under the condition when the views'
+    term is on, and classifies the pictures as well."""
+    without, stats_off, _ = _disagreement_after_training(0.0)
+    with_term, stats_on, accuracy = _disagreement_after_training(5.0)
+    assert with_term < 0.1 * without and accuracy == 1.0
+    assert stats_off[-1].consistency is None and stats_on[-1].paired == 32 and stats_on[-1].consistency > 0
+
+
+def test_mixed_batches_have_no_views_term():
+    _, stats, _ = _disagreement_after_training(5.0, mixup={"prob": 1.0})
+    assert all(s.paired == 0 and s.consistency is None for s in stats)

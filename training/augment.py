@@ -54,11 +54,17 @@ def build_step(step: AugmentStep, pre: Preprocessing):
 
 
 class TrainTransform:
-    """uint8 HWC (cached, resized) -> float32 CHW tensor, augmented then normalised like serving."""
+    """uint8 HWC (cached, resized) -> float32 CHW tensor, augmented then normalised like serving.
 
-    def __init__(self, steps: list[AugmentStep], pre: Preprocessing, seed: int = 0):
+    With ``views`` (``train.consistency``): a pair, the augmented picture and the same picture under one of the
+    views (drawn at random, each view's steps all applied), for the loop's consistency term."""
+
+    def __init__(self, steps: list[AugmentStep], pre: Preprocessing, seed: int = 0,
+                 views: list[list[AugmentStep]] | None = None):
         self.pre = pre
         self.compose = A.Compose([build_step(s, pre) for s in steps], seed=seed)
+        self.views = (A.Compose([A.OneOf([A.Sequential([build_step(s, pre) for s in view], p=1.0) for view in views],
+                                         p=1.0)], seed=seed + 1) if views else None)
         self._size = pre.input_size
 
     def set_bank(self, bank: list[np.ndarray]) -> None:
@@ -71,13 +77,20 @@ class TrainTransform:
         # albumentations 2.0.x creates its RNG in the constructor: every DataLoader worker would
         # repeat the same sequence unless each worker reseeds its copy.
         self.compose.set_random_seed(seed)
+        if self.views is not None:
+            self.views.set_random_seed(seed + 1)
 
-    def __call__(self, image: np.ndarray) -> torch.Tensor:
-        out = self.compose(image=image)["image"]
+    def _tensor(self, out: np.ndarray) -> torch.Tensor:
         if out.shape[0] != self._size or out.shape[1] != self._size:
             out = cv2.resize(out, (self._size, self._size), interpolation=cv2.INTER_AREA)
         arr = (out.astype(np.float32) / 255.0 - np.asarray(self.pre.mean, np.float32)) / np.asarray(self.pre.std, np.float32)
         return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        out = self.compose(image=image)["image"]
+        if self.views is None:
+            return self._tensor(out)
+        return self._tensor(out), self._tensor(self.views(image=out)["image"])
 
 
 class EvalTransform:

@@ -91,6 +91,40 @@ class AugmentConfig(_Strict):
     train: list[AugmentStep] = Field(default_factory=_default_augment)
 
 
+def _default_condition_views() -> list[list[AugmentStep]]:
+    return [
+        [AugmentStep(name="ToGray", p=1.0)],  # an archive print, a filter
+        [AugmentStep(name="GaussianBlur", p=1.0, params={"blur_limit": [3, 7]}),  # a phone in poor light
+         AugmentStep(name="GaussNoise", p=1.0, params={"std_range": [0.03, 0.08]})],
+        [AugmentStep(name="RandomResizedCrop", p=1.0, params={"scale": [0.2, 0.35], "ratio": [0.8, 1.25]})],  # close-up
+        [AugmentStep(name="Downscale", p=1.0, params={"scale_range": [0.25, 0.4]})],  # a thumbnail blown up
+        [AugmentStep(name="Transpose", p=1.0)],  # a quarter turn and a mirror (mirrors are trained anyway)
+        [AugmentStep(name="ImageCompression", p=1.0, params={"quality_range": [10, 30]})],
+        [AugmentStep(name="Watermark", p=1.0)],
+        [AugmentStep(name="TextOverlay", p=1.0)],
+    ]
+
+
+class ConsistencyConfig(_Strict):
+    """Paired views (consistency regularisation, as AugMix's or UDA's): each picture of an unmixed batch is also
+    shown under one listing condition, a view of ``views`` picked at random and applied to the augmented
+    picture, and that view's prediction is pulled towards the picture's own (KL divergence to the detached
+    prediction, times ``weight``). Augmentation alone teaches a label per view; this asks for the same answer
+    for the photo and the photo in greyscale, blurred, cropped, shrunk... Costs a second forward and backward
+    pass on the unmixed batches."""
+
+    weight: float = Field(0.0, ge=0.0, description="0: off")
+    views: list[list[AugmentStep]] = Field(
+        default_factory=_default_condition_views,
+        description="each view a short list of steps (every one applied); one view is drawn per picture")
+
+    @model_validator(mode="after")
+    def _views_when_on(self):
+        if self.weight > 0 and not self.views:
+            raise ValueError("consistency.weight > 0 needs at least one view")
+        return self
+
+
 class MixupConfig(_Strict):
     """timm's Mixup/CutMix on a share of the training batches (regularisation for small datasets)."""
 
@@ -119,6 +153,7 @@ class TrainConfig(_Strict):
     min_lr_ratio: float = Field(0.01, ge=0.0, le=1.0)
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
     mixup: MixupConfig = MixupConfig()
+    consistency: ConsistencyConfig = ConsistencyConfig()
     grad_clip: float | None = Field(2.0, gt=0.0)
     ema: bool = True
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0, description="None: sized to the run's number of steps")

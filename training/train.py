@@ -78,6 +78,7 @@ def history_row(epoch: int, stats: EpochStats, metrics: dict, opt: Optimization,
         "data_wait_share": round(stats.wait_seconds / stats.train_seconds, 4),
         "best": int(improved), "mined_negatives": data.miner.last_mined,
         "mined_per_pool": ";".join(map(str, data.miner.last_mined_per_pool)),
+        "train_consistency": "" if stats.consistency is None else round(stats.consistency, 5),
     }
 
 
@@ -89,6 +90,7 @@ def epoch_line(row: dict, epochs: int, data: TrainData) -> str:
         f"{row['train_images_per_s']} img/s  data wait {row['data_wait_share']:.1%}  {row['epoch_seconds']}s"
         + (f"  mined negatives {miner.last_mined}/{n_negatives} (per pool {miner.last_mined_per_pool})"
            if n_negatives else "")
+        + (f"  view disagreement {row['train_consistency']:.4f}" if row["train_consistency"] != "" else "")
         + ("  *best*" if row["best"] else "")
     )
 
@@ -105,7 +107,9 @@ def run_lines(config: Config, data: TrainData, opt: Optimization, steps: int, wo
         f"batch {tc.batch_size}, {opt.describe()}"
         + (f", frozen {config.model.freeze}" if frozen else "")
         + (f", layer lr decay {tc.layer_decay}" if tc.layer_decay else "")
-        + (f", mixup/cutmix on {opt.mixer.prob:.0%} of batches" if opt.mixer else ""),
+        + (f", mixup/cutmix on {opt.mixer.prob:.0%} of batches" if opt.mixer else "")
+        + (f", consistency x{tc.consistency.weight:g} over {len(tc.consistency.views)} condition views on unmixed batches"
+           if tc.consistency.weight else ""),
     ]
 
 

@@ -127,9 +127,10 @@ class TrainData:
         val_px, val_kept, skipped_v = cache_images(val_s, pre, min_side, workers, desc="caching val")
         group_of = {s.path: g for s, g in zip(pool_s, pool_groups)}
         train_kept = main_kept + pool_kept
-        train_ds = CachedImageDataset(
-            main_px + pool_px, [index[s.label] for s in train_kept], TrainTransform(config.augment.train, pre, config.train.seed)
-        )
+        consistency = config.train.consistency
+        transform = TrainTransform(config.augment.train, pre, config.train.seed,
+                                   views=consistency.views if consistency.weight > 0 else None)
+        train_ds = CachedImageDataset(main_px + pool_px, [index[s.label] for s in train_kept], transform)
         train_ds.transform.set_bank(pool_px)  # scene-building steps add negatives' photos around an image
         val_ds = CachedImageDataset(val_px, [index[s.label] for s in val_kept], EvalTransform(pre))
         data = cls(labels, train_ds, val_ds, len(main_kept), len(pool_kept), [group_of[s.path] for s in pool_kept],

@@ -46,6 +46,7 @@ class Optimization:
     label_smoothing: float = 0.0
     grad_clip: float | None = None
     class_weight: torch.Tensor | None = None
+    consistency_weight: float = 0.0  # train.consistency.weight: the paired views' term
 
     def autocast(self, device: torch.device):
         return torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.use_amp)
@@ -90,4 +91,4 @@ def build_optimization(module: torch.nn.Module, tc: TrainConfig, steps_per_epoch
     # the coin's stream is the seed's + 1: not the sampler's, which is seeded with train.seed itself
     mixer = BatchMixer(tc.mixup, tc.label_smoothing, num_classes, tc.seed + 1) if tc.mixup.prob > 0 else None
     return Optimization(optimizer, scheduler, ema, scaler, mixer, use_amp, amp_dtype, lr, tc.label_smoothing,
-                        tc.grad_clip, class_weight)
+                        tc.grad_clip, class_weight, tc.consistency.weight)

@@ -21,7 +21,7 @@ from training.fileio import atomic_torch_save, atomic_write_text, load_checkpoin
 HISTORY_FIELDS = [
     "epoch", "train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_f1",
     "lr", "epoch_seconds", "train_images_per_s", "data_wait_share", "best", "mined_negatives",
-    "mined_per_pool",
+    "mined_per_pool", "train_consistency",
 ]
 
 

@@ -26,15 +26,28 @@ class EpochStats:
     started: float  # time.time() at the epoch's start
     train_seconds: float
     wait_seconds: float  # of which waiting for data
+    consistency_sum: float = 0.0  # the paired views' term, summed over the items that had one
+    paired: int = 0
 
     @property
     def loss(self) -> float:
         return self.loss_sum / max(self.seen, 1)
 
+    @property
+    def consistency(self) -> float | None:
+        return self.consistency_sum / self.paired if self.paired else None
+
 
 def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def view_disagreement(logits: torch.Tensor, view_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per batch item, p the picture's prediction (detached: the view learns from it, not the
+    reverse), q its condition view's: how much the answer changes when the photo is greyscale, blurred..."""
+    p = torch.softmax(logits.detach().float(), dim=1)
+    return F.kl_div(F.log_softmax(view_logits.float(), dim=1), p, reduction="batchmean")
 
 
 def train_one_epoch(model: torch.nn.Module, module: torch.nn.Module, loader, opt: Optimization, state: TrainState,
@@ -43,23 +56,37 @@ def train_one_epoch(model: torch.nn.Module, module: torch.nn.Module, loader, opt
                     on_batch: Callable[[torch.Tensor], None] | None = None) -> EpochStats:
     """One pass over ``loader``: ``model`` (perhaps DDP-wrapped) is trained, ``module`` (the unwrapped one)
     feeds the EMA. Unmixed batches score the pool's negatives for ``miner``; losses and mining are merged
-    over ranks at the end. ``on_batch(indices)`` sees each batch's dataset indices after its step."""
+    over ranks at the end. ``on_batch(indices)`` sees each batch's dataset indices after its step.
+
+    A loader of paired views (``train.consistency``) yields ``[pictures, views]``: an unmixed batch adds
+    ``opt.consistency_weight`` x the views' disagreement to the loss (one forward pass over both); a mixed one
+    has no single picture to agree with and trains on its pictures alone."""
     model.train()
     for m in frozen:  # frozen modules keep their pretrained batch-norm statistics
         m.eval()
-    started, loss_sum, seen, wait = time.time(), 0.0, 0, 0.0
+    started, loss_sum, seen, wait, consistency_sum, paired = time.time(), 0.0, 0, 0.0, 0.0, 0
     bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not info.main)
     ready = time.perf_counter()
     for x, y, idx in bar:
         wait += time.perf_counter() - ready
+        x, views = x if isinstance(x, (list, tuple)) else (x, None)
         x, y = _to_device(x, device, channels_last), y.to(device, non_blocking=True)
         # mixed batches (timm Mixup/CutMix, smoothing included in its soft targets) say nothing about
         # single negatives, so only unmixed batches feed hard-negative mining
         x, target, mixed = opt.mixer(x, y) if opt.mixer is not None else (x, y, False)
         smoothing = 0.0 if mixed else opt.label_smoothing  # mixed targets carry their own smoothing
+        paired_views = views is not None and not mixed and opt.consistency_weight > 0
         with opt.autocast(device):
-            logits = model(x)
+            if paired_views:
+                logits, view_logits = model(torch.cat([x, _to_device(views, device, channels_last)])).split(len(y))
+            else:
+                logits = model(x)
             loss = F.cross_entropy(logits.float(), target, weight=opt.class_weight, label_smoothing=smoothing)
+            if paired_views:
+                disagreement = view_disagreement(logits, view_logits)
+                loss = loss + opt.consistency_weight * disagreement
+                consistency_sum += disagreement.item() * len(y)
+                paired += len(y)
         opt.optimizer.zero_grad(set_to_none=True)
         opt.scaler.scale(loss).backward()
         if opt.grad_clip:
@@ -80,10 +107,10 @@ def train_one_epoch(model: torch.nn.Module, module: torch.nn.Module, loader, opt
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{peak_lr(opt.optimizer):.2e}")
         ready = time.perf_counter()
     train_seconds = time.time() - started
-    loss_sum, seen = distributed.sum_scalars(info, loss_sum, seen)
+    loss_sum, seen, consistency_sum, paired = distributed.sum_scalars(info, loss_sum, seen, consistency_sum, paired)
     if miner is not None:
         miner.sync(info)
-    return EpochStats(loss_sum, seen, started, train_seconds, wait)
+    return EpochStats(loss_sum, seen, started, train_seconds, wait, consistency_sum, paired)
 
 
 @torch.no_grad()
