@@ -63,12 +63,36 @@ def condition_images(name: str, kept: list) -> list:
     return [condition.apply(img, condition_rng(0, name, image_key(sample)), images[:3]) for sample, img in kept]
 
 
+def preprocessing_of(run: Path) -> str:
+    """The run's (or ONNX file's) preprocessing as JSON: what its photos must be shown at."""
+    if run.suffix == ".onnx":
+        from serving.contract import read_contract
+
+        return read_contract(run).preprocessing.model_dump_json()
+    from training.checkpoint import Checkpoint
+
+    return Checkpoint.load(run / "best.pt").spec.preprocessing.model_dump_json()
+
+
+def check_preprocessing(runs: list[Path], cache: Path) -> None:
+    """Every run must take the photos as the cache's were preprocessed (once, by the first run's spec): a 320 px
+    model screened on 256 px arrays is scored on photos it never sees in use."""
+    recorded = str(np.load(cache / "meta.npz")["preprocessing"])
+    other = [str(r) for r in runs if preprocessing_of(r) != recorded]
+    if other:
+        raise SystemExit(f"{', '.join(other)} preprocess photos unlike the runs cached in {cache} "
+                         f"({recorded}): screen them with their own --cache")
+
+
 def cache_logits(runs: list[Path], conditions: list[str], cache: Path) -> None:
-    """RUN.npz (one array of logits per condition) for each run not cached yet; meta.npz (labels, pools)."""
+    """RUN.npz (one array of logits per condition) for each run not cached yet; meta.npz (labels, pools, the
+    preprocessing every run must share)."""
     import torch
 
     from training.predict import TorchPredictor, decode_sample, run_samples
 
+    if (cache / "meta.npz").is_file():
+        check_preprocessing(runs, cache)
     todo = [r for r in runs if not (cache / f"{key(r)}.npz").is_file()]
     if not todo:
         return
@@ -83,7 +107,8 @@ def cache_logits(runs: list[Path], conditions: list[str], cache: Path) -> None:
     labels = first.spec.labels
     np.savez(cache / "meta.npz", y=np.array([labels.index(s.label) for s, _ in kept]),
              pools=np.array([s.pool or "validation" for s, _ in kept]), labels=np.array(labels),
-             seeding=np.array(SEEDING))
+             seeding=np.array(SEEDING), preprocessing=np.array(first.spec.preprocessing.model_dump_json()))
+    check_preprocessing(runs, cache)
     pre, arrays = first.spec.preprocessing, {}
     with ThreadPoolExecutor(2) as pool:
         for name in conditions:
@@ -150,9 +175,9 @@ def main() -> int:
         arms[name] = [Path(r) for r in runs.split(",")]
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    if (cache / "meta.npz").is_file() and "seeding" not in np.load(cache / "meta.npz").files:
-        raise SystemExit(f"{cache} holds logits of conditions seeded the old way (one generator for all photos): "
-                         "name a new --cache")
+    if (cache / "meta.npz").is_file() and not {"seeding", "preprocessing"} <= set(np.load(cache / "meta.npz").files):
+        raise SystemExit(f"{cache} holds logits of conditions seeded the old way (one generator for all photos) "
+                         "or of photos preprocessed for an unrecorded input size: name a new --cache")
     cache_logits([r for runs in arms.values() for r in runs], conditions, cache)
     if args.unseen:
         cache_unseen([r for runs in arms.values() for r in runs], args.unseen, cache)

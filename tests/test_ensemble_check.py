@@ -41,3 +41,19 @@ def test_a_photo_under_phone_noise_is_the_same_whatever_is_screened_with_it():
 def test_clean_is_the_photos_themselves():
     kept = _kept(2)
     assert condition_images("clean", kept) == [img for _, img in kept]
+
+
+def test_a_run_of_another_input_size_is_refused_by_a_cache(tmp_path):
+    """The screen preprocessed every photo once, by the first run's spec: 1.4.0's 320 px members were screened
+    on 256 px arrays next to 256 px runs. Now the cache records its preprocessing and refuses other runs."""
+    import pytest
+    from ensemble_check import check_preprocessing, preprocessing_of
+
+    from serving.preprocess import Preprocessing
+
+    shipped = REPO / "models" / "wildcheck-ivory.onnx"
+    np.savez(tmp_path / "meta.npz", preprocessing=np.array(Preprocessing(input_size=256).model_dump_json()))
+    with pytest.raises(SystemExit, match="wildcheck-ivory.onnx preprocess photos unlike"):
+        check_preprocessing([shipped], tmp_path)
+    np.savez(tmp_path / "meta.npz", preprocessing=np.array(preprocessing_of(shipped)))
+    check_preprocessing([shipped], tmp_path)  # the same preprocessing passes
