@@ -59,6 +59,8 @@ def main() -> int:
     args = parser.parse_args()
 
     contract = read_contract(args.model)
+    if not parse_name(contract.architecture):
+        raise SystemExit(f"{args.model} is one {contract.architecture}, not an ensemble (wildcheck ensemble)")
     count, arch = parse_name(contract.architecture)
     weights = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in load(args.model).graph.initializer}
     config = resolve_config(args.config, sets=args.set).config
