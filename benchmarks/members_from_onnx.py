@@ -100,7 +100,7 @@ def main() -> int:
                 member(chunk)
             for h in hooks:
                 h.remove()
-            for cname, conv, bn in pairs:
+            for cname, _, bn in pairs:
                 n, s1, s2 = stats[cname]
                 mean = s1 / n
                 var = (s2 / n - mean * mean).clamp_min(0.0)
@@ -125,11 +125,11 @@ def main() -> int:
 
     config.model.name = arch
     out = Path(args.out)
-    runs = json.loads(json.dumps(contract.training_data.get("ensemble", [])))
+    runs = contract.training_data.get("ensemble", [])
+    spec = initial_spec(config, contract.labels, pre, {k: v for k, v in contract.training_data.items() if k != "ensemble"})
     for i, member in enumerate(members):
         run = out / (runs[i]["run"] if i < len(runs) else f"member{i}")
         run.mkdir(parents=True, exist_ok=True)
-        spec = initial_spec(config, contract.labels, pre, {k: v for k, v in contract.training_data.items() if k != "ensemble"})
         Checkpoint(spec, member.state_dict(), runs[i]["epoch"] if i < len(runs) else 0, {}, config,
                    [str(Path(args.data).resolve())], init_from=str(args.model), ema=True).save(run / "best.pt")
         (run / "labels.json").write_text(json.dumps(contract.labels))
