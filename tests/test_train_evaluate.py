@@ -230,3 +230,29 @@ def test_early_stopping_ends_a_run_whose_validation_macro_f1_stops_improving(syn
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert [int(r["best"]) for r in rows] == [1, 0, 0]
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
+
+
+def test_a_warm_start_scores_the_pool_before_its_first_epoch(synth_root, trained_run, tmp_path):
+    """A fine-tune's first epoch drew its negatives uniformly: the miner knew only what that epoch's batches had
+    scored (session 13's 3-epoch fine-tunes mined 0 negatives in epoch 1). A warm start now scores the pool with
+    its starting weights first. Every batch here is mixed (nothing reaches the miner from training), so the
+    hardness can only come from that scoring, and epoch 1 already draws hard negatives."""
+    import shutil
+
+    negatives = tmp_path / "negatives"
+    for split in ("train", "val"):
+        shutil.copytree(synth_root / split / "other", negatives / split / "other")
+
+    def run(name, init_from):
+        config = tiny_config(epochs=1, early_stopping_patience=None)
+        config.data.negatives, config.data.negatives_per_epoch = [str(negatives)], 0.5
+        config.train.mixup.prob = 1.0
+        train([str(synth_root)], tmp_path / name, config, init_from=init_from)
+        history = list(csv.DictReader((tmp_path / name / "history.csv").open()))
+        return load_checkpoint(tmp_path / name / "last.pt")["hardness"], int(history[0]["mined_negatives"])
+
+    warm, warm_mined = run("warm", trained_run)
+    cold, cold_mined = run("cold", None)
+    assert (warm > 0).all() and warm.std() > 0  # every pool image scored, and not all alike
+    assert warm_mined > 0
+    assert not cold.any() and cold_mined == 0  # a fresh start has nothing to score with: as before

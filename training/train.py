@@ -25,7 +25,7 @@ from training.loop.model import build_model
 from training.loop.optim import Optimization, autocast_setting, build_optimization, peak_lr
 from training.loop.rng import rng_state, seed_everything, set_rng_state
 from training.loop.rundir import RunDir, TrainState
-from training.loop.steps import EpochStats, train_one_epoch, validate
+from training.loop.steps import EpochStats, prime_miner, train_one_epoch, validate
 
 __all__ = ["train", "resolve_preprocessing", "autocast_setting"]
 
@@ -149,6 +149,10 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
         say(f"resuming from epoch {state.epoch} (best macro-F1 {state.best_f1:.4f} at epoch {state.best_epoch})"
             + ("; the run had already finished" if state.epoch >= tc.epochs else ""))
     run.truncate_history(state.epoch)
+    if init_from is not None and resumed is None and data.n_pool and data.miner.max_weight > 1:
+        prime_miner(module, data.pool_for_scoring(), data.n_main, data.miner, tc.batch_size * 2, device,
+                    channels_last=tc.channels_last, info=info)
+        say(f"scored the {data.n_pool} pool negatives with the starting weights: epoch 1 draws hard ones too")
     model = distributed.wrap_model(module, info, device, tc.compile)
     for line in run_lines(config, data, opt, len(loader), info.world, device, frozen):
         say(line)

@@ -159,6 +159,10 @@ class TrainData:
     def miner(self) -> HardNegativeMiner:
         return self.sampler.miner
 
+    def pool_for_scoring(self) -> CachedImageDataset:
+        """The negatives pool's images as validation shows them (no augmentation), indexed from 0."""
+        return CachedImageDataset(self.train.pixels[self.n_main:], self.train.targets[self.n_main:], self.val.transform)
+
     def build_sampler(self, config: Config) -> EpochSampler:
         """This run's epoch sampler over (main, pool), its generator seeded from ``train.seed``."""
         self.generator.manual_seed(config.train.seed)
