@@ -17,6 +17,7 @@ recall when the 1% budget counts them among the negatives. Whole photo only (no 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import statistics
 import sys
@@ -74,14 +75,33 @@ def preprocessing_of(run: Path) -> str:
     return Checkpoint.load(run / "best.pt").spec.preprocessing.model_dump_json()
 
 
-def check_preprocessing(runs: list[Path], cache: Path) -> None:
+def validation_of(run: Path) -> str | None:
+    """sha256 of a run dir's validation photos (path and label; Met val plus its recorded pools' val splits);
+    None for an ONNX file, which records no data and is scored on the cache's photos."""
+    if run.suffix == ".onnx":
+        return None
+    from training.checkpoint import Checkpoint
+    from training.predict import run_samples
+
+    val, _ = run_samples(Checkpoint.load(run / "best.pt"), None)
+    return hashlib.sha256("\n".join(sorted(f"{Path(s.path).resolve()},{s.label}" for s in val)).encode()).hexdigest()
+
+
+def check_runs(runs: list[Path], cache: Path) -> None:
     """Every run must take the photos as the cache's were preprocessed (once, by the first run's spec): a 320 px
-    model screened on 256 px arrays is scored on photos it never sees in use."""
-    recorded = str(np.load(cache / "meta.npz")["preprocessing"])
+    model screened on 256 px arrays is scored on photos it never sees in use. And every run dir must record the
+    cache's validation photos: a run recovered without its pools screened first made the budget Met val's alone."""
+    meta = np.load(cache / "meta.npz")
+    recorded = str(meta["preprocessing"])
     other = [str(r) for r in runs if preprocessing_of(r) != recorded]
     if other:
         raise SystemExit(f"{', '.join(other)} preprocess photos unlike the runs cached in {cache} "
                          f"({recorded}): screen them with their own --cache")
+    if "validation" in meta.files:
+        other = [str(r) for r in runs if validation_of(r) not in (None, str(meta["validation"]))]
+        if other:
+            raise SystemExit(f"{', '.join(other)} validate on other photos than the runs cached in {cache} "
+                             "(other negatives pools?): screen runs that record the same data, or name a new --cache")
 
 
 def cache_logits(runs: list[Path], conditions: list[str], cache: Path) -> None:
@@ -92,23 +112,24 @@ def cache_logits(runs: list[Path], conditions: list[str], cache: Path) -> None:
     from training.predict import TorchPredictor, decode_sample, run_samples
 
     if (cache / "meta.npz").is_file():
-        check_preprocessing(runs, cache)
+        check_runs(runs, cache)
     todo = [r for r in runs if not (cache / f"{key(r)}.npz").is_file()]
     if not todo:
         return
     torch.set_num_threads(2)
-    first = next((r for r in runs if r.suffix != ".onnx"), None)
-    if first is None:
+    first_run = next((r for r in runs if r.suffix != ".onnx"), None)
+    if first_run is None:
         raise SystemExit("name at least one run dir: its checkpoint says which validation photos to score")
-    first = TorchPredictor(first / "best.pt", threads=2)
+    first = TorchPredictor(first_run / "best.pt", threads=2)
     val, _ = run_samples(first.checkpoint, None)
     decoded = [decode_sample(s, first.spec) for s in val]
     kept = [(s, img) for s, img in zip(val, decoded) if not isinstance(img, str)]
     labels = first.spec.labels
     np.savez(cache / "meta.npz", y=np.array([labels.index(s.label) for s, _ in kept]),
              pools=np.array([s.pool or "validation" for s, _ in kept]), labels=np.array(labels),
-             seeding=np.array(SEEDING), preprocessing=np.array(first.spec.preprocessing.model_dump_json()))
-    check_preprocessing(runs, cache)
+             seeding=np.array(SEEDING), preprocessing=np.array(first.spec.preprocessing.model_dump_json()),
+             validation=np.array(validation_of(first_run)))
+    check_runs(runs, cache)
     pre, arrays = first.spec.preprocessing, {}
     with ThreadPoolExecutor(2) as pool:
         for name in conditions:
@@ -175,9 +196,9 @@ def main() -> int:
         arms[name] = [Path(r) for r in runs.split(",")]
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    if (cache / "meta.npz").is_file() and not {"seeding", "preprocessing"} <= set(np.load(cache / "meta.npz").files):
+    if (cache / "meta.npz").is_file() and not {"seeding", "preprocessing", "validation"} <= set(np.load(cache / "meta.npz").files):
         raise SystemExit(f"{cache} holds logits of conditions seeded the old way (one generator for all photos) "
-                         "or of photos preprocessed for an unrecorded input size: name a new --cache")
+                         "or of photos whose input size or validation set it does not record: name a new --cache")
     cache_logits([r for runs in arms.values() for r in runs], conditions, cache)
     if args.unseen:
         cache_unseen([r for runs in arms.values() for r in runs], args.unseen, cache)

@@ -1,7 +1,7 @@
 """Recover the trained members of an exported ensemble as run folders to fine-tune from (``--init-from``).
 
 Usage: python benchmarks/members_from_onnx.py models/wildcheck-ivory.onnx --config CFG [--set K=V ...] \
-           --data ../shared/datasets/met-ivory --out runs/recovered
+           --data ../shared/datasets/met-ivory --out runs/recovered [--pool NAME[:SOURCES] ... | --no-negatives]
 
 Run folders are not kept between sessions here; the shipped ONNX file is. Its export folded every BatchNorm into
 the convolution before it (W' = W g/s, b' = b - m g/s) and joined the members' heads into one ([W_1 ... W_m] / m,
@@ -56,6 +56,10 @@ def main() -> int:
     parser.add_argument("--data", required=True, help="training photos for the BatchNorm statistics")
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--pool", action="append", default=None,
+                        help="negatives pool the members trained with, recorded in their checkpoints (default: "
+                             "met_ivory.py's shippable pools), so a screen that reads a recovered run scores them too")
+    parser.add_argument("--no-negatives", action="store_true", help="record no negatives pools")
     args = parser.parse_args()
 
     contract = read_contract(args.model)
@@ -125,6 +129,10 @@ def main() -> int:
 
     config.model.name = arch
     out = Path(args.out)
+    if not args.no_negatives:  # what met_ivory.py adds at run time: the validation set then matches a trained run's
+        from benchmarks.met_ivory import SHARED, SHIPPABLE_POOLS, pool_root
+
+        config.data.negatives = [pool_root(p, SHARED, out) for p in (args.pool or SHIPPABLE_POOLS)]
     runs = contract.training_data.get("ensemble", [])
     spec = initial_spec(config, contract.labels, pre, {k: v for k, v in contract.training_data.items() if k != "ensemble"})
     for i, member in enumerate(members):

@@ -47,13 +47,39 @@ def test_a_run_of_another_input_size_is_refused_by_a_cache(tmp_path):
     """The screen preprocessed every photo once, by the first run's spec: 1.4.0's 320 px members were screened
     on 256 px arrays next to 256 px runs. Now the cache records its preprocessing and refuses other runs."""
     import pytest
-    from ensemble_check import check_preprocessing, preprocessing_of
+    from ensemble_check import check_runs, preprocessing_of
 
     from serving.preprocess import Preprocessing
 
     shipped = REPO / "models" / "wildcheck-ivory.onnx"
     np.savez(tmp_path / "meta.npz", preprocessing=np.array(Preprocessing(input_size=256).model_dump_json()))
     with pytest.raises(SystemExit, match="wildcheck-ivory.onnx preprocess photos unlike"):
-        check_preprocessing([shipped], tmp_path)
+        check_runs([shipped], tmp_path)
     np.savez(tmp_path / "meta.npz", preprocessing=np.array(preprocessing_of(shipped)))
-    check_preprocessing([shipped], tmp_path)  # the same preprocessing passes
+    check_runs([shipped], tmp_path)  # the same preprocessing passes
+
+
+def test_a_run_that_validates_on_other_photos_is_refused_by_a_cache(tmp_path, trained_run, synth_root, onnx_model):
+    """Session 13's first screen named a run recovered without its negatives pools first: the budget was Met
+    val's alone and every other run was scored on those photos only. The cache now records its validation
+    photos and refuses a run dir whose recorded data differ."""
+    import shutil
+
+    import pytest
+    from ensemble_check import check_runs, preprocessing_of, validation_of
+
+    from training.checkpoint import Checkpoint
+
+    with_pool = tmp_path / "with_pool"
+    with_pool.mkdir()
+    ckpt = Checkpoint.load(trained_run / "best.pt")
+    ckpt.config.data.negatives = [str(synth_root)]  # a negatives pool the plain run does not record
+    ckpt.save(with_pool / "best.pt")
+    shutil.copy(trained_run / "labels.json", with_pool / "labels.json")
+    assert validation_of(with_pool) != validation_of(trained_run)
+    np.savez(tmp_path / "meta.npz", preprocessing=np.array(preprocessing_of(trained_run)),
+             validation=np.array(validation_of(trained_run)))
+    with pytest.raises(SystemExit, match="with_pool validate on other photos"):
+        check_runs([trained_run, with_pool], tmp_path)
+    check_runs([trained_run], tmp_path)  # the cache's own run passes
+    assert validation_of(onnx_model) is None  # an ONNX file records no data: it is scored on the cache's photos
