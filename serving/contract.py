@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -56,6 +56,11 @@ class EmbeddingSpec(BaseModel):
     producer: str = Field(description="what computed it, e.g. the fine-tuned backbone's pooled features")
 
 
+TestTimeView = Literal["hflip", "vflip", "rot90", "rot180", "rot270"]
+"""A copy of the input a model also scores (``ModelSpec.test_time_views``): mirrored left-right or top-bottom,
+or turned by 90/180/270 degrees (counter-clockwise)."""
+
+
 class DecisionRules(BaseModel):
     """The rules the model's thresholds were solved with (a policy overrides some and re-solves)."""
 
@@ -94,6 +99,16 @@ class ModelSpec(BaseModel):
     negative_scores: TrafficScores | None = Field(
         None, description="the validation negatives' scores per pool, to re-solve traffic budgets in a policy"
     )
+    test_time_views: list[TestTimeView] = Field(
+        default_factory=list, description="copies of each input the model also scores, logits averaged (test-time "
+        "augmentation): computed inside the exported graph, one more forward pass per view; empty: the input alone"
+    )
+
+    @model_validator(mode="after")
+    def _views_once_each(self):
+        if len(set(self.test_time_views)) != len(self.test_time_views):
+            raise ValueError(f"test_time_views names a view twice: {self.test_time_views}")
+        return self
 
     @model_validator(mode="after")
     def _thresholds_name_known_labels(self):

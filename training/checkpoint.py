@@ -50,7 +50,8 @@ def initial_spec(config: Config, labels: list[str], preprocessing: Preprocessing
     negative = config.data.negative_label
     return ModelSpec(labels=labels, negative_label=negative, preprocessing=preprocessing,
                      thresholds=default_thresholds(labels, negative), architecture=config.model.name,
-                     training_data=training_data, tiling=config.decision.tiling)
+                     training_data=training_data, tiling=config.decision.tiling,
+                     test_time_views=config.decision.test_time_views)
 
 
 @dataclass

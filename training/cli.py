@@ -25,6 +25,27 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+VIEWS_HELP = ("also score these copies of every input and average the logits: hflip, vflip, rot90, rot180, rot270 "
+              "(repeat; 'none' for the input alone). Each is one more forward pass per photo (README, 'Test-time views')")
+
+
+def _test_time_views(values: list[str]) -> list[str] | None:
+    """``--test-time-views`` values: None when not given, [] for ``none``; an unknown view is a usage error."""
+    if not values:
+        return None
+    if values == ["none"]:
+        return []
+    from typing import get_args
+
+    from serving.contract import TestTimeView
+
+    known = get_args(TestTimeView)
+    unknown = [v for v in values if v not in known]
+    if unknown or len(set(values)) != len(values):
+        _fail(f"--test-time-views {' '.join(values)}: name each of {', '.join(known)} at most once, or 'none'")
+    return list(values)
+
+
 class _Wildcheck(TyperGroup):
     """The root command. The one place where a user's mistake becomes a message: a ``WildcheckError`` from any
     command is printed as ``error: MESSAGE`` on stderr and exits with its ``exit_code`` (2), no traceback.
@@ -139,16 +160,21 @@ def calibrate(
     max_block_rate: Optional[float] = typer.Option(None, "--max-block-rate", min=0.0, max=1.0,
                                                    help="share of ordinary images that may be blocked"),
     out: Optional[Path] = typer.Option(None, "--out", help="with --traffic: the policy YAML to write"),
+    test_time_views: list[str] = typer.Option([], "--test-time-views", help=VIEWS_HELP),
 ) -> None:
     """Fit temperature scaling and per-class block/review thresholds on validation (train does this too),
     or, with --traffic, measure your own traffic and write a policy for `wildcheck serve --policy`."""
+    views = _test_time_views(test_time_views)
     if traffic is not None:
+        if views is not None:
+            _fail("--test-time-views changes the model: calibrate the run with it, then export")
         return _calibrate_traffic(run, traffic, max_flag_rate, max_block_rate, out)
     if out is not None:
         _fail("--out is for --traffic; calibrating a run updates RUN/best.pt and writes RUN/calibration.json")
     from training.calibrate import calibrate as run_calibration, format_report
 
-    budgets = {k: v for k, v in (("max_flag_rate", max_flag_rate), ("max_block_rate", max_block_rate)) if v is not None}
+    budgets = {k: v for k, v in (("max_flag_rate", max_flag_rate), ("max_block_rate", max_block_rate),
+                                 ("test_time_views", views)) if v is not None}
     report = run_calibration(run, [str(d) for d in data] or None, budgets or None)
     typer.echo(format_report(report))
 
@@ -245,12 +271,14 @@ def ensemble(
     runs: list[Path] = typer.Argument(..., help="two or more run dirs (or best.pt) of one recipe, e.g. different seeds"),
     out: Path = typer.Option(..., "--out", help="run dir to write (best.pt, calibration.json); export it like any run"),
     data: list[Path] = typer.Option([], "--data", help="validation images (default: the runs' own)"),
+    test_time_views: list[str] = typer.Option([], "--test-time-views", help=VIEWS_HELP + "; default: the first run's config's"),
 ) -> None:
     """Average the logits of several trainings into one model (one ONNX file once exported), then calibrate it."""
     from training.calibrate import format_report
     from training.ensemble import make_ensemble
 
-    report = make_ensemble(runs, out, [str(d) for d in data] or None, say=typer.echo)
+    report = make_ensemble(runs, out, [str(d) for d in data] or None, say=typer.echo,
+                           test_time_views=_test_time_views(test_time_views))
     typer.echo(format_report(report))
 
 

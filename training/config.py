@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from serving.errors import InvalidInput, MissingInput
+from serving.contract import TestTimeView
 from serving.tiling import Tiling
 
 
@@ -193,6 +194,11 @@ class DecisionConfig(_Strict):
     tiling: Tiling | None = Field(
         None, description="score the whole picture and a grid x grid of tiles, keep the highest score per protected "
         "class (collages, shelves); written into the model contract, so calibration and serving do the same",
+    )
+    test_time_views: list[TestTimeView] = Field(
+        default_factory=list, description="also score these copies of every input and average the logits (hflip, "
+        "vflip, rot90, rot180, rot270): test-time augmentation inside the exported graph, one more forward pass "
+        "each; written into the model contract, so calibration and serving do the same",
     )
 
     @model_validator(mode="after")

@@ -22,8 +22,9 @@ class EnsembleError(InvalidInput):
     """The runs cannot be averaged: different labels, preprocessing, architecture or tiling."""
 
 
-def build(runs: list[str | Path], out: str | Path, say=print) -> Path:
-    """Average the runs' best checkpoints into ``out``/best.pt (uncalibrated: the caller calibrates)."""
+def build(runs: list[str | Path], out: str | Path, say=print, test_time_views: list[str] | None = None) -> Path:
+    """Average the runs' best checkpoints into ``out``/best.pt (uncalibrated: the caller calibrates).
+    ``test_time_views``: the ensemble's (``decision.test_time_views``); None: the first run's config's."""
     from training.fileio import atomic_write_text
     from training.predict import resolve_checkpoint
 
@@ -57,6 +58,8 @@ def build(runs: list[str | Path], out: str | Path, say=print) -> Path:
     model = Ensemble(members).eval()
     config = first.config.model_copy(deep=True)
     config.model.name = ensemble_name(len(members), first.spec.architecture)
+    if test_time_views is not None:
+        config.decision.test_time_views = list(test_time_views)
     training_data = {**first.spec.training_data,
                      "ensemble": [{"run": p.parent.name, "seed": ck.config.train.seed, "epoch": ck.epoch,
                                    "val_balanced_accuracy": ck.val_metrics.get("balanced_accuracy")}
@@ -67,17 +70,19 @@ def build(runs: list[str | Path], out: str | Path, say=print) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     ensemble.save(out / "best.pt")
     atomic_write_text(out / "labels.json", json.dumps(labels))
-    say(f"wrote {out / 'best.pt'}: {len(members)} x {first.spec.architecture}, logits averaged")
+    views = f", and over the views {', '.join(spec.test_time_views)}" if spec.test_time_views else ""
+    say(f"wrote {out / 'best.pt'}: {len(members)} x {first.spec.architecture}, logits averaged{views}")
     return out / "best.pt"
 
 
-def make_ensemble(runs: list[str | Path], out: str | Path, data: list[str] | None = None, say=print) -> dict:
+def make_ensemble(runs: list[str | Path], out: str | Path, data: list[str] | None = None, say=print,
+                  test_time_views: list[str] | None = None) -> dict:
     """``wildcheck ensemble``: build, then calibrate, whose one pass over the validation images also records the
     ensemble's validation metrics (the thresholds are its own, solved on the same validation images and budgets
     as its members'). Returns the calibration report."""
     from training.calibrate import calibrate
 
-    path = build(runs, out, say)
+    path = build(runs, out, say, test_time_views)
     report = calibrate(path.parent, data)
     metrics = Checkpoint.load(path).val_metrics
     say(f"validation: balanced accuracy {metrics['balanced_accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "

@@ -124,6 +124,60 @@ class Ensemble(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+def view_of(name: str, x: torch.Tensor, undo: bool = False) -> torch.Tensor:
+    """A test-time view (``serving.contract.TestTimeView``) of an N x C x H x W batch; ``undo`` maps a view's
+    feature map back onto the photo (the inverse turn; a mirror is its own inverse)."""
+    if name == "hflip":
+        return x.flip(-1)
+    if name == "vflip":
+        return x.flip(-2)
+    turns = {"rot90": 1, "rot180": 2, "rot270": 3}[name]
+    return torch.rot90(x, -turns if undo else turns, dims=(2, 3))
+
+
+class ViewAveraged(nn.Module):
+    """A classifier that also scores copies of its input (``ModelSpec.test_time_views``: mirror images, quarter
+    turns) and averages the logits. Shaped like ``Ensemble``: ``forward_features`` runs the backbone once over the
+    input and its views (one batch) and sets their feature maps side by side, each turned back onto the photo;
+    the head is the model's own repeated and divided by the views' count. So the exported class activation maps
+    are the mean of the views' maps, aligned, and the embedding their pooled features side by side. Built around
+    trained weights for inference (calibration, evaluation, export), as an ensemble is."""
+
+    def __init__(self, model: nn.Module, views: list[str]):
+        super().__init__()
+        if not views:
+            raise InvalidInput("ViewAveraged needs at least one view besides the input")
+        self.model, self.views = model, list(views)
+        self.global_pool = model.global_pool
+        copies = len(self.views) + 1
+        self.num_features = int(model.num_features) * copies
+        head = model.get_classifier()
+        self.classifier = nn.Linear(self.num_features, head.out_features).to(head.weight.device)
+        with torch.no_grad():
+            self.classifier.weight.copy_(head.weight.repeat(1, copies) / copies)
+            self.classifier.bias.copy_(head.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        maps = self.model.forward_features(torch.cat([x] + [view_of(v, x) for v in self.views]))
+        maps = maps.unflatten(0, (len(self.views) + 1, -1))  # (views, N, ...); chunk() would fix the batch size in export
+        return torch.cat([maps[0]] + [view_of(v, m, undo=True) for v, m in zip(self.views, maps[1:])], dim=1)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        return x if pre_logits else self.classifier(x)
+
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def with_views(model: nn.Module, views: list[str]) -> nn.Module:
+    """``model`` scoring ``views`` too (``ViewAveraged``), or itself when there are none."""
+    return ViewAveraged(model, views).eval() if views else model
+
+
 def create_model(
     name: str,
     num_classes: int,

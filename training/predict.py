@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -50,10 +51,22 @@ class TorchPredictor(SpecView):
         self.path = Path(checkpoint)
         self.checkpoint = Checkpoint.load(self.path)
         self.spec: ModelSpec = self.checkpoint.spec
-        self.model = create_model(self.spec.architecture, len(self.spec.labels), pretrained="none")
-        self.model.load_state_dict(self.checkpoint.weights)
-        self.model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+        self.network = create_model(self.spec.architecture, len(self.spec.labels), pretrained="none")
+        self.network.load_state_dict(self.checkpoint.weights)
+        self.network.to("cuda" if torch.cuda.is_available() else "cpu").eval()
         self._torch = torch
+        self._scored: tuple[tuple[str, ...], Any] | None = None
+
+    @property
+    def model(self):
+        """What the spec scores: the trained network, with its test-time views when the spec has them (the
+        exported graph is this module)."""
+        from training.models import with_views
+
+        views = tuple(self.spec.test_time_views)
+        if self._scored is None or self._scored[0] != views:
+            self._scored = (views, with_views(self.network, list(views)))
+        return self._scored[1]
 
     @cached_property
     def contract(self) -> ModelContract:
