@@ -24,10 +24,11 @@ from serving.tiling import ViewRule
 MAX_ROWS_PER_PASS = 4
 
 
-def in_slices(batch: np.ndarray, run) -> list[np.ndarray]:
+def in_slices(batch: np.ndarray, run, copies: int = 1) -> list[np.ndarray]:
     """``run(rows) -> [outputs]`` over ``batch`` in slices of at most ``MAX_ROWS_PER_PASS`` rows, each output
-    joined back."""
-    max_rows = MAX_ROWS_PER_PASS
+    joined back. ``copies``: how many rows the model runs per input row (1 + its test-time views), so a pass
+    holds the same number of backbone rows whatever the views."""
+    max_rows = max(1, MAX_ROWS_PER_PASS // copies)
     if len(batch) <= max_rows:
         return list(run(batch))
     parts = [run(batch[i : i + max_rows]) for i in range(0, len(batch), max_rows)]
@@ -141,7 +142,8 @@ class OnnxModel(SpecView):
     def run(self, batch: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
         """The named outputs only (onnxruntime skips work that feeds none of them), in passes of at most
         ``MAX_ROWS_PER_PASS`` rows."""
-        return in_slices(batch, lambda rows: self.session.run(outputs, self._feed(rows), self._run_options(len(rows))))
+        return in_slices(batch, lambda rows: self.session.run(outputs, self._feed(rows), self._run_options(len(rows))),
+                         copies=1 + len(self.contract.test_time_views))
 
     def _run_options(self, rows: int):
         return self._release if self.release_above_rows is not None and rows > self.release_above_rows else None

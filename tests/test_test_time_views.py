@@ -104,3 +104,34 @@ def test_views_are_named_once_each_and_known():
                   test_time_views=["hflip", "hflip"])
     result = CliRunner().invoke(app, ["calibrate", "runs/none", "--test-time-views", "mirror"])
     assert result.exit_code == 2 and "hflip, vflip, rot90, rot180, rot270" in result.output
+
+
+def test_a_pass_holds_fewer_photos_when_each_is_scored_twice(mirrored_run, tmp_path, monkeypatch):
+    """MAX_ROWS_PER_PASS bounds a pass's memory by the rows the backbone runs; with a mirror view each photo is
+    two rows inside the graph, so a pass takes half as many photos (the checkpoint's passes alike)."""
+    import serving.runtime as runtime
+    from serving.runtime import OnnxModel
+    from training.export import export
+    from training.predict import TorchPredictor
+
+    out = tmp_path / "mirrored.onnx"
+    export(mirrored_run, out, version="1.0.0", parity_images=4)
+    monkeypatch.setattr(runtime, "MAX_ROWS_PER_PASS", 4)
+    x = np.random.default_rng(0).normal(size=(5, 3, 64, 64)).astype(np.float32)
+    model, rows = OnnxModel(out), []
+    session = model.session
+
+    class Recording:
+        def run(self, outputs, feed, options=None):
+            rows.append(len(next(iter(feed.values()))))
+            return session.run(outputs, feed, options)
+
+    model.session = Recording()
+    whole = session.run([model.logits_output], {model.input_name: x})[0]
+    np.testing.assert_allclose(model.predict_logits(x), whole, rtol=1e-4, atol=1e-5)
+    assert rows == [2, 2, 1]
+    torch_rows = []
+    predictor = TorchPredictor(mirrored_run / "best.pt")
+    predictor.model.register_forward_pre_hook(lambda m, args: torch_rows.append(len(args[0])))
+    predictor.predict_logits(x)
+    assert torch_rows == [2, 2, 1]

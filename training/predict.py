@@ -82,7 +82,7 @@ class TorchPredictor(SpecView):
             with self._torch.inference_mode():
                 return [self.model(self._input(rows)).float().cpu().numpy()]
 
-        return in_slices(batch, run)[0]
+        return in_slices(batch, run, copies=1 + len(self.spec.test_time_views))[0]
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
         return softmax(self.predict_logits(batch), self.temperature)
@@ -101,7 +101,7 @@ class TorchPredictor(SpecView):
             with self._torch.inference_mode():
                 return [out.float().cpu().numpy() for out in WithCam(self.model)(self._input(rows))]
 
-        logits, cam = in_slices(batch, run)
+        logits, cam = in_slices(batch, run, copies=1 + len(self.spec.test_time_views))
         return logits, cam
 
 

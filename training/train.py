@@ -149,13 +149,13 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
         say(f"resuming from epoch {state.epoch} (best macro-F1 {state.best_f1:.4f} at epoch {state.best_epoch})"
             + ("; the run had already finished" if state.epoch >= tc.epochs else ""))
     run.truncate_history(state.epoch)
+    model = distributed.wrap_model(module, info, device, tc.compile)
+    for line in run_lines(config, data, opt, len(loader), info.world, device, frozen):
+        say(line)
     if init_from is not None and resumed is None and data.n_pool and data.miner.max_weight > 1:
         prime_miner(module, data.pool_for_scoring(), data.n_main, data.miner, tc.batch_size * 2, device,
                     channels_last=tc.channels_last, info=info)
         say(f"scored the {data.n_pool} pool negatives with the starting weights: epoch 1 draws hard ones too")
-    model = distributed.wrap_model(module, info, device, tc.compile)
-    for line in run_lines(config, data, opt, len(loader), info.world, device, frozen):
-        say(line)
     t_start, start, meta = time.time(), state.epoch, checkpoint_meta(config, data, pre, roots, init_from)
     spec = initial_spec(config, data.labels, pre, meta["training_data"])
     for epoch in range(start, tc.epochs):
