@@ -33,6 +33,15 @@ def mirrored_run(trained_run, tmp_path_factory):
     return run
 
 
+@pytest.fixture(scope="module")
+def mirrored_export(mirrored_run, tmp_path_factory):
+    """(ONNX path, export report) of the mirrored run."""
+    from training.export import export
+
+    out = tmp_path_factory.mktemp("mirrored_onnx") / "mirrored.onnx"
+    return out, export(mirrored_run, out, version="1.0.0")
+
+
 def test_logits_are_the_mean_over_the_views_and_heat_maps_align(trained_run):
     from training.cam import WithCam
     from training.models import ViewAveraged
@@ -62,17 +71,15 @@ def test_with_all_four_turns_a_sideways_photo_scores_as_the_upright_one(trained_
         torch.testing.assert_close(model(sideways), model(x), atol=1e-5, rtol=1e-5)
 
 
-def test_a_run_calibrated_with_a_mirror_view_exports_and_serves_it(mirrored_run, trained_run, tmp_path):
+def test_a_run_calibrated_with_a_mirror_view_exports_and_serves_it(mirrored_run, mirrored_export, trained_run):
     from serving.checker import ImageChecker
     from serving.contract import read_contract
     from serving.runtime import OnnxModel
     from training.checkpoint import Checkpoint
-    from training.export import export
 
     ck = Checkpoint.load(mirrored_run / "best.pt")
     assert ck.spec.test_time_views == ["hflip"] and ck.config.decision.test_time_views == ["hflip"]
-    out = tmp_path / "mirrored.onnx"
-    report = export(mirrored_run, out, version="1.0.0")
+    out, report = mirrored_export
     assert report["parity"]["max_abs_diff"] <= 1e-4 and report["parity"]["cam_max_abs_diff"] <= 1e-3
     assert read_contract(out).test_time_views == ["hflip"]
 
@@ -106,16 +113,14 @@ def test_views_are_named_once_each_and_known():
     assert result.exit_code == 2 and "hflip, vflip, rot90, rot180, rot270" in result.output
 
 
-def test_a_pass_holds_fewer_photos_when_each_is_scored_twice(mirrored_run, tmp_path, monkeypatch):
+def test_a_pass_holds_fewer_photos_when_each_is_scored_twice(mirrored_run, mirrored_export, monkeypatch):
     """MAX_ROWS_PER_PASS bounds a pass's memory by the rows the backbone runs; with a mirror view each photo is
     two rows inside the graph, so a pass takes half as many photos (the checkpoint's passes alike)."""
     import serving.runtime as runtime
     from serving.runtime import OnnxModel
-    from training.export import export
     from training.predict import TorchPredictor
 
-    out = tmp_path / "mirrored.onnx"
-    export(mirrored_run, out, version="1.0.0", parity_images=4)
+    out = mirrored_export[0]
     monkeypatch.setattr(runtime, "MAX_ROWS_PER_PASS", 4)
     x = np.random.default_rng(0).normal(size=(5, 3, 64, 64)).astype(np.float32)
     model, rows = OnnxModel(out), []

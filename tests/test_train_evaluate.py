@@ -252,7 +252,6 @@ def test_a_warm_start_scores_the_pool_before_its_first_epoch(synth_root, trained
         return load_checkpoint(tmp_path / name / "last.pt")["hardness"], int(history[0]["mined_negatives"])
 
     warm, warm_mined = run("warm", trained_run)
-    cold, cold_mined = run("cold", None)
     assert (warm > 0).all() and warm.std() > 0  # every pool image scored, and not all alike
     assert warm_mined > 0
-    assert not cold.any() and cold_mined == 0  # a fresh start has nothing to score with: as before
+    # a fresh start has nothing to score with and stays as it was: test_mixed_batches_train_but_do_not_feed_...

@@ -85,7 +85,25 @@ def parse_name(name: str) -> tuple[int, str] | None:
     return (int(match.group(1)), match.group(2)) if match else None
 
 
-class Ensemble(nn.Module):
+class SideBySide(nn.Module):
+    """Feature maps side by side (``forward_features``, the subclass's), average-pooled into one ``Linear`` head
+    (``classifier``): timm's classifier interface, so heat maps and embeddings export unchanged."""
+
+    global_pool: nn.Module
+    classifier: nn.Linear
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        return x if pre_logits else self.classifier(x)
+
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class Ensemble(SideBySide):
     """m classifiers of one timm architecture whose logits are the mean of theirs (``wildcheck ensemble``,
     training/ensemble.py). Shaped like a timm classifier -- ``forward_features`` (the members' feature maps side
     by side), average pooling, one ``Linear`` head holding the members' heads side by side, each divided by m --
@@ -113,16 +131,6 @@ class Ensemble(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([m.forward_features(x) for m in self.members], dim=1)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x)
-        return x if pre_logits else self.classifier(x)
-
-    def get_classifier(self) -> nn.Module:
-        return self.classifier
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
 
 def view_of(name: str, x: torch.Tensor, undo: bool = False) -> torch.Tensor:
     """A test-time view (``serving.contract.TestTimeView``) of an N x C x H x W batch; ``undo`` maps a view's
@@ -135,7 +143,7 @@ def view_of(name: str, x: torch.Tensor, undo: bool = False) -> torch.Tensor:
     return torch.rot90(x, -turns if undo else turns, dims=(2, 3))
 
 
-class ViewAveraged(nn.Module):
+class ViewAveraged(SideBySide):
     """A classifier that also scores copies of its input (``ModelSpec.test_time_views``: mirror images, quarter
     turns) and averages the logits. Shaped like ``Ensemble``: ``forward_features`` runs the backbone once over the
     input and its views (one batch) and sets their feature maps side by side, each turned back onto the photo;
@@ -161,16 +169,6 @@ class ViewAveraged(nn.Module):
         maps = self.model.forward_features(torch.cat([x] + [view_of(v, x) for v in self.views]))
         maps = maps.unflatten(0, (len(self.views) + 1, -1))  # (views, N, ...); chunk() would fix the batch size in export
         return torch.cat([maps[0]] + [view_of(v, m, undo=True) for v, m in zip(self.views, maps[1:])], dim=1)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x)
-        return x if pre_logits else self.classifier(x)
-
-    def get_classifier(self) -> nn.Module:
-        return self.classifier
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def with_views(model: nn.Module, views: list[str]) -> nn.Module:

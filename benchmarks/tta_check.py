@@ -1,0 +1,165 @@
+"""Do test-time views help? Whole-photo ivory recall at a 1% flag budget when the model's logits are averaged
+over turned, mirrored or greyscale copies of each photo, as is and under each listing condition.
+
+    python benchmarks/tta_check.py models/wildcheck-ivory.onnx --cache runs/tta [--unseen ROOT_OR_CSV ...]
+        [--conditions clean,rotate,greyscale,crop,phone,jpeg,thumbnail,banner,watermark]
+        [--sets "none=id" --sets "turns=id,rot90,rot180,rot270" ...]
+
+The validation photos are Met val and the val splits of the negatives pools the model trained on
+(``met_ivory.SHIPPABLE_POOLS``). Each photo under each condition (``training.conditions``, seeded per photo as
+`wildcheck robustness` seeds them) is preprocessed once; every view (a function of the preprocessed array:
+a quarter turn, a mirror image, luma, a Gaussian blur) is scored and its logits cached in ``--cache`` (one file per condition; views named in ``--sets`` that are not cached yet are added).
+Each set of views then reports, like ``ensemble_check.py``: the ivory recall and the share of negatives
+flagged at the score that flags 1% of the clean negatives, per condition; the share of ``--unseen`` photos
+(sources no run trained on) flagged at it, and the clean recall when the budget counts them too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.ensemble_check import budget_threshold, condition_images  # noqa: E402
+
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601 (PIL's "L"); the model's mean/std are per-channel equal
+
+
+def view(name: str, x: np.ndarray) -> np.ndarray:
+    """One test-time view of a batch of preprocessed arrays (N, 3, S, S)."""
+    if name == "id":
+        return x
+    if name.startswith("rot"):
+        return np.ascontiguousarray(np.rot90(x, k=int(name[3:]) // 90, axes=(2, 3)))
+    if name == "hflip":
+        return np.ascontiguousarray(x[..., ::-1])
+    if name == "grey":
+        return np.repeat(np.einsum("c,nchw->nhw", LUMA, x)[:, None], 3, axis=1)
+    if name.startswith("blur"):  # blurNN: Gaussian blur of sigma NN/10 px at the model's input size
+        from scipy.ndimage import gaussian_filter
+
+        return gaussian_filter(x, sigma=(0, 0, int(name[4:]) / 10, int(name[4:]) / 10), mode="reflect").astype(np.float32)
+    raise ValueError(f"unknown view {name!r}")
+
+
+VIEWS = ["id", "rot90", "rot180", "rot270", "hflip", "grey"]
+
+
+def samples_of(shared: Path, cache: Path, labels: list[str], negative: str):
+    from dataclasses import replace
+
+    from benchmarks.met_ivory import SHIPPABLE_POOLS, pool_root
+    from training.data.sources import load_samples, select_split
+
+    val = [s for s in select_split(load_samples([shared / "met-ivory"]), "val") if s.label in labels]
+    pools = [pool_root(p, shared, cache) for p in SHIPPABLE_POOLS]
+    val += select_split([replace(s, label=negative) for s in load_samples(pools)], "val")
+    return val
+
+
+def decoded(samples, contract) -> list:
+    from serving.imageio import ImageError, decode_image
+    from serving.tiling import draft_size
+
+    out = []
+    for s in samples:
+        try:
+            img, _ = decode_image(s.path, draft_size=draft_size(contract.preprocessing, contract.tiling))
+            out.append((s, img))
+        except (ImageError, OSError) as exc:
+            print(f"skipped {s.path}: {exc}", flush=True)
+    return out
+
+
+def cached_views(path: Path) -> set[str]:
+    return set(np.load(path).files) if path.is_file() else set()
+
+
+def cache_condition(model, kept: list, name: str, path: Path, views: list[str]) -> None:
+    """path.npz: the logits of each of ``views`` of every photo under condition ``name`` (view -> N x C); views
+    cached before are kept."""
+    todo = [v for v in views if v not in cached_views(path)]
+    if not todo:
+        return
+    pre = model.contract.preprocessing
+    with ThreadPoolExecutor(2) as pool:
+        arrays = np.stack(list(pool.map(pre, condition_images(name, kept)))).astype(np.float32)
+    logits = dict(np.load(path)) if path.is_file() else {}
+    logits.update({v: np.concatenate([model.predict_logits(view(v, arrays[i:i + 32]))
+                                      for i in range(0, len(arrays), 32)]) for v in todo})
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **logits)
+    tmp.replace(path)
+    print(f"cached {name}: {', '.join(todo)} ({len(arrays)} photos)", flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", help="an exported ONNX file")
+    ap.add_argument("--cache", required=True)
+    ap.add_argument("--shared", default=str(REPO.parent / "shared" / "datasets"))
+    ap.add_argument("--conditions", default="clean,rotate,greyscale,crop,phone,jpeg,thumbnail,banner,watermark")
+    ap.add_argument("--unseen", action="append", default=[], help="negatives no run trained on (a root or CSV manifest)")
+    ap.add_argument("--sets", action="append", default=None, help="NAME=VIEW,VIEW,... (views averaged; repeat)")
+    ap.add_argument("--label", default="ivory")
+    args = ap.parse_args()
+    from training.data.sources import load_samples, select_split
+    from training.predict import load_predictor
+
+    model = load_predictor(Path(args.model), threads=2)
+    model.contract = model.contract.model_copy(update={"temperature": 1.0, "tiling": None})
+    labels = list(model.contract.labels)
+    c = labels.index(args.label)
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    conditions = ["clean"] + [n for n in args.conditions.split(",") if n != "clean"]
+    sets = args.sets or ["none=id", "mirror=id,hflip", "turns=id,rot90,rot180,rot270", "grey=id,grey",
+                         "turns+mirror=id,rot90,rot180,rot270,hflip", "turns+grey=id,rot90,rot180,rot270,grey",
+                         "all=id,rot90,rot180,rot270,hflip,grey"]
+    views = sorted({v for spec in sets for v in spec.partition("=")[2].split(",")}, key=lambda v: (v not in VIEWS, v))
+    if not (cache / "meta.npz").is_file() or any(set(views) - cached_views(cache / f"{n}.npz") for n in conditions):
+        kept = decoded(samples_of(Path(args.shared), cache, labels, model.contract.negative_label), model.contract)
+        y = np.array([labels.index(s.label) for s, _ in kept])
+        if (cache / "meta.npz").is_file() and not np.array_equal(np.load(cache / "meta.npz")["y"], y):
+            raise SystemExit(f"{cache} holds other photos: name a new --cache")
+        np.savez(cache / "meta.npz", y=y)
+        for name in conditions:
+            cache_condition(model, kept, name, cache / f"{name}.npz", views)
+    if args.unseen and set(views) - cached_views(cache / "unseen.npz"):
+        cache_condition(model, decoded(select_split(load_samples(args.unseen), "val"), model.contract), "clean",
+                        cache / "unseen.npz", views)
+    positive = np.load(cache / "meta.npz")["y"] == c
+    logits = {n: np.load(cache / f"{n}.npz") for n in conditions + (["unseen"] if args.unseen else [])}
+
+    def margin(cond: str, views: list[str]) -> np.ndarray:
+        mean = np.mean([logits[cond][v] for v in views], axis=0)
+        return mean[:, c] - np.delete(mean, c, axis=1).max(1)
+
+    head = " | ".join(f"{n} recall | {n} flagged" for n in conditions)
+    head += " | unseen flagged | clean recall, budget over all" if args.unseen else ""
+    print(f"| views | {head} |\n|---|" + "---|" * (2 * len(conditions) + 2 * bool(args.unseen)))
+    for spec in sets:
+        name, _, views = spec.partition("=")
+        views = views.split(",")
+        clean = margin("clean", views)
+        threshold = budget_threshold(clean[~positive], 0.01)
+        cells = []
+        for cond in conditions:
+            m = margin(cond, views)
+            cells += [f"{np.mean(m[positive] > threshold):.3f}", f"{np.mean(m[~positive] > threshold):.1%}"]
+        if args.unseen:
+            unseen = margin("unseen", views)
+            wide = budget_threshold(np.concatenate([clean[~positive], unseen]), 0.01)
+            cells += [f"{np.mean(unseen > threshold):.1%}", f"{np.mean(clean[positive] > wide):.3f}"]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

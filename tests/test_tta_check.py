@@ -1,0 +1,34 @@
+"""benchmarks/tta_check.py: each view of a preprocessed array is the view of the photo, as the report's
+conditions make it (so 'turns' and 'luma' measure what they say)."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from tta_check import view  # noqa: E402
+
+from serving.preprocess import Preprocessing  # noqa: E402
+from tests.conftest import photo  # noqa: E402
+
+
+def test_views_of_the_array_are_views_of_the_photo():
+    # no crop margin: a centre crop of an odd margin sits one pixel off centre, and a turn would move it
+    pre = Preprocessing(input_size=64, crop_pct=1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    img = photo(3, size=(96, 96))
+    x = pre(img)[None]
+    turned = pre(img.transpose(Image.Transpose.ROTATE_90))[None]  # PIL turns counter-clockwise, as np.rot90
+    mirrored = pre(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT))[None]
+    level = 1 / 127.5  # one 8-bit level after normalisation
+    for got, want in ((view("rot90", x), turned), (view("hflip", x), mirrored)):
+        # PIL resizes rows then columns, rounding between, so a few pixels differ by a few levels
+        assert np.abs(got - want).mean() < 0.1 * level and np.abs(got - want).max() < 8 * level
+        assert np.abs(x - want).mean() > 50 * level  # the view did change the array
+    grey = pre(img.convert("L").convert("RGB"))[None]
+    assert np.abs(view("grey", x) - grey).max() < 2.5 / 127.5  # PIL rounds luma to 8 bits, resizes after
+    assert np.abs(view("grey", x) - x).max() > 0.1  # the photo has colour to lose
+    np.testing.assert_array_equal(view("id", x), x)
