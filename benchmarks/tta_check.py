@@ -8,7 +8,7 @@ over turned, mirrored or greyscale copies of each photo, as is and under each li
 The validation photos are Met val and the val splits of the negatives pools the model trained on
 (``met_ivory.SHIPPABLE_POOLS``). Each photo under each condition (``training.conditions``, seeded per photo as
 `wildcheck robustness` seeds them) is preprocessed once; every view (a function of the preprocessed array:
-a quarter turn, a mirror image, luma, a Gaussian blur) is scored and its logits cached in ``--cache`` (one file per condition; views named in ``--sets`` that are not cached yet are added).
+a quarter turn or mirror image as the exported graph makes it, or luma) is scored and its logits cached in ``--cache`` (one file per condition; views named in ``--sets`` that are not cached yet are added).
 Each set of views then reports, like ``ensemble_check.py``: the ivory recall and the share of negatives
 flagged at the score that flags 1% of the clean negatives, per condition; the share of ``--unseen`` photos
 (sources no run trained on) flagged at it, and the clean recall when the budget counts them too.
@@ -26,29 +26,23 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.ensemble_check import budget_threshold, condition_images  # noqa: E402
+from benchmarks.ensemble_check import class_margin, condition_images, recall_at_budget  # noqa: E402
 
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601 (PIL's "L"); the model's mean/std are per-channel equal
 
 
 def view(name: str, x: np.ndarray) -> np.ndarray:
-    """One test-time view of a batch of preprocessed arrays (N, 3, S, S)."""
+    """One view of a batch of preprocessed arrays (N, 3, S, S): ``id``, ``grey`` (luma, a screen-only view), or a
+    test-time view of the contract, made by the code the exported graph runs (``training.models.view_of``)."""
     if name == "id":
         return x
-    if name.startswith("rot"):
-        return np.ascontiguousarray(np.rot90(x, k=int(name[3:]) // 90, axes=(2, 3)))
-    if name == "hflip":
-        return np.ascontiguousarray(x[..., ::-1])
     if name == "grey":
         return np.repeat(np.einsum("c,nchw->nhw", LUMA, x)[:, None], 3, axis=1)
-    if name.startswith("blur"):  # blurNN: Gaussian blur of sigma NN/10 px at the model's input size
-        from scipy.ndimage import gaussian_filter
+    import torch
 
-        return gaussian_filter(x, sigma=(0, 0, int(name[4:]) / 10, int(name[4:]) / 10), mode="reflect").astype(np.float32)
-    raise ValueError(f"unknown view {name!r}")
+    from training.models import view_of
 
-
-VIEWS = ["id", "rot90", "rot180", "rot270", "hflip", "grey"]
+    return np.ascontiguousarray(view_of(name, torch.from_numpy(x)).numpy())
 
 
 def samples_of(shared: Path, cache: Path, labels: list[str], negative: str):
@@ -64,16 +58,16 @@ def samples_of(shared: Path, cache: Path, labels: list[str], negative: str):
 
 
 def decoded(samples, contract) -> list:
-    from serving.imageio import ImageError, decode_image
-    from serving.tiling import draft_size
+    """(sample, picture) pairs, decoded as the model's own views need (``training.predict.decode_sample``)."""
+    from training.predict import decode_sample
 
     out = []
     for s in samples:
-        try:
-            img, _ = decode_image(s.path, draft_size=draft_size(contract.preprocessing, contract.tiling))
+        img = decode_sample(s, contract)
+        if isinstance(img, str):
+            print(f"skipped {s.path}: {img}", flush=True)
+        else:
             out.append((s, img))
-        except (ImageError, OSError) as exc:
-            print(f"skipped {s.path}: {exc}", flush=True)
     return out
 
 
@@ -122,7 +116,7 @@ def main() -> int:
     sets = args.sets or ["none=id", "mirror=id,hflip", "turns=id,rot90,rot180,rot270", "grey=id,grey",
                          "turns+mirror=id,rot90,rot180,rot270,hflip", "turns+grey=id,rot90,rot180,rot270,grey",
                          "all=id,rot90,rot180,rot270,hflip,grey"]
-    views = sorted({v for spec in sets for v in spec.partition("=")[2].split(",")}, key=lambda v: (v not in VIEWS, v))
+    views = sorted({v for spec in sets for v in spec.partition("=")[2].split(",")})
     if not (cache / "meta.npz").is_file() or any(set(views) - cached_views(cache / f"{n}.npz") for n in conditions):
         kept = decoded(samples_of(Path(args.shared), cache, labels, model.contract.negative_label), model.contract)
         y = np.array([labels.index(s.label) for s, _ in kept])
@@ -138,8 +132,7 @@ def main() -> int:
     logits = {n: np.load(cache / f"{n}.npz") for n in conditions + (["unseen"] if args.unseen else [])}
 
     def margin(cond: str, views: list[str]) -> np.ndarray:
-        mean = np.mean([logits[cond][v] for v in views], axis=0)
-        return mean[:, c] - np.delete(mean, c, axis=1).max(1)
+        return class_margin(np.mean([logits[cond][v] for v in views], axis=0), c)
 
     head = " | ".join(f"{n} recall | {n} flagged" for n in conditions)
     head += " | unseen flagged | clean recall, budget over all" if args.unseen else ""
@@ -147,16 +140,12 @@ def main() -> int:
     for spec in sets:
         name, _, views = spec.partition("=")
         views = views.split(",")
-        clean = margin("clean", views)
-        threshold = budget_threshold(clean[~positive], 0.01)
-        cells = []
-        for cond in conditions:
-            m = margin(cond, views)
-            cells += [f"{np.mean(m[positive] > threshold):.3f}", f"{np.mean(m[~positive] > threshold):.1%}"]
+        values = recall_at_budget({cond: margin(cond, views) for cond in conditions}, positive, conditions,
+                                  unseen=margin("unseen", views) if args.unseen else None)
+        # recall, negatives flagged per condition; then unseen flagged, clean recall with them in the budget
+        cells = [f"{v:.3f}" if i % 2 == 0 else f"{v:.1%}" for i, v in enumerate(values[:2 * len(conditions)])]
         if args.unseen:
-            unseen = margin("unseen", views)
-            wide = budget_threshold(np.concatenate([clean[~positive], unseen]), 0.01)
-            cells += [f"{np.mean(unseen > threshold):.1%}", f"{np.mean(clean[positive] > wide):.3f}"]
+            cells += [f"{values[-2]:.1%}", f"{values[-1]:.3f}"]
         print(f"| {name} | " + " | ".join(cells) + " |")
     return 0
 
