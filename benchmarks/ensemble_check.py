@@ -17,6 +17,7 @@ recall when the 1% budget counts them among the negatives. Whole photo only (no 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import itertools
 import statistics
@@ -64,26 +65,32 @@ def condition_images(name: str, kept: list) -> list:
     return [condition.apply(img, condition_rng(0, name, image_key(sample)), images[:3]) for sample, img in kept]
 
 
+@functools.lru_cache(maxsize=None)
+def checkpoint_of(run: Path):
+    """A run dir's best.pt, loaded once however many checks read it."""
+    from training.checkpoint import Checkpoint
+
+    return Checkpoint.load(run / "best.pt")
+
+
 def preprocessing_of(run: Path) -> str:
     """The run's (or ONNX file's) preprocessing as JSON: what its photos must be shown at."""
     if run.suffix == ".onnx":
         from serving.contract import read_contract
 
         return read_contract(run).preprocessing.model_dump_json()
-    from training.checkpoint import Checkpoint
-
-    return Checkpoint.load(run / "best.pt").spec.preprocessing.model_dump_json()
+    return checkpoint_of(run).spec.preprocessing.model_dump_json()
 
 
+@functools.lru_cache(maxsize=None)
 def validation_of(run: Path) -> str | None:
     """sha256 of a run dir's validation photos (path and label; Met val plus its recorded pools' val splits);
     None for an ONNX file, which records no data and is scored on the cache's photos."""
     if run.suffix == ".onnx":
         return None
-    from training.checkpoint import Checkpoint
     from training.predict import run_samples
 
-    val, _ = run_samples(Checkpoint.load(run / "best.pt"), None)
+    val, _ = run_samples(checkpoint_of(run), None)
     return hashlib.sha256("\n".join(sorted(f"{Path(s.path).resolve()},{s.label}" for s in val)).encode()).hexdigest()
 
 
@@ -159,6 +166,11 @@ def cache_unseen(runs: list[Path], roots: list[str], cache: Path) -> None:
         np.savez(cache / f"{key(run)}.unseen.npz", logits=np.log(np.clip(probs, 1e-12, 1)), sources=sources)
 
 
+def class_margin(logits: np.ndarray, c: int) -> np.ndarray:
+    """Class ``c``'s logit minus the highest other one: the score a budget is set on (log-probabilities work alike)."""
+    return logits[:, c] - np.delete(logits, c, axis=1).max(1)
+
+
 def budget_threshold(negatives: np.ndarray, budget: float) -> float:
     """The score above which at most ``budget`` of ``negatives`` lie."""
     ordered = np.sort(negatives)
@@ -209,17 +221,12 @@ def main() -> int:
     logits = {key(r): np.load(cache / f"{key(r)}.npz") for runs in arms.values() for r in runs}
 
     def score(names: tuple[str, ...]) -> dict[str, np.ndarray]:  # averaged logits -> the class's margin
-        out = {}
-        for cond in conditions:
-            mean = np.mean([logits[n][cond] for n in names], axis=0)
-            out[cond] = mean[:, c] - np.delete(mean, c, axis=1).max(1)
-        return out
+        return {cond: class_margin(np.mean([logits[n][cond] for n in names], axis=0), c) for cond in conditions}
 
     def unseen(names: tuple[str, ...]) -> np.ndarray | None:  # log-probabilities average like logits for 2 classes
         if not args.unseen:
             return None
-        mean = np.mean([np.load(cache / f"{n}.unseen.npz")["logits"] for n in names], axis=0)
-        return mean[:, c] - np.delete(mean, c, axis=1).max(1)
+        return class_margin(np.mean([np.load(cache / f"{n}.unseen.npz")["logits"] for n in names], axis=0), c)
 
     header = " | ".join(f"{cond} recall | {cond} negatives flagged" for cond in conditions)
     header += " | unseen negatives flagged | clean recall, budget over all negatives" if args.unseen else ""
