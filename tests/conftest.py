@@ -45,6 +45,20 @@ def exif_rotated_jpeg(img: Image.Image) -> bytes:
     return jpeg_bytes(stored, exif=exif.tobytes())
 
 
+def record_pass_rows(model) -> list[int]:
+    """Make an ``OnnxModel`` record the rows of each onnxruntime pass in the returned list (its real session
+    stays reachable as ``model.unrecorded``)."""
+    session, rows = model.session, []
+
+    class Recording:
+        def run(self, outputs, feed, options=None):
+            rows.append(len(next(iter(feed.values()))))
+            return session.run(outputs, feed, options)
+
+    model.unrecorded, model.session = session, Recording()
+    return rows
+
+
 def write_problem_files(folder: Path, seed: int = 100) -> dict[str, Path]:
     """One file of each kind of trouble, in ``folder``; returns name -> path."""
     folder.mkdir(parents=True, exist_ok=True)

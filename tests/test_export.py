@@ -15,7 +15,7 @@ from training.checkpoint import Checkpoint
 from training.evaluate import evaluate
 from training.export import ExportError, export, export_module
 from training.predict import TorchPredictor, run_samples
-from tests.conftest import REPO, photo
+from tests.conftest import REPO, photo, record_pass_rows
 
 
 @pytest.fixture(scope="session")
@@ -113,15 +113,8 @@ def test_big_batches_run_in_passes_of_bounded_rows(exported, trained_run, monkey
     x = np.random.default_rng(0).normal(size=(10, 3, 64, 64)).astype(np.float32)
 
     model = OnnxModel(exported[0])
-    session, rows = model.session, []
-
-    class Recording:
-        def run(self, outputs, feed, options=None):
-            rows.append(len(next(iter(feed.values()))))
-            return session.run(outputs, feed, options)
-
-    model.session = Recording()
-    whole = session.run([model.logits_output], {model.input_name: x})[0]
+    rows = record_pass_rows(model)
+    whole = model.unrecorded.run([model.logits_output], {model.input_name: x})[0]
     np.testing.assert_allclose(model.predict_logits(x), whole, rtol=1e-4, atol=1e-5)
     assert rows == [4, 4, 2]
     rows.clear()

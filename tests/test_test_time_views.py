@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import photo
+from tests.conftest import photo, record_pass_rows
 
 
 def _network(run):
@@ -123,16 +123,9 @@ def test_a_pass_holds_fewer_photos_when_each_is_scored_twice(mirrored_run, mirro
     out = mirrored_export[0]
     monkeypatch.setattr(runtime, "MAX_ROWS_PER_PASS", 4)
     x = np.random.default_rng(0).normal(size=(5, 3, 64, 64)).astype(np.float32)
-    model, rows = OnnxModel(out), []
-    session = model.session
-
-    class Recording:
-        def run(self, outputs, feed, options=None):
-            rows.append(len(next(iter(feed.values()))))
-            return session.run(outputs, feed, options)
-
-    model.session = Recording()
-    whole = session.run([model.logits_output], {model.input_name: x})[0]
+    model = OnnxModel(out)
+    rows = record_pass_rows(model)
+    whole = model.unrecorded.run([model.logits_output], {model.input_name: x})[0]
     np.testing.assert_allclose(model.predict_logits(x), whole, rtol=1e-4, atol=1e-5)
     assert rows == [2, 2, 1]
     torch_rows = []

@@ -191,22 +191,24 @@ def test_layer_decay_slows_early_layers_only(synth_root, tmp_path):
     assert float(history[0]["lr"]) > 1e-4  # the head's (peak) lr is what the history reports
 
 
-def test_mixed_batches_train_but_do_not_feed_hard_negative_mining(synth_root, tmp_path):
-    """Mixup/CutMix images are blends, so their scores must not mark single pool negatives as hard."""
+def _train_with_a_pool(synth_root, out, mixup_prob: float, epochs: int, init_from=None) -> dict:
+    """A tiny run with the synthetic 'other' images as its negatives pool (half drawn per epoch); its last.pt."""
     import shutil
 
-    negatives = tmp_path / "negatives"
+    negatives = out.parent / f"{out.name}_negatives"
     for split in ("train", "val"):
         shutil.copytree(synth_root / split / "other", negatives / split / "other")
+    config = tiny_config(epochs=epochs, early_stopping_patience=None)
+    config.data.negatives, config.data.negatives_per_epoch = [str(negatives)], 0.5
+    config.train.mixup.prob = mixup_prob
+    train([str(synth_root)], out, config, init_from=init_from)
+    return load_checkpoint(out / "last.pt")
 
-    def run(name, prob):
-        config = tiny_config(epochs=2, early_stopping_patience=None)
-        config.data.negatives, config.data.negatives_per_epoch = [str(negatives)], 0.5
-        config.train.mixup.prob = prob
-        train([str(synth_root)], tmp_path / name, config)
-        return load_checkpoint(tmp_path / name / "last.pt")
 
-    mixed, plain = run("mixed", 1.0), run("plain", 0.0)
+def test_mixed_batches_train_but_do_not_feed_hard_negative_mining(synth_root, tmp_path):
+    """Mixup/CutMix images are blends, so their scores must not mark single pool negatives as hard."""
+    mixed = _train_with_a_pool(synth_root, tmp_path / "mixed", mixup_prob=1.0, epochs=2)
+    plain = _train_with_a_pool(synth_root, tmp_path / "plain", mixup_prob=0.0, epochs=2)
     assert mixed["epoch"] == 2 and np.isfinite(mixed["best_f1"])
     assert not mixed["hardness"].any()
     assert plain["hardness"].any()
@@ -237,21 +239,8 @@ def test_a_warm_start_scores_the_pool_before_its_first_epoch(synth_root, trained
     scored (session 13's 3-epoch fine-tunes mined 0 negatives in epoch 1). A warm start now scores the pool with
     its starting weights first. Every batch here is mixed (nothing reaches the miner from training), so the
     hardness can only come from that scoring, and epoch 1 already draws hard negatives."""
-    import shutil
-
-    negatives = tmp_path / "negatives"
-    for split in ("train", "val"):
-        shutil.copytree(synth_root / split / "other", negatives / split / "other")
-
-    def run(name, init_from):
-        config = tiny_config(epochs=1, early_stopping_patience=None)
-        config.data.negatives, config.data.negatives_per_epoch = [str(negatives)], 0.5
-        config.train.mixup.prob = 1.0
-        train([str(synth_root)], tmp_path / name, config, init_from=init_from)
-        history = list(csv.DictReader((tmp_path / name / "history.csv").open()))
-        return load_checkpoint(tmp_path / name / "last.pt")["hardness"], int(history[0]["mined_negatives"])
-
-    warm, warm_mined = run("warm", trained_run)
+    warm = _train_with_a_pool(synth_root, tmp_path / "warm", mixup_prob=1.0, epochs=1, init_from=trained_run)["hardness"]
+    history = list(csv.DictReader((tmp_path / "warm" / "history.csv").open()))
     assert (warm > 0).all() and warm.std() > 0  # every pool image scored, and not all alike
-    assert warm_mined > 0
+    assert int(history[0]["mined_negatives"]) > 0
     # a fresh start has nothing to score with and stays as it was: test_mixed_batches_train_but_do_not_feed_...
