@@ -1,0 +1,251 @@
+"""Is the head the weak part? Refit a trained run's classifier on frozen features of its training photos shown
+under listing conditions (last-layer retraining, as DFR: Kirichenko et al. 2022), and screen the new heads.
+
+    python benchmarks/head_refit.py extract RUN --out DIR [--pool-sample 3000] [--passes 1]
+    python benchmarks/head_refit.py screen DIR1 [DIR2 ...] [--lam 1e-3 ...]
+    python benchmarks/head_refit.py crossfit DIR [--lam 1e-3]
+
+``extract``: the run's pooled features (its ``best.pt``, evaluation mode) of (a) its training photos (Met train
+and an even sample of its negatives pools) through the run's own training augmentation, each paired with the
+same augmented picture under one of the training-side condition views (``train.consistency.views``: greyscale,
+blur + noise, close-up crop, thumbnail, quarter turn, JPEG, watermark, text; not the report's conditions), and
+(b) its validation photos as the screen scores them (``training.conditions``, seeded as `wildcheck robustness`),
+each cached as ``DIR/*.npz``. ``screen``: for each run's features, heads fitted with class-balanced cross-entropy
+on (picture, view) features pulled toward the trained head (``lam`` * ||W - W0||^2), and the trained head itself,
+scored like ``ensemble_check.py`` (ivory recall at the score that flags 1% of the clean negatives), per run and
+with the runs' logits averaged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.ensemble_check import class_margin, condition_images, recall_at_budget  # noqa: E402
+
+CONDITIONS = ["clean", "rotate", "greyscale", "crop", "phone", "jpeg", "thumbnail", "banner", "watermark"]
+
+
+def features(model, batches) -> np.ndarray:
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for x in batches:
+            out.append(model.forward_head(model.forward_features(x), pre_logits=True).float().numpy())
+    return np.concatenate(out)
+
+
+def even_pool_sample(train, main_roots: list[str], total: int, seed: int):
+    """(the main training photos, up to ``total`` of the negatives pools' drawn evenly across the pools)."""
+    from training.data.sources import pool_name
+    from training.loop.data import _even_sample
+
+    names = {pool_name(r) for r in main_roots}
+    main = [s for s in train if s.pool in names]
+    pools: dict[str, list] = {}
+    for s in train:
+        if s.pool not in names:
+            pools.setdefault(s.pool, []).append(s)
+    return main, _even_sample(list(pools.values()), total, np.random.RandomState(seed))
+
+
+def extract(run: Path, out: Path, pool_sample: int, passes: int, conditions: list[str], limit: int | None = None,
+            unseen: list[str] | None = None) -> None:
+    import torch
+    from tqdm.auto import tqdm
+
+    from training.augment import TrainTransform
+    from training.data.cache import cache_images
+    from training.predict import TorchPredictor, decode_sample, run_samples
+
+    torch.set_num_threads(2)
+    out.mkdir(parents=True, exist_ok=True)
+    pred = TorchPredictor(run / "best.pt", threads=2)
+    net, spec, config = pred.network, pred.spec, pred.checkpoint.config
+    pre = spec.preprocessing
+    head = net.get_classifier()
+    np.savez(out / "head.npz", weight=head.weight.detach().numpy(), bias=head.bias.detach().numpy(),
+             labels=np.array(spec.labels))
+    val, train = run_samples(pred.checkpoint, None)
+    if limit:  # a smoke run
+        val, train = val[::max(1, len(val) // limit)], train[::max(1, len(train) // limit)]
+    index = {label: i for i, label in enumerate(spec.labels)}
+
+    if not (out / "train.npz").is_file():
+        main, pool = even_pool_sample(train, pred.checkpoint.data_roots, pool_sample, config.train.seed)
+        main_px, main_kept, _ = cache_images(main, pre, config.data.min_side, 2, desc="caching train")
+        pool_px, pool_kept, _ = cache_images(pool, pre, config.data.min_side, 2, desc="caching pool sample")
+        pixels, kept = main_px + pool_px, main_kept + pool_kept
+        y = np.array([index[s.label] for s in kept])
+        transform = TrainTransform(config.augment.train, pre, config.train.seed, views=config.train.consistency.views)
+        transform.set_bank(pool_px)
+        pics, views = [], []
+        for p in range(passes):
+            transform.set_seed(config.train.seed * 10_007 + 1000 + p)
+            bar = tqdm(range(0, len(pixels), 32), desc=f"train features, pass {p + 1}", leave=False)
+            for i in bar:
+                pairs = [transform(px) for px in pixels[i:i + 32]]
+                a = torch.stack([t for t, _ in pairs])
+                b = torch.stack([v for _, v in pairs])
+                f = features(net, [torch.cat([a, b])])
+                pics.append(f[:len(a)])
+                views.append(f[len(a):])
+        np.savez(out / "train.npz", picture=np.concatenate(pics), view=np.concatenate(views),
+                 y=np.tile(y, passes), pool=np.tile(np.array([s.pool for s in kept]), passes))
+        print(f"train features: {len(kept)} photos x {passes} pass(es)", flush=True)
+
+    decoded = [decode_sample(s, spec) for s in val]
+    kept = [(s, img) for s, img in zip(val, decoded) if not isinstance(img, str)]
+    y = np.array([index[s.label] for s, _ in kept])
+    for name in conditions:
+        target = out / f"val_{name}.npz"
+        if target.is_file():
+            continue
+        arrays = np.stack([pre(img) for img in condition_images(name, kept)])
+        f = features(net, [torch.from_numpy(arrays[i:i + 32]) for i in range(0, len(arrays), 32)])
+        np.savez(target, features=f, y=y)
+        print(f"val features: {name}", flush=True)
+    if unseen and not (out / "val_unseen.npz").is_file():
+        from training.data.sources import load_samples, select_split
+
+        shown = [img for img in (decode_sample(s, spec) for s in select_split(load_samples(unseen), "val"))
+                 if not isinstance(img, str)]
+        arrays = np.stack([pre(img) for img in shown])
+        f = features(net, [torch.from_numpy(arrays[i:i + 32]) for i in range(0, len(arrays), 32)])
+        np.savez(out / "val_unseen.npz", features=f)
+        print(f"unseen features: {len(f)} photos", flush=True)
+
+
+def fit_head(x: np.ndarray, y: np.ndarray, w0: np.ndarray, b0: np.ndarray, lam: float, steps: int = 200):
+    """Class-balanced cross-entropy + lam * ||W - W0||^2, full batch, L-BFGS from the trained head."""
+    import torch
+
+    xt, yt = torch.from_numpy(x).float(), torch.from_numpy(y).long()
+    counts = np.bincount(y, minlength=len(b0)).astype(np.float64)
+    weight = torch.tensor(counts.sum() / (len(counts) * counts), dtype=torch.float32)
+    W0, B0 = torch.from_numpy(w0).float(), torch.from_numpy(b0).float()
+    W, B = W0.clone().requires_grad_(True), B0.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([W, B], lr=1, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(xt @ W.T + B, yt, weight=weight) + lam * ((W - W0) ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return W.detach().numpy(), B.detach().numpy()
+
+
+def screen(dirs: list[Path], lams: list[float], conditions: list[str], mix: str, label: str = "ivory") -> None:
+    heads = {}
+    val = {}
+    for d in dirs:
+        h = np.load(d / "head.npz")
+        labels = list(h["labels"])
+        tr = np.load(d / "train.npz")
+        if mix == "views":
+            x, y = np.concatenate([tr["picture"], tr["view"]]), np.concatenate([tr["y"], tr["y"]])
+        else:
+            x, y = tr["picture"], tr["y"]
+        heads[(d.name, "trained")] = (h["weight"], h["bias"])
+        for lam in lams:
+            heads[(d.name, f"refit {lam:g}")] = fit_head(x, y, h["weight"], h["bias"], lam)
+        val[d.name] = {c: np.load(d / f"val_{c}.npz") for c in conditions}
+        if (d / "val_unseen.npz").is_file():
+            val[d.name]["unseen"] = np.load(d / "val_unseen.npz")
+    c = labels.index(label)
+    positive = val[dirs[0].name][conditions[0]]["y"] == c
+
+    with_unseen = all("unseen" in v for v in val.values())
+    shown = conditions + ["unseen"] * with_unseen
+
+    def logits(run: str, head: str) -> dict[str, np.ndarray]:
+        w, b = heads[(run, head)]
+        return {cond: val[run][cond]["features"] @ w.T + b for cond in shown}
+
+    def row(runs: list[str], head: str) -> list[float]:
+        score = {k: class_margin(np.mean([logits(r, head)[k] for r in runs], axis=0), c) for k in shown}
+        return recall_at_budget(score, positive, conditions, unseen=score.get("unseen"))
+
+    extra = " | unseen flagged | clean recall, budget over all" if with_unseen else ""
+    print("| head | models | " + " | ".join(f"{cond} recall | {cond} flagged" for cond in conditions) + extra + " |")
+    print("|---|---|" + "---|" * (2 * len(conditions) + 2 * with_unseen))
+    for head in ["trained"] + [f"refit {lam:g}" for lam in lams]:
+        rows = [row([d.name], head) for d in dirs]
+        cells = [f"{statistics.mean(col):.3f}" + (f" ± {statistics.stdev(col):.3f}" if len(col) > 1 else "")
+                 for col in zip(*rows)]
+        print(f"| {head} | 1 ({len(dirs)}) | " + " | ".join(cells) + " |")
+        if len(dirs) > 1:
+            cells = [f"{v:.3f}" for v in row([d.name for d in dirs], head)]
+            print(f"| {head} | {len(dirs)} averaged | " + " | ".join(cells) + " |")
+
+
+def crossfit(d: Path, lam: float, conditions: list[str], folds: int = 5, label: str = "ivory") -> None:
+    """A diagnostic, not a recipe: heads fitted on the *validation* photos' features, each photo scored by the head of
+    the folds it was left out of (photos split once, all their conditions on one side). Fitted on the clean photos
+    alone: what held-out photos (not memorised by the backbone) would give a head; fitted on the photos under the
+    screen's own conditions too: an upper bound (the conditions are the ones scored)."""
+    h = np.load(d / "head.npz")
+    c = list(h["labels"]).index(label)
+    val = {k: np.load(d / f"val_{k}.npz") for k in conditions}
+    y = val[conditions[0]]["y"]
+    fold = np.random.RandomState(0).randint(0, folds, len(y))
+    rows = {"trained head": recall_at_budget({k: class_margin(v["features"] @ h["weight"].T + h["bias"], c)
+                                              for k, v in val.items()}, y == c, conditions)}
+    for fitted_on in (["clean"], conditions):
+        out = {k: np.zeros((len(y), len(h["bias"]))) for k in conditions}
+        for f in range(folds):
+            keep = fold != f
+            x = np.concatenate([val[k]["features"][keep] for k in fitted_on])
+            w, b = fit_head(x, np.tile(y[keep], len(fitted_on)), h["weight"], h["bias"], lam)
+            for k in conditions:
+                out[k][~keep] = val[k]["features"][~keep] @ w.T + b
+        name = "out-of-fold head, clean photos" if fitted_on == ["clean"] else "out-of-fold head, photos under the conditions"
+        rows[name] = recall_at_budget({k: class_margin(v, c) for k, v in out.items()}, y == c, conditions)
+    print(f"| {d.name}, ivory recall at 1% | " + " | ".join(conditions) + " |\n|---|" + "---|" * len(conditions))
+    for name, r in rows.items():
+        print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in r[::2]) + " |")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("extract")
+    e.add_argument("run", type=Path)
+    e.add_argument("--out", type=Path, required=True)
+    e.add_argument("--pool-sample", type=int, default=3000)
+    e.add_argument("--passes", type=int, default=1)
+    e.add_argument("--conditions", default=",".join(CONDITIONS))
+    e.add_argument("--unseen", action="append", default=[], help="negatives no run trained on (a root or CSV manifest)")
+    e.add_argument("--limit", type=int, help="about this many training and validation photos (a smoke run)")
+    s = sub.add_parser("screen")
+    s.add_argument("dirs", type=Path, nargs="+")
+    s.add_argument("--lam", type=float, action="append")
+    s.add_argument("--mix", choices=["views", "pictures"], default="views")
+    s.add_argument("--conditions", default=",".join(CONDITIONS))
+    x = sub.add_parser("crossfit")
+    x.add_argument("dir", type=Path)
+    x.add_argument("--lam", type=float, default=1e-3)
+    x.add_argument("--conditions", default=",".join(CONDITIONS))
+    args = ap.parse_args()
+    if args.cmd == "crossfit":
+        crossfit(args.dir, args.lam, args.conditions.split(","))
+    elif args.cmd == "extract":
+        extract(args.run, args.out, args.pool_sample, args.passes, args.conditions.split(","), args.limit,
+                args.unseen)
+    else:
+        screen(args.dirs, args.lam or [1e-3, 1e-2], args.conditions.split(","), args.mix)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
