@@ -4,6 +4,7 @@ under listing conditions (last-layer retraining, as DFR: Kirichenko et al. 2022)
     python benchmarks/head_refit.py extract RUN --out DIR [--pool-sample 3000] [--passes 1]
     python benchmarks/head_refit.py screen DIR1 [DIR2 ...] [--lam 1e-3 ...]
     python benchmarks/head_refit.py crossfit DIR [--lam 1e-3]
+    python benchmarks/head_refit.py routed DIR1 [DIR2 ...] [--lam 1e-3 ...] [--tolerance 1.0]
 
 ``extract``: the run's pooled features (its ``best.pt``, evaluation mode) of (a) its training photos (Met train
 and an even sample of its negatives pools) through the run's own training augmentation, each paired with the
@@ -13,7 +14,9 @@ blur + noise, close-up crop, thumbnail, quarter turn, JPEG, watermark, text; not
 each cached as ``DIR/*.npz``. ``screen``: for each run's features, heads fitted with class-balanced cross-entropy
 on (picture, view) features pulled toward the trained head (``lam`` * ||W - W0||^2), and the trained head itself,
 scored like ``ensemble_check.py`` (ivory recall at the score that flags 1% of the clean negatives), per run and
-with the runs' logits averaged.
+with the runs' logits averaged. ``extract`` also keeps the training photos' features in grey and each photo's colour
+spread, for ``routed``: colour-free photos scored by a second head fitted on the grey training photos.
+``crossfit``: a diagnostic, heads fitted on held-out validation photos.
 """
 
 from __future__ import annotations
@@ -34,13 +37,25 @@ CONDITIONS = ["clean", "rotate", "greyscale", "crop", "phone", "jpeg", "thumbnai
 
 
 def features(model, batches) -> np.ndarray:
+    """Pooled features (what the head reads) of each batch, by ``training.embedding.pooled_features``."""
     import torch
 
-    out = []
+    from training.embedding import pooled_features
+
     with torch.inference_mode():
-        for x in batches:
-            out.append(model.forward_head(model.forward_features(x), pre_logits=True).float().numpy())
-    return np.concatenate(out)
+        return np.concatenate([pooled_features(model, x).float().numpy() for x in batches])
+
+
+def grey(pixels: np.ndarray) -> np.ndarray:
+    """uint8 RGB -> the same photo in grey (ITU-R 601 luma, as PIL's "L"), still three channels."""
+    luma = (pixels.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).round().clip(0, 255)
+    return np.repeat(luma.astype(np.uint8)[..., None], 3, axis=2)
+
+
+def colour_spread(image) -> float:
+    """Mean over pixels of (largest - smallest channel), in 8-bit levels: 0 for a greyscale photo."""
+    a = np.asarray(image, dtype=np.int16)
+    return float(np.mean(a.max(2) - a.min(2)))
 
 
 def even_pool_sample(train, main_roots: list[str], total: int, seed: int):
@@ -79,12 +94,13 @@ def extract(run: Path, out: Path, pool_sample: int, passes: int, conditions: lis
         val, train = val[::max(1, len(val) // limit)], train[::max(1, len(train) // limit)]
     index = {label: i for i, label in enumerate(spec.labels)}
 
-    if not (out / "train.npz").is_file():
+    if not (out / "train.npz").is_file() or not (out / "train_grey.npz").is_file():
         main, pool = even_pool_sample(train, pred.checkpoint.data_roots, pool_sample, config.train.seed)
         main_px, main_kept, _ = cache_images(main, pre, config.data.min_side, 2, desc="caching train")
         pool_px, pool_kept, _ = cache_images(pool, pre, config.data.min_side, 2, desc="caching pool sample")
         pixels, kept = main_px + pool_px, main_kept + pool_kept
         y = np.array([index[s.label] for s in kept])
+    if not (out / "train.npz").is_file():
         transform = TrainTransform(config.augment.train, pre, config.train.seed, views=config.train.consistency.views)
         transform.set_bank(pool_px)
         pics, views = [], []
@@ -101,10 +117,17 @@ def extract(run: Path, out: Path, pool_sample: int, passes: int, conditions: lis
         np.savez(out / "train.npz", picture=np.concatenate(pics), view=np.concatenate(views),
                  y=np.tile(y, passes), pool=np.tile(np.array([s.pool for s in kept]), passes))
         print(f"train features: {len(kept)} photos x {passes} pass(es)", flush=True)
+    if not (out / "train_grey.npz").is_file():  # the training photos in grey, as evaluation shows them
+        batches = (torch.from_numpy(np.stack([pre.crop_and_normalize(grey(px)) for px in pixels[i:i + 32]]))
+                   for i in range(0, len(pixels), 32))
+        np.savez(out / "train_grey.npz", features=features(net, batches), y=y)
+        print("train features in grey", flush=True)
 
     decoded = [decode_sample(s, spec) for s in val]
     kept = [(s, img) for s, img in zip(val, decoded) if not isinstance(img, str)]
     y = np.array([index[s.label] for s, _ in kept])
+    if not (out / "val_spread.npz").is_file():
+        np.savez(out / "val_spread.npz", spread=np.array([colour_spread(img) for _, img in kept]))
     for name in conditions:
         target = out / f"val_{name}.npz"
         if target.is_file():
@@ -120,7 +143,7 @@ def extract(run: Path, out: Path, pool_sample: int, passes: int, conditions: lis
                  if not isinstance(img, str)]
         arrays = np.stack([pre(img) for img in shown])
         f = features(net, [torch.from_numpy(arrays[i:i + 32]) for i in range(0, len(arrays), 32)])
-        np.savez(out / "val_unseen.npz", features=f)
+        np.savez(out / "val_unseen.npz", features=f, spread=np.array([colour_spread(img) for img in shown]))
         print(f"unseen features: {len(f)} photos", flush=True)
 
 
@@ -189,6 +212,58 @@ def screen(dirs: list[Path], lams: list[float], conditions: list[str], mix: str,
             print(f"| {head} | {len(dirs)} averaged | " + " | ".join(cells) + " |")
 
 
+def routed(dirs: list[Path], lams: list[float], conditions: list[str], tolerance: float = 1.0,
+           label: str = "ivory") -> None:
+    """Colour-free photos scored by a head of their own: each run's second head fitted on its training photos shown
+    in grey (``train_grey.npz``), used for a photo whose colour spread (``colour_spread``) is below ``tolerance``
+    levels, the trained head for the rest. Under ``greyscale`` every photo takes the grey head; under the other
+    conditions a photo takes the route its clean version takes (they keep a grey photo grey, up to JPEG's chroma
+    and the phone condition's per-channel noise)."""
+    h0 = {d: np.load(d / "head.npz") for d in dirs}
+    c = list(h0[dirs[0]]["labels"]).index(label)
+    val = {d: {k: np.load(d / f"val_{k}.npz")["features"] for k in conditions} for d in dirs}
+    unseen = {d: np.load(d / "val_unseen.npz") for d in dirs}
+    y = np.load(dirs[0] / f"val_{conditions[0]}.npz")["y"]
+    is_grey = np.load(dirs[0] / "val_spread.npz")["spread"] < tolerance
+    unseen_grey = unseen[dirs[0]]["spread"] < tolerance
+    print(f"grey by colour spread < {tolerance}: {is_grey.sum()} of {len(y)} validation photos "
+          f"({(is_grey & (y == c)).sum()} {label}), {unseen_grey.sum()} of {len(unseen_grey)} unseen")
+
+    def logits(d: Path, grey_head) -> dict[str, np.ndarray]:
+        w0, b0 = h0[d]["weight"], h0[d]["bias"]
+        wg, bg = grey_head
+        out = {}
+        for k in conditions:
+            route = np.ones_like(is_grey) if k == "greyscale" else is_grey
+            out[k] = np.where(route[:, None], val[d][k] @ wg.T + bg, val[d][k] @ w0.T + b0)
+        f = unseen[d]["features"]
+        out["unseen"] = np.where(unseen_grey[:, None], f @ wg.T + bg, f @ w0.T + b0)
+        return out
+
+    def row(parts: list[dict[str, np.ndarray]]) -> list[float]:
+        score = {k: class_margin(np.mean([p[k] for p in parts], axis=0), c) for k in parts[0]}
+        return recall_at_budget(score, y == c, conditions, unseen=score["unseen"])
+
+    print("| grey photos scored by | models | " + " | ".join(f"{k} recall | {k} flagged" for k in conditions)
+          + " | unseen flagged | clean recall, budget over all |\n|---|---|" + "---|" * (2 * len(conditions) + 2))
+    for lam in [None] + lams:
+        parts = []
+        for d in dirs:
+            w0, b0 = h0[d]["weight"], h0[d]["bias"]
+            if lam is None:
+                parts.append(logits(d, (w0, b0)))
+            else:
+                g = np.load(d / "train_grey.npz")
+                parts.append(logits(d, fit_head(g["features"], g["y"], w0, b0, lam)))
+        name = "the trained head" if lam is None else f"a grey head, lam {lam:g}"
+        rows = [row([p]) for p in parts]
+        cells = [f"{statistics.mean(col):.3f}" + (f" ± {statistics.stdev(col):.3f}" if len(col) > 1 else "")
+                 for col in zip(*rows)]
+        print(f"| {name} | 1 ({len(dirs)}) | " + " | ".join(cells) + " |")
+        if len(dirs) > 1:
+            print(f"| {name} | {len(dirs)} averaged | " + " | ".join(f"{v:.3f}" for v in row(parts)) + " |")
+
+
 def crossfit(d: Path, lam: float, conditions: list[str], folds: int = 5, label: str = "ivory") -> None:
     """A diagnostic, not a recipe: heads fitted on the *validation* photos' features, each photo scored by the head of
     the folds it was left out of (photos split once, all their conditions on one side). Fitted on the clean photos
@@ -236,8 +311,15 @@ def main() -> int:
     x.add_argument("dir", type=Path)
     x.add_argument("--lam", type=float, default=1e-3)
     x.add_argument("--conditions", default=",".join(CONDITIONS))
+    r = sub.add_parser("routed")
+    r.add_argument("dirs", type=Path, nargs="+")
+    r.add_argument("--lam", type=float, action="append")
+    r.add_argument("--tolerance", type=float, default=1.0, help="colour spread (8-bit levels) below which a photo is grey")
+    r.add_argument("--conditions", default=",".join(CONDITIONS))
     args = ap.parse_args()
-    if args.cmd == "crossfit":
+    if args.cmd == "routed":
+        routed(args.dirs, args.lam or [1e-3, 1e-2], args.conditions.split(","), args.tolerance)
+    elif args.cmd == "crossfit":
         crossfit(args.dir, args.lam, args.conditions.split(","))
     elif args.cmd == "extract":
         extract(args.run, args.out, args.pool_sample, args.passes, args.conditions.split(","), args.limit,

@@ -1,5 +1,6 @@
 """benchmarks/head_refit.py: the refitted head fits the features it is given, is held to the trained head as far
-as ``lam`` says, and the training photos are the main root's plus an even draw from each negatives pool."""
+as ``lam`` says, the training photos are the main root's plus an even draw from each negatives pool, and the grey
+route's copies and test are PIL's greyscale."""
 
 import sys
 from pathlib import Path
@@ -9,8 +10,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from head_refit import even_pool_sample, fit_head  # noqa: E402
+from head_refit import colour_spread, even_pool_sample, fit_head, grey  # noqa: E402
 
+from tests.conftest import photo  # noqa: E402
 from training.data.sources import Sample  # noqa: E402
 
 
@@ -41,3 +43,12 @@ def test_the_training_photos_are_the_main_root_and_an_even_draw_of_the_pools():
     kept_main, pool = even_pool_sample(main + big + small, ["/data/met-ivory"], 30, seed=0)
     assert kept_main == main
     assert sum(s.pool == "small" for s in pool) == 5 and sum(s.pool == "big" for s in pool) == 25
+
+
+def test_the_grey_copy_is_pils_greyscale_and_only_it_routes_as_grey():
+    img = photo(5, size=(64, 48))
+    rgb = np.asarray(img)
+    pil_grey = np.asarray(img.convert("L").convert("RGB")).astype(int)
+    assert np.abs(grey(rgb).astype(int) - pil_grey).max() <= 1
+    assert colour_spread(grey(rgb)) == 0 and colour_spread(pil_grey) == 0
+    assert colour_spread(rgb) > 4  # the test photo has colour: it takes the trained head
