@@ -15,7 +15,7 @@ each cached as ``DIR/*.npz``. ``screen``: for each run's features, heads fitted 
 on (picture, view) features pulled toward the trained head (``lam`` * ||W - W0||^2), and the trained head itself,
 scored like ``ensemble_check.py`` (ivory recall at the score that flags 1% of the clean negatives), per run and
 with the runs' logits averaged. ``extract`` also keeps the training photos' features in grey and each photo's colour
-spread, for ``routed``: colour-free photos scored by a second head fitted on the grey training photos.
+spread (under each condition), for ``routed``: colour-free photos scored by a second head fitted on the grey training photos.
 ``crossfit``: a diagnostic, heads fitted on held-out validation photos.
 """
 
@@ -52,10 +52,11 @@ def grey(pixels: np.ndarray) -> np.ndarray:
     return np.repeat(luma.astype(np.uint8)[..., None], 3, axis=2)
 
 
-def colour_spread(image) -> float:
-    """Mean over pixels of (largest - smallest channel), in 8-bit levels: 0 for a greyscale photo."""
-    a = np.asarray(image, dtype=np.int16)
-    return float(np.mean(a.max(2) - a.min(2)))
+def input_spread(arrays: np.ndarray, pre) -> np.ndarray:
+    """Each preprocessed input's (N, 3, S, S) colour spread: the mean over pixels of (largest - smallest channel),
+    un-normalised, in 8-bit levels; 0 for a greyscale photo. What a route in the graph would see."""
+    pixels = (arrays * np.asarray(pre.std, np.float32)[:, None, None] + np.asarray(pre.mean, np.float32)[:, None, None]) * 255
+    return (pixels.max(1) - pixels.min(1)).mean((1, 2))
 
 
 def even_pool_sample(train, main_roots: list[str], total: int, seed: int):
@@ -126,16 +127,19 @@ def extract(run: Path, out: Path, pool_sample: int, passes: int, conditions: lis
     decoded = [decode_sample(s, spec) for s in val]
     kept = [(s, img) for s, img in zip(val, decoded) if not isinstance(img, str)]
     y = np.array([index[s.label] for s, _ in kept])
-    if not (out / "val_spread.npz").is_file():
-        np.savez(out / "val_spread.npz", spread=np.array([colour_spread(img) for _, img in kept]))
+    spread_file = out / "val_spread.npz"
+    spreads = dict(np.load(spread_file)) if spread_file.is_file() else {}
     for name in conditions:
         target = out / f"val_{name}.npz"
-        if target.is_file():
+        if target.is_file() and name in spreads:
             continue
         arrays = np.stack([pre(img) for img in condition_images(name, kept)])
-        f = features(net, [torch.from_numpy(arrays[i:i + 32]) for i in range(0, len(arrays), 32)])
-        np.savez(target, features=f, y=y)
-        print(f"val features: {name}", flush=True)
+        spreads[name] = input_spread(arrays, pre)
+        if not target.is_file():
+            f = features(net, [torch.from_numpy(arrays[i:i + 32]) for i in range(0, len(arrays), 32)])
+            np.savez(target, features=f, y=y)
+            print(f"val features: {name}", flush=True)
+    np.savez(spread_file, **{k: v for k, v in spreads.items() if k in CONDITIONS})
     if unseen and not (out / "val_unseen.npz").is_file():
         from training.data.sources import load_samples, select_split
 
@@ -143,7 +147,7 @@ def extract(run: Path, out: Path, pool_sample: int, passes: int, conditions: lis
                  if not isinstance(img, str)]
         arrays = np.stack([pre(img) for img in shown])
         f = features(net, [torch.from_numpy(arrays[i:i + 32]) for i in range(0, len(arrays), 32)])
-        np.savez(out / "val_unseen.npz", features=f, spread=np.array([colour_spread(img) for img in shown]))
+        np.savez(out / "val_unseen.npz", features=f, spread=input_spread(arrays, pre))
         print(f"unseen features: {len(f)} photos", flush=True)
 
 
@@ -215,27 +219,27 @@ def screen(dirs: list[Path], lams: list[float], conditions: list[str], mix: str,
 def routed(dirs: list[Path], lams: list[float], conditions: list[str], tolerance: float = 1.0,
            label: str = "ivory") -> None:
     """Colour-free photos scored by a head of their own: each run's second head fitted on its training photos shown
-    in grey (``train_grey.npz``), used for a photo whose colour spread (``colour_spread``) is below ``tolerance``
-    levels, the trained head for the rest. Under ``greyscale`` every photo takes the grey head; under the other
-    conditions a photo takes the route its clean version takes (they keep a grey photo grey, up to JPEG's chroma
-    and the phone condition's per-channel noise)."""
+    in grey (``train_grey.npz``), used for an input whose colour spread (``input_spread``, of the preprocessed photo
+    under each condition, as a route in the graph would see it) is below ``tolerance`` levels, the trained head
+    for the rest."""
     h0 = {d: np.load(d / "head.npz") for d in dirs}
     c = list(h0[dirs[0]]["labels"]).index(label)
     val = {d: {k: np.load(d / f"val_{k}.npz")["features"] for k in conditions} for d in dirs}
     unseen = {d: np.load(d / "val_unseen.npz") for d in dirs}
     y = np.load(dirs[0] / f"val_{conditions[0]}.npz")["y"]
-    is_grey = np.load(dirs[0] / "val_spread.npz")["spread"] < tolerance
+    spreads = np.load(dirs[0] / "val_spread.npz")
+    grey_under = {k: spreads[k] < tolerance for k in conditions}
     unseen_grey = unseen[dirs[0]]["spread"] < tolerance
-    print(f"grey by colour spread < {tolerance}: {is_grey.sum()} of {len(y)} validation photos "
-          f"({(is_grey & (y == c)).sum()} {label}), {unseen_grey.sum()} of {len(unseen_grey)} unseen")
+    print(f"grey by colour spread < {tolerance}: " + ", ".join(
+        f"{k} {grey_under[k].sum()} ({(grey_under[k] & (y == c)).sum()} {label})" for k in conditions)
+        + f" of {len(y)} validation photos; {unseen_grey.sum()} of {len(unseen_grey)} unseen")
 
     def logits(d: Path, grey_head) -> dict[str, np.ndarray]:
         w0, b0 = h0[d]["weight"], h0[d]["bias"]
         wg, bg = grey_head
         out = {}
         for k in conditions:
-            route = np.ones_like(is_grey) if k == "greyscale" else is_grey
-            out[k] = np.where(route[:, None], val[d][k] @ wg.T + bg, val[d][k] @ w0.T + b0)
+            out[k] = np.where(grey_under[k][:, None], val[d][k] @ wg.T + bg, val[d][k] @ w0.T + b0)
         f = unseen[d]["features"]
         out["unseen"] = np.where(unseen_grey[:, None], f @ wg.T + bg, f @ w0.T + b0)
         return out

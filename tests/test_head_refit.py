@@ -6,12 +6,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from head_refit import colour_spread, even_pool_sample, fit_head, grey  # noqa: E402
+from head_refit import even_pool_sample, fit_head, grey, input_spread  # noqa: E402
 
+from serving.preprocess import Preprocessing  # noqa: E402
 from tests.conftest import photo  # noqa: E402
 from training.data.sources import Sample  # noqa: E402
 
@@ -48,7 +50,9 @@ def test_the_training_photos_are_the_main_root_and_an_even_draw_of_the_pools():
 def test_the_grey_copy_is_pils_greyscale_and_only_it_routes_as_grey():
     img = photo(5, size=(64, 48))
     rgb = np.asarray(img)
-    pil_grey = np.asarray(img.convert("L").convert("RGB")).astype(int)
-    assert np.abs(grey(rgb).astype(int) - pil_grey).max() <= 1
-    assert colour_spread(grey(rgb)) == 0 and colour_spread(pil_grey) == 0
-    assert colour_spread(rgb) > 4  # the test photo has colour: it takes the trained head
+    pil_grey = np.asarray(img.convert("L").convert("RGB"))
+    assert np.abs(grey(rgb).astype(int) - pil_grey.astype(int)).max() <= 1
+    pre = Preprocessing(input_size=32, crop_pct=0.875, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    spread = input_spread(np.stack([pre(Image.fromarray(a)) for a in (grey(rgb), pil_grey, rgb)]), pre)
+    assert spread[0] < 0.01 and spread[1] < 0.01  # unequal mean/std are undone before the channels are compared
+    assert spread[2] > 4  # the test photo has colour: it takes the trained head
