@@ -191,6 +191,12 @@ def recall_at_budget(score: dict[str, np.ndarray], positive: np.ndarray, conditi
     return out
 
 
+def mean_sd(rows: list[list[float]]) -> list[str]:
+    """One table cell per column of ``rows`` (one row per run or group): its mean, ± its sd when there are several."""
+    return [f"{statistics.mean(col):.3f}" + (f" ± {statistics.stdev(col):.3f}" if len(col) > 1 else "")
+            for col in zip(*rows)]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arm", action="append", required=True, help="NAME=RUN1,RUN2,... (runs of one recipe)")
@@ -238,11 +244,7 @@ def main() -> int:
             if not groups:
                 continue
             rows = [recall_at_budget(score(g), positive, conditions, unseen=unseen(g)) for g in groups]
-            cells = []
-            for col in zip(*rows):
-                sd = f" ± {statistics.stdev(col):.3f}" if len(col) > 1 else ""
-                cells.append(f"{statistics.mean(col):.3f}{sd}")
-            print(f"| {name} | {what} ({len(groups)}) | " + " | ".join(cells) + " |")
+            print(f"| {name} | {what} ({len(groups)}) | " + " | ".join(mean_sd(rows)) + " |")
     return 0
 
 

@@ -22,7 +22,6 @@ spread (under each condition), for ``routed``: colour-free photos scored by a se
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.ensemble_check import class_margin, condition_images, recall_at_budget  # noqa: E402
+from benchmarks.ensemble_check import class_margin, condition_images, mean_sd, recall_at_budget  # noqa: E402
 
 CONDITIONS = ["clean", "rotate", "greyscale", "crop", "phone", "jpeg", "thumbnail", "banner", "watermark"]
 
@@ -44,6 +43,13 @@ def features(model, batches) -> np.ndarray:
 
     with torch.inference_mode():
         return np.concatenate([pooled_features(model, x).float().numpy() for x in batches])
+
+
+def features_of_arrays(model, arrays: np.ndarray, batch: int = 32) -> np.ndarray:
+    """``features`` of preprocessed inputs (N, 3, S, S), ``batch`` at a time."""
+    import torch
+
+    return features(model, (torch.from_numpy(arrays[i:i + batch]) for i in range(0, len(arrays), batch)))
 
 
 def grey(pixels: np.ndarray) -> np.ndarray:
@@ -136,7 +142,7 @@ def extract(run: Path, out: Path, pool_sample: int, passes: int, conditions: lis
         arrays = np.stack([pre(img) for img in condition_images(name, kept)])
         spreads[name] = input_spread(arrays, pre)
         if not target.is_file():
-            f = features(net, [torch.from_numpy(arrays[i:i + 32]) for i in range(0, len(arrays), 32)])
+            f = features_of_arrays(net, arrays)
             np.savez(target, features=f, y=y)
             print(f"val features: {name}", flush=True)
     np.savez(spread_file, **{k: v for k, v in spreads.items() if k in CONDITIONS})
@@ -146,7 +152,7 @@ def extract(run: Path, out: Path, pool_sample: int, passes: int, conditions: lis
         shown = [img for img in (decode_sample(s, spec) for s in select_split(load_samples(unseen), "val"))
                  if not isinstance(img, str)]
         arrays = np.stack([pre(img) for img in shown])
-        f = features(net, [torch.from_numpy(arrays[i:i + 32]) for i in range(0, len(arrays), 32)])
+        f = features_of_arrays(net, arrays)
         np.savez(out / "val_unseen.npz", features=f, spread=input_spread(arrays, pre))
         print(f"unseen features: {len(f)} photos", flush=True)
 
@@ -207,10 +213,7 @@ def screen(dirs: list[Path], lams: list[float], conditions: list[str], mix: str,
     print("| head | models | " + " | ".join(f"{cond} recall | {cond} flagged" for cond in conditions) + extra + " |")
     print("|---|---|" + "---|" * (2 * len(conditions) + 2 * with_unseen))
     for head in ["trained"] + [f"refit {lam:g}" for lam in lams]:
-        rows = [row([d.name], head) for d in dirs]
-        cells = [f"{statistics.mean(col):.3f}" + (f" ± {statistics.stdev(col):.3f}" if len(col) > 1 else "")
-                 for col in zip(*rows)]
-        print(f"| {head} | 1 ({len(dirs)}) | " + " | ".join(cells) + " |")
+        print(f"| {head} | 1 ({len(dirs)}) | " + " | ".join(mean_sd([row([d.name], head) for d in dirs])) + " |")
         if len(dirs) > 1:
             cells = [f"{v:.3f}" for v in row([d.name for d in dirs], head)]
             print(f"| {head} | {len(dirs)} averaged | " + " | ".join(cells) + " |")
@@ -223,6 +226,7 @@ def routed(dirs: list[Path], lams: list[float], conditions: list[str], tolerance
     under each condition, as a route in the graph would see it) is below ``tolerance`` levels, the trained head
     for the rest."""
     h0 = {d: np.load(d / "head.npz") for d in dirs}
+    grey_train = {d: dict(np.load(d / "train_grey.npz")) for d in dirs} if lams else {}
     c = list(h0[dirs[0]]["labels"]).index(label)
     val = {d: {k: np.load(d / f"val_{k}.npz")["features"] for k in conditions} for d in dirs}
     unseen = {d: np.load(d / "val_unseen.npz") for d in dirs}
@@ -257,13 +261,9 @@ def routed(dirs: list[Path], lams: list[float], conditions: list[str], tolerance
             if lam is None:
                 parts.append(logits(d, (w0, b0)))
             else:
-                g = np.load(d / "train_grey.npz")
-                parts.append(logits(d, fit_head(g["features"], g["y"], w0, b0, lam)))
+                parts.append(logits(d, fit_head(grey_train[d]["features"], grey_train[d]["y"], w0, b0, lam)))
         name = "the trained head" if lam is None else f"a grey head, lam {lam:g}"
-        rows = [row([p]) for p in parts]
-        cells = [f"{statistics.mean(col):.3f}" + (f" ± {statistics.stdev(col):.3f}" if len(col) > 1 else "")
-                 for col in zip(*rows)]
-        print(f"| {name} | 1 ({len(dirs)}) | " + " | ".join(cells) + " |")
+        print(f"| {name} | 1 ({len(dirs)}) | " + " | ".join(mean_sd([row([p]) for p in parts])) + " |")
         if len(dirs) > 1:
             print(f"| {name} | {len(dirs)} averaged | " + " | ".join(f"{v:.3f}" for v in row(parts)) + " |")
 
