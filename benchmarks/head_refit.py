@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.ensemble_check import class_margin, condition_images, mean_sd, recall_at_budget  # noqa: E402
+from training.grey_head import even_pool_sample, fit_head  # noqa: E402
 
 CONDITIONS = ["clean", "rotate", "greyscale", "crop", "phone", "jpeg", "thumbnail", "banner", "watermark"]
 
@@ -53,30 +54,25 @@ def features_of_arrays(model, arrays: np.ndarray, batch: int = 32) -> np.ndarray
 
 
 def grey(pixels: np.ndarray) -> np.ndarray:
-    """uint8 RGB -> the same photo in grey (ITU-R 601 luma, as PIL's "L"), still three channels."""
-    luma = (pixels.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).round().clip(0, 255)
-    return np.repeat(luma.astype(np.uint8)[..., None], 3, axis=2)
+    """uint8 RGB -> the same photo in grey, still three channels (``training.conditions.greyscale``, the report's)."""
+    from PIL import Image
+
+    from training.conditions import greyscale
+
+    return np.asarray(greyscale(Image.fromarray(pixels)))
 
 
 def input_spread(arrays: np.ndarray, pre) -> np.ndarray:
-    """Each preprocessed input's (N, 3, S, S) colour spread: the mean over pixels of (largest - smallest channel),
-    un-normalised, in 8-bit levels; 0 for a greyscale photo. What a route in the graph would see."""
-    pixels = (arrays * np.asarray(pre.std, np.float32)[:, None, None] + np.asarray(pre.mean, np.float32)[:, None, None]) * 255
-    return (pixels.max(1) - pixels.min(1)).mean((1, 2))
+    """Each preprocessed input's (N, 3, S, S) colour spread in 8-bit levels (``training.models.colour_spread``):
+    what the grey route in the graph sees."""
+    import torch
 
+    from training.models import colour_spread
 
-def even_pool_sample(train, main_roots: list[str], total: int, seed: int):
-    """(the main training photos, up to ``total`` of the negatives pools' drawn evenly across the pools)."""
-    from training.data.sources import pool_name
-    from training.loop.data import _even_sample
+    def shaped(v):
+        return torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1)
 
-    names = {pool_name(r) for r in main_roots}
-    main = [s for s in train if s.pool in names]
-    pools: dict[str, list] = {}
-    for s in train:
-        if s.pool not in names:
-            pools.setdefault(s.pool, []).append(s)
-    return main, _even_sample(list(pools.values()), total, np.random.RandomState(seed))
+    return colour_spread(torch.from_numpy(arrays), shaped(pre.mean), shaped(pre.std)).numpy()
 
 
 def extract(run: Path, out: Path, pool_sample: int, passes: int, conditions: list[str], limit: int | None = None,
@@ -155,27 +151,6 @@ def extract(run: Path, out: Path, pool_sample: int, passes: int, conditions: lis
         f = features_of_arrays(net, arrays)
         np.savez(out / "val_unseen.npz", features=f, spread=input_spread(arrays, pre))
         print(f"unseen features: {len(f)} photos", flush=True)
-
-
-def fit_head(x: np.ndarray, y: np.ndarray, w0: np.ndarray, b0: np.ndarray, lam: float, steps: int = 200):
-    """Class-balanced cross-entropy + lam * ||W - W0||^2, full batch, L-BFGS from the trained head."""
-    import torch
-
-    xt, yt = torch.from_numpy(x).float(), torch.from_numpy(y).long()
-    counts = np.bincount(y, minlength=len(b0)).astype(np.float64)
-    weight = torch.tensor(counts.sum() / (len(counts) * counts), dtype=torch.float32)
-    W0, B0 = torch.from_numpy(w0).float(), torch.from_numpy(b0).float()
-    W, B = W0.clone().requires_grad_(True), B0.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([W, B], lr=1, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(xt @ W.T + B, yt, weight=weight) + lam * ((W - W0) ** 2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return W.detach().numpy(), B.detach().numpy()
 
 
 def screen(dirs: list[Path], lams: list[float], conditions: list[str], mix: str, label: str = "ivory") -> None:

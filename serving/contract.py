@@ -61,6 +61,18 @@ TestTimeView = Literal["hflip", "vflip", "rot90", "rot180", "rot270"]
 or turned by 90/180/270 degrees (counter-clockwise)."""
 
 
+class GreyRoute(BaseModel):
+    """Photos without colour are scored by a head of their own (``ModelSpec.grey_route``): the backbone is one, its
+    pooled features are read by a second linear head fitted on the training photos shown in grey
+    (``wildcheck grey-head``). Computed inside the exported graph: nothing to do for serving, no extra cost."""
+
+    tolerance: float = Field(1.0, gt=0.0, le=255.0, description="an input whose colour spread -- the mean over its "
+                             "pixels of (largest - smallest channel), in 8-bit levels, after preprocessing -- is below "
+                             "this takes the grey head")
+    fitted: dict[str, Any] = Field(default_factory=dict, description="how the grey head was fitted (photos, pull to "
+                                   "the trained head)")
+
+
 class DecisionRules(BaseModel):
     """The rules the model's thresholds were solved with (a policy overrides some and re-solves)."""
 
@@ -103,6 +115,9 @@ class ModelSpec(BaseModel):
         default_factory=list, description="copies of each input the model also scores, logits averaged (test-time "
         "augmentation): computed inside the exported graph, one more forward pass per view; empty: the input alone"
     )
+
+    grey_route: GreyRoute | None = Field(
+        None, description="colour-free inputs scored by a second head fitted on grey training photos; None: one head")
 
     @model_validator(mode="after")
     def _views_once_each(self):

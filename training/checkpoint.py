@@ -55,6 +55,21 @@ def initial_spec(config: Config, labels: list[str], preprocessing: Preprocessing
 
 
 @dataclass
+class Head:
+    """A linear head's weights (classes x features, classes): a checkpoint's grey head (``ModelSpec.grey_route``)."""
+
+    weight: Any  # torch.Tensor
+    bias: Any
+
+    def to_dict(self) -> dict:
+        return {"weight": self.weight, "bias": self.bias}
+
+    @classmethod
+    def from_dict(cls, raw: dict | None) -> "Head | None":
+        return None if raw is None else cls(weight=raw["weight"], bias=raw["bias"])
+
+
+@dataclass
 class Checkpoint:
     """Inference weights (EMA when the run used EMA) with their spec and the run they came from."""
 
@@ -67,12 +82,25 @@ class Checkpoint:
     init_from: str | None = None
     ema: bool = False
     wildcheck_version: str = training.__version__
+    grey_head: Head | None = None  # read by inputs without colour when the spec has a grey route
+
+    def __post_init__(self):
+        if (self.spec.grey_route is None) != (self.grey_head is None):
+            raise CheckpointError("a grey route needs a grey head and a grey head a route: the spec has "
+                                  f"{'a' if self.spec.grey_route else 'no'} route, the checkpoint "
+                                  f"{'a' if self.grey_head is not None else 'no'} grey head")
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "spec": self.spec.model_dump(mode="json"), "model": self.weights, "epoch": self.epoch,
                 "val_metrics": self.val_metrics, "config": self.config.model_dump(mode="json"),
                 "data_roots": list(self.data_roots), "init_from": self.init_from, "ema": self.ema,
-                "wildcheck_version": self.wildcheck_version}
+                "wildcheck_version": self.wildcheck_version,
+                "grey_head": self.grey_head.to_dict() if self.grey_head is not None else None}
+
+    def weights_hash(self) -> str:
+        """The version suffix: the weights', and the grey head's when there is one."""
+        extra = {f"grey_head.{k}": v for k, v in self.grey_head.to_dict().items()} if self.grey_head is not None else {}
+        return weights_hash({**self.weights, **extra})
 
     def save(self, path: str | Path) -> None:
         atomic_torch_save(self.to_dict(), path)
@@ -89,7 +117,7 @@ class Checkpoint:
             return cls(spec=ModelSpec.model_validate(raw["spec"]), weights=raw["model"], epoch=int(raw["epoch"]),
                        val_metrics=raw["val_metrics"], config=Config.model_validate(raw["config"]),
                        data_roots=list(raw["data_roots"]), init_from=raw["init_from"], ema=bool(raw["ema"]),
-                       wildcheck_version=raw["wildcheck_version"])
+                       wildcheck_version=raw["wildcheck_version"], grey_head=Head.from_dict(raw.get("grey_head")))
         except (KeyError, TypeError, ValidationError) as exc:
             raise CheckpointError(f"{source} is not a readable wildcheck checkpoint ({type(exc).__name__}: {exc}); "
                                   "pass a run dir or the best.pt that `wildcheck train` wrote") from exc
@@ -100,7 +128,7 @@ class Checkpoint:
         human = version or f"{run_name}-e{self.epoch}"
         return ModelContract(
             **dict(self.spec), model_name=name or "wildcheck-" + self.spec.architecture,
-            model_version=f"{human}+{weights_hash(self.weights)[:12]}",
+            model_version=f"{human}+{self.weights_hash()[:12]}",
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             wildcheck_version=training.__version__, embedding=embedding,
         )

@@ -272,12 +272,18 @@ class Rotate(Condition):
         return img.transpose(Image.Transpose.ROTATE_270 if cw else Image.Transpose.ROTATE_90)
 
 
+def greyscale(img: Image.Image) -> Image.Image:
+    """The photo in grey (ITU-R 601 luma, PIL's "L"), still RGB: the report's condition, and the training photos a
+    grey head is fitted on (``training.grey_head``)."""
+    return img.convert("L").convert("RGB")
+
+
 class Greyscale(Condition):
     kind: Literal["greyscale"] = "greyscale"
     description: ClassVar[str] = "converted to greyscale (archive photos, filters)"
 
     def apply(self, img, rng, others=()):
-        return img.convert("L").convert("RGB")
+        return greyscale(img)
 
 
 class CentreCrop(Condition):

@@ -18,6 +18,13 @@ def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model.forward_head(model.forward_features(x), pre_logits=True)
 
 
+def embedding_features(model: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
+    """The part of a model's pooled features that the embedding is made of: all of them, except for a model that
+    says otherwise (``embedding_of``: a grey-routed model's pooled features hold its backbone's twice, one copy
+    zeroed by the route; grey and colour photos of one object must keep matching in a gallery)."""
+    return model.embedding_of(pooled) if hasattr(model, "embedding_of") else pooled
+
+
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     """``F.normalize`` without its ``expand_as``: onnxruntime's symbolic shape inference (INT8 pre-processing)
     fails on the Expand node that F.normalize exports to."""
@@ -41,14 +48,14 @@ class WithEmbedding(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.direct:
             pooled = pooled_features(self.model, x)
-            logits = self.model.get_classifier()(pooled)
-        else:
-            logits, pooled = self.model(x), pooled_features(self.base, x)
-        return logits, l2_normalize(pooled)
+            return self.model.get_classifier()(pooled), l2_normalize(embedding_features(self.model, pooled))
+        return self.model(x), l2_normalize(embedding_features(self.base, pooled_features(self.base, x)))
 
 
 def embedding_size(model: nn.Module) -> int:
-    return int(model.num_features)
+    """The embedding's length: the pooled features' (``num_features``) unless the model says (``embedding_size``)."""
+    size = getattr(model, "embedding_size", None)
+    return int(size if size is not None else model.num_features)
 
 
 def embedding_spec(model: nn.Module, architecture: str, producer: str = "fine-tuned") -> dict:

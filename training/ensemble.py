@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from serving.errors import InvalidInput
-from training.checkpoint import Checkpoint, initial_spec, weights_hash
+from training.checkpoint import Checkpoint, Head, initial_spec, weights_hash
 from training.models import Ensemble, create_model, ensemble_name, parse_name
 
 
@@ -46,6 +46,10 @@ def build(runs: list[str | Path], out: str | Path, say=print, test_time_views: l
                 raise EnsembleError(f"{path} differs from {paths[0]} in {field}: "
                                     f"{getattr(ck.spec, field)!r} vs {getattr(first.spec, field)!r}; "
                                     "only runs of one recipe (different seeds) can be averaged")
+    routes = {(ck.spec.grey_route.tolerance if ck.spec.grey_route else None) for ck in checkpoints}
+    if len(routes) > 1:
+        raise EnsembleError(f"the runs' grey routes differ (tolerances {sorted(routes, key=str)}; None: no route): "
+                            "give every run a grey head (wildcheck grey-head RUN --out DIR) with one tolerance, or none")
     hashes = [weights_hash(ck.weights) for ck in checkpoints]
     if len(set(hashes)) < len(hashes):
         raise EnsembleError("the same weights are listed twice")
@@ -65,14 +69,31 @@ def build(runs: list[str | Path], out: str | Path, say=print, test_time_views: l
                                    "val_balanced_accuracy": ck.val_metrics.get("balanced_accuracy")}
                                   for p, ck in zip(paths, checkpoints)]}
     spec = initial_spec(config, labels, first.spec.preprocessing, training_data)
+    if first.spec.grey_route is not None:
+        route = first.spec.grey_route.model_copy(update={"fitted": {"members": [ck.spec.grey_route.fitted for ck in checkpoints]}})
+        spec = spec.model_copy(update={"grey_route": route})
     ensemble = Checkpoint(spec=spec, weights=model.state_dict(), epoch=max(ck.epoch for ck in checkpoints),
-                          val_metrics={}, config=config, data_roots=first.data_roots, ema=first.ema)
+                          val_metrics={}, config=config, data_roots=first.data_roots, ema=first.ema,
+                          grey_head=joined_grey_head(checkpoints))
     out.mkdir(parents=True, exist_ok=True)
     ensemble.save(out / "best.pt")
     atomic_write_text(out / "labels.json", json.dumps(labels))
     views = f", and over the views {', '.join(spec.test_time_views)}" if spec.test_time_views else ""
     say(f"wrote {out / 'best.pt'}: {len(members)} x {first.spec.architecture}, logits averaged{views}")
     return out / "best.pt"
+
+
+def joined_grey_head(checkpoints: list[Checkpoint]) -> Head | None:
+    """The members' grey heads side by side, each divided by m, and their mean bias: read by the ensemble's
+    pooled features (the members', side by side), it gives the mean of the members' grey logits -- as
+    ``Ensemble.sync_head`` does for the trained heads. None when the members have no grey route."""
+    import torch
+
+    heads = [ck.grey_head for ck in checkpoints]
+    if heads[0] is None:
+        return None
+    return Head(weight=torch.cat([h.weight for h in heads], dim=1) / len(heads),
+                bias=torch.stack([h.bias for h in heads]).mean(0))
 
 
 def make_ensemble(runs: list[str | Path], out: str | Path, data: list[str] | None = None, say=print,

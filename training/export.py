@@ -21,7 +21,7 @@ from serving.errors import WildcheckError
 from serving.runtime import OnnxModel, Predictor
 from training.cam import CAM_OUTPUT, WithCam, cam_unsupported
 from training.data.sources import Sample
-from training.embedding import EMBEDDING_OUTPUT, l2_normalize, pooled_features, embedding_spec
+from training.embedding import EMBEDDING_OUTPUT, embedding_features, embedding_spec, l2_normalize, pooled_features
 from training.fileio import atomic_onnx_save, atomic_path
 from training.predict import TorchPredictor, decode_sample, predict_samples, resolve_checkpoint, run_samples
 
@@ -52,11 +52,11 @@ class ExportGraph(torch.nn.Module):
 
     def forward(self, x: torch.Tensor):
         if not self.direct:
-            return self.model(x), l2_normalize(pooled_features(self.base, x))
+            return self.model(x), l2_normalize(embedding_features(self.base, pooled_features(self.base, x)))
         features = self.model.forward_features(x)
         pooled = self.model.forward_head(features, pre_logits=True)
         head = self.model.get_classifier()
-        logits, embedding = head(pooled), l2_normalize(pooled)
+        logits, embedding = head(pooled), l2_normalize(embedding_features(self.model, pooled))
         if not self.with_cam:
             return logits, embedding
         cam = torch.einsum("ck,nkhw->nchw", head.weight, features) + head.bias[None, :, None, None]

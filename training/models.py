@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from serving.errors import InvalidInput, MissingInput
+from training.embedding import embedding_features, embedding_size
 
 log = logging.getLogger(__name__)
 
@@ -165,10 +166,88 @@ class ViewAveraged(SideBySide):
             self.classifier.weight.copy_(head.weight.repeat(1, copies) / copies)
             self.classifier.bias.copy_(head.bias)
 
+    @property
+    def embedding_size(self) -> int:
+        return embedding_size(self.model) * (len(self.views) + 1)
+
+    def embedding_of(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Each view's embedding features (``training.embedding.embedding_features``), side by side."""
+        chunks = pooled.split(int(self.model.num_features), dim=1)
+        return torch.cat([embedding_features(self.model, c) for c in chunks], dim=1)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         maps = self.model.forward_features(torch.cat([x] + [view_of(v, x) for v in self.views]))
         maps = maps.unflatten(0, (len(self.views) + 1, -1))  # (views, N, ...); chunk() would fix the batch size in export
         return torch.cat([maps[0]] + [view_of(v, m, undo=True) for v, m in zip(self.views, maps[1:])], dim=1)
+
+
+def colour_spread(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Each preprocessed input's (N, 3, H, W) colour spread: the mean over its pixels of (largest - smallest
+    channel), un-normalised (``mean``/``std`` shaped 1 x 3 x 1 x 1), in 8-bit levels; 0 for a photo in grey."""
+    pixels = (x * std + mean) * 255
+    return (pixels.amax(1) - pixels.amin(1)).mean((1, 2))
+
+
+class GreyRouted(SideBySide):
+    """A classifier with a second head for inputs without colour (``serving.contract.GreyRoute``).
+
+    The backbone is the wrapped model's, run once; an input whose colour spread (``colour_spread``) is below
+    ``tolerance`` levels is read by ``grey_head``, any other by the model's own head. Shaped like ``Ensemble``:
+    ``forward_features`` sets ``[F * (1 - g), F * g, 1 - g, g]`` side by side (F the model's feature maps, g the
+    route, 0 or 1 per input), and one ``Linear`` without bias holds ``[W, W_grey, b, b_grey]``. So the logits are
+    the routed head's, the exported heat maps are that head's (their mean is the logit) and parity and export work
+    unchanged. The embedding stays the model's pooled features (``embedding_of``): grey and colour photos of one
+    object keep matching in a gallery."""
+
+    def __init__(self, model: nn.Module, grey_weight: torch.Tensor, grey_bias: torch.Tensor,
+                 mean: tuple[float, float, float], std: tuple[float, float, float], tolerance: float):
+        super().__init__()
+        self.model, self.tolerance = model, float(tolerance)
+        self.global_pool = model.global_pool
+        self.inner_features = int(model.num_features)
+        self.num_features = 2 * self.inner_features + 2
+        head = model.get_classifier()
+        if tuple(grey_weight.shape) != tuple(head.weight.shape) or tuple(grey_bias.shape) != tuple(head.bias.shape):
+            raise InvalidInput(f"the grey head is {tuple(grey_weight.shape)}, the model's head "
+                               f"{tuple(head.weight.shape)}: it belongs to another model")
+        device = head.weight.device
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1))
+        self.classifier = nn.Linear(self.num_features, head.out_features, bias=True).to(device)
+        with torch.no_grad():
+            self.classifier.weight.copy_(torch.cat(
+                [head.weight, grey_weight.to(device), head.bias[:, None], grey_bias.to(device)[:, None]], dim=1))
+            self.classifier.bias.zero_()
+
+    def is_grey(self, x: torch.Tensor) -> torch.Tensor:
+        """(N,) booleans: the inputs the grey head reads."""
+        return colour_spread(x, self.mean, self.std) < self.tolerance
+
+    @property
+    def embedding_size(self) -> int:
+        return embedding_size(self.model)
+
+    def embedding_of(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The model's own pooled features: one of the two copies is zero, so their sum is it."""
+        n = self.inner_features
+        return embedding_features(self.model, pooled[:, :n] + pooled[:, n:2 * n])
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        maps = self.model.forward_features(x)
+        g = self.is_grey(x).to(maps.dtype)[:, None, None, None]
+        ones = torch.ones_like(maps[:, :1])
+        return torch.cat([maps * (1 - g), maps * g, ones * (1 - g), ones * g], dim=1)
+
+
+def with_grey_route(model: nn.Module, grey_head, route, preprocessing) -> nn.Module:
+    """``model`` with its grey route (``GreyRouted``) when the spec has one (``route``, a
+    ``serving.contract.GreyRoute``; ``grey_head``: ``training.checkpoint.Head``), or itself."""
+    if route is None:
+        return model
+    if grey_head is None:
+        raise InvalidInput("the spec has a grey route but no grey head was given")
+    return GreyRouted(model, grey_head.weight, grey_head.bias, preprocessing.mean, preprocessing.std,
+                      route.tolerance).eval()
 
 
 def with_views(model: nn.Module, views: list[str]) -> nn.Module:

@@ -55,17 +55,19 @@ class TorchPredictor(SpecView):
         self.network.load_state_dict(self.checkpoint.weights)
         self.network.to("cuda" if torch.cuda.is_available() else "cpu").eval()
         self._torch = torch
-        self._scored: tuple[tuple[str, ...], Any] | None = None
+        self._scored: tuple[tuple, Any] | None = None
 
     @property
     def model(self):
-        """What the spec scores: the trained network, with its test-time views when the spec has them (the
-        exported graph is this module)."""
-        from training.models import with_views
+        """What the spec scores: the trained network, with its grey route and test-time views when the spec has
+        them (the exported graph is this module)."""
+        from training.models import with_grey_route, with_views
 
-        views = tuple(self.spec.test_time_views)
-        if self._scored is None or self._scored[0] != views:
-            self._scored = (views, with_views(self.network, list(views)))
+        key = (tuple(self.spec.test_time_views), self.spec.grey_route)
+        if self._scored is None or self._scored[0] != key:
+            routed = with_grey_route(self.network, self.checkpoint.grey_head, self.spec.grey_route,
+                                     self.spec.preprocessing)
+            self._scored = (key, with_views(routed, list(key[0])))
         return self._scored[1]
 
     @cached_property

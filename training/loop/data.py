@@ -52,11 +52,11 @@ def negative_samples(roots: list[str], negative_label: str, val_size: int, seed:
         pool += train
         groups += [g] * len(train)
         vals.append([s for s in found if s.split == "val"])
-    val = _even_sample(vals, val_size, np.random.RandomState(seed))
+    val = even_sample(vals, val_size, np.random.RandomState(seed))
     return pool, groups, val
 
 
-def _even_sample(groups: list[list[Sample]], total: int, rng: np.random.RandomState) -> list[Sample]:
+def even_sample(groups: list[list[Sample]], total: int, rng: np.random.RandomState) -> list[Sample]:
     """Up to ``total`` samples, an equal share from each group (a small group's unused share goes to the rest)."""
     order = sorted(range(len(groups)), key=lambda g: len(groups[g]))
     chosen: dict[int, list[Sample]] = {}
