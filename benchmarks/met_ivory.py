@@ -97,7 +97,7 @@ def main() -> int:
     from training.config import resolve_config
     from training.evaluate import evaluate as run_evaluation, format_evaluation
     from training.fileio import atomic_write_text
-    from training.train import train
+    from training.train import after_training, train
 
     def evaluate(*args, **kwargs) -> dict:  # printed as `wildcheck evaluate` prints it; the tables read the dict
         report = run_evaluation(*args, **kwargs)
@@ -121,10 +121,11 @@ def main() -> int:
         return 0
     t0 = time.time()
     summary = train([str(met)], out, config, init_from=args.init_from)
-    if config.decision.calibrate:  # what `wildcheck train` does after training
-        from training.calibrate import calibrate, format_report
+    report = after_training(out, config)  # what `wildcheck train` does after training: grey head, calibration
+    if report is not None:
+        from training.calibrate import format_report
 
-        print(format_report(calibrate(out)))
+        print(format_report(report))
     wall = time.time() - t0
     print("\n== Met val (met-ivory/val only) ==")
     met_val = evaluate(out, [str(met)], split="val", out_dir=out / "eval_met_val")

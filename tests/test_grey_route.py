@@ -205,3 +205,19 @@ def test_the_training_photos_are_the_main_root_and_an_even_draw_of_the_pools():
     kept_main, pool = even_pool_sample(main + big + small, ["/data/met-ivory"], 30, seed=0)
     assert kept_main == main
     assert sum(s.pool == "small" for s in pool) == 5 and sum(s.pool == "big" for s in pool) == 25
+
+
+def test_a_training_configured_with_a_grey_head_ends_routed_and_calibrated(synth_root, tmp_path):
+    from training.checkpoint import Checkpoint
+
+    config = tmp_path / "grey.yaml"
+    config.write_text("model: {grey_head: {lam: 0.01, pool_sample: 0}}\n"
+                      "train: {epochs: 1, batch_size: 16, threads: 2, lr: 0.002}\n"
+                      "data: {img_size: 64, num_workers: 0}\n")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(_app(), ["train", "--data", str(synth_root), "--out", str(out), "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "grey head" in result.output
+    ck = Checkpoint.load(out / "best.pt")
+    assert ck.grey_head is not None and ck.spec.grey_route.fitted["lam"] == 0.01
+    assert ck.val_metrics["n"] > 0 and ck.spec.metrics["calibration"]["thresholds"]  # calibrated with the route

@@ -135,12 +135,14 @@ def train(
     for note in resolved.notes:
         typer.echo(note)
     summary = run_training([str(d) for d in data], out, resolved.config, resume=resume, init_from=init_from)
-    if summary and resolved.config.decision.calibrate:  # rank 0 only: fit temperature and thresholds on validation
-        from training.calibrate import calibrate as run_calibration, format_report
-
-        typer.echo(format_report(run_calibration(out)))
     if not summary:  # a non-zero rank under torchrun: rank 0 reports
         return
+    from training.calibrate import format_report
+    from training.train import after_training
+
+    report = after_training(out, resolved.config, say=typer.echo)  # grey head, calibration: as configured
+    if report is not None:
+        typer.echo(format_report(report))
     m = summary["val_metrics"]
     typer.echo(
         f"best epoch {summary['best_epoch']}: val accuracy {m['accuracy']:.4f}, balanced accuracy "

@@ -19,6 +19,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+class GreyHeadConfig(_Strict):
+    """A second head for photos without colour, fitted after training (``training.grey_head``)."""
+
+    lam: float = Field(0.01, ge=0.0, description="pull toward the trained head (lam * ||W - W0||^2)")
+    tolerance: float = Field(1.0, gt=0.0, le=255.0, description="inputs whose colour spread is below this many "
+                             "8-bit levels take the grey head")
+    pool_sample: int = Field(2000, ge=0, description="negatives pools' training photos to fit on, drawn evenly")
+
+
 class ModelConfig(_Strict):
     name: str = "tf_efficientnet_lite0"
     pretrained: str = Field("offline", description="none | offline | hub | path to a state dict")
@@ -30,6 +39,9 @@ class ModelConfig(_Strict):
         "blocks.0): no backward pass through them, the largest saving on CPU, where early high-resolution "
         "layers dominate a training step",
     )
+    grey_head: GreyHeadConfig | None = Field(
+        None, description="after training, fit a second head on the training photos in grey for inputs without "
+        "colour (wildcheck grey-head; written into the model contract); None: one head")
 
 
 class DataConfig(_Strict):

@@ -14,11 +14,9 @@ with grey heads make an ensemble with one (their heads joined, ``training.ensemb
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from serving.contract import GreyRoute
 from serving.errors import InvalidInput
@@ -83,34 +81,15 @@ def grey_features(network, samples: list[Sample], spec, batch: int = 32, workers
 
     from training.conditions import greyscale
     from training.embedding import pooled_features
-    from training.predict import decode_sample
+    from training.predict import decoded_batches
 
-    pre = spec.preprocessing
     device = next(network.parameters()).device
-
-    def prepare(sample):
-        img = decode_sample(sample, spec)
-        return img if isinstance(img, str) else pre(greyscale(img))
-
-    out, kept, skipped, rows, row_samples = [], [], [], [], []
-
-    def flush():
-        if rows:
-            with torch.inference_mode():
-                x = torch.from_numpy(np.stack(rows)).to(device)
-                out.append(pooled_features(network, x).float().cpu().numpy())
-            kept.extend(row_samples)
-            rows.clear(), row_samples.clear()
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for sample, arr in tqdm(zip(samples, pool.map(prepare, samples)), total=len(samples), desc=desc, unit="img"):
-            if isinstance(arr, str):
-                skipped.append((str(sample.path), arr))
-                continue
-            rows.append(arr), row_samples.append(sample)
-            if len(rows) == batch:
-                flush()
-        flush()
+    out, kept, skipped = [], [], []
+    for pool, images, batch_samples in decoded_batches(samples, spec, skipped, batch, workers, desc):
+        x = np.stack(list(pool.map(lambda img: spec.preprocessing(greyscale(img)), images)))
+        with torch.inference_mode():
+            out.append(pooled_features(network, torch.from_numpy(x).to(device)).float().cpu().numpy())
+        kept.extend(batch_samples)
     features = np.concatenate(out) if out else np.zeros((0, int(network.num_features)), np.float32)
     return features, kept, skipped
 
@@ -121,9 +100,11 @@ def _balanced_accuracy(logits: np.ndarray, y: np.ndarray) -> float:
 
 
 def fit_grey_head(run: str | Path, out: str | Path, lam: float = DEFAULT_LAM, tolerance: float = 1.0,
-                  pool_sample: int = DEFAULT_POOL_SAMPLE, data: list[str] | None = None, say=print) -> dict:
+                  pool_sample: int = DEFAULT_POOL_SAMPLE, data: list[str] | None = None, say=print,
+                  in_place: bool = False) -> dict:
     """``run``'s weights with a grey head fitted on its training photos in grey, as ``out``/best.pt (uncalibrated:
-    the caller calibrates). Returns the fit's summary (also ``out``/grey_head.json)."""
+    the caller calibrates). Returns the fit's summary (also ``out``/grey_head.json). ``in_place``: ``out`` may be
+    the run itself (after training: the trained weights and head are kept, the route is added)."""
     import torch
 
     from training.fileio import atomic_write_text
@@ -132,7 +113,7 @@ def fit_grey_head(run: str | Path, out: str | Path, lam: float = DEFAULT_LAM, to
 
     path = resolve_checkpoint(run)
     out = Path(out)
-    if path.parent.resolve() == out.resolve():
+    if path.parent.resolve() == out.resolve() and not in_place:
         raise GreyHeadError(f"--out {out} is the run itself: name a new folder for the run with a grey head")
     predictor = TorchPredictor(path)
     ckpt = predictor.checkpoint

@@ -177,19 +177,14 @@ def predict_images(predictor: Predictor, images: list, pool: ThreadPoolExecutor 
     return np.concatenate(probs) if probs else np.zeros((0, len(spec.labels)), np.float32)
 
 
-def predict_samples(predictor: Predictor, samples: list[Sample], batch_size: int = 32, workers: int = 2,
-                    desc: str = "evaluating"):
-    """Returns (probabilities for the readable samples, readable samples, [(path, reason)] for the others)."""
-    probs, kept, skipped, batch, batch_samples = [], [], [], [], []
-
-    def flush():
-        if batch:
-            probs.append(predict_images(predictor, batch, pool))
-            kept.extend(batch_samples)
-            batch.clear(), batch_samples.clear()
-
+def decoded_batches(samples: list[Sample], spec: ModelSpec, skipped: list[tuple[str, str]], batch_size: int = 32,
+                    workers: int = 2, desc: str = "evaluating"):
+    """Yields (the thread pool, decoded pictures, their samples) a batch at a time, decoding ahead in the pool
+    (which the caller may use for preprocessing too); unreadable samples are logged and added to ``skipped``
+    as (path, reason)."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        decoded = pool.map(lambda s: decode_sample(s, predictor.spec), samples)
+        decoded = pool.map(lambda s: decode_sample(s, spec), samples)
+        batch, batch_samples = [], []
         for sample, img in tqdm(zip(samples, decoded), total=len(samples), desc=desc, unit="img", leave=False):
             if isinstance(img, str):
                 log.warning("skipping %s (%s)", sample.path, img)
@@ -197,7 +192,18 @@ def predict_samples(predictor: Predictor, samples: list[Sample], batch_size: int
                 continue
             batch.append(img), batch_samples.append(sample)
             if len(batch) == batch_size:
-                flush()
-        flush()
+                yield pool, batch, batch_samples
+                batch, batch_samples = [], []
+        if batch:
+            yield pool, batch, batch_samples
+
+
+def predict_samples(predictor: Predictor, samples: list[Sample], batch_size: int = 32, workers: int = 2,
+                    desc: str = "evaluating"):
+    """Returns (probabilities for the readable samples, readable samples, [(path, reason)] for the others)."""
+    probs, kept, skipped = [], [], []
+    for pool, images, batch_samples in decoded_batches(samples, predictor.spec, skipped, batch_size, workers, desc):
+        probs.append(predict_images(predictor, images, pool))
+        kept.extend(batch_samples)
     n_labels = len(predictor.spec.labels)
     return (np.concatenate(probs) if probs else np.zeros((0, n_labels), np.float32)), kept, skipped

@@ -185,3 +185,19 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
     distributed.shutdown()
     return summary
 
+
+def after_training(run_dir: str | Path, config: Config, say=print) -> dict | None:
+    """What follows a finished training, for ``wildcheck train`` and the benchmark recipe alike: the grey head
+    (``model.grey_head``, fitted on the run's own photos into its best.pt), then calibration
+    (``decision.calibrate``). Returns the calibration report, or None."""
+    if config.model.grey_head is not None:
+        from training.grey_head import fit_grey_head
+
+        g = config.model.grey_head
+        fit_grey_head(run_dir, run_dir, g.lam, g.tolerance, g.pool_sample, say=say, in_place=True)
+    if not config.decision.calibrate:
+        return None
+    from training.calibrate import calibrate
+
+    return calibrate(run_dir)
+
