@@ -221,3 +221,19 @@ def test_a_training_configured_with_a_grey_head_ends_routed_and_calibrated(synth
     ck = Checkpoint.load(out / "best.pt")
     assert ck.grey_head is not None and ck.spec.grey_route.fitted["lam"] == 0.01
     assert ck.val_metrics["n"] > 0 and ck.spec.metrics["calibration"]["thresholds"]  # calibrated with the route
+
+
+def test_fitting_again_with_another_lam_reuses_the_grey_features(trained_run, tmp_path):
+    from training.checkpoint import Checkpoint
+    from training.grey_head import FEATURES_FILE, fit_grey_head
+
+    said: list[str] = []
+    fit_grey_head(trained_run, tmp_path / "g", lam=0.01, say=said.append)
+    loose = Checkpoint.load(tmp_path / "g" / "best.pt").grey_head.weight.clone()
+    assert (tmp_path / "g" / FEATURES_FILE).is_file() and not any("reused" in s for s in said)
+    fit_grey_head(trained_run, tmp_path / "g", lam=100.0, say=said.append)
+    assert any("reused" in s for s in said)
+    tight = Checkpoint.load(tmp_path / "g" / "best.pt")
+    trained = Checkpoint.load(trained_run / "best.pt").weights["classifier.weight"]
+    assert tight.spec.grey_route.fitted["lam"] == 100.0
+    assert (tight.grey_head.weight - trained).norm() < (loose - trained).norm()  # held closer to the trained head

@@ -288,7 +288,7 @@ def ensemble(
 def grey_head(
     run: Path = typer.Argument(..., help="run dir or checkpoint (one training; for an ensemble, give each of its runs one)"),
     out: Path = typer.Option(..., "--out", help="run dir to write (best.pt, grey_head.json, calibration.json); export it like any run"),
-    lam: float = typer.Option(0.01, "--lam", min=0.0, help="pull toward the trained head (lam * ||W - W0||^2)"),
+    lam: float = typer.Option(1.0, "--lam", min=0.0, help="pull toward the trained head (lam * ||W - W0||^2); smaller: a freer grey head, and more extreme scores on grey photos"),
     tolerance: float = typer.Option(1.0, "--tolerance", min=0.01, max=255.0,
                                     help="inputs whose colour spread is below this many 8-bit levels take the grey head"),
     pool_sample: int = typer.Option(2000, "--pool-sample", min=0, help="negatives pools' training photos to fit on, drawn evenly across the pools"),

@@ -22,7 +22,7 @@ class _Strict(BaseModel):
 class GreyHeadConfig(_Strict):
     """A second head for photos without colour, fitted after training (``training.grey_head``)."""
 
-    lam: float = Field(0.01, ge=0.0, description="pull toward the trained head (lam * ||W - W0||^2)")
+    lam: float = Field(1.0, ge=0.0, description="pull toward the trained head (lam * ||W - W0||^2)")
     tolerance: float = Field(1.0, gt=0.0, le=255.0, description="inputs whose colour spread is below this many "
                              "8-bit levels take the grey head")
     pool_sample: int = Field(2000, ge=0, description="negatives pools' training photos to fit on, drawn evenly")

@@ -23,8 +23,9 @@ from serving.errors import InvalidInput
 from training.checkpoint import Checkpoint, Head
 from training.data.sources import Sample, pool_name
 
-DEFAULT_LAM = 0.01
+DEFAULT_LAM = 1.0
 DEFAULT_POOL_SAMPLE = 2000
+FEATURES_FILE = "grey_features.npz"
 
 
 class GreyHeadError(InvalidInput):
@@ -94,6 +95,29 @@ def grey_features(network, samples: list[Sample], spec, batch: int = 32, workers
     return features, kept, skipped
 
 
+def cached_grey_features(cache: Path, network, samples: list[Sample], ckpt: Checkpoint, say=print
+                         ) -> tuple[np.ndarray, list[Sample], list[tuple[str, str]]]:
+    """``grey_features``, kept in ``cache`` (the out folder's) so that fitting again with another ``--lam`` or
+    ``--tolerance`` takes seconds: reused only for the same weights and the same photos in the same order."""
+    from training.checkpoint import weights_hash
+    from training.fileio import atomic_path
+
+    digest = weights_hash(ckpt.weights)
+    paths = [str(s.path) for s in samples]
+    if cache.is_file():
+        with np.load(cache, allow_pickle=False) as held:
+            if str(held["weights"]) == digest and held["paths"].tolist() == paths:
+                readable = set(held["kept"].tolist())
+                kept = [s for s in samples if str(s.path) in readable]
+                say(f"grey features of {len(kept)} training photos reused from {cache}")
+                return held["features"], kept, [tuple(r) for r in held["skipped"].tolist()]
+    features, kept, skipped = grey_features(network, samples, ckpt.spec)
+    with atomic_path(cache) as tmp, open(tmp, "wb") as f:
+        np.savez(f, features=features, weights=np.array(digest), paths=np.array(paths),
+                 kept=np.array([str(s.path) for s in kept]), skipped=np.array(skipped, dtype=str).reshape(-1, 2))
+    return features, kept, skipped
+
+
 def _balanced_accuracy(logits: np.ndarray, y: np.ndarray) -> float:
     pred = logits.argmax(1)
     return float(np.mean([(pred[y == c] == c).mean() for c in np.unique(y)]))
@@ -126,7 +150,7 @@ def fit_grey_head(run: str | Path, out: str | Path, lam: float = DEFAULT_LAM, to
     if not main:
         raise GreyHeadError(f"no training photos under {main_roots}: pass --data ROOT (a dataset with a train split)")
     network = predictor.network
-    features, kept, skipped = grey_features(network, main + pool, ckpt.spec)
+    features, kept, skipped = cached_grey_features(out / FEATURES_FILE, network, main + pool, ckpt, say)
     index = {label: i for i, label in enumerate(ckpt.spec.labels)}
     y = np.array([index[s.label] for s in kept])
     if len(np.unique(y)) < 2:
