@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.ensemble_check import class_margin, condition_images, mean_sd, recall_at_budget  # noqa: E402
 from training.grey_head import even_pool_sample, fit_head  # noqa: E402
 
+BLOCK_BUDGET = 0.001  # the shipped model's max_block_rate: at most 1 in 1,000 negatives blocked
 CONDITIONS = ["clean", "rotate", "greyscale", "crop", "phone", "jpeg", "thumbnail", "banner", "watermark"]
 
 
@@ -225,10 +226,14 @@ def routed(dirs: list[Path], lams: list[float], conditions: list[str], tolerance
 
     def row(parts: list[dict[str, np.ndarray]]) -> list[float]:
         score = {k: class_margin(np.mean([p[k] for p in parts], axis=0), c) for k in parts[0]}
-        return recall_at_budget(score, y == c, conditions, unseen=score["unseen"])
+        blocked = recall_at_budget(score, y == c, conditions, budget=BLOCK_BUDGET)[::2]  # recall at 0.1%
+        return recall_at_budget(score, y == c, conditions, unseen=score["unseen"]) + [blocked[0]] + (
+            [blocked[conditions.index("greyscale")]] if "greyscale" in conditions else [])
 
     print("| grey photos scored by | models | " + " | ".join(f"{k} recall | {k} flagged" for k in conditions)
-          + " | unseen flagged | clean recall, budget over all |\n|---|---|" + "---|" * (2 * len(conditions) + 2))
+          + " | unseen flagged | clean recall, budget over all | clean recall at a 0.1% budget"
+          + (" | greyscale recall at a 0.1% budget" if "greyscale" in conditions else "")
+          + " |\n|---|---|" + "---|" * (2 * len(conditions) + 3 + ("greyscale" in conditions)))
     for lam in [None] + lams:
         parts = []
         for d in dirs:
