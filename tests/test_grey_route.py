@@ -237,3 +237,25 @@ def test_fitting_again_with_another_lam_reuses_the_grey_features(trained_run, tm
     trained = Checkpoint.load(trained_run / "best.pt").weights["classifier.weight"]
     assert tight.spec.grey_route.fitted["lam"] == 100.0
     assert (tight.grey_head.weight - trained).norm() < (loose - trained).norm()  # held closer to the trained head
+
+
+def test_test_time_views_wrap_the_route_and_keep_the_embedding(grey_run):
+    from training.export import ExportGraph
+    from training.models import with_grey_route, with_views
+    from training.predict import TorchPredictor
+
+    p = TorchPredictor(grey_run / "best.pt")
+    network, trained, grey_head = _heads(grey_run)
+    routed = with_views(with_grey_route(p.network, p.checkpoint.grey_head, p.spec.grey_route, p.spec.preprocessing),
+                        ["hflip"])
+    plain = with_views(p.network, ["hflip"])
+    grey, colour = _inputs(p.spec.preprocessing)
+    mirrored = {name: np.ascontiguousarray(x[..., ::-1]) for name, x in (("grey", grey), ("colour", colour))}
+    with torch.inference_mode():
+        for name, x, head in (("grey", grey, grey_head), ("colour", colour, trained)):
+            logits, cam, embedding = ExportGraph(routed, with_cam=True)(torch.from_numpy(x))
+            expected = (_logits(network, x, head) + _logits(network, mirrored[name], head)) / 2
+            np.testing.assert_allclose(logits.numpy(), expected, atol=1e-4)  # each view routed, then averaged
+            np.testing.assert_allclose(cam.mean((2, 3)).numpy(), logits.numpy(), atol=1e-4)
+            np.testing.assert_allclose(embedding.numpy(), ExportGraph(plain, with_cam=True)(torch.from_numpy(x))[2].numpy(),
+                                       atol=1e-5)
