@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from serving.runtime import OnnxModel
-from tests.conftest import photo, tiny_config
+from tests.conftest import photo
 from training.conditions import greyscale
 from training.data.sources import Sample
 
@@ -24,6 +24,21 @@ def grey_run(trained_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("grey_run")
     make_grey_head(trained_run, out, lam=0.01, say=lambda *_: None)
     return out
+
+
+@pytest.fixture(scope="module")
+def cli_grey_run(synth_root, tmp_path_factory) -> tuple[Path, str]:
+    """One epoch of the tiny recipe (another seed) through `wildcheck train` with `model.grey_head` in its config:
+    (the run, the command's output)."""
+    folder = tmp_path_factory.mktemp("cli_grey_run")
+    config = folder / "grey.yaml"
+    config.write_text("model: {grey_head: {lam: 0.01, pool_sample: 0}}\n"
+                      "train: {epochs: 1, batch_size: 16, threads: 2, lr: 0.002, seed: 2}\n"
+                      "data: {img_size: 64, num_workers: 0}\n")
+    out = folder / "run"
+    result = CliRunner().invoke(_app(), ["train", "--data", str(synth_root), "--out", str(out), "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    return out, result.output
 
 
 @pytest.fixture(scope="module")
@@ -142,26 +157,22 @@ def test_contracts_and_checkpoints_without_a_route_read_as_none(onnx_model, trai
         Checkpoint.from_dict(routed)
 
 
-def test_an_ensemble_of_routed_runs_is_the_mean_of_their_routed_logits(grey_run, trained_run, tmp_path):
+def test_an_ensemble_of_routed_runs_is_the_mean_of_their_routed_logits(grey_run, cli_grey_run, trained_run, tmp_path):
     from training.ensemble import EnsembleError, build
-    from training.grey_head import fit_grey_head
     from training.predict import TorchPredictor
-    from training.train import train
 
-    second = tmp_path / "seed2"
-    train([str(Path(TorchPredictor(trained_run / "best.pt").checkpoint.data_roots[0]))], second,
-          tiny_config(epochs=1, seed=2))
+    second = cli_grey_run[0]
     with pytest.raises(EnsembleError, match="grey"):
-        build([grey_run, second], tmp_path / "mixed", say=lambda *_: None)  # all members routed, or none
-    fit_grey_head(second, tmp_path / "grey2", say=lambda *_: None)
-    build([grey_run, tmp_path / "grey2"], tmp_path / "ens", say=lambda *_: None)
+        build([trained_run, second], tmp_path / "mixed", say=lambda *_: None)  # all members routed, or none
+    build([grey_run, second], tmp_path / "ens", say=lambda *_: None)
 
     ensemble = TorchPredictor(tmp_path / "ens" / "best.pt")
     assert ensemble.spec.grey_route is not None and len(ensemble.spec.grey_route.fitted["members"]) == 2
-    members = [TorchPredictor(r / "best.pt") for r in (grey_run, tmp_path / "grey2")]
+    members = [TorchPredictor(r / "best.pt") for r in (grey_run, second)]
     grey, colour = _inputs(ensemble.spec.preprocessing)
     x = np.concatenate([grey, colour])
     expected = np.mean([m.predict_logits(x) for m in members], axis=0)
+    assert np.abs(members[0].predict_logits(x) - members[1].predict_logits(x)).max() > 1e-2  # or it proves nothing
     np.testing.assert_allclose(ensemble.predict_logits(x), expected, atol=1e-4)
 
     result = CliRunner().invoke(_app(), ["grey-head", str(tmp_path / "ens"), "--out", str(tmp_path / "no")])
@@ -207,17 +218,11 @@ def test_the_training_photos_are_the_main_root_and_an_even_draw_of_the_pools():
     assert sum(s.pool == "small" for s in pool) == 5 and sum(s.pool == "big" for s in pool) == 25
 
 
-def test_a_training_configured_with_a_grey_head_ends_routed_and_calibrated(synth_root, tmp_path):
+def test_a_training_configured_with_a_grey_head_ends_routed_and_calibrated(cli_grey_run):
     from training.checkpoint import Checkpoint
 
-    config = tmp_path / "grey.yaml"
-    config.write_text("model: {grey_head: {lam: 0.01, pool_sample: 0}}\n"
-                      "train: {epochs: 1, batch_size: 16, threads: 2, lr: 0.002}\n"
-                      "data: {img_size: 64, num_workers: 0}\n")
-    out = tmp_path / "run"
-    result = CliRunner().invoke(_app(), ["train", "--data", str(synth_root), "--out", str(out), "--config", str(config)])
-    assert result.exit_code == 0, result.output
-    assert "grey head" in result.output
+    out, output = cli_grey_run
+    assert "grey head" in output
     ck = Checkpoint.load(out / "best.pt")
     assert ck.grey_head is not None and ck.spec.grey_route.fitted["lam"] == 0.01
     assert ck.val_metrics["n"] > 0 and ck.spec.metrics["calibration"]["thresholds"]  # calibrated with the route

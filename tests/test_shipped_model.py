@@ -32,11 +32,13 @@ def test_shipped_contract():
 
     c = read_contract(SHIPPED)
     assert c.labels == ["ivory", "other"] and c.negative_label == "other"
-    assert c.model_name == "wildcheck-ivory" and c.model_version.startswith("1.4.0+")
+    assert c.model_name == "wildcheck-ivory" and c.model_version.startswith("1.5.0+")
     assert c.architecture == "ensemble2:tf_efficientnet_lite0"  # two seeds' logits averaged (wildcheck ensemble)
     assert [m["seed"] for m in c.training_data["ensemble"]] == [42, 7]
     assert c.preprocessing.input_size == 320  # 1.4.0: the fine-tune stage at 320 px
     assert c.tiling is not None and c.tiling.mode == "panels"  # a collage's panels are scored too
+    assert c.grey_route is not None and c.grey_route.tolerance == 1.0  # 1.5.0: photos in grey read by their own head
+    assert [m["lam"] for m in c.grey_route.fitted["members"]] == [1.0, 1.0]
     t = c.thresholds["ivory"]
     assert 0.0 < t.review <= t.block <= 1.0
     assert c.metrics and c.training_data
@@ -60,6 +62,23 @@ def test_shipped_model_decides_the_examples(checker, row):
         assert result["triggered_by"] == ["ivory"]
     else:
         assert result["decision"] == "allow", result
+
+
+@needs_model
+@pytest.mark.parametrize("row", _examples(), ids=lambda r: r["file"])
+def test_shipped_model_decides_the_examples_in_grey_too(checker, row):
+    """1.4.0 allowed ivory_13342 in grey (one head for all photos, ivory score under the review threshold); 1.5.0's
+    grey route flags it and keeps the ceramics allowed."""
+    import io
+
+    from PIL import Image
+
+    from training.conditions import greyscale
+
+    out = io.BytesIO()
+    greyscale(Image.open(EXAMPLES / row["file"]).convert("RGB")).save(out, "JPEG", quality=95)
+    result = checker.check(out.getvalue(), "image/jpeg")
+    assert result["decision"] in (("review", "block") if row["label"] == "ivory" else ("allow",)), result
 
 
 def _collage(files: list[str], side: int = 400, gutter: int = 12) -> bytes:
