@@ -11,6 +11,9 @@ statistics of its input over training photos (eval output k (W''x - mean) + b' +
 train mode the batch statistics are close to those). Each member gets the mean bias (the m biases cannot be told
 apart). The recovered ensemble must reproduce the ONNX logits (checked here), so a fine-tune from these
 folders starts where the shipped members ended, up to the BatchNorm momentum that training restarts.
+A model with a grey route (1.5.0 on) holds the ensemble inside ``training.models.GreyRouted``, whose one head is
+[W, W_grey, b, b_grey]: each member then also gets back its grey head and the route (checked on the photos in
+grey too). Each member's checkpoint records its training seed and epoch from the contract's ``ensemble`` list.
 """
 
 from __future__ import annotations
@@ -47,7 +50,12 @@ def main() -> int:
     from training.data.sources import load_samples, select_split
     from training.data.cache import cache_images
     from training.augment import EvalTransform
-    from training.models import Ensemble, create_model, parse_name
+    from PIL import Image
+
+    from training.checkpoint import Head
+    from training.conditions import greyscale
+    from training.ensemble import joined_grey_head
+    from training.models import Ensemble, create_model, parse_name, with_grey_route
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
@@ -76,16 +84,24 @@ def main() -> int:
     to_tensor = EvalTransform(pre)
     batch = torch.stack([to_tensor(p) for p in pixels])
 
-    head_w, head_b = weights["model.classifier.weight"], weights["model.classifier.bias"]
-    members = []
+    route = contract.grey_route
+    prefix = "model.model.members" if route else "model.members"  # GreyRouted(Ensemble) vs Ensemble
+    head_w = weights["model.classifier.weight"]
+    grey_w = grey_b = None
+    if route:  # [W_1..W_m, Wg_1..Wg_m, b, b_grey] / m in one bias-free head
+        inner = head_w.shape[1] // 2 - 1
+        head_w, grey_w, head_b, grey_b = head_w[:, :inner], head_w[:, inner:2 * inner], head_w[:, 2 * inner], head_w[:, 2 * inner + 1]
+    else:
+        head_b = weights["model.classifier.bias"]
+    members, grey_heads = [], []
     for i in range(count):
         member = create_model(arch, len(contract.labels), pretrained="offline").eval()
         pairs = conv_bn_pairs(member)
         stats: dict[str, tuple] = {}
         with torch.no_grad():
             for cname, conv, bn in pairs:
-                folded = weights[f"model.members.{i}.{cname}.weight"]
-                bias = weights[f"model.members.{i}.{cname}.weight_bias"]
+                folded = weights[f"{prefix}.{i}.{cname}.weight"]
+                bias = weights[f"{prefix}.{i}.{cname}.weight_bias"]
                 k = folded.flatten(1).norm(dim=1) / conv.weight.flatten(1).norm(dim=1).clamp_min(1e-8)
                 k = torch.where(k > 1e-8, k, torch.ones_like(k))  # a dead channel (all-zero weights) stays dead
                 conv.weight.copy_(folded / k.view(-1, 1, 1, 1))
@@ -116,16 +132,23 @@ def main() -> int:
             width = member.num_features
             member.get_classifier().weight.copy_(head_w[:, i * width:(i + 1) * width] * count)
             member.get_classifier().bias.copy_(head_b)
+            if route:
+                grey_heads.append(Head(weight=(grey_w[:, i * width:(i + 1) * width] * count).clone(), bias=grey_b.clone()))
         members.append(member)
 
-    with torch.no_grad():
-        ours = Ensemble(members).eval()(batch[:64]).numpy()
+    recovered = Ensemble(members).eval()
+    if route:
+        recovered = with_grey_route(recovered, joined_grey_head(grey_heads), route, pre)
     session = ort.InferenceSession(args.model, providers=["CPUExecutionProvider"])
-    theirs = session.run(["logits"], {session.get_inputs()[0].name: batch[:64].numpy()})[0]
-    gap = float(np.abs(ours - theirs).max())
-    print(f"recovered ensemble vs {args.model}: max |logit difference| {gap:.2e} over 64 photos")
-    if not gap <= 1e-3:  # NaN included
-        raise SystemExit("the recovered members do not reproduce the model")
+    grey = torch.stack([to_tensor(np.asarray(greyscale(Image.fromarray(p)))) for p in pixels[:64]])
+    for name, x in (("photos", batch[:64]), ("the photos in grey", grey)):
+        with torch.no_grad():
+            ours = recovered(x).numpy()
+        theirs = session.run(["logits"], {session.get_inputs()[0].name: x.numpy()})[0]
+        gap = float(np.abs(ours - theirs).max())
+        print(f"recovered ensemble vs {args.model}: max |logit difference| {gap:.2e} over 64 {name}")
+        if not gap <= 1e-3:  # NaN included
+            raise SystemExit("the recovered members do not reproduce the model")
 
     config.model.name = arch
     out = Path(args.out)
@@ -138,8 +161,16 @@ def main() -> int:
     for i, member in enumerate(members):
         run = out / (runs[i]["run"] if i < len(runs) else f"member{i}")
         run.mkdir(parents=True, exist_ok=True)
-        Checkpoint(spec, member.state_dict(), runs[i]["epoch"] if i < len(runs) else 0, {}, config,
-                   [str(Path(args.data).resolve())], init_from=str(args.model), ema=True).save(run / "best.pt")
+        own = config.model_copy(deep=True)
+        if i < len(runs) and runs[i].get("seed") is not None:
+            own.train.seed = int(runs[i]["seed"])
+        member_spec = spec
+        if route:
+            fitted = (route.fitted.get("members") or [{}] * count)[i]
+            member_spec = spec.model_copy(update={"grey_route": route.model_copy(update={"fitted": fitted})})
+        Checkpoint(member_spec, member.state_dict(), runs[i]["epoch"] if i < len(runs) else 0, {}, own,
+                   [str(Path(args.data).resolve())], init_from=str(args.model), ema=True,
+                   grey_head=grey_heads[i] if route else None).save(run / "best.pt")
         (run / "labels.json").write_text(json.dumps(contract.labels))
         print(f"wrote {run / 'best.pt'}")
     return 0

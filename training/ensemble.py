@@ -74,7 +74,7 @@ def build(runs: list[str | Path], out: str | Path, say=print, test_time_views: l
         spec = spec.model_copy(update={"grey_route": route})
     ensemble = Checkpoint(spec=spec, weights=model.state_dict(), epoch=max(ck.epoch for ck in checkpoints),
                           val_metrics={}, config=config, data_roots=first.data_roots, ema=first.ema,
-                          grey_head=joined_grey_head(checkpoints))
+                          grey_head=joined_grey_head([ck.grey_head for ck in checkpoints]))
     out.mkdir(parents=True, exist_ok=True)
     ensemble.save(out / "best.pt")
     atomic_write_text(out / "labels.json", json.dumps(labels))
@@ -83,13 +83,12 @@ def build(runs: list[str | Path], out: str | Path, say=print, test_time_views: l
     return out / "best.pt"
 
 
-def joined_grey_head(checkpoints: list[Checkpoint]) -> Head | None:
+def joined_grey_head(heads: list[Head | None]) -> Head | None:
     """The members' grey heads side by side, each divided by m, and their mean bias: read by the ensemble's
     pooled features (the members', side by side), it gives the mean of the members' grey logits -- as
     ``Ensemble.sync_head`` does for the trained heads. None when the members have no grey route."""
     import torch
 
-    heads = [ck.grey_head for ck in checkpoints]
     if heads[0] is None:
         return None
     return Head(weight=torch.cat([h.weight for h in heads], dim=1) / len(heads),
