@@ -144,7 +144,7 @@ def fit_grey_head(run: str | Path, out: str | Path, lam: float = DEFAULT_LAM, to
     if parse_name(ckpt.spec.architecture):
         raise GreyHeadError(f"{path} is an ensemble: fit a grey head for each of its runs (wildcheck grey-head "
                             "RUN --out DIR), then ensemble those")
-    val, train = run_samples(ckpt, data)
+    _, train = run_samples(ckpt, data)
     main_roots = data or ckpt.data_roots
     main, pool = even_pool_sample(train, main_roots, pool_sample, ckpt.config.train.seed)
     if not main:
