@@ -244,3 +244,35 @@ def test_a_warm_start_scores_the_pool_before_its_first_epoch(synth_root, trained
     assert (warm > 0).all() and warm.std() > 0  # every pool image scored, and not all alike
     assert int(history[0]["mined_negatives"]) > 0
     # a fresh start has nothing to score with and stays as it was: test_mixed_batches_train_but_do_not_feed_...
+
+
+def test_decoding_reads_ahead_a_bounded_number_of_pictures(monkeypatch):
+    """Executor.map would decode every sample ahead of the model (a 50,000-photo evaluation held in memory at
+    once); decoded_batches keeps at most a few batches decoded ahead of the one handed out."""
+    import threading
+    import time
+    from pathlib import Path
+
+    from PIL import Image
+
+    import training.predict as predict
+    from training.data.sources import Sample
+
+    decoded = 0
+    lock = threading.Lock()
+
+    def fake_decode(sample, spec):
+        nonlocal decoded
+        with lock:
+            decoded += 1
+        return Image.new("RGB", (8, 8))
+
+    monkeypatch.setattr(predict, "decode_sample", fake_decode)
+    samples = [Sample(Path(f"p{i}.jpg"), "other", "val") for i in range(400)]
+    consumed, most_ahead = 0, 0
+    for _, images, _ in predict.decoded_batches(samples, spec=None, skipped=[], batch_size=10):
+        time.sleep(0.02)  # a slow model: the decoders would run ahead
+        consumed += len(images)
+        most_ahead = max(most_ahead, decoded - consumed)
+    assert consumed == 400
+    assert most_ahead <= 40, most_ahead  # two batches ahead (20), plus the pool's in-flight work

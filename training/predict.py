@@ -9,6 +9,7 @@ torch is imported only when a checkpoint is loaded: scoring an ONNX file does no
 from __future__ import annotations
 
 import logging
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from functools import cached_property
@@ -181,11 +182,25 @@ def decoded_batches(samples: list[Sample], spec: ModelSpec, skipped: list[tuple[
                     workers: int = 2, desc: str = "evaluating"):
     """Yields (the thread pool, decoded pictures, their samples) a batch at a time, decoding ahead in the pool
     (which the caller may use for preprocessing too); unreadable samples are logged and added to ``skipped``
-    as (path, reason)."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        decoded = pool.map(lambda s: decode_sample(s, spec), samples)
+    as (path, reason). At most two batches are decoded ahead of the one handed out: ``Executor.map`` would submit
+    every sample at once and hold all of them decoded while the model catches up (a 50,000-photo evaluation in
+    memory)."""
+    ahead = 2 * batch_size
+    with ThreadPoolExecutor(max_workers=workers) as pool, \
+            tqdm(total=len(samples), desc=desc, unit="img", leave=False) as bar:
+        queue, pending = iter(samples), deque()
+
+        def top_up():
+            while len(pending) < ahead and (sample := next(queue, None)) is not None:
+                pending.append((sample, pool.submit(decode_sample, sample, spec)))
+
+        top_up()
         batch, batch_samples = [], []
-        for sample, img in tqdm(zip(samples, decoded), total=len(samples), desc=desc, unit="img", leave=False):
+        while pending:
+            sample, future = pending.popleft()
+            img = future.result()
+            top_up()
+            bar.update()
             if isinstance(img, str):
                 log.warning("skipping %s (%s)", sample.path, img)
                 skipped.append((str(sample.path), img))
