@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from serving.runtime import OnnxModel
 from tests.conftest import photo
 from training.conditions import greyscale
+from training.config import GreyHeadConfig
 from training.data.sources import Sample
 
 
@@ -22,7 +23,7 @@ def grey_run(trained_run, tmp_path_factory) -> Path:
     from training.grey_head import make_grey_head
 
     out = tmp_path_factory.mktemp("grey_run")
-    make_grey_head(trained_run, out, lam=0.01, say=lambda *_: None)
+    make_grey_head(trained_run, out, GreyHeadConfig(lam=0.01), say=lambda *_: None)
     return out
 
 
@@ -233,10 +234,10 @@ def test_fitting_again_with_another_lam_reuses_the_grey_features(trained_run, tm
     from training.grey_head import FEATURES_FILE, fit_grey_head
 
     said: list[str] = []
-    fit_grey_head(trained_run, tmp_path / "g", lam=0.01, say=said.append)
+    fit_grey_head(trained_run, tmp_path / "g", GreyHeadConfig(lam=0.01), say=said.append)
     loose = Checkpoint.load(tmp_path / "g" / "best.pt").grey_head.weight.clone()
     assert (tmp_path / "g" / FEATURES_FILE).is_file() and not any("reused" in s for s in said)
-    fit_grey_head(trained_run, tmp_path / "g", lam=100.0, say=said.append)
+    fit_grey_head(trained_run, tmp_path / "g", GreyHeadConfig(lam=100.0), say=said.append)
     assert any("reused" in s for s in said)
     tight = Checkpoint.load(tmp_path / "g" / "best.pt")
     trained = Checkpoint.load(trained_run / "best.pt").weights["classifier.weight"]
@@ -264,3 +265,19 @@ def test_test_time_views_wrap_the_route_and_keep_the_embedding(grey_run):
             np.testing.assert_allclose(cam.mean((2, 3)).numpy(), logits.numpy(), atol=1e-4)
             np.testing.assert_allclose(embedding.numpy(), ExportGraph(plain, with_cam=True)(torch.from_numpy(x))[2].numpy(),
                                        atol=1e-5)
+
+
+def test_unreadable_training_photos_are_skipped_and_named(trained_run, problem_root, tmp_path):
+    """A corrupt, empty or text-as-jpg training photo costs the fit nothing but itself: it is named in
+    grey_head.json, the readable ones (CMYK, 16-bit grey, alpha, EXIF-rotated) are used."""
+    import json
+
+    from training.grey_head import fit_grey_head
+
+    root, files = problem_root
+    summary = fit_grey_head(trained_run, tmp_path / "g", data=[str(root)], say=lambda *_: None)
+    named = {Path(path).name: reason for path, reason in summary["skipped"]}
+    assert {files[k].name for k in ("corrupt", "zero", "text")} <= set(named)
+    assert not {files[k].name for k in ("cmyk", "png16", "alpha", "exif")} & set(named)
+    assert json.loads((tmp_path / "g" / "grey_head.json").read_text())["skipped"] == summary["skipped"]
+    assert summary["photos"] == summary["main"] - len(summary["skipped"])

@@ -288,17 +288,23 @@ def ensemble(
 def grey_head(
     run: Path = typer.Argument(..., help="run dir or checkpoint (one training; for an ensemble, give each of its runs one)"),
     out: Path = typer.Option(..., "--out", help="run dir to write (best.pt, grey_head.json, calibration.json); export it like any run"),
-    lam: float = typer.Option(1.0, "--lam", min=0.0, help="pull toward the trained head (lam * ||W - W0||^2); smaller: a freer grey head, and more extreme scores on grey photos"),
-    tolerance: float = typer.Option(1.0, "--tolerance", min=0.01, max=255.0,
-                                    help="inputs whose colour spread is below this many 8-bit levels take the grey head"),
-    pool_sample: int = typer.Option(2000, "--pool-sample", min=0, help="negatives pools' training photos to fit on, drawn evenly across the pools"),
+    lam: Optional[float] = typer.Option(None, "--lam", min=0.0, help="pull toward the trained head (lam * ||W - W0||^2); "
+                                        "smaller: a freer grey head, and more extreme scores on grey photos "
+                                        "(default: model.grey_head's, configs/default.yaml)"),
+    tolerance: Optional[float] = typer.Option(None, "--tolerance", min=0.01, max=255.0,
+                                              help="inputs whose colour spread is below this many 8-bit levels take the grey head"),
+    pool_sample: Optional[int] = typer.Option(None, "--pool-sample", min=0,
+                                              help="negatives pools' training photos to fit on, drawn evenly across the pools"),
     data: list[Path] = typer.Option([], "--data", help="images to fit (train split) and calibrate (val split) on (default: the run's own)"),
 ) -> None:
     """Give a run a second head for photos without colour (fitted on its training photos in grey), then calibrate it."""
     from training.calibrate import format_report
+    from training.config import GreyHeadConfig
     from training.grey_head import make_grey_head
 
-    report = make_grey_head(run, out, lam, tolerance, pool_sample, [str(d) for d in data] or None, say=typer.echo)
+    given = {"lam": lam, "tolerance": tolerance, "pool_sample": pool_sample}
+    settings = GreyHeadConfig(**{k: v for k, v in given.items() if v is not None})
+    report = make_grey_head(run, out, settings, [str(d) for d in data] or None, say=typer.echo)
     typer.echo(format_report(report))
 
 

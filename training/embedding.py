@@ -1,8 +1,5 @@
-"""The exported graph's second output: L2-normalised pooled features for reference galleries.
-
-A wrapper module (not a change to the classifier) so the export stays one ``forward`` that returns a
-tuple: ``logits`` first (what serving's decision reads), then ``embedding``. Other outputs (heat maps)
-are added the same way.
+"""The exported graph's embedding output: L2-normalised pooled features for reference galleries
+(``training.export.ExportGraph`` computes it beside the logits and heat maps, from one backbone pass).
 """
 
 from __future__ import annotations
@@ -29,27 +26,6 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     """``F.normalize`` without its ``expand_as``: onnxruntime's symbolic shape inference (INT8 pre-processing)
     fails on the Expand node that F.normalize exports to."""
     return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-12)
-
-
-class WithEmbedding(nn.Module):
-    """``forward(x) -> (logits, embedding)``; logits are exactly the wrapped model's in eval mode.
-
-    A wrapped timm model (e.g. a test's tampered ``Sequential(model, ...)``) keeps its own forward for the
-    logits; the embedding then comes from the timm model inside it.
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self.direct = hasattr(model, "forward_head")
-        if not self.direct:
-            self.base = next(m for m in model.modules() if hasattr(m, "forward_head"))
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.direct:
-            pooled = pooled_features(self.model, x)
-            return self.model.get_classifier()(pooled), l2_normalize(embedding_features(self.model, pooled))
-        return self.model(x), l2_normalize(embedding_features(self.base, pooled_features(self.base, x)))
 
 
 def embedding_size(model: nn.Module) -> int:

@@ -21,10 +21,9 @@ import numpy as np
 from serving.contract import GreyRoute
 from serving.errors import InvalidInput
 from training.checkpoint import Checkpoint, Head
+from training.config import GreyHeadConfig
 from training.data.sources import Sample, pool_name
 
-DEFAULT_LAM = 1.0
-DEFAULT_POOL_SAMPLE = 2000
 FEATURES_FILE = "grey_features.npz"
 
 
@@ -118,18 +117,13 @@ def cached_grey_features(cache: Path, network, samples: list[Sample], ckpt: Chec
     return features, kept, skipped
 
 
-def _balanced_accuracy(logits: np.ndarray, y: np.ndarray) -> float:
-    pred = logits.argmax(1)
-    return float(np.mean([(pred[y == c] == c).mean() for c in np.unique(y)]))
-
-
-def fit_grey_head(run: str | Path, out: str | Path, lam: float = DEFAULT_LAM, tolerance: float = 1.0,
-                  pool_sample: int = DEFAULT_POOL_SAMPLE, data: list[str] | None = None, say=print,
-                  in_place: bool = False) -> dict:
+def fit_grey_head(run: str | Path, out: str | Path, settings: GreyHeadConfig = GreyHeadConfig(),
+                  data: list[str] | None = None, say=print, in_place: bool = False) -> dict:
     """``run``'s weights with a grey head fitted on its training photos in grey, as ``out``/best.pt (uncalibrated:
     the caller calibrates). Returns the fit's summary (also ``out``/grey_head.json). ``in_place``: ``out`` may be
     the run itself (after training: the trained weights and head are kept, the route is added)."""
     import torch
+    from sklearn.metrics import balanced_accuracy_score
 
     from training.fileio import atomic_write_text
     from training.models import parse_name
@@ -146,7 +140,7 @@ def fit_grey_head(run: str | Path, out: str | Path, lam: float = DEFAULT_LAM, to
                             "RUN --out DIR), then ensemble those")
     _, train = run_samples(ckpt, data)
     main_roots = data or ckpt.data_roots
-    main, pool = even_pool_sample(train, main_roots, pool_sample, ckpt.config.train.seed)
+    main, pool = even_pool_sample(train, main_roots, settings.pool_sample, ckpt.config.train.seed)
     if not main:
         raise GreyHeadError(f"no training photos under {main_roots}: pass --data ROOT (a dataset with a train split)")
     network = predictor.network
@@ -158,17 +152,18 @@ def fit_grey_head(run: str | Path, out: str | Path, lam: float = DEFAULT_LAM, to
     head = network.get_classifier()
     w0, b0 = head.weight.detach().cpu().numpy(), head.bias.detach().cpu().numpy()
     say(f"fitting the grey head on {len(kept)} training photos in grey ({len(main)} main, {len(pool)} from the pools"
-        + (f"; {len(skipped)} unreadable, skipped" if skipped else "") + f"), lam {lam:g}")
-    w, b = fit_head(features, y, w0, b0, lam)
+        + (f"; {len(skipped)} unreadable, skipped" if skipped else "") + f"), lam {settings.lam:g}")
+    w, b = fit_head(features, y, w0, b0, settings.lam)
     summary = {
         "photos": len(kept), "main": len(main), "pool_sample": len(pool), "skipped": [list(s) for s in skipped],
-        "lam": lam, "tolerance": tolerance, "seed": ckpt.config.train.seed,
-        "grey_training_balanced_accuracy": {"trained_head": _balanced_accuracy(features @ w0.T + b0, y),
-                                            "grey_head": _balanced_accuracy(features @ w.T + b, y)},
+        "lam": settings.lam, "tolerance": settings.tolerance, "seed": ckpt.config.train.seed,
+        "grey_training_balanced_accuracy": {
+            "trained_head": float(balanced_accuracy_score(y, (features @ w0.T + b0).argmax(1))),
+            "grey_head": float(balanced_accuracy_score(y, (features @ w.T + b).argmax(1)))},
         "weight_change": float(np.linalg.norm(w - w0) / max(np.linalg.norm(w0), 1e-12)),
     }
     fitted = {k: summary[k] for k in ("photos", "main", "pool_sample", "lam", "seed")}
-    spec = ckpt.spec.model_copy(update={"grey_route": GreyRoute(tolerance=tolerance, fitted=fitted)})
+    spec = ckpt.spec.model_copy(update={"grey_route": GreyRoute(tolerance=settings.tolerance, fitted=fitted)})
     routed = Checkpoint(spec=spec, weights=ckpt.weights, epoch=ckpt.epoch, val_metrics={}, config=ckpt.config,
                         data_roots=ckpt.data_roots, init_from=ckpt.init_from, ema=ckpt.ema,
                         grey_head=Head(weight=torch.from_numpy(w), bias=torch.from_numpy(b)))
@@ -177,18 +172,18 @@ def fit_grey_head(run: str | Path, out: str | Path, lam: float = DEFAULT_LAM, to
     atomic_write_text(out / "labels.json", json.dumps(ckpt.spec.labels))
     atomic_write_text(out / "grey_head.json", json.dumps(summary, indent=2))
     acc = summary["grey_training_balanced_accuracy"]
-    say(f"wrote {out / 'best.pt'}: grey head for inputs with colour spread < {tolerance:g} levels; training photos in "
+    say(f"wrote {out / 'best.pt'}: grey head for inputs with colour spread < {settings.tolerance:g} levels; training photos in "
         f"grey, balanced accuracy {acc['trained_head']:.3f} (trained head) -> {acc['grey_head']:.3f} (grey head)")
     return summary
 
 
-def make_grey_head(run: str | Path, out: str | Path, lam: float = DEFAULT_LAM, tolerance: float = 1.0,
-                   pool_sample: int = DEFAULT_POOL_SAMPLE, data: list[str] | None = None, say=print) -> dict:
+def make_grey_head(run: str | Path, out: str | Path, settings: GreyHeadConfig = GreyHeadConfig(),
+                   data: list[str] | None = None, say=print) -> dict:
     """``wildcheck grey-head``: fit, then calibrate (its pass over the validation photos, routed, also records the
     new validation metrics). Returns the calibration report."""
     from training.calibrate import calibrate
 
-    fit_grey_head(run, out, lam, tolerance, pool_sample, data, say)
+    fit_grey_head(run, out, settings, data, say)
     report = calibrate(Path(out), data)
     metrics = Checkpoint.load(Path(out) / "best.pt").val_metrics
     say(f"validation: balanced accuracy {metrics['balanced_accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "

@@ -193,8 +193,7 @@ def after_training(run_dir: str | Path, config: Config, say=print) -> dict | Non
     if config.model.grey_head is not None:
         from training.grey_head import fit_grey_head
 
-        g = config.model.grey_head
-        fit_grey_head(run_dir, run_dir, g.lam, g.tolerance, g.pool_sample, say=say, in_place=True)
+        fit_grey_head(run_dir, run_dir, config.model.grey_head, say=say, in_place=True)
     if not config.decision.calibrate:
         return None
     from training.calibrate import calibrate
