@@ -84,6 +84,10 @@ def main() -> int:
     parser.add_argument("--model", default=None, help="with --no-train: an ONNX file or run dir to evaluate")
     parser.add_argument("--init-from", default=None,
                         help="warm start from this run's best.pt (`wildcheck train --init-from`)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its last.pt with its saved config (--epochs extends it)")
+    parser.add_argument("--stop-after", type=int, default=None, metavar="N",
+                        help="pause after N epochs of this call (continue with --resume): a long CPU run in slots")
     parser.add_argument("--epoch-time-baseline", action="store_true",
                         help="afterwards, time one epoch on met-ivory alone (the negatives pool's cost per epoch)")
     args = parser.parse_args()
@@ -105,9 +109,12 @@ def main() -> int:
         return report.model_dump()
 
     sets = args.set + ([f"train.seed={args.seed}"] if args.seed is not None else [])
-    config = resolve_config(args.config, epochs=args.epochs, sets=sets).config  # the config's epochs, warm or not
     pools = [] if args.no_negatives else (args.pool or SHIPPABLE_POOLS)
-    config.data.negatives = [pool_root(p, shared, out) for p in pools]
+    if args.resume:  # the saved config is the run (its pools included); only --epochs may extend it
+        config = resolve_config(None, run_dir=out, resume=True, epochs=args.epochs, sets=sets).config
+    else:
+        config = resolve_config(args.config, epochs=args.epochs, sets=sets).config  # the config's epochs, warm or not
+        config.data.negatives = [pool_root(p, shared, out) for p in pools]
     eval_pools = [p for p in (args.eval_pool or ALL_POOLS) if (shared / p.partition(":")[0]).is_dir()]
     if args.no_train:
         model = args.model or out
@@ -119,8 +126,11 @@ def main() -> int:
         print(f"\nMet val ivory recall at the model's thresholds: review {d['flag_recall']:.4f}, block {d['block_recall']:.4f}")
         print("\n" + source_table(rows))
         return 0
-    t0 = time.time()
-    summary = train([str(met)], out, config, init_from=args.init_from)
+    t0 = time.time()  # a resumed run's wall time is this call's; history.csv has every epoch's
+    summary = train([str(met)], out, config, init_from=args.init_from, resume=args.resume, stop_after=args.stop_after)
+    if summary.get("paused"):
+        print(f"paused after epoch {summary['epochs_run']} of {config.train.epochs}: continue with --resume --out {out}")
+        return 0
     report = after_training(out, config)  # what `wildcheck train` does after training: grey head, calibration
     if report is not None:
         from training.calibrate import format_report

@@ -8,7 +8,8 @@ over turned, mirrored or greyscale copies of each photo, as is and under each li
 The validation photos are Met val and the val splits of the negatives pools the model trained on
 (``met_ivory.SHIPPABLE_POOLS``). Each photo under each condition (``training.conditions``, seeded per photo as
 `wildcheck robustness` seeds them) is preprocessed once; every view (a function of the preprocessed array:
-a quarter turn or mirror image as the exported graph makes it, or luma) is scored and its logits cached in ``--cache`` (one file per condition; views named in ``--sets`` that are not cached yet are added).
+a quarter turn or mirror image as the exported graph makes it, luma, or ``sNNN``: resized to NNN px, for a run's
+``best.pt``, whose network takes any size) is scored and its logits cached in ``--cache`` (one file per condition; views named in ``--sets`` that are not cached yet are added).
 Each set of views then reports, like ``ensemble_check.py``: the ivory recall and the share of negatives
 flagged at the score that flags 1% of the clean negatives, per condition; the share of ``--unseen`` photos
 (sources no run trained on) flagged at it, and the clean recall when the budget counts them too.
@@ -39,6 +40,11 @@ def view(name: str, x: np.ndarray) -> np.ndarray:
     if name == "grey":
         return np.repeat(np.einsum("c,nchw->nhw", LUMA, x)[:, None], 3, axis=1)
     import torch
+
+    if name.startswith("s") and name[1:].isdigit():  # the photo scored at another input size (a torch model only)
+        size = int(name[1:])
+        return torch.nn.functional.interpolate(torch.from_numpy(x), size=(size, size), mode="bilinear",
+                                               antialias=True, align_corners=False).numpy()
 
     from training.models import view_of
 
@@ -95,7 +101,7 @@ def cache_condition(model, kept: list, name: str, path: Path, views: list[str]) 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", help="an exported ONNX file")
+    ap.add_argument("model", help="an exported ONNX file, or a run dir (its best.pt, for views of another size)")
     ap.add_argument("--cache", required=True)
     ap.add_argument("--shared", default=str(REPO.parent / "shared" / "datasets"))
     ap.add_argument("--conditions", default="clean,rotate,greyscale,crop,phone,jpeg,thumbnail,banner,watermark")
@@ -104,10 +110,9 @@ def main() -> int:
     ap.add_argument("--label", default="ivory")
     args = ap.parse_args()
     from training.data.sources import load_samples, select_split
-    from training.predict import load_predictor
+    from benchmarks.ensemble_check import predictor_of
 
-    model = load_predictor(Path(args.model), threads=2)
-    model.contract = model.contract.model_copy(update={"temperature": 1.0, "tiling": None})
+    model = predictor_of(Path(args.model))
     labels = list(model.contract.labels)
     c = labels.index(args.label)
     cache = Path(args.cache)

@@ -111,9 +111,11 @@ def test_kill_mid_epoch_then_resume_continues(synth_root, tmp_path):
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(synth_root, tmp_path):
     full, split_run = tmp_path / "full", tmp_path / "split"
     train([str(synth_root)], full, tiny_config(epochs=2, early_stopping_patience=None))
-    train([str(synth_root)], split_run, tiny_config(epochs=2, early_stopping_patience=None), stop_after=1)
+    paused = train([str(synth_root)], split_run, tiny_config(epochs=2, early_stopping_patience=None), stop_after=1)
     assert load_checkpoint(split_run / "last.pt")["epoch"] == 1
-    train([str(synth_root)], split_run, tiny_config(epochs=2, early_stopping_patience=None), resume=True)
+    assert (paused["paused"], paused["epochs_run"]) == (True, 1)  # a caller can tell a pause from the end
+    done = train([str(synth_root)], split_run, tiny_config(epochs=2, early_stopping_patience=None), resume=True)
+    assert (done["paused"], done["epochs_run"]) == (False, 2)
     a, b = load_checkpoint(full / "last.pt")["model"], load_checkpoint(split_run / "last.pt")["model"]
     worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     assert worst < 1e-4, f"resumed weights differ by {worst}"

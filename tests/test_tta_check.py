@@ -32,3 +32,14 @@ def test_views_of_the_array_are_views_of_the_photo():
     assert np.abs(view("grey", x) - grey).max() < 2.5 / 127.5  # PIL rounds luma to 8 bits, resizes after
     assert np.abs(view("grey", x) - x).max() > 0.1  # the photo has colour to lose
     np.testing.assert_array_equal(view("id", x), x)
+
+
+def test_a_scale_view_is_the_photo_preprocessed_at_that_size():
+    pre = Preprocessing(input_size=64, crop_pct=1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    img = photo(3, size=(96, 96))
+    x = pre(img)[None]
+    small = view("s40", x)
+    assert small.shape == (1, 3, 40, 40)
+    want = Preprocessing(input_size=40, crop_pct=1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))(img)[None]
+    # resized twice (photo -> 64 -> 40, antialiased) vs once (photo -> 40, bicubic): close, not equal
+    assert np.abs(small - want).mean() < 0.05 and np.abs(small - want).mean() < 0.2 * np.abs(small).mean()

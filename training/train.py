@@ -120,7 +120,8 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
     """Train, validate each epoch, keep the best checkpoint. Returns the summary written to summary.json
     (``{}`` on ranks other than 0).
 
-    ``stop_after``: leave after this many epochs in this call (a resumable pause, e.g. for a time slot).
+    ``stop_after``: leave after this many epochs in this call (a resumable pause, e.g. for a time slot); the
+    summary's ``paused`` and ``epochs_run`` tell a pause from the end.
     ``on_batch(epoch, indices)``, ``on_epoch_end(epoch, history_row)``: called on every rank (tests, monitors).
     """
     tc = config.train
@@ -157,6 +158,7 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
                     channels_last=tc.channels_last, info=info)
         say(f"scored the {data.n_pool} pool negatives with the starting weights: epoch 1 draws hard ones too")
     t_start, start, meta = time.time(), state.epoch, checkpoint_meta(config, data, pre, roots, init_from)
+    paused = False
     spec = initial_spec(config, data.labels, pre, meta["training_data"])
     for epoch in range(start, tc.epochs):
         data.set_epoch(tc.seed, epoch)
@@ -175,11 +177,14 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
             on_epoch_end(epoch + 1, row)
         if stop_after is not None and epoch + 1 - start >= stop_after and epoch + 1 < tc.epochs:
             say(f"pausing after epoch {epoch + 1}; continue with --resume")
+            paused = True
             break
         if state.should_stop(tc.early_stopping_patience):
             say(f"early stopping: no macro-F1 gain for {state.bad_epochs} epochs")
             break
     summary = run_summary(run, data, time.time() - t_start) if info.main else {}
+    if summary:
+        summary.update(epochs_run=state.epoch, paused=paused)
     if info.main:
         run.finish(summary)
     distributed.shutdown()
