@@ -2,7 +2,8 @@
 # device call 2 (warm machine from call 1, setup.sh): Met ivory trainings in parallel on one H200 (session 9:
 # the 1.2.0 recipe and configs/met_ivory.yaml, 12 and 20 epochs, seeds 42 and 7, then 1 and 3 with
 # RUNS=...); weights come back in fp16 (8 files of <= 16 MiB) for local evaluation (restore.py). Data: the
-# pools packed by benchmarks/pack_data.py into .gpu3/data (carried), Met ivory copied by setup.sh.
+# pools packed by benchmarks/pack_data.py into .gpu3/data (carried), Met ivory copied by setup.sh. EXTRA: more
+# met_ivory.py flags for every run (arm V: EXTRA="--set train.consistency.weight=3").
 set -u
 [ -d /tmp/site ] && [ -d /tmp/wc/met ] || { echo "COLD: call 1 state missing"; exit 3; }
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
@@ -13,7 +14,7 @@ for c in configs/met_ivory.yaml benchmarks/met_ivory_2026-11-1.2.0.yaml; do
   sed "s/^data:/data:\n  num_workers: ${WORKERS:-2}/" $c > /tmp/$(basename $c .yaml).yaml; done
 run() {  # name config seed epochs
   timeout ${BUDGET:-480} python3 benchmarks/met_ivory.py --config /tmp/$2.yaml --seed $3 --epochs $4 --met $M --shared $P \
-    $POOLS --eval-pool none --out runs/$1 > logs/$1.log 2>&1
+    $POOLS --eval-pool none ${EXTRA:-} --out runs/$1 > logs/$1.log 2>&1
   echo "$1 exit $? at $SECONDS s"
 }
 pids=()
