@@ -261,28 +261,30 @@ def crossfit(d: Path, lam: float, conditions: list[str], folds: int = 5, label: 
     fold = np.random.RandomState(0).randint(0, folds, len(y))
     rows = {"trained head": recall_at_budget({k: class_margin(v["features"] @ h["weight"].T + h["bias"], c)
                                               for k, v in val.items()}, y == c, conditions)}
-    for fitted_on in (["clean"], conditions):
-        out = {k: np.zeros((len(y), len(h["bias"]))) for k in conditions}
+
+    def out_of_fold(fitted_on: list[str], scored: list[str]) -> dict[str, np.ndarray]:
+        """The logits of ``scored`` conditions' photos, each by the head fitted on ``fitted_on``'s photos of the
+        other folds."""
+        out = {k: np.zeros((len(y), len(h["bias"]))) for k in scored}
         for f in range(folds):
             keep = fold != f
             x = np.concatenate([val[k]["features"][keep] for k in fitted_on])
             w, b = fit_head(x, np.tile(y[keep], len(fitted_on)), h["weight"], h["bias"], lam)
-            for k in conditions:
+            for k in scored:
                 out[k][~keep] = val[k]["features"][~keep] @ w.T + b
+        return out
+
+    for fitted_on in (["clean"], conditions):
+        out = out_of_fold(fitted_on, conditions)
         name = "out-of-fold head, clean photos" if fitted_on == ["clean"] else "out-of-fold head, photos under the conditions"
         rows[name] = recall_at_budget({k: class_margin(v, c) for k, v in out.items()}, y == c, conditions)
-    # an oracle route: each condition's photos read by a head of their own, fitted on that condition's held-out
-    # photos; clean photos keep the trained head (and so set the budget as before)
-    out = {"clean": val["clean"]["features"] @ h["weight"].T + h["bias"]} if "clean" in conditions else {}
-    for k in conditions:
-        if k == "clean":
-            continue
-        out[k] = np.zeros((len(y), len(h["bias"])))
-        for f in range(folds):
-            keep = fold != f
-            w, b = fit_head(val[k]["features"][keep], y[keep], h["weight"], h["bias"], lam)
-            out[k][~keep] = val[k]["features"][~keep] @ w.T + b
-    if "clean" in out:
+    if "clean" in conditions:
+        # an oracle route: each condition's photos read by a head of their own, fitted on that condition's held-out
+        # photos; clean photos keep the trained head (and so set the budget as before)
+        out = {"clean": val["clean"]["features"] @ h["weight"].T + h["bias"]}
+        for k in conditions:
+            if k != "clean":
+                out.update(out_of_fold([k], [k]))
         rows["out-of-fold head per condition (an oracle route)"] = recall_at_budget(
             {k: class_margin(v, c) for k, v in out.items()}, y == c, conditions)
     print(f"| {d.name}, ivory recall at 1% | " + " | ".join(conditions) + " |\n|---|" + "---|" * len(conditions))

@@ -57,12 +57,12 @@ def last_payload(meta: dict, module: torch.nn.Module, opt: Optimization, state: 
             "rng": rng_state()}
 
 
-def run_summary(run: RunDir, data: TrainData, wall_seconds: float) -> dict:
+def run_summary(run: RunDir, data: TrainData, wall_seconds: float, epochs_run: int, paused: bool) -> dict:
     best = Checkpoint.load(run.path / "best.pt")
     return {
         "run_dir": str(run.path), "labels": data.labels, "best_epoch": best.epoch, "val_metrics": best.val_metrics,
         "wall_seconds": round(wall_seconds, 1), "train_counts": label_counts(data.train_samples),
-        "skipped": len(data.skipped),
+        "skipped": len(data.skipped), "epochs_run": epochs_run, "paused": paused,
     }
 
 
@@ -182,9 +182,7 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
         if state.should_stop(tc.early_stopping_patience):
             say(f"early stopping: no macro-F1 gain for {state.bad_epochs} epochs")
             break
-    summary = run_summary(run, data, time.time() - t_start) if info.main else {}
-    if summary:
-        summary.update(epochs_run=state.epoch, paused=paused)
+    summary = run_summary(run, data, time.time() - t_start, state.epoch, paused) if info.main else {}
     if info.main:
         run.finish(summary)
     distributed.shutdown()
