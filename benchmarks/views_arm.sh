@@ -23,11 +23,12 @@ grey() {  # run, out
   echo "$(date -u +%FT%T) grey-head $2" >> $OUT/chain.log
   .venv/bin/wildcheck grey-head $OUT/$1 --out $OUT/$2 >> $OUT/$2.log 2>&1 < /dev/null || exit 1
 }
+# One seed finished first (Va -> Wa -> Ga), so a member can be screened against 1.5.0's before the second seed runs.
 train 42 Va
-train 7 Vb
 train 42 Wa $FINETUNE --init-from $OUT/Va
-train 7 Wb $FINETUNE --init-from $OUT/Vb
 grey Wa Ga
+train 7 Vb
+train 7 Wb $FINETUNE --init-from $OUT/Vb
 grey Wb Gb
 if [ ! -f $OUT/model.onnx ]; then
   echo "$(date -u +%FT%T) ensemble + export" >> $OUT/chain.log
