@@ -186,7 +186,8 @@ def main() -> int:
         atomic_write_text(out / "benchmark.json", json.dumps(
             {"met_val": {k: met_val[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "confusion_matrix")},
              "wall_seconds": wall, "train_images_per_s": speed, "epoch_seconds": epoch_seconds,
-             "met_only_epoch_seconds": alone_seconds, "seed": config.train.seed, "pools": pools,
+             "met_only_epoch_seconds": alone_seconds, "seed": config.train.seed,
+             "negatives": list(config.data.negatives),  # from the run's config: a resumed run's too
              "false_positives": {k: v["false_positives"]["per_class"] for k, v in rows.items()
                                  if k != "met_val" and "false_positives" in v},
              "robustness": robust}, indent=2))
