@@ -5,7 +5,8 @@
 
 For each run (its ``best.pt``, or an exported ONNX file: a shipped model), the logits of every validation photo of the run (Met val + its pools' val
 splits, as calibration sees them) are computed once per condition (``training.conditions``, seeded) and
-cached in ``--cache`` as RUN_NAME.npz. Each arm then reports, over its runs taken alone, over every pair
+cached in ``--cache`` as RUN_NAME.npz, with the model file's sha256 (a file replaced under the same name is
+scored again). Each arm then reports, over its runs taken alone, over every pair
 (logits averaged, as ``wildcheck ensemble`` does) and over all of them: the ivory recall and the share of
 negatives flagged at the score that flags 1% of the clean negatives, as is and under each condition
 (mean ± sd over runs or pairs). ``--unseen``: negatives from sources no run trained on (their val split,
@@ -82,6 +83,33 @@ def preprocessing_of(run: Path) -> str:
     return checkpoint_of(run).spec.preprocessing.model_dump_json()
 
 
+def fingerprint(run: Path) -> str:
+    """sha256 of the model file (a run dir's best.pt, or the ONNX file): a cache entry is a run's name, and a
+    name outlives its file (models/wildcheck-ivory.onnx was 1.4.0 when session 16 cached it, then 1.5.0)."""
+    path = run if run.suffix == ".onnx" else run / "best.pt"
+    stat = path.stat()
+    return file_sha256(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def file_sha256(path: Path, size: int, mtime_ns: int) -> str:  # size and mtime: a rewritten file is read again
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def is_cached(path: Path, run: Path, wanted: set[str], roots: list[str] | None = None) -> bool:
+    """``path`` holds ``run``'s logits of this very file (and of ``wanted``, and the same unseen ``roots``)."""
+    if not path.is_file():
+        return False
+    with np.load(path) as cached:
+        return ("fingerprint" in cached.files and str(cached["fingerprint"]) == fingerprint(run)
+                and wanted <= set(cached.files)
+                and (roots is None or ("roots" in cached.files and list(cached["roots"]) == sorted(roots))))
+
+
 @functools.lru_cache(maxsize=None)
 def validation_of(run: Path) -> str | None:
     """sha256 of a run dir's validation photos (path and label; Met val plus its recorded pools' val splits);
@@ -120,7 +148,7 @@ def cache_logits(runs: list[Path], conditions: list[str], cache: Path) -> None:
 
     if (cache / "meta.npz").is_file():
         check_runs(runs, cache)
-    todo = [r for r in runs if not (cache / f"{key(r)}.npz").is_file()]
+    todo = [r for r in runs if not is_cached(cache / f"{key(r)}.npz", r, set(conditions))]
     if not todo:
         return
     torch.set_num_threads(2)
@@ -146,7 +174,7 @@ def cache_logits(runs: list[Path], conditions: list[str], cache: Path) -> None:
         predictor = predictor_of(run)
         logits = {name: np.concatenate([predictor.predict_logits(a[i:i + 64].astype(np.float32))
                                         for i in range(0, len(a), 64)]) for name, a in arrays.items()}
-        np.savez(cache / f"{key(run)}.npz", **logits)
+        np.savez(cache / f"{key(run)}.npz", fingerprint=np.array(fingerprint(run)), **logits)
         print(f"cached {key(run)}", flush=True)
 
 
@@ -157,13 +185,14 @@ def cache_unseen(runs: list[Path], roots: list[str], cache: Path) -> None:
     from training.data.sources import load_samples, select_split
     from training.predict import predict_samples
 
-    todo = [r for r in runs if not (cache / f"{key(r)}.unseen.npz").is_file()]
+    todo = [r for r in runs if not is_cached(cache / f"{key(r)}.unseen.npz", r, {"logits"}, roots)]
     samples = select_split(load_samples(roots), "val")
     torch.set_num_threads(2)
     for run in todo:  # temperature 1: the cached logits' scale
         probs, kept, _ = predict_samples(predictor_of(run), samples, desc=f"unseen {key(run)}")
         sources = np.array([s.source or str(Path(s.path).parent.name) for s in kept])
-        np.savez(cache / f"{key(run)}.unseen.npz", logits=np.log(np.clip(probs, 1e-12, 1)), sources=sources)
+        np.savez(cache / f"{key(run)}.unseen.npz", logits=np.log(np.clip(probs, 1e-12, 1)), sources=sources,
+                 fingerprint=np.array(fingerprint(run)), roots=np.array(sorted(roots)))
 
 
 def class_margin(logits: np.ndarray, c: int) -> np.ndarray:
@@ -212,6 +241,11 @@ def main() -> int:
     for spec in args.arm:
         name, _, runs = spec.partition("=")
         arms[name] = [Path(r) for r in runs.split(",")]
+    named: dict[str, Path] = {}
+    for run in (r for runs in arms.values() for r in runs):
+        if named.setdefault(key(run), run).resolve() != run.resolve():
+            raise SystemExit(f"{named[key(run)]} and {run} share the cache name {key(run)}: "
+                             "screen them with separate --cache folders, or link one under another name")
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     if (cache / "meta.npz").is_file() and not {"seeding", "preprocessing", "validation"} <= set(np.load(cache / "meta.npz").files):

@@ -83,3 +83,32 @@ def test_a_run_that_validates_on_other_photos_is_refused_by_a_cache(tmp_path, tr
         check_runs([trained_run, with_pool], tmp_path)
     check_runs([trained_run], tmp_path)  # the cache's own run passes
     assert validation_of(onnx_model) is None  # an ONNX file records no data: it is scored on the cache's photos
+
+
+def test_a_model_replaced_under_the_same_name_is_scored_again(tmp_path, trained_run):
+    """The cache named a run by its folder (or file) name only: models/wildcheck-ivory.onnx cached as 1.4.0 in
+    session 16 would have been read back as 1.5.0's logits after the release. Entries now carry the model
+    file's sha256, and a replaced file is scored again."""
+    import shutil
+
+    from ensemble_check import cache_logits
+
+    from training.checkpoint import Checkpoint
+
+    run, cache = tmp_path / "member", tmp_path / "cache"
+    shutil.copytree(trained_run, run)
+    cache.mkdir()
+    cache_logits([run], ["clean"], cache)
+    before = np.load(cache / "member.npz")["clean"]
+    cache_logits([run], ["clean"], cache)  # unchanged: read from the cache
+    assert np.array_equal(np.load(cache / "member.npz")["clean"], before)
+    ckpt = Checkpoint.load(run / "best.pt")
+    shifted = [name for name, tensor in ckpt.weights.items()  # another training: the classifier's bias moved
+               if name.endswith("bias") and tensor.shape == (len(ckpt.spec.labels),)]
+    assert len(shifted) == 1
+    ckpt.weights[shifted[0]][0] += 3.0
+    ckpt.save(run / "best.pt")
+    cache_logits([run], ["clean"], cache)
+    after = np.load(cache / "member.npz")["clean"]
+    assert after.shape == before.shape
+    assert np.allclose(after[:, 0], before[:, 0] + 3.0, atol=1e-2) and np.allclose(after[:, 1:], before[:, 1:], atol=1e-2)
