@@ -93,11 +93,8 @@ def fingerprint(run: Path) -> str:
 
 @functools.lru_cache(maxsize=None)
 def file_sha256(path: Path, size: int, mtime_ns: int) -> str:  # size and mtime: a rewritten file is read again
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+        return hashlib.file_digest(fh, "sha256").hexdigest()[:16]
 
 
 def is_cached(path: Path, run: Path, wanted: set[str], roots: list[str] | None = None) -> bool:

@@ -39,11 +39,8 @@ def _tag_part(text: str) -> str:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def store_model(model: str | Path, gallery: str | Path | None = None, embedder: str | Path | None = None) -> str:
