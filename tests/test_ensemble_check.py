@@ -112,3 +112,44 @@ def test_a_model_replaced_under_the_same_name_is_scored_again(tmp_path, trained_
     after = np.load(cache / "member.npz")["clean"]
     assert after.shape == before.shape
     assert np.allclose(after[:, 0], before[:, 0] + 3.0, atol=1e-2) and np.allclose(after[:, 1:], before[:, 1:], atol=1e-2)
+
+
+def test_condition_misses_lists_the_photos_caught_as_is_and_missed_under_the_condition(tmp_path, trained_run):
+    """benchmarks/condition_misses.py: from a screen's cache, exactly the protected photos above the 1% budget
+    as is and at or under it with the condition, with a contact sheet of them as the model saw them."""
+    import csv
+    import shutil
+    import subprocess
+
+    from ensemble_check import budget_threshold, cache_logits, class_margin
+
+    run, cache = tmp_path / "member", tmp_path / "cache"
+    shutil.copytree(trained_run, run)
+    cache.mkdir()
+    cache_logits([run], ["clean", "crop"], cache)
+    meta, cached = np.load(cache / "meta.npz"), dict(np.load(cache / "member.npz"))
+    c = list(meta["labels"]).index("ivory")
+    positive = meta["y"] == c
+    clean = class_margin(cached["clean"], c)
+    threshold = budget_threshold(clean[~positive], 0.01)
+    caught = np.flatnonzero(positive & (clean > threshold))
+    assert len(caught) >= 2
+    crop = cached["clean"].copy()  # the condition changes nothing but one caught photo, pushed under the threshold
+    crop[caught[1], c] -= 100.0
+    cached["clean"][caught[0], c] -= 100.0  # and one photo missed as is too: not the condition's miss
+    crop[caught[0], c] -= 100.0
+    np.savez(cache / "member.npz", **{**cached, "crop": crop})
+    out = tmp_path / "misses"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "condition_misses.py"), "--cache", str(cache),
+                           "--runs", str(run), "--conditions", "crop", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = list(csv.DictReader(open(out / "misses.csv")))
+    assert [r["condition"] for r in rows] == ["crop"]
+    from training.checkpoint import Checkpoint
+    from training.predict import run_samples
+
+    val, _ = run_samples(Checkpoint.load(run / "best.pt"), None)  # the cache's order (every synthetic photo decodes)
+    assert Path(rows[0]["path"]) == Path(val[caught[1]].path)
+    assert float(rows[0]["under_condition"]) <= float(rows[0]["threshold"]) < float(rows[0]["clean"])
+    assert Image.open(out / "missed_crop.png").size == (8 * 160, 160)  # one row of the contact sheet
