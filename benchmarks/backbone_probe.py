@@ -1,0 +1,128 @@
+"""Do a bigger backbone's ImageNet features hold ivory better under a crop or blur? A linear probe, before training.
+
+    python benchmarks/backbone_probe.py --run runs/session16/H1a --out runs/probe \
+        [--backbones tf_efficientnet_lite0,tf_efficientnet_lite2] [--conditions crop,phone] [--negatives 600]
+
+Fine-tuning a backbone on this CPU takes hours per seed; this takes minutes. Each backbone's offline ImageNet
+weights, frozen, embed the run's training photos (Met train plus ``--negatives`` pool photos, seeded) and its
+validation photos (Met val plus the pools' val splits: the photos ``ensemble_check.py`` screens) as they are and
+under each condition (``training.conditions``, seeded per photo as the robustness report does), all at the same
+input size. A logistic regression fitted on the clean training embeddings then scores the validation photos:
+ivory recall at the score that flags 1% of the clean negatives, as is and under each condition. A backbone whose
+probe loses less under a condition has features that keep the material there; it says nothing about what
+fine-tuning adds, so it ranks backbones for a training arm and does not replace one. Embeddings are cached in
+``--out`` per backbone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def embed(name: str, arrays: np.ndarray, threads: int) -> np.ndarray:
+    """Pooled features of the offline ImageNet ``name`` for preprocessed NCHW ``arrays``."""
+    import torch
+
+    from training.models import create_model
+
+    torch.set_num_threads(threads)
+    model = create_model(name, 1000, "offline")
+    model.reset_classifier(0)
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(arrays), 32):
+            out.append(model(torch.from_numpy(arrays[i:i + 32].astype(np.float32))).numpy())
+    return np.concatenate(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, help="a run dir: its recorded data (Met + pools) give the photos")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--backbones", default="tf_efficientnet_lite0,tf_efficientnet_lite2")
+    ap.add_argument("--conditions", default="crop,phone")
+    ap.add_argument("--negatives", type=int, default=600, help="pool photos among the training photos (seeded)")
+    ap.add_argument("--size", type=int, default=256, help="input size, the same for every backbone")
+    ap.add_argument("--label", default="ivory")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from serving.preprocess import Preprocessing
+    from training.checkpoint import Checkpoint
+    from training.conditions import condition_rng, default_conditions
+    from training.predict import decode_sample, run_samples
+    from training.robustness import image_key
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from ensemble_check import budget_threshold
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = Checkpoint.load(Path(args.run) / "best.pt")
+    val, train = run_samples(checkpoint, None)
+    roots = [Path(r).resolve() for r in checkpoint.data_roots]
+    own = [s for s in train if any(Path(s.path).resolve().is_relative_to(r) for r in roots)]
+    pool_train = [s for s in train if not any(Path(s.path).resolve().is_relative_to(r) for r in roots)]  # the pools'
+    random.Random(0).shuffle(pool_train)
+    train = own + pool_train[:args.negatives]
+    conditions = ["clean", *args.conditions.split(",")]
+    known = default_conditions()
+    pre = Preprocessing(input_size=args.size)
+
+    def decoded(samples):
+        pairs = [(s, decode_sample(s, checkpoint.spec)) for s in samples]
+        return [(s, img) for s, img in pairs if not isinstance(img, str)]
+
+    train_kept, val_kept = decoded(train), decoded(val)
+    others = [img for _, img in val_kept[:3]]
+    inputs = {"train": np.stack([pre(img) for _, img in train_kept]).astype(np.float16)}
+    for cond in conditions:
+        shown = [img if cond == "clean" else known[cond].apply(img, condition_rng(0, cond, image_key(s)), others)
+                 for s, img in val_kept]
+        inputs[cond] = np.stack([pre(img) for img in shown]).astype(np.float16)
+    y_train = np.array([s.label == args.label for s, _ in train_kept])
+    y_val = np.array([s.label == args.label for s, _ in val_kept])
+    print(f"{len(train_kept)} training photos ({y_train.sum()} {args.label}), {len(val_kept)} validation photos "
+          f"({y_val.sum()} {args.label}), {args.size} px", flush=True)
+
+    rows = []
+    for name in args.backbones.split(","):
+        cached = out / f"{name}_{args.size}.npz"
+        if cached.is_file() and set(np.load(cached).files) >= set(inputs):
+            feats = dict(np.load(cached))
+        else:
+            start = time.perf_counter()
+            feats = {k: embed(name, a, args.threads) for k, a in inputs.items()}
+            np.savez(cached, **feats)
+            print(f"{name}: embedded {sum(len(a) for a in inputs.values())} photos in "
+                  f"{time.perf_counter() - start:.0f} s", flush=True)
+        probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=3000, class_weight="balanced"))
+        probe.fit(feats["train"], y_train)
+        score = {c: probe.decision_function(feats[c]) for c in conditions}
+        threshold = budget_threshold(score["clean"][~y_val], 0.01)
+        rows.append((name, [f"{np.mean(score[c][y_val] > threshold):.3f} / {np.mean(score[c][~y_val] > threshold):.1%}"
+                            for c in conditions]))
+    print(f"\n{args.label} recall / negatives flagged, at the score flagging 1% of the clean negatives:\n")
+    print(f"| backbone (frozen, {args.size} px) | " + " | ".join(conditions) + " |")
+    print("|---|" + "---|" * len(conditions))
+    for name, cells in rows:
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
