@@ -11,12 +11,14 @@ input size. A logistic regression fitted on the clean training embeddings then s
 ivory recall at the score that flags 1% of the clean negatives, as is and under each condition. A backbone whose
 probe loses less under a condition has features that keep the material there; it says nothing about what
 fine-tuning adds, so it ranks backbones for a training arm and does not replace one. Embeddings are cached in
-``--out`` per backbone.
+``--out`` per backbone and input size, with a hash of the photos and conditions they embed (other ones: embedded again).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import random
 import sys
 import time
@@ -75,8 +77,9 @@ def main() -> int:
     checkpoint = Checkpoint.load(Path(args.run) / "best.pt")
     val, train = run_samples(checkpoint, None)
     roots = [Path(r).resolve() for r in checkpoint.data_roots]
-    own = [s for s in train if any(Path(s.path).resolve().is_relative_to(r) for r in roots)]
-    pool_train = [s for s in train if not any(Path(s.path).resolve().is_relative_to(r) for r in roots)]  # the pools'
+    own, pool_train = [], []  # the run's own training photos; the negatives pools'
+    for s in train:
+        (own if any(Path(s.path).resolve().is_relative_to(r) for r in roots) else pool_train).append(s)
     random.Random(0).shuffle(pool_train)
     train = own + pool_train[:args.negatives]
     conditions = ["clean", *args.conditions.split(",")]
@@ -94,6 +97,8 @@ def main() -> int:
         shown = [img if cond == "clean" else known[cond].apply(img, condition_rng(0, cond, image_key(s)), others)
                  for s, img in val_kept]
         inputs[cond] = np.stack([pre(img) for img in shown]).astype(np.float16)
+    photos = hashlib.sha256(json.dumps([args.size, [known[c].model_dump() for c in conditions[1:]],
+                                        [[str(s.path), s.label] for s, _ in train_kept + val_kept]]).encode()).hexdigest()
     y_train = np.array([s.label == args.label for s, _ in train_kept])
     y_val = np.array([s.label == args.label for s, _ in val_kept])
     print(f"{len(train_kept)} training photos ({y_train.sum()} {args.label}), {len(val_kept)} validation photos "
@@ -102,12 +107,14 @@ def main() -> int:
     rows = []
     for name in args.backbones.split(","):
         cached = out / f"{name}_{args.size}.npz"
-        if cached.is_file() and set(np.load(cached).files) >= set(inputs):
-            feats = dict(np.load(cached))
-        else:
+        feats = {}
+        if cached.is_file():
+            with np.load(cached) as npz:
+                feats = {k: npz[k] for k in npz.files}
+        if str(feats.pop("photos", "")) != photos or not set(inputs) <= set(feats):  # other photos or conditions
             start = time.perf_counter()
             feats = {k: embed(name, a, args.threads) for k, a in inputs.items()}
-            np.savez(cached, **feats)
+            np.savez(cached, photos=np.array(photos), **feats)
             print(f"{name}: embedded {sum(len(a) for a in inputs.values())} photos in "
                   f"{time.perf_counter() - start:.0f} s", flush=True)
         probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=3000, class_weight="balanced"))
