@@ -1,7 +1,7 @@
 """Which photos does a model catch as is and miss under a condition? A list and a contact sheet per condition.
 
-    python benchmarks/condition_misses.py --cache runs/session18/ens/cache --runs runs/session16/H1a,runs/session16/H1b \
-        [--conditions crop,phone] [--label ivory] --out runs/misses
+    python benchmarks/condition_misses.py --cache runs/ensemble_check --runs runs/A,runs/B \
+        [--conditions crop,phone] [--label ivory] [--budget 0.01] --out runs/misses
 
 Reads the logits ``ensemble_check.py`` cached for the runs (named as they were screened; averaged when several, as
 ``wildcheck ensemble`` does), sets the score that flags 1% of the clean negatives, and lists the ``--label``
