@@ -65,38 +65,30 @@ def main() -> int:
 
     from serving.preprocess import Preprocessing
     from training.checkpoint import Checkpoint
-    from training.conditions import condition_rng, default_conditions
-    from training.predict import decode_sample, run_samples
-    from training.robustness import image_key
+    from training.conditions import default_conditions
+    from training.data.sources import pool_name
+    from training.predict import readable, run_samples
 
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from ensemble_check import budget_threshold
+    from ensemble_check import budget_threshold, condition_images
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = Checkpoint.load(Path(args.run) / "best.pt")
     val, train = run_samples(checkpoint, None)
-    roots = [Path(r).resolve() for r in checkpoint.data_roots]
-    own, pool_train = [], []  # the run's own training photos; the negatives pools'
-    for s in train:
-        (own if any(Path(s.path).resolve().is_relative_to(r) for r in roots) else pool_train).append(s)
+    own_pools = {pool_name(r) for r in checkpoint.data_roots}
+    own = [s for s in train if s.pool in own_pools]
+    pool_train = [s for s in train if s.pool not in own_pools]  # the negatives pools'
     random.Random(0).shuffle(pool_train)
     train = own + pool_train[:args.negatives]
     conditions = ["clean", *args.conditions.split(",")]
     known = default_conditions()
     pre = Preprocessing(input_size=args.size)
 
-    def decoded(samples):
-        pairs = [(s, decode_sample(s, checkpoint.spec)) for s in samples]
-        return [(s, img) for s, img in pairs if not isinstance(img, str)]
-
-    train_kept, val_kept = decoded(train), decoded(val)
-    others = [img for _, img in val_kept[:3]]
+    train_kept, val_kept = readable(train, checkpoint.spec), readable(val, checkpoint.spec)
     inputs = {"train": np.stack([pre(img) for _, img in train_kept]).astype(np.float16)}
     for cond in conditions:
-        shown = [img if cond == "clean" else known[cond].apply(img, condition_rng(0, cond, image_key(s)), others)
-                 for s, img in val_kept]
-        inputs[cond] = np.stack([pre(img) for img in shown]).astype(np.float16)
+        inputs[cond] = np.stack([pre(img) for img in condition_images(cond, val_kept)]).astype(np.float16)
     photos = hashlib.sha256(json.dumps([args.size, [known[c].model_dump() for c in conditions[1:]],
                                         [[str(s.path), s.label] for s, _ in train_kept + val_kept]]).encode()).hexdigest()
     y_train = np.array([s.label == args.label for s, _ in train_kept])

@@ -24,21 +24,22 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from ensemble_check import budget_threshold, checkpoint_of, class_margin, is_cached, key, validation_of  # noqa: E402
+from ensemble_check import (budget_threshold, checkpoint_of, class_margin, condition_images, is_cached, key,  # noqa: E402
+                            validation_of)
 
 CELL = 160  # contact-sheet cell, pixels
 
 
 def cached_photos(run: Path, cache: Path) -> list:
     """(sample, decoded image) of every photo in the cache, in its order: the run's validation photos that decode."""
-    from training.predict import decode_sample, run_samples
+    from training.predict import readable, run_samples
 
     meta = np.load(cache / "meta.npz")
     if str(meta["validation"]) != validation_of(run):
         raise SystemExit(f"{run} records other validation photos than {cache} holds: name the runs it screened")
     checkpoint = checkpoint_of(run)
     val, _ = run_samples(checkpoint, None)
-    kept = [(s, img) for s in val if not isinstance(img := decode_sample(s, checkpoint.spec), str)]
+    kept = readable(val, checkpoint.spec)
     if len(kept) != len(meta["y"]):
         raise SystemExit(f"{len(kept)} photos decode now, {len(meta['y'])} did when {cache} was filled: name a new cache")
     return kept
@@ -66,8 +67,7 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=0.01, help="share of clean negatives flagged")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    from training.conditions import condition_rng, default_conditions
-    from training.robustness import image_key
+    from training.conditions import default_conditions
 
     cache, runs = Path(args.cache), [Path(r) for r in args.runs.split(",")]
     conditions = args.conditions.split(",")
@@ -94,7 +94,7 @@ def main() -> int:
           f"(threshold {threshold:.3f}, {args.budget:.0%} of {np.sum(~positive)} negatives)")
     for cond in conditions:
         missed = np.flatnonzero(positive & (score["clean"] > threshold) & (score[cond] <= threshold))
-        shown = [known[cond].apply(kept[i][1], condition_rng(0, cond, image_key(kept[i][0])), others) for i in missed]
+        shown = condition_images(cond, [kept[i] for i in missed], others)
         contact_sheet(shown, [Path(kept[i][0].path).stem for i in missed]).save(out / f"missed_{cond}.png")
         rows += [{"condition": cond, "path": str(kept[i][0].path), "clean": f"{score['clean'][i]:.3f}",
                   "under_condition": f"{score[cond][i]:.3f}", "threshold": f"{threshold:.3f}"} for i in missed]

@@ -53,9 +53,10 @@ def predictor_of(run: Path):
     return model
 
 
-def condition_images(name: str, kept: list) -> list:
+def condition_images(name: str, kept: list, others: list | None = None) -> list:
     """The photos of ``kept`` ((sample, image) pairs) under condition ``name``, each drawn from its own generator
-    as `wildcheck robustness` seeds it (seed 0): a photo looks the same whatever else is screened with it."""
+    as `wildcheck robustness` seeds it (seed 0): a photo looks the same whatever else is screened with it.
+    ``others``: a collage's other photos (default: the first three of ``kept``)."""
     from training.conditions import condition_rng, default_conditions
     from training.robustness import image_key
 
@@ -63,7 +64,8 @@ def condition_images(name: str, kept: list) -> list:
     if name == "clean":
         return images
     condition = default_conditions()[name]
-    return [condition.apply(img, condition_rng(0, name, image_key(sample)), images[:3]) for sample, img in kept]
+    others = images[:3] if others is None else others
+    return [condition.apply(img, condition_rng(0, name, image_key(sample)), others) for sample, img in kept]
 
 
 @functools.lru_cache(maxsize=None)
@@ -141,7 +143,7 @@ def cache_logits(runs: list[Path], conditions: list[str], cache: Path) -> None:
     preprocessing every run must share)."""
     import torch
 
-    from training.predict import TorchPredictor, decode_sample, run_samples
+    from training.predict import TorchPredictor, readable, run_samples
 
     if (cache / "meta.npz").is_file():
         check_runs(runs, cache)
@@ -154,8 +156,7 @@ def cache_logits(runs: list[Path], conditions: list[str], cache: Path) -> None:
         raise SystemExit("name at least one run dir: its checkpoint says which validation photos to score")
     first = TorchPredictor(first_run / "best.pt", threads=2)
     val, _ = run_samples(first.checkpoint, None)
-    decoded = [decode_sample(s, first.spec) for s in val]
-    kept = [(s, img) for s, img in zip(val, decoded) if not isinstance(img, str)]
+    kept = readable(val, first.spec)
     labels = first.spec.labels
     np.savez(cache / "meta.npz", y=np.array([labels.index(s.label) for s, _ in kept]),
              pools=np.array([s.pool or "validation" for s, _ in kept]), labels=np.array(labels),

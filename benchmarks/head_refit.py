@@ -83,7 +83,7 @@ def extract(run: Path, out: Path, pool_sample: int, passes: int, conditions: lis
 
     from training.augment import TrainTransform
     from training.data.cache import cache_images
-    from training.predict import TorchPredictor, decode_sample, run_samples
+    from training.predict import TorchPredictor, readable, run_samples
 
     torch.set_num_threads(2)
     out.mkdir(parents=True, exist_ok=True)
@@ -127,8 +127,7 @@ def extract(run: Path, out: Path, pool_sample: int, passes: int, conditions: lis
         np.savez(out / "train_grey.npz", features=features(net, batches), y=y)
         print("train features in grey", flush=True)
 
-    decoded = [decode_sample(s, spec) for s in val]
-    kept = [(s, img) for s, img in zip(val, decoded) if not isinstance(img, str)]
+    kept = readable(val, spec)
     y = np.array([index[s.label] for s, _ in kept])
     spread_file = out / "val_spread.npz"
     spreads = dict(np.load(spread_file)) if spread_file.is_file() else {}
@@ -146,8 +145,7 @@ def extract(run: Path, out: Path, pool_sample: int, passes: int, conditions: lis
     if unseen and not (out / "val_unseen.npz").is_file():
         from training.data.sources import load_samples, select_split
 
-        shown = [img for img in (decode_sample(s, spec) for s in select_split(load_samples(unseen), "val"))
-                 if not isinstance(img, str)]
+        shown = [img for _, img in readable(select_split(load_samples(unseen), "val"), spec)]
         arrays = np.stack([pre(img) for img in shown])
         f = features_of_arrays(net, arrays)
         np.savez(out / "val_unseen.npz", features=f, spread=input_spread(arrays, pre))

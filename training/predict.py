@@ -155,6 +155,11 @@ def decode_sample(sample: Sample, spec: ModelSpec):
         return f"unreadable: {exc}"
 
 
+def readable(samples: list[Sample], spec: ModelSpec) -> list[tuple[Sample, Any]]:
+    """(sample, decoded picture) of each sample that decodes, in order; the others are left out."""
+    return [(s, img) for s in samples if not isinstance(img := decode_sample(s, spec), str)]
+
+
 def predict_images(predictor: Predictor, images: list, pool: ThreadPoolExecutor | None = None) -> np.ndarray:
     """Decoded RGB pictures -> class probabilities (N x C): the model's own preprocessing, then its forward pass.
 
