@@ -1,7 +1,7 @@
 """Do averaged seeds beat one seed? Whole-photo ivory recall at a 1% flag budget, as is and under conditions.
 
     python benchmarks/ensemble_check.py --arm "noise20=runs/N20a,runs/N20b,runs/N20c,runs/N20d" [--arm ...]
-        [--conditions clean,greyscale,crop,phone] [--unseen ROOT_OR_CSV ...] [--cache DIR]
+        [--conditions clean,greyscale,crop,phone] [--unseen ROOT_OR_CSV ...] [--budget-over clean|all] [--cache DIR]
 
 For each run (its ``best.pt``, or an exported ONNX file: a shipped model), the logits of every validation photo of the run (Met val + its pools' val
 splits, as calibration sees them) are computed once per condition (``training.conditions``, seeded) and
@@ -11,7 +11,8 @@ scored again). Each arm then reports, over its runs taken alone, over every pair
 negatives flagged at the score that flags 1% of the clean negatives, as is and under each condition
 (mean ± sd over runs or pairs). ``--unseen``: negatives from sources no run trained on (their val split,
 e.g. the pools' research-only sources), reported as the share flagged at that same score, and the clean
-recall when the 1% budget counts them among the negatives. Whole photo only (no collage panels): a quick screen before the full
+recall when the 1% budget counts them among the negatives. ``--budget-over all``: the budget is held over the
+negatives of every condition and the unseen ones together (one threshold for all photos). Whole photo only (no collage panels): a quick screen before the full
 ``wildcheck robustness`` report of the chosen ensemble.
 """
 
@@ -205,10 +206,16 @@ def budget_threshold(negatives: np.ndarray, budget: float) -> float:
 
 
 def recall_at_budget(score: dict[str, np.ndarray], positive: np.ndarray, conditions: list[str],
-                     budget: float = 0.01, unseen: np.ndarray | None = None) -> list[float]:
+                     budget: float = 0.01, unseen: np.ndarray | None = None, over_all: bool = False) -> list[float]:
     """[recall, negatives flagged] per condition at the clean score that flags ``budget`` of the negatives
-    (then the share of ``unseen`` negatives' scores above it)."""
-    threshold = budget_threshold(score["clean"][~positive], budget)
+    (then the share of ``unseen`` negatives' scores above it). ``over_all``: the budget is held over every
+    negative score at once (clean, each condition's, the unseen ones), as a platform meets degraded photos too, so
+    a model that buys recall with false flags on degraded photos pays for it in its threshold."""
+    negatives = [score["clean"][~positive]]
+    if over_all:
+        negatives += [score[name][~positive] for name in conditions if name != "clean"]
+        negatives += [unseen] if unseen is not None else []
+    threshold = budget_threshold(np.concatenate(negatives), budget)
     out = []
     for name in conditions:
         out += [float(np.mean(score[name][positive] > threshold)), float(np.mean(score[name][~positive] > threshold))]
@@ -231,6 +238,9 @@ def main() -> int:
     ap.add_argument("--cache", default=str(REPO / "runs" / "ensemble_check"))
     ap.add_argument("--label", default="ivory", help="the protected class scored")
     ap.add_argument("--unseen", action="append", default=[], help="negatives no run trained on (a root or CSV manifest)")
+    ap.add_argument("--budget-over", choices=["clean", "all"], default="clean",
+                    help="the negatives the 1%% budget is held over: the clean ones (default), or every condition's "
+                         "and the unseen ones together")
     args = ap.parse_args()
     conditions = args.conditions.split(",")
     if conditions[0] != "clean":
@@ -275,7 +285,8 @@ def main() -> int:
                              (f"{len(names)} averaged", [tuple(names)] if len(names) > 2 else [])):
             if not groups:
                 continue
-            rows = [recall_at_budget(score(g), positive, conditions, unseen=unseen(g)) for g in groups]
+            rows = [recall_at_budget(score(g), positive, conditions, unseen=unseen(g), over_all=args.budget_over == "all")
+                    for g in groups]
             print(f"| {name} | {what} ({len(groups)}) | " + " | ".join(mean_sd(rows)) + " |")
     return 0
 

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,3 +154,20 @@ def test_condition_misses_lists_the_photos_caught_as_is_and_missed_under_the_con
     assert Path(rows[0]["path"]) == Path(val[caught[1]].path)
     assert float(rows[0]["under_condition"]) <= float(rows[0]["threshold"]) < float(rows[0]["clean"])
     assert Image.open(out / "missed_crop.png").size == (8 * 160, 160)  # one row of the contact sheet
+
+
+def test_a_budget_over_all_negatives_charges_false_flags_on_degraded_photos():
+    """Clean negatives score low, blurred ones high: held over the clean ones only, the threshold lets 40% of the
+    blurred negatives through; held over all, no condition's negatives pass more than the budget allows in total."""
+    from ensemble_check import recall_at_budget
+
+    rng = np.random.default_rng(0)
+    positive = np.r_[np.ones(100, bool), np.zeros(400, bool)]
+    clean = np.r_[rng.uniform(2, 4, 100), rng.uniform(-4, 0, 400)]
+    blurred = np.r_[rng.uniform(0.5, 3, 100), rng.uniform(-4, 0, 240), rng.uniform(1, 3, 160)]
+    score = {"clean": clean, "phone": blurred}
+    recall, flagged, recall_blur, flagged_blur = recall_at_budget(score, positive, ["clean", "phone"])
+    assert flagged <= 0.01 and flagged_blur == pytest.approx(0.4, abs=0.02) and recall == 1.0
+    over = recall_at_budget(score, positive, ["clean", "phone"], over_all=True, budget=0.01)
+    assert (over[1] + over[3]) / 2 <= 0.01  # the budget holds over the 800 negatives together
+    assert over[3] <= 0.02 and over[2] < recall_blur  # recall under blur paid for with its false flags
