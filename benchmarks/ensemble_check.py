@@ -12,8 +12,8 @@ negatives flagged at the score that flags 1% of the clean negatives, as is and u
 (mean ± sd over runs or pairs). ``--unseen``: negatives from sources no run trained on (their val split,
 e.g. the pools' research-only sources), reported as the share flagged at that same score, and the clean
 recall when the 1% budget counts them among the negatives. ``--budget-over all``: the budget is held over the
-negatives of every condition and the unseen ones together (one threshold for all photos). Whole photo only (no collage panels): a quick screen before the full
-``wildcheck robustness`` report of the chosen ensemble.
+negatives of every condition and the unseen ones together (one threshold for all photos). Whole photo only (no
+collage panels): a quick screen before the full ``wildcheck robustness`` report of the chosen ensemble.
 """
 
 from __future__ import annotations
@@ -285,8 +285,8 @@ def main() -> int:
                              (f"{len(names)} averaged", [tuple(names)] if len(names) > 2 else [])):
             if not groups:
                 continue
-            rows = [recall_at_budget(score(g), positive, conditions, unseen=unseen(g), over_all=args.budget_over == "all")
-                    for g in groups]
+            over_all = args.budget_over == "all"
+            rows = [recall_at_budget(score(g), positive, conditions, unseen=unseen(g), over_all=over_all) for g in groups]
             print(f"| {name} | {what} ({len(groups)}) | " + " | ".join(mean_sd(rows)) + " |")
     return 0
 
