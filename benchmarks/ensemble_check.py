@@ -277,7 +277,7 @@ def main() -> int:
         return class_margin(np.mean([np.load(cache / f"{n}.unseen.npz")["logits"] for n in names], axis=0), c)
 
     header = " | ".join(f"{cond} recall | {cond} negatives flagged" for cond in conditions)
-    header += " | unseen negatives flagged | clean recall, budget over all negatives" if args.unseen else ""
+    header += " | unseen negatives flagged | clean recall, budget over clean + unseen negatives" if args.unseen else ""
     print(f"| arm | models | {header} |\n|---|---|" + "---|" * (2 * len(conditions) + 2 * bool(args.unseen)))
     for name, runs in arms.items():
         names = [key(r) for r in runs]
