@@ -276,6 +276,7 @@ def main() -> int:
             return None
         return class_margin(np.mean([np.load(cache / f"{n}.unseen.npz")["logits"] for n in names], axis=0), c)
 
+    over_all = args.budget_over == "all"
     header = " | ".join(f"{cond} recall | {cond} negatives flagged" for cond in conditions)
     header += " | unseen negatives flagged | clean recall, budget over clean + unseen negatives" if args.unseen else ""
     print(f"| arm | models | {header} |\n|---|---|" + "---|" * (2 * len(conditions) + 2 * bool(args.unseen)))
@@ -285,7 +286,6 @@ def main() -> int:
                              (f"{len(names)} averaged", [tuple(names)] if len(names) > 2 else [])):
             if not groups:
                 continue
-            over_all = args.budget_over == "all"
             rows = [recall_at_budget(score(g), positive, conditions, unseen=unseen(g), over_all=over_all) for g in groups]
             print(f"| {name} | {what} ({len(groups)}) | " + " | ".join(mean_sd(rows)) + " |")
     return 0
