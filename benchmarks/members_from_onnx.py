@@ -13,7 +13,9 @@ apart). The recovered ensemble must reproduce the ONNX logits (checked here), so
 folders starts where the shipped members ended, up to the BatchNorm momentum that training restarts.
 A model with a grey route (1.5.0 on) holds the ensemble inside ``training.models.GreyRouted``, whose one head is
 [W, W_grey, b, b_grey]: each member then also gets back its grey head and the route (checked on the photos in
-grey too). Each member's checkpoint records its training seed and epoch from the contract's ``ensemble`` list.
+grey too). A model with a size route (1.6.0 on: ``GreyRouted(SizeRouted(Ensemble))``) is checked reading as the
+file does, and the members' config records the route, so an ensemble of the recovered runs has it again. Each
+member's checkpoint records its training seed and epoch from the contract's ``ensemble`` list.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def main() -> int:
     from training.checkpoint import Head
     from training.conditions import greyscale
     from training.ensemble import joined_grey_head
-    from training.models import Ensemble, create_model, parse_name, with_grey_route
+    from training.models import Ensemble, create_model, parse_name, with_grey_route, with_size_route
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
@@ -85,7 +87,11 @@ def main() -> int:
     batch = torch.stack([to_tensor(p) for p in pixels])
 
     route = contract.grey_route
-    prefix = "model.model.members" if route else "model.members"  # GreyRouted(Ensemble) vs Ensemble
+    # Ensemble, GreyRouted(Ensemble), GreyRouted(SizeRouted(Ensemble)): the members' path is the wrappers' depth
+    stems = [k for k in weights if k.endswith(".members.0.conv_stem.weight")]
+    if len(stems) != 1:
+        raise SystemExit(f"{args.model}: cannot find the members' weights ({len(stems)} candidates for members.0.conv_stem)")
+    prefix = stems[0][: -len(".0.conv_stem.weight")]
     head_w = weights["model.classifier.weight"]
     grey_w = grey_b = None
     if route:  # [W_1..W_m, Wg_1..Wg_m, b, b_grey] / m in one bias-free head
@@ -136,7 +142,7 @@ def main() -> int:
                 grey_heads.append(Head(weight=(grey_w[:, i * width:(i + 1) * width] * count).clone(), bias=grey_b.clone()))
         members.append(member)
 
-    recovered = Ensemble(members).eval()
+    recovered = with_size_route(Ensemble(members).eval(), contract.size_route, pre)
     if route:
         recovered = with_grey_route(recovered, joined_grey_head(grey_heads), route, pre)
     session = ort.InferenceSession(args.model, providers=["CPUExecutionProvider"])
@@ -151,6 +157,7 @@ def main() -> int:
             raise SystemExit("the recovered members do not reproduce the model")
 
     config.model.name = arch
+    config.decision.size_route = contract.size_route  # an ensemble of the recovered runs reads as the file did
     out = Path(args.out)
     if not args.no_negatives:  # what met_ivory.py adds at run time: the validation set then matches a trained run's
         from benchmarks.met_ivory import SHARED, SHIPPABLE_POOLS, pool_root

@@ -302,6 +302,7 @@ class ImageChecker:
             "policy": self.policy, "temperature": c.temperature, "preprocessing": c.preprocessing.model_dump(),
             "tiling": c.tiling.model_dump() if c.tiling else None, "test_time_views": c.test_time_views,
             "grey_route": c.grey_route.model_dump() if c.grey_route else None,
+            "size_route": c.size_route.model_dump() if c.size_route else None,
             "metrics": c.metrics, "created_at": c.created_at, "training_data": c.training_data, "wildcheck_version": c.wildcheck_version,
             "explain": {"available": self.model.has_cam, "cam": c.cam.model_dump() if self.model.has_cam else None},
             "embedding": c.embedding.model_dump() if c.embedding else None,

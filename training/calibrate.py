@@ -141,7 +141,8 @@ def calibrate(run: str | Path, data: list[str] | None = None, decision_overrides
     val, _ = run_samples(ckpt, data)
     if not val:
         raise NoValidationData("no validation images to calibrate on; pass --data")
-    ckpt.spec = ckpt.spec.model_copy(update={"test_time_views": decision.test_time_views})  # scored as it will be
+    ckpt.spec = ckpt.spec.model_copy(update={"test_time_views": decision.test_time_views,  # scored as it will be
+                                             "size_route": decision.size_route})
     # panels are scored without the collage correction: it is derived from the thresholds solved here
     predictor.spec = ckpt.spec.model_copy(update={"temperature": 1.0, "negative_scores": None})
     probs, kept, _ = predict_samples(predictor, val, desc="calibration")

@@ -51,7 +51,7 @@ def initial_spec(config: Config, labels: list[str], preprocessing: Preprocessing
     return ModelSpec(labels=labels, negative_label=negative, preprocessing=preprocessing,
                      thresholds=default_thresholds(labels, negative), architecture=config.model.name,
                      training_data=training_data, tiling=config.decision.tiling,
-                     test_time_views=config.decision.test_time_views)
+                     test_time_views=config.decision.test_time_views, size_route=config.decision.size_route)
 
 
 @dataclass

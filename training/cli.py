@@ -29,6 +29,10 @@ VIEWS_HELP = ("also score these copies of every input and average the logits: hf
               "(repeat; 'none' for the input alone). Each is one more forward pass per photo (README, 'Test-time views')")
 
 
+SIZE_ROUTE_HELP = ("read blurred or noisy photos at this input size (px), inside the graph, each photo still read once; "
+                   "0: every photo at the model's own size (README, 'Size route')")
+
+
 def _test_time_views(values: list[str]) -> list[str] | None:
     """``--test-time-views`` values: None when not given, [] for ``none``; an unknown view is a usage error."""
     if not values:
@@ -163,13 +167,14 @@ def calibrate(
                                                    help="share of ordinary images that may be blocked"),
     out: Optional[Path] = typer.Option(None, "--out", help="with --traffic: the policy YAML to write"),
     test_time_views: list[str] = typer.Option([], "--test-time-views", help=VIEWS_HELP),
+    size_route: Optional[int] = typer.Option(None, "--size-route", min=0, help=SIZE_ROUTE_HELP),
 ) -> None:
     """Fit temperature scaling and per-class block/review thresholds on validation (train does this too),
     or, with --traffic, measure your own traffic and write a policy for `wildcheck serve --policy`."""
     views = _test_time_views(test_time_views)
     if traffic is not None:
-        if views is not None:
-            _fail("--test-time-views changes the model: calibrate the run with it, then export")
+        if views is not None or size_route is not None:
+            _fail("--test-time-views and --size-route change the model: calibrate the run with them, then export")
         return _calibrate_traffic(run, traffic, max_flag_rate, max_block_rate, out)
     if out is not None:
         _fail("--out is for --traffic; calibrating a run updates RUN/best.pt and writes RUN/calibration.json")
@@ -177,6 +182,8 @@ def calibrate(
 
     budgets = {k: v for k, v in (("max_flag_rate", max_flag_rate), ("max_block_rate", max_block_rate),
                                  ("test_time_views", views)) if v is not None}
+    if size_route is not None:  # 0: take the route off
+        budgets["size_route"] = {"size": size_route} if size_route else None
     report = run_calibration(run, [str(d) for d in data] or None, budgets or None)
     typer.echo(format_report(report))
 
@@ -274,13 +281,14 @@ def ensemble(
     out: Path = typer.Option(..., "--out", help="run dir to write (best.pt, calibration.json); export it like any run"),
     data: list[Path] = typer.Option([], "--data", help="validation images (default: the runs' own)"),
     test_time_views: list[str] = typer.Option([], "--test-time-views", help=VIEWS_HELP + "; default: the first run's config's"),
+    size_route: Optional[int] = typer.Option(None, "--size-route", min=0, help=SIZE_ROUTE_HELP + "; default: the first run's config's"),
 ) -> None:
     """Average the logits of several trainings into one model (one ONNX file once exported), then calibrate it."""
     from training.calibrate import format_report
     from training.ensemble import make_ensemble
 
     report = make_ensemble(runs, out, [str(d) for d in data] or None, say=typer.echo,
-                           test_time_views=_test_time_views(test_time_views))
+                           test_time_views=_test_time_views(test_time_views), size_route=size_route)
     typer.echo(format_report(report))
 
 

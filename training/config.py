@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from serving.errors import InvalidInput, MissingInput
-from serving.contract import TestTimeView
+from serving.contract import SizeRoute, TestTimeView
 from serving.tiling import Tiling
 
 
@@ -211,6 +211,10 @@ class DecisionConfig(_Strict):
         default_factory=list, description="also score these copies of every input and average the logits (hflip, "
         "vflip, rot90, rot180, rot270): test-time augmentation inside the exported graph, one more forward pass "
         "each; written into the model contract, so calibration and serving do the same",
+    )
+    size_route: SizeRoute | None = Field(
+        None, description="read blurred or noisy inputs at a smaller size (serving.contract.SizeRoute), inside the "
+        "exported graph; written into the model contract, so calibration and serving do the same",
     )
 
     @model_validator(mode="after")

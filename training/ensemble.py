@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from serving.contract import SizeRoute
 from serving.errors import InvalidInput
 from training.checkpoint import Checkpoint, Head, initial_spec, weights_hash
 from training.models import Ensemble, create_model, ensemble_name, parse_name
@@ -22,9 +23,11 @@ class EnsembleError(InvalidInput):
     """The runs cannot be averaged: different labels, preprocessing, architecture or tiling."""
 
 
-def build(runs: list[str | Path], out: str | Path, say=print, test_time_views: list[str] | None = None) -> Path:
+def build(runs: list[str | Path], out: str | Path, say=print, test_time_views: list[str] | None = None,
+          size_route: int | None = None) -> Path:
     """Average the runs' best checkpoints into ``out``/best.pt (uncalibrated: the caller calibrates).
-    ``test_time_views``: the ensemble's (``decision.test_time_views``); None: the first run's config's."""
+    ``test_time_views``: the ensemble's (``decision.test_time_views``); ``size_route``: the size blurred or noisy
+    inputs are read at (``decision.size_route``, its documented thresholds; 0: none); None: the first run's config's."""
     from training.fileio import atomic_write_text
     from training.predict import resolve_checkpoint
 
@@ -64,6 +67,8 @@ def build(runs: list[str | Path], out: str | Path, say=print, test_time_views: l
     config.model.name = ensemble_name(len(members), first.spec.architecture)
     if test_time_views is not None:
         config.decision.test_time_views = list(test_time_views)
+    if size_route is not None:
+        config.decision.size_route = SizeRoute(size=size_route) if size_route else None
     training_data = {**first.spec.training_data,
                      "ensemble": [{"run": p.parent.name, "seed": ck.config.train.seed, "epoch": ck.epoch,
                                    "val_balanced_accuracy": ck.val_metrics.get("balanced_accuracy")}
@@ -79,6 +84,8 @@ def build(runs: list[str | Path], out: str | Path, say=print, test_time_views: l
     ensemble.save(out / "best.pt")
     atomic_write_text(out / "labels.json", json.dumps(labels))
     views = f", and over the views {', '.join(spec.test_time_views)}" if spec.test_time_views else ""
+    if spec.size_route is not None:
+        views += f"; blurred or noisy photos read at {spec.size_route.size} px"
     say(f"wrote {out / 'best.pt'}: {len(members)} x {first.spec.architecture}, logits averaged{views}")
     return out / "best.pt"
 
@@ -96,13 +103,13 @@ def joined_grey_head(heads: list[Head | None]) -> Head | None:
 
 
 def make_ensemble(runs: list[str | Path], out: str | Path, data: list[str] | None = None, say=print,
-                  test_time_views: list[str] | None = None) -> dict:
+                  test_time_views: list[str] | None = None, size_route: int | None = None) -> dict:
     """``wildcheck ensemble``: build, then calibrate, whose one pass over the validation images also records the
     ensemble's validation metrics (the thresholds are its own, solved on the same validation images and budgets
     as its members'). Returns the calibration report."""
     from training.calibrate import calibrate
 
-    path = build(runs, out, say, test_time_views)
+    path = build(runs, out, say, test_time_views, size_route)
     report = calibrate(path.parent, data)
     metrics = Checkpoint.load(path).val_metrics
     say(f"validation: balanced accuracy {metrics['balanced_accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "

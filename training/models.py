@@ -239,6 +239,100 @@ class GreyRouted(SideBySide):
         return torch.cat([maps * (1 - g), maps * g, ones * (1 - g), ones * g], dim=1)
 
 
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, PIL's "L"
+
+
+def luma_levels(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) luma in 8-bit levels of preprocessed inputs (N, 3, H, W); ``mean``/``std`` shaped 1 x 3 x 1 x 1."""
+    luma = torch.tensor(LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return ((x * std + mean) * luma).sum(1) * 255
+
+
+def detail_ratio(y: torch.Tensor) -> torch.Tensor:
+    """(N,): mean absolute gradient of luma ``y`` (N, H, W) at 1/2 scale over that at 1/4 (``SizeRoute``)."""
+    def gradient(a: torch.Tensor) -> torch.Tensor:
+        return (a.diff(dim=1).abs().mean((1, 2)) + a.diff(dim=2).abs().mean((1, 2))) / 2
+
+    y = y[:, None]
+    half, quarter = nn.functional.avg_pool2d(y, 2)[:, 0], nn.functional.avg_pool2d(y, 4)[:, 0]
+    return gradient(half) / (gradient(quarter) + 1e-6)
+
+
+def noise_level(y: torch.Tensor) -> torch.Tensor:
+    """(N,): median absolute diagonal Haar detail of luma ``y`` (N, H, W) / 0.6745, in levels (``SizeRoute``).
+    The median as the k-th smallest (``topk``): the ONNX exporter has no ``median``; same value, the lower median."""
+    h, w = y.shape[1] // 2 * 2, y.shape[2] // 2 * 2
+    y = y[:, :h, :w]
+    diagonal = ((y[:, 0::2, 0::2] - y[:, 0::2, 1::2] - y[:, 1::2, 0::2] + y[:, 1::2, 1::2]) / 2).abs().flatten(1)
+    return torch.topk(diagonal, (diagonal.shape[1] + 1) // 2, dim=1, largest=False).values[:, -1] / 0.6745
+
+
+def size_routed(x: torch.Tensor, route, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(N,) booleans: which preprocessed inputs (N, 3, H, W) a ``SizeRoute`` reads at its smaller size."""
+    y = luma_levels(x, mean, std)
+    return (detail_ratio(y) < route.detail_below) | (noise_level(y) > route.noise_above)
+
+
+class SizeRouted(SideBySide):
+    """A classifier that reads blurred or noisy inputs at a smaller size (``serving.contract.SizeRoute``).
+
+    Each input is read once: the routed rows resized to ``size`` (antialiased bilinear), the others as they are,
+    through the wrapped model; rows are picked and put back by index, so the exported graph runs each branch on
+    its own rows (an empty branch is a zero-row pass). ``forward_features`` returns maps of the full-size grid:
+    a routed input's smaller map is resized onto it and shifted so its mean is the smaller map's own, so pooled
+    features, logits and embedding are exactly those of the smaller read, and its heat map that read's, resized.
+    Shaped like timm's classifier (``SideBySide``), so a grey route, test-time views, heat maps and the embedding
+    wrap it unchanged."""
+
+    def __init__(self, model: nn.Module, route, mean: tuple[float, float, float], std: tuple[float, float, float]):
+        super().__init__()
+        self.model, self.route = model, route
+        self.global_pool = model.global_pool
+        self.num_features = int(model.num_features)
+        self.classifier = model.get_classifier()
+        device = self.classifier.weight.device
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1))
+
+    @property
+    def embedding_size(self) -> int:
+        return embedding_size(self.model)
+
+    def embedding_of(self, pooled: torch.Tensor) -> torch.Tensor:
+        return embedding_features(self.model, pooled)
+
+    def is_routed(self, x: torch.Tensor) -> torch.Tensor:
+        """(N,) booleans: the inputs read at ``route.size``."""
+        return size_routed(x, self.route, self.mean, self.std)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        routed = self.is_routed(x)
+        small_rows, full_rows = routed.nonzero().squeeze(1), (~routed).nonzero().squeeze(1)
+        if torch.compiler.is_compiling():  # export traces a mixed batch; zero-row branches run fine in onnxruntime
+            torch._check(small_rows.shape[0] != 0)
+            torch._check(full_rows.shape[0] != 0)
+        size = self.route.size
+        small = nn.functional.interpolate(x.index_select(0, small_rows), size=(size, size), mode="bilinear",
+                                          antialias=True, align_corners=False)
+        small_maps = self.model.forward_features(small)
+        full_maps = self.model.forward_features(x.index_select(0, full_rows))
+        grid = full_maps.shape[-2:]
+        resized = nn.functional.interpolate(small_maps, size=grid, mode="bilinear", align_corners=False)
+        resized = resized + (small_maps.mean((2, 3)) - resized.mean((2, 3)))[:, :, None, None]
+        maps = full_maps.new_zeros((x.shape[0],) + tuple(full_maps.shape[1:]))
+        return maps.index_copy(0, small_rows, resized).index_copy(0, full_rows, full_maps)
+
+
+def with_size_route(model: nn.Module, route, preprocessing) -> nn.Module:
+    """``model`` reading blurred or noisy inputs smaller (``SizeRouted``) when the spec has a ``size_route``, or itself."""
+    if route is None:
+        return model
+    if route.size >= preprocessing.input_size:
+        raise InvalidInput(f"the size route reads blurred photos at {route.size} px, not below the model's input size "
+                           f"{preprocessing.input_size}: give a smaller --size-route (e.g. {preprocessing.input_size * 4 // 5})")
+    return SizeRouted(model, route, preprocessing.mean, preprocessing.std).eval()
+
+
 def with_grey_route(model: nn.Module, grey_head, route, preprocessing) -> nn.Module:
     """``model`` with its grey route (``GreyRouted``) when the spec has one (``route``, a
     ``serving.contract.GreyRoute``; ``grey_head``: ``training.checkpoint.Head``), or itself."""

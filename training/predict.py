@@ -60,13 +60,14 @@ class TorchPredictor(SpecView):
 
     @property
     def model(self):
-        """What the spec scores: the trained network, with its grey route and test-time views when the spec has
-        them (the exported graph is this module)."""
-        from training.models import with_grey_route, with_views
+        """What the spec scores: the trained network, with its size route, grey route and test-time views when the
+        spec has them (the exported graph is this module)."""
+        from training.models import with_grey_route, with_size_route, with_views
 
-        key = (tuple(self.spec.test_time_views), self.spec.grey_route)
+        key = (tuple(self.spec.test_time_views), self.spec.grey_route, self.spec.size_route)
         if self._scored is None or self._scored[0] != key:
-            routed = with_grey_route(self.network, self.checkpoint.grey_head, self.spec.grey_route,
+            sized = with_size_route(self.network, self.spec.size_route, self.spec.preprocessing)
+            routed = with_grey_route(sized, self.checkpoint.grey_head, self.spec.grey_route,
                                      self.spec.preprocessing)
             self._scored = (key, with_views(routed, list(key[0])))
         return self._scored[1]
