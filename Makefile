@@ -54,7 +54,8 @@ endif
 # The shipped model: the documented recipe on ../shared/datasets (Met ivory + negatives) with two seeds,
 # each then fine-tuned 3 epochs at a lower lr and at 320 px on the original photos (the same config with
 # $(FINETUNE)), each given a second head for photos without colour (wildcheck grey-head: ~10 min each on
-# 2 cores), their logits averaged into one model (wildcheck ensemble, which calibrates it), then export.
+# 2 cores), their logits averaged into one model that reads blurred or noisy photos at 256 px (wildcheck
+# ensemble --size-route 256, which calibrates it), then export.
 # On a GPU each training takes ~4 min; on 2 CPU cores about 2 hours (the fine-tune ~12 min, 12.5 GB RAM).
 FINETUNE := --set train.epochs=3 --set train.lr=0.0002 --set train.warmup_epochs=0.2 --set data.img_size=320
 model: venv
@@ -64,8 +65,8 @@ model: venv
 	$(BIN)/python benchmarks/met_ivory.py $(FINETUNE) --seed 7 --init-from runs/ship_s7 --out runs/ship_s7_ft
 	$(BIN)/wildcheck grey-head runs/ship_s42_ft --out runs/ship_s42_grey
 	$(BIN)/wildcheck grey-head runs/ship_s7_ft --out runs/ship_s7_grey
-	$(BIN)/wildcheck ensemble runs/ship_s42_grey runs/ship_s7_grey --out runs/ship
-	$(BIN)/wildcheck export runs/ship --out $(MODEL) --name wildcheck-ivory --version 1.5.0
+	$(BIN)/wildcheck ensemble runs/ship_s42_grey runs/ship_s7_grey --out runs/ship --size-route 256
+	$(BIN)/wildcheck export runs/ship --out $(MODEL) --name wildcheck-ivory --version 1.6.0
 
 test: venv
 	$(BIN)/python -m pytest -q -ra

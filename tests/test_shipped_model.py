@@ -32,13 +32,14 @@ def test_shipped_contract():
 
     c = read_contract(SHIPPED)
     assert c.labels == ["ivory", "other"] and c.negative_label == "other"
-    assert c.model_name == "wildcheck-ivory" and c.model_version.startswith("1.5.0+")
+    assert c.model_name == "wildcheck-ivory" and c.model_version.startswith("1.6.0+")
     assert c.architecture == "ensemble2:tf_efficientnet_lite0"  # two seeds' logits averaged (wildcheck ensemble)
     assert [m["seed"] for m in c.training_data["ensemble"]] == [42, 7]
     assert c.preprocessing.input_size == 320  # 1.4.0: the fine-tune stage at 320 px
     assert c.tiling is not None and c.tiling.mode == "panels"  # a collage's panels are scored too
     assert c.grey_route is not None and c.grey_route.tolerance == 1.0  # 1.5.0: photos in grey read by their own head
     assert [m["lam"] for m in c.grey_route.fitted["members"]] == [1.0, 1.0]
+    assert c.size_route is not None and c.size_route.size == 256  # 1.6.0: blurred or noisy photos read at 256 px
     t = c.thresholds["ivory"]
     assert 0.0 < t.review <= t.block <= 1.0
     assert c.metrics and c.training_data
@@ -78,6 +79,26 @@ def test_shipped_model_decides_the_examples_in_grey_too(checker, row):
     out = io.BytesIO()
     greyscale(Image.open(EXAMPLES / row["file"]).convert("RGB")).save(out, "JPEG", quality=95)
     result = checker.check(out.getvalue(), "image/jpeg")
+    assert result["decision"] in (("review", "block") if row["label"] == "ivory" else ("allow",)), result
+
+
+@needs_model
+@pytest.mark.parametrize("condition", ["thumbnail", "phone"])
+@pytest.mark.parametrize("row", _examples(), ids=lambda r: r["file"])
+def test_shipped_model_decides_blurred_and_noisy_copies_of_the_examples(checker, row, condition):
+    """A 96 px thumbnail blown up, a phone's blur and sensor noise: the size route reads them at 256 px (1.6.0; with
+    1.5.0 ivory_13342 went to review under both, 1.6.0 blocks it); ivory is still flagged, ceramics allowed."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from training.conditions import default_conditions
+
+    photo = Image.open(EXAMPLES / row["file"]).convert("RGB")
+    out = io.BytesIO()
+    default_conditions()[condition].apply(photo, np.random.default_rng(0)).save(out, "PNG")
+    result = checker.check(out.getvalue(), "image/png")
     assert result["decision"] in (("review", "block") if row["label"] == "ivory" else ("allow",)), result
 
 
