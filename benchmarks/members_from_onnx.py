@@ -13,8 +13,9 @@ apart). The recovered ensemble must reproduce the ONNX logits (checked here), so
 folders starts where the shipped members ended, up to the BatchNorm momentum that training restarts.
 A model with a grey route (1.5.0 on) holds the ensemble inside ``training.models.GreyRouted``, whose one head is
 [W, W_grey, b, b_grey]: each member then also gets back its grey head and the route (checked on the photos in
-grey too). A model with a size route (1.6.0 on: ``GreyRouted(SizeRouted(Ensemble))``) is checked reading as the
-file does, and the members' config records the route, so an ensemble of the recovered runs has it again. Each
+grey too). A model with a size route (1.6.0 on: ``GreyRouted(SizeRouted(Ensemble))``) keeps its BatchNorm layers
+unfolded (the two branches share the weights), so its members are read back as they are; it is checked reading
+as the file does, and the members' config records the route, so an ensemble of the recovered runs has it again. Each
 member's checkpoint records its training seed and epoch from the contract's ``ensemble`` list.
 """
 
@@ -102,7 +103,13 @@ def main() -> int:
     members, grey_heads = [], []
     for i in range(count):
         member = create_model(arch, len(contract.labels), pretrained="offline").eval()
-        pairs = conv_bn_pairs(member)
+        own = {k[len(f"{prefix}.{i}."):]: v for k, v in weights.items() if k.startswith(f"{prefix}.{i}.")}
+        if "bn1.running_mean" in own:  # BatchNorm kept as it was (a size route's two branches share the weights)
+            missing, unexpected = member.load_state_dict(own, strict=False)
+            missing = [k for k in missing if not k.endswith("num_batches_tracked") and not k.startswith("classifier.")]
+            if missing or unexpected:  # the members' own heads are not in the graph: set below
+                raise SystemExit(f"member {i}'s weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        pairs = [] if "bn1.running_mean" in own else conv_bn_pairs(member)
         stats: dict[str, tuple] = {}
         with torch.no_grad():
             for cname, conv, bn in pairs:
@@ -122,7 +129,7 @@ def main() -> int:
 
             hooks = [bn.register_forward_hook(lambda mod, inp, out, name=cname: accumulate(mod, inp, out, name))
                      for cname, _, bn in pairs]
-            for chunk in batch.split(16):
+            for chunk in batch.split(16) if pairs else []:
                 member(chunk)
             for h in hooks:
                 h.remove()

@@ -308,7 +308,7 @@ class SizeRouted(SideBySide):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         routed = self.is_routed(x)
         small_rows, full_rows = routed.nonzero().squeeze(1), (~routed).nonzero().squeeze(1)
-        if torch.compiler.is_compiling():  # export traces a mixed batch; zero-row branches run fine in onnxruntime
+        if torch.compiler.is_compiling():  # the groups' sizes are data-dependent: let export trace both branches
             torch._check(small_rows.shape[0] != 0)
             torch._check(full_rows.shape[0] != 0)
         size = self.route.size
