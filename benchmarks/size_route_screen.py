@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.ensemble_check import class_margin, condition_images, predictor_of  # noqa: E402
-from benchmarks.tta_check import decoded, samples_of, view  # noqa: E402
+from benchmarks.tta_check import decoded, samples_of, save_cache, view  # noqa: E402
 
 
 def measures(arrays: np.ndarray, pre) -> dict[str, np.ndarray]:
@@ -53,9 +53,7 @@ def cache_condition(members, kept, name: str, path: Path) -> None:
     for v in ("id", "s256"):
         out[v] = np.mean([np.concatenate([m.predict_logits(view(v, arrays[i:i + 32])) for i in range(0, len(arrays), 32)])
                           for m in members], axis=0)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **out)
-    tmp.replace(path)
+    save_cache(path, out)
     print(f"cached {name} ({len(arrays)} photos)", flush=True)
 
 

@@ -93,10 +93,15 @@ def cache_condition(model, kept: list, name: str, path: Path, views: list[str]) 
     logits = dict(np.load(path)) if path.is_file() else {}
     logits.update({v: np.concatenate([model.predict_logits(view(v, arrays[i:i + 32]))
                                       for i in range(0, len(arrays), 32)]) for v in todo})
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **logits)
-    tmp.replace(path)
+    save_cache(path, logits)
     print(f"cached {name}: {', '.join(todo)} ({len(arrays)} photos)", flush=True)
+
+
+def save_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez`` through a temporary file: an interrupted screen leaves the last whole cache, never half of one."""
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
 
 
 def main() -> int:
