@@ -104,12 +104,13 @@ def main() -> int:
     for i in range(count):
         member = create_model(arch, len(contract.labels), pretrained="offline").eval()
         own = {k[len(f"{prefix}.{i}."):]: v for k, v in weights.items() if k.startswith(f"{prefix}.{i}.")}
-        if "bn1.running_mean" in own:  # BatchNorm kept as it was (a size route's two branches share the weights)
+        unfolded = "bn1.running_mean" in own  # BatchNorm kept as it was (a size route's two branches share the weights)
+        if unfolded:
             missing, unexpected = member.load_state_dict(own, strict=False)
             missing = [k for k in missing if not k.endswith("num_batches_tracked") and not k.startswith("classifier.")]
             if missing or unexpected:  # the members' own heads are not in the graph: set below
                 raise SystemExit(f"member {i}'s weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        pairs = [] if "bn1.running_mean" in own else conv_bn_pairs(member)
+        pairs = [] if unfolded else conv_bn_pairs(member)
         stats: dict[str, tuple] = {}
         with torch.no_grad():
             for cname, conv, bn in pairs:

@@ -83,10 +83,10 @@ def build(runs: list[str | Path], out: str | Path, say=print, test_time_views: l
     out.mkdir(parents=True, exist_ok=True)
     ensemble.save(out / "best.pt")
     atomic_write_text(out / "labels.json", json.dumps(labels))
-    views = f", and over the views {', '.join(spec.test_time_views)}" if spec.test_time_views else ""
+    reads = f", and over the views {', '.join(spec.test_time_views)}" if spec.test_time_views else ""
     if spec.size_route is not None:
-        views += f"; blurred or noisy photos read at {spec.size_route.size} px"
-    say(f"wrote {out / 'best.pt'}: {len(members)} x {first.spec.architecture}, logits averaged{views}")
+        reads += f"; blurred or noisy photos read at {spec.size_route.size} px"
+    say(f"wrote {out / 'best.pt'}: {len(members)} x {first.spec.architecture}, logits averaged{reads}")
     return out / "best.pt"
 
 
