@@ -3,7 +3,8 @@ over turned, mirrored or greyscale copies of each photo, as is and under each li
 
     python benchmarks/tta_check.py models/wildcheck-ivory.onnx --cache runs/tta [--unseen ROOT_OR_CSV ...]
         [--conditions clean,rotate,greyscale,crop,phone,jpeg,thumbnail,banner,watermark]
-        [--sets "none=id" --sets "turns=id,rot90,rot180,rot270" ...]
+        [--sets "none=id" --sets "turns=id,rot90,rot180,rot270" --sets "lean=id:0.8,rot90:0.1,rot270:0.1"
+         --sets "pick=confident/id,rot90,rot270" ...]
 
 The validation photos are Met val and the val splits of the negatives pools the model trained on
 (``met_ivory.SHIPPABLE_POOLS``). Each photo under each condition (``training.conditions``, seeded per photo as
@@ -13,6 +14,10 @@ a quarter turn or mirror image as the exported graph makes it, luma, or ``sNNN``
 Each set of views then reports, like ``ensemble_check.py``: the ivory recall and the share of negatives
 flagged at the score that flags 1% of the clean negatives, per condition; the share of ``--unseen`` photos
 (sources no run trained on) flagged at it, and the clean recall when the budget counts them too.
+
+A set is ``NAME=[RULE/]VIEW[:WEIGHT],...``: its views' logits are combined by RULE, ``mean`` (the default; with
+weights, a weighted mean, as a graph could compute it), ``median`` (of the class margins) or ``confident`` (the
+margin of the view farthest from zero, i.e. the view that is surest either way: a guess at the upright one).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +55,45 @@ def view(name: str, x: np.ndarray) -> np.ndarray:
     from training.models import view_of
 
     return np.ascontiguousarray(view_of(name, torch.from_numpy(x)).numpy())
+
+
+@dataclass(frozen=True)
+class ViewSet:
+    """Views whose logits make one score per photo, and how they are combined (``NAME=[RULE/]VIEW[:WEIGHT],...``)."""
+
+    name: str
+    views: tuple[str, ...]
+    weights: tuple[float, ...]
+    rule: str = "mean"
+
+    RULES = ("mean", "median", "confident")
+
+    @classmethod
+    def parse(cls, spec: str) -> "ViewSet":
+        name, eq, body = spec.partition("=")
+        rule, slash, items = body.partition("/")
+        rule, items = (rule, items) if slash else ("mean", body)
+        if not eq or not name or not items or rule not in cls.RULES:
+            raise SystemExit(f"--sets {spec!r}: give NAME=[RULE/]VIEW[:WEIGHT],... with RULE one of {cls.RULES}")
+        views, weights = [], []
+        for item in items.split(","):
+            v, colon, w = item.partition(":")
+            views.append(v)
+            weights.append(float(w) if colon else 1.0)
+        if rule != "mean" and len(set(weights)) > 1:
+            raise SystemExit(f"--sets {spec!r}: weights apply to the mean only")
+        if min(weights) < 0 or sum(weights) <= 0:
+            raise SystemExit(f"--sets {spec!r}: weights must be >= 0 and not all 0")
+        return cls(name, tuple(views), tuple(w / sum(weights) for w in weights), rule)
+
+    def combine(self, logits: dict[str, np.ndarray], c: int) -> np.ndarray:
+        """Class ``c``'s margin per photo from each view's (N, classes) logits."""
+        if self.rule == "mean":
+            return class_margin(sum(w * logits[v] for v, w in zip(self.views, self.weights)), c)
+        margins = np.stack([class_margin(logits[v], c) for v in self.views])
+        if self.rule == "median":
+            return np.median(margins, axis=0)
+        return margins[np.abs(margins).argmax(0), np.arange(margins.shape[1])]
 
 
 def samples_of(shared: Path, cache: Path, labels: list[str], negative: str):
@@ -111,7 +156,7 @@ def main() -> int:
     ap.add_argument("--shared", default=str(REPO.parent / "shared" / "datasets"))
     ap.add_argument("--conditions", default="clean,rotate,greyscale,crop,phone,jpeg,thumbnail,banner,watermark")
     ap.add_argument("--unseen", action="append", default=[], help="negatives no run trained on (a root or CSV manifest)")
-    ap.add_argument("--sets", action="append", default=None, help="NAME=VIEW,VIEW,... (views averaged; repeat)")
+    ap.add_argument("--sets", action="append", default=None, help="NAME=[RULE/]VIEW[:WEIGHT],... (repeat)")
     ap.add_argument("--label", default="ivory")
     args = ap.parse_args()
     from training.data.sources import load_samples, select_split
@@ -126,7 +171,8 @@ def main() -> int:
     sets = args.sets or ["none=id", "mirror=id,hflip", "turns=id,rot90,rot180,rot270", "grey=id,grey",
                          "turns+mirror=id,rot90,rot180,rot270,hflip", "turns+grey=id,rot90,rot180,rot270,grey",
                          "all=id,rot90,rot180,rot270,hflip,grey"]
-    views = sorted({v for spec in sets for v in spec.partition("=")[2].split(",")})
+    sets = [ViewSet.parse(spec) for spec in sets]
+    views = sorted({v for spec in sets for v in spec.views})
     if not (cache / "meta.npz").is_file() or any(set(views) - cached_views(cache / f"{n}.npz") for n in conditions):
         kept = decoded(samples_of(Path(args.shared), cache, labels, model.contract.negative_label), model.contract)
         y = np.array([labels.index(s.label) for s, _ in kept])
@@ -141,22 +187,20 @@ def main() -> int:
     positive = np.load(cache / "meta.npz")["y"] == c
     logits = {n: np.load(cache / f"{n}.npz") for n in conditions + (["unseen"] if args.unseen else [])}
 
-    def margin(cond: str, views: list[str]) -> np.ndarray:
-        return class_margin(np.mean([logits[cond][v] for v in views], axis=0), c)
+    def margin(cond: str, spec: ViewSet) -> np.ndarray:
+        return spec.combine({v: logits[cond][v] for v in spec.views}, c)
 
     head = " | ".join(f"{n} recall | {n} flagged" for n in conditions)
     head += " | unseen flagged | clean recall, budget over all" if args.unseen else ""
     print(f"| views | {head} |\n|---|" + "---|" * (2 * len(conditions) + 2 * bool(args.unseen)))
     for spec in sets:
-        name, _, views = spec.partition("=")
-        views = views.split(",")
-        values = recall_at_budget({cond: margin(cond, views) for cond in conditions}, positive, conditions,
-                                  unseen=margin("unseen", views) if args.unseen else None)
+        values = recall_at_budget({cond: margin(cond, spec) for cond in conditions}, positive, conditions,
+                                  unseen=margin("unseen", spec) if args.unseen else None)
         # recall, negatives flagged per condition; then unseen flagged, clean recall with them in the budget
         cells = [f"{v:.3f}" if i % 2 == 0 else f"{v:.1%}" for i, v in enumerate(values[:2 * len(conditions)])]
         if args.unseen:
             cells += [f"{values[-2]:.1%}", f"{values[-1]:.3f}"]
-        print(f"| {name} | " + " | ".join(cells) + " |")
+        print(f"| {spec.name} | " + " | ".join(cells) + " |")
     return 0
 
 

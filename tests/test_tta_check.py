@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,3 +44,22 @@ def test_a_scale_view_is_the_photo_preprocessed_at_that_size():
     want = Preprocessing(input_size=40, crop_pct=1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))(img)[None]
     # resized twice (photo -> 64 -> 40, antialiased) vs once (photo -> 40, bicubic): close, not equal
     assert np.abs(small - want).mean() < 0.05 and np.abs(small - want).mean() < 0.2 * np.abs(small).mean()
+
+
+def test_view_sets_combine_as_written():
+    from tta_check import ViewSet
+
+    # two photos, two classes (ivory = 0); margins: id [2, -1], rot90 [-4, -3], rot270 [0, 1]
+    logits = {"id": np.array([[2.0, 0.0], [0.0, 1.0]]), "rot90": np.array([[0.0, 4.0], [0.0, 3.0]]),
+              "rot270": np.array([[0.0, 0.0], [1.0, 0.0]])}
+    plain = ViewSet.parse("turns=id,rot90,rot270")
+    assert plain.rule == "mean" and plain.weights == (1 / 3, 1 / 3, 1 / 3)
+    np.testing.assert_allclose(plain.combine(logits, 0), [-2 / 3, -1.0])
+    lean = ViewSet.parse("lean=id:0.8,rot90:0.1,rot270:0.1")
+    np.testing.assert_allclose(lean.combine(logits, 0), [0.8 * 2 - 0.4, -0.8 - 0.3 + 0.1])
+    np.testing.assert_allclose(ViewSet.parse("m=median/id,rot90,rot270").combine(logits, 0), [0.0, -1.0])
+    # the view surest either way: rot90 for both photos (|-4| and |-3|)
+    np.testing.assert_allclose(ViewSet.parse("c=confident/id,rot90,rot270").combine(logits, 0), [-4.0, -3.0])
+    for bad in ("noname", "x=", "x=vote/id,rot90", "x=median/id:2,rot90:1", "x=id:0,rot90:0"):
+        with pytest.raises(SystemExit):
+            ViewSet.parse(bad)
