@@ -27,6 +27,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -66,7 +67,7 @@ class ViewSet:
     weights: tuple[float, ...]
     rule: str = "mean"
 
-    RULES = ("mean", "median", "confident")
+    RULES: ClassVar[tuple[str, ...]] = ("mean", "median", "confident")
 
     @classmethod
     def parse(cls, spec: str) -> "ViewSet":
@@ -78,11 +79,14 @@ class ViewSet:
         views, weights = [], []
         for item in items.split(","):
             v, colon, w = item.partition(":")
+            try:
+                weights.append(float(w) if colon else 1.0)
+            except ValueError:
+                raise SystemExit(f"--sets {spec!r}: {w!r} is not a weight (VIEW:0.8)") from None
             views.append(v)
-            weights.append(float(w) if colon else 1.0)
         if rule != "mean" and len(set(weights)) > 1:
             raise SystemExit(f"--sets {spec!r}: weights apply to the mean only")
-        if min(weights) < 0 or sum(weights) <= 0:
+        if not all(w >= 0 for w in weights) or sum(weights) <= 0:  # `not >= 0` also refuses nan
             raise SystemExit(f"--sets {spec!r}: weights must be >= 0 and not all 0")
         return cls(name, tuple(views), tuple(w / sum(weights) for w in weights), rule)
 
@@ -171,8 +175,8 @@ def main() -> int:
     sets = args.sets or ["none=id", "mirror=id,hflip", "turns=id,rot90,rot180,rot270", "grey=id,grey",
                          "turns+mirror=id,rot90,rot180,rot270,hflip", "turns+grey=id,rot90,rot180,rot270,grey",
                          "all=id,rot90,rot180,rot270,hflip,grey"]
-    sets = [ViewSet.parse(spec) for spec in sets]
-    views = sorted({v for spec in sets for v in spec.views})
+    view_sets = [ViewSet.parse(spec) for spec in sets]
+    views = sorted({v for spec in view_sets for v in spec.views})
     if not (cache / "meta.npz").is_file() or any(set(views) - cached_views(cache / f"{n}.npz") for n in conditions):
         kept = decoded(samples_of(Path(args.shared), cache, labels, model.contract.negative_label), model.contract)
         y = np.array([labels.index(s.label) for s, _ in kept])
@@ -193,7 +197,7 @@ def main() -> int:
     head = " | ".join(f"{n} recall | {n} flagged" for n in conditions)
     head += " | unseen flagged | clean recall, budget over all" if args.unseen else ""
     print(f"| views | {head} |\n|---|" + "---|" * (2 * len(conditions) + 2 * bool(args.unseen)))
-    for spec in sets:
+    for spec in view_sets:
         values = recall_at_budget({cond: margin(cond, spec) for cond in conditions}, positive, conditions,
                                   unseen=margin("unseen", spec) if args.unseen else None)
         # recall, negatives flagged per condition; then unseen flagged, clean recall with them in the budget

@@ -60,6 +60,6 @@ def test_view_sets_combine_as_written():
     np.testing.assert_allclose(ViewSet.parse("m=median/id,rot90,rot270").combine(logits, 0), [0.0, -1.0])
     # the view surest either way: rot90 for both photos (|-4| and |-3|)
     np.testing.assert_allclose(ViewSet.parse("c=confident/id,rot90,rot270").combine(logits, 0), [-4.0, -3.0])
-    for bad in ("noname", "x=", "x=vote/id,rot90", "x=median/id:2,rot90:1", "x=id:0,rot90:0"):
+    for bad in ("noname", "x=", "x=vote/id,rot90", "x=median/id:2,rot90:1", "x=id:0,rot90:0", "x=id:nan", "x=id:heavy"):
         with pytest.raises(SystemExit):
             ViewSet.parse(bad)
