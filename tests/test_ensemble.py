@@ -117,3 +117,20 @@ def test_cli_ensemble_bad_runs_exit_2_and_write_nothing(trained_run, tmp_path):
         result = CliRunner().invoke(app, ["ensemble", str(trained_run), str(bad), "--out", str(out)])
         assert result.exit_code == 2 and says in result.output, result.output
         assert not out.exists()
+
+
+def test_cli_ensemble_refuses_a_size_route_not_below_the_input_and_writes_nothing(trained_run, second_run, tmp_path):
+    # was a pydantic traceback from the contract's validator, after the members were loaded
+    from typer.testing import CliRunner
+
+    from training.checkpoint import Checkpoint
+    from training.cli import app
+
+    size = Checkpoint.load(trained_run / "best.pt").spec.preprocessing.input_size
+    for route in (size, size + 32):
+        out = tmp_path / f"out_{route}"
+        result = CliRunner().invoke(app, ["ensemble", str(trained_run), str(second_run), "--out", str(out),
+                                          "--size-route", str(route)])
+        assert result.exit_code == 2, result.output
+        assert f"reads blurred photos at {route} px, not below the model's input size {size}" in result.output
+        assert not out.exists()

@@ -16,7 +16,7 @@ from pathlib import Path
 from serving.contract import SizeRoute
 from serving.errors import InvalidInput
 from training.checkpoint import Checkpoint, Head, initial_spec, weights_hash
-from training.models import Ensemble, create_model, ensemble_name, parse_name
+from training.models import Ensemble, check_size_route, create_model, ensemble_name, parse_name
 
 
 class EnsembleError(InvalidInput):
@@ -69,6 +69,7 @@ def build(runs: list[str | Path], out: str | Path, say=print, test_time_views: l
         config.decision.test_time_views = list(test_time_views)
     if size_route is not None:
         config.decision.size_route = SizeRoute(size=size_route) if size_route else None
+    check_size_route(config.decision.size_route, first.spec.preprocessing)
     training_data = {**first.spec.training_data,
                      "ensemble": [{"run": p.parent.name, "seed": ck.config.train.seed, "epoch": ck.epoch,
                                    "val_balanced_accuracy": ck.val_metrics.get("balanced_accuracy")}

@@ -323,13 +323,19 @@ class SizeRouted(SideBySide):
         return maps.index_copy(0, small_rows, resized).index_copy(0, full_rows, full_maps)
 
 
+def check_size_route(route, preprocessing) -> None:
+    """Refuse a ``SizeRoute`` that does not read smaller than the model's input, with what to give instead (the
+    contract refuses such a file too; this says it before a run or ensemble is written)."""
+    if route is not None and route.size >= preprocessing.input_size:
+        raise InvalidInput(f"the size route reads blurred photos at {route.size} px, not below the model's input size "
+                           f"{preprocessing.input_size}: give a smaller --size-route (e.g. {preprocessing.input_size * 4 // 5})")
+
+
 def with_size_route(model: nn.Module, route, preprocessing) -> nn.Module:
     """``model`` reading blurred or noisy inputs smaller (``SizeRouted``) when the spec has a ``size_route``, or itself."""
     if route is None:
         return model
-    if route.size >= preprocessing.input_size:
-        raise InvalidInput(f"the size route reads blurred photos at {route.size} px, not below the model's input size "
-                           f"{preprocessing.input_size}: give a smaller --size-route (e.g. {preprocessing.input_size * 4 // 5})")
+    check_size_route(route, preprocessing)
     return SizeRouted(model, route, preprocessing.mean, preprocessing.std).eval()
 
 
