@@ -36,17 +36,17 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.ensemble_check import class_margin, condition_images, recall_at_budget  # noqa: E402
 
-LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601 (PIL's "L"); the model's mean/std are per-channel equal
-
-
 def view(name: str, x: np.ndarray) -> np.ndarray:
     """One view of a batch of preprocessed arrays (N, 3, S, S): ``id``, ``grey`` (luma, a screen-only view), or a
     test-time view of the contract, made by the code the exported graph runs (``training.models.view_of``)."""
     if name == "id":
         return x
-    if name == "grey":
-        return np.repeat(np.einsum("c,nchw->nhw", LUMA, x)[:, None], 3, axis=1)
     import torch
+
+    if name == "grey":  # the size route's luma weights; the model's mean/std are per-channel equal
+        from training.models import LUMA
+
+        return np.repeat(np.einsum("c,nchw->nhw", np.asarray(LUMA, dtype=x.dtype), x)[:, None], 3, axis=1)
 
     if name.startswith("s") and name[1:].isdigit():  # the photo scored at another input size (a torch model only)
         size = int(name[1:])
