@@ -73,6 +73,10 @@ DEFAULT_MAX_PIXELS = 40_000_000  # ~ 6300 x 6300; larger is a decompression bomb
 DEFAULT_MIN_SIDE = 16
 # decoded image + its RGB copy (decode_bytes): the largest RGB photo needs 4 B/px; 16-bit grey 6, RGBA/CMYK/I/F 8
 DEFAULT_MAX_DECODE_BYTES = 256 * 2**20
+# Longer side / shorter side. Preprocessing scales the shorter side to ~365 px, so the resized picture holds
+# 365^2 x aspect pixels whatever the decoded size: a 16 x 60000 PNG of 9 KB became 365 x 1.37M (1.5 GB) and
+# 14 s of work. 50:1 bounds that at ~6.7 Mpx and passes any real photo, panorama or phone scroll capture (~1:20).
+DEFAULT_MAX_ASPECT = 50
 
 
 class ImageError(WildcheckError, ValueError):
@@ -203,17 +207,19 @@ def decode_image(
     draft_size: int | None = None,
     allowed_formats: frozenset[str] = SUPPORTED_FORMATS,
     max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+    max_aspect: float = DEFAULT_MAX_ASPECT,
 ) -> tuple[Image.Image, ImageInfo]:
     """Decode fully (truncation is an error), apply EXIF orientation, return 8-bit RGB and the original info.
 
     ``draft_size``: for JPEGs, let libjpeg decode at a reduced DCT scale whose result is still at least
     this many pixels on its shorter side (PIL ``Image.draft``). Several times faster for large photos.
     ``max_decode_bytes`` bounds the memory of the decoded image and its RGB copy (``decode_bytes``), so a
-    4-byte-per-pixel mode cannot cost more than the pixel limit suggests. Any failure is an ``ImageError``:
+    4-byte-per-pixel mode cannot cost more than the pixel limit suggests; ``max_aspect`` bounds what resizing
+    the shorter side up costs (``DEFAULT_MAX_ASPECT``). Any failure is an ``ImageError``:
     decoders raise all sorts (ValueError, TypeError, IndexError, struct.error) on hostile files.
     """
     try:
-        return _decode(data, max_pixels, min_side, draft_size, allowed_formats, max_decode_bytes)
+        return _decode(data, max_pixels, min_side, draft_size, allowed_formats, max_decode_bytes, max_aspect)
     except ImageError:
         raise
     except MemoryError as exc:
@@ -222,7 +228,7 @@ def decode_image(
         raise ImageError("corrupt", f"the image data is truncated or corrupt: {type(exc).__name__}: {exc}") from exc
 
 
-def _decode(data, max_pixels, min_side, draft_size, allowed_formats, max_decode_bytes):
+def _decode(data, max_pixels, min_side, draft_size, allowed_formats, max_decode_bytes, max_aspect):
     img = _open(data, max_pixels)
     fmt = (img.format or "").upper()
     if fmt not in allowed_formats:
@@ -246,6 +252,12 @@ def _decode(data, max_pixels, min_side, draft_size, allowed_formats, max_decode_
         )
     if min(width, height) < min_side:
         raise ImageError("too_small", f"image is {width}x{height}; the shorter side must be at least {min_side} px")
+    if max(width, height) > max_aspect * min(width, height):
+        raise ImageError(
+            "extreme_aspect_ratio",
+            f"image is {width}x{height}, {max(width, height) / max(1, min(width, height)):.0f} times longer than wide; "
+            f"at most {max_aspect:g}:1 is checked: send the photo itself, or cut a long capture into parts",
+        )
     frames = getattr(img, "n_frames", 1)
     if frames > 1:
         img.seek(0)  # first frame of an animation

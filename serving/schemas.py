@@ -87,7 +87,7 @@ class ModelInfo(BaseModel):
 
 # Every error the service answers has the body {"error": {"code", "message"}}; these are the codes.
 ERROR_CODES = {
-    400: "empty, not_an_image, corrupt, too_many_pixels, too_small, not_a_file, missing_field, too_many_images, "
+    400: "empty, not_an_image, corrupt, too_many_pixels, too_small, extreme_aspect_ratio, not_a_file, missing_field, too_many_images, "
          "invalid_multipart, invalid_request, invalid_content_type, unknown_label",
     401: "unauthorized",
     404: "not_found",

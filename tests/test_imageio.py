@@ -98,6 +98,21 @@ def test_decompression_bomb_and_tiny_images_are_refused():
     assert exc.value.code == "too_small"
 
 
+def test_a_sliver_is_refused_before_resizing_would_blow_it_up():
+    """A 16 x 40000 PNG is 6 KB and 0.64 Mpx, under every size limit, but the shorter side scaled to 365 px made
+    it 365 x 912,500 (1 GB, seconds of work) before the centre crop. Over 50:1 is refused at decode; 50:1 passes."""
+    sliver = io.BytesIO()
+    Image.new("RGB", (16, 40000)).save(sliver, "PNG")
+    assert len(sliver.getvalue()) < 20_000
+    with pytest.raises(ImageError) as exc:
+        decode_image(sliver.getvalue(), min_side=1)
+    assert exc.value.code == "extreme_aspect_ratio" and exc.value.status == 400 and "50:1" in str(exc.value)
+    wide = io.BytesIO()
+    Image.new("RGB", (1000, 20)).save(wide, "PNG")
+    img, info = decode_image(wide.getvalue(), min_side=16)
+    assert img.size == (1000, 20) and (info.width, info.height) == (1000, 20)
+
+
 def test_jpeg_draft_decodes_smaller_but_large_enough():
     big = photo(7, (1600, 1200))
     img, info = decode_image(jpeg_bytes(big), draft_size=256)

@@ -78,6 +78,7 @@ BAD_INPUTS = [
     ("url in file field", dict(data={"image": "http://169.254.169.254/latest/meta-data"}), 400, "not_a_file"),
     ("missing field", dict(files={"photo": ("a.jpg", jpeg_bytes(photo(1)), "image/jpeg")}), 400, "missing_field"),
     ("1x1 image", dict(files={"image": ("one.png", None, "image/png")}), 400, "too_small"),
+    ("16x40000 sliver", dict(files={"image": ("sliver.png", None, "image/png")}), 400, "extreme_aspect_ratio"),
     ("json body", dict(json={"url": "http://example.com/a.jpg"}), 400, "not_a_file"),
 ]
 
@@ -88,6 +89,10 @@ def test_bad_inputs_get_specific_4xx_json(client, name, kwargs, status, code):
         buf = io.BytesIO()
         Image.new("RGB", (1, 1)).save(buf, "PNG")
         kwargs = dict(files={"image": ("one.png", buf.getvalue(), "image/png")})
+    if name == "16x40000 sliver":
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 40000)).save(buf, "PNG")
+        kwargs = dict(files={"image": ("sliver.png", buf.getvalue(), "image/png")})
     if name == "icon outside the allow-list":
         buf = io.BytesIO()
         photo(6).save(buf, "ICO")
