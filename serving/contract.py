@@ -153,9 +153,20 @@ class ModelSpec(BaseModel):
 
     @model_validator(mode="after")
     def _thresholds_name_known_labels(self):
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"labels name a class twice: {self.labels}")
         unknown = set(self.thresholds) - set(self.labels)
         if unknown:
             raise ValueError(f"thresholds name labels the model does not have: {sorted(unknown)}")
+        return self
+
+    @model_validator(mode="after")
+    def _every_protected_class_has_thresholds(self):
+        # a class without thresholds is never flagged: a file that lost them would allow everything
+        missing = [label for label in self.labels if label != self.negative_label and label not in self.thresholds]
+        if missing:
+            raise ValueError(f"protected classes without thresholds: {missing} (they would never be flagged); "
+                             "calibrate the run (`wildcheck calibrate RUN`) and export it again")
         return self
 
     @property

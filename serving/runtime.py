@@ -11,7 +11,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from serving.contract import ModelContract, ModelSpec, contract_from_session, open_session
+from serving.contract import ContractError, ModelContract, ModelSpec, contract_from_session, open_session
 from serving.errors import InvalidInput
 from serving.tiling import ViewRule
 
@@ -124,9 +124,23 @@ class OnnxModel(SpecView):
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.logits_output = self.output_names[0]  # the contract: logits come first
+        self._check_graph_fits_contract()
         cam = self.contract.cam
         # explain needs both: the contract naming the output and the graph having it
         self.cam_output: str | None = cam.output if cam is not None and cam.output in self.output_names else None
+
+    def _check_graph_fits_contract(self) -> None:
+        """A file whose metadata does not describe its graph must not load: with fewer labels than logits the
+        scores would be paired with the wrong classes, and a wrong input size fails every request."""
+        n_logits = self.session.get_outputs()[0].shape[-1]
+        if isinstance(n_logits, int) and n_logits != len(self.contract.labels):
+            raise ContractError(f"{self.path}: the graph gives {n_logits} logits but the contract names "
+                                f"{len(self.contract.labels)} labels {self.contract.labels}; export the run again")
+        size = self.contract.preprocessing.input_size
+        sides = self.session.get_inputs()[0].shape[2:]
+        if any(isinstance(side, int) and side != size for side in sides):
+            raise ContractError(f"{self.path}: the graph takes {sides} px inputs but the contract's preprocessing "
+                                f"gives {size} px; export the run again")
 
     @property
     def spec(self) -> ModelSpec:

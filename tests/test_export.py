@@ -80,6 +80,42 @@ def test_model_without_metadata_is_rejected(tmp_path, exported):
         OnnxModel(tmp_path / "junk.onnx")
 
 
+def _with_metadata(path, out, **changes):
+    """A copy of ``path`` whose wildcheck metadata has ``changes`` (JSON values) written over it."""
+    model = onnx.load(str(path))
+    for entry in model.metadata_props:
+        key = entry.key.removeprefix("wildcheck.")
+        if key in changes:
+            entry.value = json.dumps(changes[key])
+    onnx.save(model, str(out))
+    return out
+
+
+def test_a_file_whose_contract_does_not_fit_it_never_loads(tmp_path, exported):
+    """A file that lost its thresholds, or names more labels than its graph has logits, used to load and answer
+    `allow` for everything (the missing class was never flagged; zip() cut the labels to fit the logits)."""
+    path, _ = exported
+    labels = read_contract(path).labels
+    protected = [label for label in labels if label != "other"]
+    no_thresholds = _with_metadata(path, tmp_path / "no_thresholds.onnx", thresholds={}, val_curves={},
+                                   threshold_rules={}, negative_scores=None, decision=None)
+    with pytest.raises(ContractError, match="protected classes without thresholds"):
+        read_contract(no_thresholds)
+    with pytest.raises(ContractError, match="protected classes without thresholds"):
+        OnnxModel(no_thresholds)
+    extra = _with_metadata(path, tmp_path / "extra_label.onnx", labels=labels + ["rhino_horn"],
+                           thresholds={c: {"block": 0.9, "review": 0.5} for c in protected + ["rhino_horn"]})
+    with pytest.raises(ContractError, match=f"gives {len(labels)} logits but the contract names {len(labels) + 1}"):
+        OnnxModel(extra)
+    twice = _with_metadata(path, tmp_path / "twice.onnx", labels=[labels[0]] * len(labels))
+    with pytest.raises(ContractError, match="labels name a class twice"):
+        OnnxModel(twice)
+    small = read_contract(path).preprocessing.model_dump(mode="json") | {"input_size": 32}
+    with pytest.raises(ContractError, match="32 px"):
+        OnnxModel(_with_metadata(path, tmp_path / "small.onnx", preprocessing=small))
+    OnnxModel(path)  # the file as exported loads
+
+
 def test_cli_export_fails_cleanly_on_a_missing_run(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "training.cli", "export", str(tmp_path / "nope"), "--out",
                            str(tmp_path / "m.onnx")], capture_output=True, text=True)

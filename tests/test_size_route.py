@@ -102,7 +102,7 @@ def test_a_route_that_does_not_read_smaller_is_refused(trained_run):
     with pytest.raises(InvalidInput, match="below the model's input size"):
         with_size_route(net, SizeRoute(size=pre.input_size), pre)
     with pytest.raises(ValidationError, match="must be below the input size"):
-        ModelSpec(labels=["ivory", "other"], preprocessing=pre, thresholds={}, architecture="x",
+        ModelSpec(labels=["ivory", "other"], preprocessing=pre, thresholds={"ivory": {}}, architecture="x",
                   size_route=SizeRoute(size=pre.input_size))
     with pytest.raises(ValidationError):
         SizeRoute(size=48, detial_below=0.5)  # a misspelt setting is an error, not the default

@@ -107,7 +107,7 @@ def test_views_are_named_once_each_and_known():
     from training.cli import app
 
     with pytest.raises(ValidationError, match="names a view twice"):
-        ModelSpec(labels=["ivory", "other"], preprocessing=Preprocessing(), thresholds={}, architecture="x",
+        ModelSpec(labels=["ivory", "other"], preprocessing=Preprocessing(), thresholds={"ivory": {}}, architecture="x",
                   test_time_views=["hflip", "hflip"])
     result = CliRunner().invoke(app, ["calibrate", "runs/none", "--test-time-views", "mirror"])
     assert result.exit_code == 2 and "hflip, vflip, rot90, rot180, rot270" in result.output
