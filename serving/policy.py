@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from serving.contract import DecisionRules, ModelContract
 from serving.decision import ClassThresholds
@@ -33,18 +33,24 @@ from serving.thresholds import Budgets, Solved, TrafficScores, apply_budgets, cu
 class ClassPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    block: float | None = Field(default=-1.0, description="threshold; null = never block; absent = from targets/model")
-    review: float | None = None
+    block: float | None = Field(None, ge=0.0, le=1.0, description="threshold; null = never block; absent = from targets/model")
+    review: float | None = Field(None, ge=0.0, le=1.0)
     block_precision: float | None = Field(None, gt=0.0, le=1.0)
     review_recall: float | None = Field(None, gt=0.0, le=1.0)
 
-    @model_validator(mode="after")
-    def _ranges(self) -> "ClassPolicy":
-        for name in ("block", "review"):
-            v = getattr(self, name)
-            if v is not None and v != -1.0 and not 0.0 <= v <= 1.0:
-                raise ValueError(f"{name} must be between 0 and 1 (or null)")
-        return self
+    @field_validator("block", "review", mode="before")
+    @classmethod
+    def _a_score_not_a_switch(cls, value):
+        # YAML's true/false would read as 1.0 / 0.0: `block: false` blocked every listing, `review: true`
+        # flagged none
+        if isinstance(value, bool):
+            raise ValueError("is a score threshold between 0 and 1, not true/false (null: never block)")
+        return value
+
+    @property
+    def block_given(self) -> bool:
+        """``block`` written in the policy (null included); absent: from targets or the model."""
+        return "block" in self.model_fields_set
 
     @property
     def has_targets(self) -> bool:
@@ -144,7 +150,7 @@ def resolve(policy: Policy, contract: ModelContract) -> Resolved:
             s = Solved(contract.thresholds[label], rules={"block": stored_rules.get("block", "model"),
                                                           "review": stored_rules.get("review", "model")})
         block, review = s.thresholds.block, s.thresholds.review
-        if rule.block != -1.0:
+        if rule.block_given:
             block, s.rules["block"] = rule.block, "explicit"
             fixed.setdefault(label, set()).add("block")
         if rule.review is not None:

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serving.decision import DEFAULT_REVIEW, ClassThresholds
 from serving.errors import InvalidInput
@@ -137,6 +137,15 @@ class PoolScores(BaseModel):
         if len(self.rows) > self.n:
             raise ValueError(f"{len(self.rows)} rows for a pool of n={self.n} images")
         return self
+
+    @field_validator("rows")
+    @classmethod
+    def _scores_are_probabilities(cls, rows: list[list[float]]) -> list[list[float]]:
+        # a score of 5.0 or nan moved a budget's threshold to 1.0: the server allowed every photo
+        for i, row in enumerate(rows):
+            if not all(0.0 <= v <= 1.0 for v in row):  # False for nan too
+                raise ValueError(f"row {i} has a score outside [0, 1]: {row}; write it with `wildcheck calibrate --traffic`")
+        return rows
 
 
 class TrafficScores(BaseModel):

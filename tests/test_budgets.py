@@ -80,6 +80,33 @@ def test_policy_budget_re_solves_on_the_stored_negatives(tmp_path):
         resolve(load_policy(policy), contract)
 
 
+@pytest.mark.parametrize("text,message", [
+    ("max_flag_rate: 0.01\ntraffic: {classes: [ivory], pools: {p: {n: 3, rows: [[5.0], [5.0], [5.0]]}}}\n",
+     "outside \\[0, 1\\]"),
+    ("max_flag_rate: 0.01\ntraffic: {classes: [ivory], pools: {p: {n: 2, rows: [[.nan], [0.5]]}}}\n", "outside"),
+    ("classes:\n  ivory: {block: false}\n", "not true/false"),
+    ("classes:\n  ivory: {review: true, block: null}\n", "not true/false"),
+    ("classes:\n  ivory: {block: -1}\n", "greater than or equal to 0"),
+])
+def test_a_policy_that_would_fail_open_or_block_everything_is_refused(tmp_path, text, message):
+    """Each of these used to load: traffic scores of 5.0 (or nan) solved the flag budget to review 1.0, so the
+    server allowed every ivory photo; `block: false` read as 0.0 (every listing blocked), `review: true` as 1.0
+    (none flagged), and `block: -1` was the parser's own 'absent' marker, silently ignored."""
+    from serving.policy import PolicyError, load_policy
+
+    policy = tmp_path / "p.yaml"
+    policy.write_text(text)
+    with pytest.raises(PolicyError, match=message):
+        load_policy(policy)
+
+
+def test_an_explicit_never_block_still_overrides_the_model():
+    from serving.policy import ClassPolicy
+
+    assert ClassPolicy.model_validate({"block": None}).block_given
+    assert not ClassPolicy.model_validate({"review": 0.5}).block_given
+
+
 @pytest.fixture(scope="module")
 def lookalikes(synth_root, tmp_path_factory) -> Path:
     """A negatives pool of ivory-looking photos (synthetic ivory training images filed as 'other') from one
