@@ -101,13 +101,15 @@ async def _check_one(client: httpx.AsyncClient, url: str, path: Path, retries: i
     key = resume_key(path)
     try:
         data = path.read_bytes()
-    except OSError as exc:
-        return {"path": key, "error": {"code": "unreadable", "message": str(exc)}}
+    except OSError as exc:  # not an answer about the image: a file listed before it exists, or not yet readable
+        return {"path": key, "retryable": True, "error": {"code": "unreadable", "message": str(exc)}}
+    # the server never reads the name; a file name that is not UTF-8 could not go into the multipart header
+    upload_name = "image" + "".join(c for c in path.suffix if c.isascii())
     attempt = 0
     while True:
         wait = None
         try:
-            r = await client.post(url, files={"image": (path.name, data, "application/octet-stream")})
+            r = await client.post(url, files={"image": (upload_name, data, "application/octet-stream")})
             if r.status_code in FATAL_STATUSES:
                 raise ScanStopped(f"{url} answered {r.status_code}: {FATAL_STATUSES[r.status_code]}. Nothing was "
                                   "recorded for it; fix the option and run the same command again.")
@@ -141,7 +143,13 @@ async def _scan(paths: list[Path], url: str, out: Path, concurrency: int, api_ke
             async def worker():
                 while not queue.empty():
                     path = queue.get_nowait()
-                    row = await _check_one(client, url, path, retries, backoff)
+                    try:
+                        row = await _check_one(client, url, path, retries, backoff)
+                    except (ScanStopped, asyncio.CancelledError):
+                        raise
+                    except Exception as exc:  # one bad file never sinks the run: its row says why, the next run retries
+                        row = {"path": resume_key(path), "retryable": True,
+                               "error": {"code": "client_error", "message": f"{type(exc).__name__}: {exc}"}}
                     fh.write(json.dumps(row) + "\n")
                     fh.flush()
                     counts[row.get("decision") or ("retry later" if row.get("retryable") else "error")] += 1
@@ -157,6 +165,20 @@ async def _scan(paths: list[Path], url: str, out: Path, concurrency: int, api_ke
                     raise stopped[0] from None
                 raise
     return counts
+
+
+def check_url(url: str) -> str:
+    """The server's check endpoint for ``url``; an address no request could reach stops the scan up front
+    (otherwise every image would be retried, then left for a rerun that fails the same way)."""
+    try:
+        parsed = httpx.URL(url) if "://" in url else None
+    except httpx.InvalidURL:
+        parsed = None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
+        raise InvalidInput(f"--url {url!r} is not an http(s) address; give the server's base URL, "
+                           "e.g. http://127.0.0.1:3000")
+    url = url.rstrip("/")
+    return url if url.endswith("/v1/check") else url + "/v1/check"
 
 
 def _end_with_newline(out: Path) -> None:
@@ -175,11 +197,11 @@ def scan(source: str | Path, url: str, out: str | Path, concurrency: int = 8, ap
     Raises ScanStopped on 401/403/404/405 and ValueError when another scan is writing the same ``out``.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    url = url.rstrip("/")
-    if not url.endswith("/v1/check"):
-        url += "/v1/check"
+    url = check_url(url)
     paths = list_images(source)
+    if out.is_dir():
+        raise InvalidInput(f"--out {out} is a folder; give the JSONL file to write, e.g. {out / 'scan.jsonl'}")
+    out.parent.mkdir(parents=True, exist_ok=True)
     lock_path = out.with_name(out.name + ".lock")
     with lock_path.open("a") as lock:
         try:

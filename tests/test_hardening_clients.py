@@ -123,6 +123,51 @@ def test_server_json_cannot_overwrite_path_or_status(tmp_path):
     assert row["path"] == str((folder / "0.jpg").resolve()) and row["status"] == 200
 
 
+def test_a_file_name_that_is_not_utf8_is_checked_and_does_not_stop_the_others(tmp_path):
+    """One such name used to raise UnicodeEncodeError in httpx's multipart header, cancel every worker and
+    record nothing, on every rerun."""
+    from serving.client import scan
+
+    folder, out = _folder(tmp_path, 2), tmp_path / "scan.jsonl"
+    odd = os.fsdecode(b"bad\xffname.jpg")
+    (folder / "0.jpg").rename(folder / odd)
+    calls = []
+    result = scan(folder, "http://x", out, transport=_server(calls=calls))
+    assert result["checked"] == 2 and result["allow"] == 2
+    assert sorted(json.loads(line)["path"] for line in out.read_text().splitlines()) == sorted(
+        str((folder / name).resolve()) for name in (odd, "1.jpg"))
+    assert scan(folder, "http://x", out, transport=_server())["already_done"] == 2
+
+
+def test_a_listed_file_that_cannot_be_read_yet_is_retried_not_done(tmp_path):
+    """A CSV may list a photo before it lands; it used to be recorded as done and never checked."""
+    from serving.client import scan
+
+    folder, out = _folder(tmp_path, 1), tmp_path / "scan.jsonl"
+    listing = tmp_path / "list.csv"
+    listing.write_text("path\nphotos/0.jpg\nphotos/later.jpg\n")
+    first = scan(listing, "http://x", out, transport=_server())
+    assert first["allow"] == 1 and first["retry later"] == 1
+    (folder / "later.jpg").write_bytes(jpeg_bytes(photo(5, (32, 32))))
+    second = scan(listing, "http://x", out, transport=_server())
+    assert second["already_done"] == 1 and second["checked"] == 1 and second["allow"] == 1
+
+
+@pytest.mark.parametrize("url", ["localhost:3000", "ftp://host/", "http://", "/v1/check"])
+def test_an_address_no_request_can_reach_stops_before_anything_is_written(tmp_path, url):
+    from serving.client import scan
+
+    folder, out = _folder(tmp_path, 1), tmp_path / "new" / "scan.jsonl"
+    with pytest.raises(ValueError, match="not an http"):
+        scan(folder, url, out, transport=_server())
+    assert not out.parent.exists()
+    with pytest.raises(ValueError, match="is a folder"):
+        scan(folder, "http://x", tmp_path, transport=_server())
+    with pytest.raises(FileNotFoundError):
+        scan(tmp_path / "nowhere", "http://x", out, transport=_server())
+    assert not out.parent.exists()
+
+
 def test_two_scans_on_the_same_out_do_not_both_write(tmp_path):
     from serving.client import scan
 
