@@ -223,6 +223,12 @@ class ModelContract(ModelSpec):
         return model
 
 
+def weights_id(model_version: str) -> str:
+    """The weights hash a release's version ends with (``1.6.0+48edcbdd8e1e`` -> ``48edcbdd8e1e``): which
+    weights a model is, whatever human version it was given."""
+    return model_version.rpartition("+")[2]
+
+
 def contract_hash(contract: ModelContract) -> str:
     """sha256 of the canonical contract JSON: a gallery records it to refuse another model's file."""
     import hashlib

@@ -120,6 +120,18 @@ def test_ingest_train_compare_promote_serve(three_class_root, tmp_path):
         promote(tmp_path / "v1", registry, version="1b")  # a second model without a comparison
     second = promote(v2, registry, version="2")
     assert second["previous"] == first["version"]
+    # v1's comparison was with v1 itself, and v2 is current now: a comparison with another model than the
+    # current one used to pass promote's gate (a weaker model replaced the current one without --force)
+    compare(v2, v1, [str(root)], split="test")
+    assert json.loads((v1 / "compare.json").read_text())["champion_weights"] == second["version"].rpartition("+")[2]
+    stale = json.loads((v2 / "compare.json").read_text())
+    (v1 / "compare.json").write_text(json.dumps({**stale, "challenger_weights": first["version"].rpartition("+")[2]}))
+    with pytest.raises(PromoteRefused, match="not with the current model"):
+        promote(v1, registry, version="1c")  # compared with v1 (its own weights), not with v2
+    (v1 / "compare.json").write_text(json.dumps(stale))
+    with pytest.raises(PromoteRefused, match="other weights than the run's"):
+        promote(v1, registry, version="1c")  # v2's comparison copied into v1
+    assert current_model(registry).resolve().parent.name == second["version"]
     served = current_model(registry)
     assert served.resolve().parent.name == second["version"] and (served.parent / "model_card.md").exists()
 

@@ -14,6 +14,7 @@ import numpy as np
 from scipy.stats import binomtest
 from sklearn.metrics import f1_score
 
+from serving.contract import weights_id
 from serving.errors import InvalidInput
 from training.data.sources import load_samples, select_split
 from training.metrics import compute_metrics
@@ -92,6 +93,9 @@ def compare(champion: str | Path, challenger: str | Path, data: list[str], split
         "challenger_macro_f1_on_champion_classes": macro_b,
         "mcnemar": mcnemar(a_correct, b_correct), "max_recall_drop": max_recall_drop,
         "gate": "pass" if not failures else "fail", "failures": failures,
+        # which weights were compared: promote accepts the comparison only against the current model
+        "champion_weights": weights_id(champ.contract.model_version),
+        "challenger_weights": weights_id(chall.contract.model_version),
     }
     md = [f"# {Path(challenger).name} vs {Path(champion).name} on {split}", "",
           f"Gate: **{result['gate'].upper()}**" + ("" if not failures else ": " + "; ".join(failures)), "",

@@ -22,7 +22,7 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from serving.contract import read_contract
+from serving.contract import read_contract, weights_id
 from serving.errors import MissingInput, WildcheckError
 from training.fileio import atomic_path, atomic_write_text
 
@@ -81,6 +81,19 @@ def _card(contract, compare: dict | None, run_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _check_compared(comparison: dict, compare_path: Path, challenger_version: str, current_version: str | None,
+                    compare_again: str) -> None:
+    """A passed gate counts only for these weights against the model now current: a comparison with an older
+    champion, with any other model, or of weights trained since, let a weaker model replace the current one."""
+    if comparison.get("challenger_weights") != weights_id(challenger_version):
+        raise PromoteRefused(f"{compare_path} was written for other weights than the run's ({weights_id(challenger_version)}), "
+                             f"or by an older wildcheck; {compare_again}")
+    if current_version is not None and comparison.get("champion_weights") != weights_id(current_version):
+        raise PromoteRefused(f"{compare_path} compared the run with {comparison.get('champion')} (weights "
+                             f"{comparison.get('champion_weights')}), not with the current model {current_version}; "
+                             f"{compare_again}")
+
+
 def promote(run: str | Path, registry: str | Path, force: bool = False, name: str | None = None,
             version: str | None = None) -> dict:
     from training.predict import resolve_checkpoint  # the training stack: current_model() works without it
@@ -100,9 +113,14 @@ def promote(run: str | Path, registry: str | Path, force: bool = False, name: st
         if comparison and comparison["gate"] == "fail" and not force:
             raise PromoteRefused(f"the comparison gate failed ({'; '.join(comparison['failures'])}); "
                                  "fix the model or promote with --force")
+        compare_again = (f"run `wildcheck compare {model_dir / 'current' / 'model.onnx'} {run_dir} --data ROOT "
+                         "--split test` first")
         if comparison is None and has_current and not force:
-            raise PromoteRefused(f"no comparison with the current model: run `wildcheck compare "
-                                 f"{model_dir / 'current' / 'model.onnx'} {run_dir} --data ROOT --split test` first")
+            raise PromoteRefused(f"no comparison with the current model: {compare_again}")
+        if comparison is not None and not force:
+            _check_compared(comparison, compare_path, contract.model_version,
+                            read_contract(model_dir / "current" / "model.onnx").model_version if has_current else None,
+                            compare_again)
         target = model_dir / contract.model_version
         target.mkdir(parents=True, exist_ok=True)
         with atomic_path(target / "model.onnx") as final:
