@@ -4,6 +4,9 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+from serving.errors import InvalidInput
 from training.data.check import check_dataset
 from training.data.sources import discover, load_samples
 
@@ -76,3 +79,22 @@ def test_layouts_manifest_and_combined_roots(tmp_path, synth_root):
     assert [(s.label, s.split) for s in discover(manifest)] == [("rhino_horn", "test")]
     combined = load_samples([synth_root, manifest])
     assert {s.label for s in combined if s.split == "test"} == {"ivory", "other", "pangolin_scales", "tiger_skin", "rhino_horn"}
+
+
+def test_unknown_split_in_a_manifest_is_an_error_naming_the_rows(tmp_path, synth_root):
+    """Before, a misspelt split (`vali`) became a split of its own: check listed it and train silently dropped it."""
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    images = sorted((synth_root / "train" / "ivory").glob("*.jpg"))[:3]
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("path,label,split\n" f"{images[0]},ivory,train\n" f"{images[1]},ivory,vali\n"
+                        f"{images[2]},ivory,\n")
+    with pytest.raises(InvalidInput, match=r"line 3: 'vali'.*train, val, test"):
+        discover(manifest)
+    result = CliRunner().invoke(app, ["data", "check", str(manifest)])
+    assert result.exit_code == 2 and "'vali'" in result.output and "error:" in result.output
+    manifest.write_text("path,label,split\n" f"{images[0]},ivory,train\n" f"{images[1]},ivory,val\n"
+                        f"{images[2]},ivory,\n")  # the fix: a known split, or empty for the default
+    assert [s.split for s in discover(manifest, default_split="test")] == ["train", "val", "test"]

@@ -251,3 +251,67 @@ def test_ingest_reads_excel_bom_and_neutralises_formulas(tmp_path):
     assert row["source"].startswith("'=") and row["listing_id"] == "'+123" and row["labeled_by"] == "'@me"
     assert row["label"] == "ivory"
     assert os.path.commonpath([root.resolve(), (root / row["path"]).resolve()]) == str(root.resolve())
+
+
+# --- ingest into a dataset whose manifest.csv is plain path,label,split --------------------------------------------
+
+def _plain_manifest_dataset(tmp_path: Path) -> Path:
+    """The README's manifest format, no sha256/phash columns, plus a column of the team's own (notes)."""
+    root = tmp_path / "data"
+    for label in ("ivory", "other"):
+        (root / "train" / label).mkdir(parents=True)
+    photo(40, (200, 200)).save(root / "train" / "ivory" / "x.jpg", quality=95)
+    photo(41, (200, 200)).save(root / "train" / "other" / "y.jpg", quality=95)
+    (root / "manifest.csv").write_text("path,label,split,notes\ntrain/ivory/x.jpg,ivory,train,seized 2021\n"
+                                       "train/other/y.jpg,other,train,\n")
+    return root
+
+
+def test_ingest_sees_conflicts_and_duplicates_in_a_plain_manifest(tmp_path):
+    """Before, only the manifest's sha256/phash columns were searched: a copy of x.jpg labelled `other` was added."""
+    from training.cli import app
+    from training.data.ingest import IngestConflict, ingest
+
+    root = _plain_manifest_dataset(tmp_path)
+    before = (root / "manifest.csv").read_text()
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    (incoming / "dup.jpg").write_bytes((root / "train" / "ivory" / "x.jpg").read_bytes())
+    conflict_csv = tmp_path / "conflict.csv"
+    conflict_csv.write_text("path,label\nincoming/dup.jpg,other\n")
+    with pytest.raises(IngestConflict, match="train/ivory/x.jpg labelled 'ivory'"):
+        ingest(conflict_csv, root)
+    result = CliRunner().invoke(app, ["data", "ingest", str(conflict_csv), "--into", str(root)])
+    assert result.exit_code == 1 and "conflicts 1" in result.output
+    assert (root / "manifest.csv").read_text() == before and len(list(root.rglob("*.jpg"))) == 2
+
+    photo(41, (200, 200)).resize((150, 150)).save(incoming / "y_small.jpg", quality=70)  # same picture, other bytes
+    (incoming / "new.jpg").write_bytes(jpeg_bytes(photo(77, (64, 64))))
+    labels_csv = tmp_path / "labels.csv"
+    labels_csv.write_text("path,label\nincoming/dup.jpg,ivory\nincoming/y_small.jpg,other\nincoming/new.jpg,other\n")
+    report = ingest(labels_csv, root)
+    assert [d["same_as"] for d in report["duplicates"]] == ["train/ivory/x.jpg"]
+    assert [d["same_as"] for d in report["near_duplicates"]] == ["train/other/y.jpg"]
+    assert len(report["added"]) == 1 and report["dataset_unreadable"] == []
+    with (root / "manifest.csv").open(newline="") as fh:
+        rows = {r["path"]: r for r in csv.DictReader(fh)}
+    assert rows["train/ivory/x.jpg"]["notes"] == "seized 2021"  # the manifest's own column survives the rewrite
+    assert len(rows["train/ivory/x.jpg"]["sha256"]) == 64 and len(rows["train/other/y.jpg"]["phash"]) == 16
+
+
+def test_ingest_reports_dataset_images_it_cannot_hash(tmp_path):
+    """A broken or missing image already in the dataset is named in the report; the ingest still goes ahead."""
+    from training.data.ingest import format_ingest, ingest
+
+    root = _plain_manifest_dataset(tmp_path)
+    (root / "train" / "other" / "broken.jpg").write_bytes(b"not a jpeg")
+    with (root / "manifest.csv").open("a") as fh:
+        fh.write("train/other/broken.jpg,other,train,\ntrain/other/gone.jpg,other,train,\n")
+    report = ingest(_labels(tmp_path, [("a.jpg", "ivory")]), root)
+    assert len(report["added"]) == 1
+    assert [(u["where"], Path(u["path"]).name) for u in report["dataset_unreadable"]] == [
+        ("manifest.csv line 4", "broken.jpg"), ("manifest.csv line 5", "gone.jpg")]
+    text = format_ingest(report)
+    assert "DATASET IMAGES UNREADABLE: 2" in text and "gone.jpg" in text and "wildcheck data check" in text
+    with (root / "manifest.csv").open(newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == 5  # nothing lost: the broken rows stay, for data check to name

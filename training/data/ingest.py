@@ -57,10 +57,11 @@ class IngestReport:
     unreadable: list[dict] = field(default_factory=list)
     conflicts: list[dict] = field(default_factory=list)
     new_labels: list[str] = field(default_factory=list)
+    dataset_unreadable: list[dict] = field(default_factory=list)  # images already there that could not be hashed
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("added", "duplicates", "near_duplicates", "unreadable", "conflicts",
-                                              "new_labels")}
+                                              "new_labels", "dataset_unreadable")}
 
 
 def _fingerprint(data: bytes) -> tuple[str, str]:
@@ -86,23 +87,42 @@ def _check_labels(rows: list[dict], labels_csv: Path) -> None:
                          + ". Nothing was ingested.")
 
 
-def _load_manifest(root: Path) -> list[dict]:
-    """The dataset's manifest; for a folder dataset without one, rows built from its files."""
+def _hash_existing(root: Path, row: dict, where: str, unreadable: list[dict]) -> dict:
+    """Fill in a dataset row's sha256/phash so a new image can be matched against it; a file that cannot be read
+    or decoded is reported (its duplicates cannot be found), not fatal: the ingest adds images, it does not repair."""
+    path = root / row["path"]
+    try:
+        data = path.read_bytes()
+        row["sha256"] = hashlib.sha256(data).hexdigest()
+        row["phash"] = _fingerprint(data)[1]
+    except (OSError, ImageError) as exc:
+        unreadable.append({"where": where, "path": str(path), "reason": getattr(exc, "message", str(exc))})
+    return row
+
+
+def _load_manifest(root: Path, unreadable: list[dict]) -> tuple[list[dict], list[str]]:
+    """The dataset's rows and the manifest's columns beyond MANIFEST_FIELDS (kept on rewrite). A plain
+    ``path,label,split`` manifest or a folder dataset without one has no hashes: they are computed here, or
+    duplicates and conflicts with those images would go unnoticed."""
     manifest = root / "manifest.csv"
     if manifest.exists():
         with manifest.open(newline="", encoding="utf-8-sig") as fh:
-            return list(csv.DictReader(fh))
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+        if not {"path", "label"} <= set(reader.fieldnames or []):
+            raise InvalidInput(f"{manifest}: a manifest needs at least the columns path,label; fix its header "
+                               "and run again. Nothing was ingested.")
+        extra = [f for f in reader.fieldnames or [] if f not in MANIFEST_FIELDS]
+        for line, row in enumerate(rows, start=2):
+            if not (row.get("sha256") and row.get("phash")):
+                _hash_existing(root, row, f"manifest.csv line {line}", unreadable)
+        return rows, extra
     rows = []
     if root.exists():
         for s in discover(root):
-            try:
-                data = s.path.read_bytes()
-                sha, ph = _fingerprint(data)
-            except (OSError, ImageError):
-                sha, ph = hashlib.sha256(s.path.read_bytes()).hexdigest() if s.path.exists() else "", ""
-            rows.append({"path": str(s.path.relative_to(root)), "label": s.label, "split": s.split, "sha256": sha,
-                         "phash": ph, "source": "existing"})
-    return rows
+            row = {"path": str(s.path.relative_to(root)), "label": s.label, "split": s.split, "source": "existing"}
+            rows.append(_hash_existing(root, row, "dataset", unreadable))
+    return rows, []
 
 
 def ingest(labels_csv: str | Path, root: str | Path, split: str = "train", near_distance: int = NEAR_DISTANCE) -> dict:
@@ -115,12 +135,12 @@ def ingest(labels_csv: str | Path, root: str | Path, split: str = "train", near_
         raise InvalidInput(f"split must be train, val or test, not {split!r}")
     if not labels_csv.is_file():
         raise MissingInput(f"{labels_csv} not found: give the CSV of labelled images (path,label,...)")
-    existing = _load_manifest(root)
+    report = IngestReport()
+    existing, extra_columns = _load_manifest(root, report.dataset_unreadable)
     by_sha = {r["sha256"]: r for r in existing if r.get("sha256")}
     hashed = [r for r in existing if r.get("phash")]
     known = HashIndex((r["phash"] for r in hashed), near_distance)  # built once; each row is one numpy search
     known_labels = {r["label"] for r in existing}
-    report = IngestReport()
     staged: list[tuple[bytes, dict]] = []
     with labels_csv.open(newline="", encoding="utf-8-sig") as fh:  # -sig: Excel writes a BOM
         reader = csv.DictReader(fh)
@@ -178,11 +198,12 @@ def ingest(labels_csv: str | Path, root: str | Path, split: str = "train", near_
             tmp = target.with_name(f".{target.name}.tmp")
             tmp.write_bytes(data)
             tmp.replace(target)
+    columns = MANIFEST_FIELDS + extra_columns  # a manifest's own columns (notes, ...) are provenance too
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS, extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=columns)
     writer.writeheader()
     for r in existing + [e for _, e in staged]:
-        writer.writerow({k: r.get(k, "") for k in MANIFEST_FIELDS})
+        writer.writerow({k: r.get(k) or "" for k in columns})
     atomic_write_text(root / "manifest.csv", buf.getvalue())
     return report.as_dict()
 
@@ -196,5 +217,10 @@ def format_ingest(report: dict) -> str:
         for item in report[kind][:20]:
             detail = item.get("same_as") or item.get("reason") or item.get("message")
             lines.append(f"  {kind[:-1]}: line {item['line']} {item['path']}: {detail}")
+    if report.get("dataset_unreadable"):
+        lines.append(f"DATASET IMAGES UNREADABLE: {len(report['dataset_unreadable'])}: copies of them cannot be "
+                     "recognised; run wildcheck data check on the dataset and fix or remove them")
+        for item in report["dataset_unreadable"][:20]:
+            lines.append(f"  {item['where']} {item['path']}: {item['reason']}")
     return "\n".join(lines)
 

@@ -43,8 +43,8 @@ def _scan_label_dirs(folder: Path, split: str) -> list[Sample]:
 
 
 def _read_manifest(csv_path: Path, default_split: str) -> list[Sample]:
-    samples = []
-    with csv_path.open(newline="") as fh:
+    samples, bad_splits = [], []
+    with csv_path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
             raise InvalidInput(f"{csv_path}: a manifest needs at least the columns path,label (and optionally split)")
@@ -54,9 +54,21 @@ def _read_manifest(csv_path: Path, default_split: str) -> list[Sample]:
             path = Path(row["path"])
             if not path.is_absolute():
                 path = csv_path.parent / path
-            samples.append(Sample(path, row["label"].strip(), (row.get("split") or default_split).strip(),
-                                  (row.get("source") or "").strip()))
+            split = (row.get("split") or "").strip()
+            if split and split not in KNOWN_SPLITS:
+                bad_splits.append(f"line {line_no}: {split!r}")
+            source = (row.get("source") or "").strip()
+            samples.append(Sample(path, row["label"].strip(), split or default_split, source))
+    _check_splits(csv_path, bad_splits)
     return samples
+
+
+def _check_splits(csv_path: Path, bad_splits: list[str]) -> None:
+    """A misspelt split (``vali``) would otherwise leave its images out of both training and validation, silently."""
+    if bad_splits:
+        raise InvalidInput(f"{csv_path}: {len(bad_splits)} row(s) with an unknown split: " + "; ".join(bad_splits[:10])
+                           + f". A split must be one of {', '.join(KNOWN_SPLITS)} (or empty for the default); "
+                           "fix the split column and run again.")
 
 
 def pool_name(root: str | Path) -> str:
