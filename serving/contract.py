@@ -158,6 +158,12 @@ class ModelSpec(BaseModel):
         unknown = set(self.thresholds) - set(self.labels)
         if unknown:
             raise ValueError(f"thresholds name labels the model does not have: {sorted(unknown)}")
+        if self.negative_label not in self.labels:
+            raise ValueError(f"negative_label {self.negative_label!r} is not one of the labels {self.labels}: "
+                             "every other class would be protected")
+        unknown = set(self.never_block) - set(self.labels)
+        if unknown:
+            raise ValueError(f"never_block names labels the model does not have: {sorted(unknown)}")
         return self
 
     @model_validator(mode="after")

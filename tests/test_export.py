@@ -113,6 +113,10 @@ def test_a_file_whose_contract_does_not_fit_it_never_loads(tmp_path, exported):
     small = read_contract(path).preprocessing.model_dump(mode="json") | {"input_size": 32}
     with pytest.raises(ContractError, match="32 px"):
         OnnxModel(_with_metadata(path, tmp_path / "small.onnx", preprocessing=small))
+    for name, changes, message in (("negative", {"negative_label": "Other"}, "negative_label 'Other' is not one"),
+                                   ("never_block", {"never_block": ["ivroy"]}, "never_block names labels")):
+        with pytest.raises(ContractError, match=message):
+            read_contract(_with_metadata(path, tmp_path / f"{name}.onnx", **changes))
     OnnxModel(path)  # the file as exported loads
 
 

@@ -171,6 +171,55 @@ def test_a_fresh_run_replaces_the_history_left_in_its_directory(synth_root, tmp_
         assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [1, 2]
 
 
+def test_a_fresh_run_that_fails_leaves_no_checkpoint_of_the_run_it_replaced(synth_root, trained_run, tmp_path):
+    """A fresh run into a finished run's folder that failed in its first epoch used to leave the old best.pt
+    beside its own config.yaml and labels.json: a mixed run that `wildcheck export` took."""
+    import shutil
+
+    from training.loop.data import DataError
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    old_config = (run / "config.yaml").read_text()
+
+    def fail(epoch, indices):
+        raise RuntimeError("the machine went away")
+
+    with pytest.raises(RuntimeError, match="went away"):
+        train([str(synth_root)], run, tiny_config(epochs=1, seed=5), on_batch=fail)
+    assert not any((run / name).exists() for name in ("best.pt", "last.pt", "summary.json", "calibration.json"))
+    assert (run / "config.yaml").read_text() != old_config  # the new run's setup, and nothing of the old run
+    # a data mistake found before any write leaves the old run as it was
+    shutil.rmtree(run)
+    shutil.copytree(trained_run, run)
+    with pytest.raises(DataError, match="negative_label 'Other' is not one of the labels"):
+        train([str(synth_root)], run, tiny_config(epochs=1).model_copy(
+            update={"data": tiny_config().data.model_copy(update={"negative_label": "Other"})}))
+    assert (run / "best.pt").exists() and (run / "config.yaml").read_text() == old_config
+
+
+def test_misnamed_decision_labels_and_new_labels_on_resume_are_clear_errors(synth_root, trained_run, tmp_path):
+    from training.config import load_config
+    from training.loop.data import DataError
+
+    config = load_config(None, {"train": {"epochs": 1, "threads": 2}, "data": {"img_size": 64, "num_workers": 0},
+                                "decision": {"never_block": ["ivroy"]}})
+    with pytest.raises(DataError, match=r"never_block names labels the data does not have: \['ivroy'\]"):
+        train([str(synth_root)], tmp_path / "nb", config)
+    # resuming with a dataset that gained a label: a KeyError traceback before
+    import shutil
+
+    grown = tmp_path / "grown"
+    shutil.copytree(synth_root, grown)
+    (grown / "train" / "rhino_horn").mkdir()
+    for p in sorted((grown / "train" / "ivory").glob("*.jpg"))[:4]:
+        shutil.copy(p, grown / "train" / "rhino_horn" / p.name)
+    run = tmp_path / "resumed"
+    shutil.copytree(trained_run, run)
+    with pytest.raises(DataError, match=r"labels the resumed run was not trained on: \['rhino_horn'\]"):
+        train([str(grown)], run, tiny_config(epochs=4), resume=True)
+
+
 def test_layer_decay_slows_early_layers_only(synth_root, tmp_path):
     """timm's layer-wise lr decay: the stem barely moves from its pretrained weights, the last blocks train."""
     from training.models import create_model

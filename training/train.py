@@ -135,8 +135,8 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
     pre = resolve_preprocessing(config)
     resumed = run.resume_state() if resume else None
     data = TrainData.build(roots, config, pre, labels=resumed["labels"] if resumed else None, say=say)
-    run.write_setup(config, data.labels, data.skipped)
     module, frozen = build_model(config, data.labels, device, resuming=resumed is not None, init_from=init_from, say=say)
+    run.write_setup(config, data.labels, data.skipped, fresh=resumed is None)
     data.build_sampler(config)
     loader = data.loader(info, tc.batch_size, config.data.num_workers, device)
     opt = build_optimization(module, tc, len(loader), info.world, device, len(data.labels),

@@ -72,6 +72,17 @@ def even_sample(groups: list[list[Sample]], total: int, rng: np.random.RandomSta
     return [s for g in range(len(groups)) for s in chosen[g]]
 
 
+def _check_decision_labels(config: Config, labels: list[str]) -> None:
+    """The negative label and never_block name classes of the data: a misspelt one would make the ordinary
+    photos a protected class (blocked) or leave the class it meant free to auto-block."""
+    if config.data.negative_label not in labels:
+        raise DataError(f"data.negative_label {config.data.negative_label!r} is not one of the labels {labels}: set it "
+                        "to the label of the ordinary photos (e.g. --set data.negative_label=other)")
+    unknown = sorted(set(config.decision.never_block) - set(labels))
+    if unknown:
+        raise DataError(f"decision.never_block names labels the data does not have: {unknown}; labels: {labels}")
+
+
 def _check_negative_weights(config: Config, roots: list[str]) -> None:
     """Fail before training, not at calibration after it, when decision.negative_weights names no pool."""
     weights = config.decision.negative_weights or {}
@@ -113,9 +124,15 @@ class TrainData:
             raise DataError(
                 f"no validation images in {roots}: add ROOT/val/<label>/<image> (or split=val rows) so the best epoch can be chosen"
             )
+        if labels:
+            new = sorted({s.label for s in train_s} - set(labels))
+            if new:
+                raise DataError(f"the data has labels the resumed run was not trained on: {new}; train a new run "
+                                "warm-started from it instead (--init-from RUN_DIR keeps the old classes' rows)")
         labels = labels or sorted({s.label for s in train_s} | ({negative} if pool_s else set()))
         if len(labels) < 2:
             raise DataError(f"training needs at least two labels, found {labels}")
+        _check_decision_labels(config, labels)
         unknown_val = Counter(s.label for s in val_s if s.label not in labels)
         if unknown_val:
             say(f"validation labels not in training data are left out of validation: {dict(unknown_val)}")

@@ -29,6 +29,11 @@ class ResumeError(WildcheckError, FileNotFoundError):
     """--resume on a directory without a checkpoint."""
 
 
+# what a run and its follow-ups (calibrate, compare, grey-head) write into RUN_DIR
+PREVIOUS_RUN_FILES = ("best.pt", "last.pt", "summary.json", "history.png", "calibration.json", "compare.json",
+                      "compare.md", "grey_head.json")
+
+
 def append_history(path: Path, row: dict) -> None:
     new = not path.exists()
     with path.open("a", newline="") as fh:
@@ -101,7 +106,15 @@ class RunDir:
             raise ResumeError(f"--resume: {last} does not exist; start without --resume")
         return load_checkpoint(last)
 
-    def write_setup(self, config: Config, labels: list[str], skipped: list) -> None:
+    def write_setup(self, config: Config, labels: list[str], skipped: list, fresh: bool = True) -> None:
+        """The run's setup files; a fresh run first removes what an earlier run left in the directory, so a run
+        that fails later never leaves the old best.pt beside its own config and labels (a mixed run exports)."""
+        if self.main and fresh:
+            removed = [name for name in PREVIOUS_RUN_FILES if (self.path / name).exists()]
+            for name in removed:
+                (self.path / name).unlink()
+            if removed:
+                self.say(f"a fresh run replaces the one in {self.path}: removed {', '.join(removed)}")
         if self.main:
             atomic_write_text(self.path / "config.yaml", dump_config(config))
             atomic_write_text(self.path / "labels.json", json.dumps(labels, indent=2))
