@@ -117,6 +117,24 @@ def views_and_hashes(img, pre, tiling, boxes=None) -> tuple[np.ndarray, list[int
     return np.stack([a for a, _ in pairs]), [h for _, h in pairs]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def is_gallery_file(path: str | Path) -> bool:
+    """Whether ``path`` is a wildcheck gallery, from its header alone (a 1M-reference gallery is not read): build may
+    replace a gallery, never anything else."""
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open("header.npy") as fh:
+            _read_npy_header(fh)
+            meta = json.loads(fh.read())
+    except (zipfile.BadZipFile, OSError, ValueError, KeyError, EOFError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == GALLERY_FORMAT
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -264,6 +282,8 @@ class Gallery:
                             index.write(member.write)
                 fh.flush()
                 os.fsync(fh.fileno())
+            # as training.fileio.atomic_path: mkstemp makes it owner-only; a server running as another user must read it
+            os.chmod(tmp, 0o666 & ~_umask())
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from serving.client import list_images
 from serving.errors import InvalidInput, MissingInput
-from serving.gallery import DEFAULT_FPR, Gallery, GalleryError, new_header, preprocess_and_hash
+from serving.gallery import DEFAULT_FPR, Gallery, GalleryError, is_gallery_file, new_header, preprocess_and_hash
 from serving.imageio import ImageError, decode_image, images_under, label_folders
 from serving.runtime import OnnxModel
 
@@ -102,10 +102,25 @@ def _load_model(model_path: str | Path) -> OnnxModel:
     return model
 
 
+def check_out(ref: str | Path, out: str | Path) -> None:
+    """Refuse, before any work, an ``--out`` that would land among the reference photos or replace a file that is
+    not a gallery (a photo, the model, a CSV): rebuilding over an existing gallery is the only overwrite allowed."""
+    ref, out = Path(ref), Path(out)
+    if ref.is_dir() and out.resolve().is_relative_to(ref.resolve()):
+        raise InvalidInput(f"--out {out} is inside the references folder {ref}: the gallery would be written among "
+                           f"(or over) the reference photos; write it outside, e.g. --out {ref.resolve().parent / ref.resolve().name}.npz")
+    if out.is_dir():
+        raise InvalidInput(f"--out {out} is a folder; name the gallery file to write, e.g. --out {out / 'gallery.npz'}")
+    if out.exists() and not is_gallery_file(out):
+        raise InvalidInput(f"--out {out} exists and is not a wildcheck gallery; refusing to write over it: "
+                           "choose a new file name, or delete it first if it is meant to go")
+
+
 def build(ref: str | Path, model_path: str | Path, out: str | Path, negatives: list[Path] = (),
           fpr: float = DEFAULT_FPR, max_negatives: int = MAX_NEGATIVES) -> dict:
     from importlib.metadata import PackageNotFoundError, version as package_version
 
+    check_out(ref, out)
     try:
         version = package_version("wildcheck")
     except PackageNotFoundError:

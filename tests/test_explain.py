@@ -220,6 +220,27 @@ def test_cli_explains_a_folder_and_reports_what_it_could_not(onnx_model, tmp_pat
     assert not (tmp_path / "o2").exists()  # nothing written for a mistake
 
 
+def test_cli_explain_refuses_an_out_that_holds_the_images(onnx_model, tmp_path):
+    """Overlays are named after their image: with --out the photo folder, p.png was replaced by its own overlay.
+    An --out holding any image being explained is refused before anything is written."""
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    photos = tmp_path / "photos"
+    (photos / "shop").mkdir(parents=True)
+    _scene((200, 160), seed=1).save(photos / "p.png")
+    (photos / "shop" / "q.jpg").write_bytes(jpeg_bytes(_scene((180, 220), seed=2)))
+    before = {p: p.read_bytes() for p in photos.rglob("*") if p.is_file()}
+    for images, out in [(photos, photos), (photos / "p.png", photos), (photos / "shop", tmp_path)]:
+        result = CliRunner().invoke(app, ["explain", str(onnx_model), str(images), "--out", str(out)])
+        assert result.exit_code == 2 and "holds images being explained" in result.output.replace("\n", ""), result.output
+    assert {p: p.read_bytes() for p in photos.rglob("*") if p.is_file()} == before  # nothing written or replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
+    result = CliRunner().invoke(app, ["explain", str(onnx_model), str(photos), "--out", str(tmp_path / "overlays")])
+    assert result.exit_code == 0, result.output  # a folder beside the photos is fine
+
+
 def test_explain_errors_and_batch(client):
     good = jpeg_bytes(_scene(seed=11))
     for query in ("", "?explain=true", "?explain=png"):  # a bad image gets the same 4xx with or without explain

@@ -93,6 +93,52 @@ def test_build_reports_skipped_images_and_add_remove_resolve_thresholds(synth_ga
     assert info.exit_code == 0 and "pangolin_scales: 3 refs" in info.output and g.header.model_version in info.output
 
 
+def test_build_refuses_an_out_among_the_references_or_over_a_file_that_is_not_a_gallery(onnx_model, tmp_path):
+    """`--out REFS/s/a.jpg` replaced a reference photo with the gallery (exit 0); any existing non-gallery file went
+    the same way. Refused before any work, the file untouched; rebuilding over a gallery still works."""
+    ref = _folder(tmp_path / "ref", "s", [photo(s) for s in range(2)])
+    photo_file, model_copy = ref / "s" / "s_0.jpg", tmp_path / "model-copy.onnx"
+    shutil.copy(onnx_model, model_copy)
+    kept = {p: p.read_bytes() for p in (photo_file, model_copy)}
+    cases = {photo_file: "inside the references folder", ref / "g.npz": "inside the references folder",
+             model_copy: "is not a wildcheck gallery", tmp_path: "is a folder"}
+    for out, words in cases.items():
+        result = _cli("gallery", "build", ref, "--model", onnx_model, "--out", out)
+        assert result.exit_code == 2 and words in result.output.replace("\n", ""), (out, result.output)
+        assert result.output.startswith("error: ")
+    assert {p: p.read_bytes() for p in kept} == kept and not (ref / "g.npz").exists()
+    assert sorted(p.name for p in (ref / "s").iterdir()) == ["s_0.jpg", "s_1.jpg"]
+    out = tmp_path / "g.npz"
+    for _ in range(2):  # a new file, then a rebuild over the gallery
+        assert _cli("gallery", "build", ref, "--model", onnx_model, "--out", out).exit_code == 0
+
+
+def test_gallery_writes_are_readable_by_a_server_running_as_another_user(synth_gallery, onnx_model, tmp_path):
+    """build/add/remove wrote 0600 (their own mkstemp) and remove turned a 0644 gallery into 0600; like
+    training.fileio.atomic_path they now get 0666 less the umask."""
+    from serving.gallery import Gallery
+
+    mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
+    ref = _folder(tmp_path / "ref", "s", [photo(s) for s in range(30, 32)])
+    previous = os.umask(0o022)
+    try:
+        built = tmp_path / "built.npz"
+        assert _cli("gallery", "build", ref, "--model", onnx_model, "--out", built).exit_code == 0
+        assert mode(built) == 0o644
+        copy = tmp_path / "g.npz"
+        shutil.copy(synth_gallery, copy)
+        copy.chmod(0o644)
+        assert _cli("gallery", "add", copy, ref, "--model", onnx_model).exit_code == 0
+        assert mode(copy) == 0o644
+        assert _cli("gallery", "remove", copy, "--reference", "s/s_0.jpg").exit_code == 0
+        assert mode(copy) == 0o644
+        os.umask(0o077)  # the umask still decides
+        Gallery.load(copy).save(copy)
+        assert mode(copy) == 0o600
+    finally:
+        os.umask(previous)
+
+
 def test_an_exact_copy_is_a_duplicate_and_thresholds_hold_back_the_negatives(synth_gallery, onnx_model):
     from serving.checker import ImageChecker
 
