@@ -18,6 +18,26 @@ from tests.conftest import jpeg_bytes, photo
 pytestmark = pytest.mark.slow
 
 
+def test_a_content_type_that_is_not_utf8_gets_the_whole_400_json(server):
+    """Over a real socket: BentoML's access log sits outside our middleware and decoded the header as UTF-8,
+    so the client got a status line and a cut connection (the in-process test client never saw it)."""
+    import socket
+
+    base, _ = server
+    host, port = base.removeprefix("http://").split(":")
+    body = _jpeg()
+    request = (b"POST /v1/check HTTP/1.1\r\nHost: x\r\nX-API-Key: secret\r\nContent-Type: image/j\xe9pg\r\n"
+               b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)) + body
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), answer[:300]
+    assert json.loads(payload)["error"]["code"] == "invalid_content_type"
+
+
 @pytest.fixture(scope="module")
 def server(onnx_model, tmp_path_factory):
     with _serve(onnx_model, tmp_path_factory.mktemp("e2e")) as running:
