@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -14,9 +15,14 @@ def _number(name: str, default, parse, kind: str):
     if value is None or value == "":
         return default
     try:
-        return parse(value)
+        number = parse(value)
     except ValueError as exc:
         raise InvalidInput(f"{name} must be {kind}, got {value!r}") from exc
+    # every limit is a count, a size or a time: 0, a negative or nan would refuse every request while the
+    # server reports ready, each refusal blaming the client
+    if not (math.isfinite(number) and number > 0):
+        raise InvalidInput(f"{name} must be {kind} above 0, got {value!r}; unset it for the default {default}")
+    return number
 
 
 def _int(name: str, default: int) -> int:

@@ -349,6 +349,20 @@ def test_api_keys_that_parse_to_nothing_refuse_to_start(keys, monkeypatch):
     assert Settings.from_env().api_keys == {"a", "b"}
 
 
+@pytest.mark.parametrize("name,value", [("WILDCHECK_BODY_TIMEOUT_S", "nan"), ("WILDCHECK_MAX_PIXELS", "-5"),
+                                        ("WILDCHECK_TIMEOUT_S", "-1"), ("WILDCHECK_MAX_CONCURRENCY", "0"),
+                                        ("WILDCHECK_WORKERS", "0"), ("WILDCHECK_BODY_TIMEOUT_S", "inf")])
+def test_a_limit_that_would_refuse_every_request_refuses_to_start(name, value, monkeypatch):
+    """These started and reported ready, then answered every request 408, 400 too_many_pixels, 504 or 429."""
+    from serving.settings import Settings
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=f"{name} must be .* above 0, got '{value}'"):
+        Settings.from_env()
+    monkeypatch.setenv(name, "3")
+    Settings.from_env()
+
+
 def test_model_info_names_the_policy_file_without_its_server_path(onnx_model, tmp_path):
     import hashlib
     import json
