@@ -119,13 +119,14 @@ EXPLAIN_LABEL = Query(None, description="with explain=true/png: explain this lab
 async def _read_images(request: Request, field: str, many: bool, max_batch: int) -> list[tuple[bytes, str | None]]:
     """Image bytes and declared content types from a multipart form or the raw body."""
     content_type = request.headers.get("content-type", "")
-    if content_type.startswith("multipart/form-data"):
+    kind = content_type.strip().lower()  # media types are case-insensitive (RFC 9110 8.3.1)
+    if kind.startswith("multipart/form-data"):
         try:
             form = await request.form(max_files=max_batch + 1, max_fields=max_batch + 8)
         except Exception as exc:  # malformed multipart, too many parts
             if "Too many files" in str(exc):
-                raise ImageError("batch_too_large", f"more than {max_batch} images; at most "
-                                 f"{max_batch} per request", status=413) from exc
+                raise ImageError("batch_too_large", f"more than {max_batch} files in the form; at most "
+                                 f"{max_batch} images per request", status=413) from exc
             raise ImageError("invalid_multipart", f"cannot parse the multipart body: {exc}") from exc
         values = form.getlist(field)
         if not values:
@@ -139,7 +140,7 @@ async def _read_images(request: Request, field: str, many: bool, max_batch: int)
                 )
             items.append((await value.read(), value.content_type))
         return items
-    if content_type.startswith(("application/x-www-form-urlencoded", "text/", "application/json")):
+    if kind.startswith(("application/x-www-form-urlencoded", "text/", "application/json")):
         raise ImageError("not_a_file", "send the image bytes (multipart field 'image' or a raw image body), not text or URLs")
     if many:
         raise ImageError("missing_field", f"check_batch takes a multipart form with one or more {field!r} file fields")

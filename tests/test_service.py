@@ -102,6 +102,20 @@ def test_bad_inputs_get_specific_4xx_json(client, name, kwargs, status, code):
     assert r.json()["error"]["code"] == code and r.json()["error"]["message"]
 
 
+def test_media_types_are_read_case_insensitively(client):
+    """`Multipart/Form-Data` was decoded as a raw image (400 not_an_image) and `Text/Plain` holding a URL got
+    not_an_image instead of not_a_file: media types are case-insensitive."""
+    import uuid
+
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
+            "Content-Type: image/png\r\n\r\n").encode() + _png() + f"\r\n--{boundary}--\r\n".encode()
+    r = client.post("/v1/check", content=body, headers={"Content-Type": f"Multipart/Form-Data; boundary={boundary}"})
+    assert r.status_code == 200 and r.json()["decision"] in ("allow", "review", "block"), r.text
+    r = client.post("/v1/check", content=b"http://169.254.169.254/", headers={"Content-Type": "Text/Plain"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "not_a_file"
+
+
 @pytest.mark.parametrize("declared", ["image/jpeg", "image/jpg", "text/plain"])
 def test_declared_type_never_stops_a_check_but_a_mismatch_is_flagged(client, declared):
     """A PNG sent as image/jpeg (or the unregistered image/jpg, or text/plain) is still checked (issue 19.16):
