@@ -333,8 +333,11 @@ class Gallery:
             raise GalleryError(f"{path} has an invalid gallery header: {exc}") from exc
         if len(shape) != 2 or not np.issubdtype(dtype, np.floating):
             raise GalleryError(f"{path}: embeddings of shape {shape} and type {dtype}, expected (n, {header.embedding.size}) floats")
-        gallery = cls(header, arrays["embeddings"], arrays["labels"], arrays["hashes"], arrays["negatives"],
-                      source=str(path), exact_max=exact_max, lazy=lazy)
+        try:
+            gallery = cls(header, arrays["embeddings"], arrays["labels"], arrays["hashes"], arrays["negatives"],
+                          source=str(path), exact_max=exact_max, lazy=lazy)
+        except (ValueError, TypeError) as exc:  # e.g. hashes stored as text
+            raise GalleryError(f"{path} holds arrays of the wrong type ({exc}); rebuild the gallery") from exc
         gallery.validate(shape)
         if index is not None:
             if len(index) != len(gallery) or index.index.d != header.embedding.size:
@@ -371,8 +374,22 @@ class Gallery:
             raise GalleryError(f"{self.source}: a reference has a label index outside {h.labels}")
         if set(h.thresholds) != set(h.labels):
             raise GalleryError(f"{self.source}: thresholds for {sorted(h.thresholds)} but labels {sorted(h.labels)}")
-        if self._embeddings is not None and not np.isfinite(self._embeddings).all():
-            raise GalleryError(f"{self.source}: embeddings contain NaN or infinity")
+        if self._embeddings is not None:
+            self._check_unit_length(self._embeddings)
+
+    def _check_unit_length(self, embeddings: np.ndarray, rows: int = 65536) -> None:
+        """Similarity is a dot product of L2-normalised embeddings: zero rows never match and long ones match
+        everything (a gallery scaled by 1000 made every photo a duplicate). float16 storage keeps ~1e-3."""
+        for start in range(0, len(embeddings), rows):
+            part = embeddings[start:start + rows]
+            norms = np.sqrt(np.einsum("ij,ij->i", part, part, dtype=np.float32))
+            if not np.isfinite(norms).all():
+                raise GalleryError(f"{self.source}: embeddings contain NaN or infinity")
+            bad = np.flatnonzero(np.abs(norms - 1.0) > 0.01)
+            if len(bad):
+                raise GalleryError(f"{self.source}: reference {self.header.reference_ids[start + bad[0]]!r} has an "
+                                   f"embedding of length {norms[bad[0]]:.3g}, not 1 (the file was edited or built "
+                                   "by something else); rebuild it with `wildcheck gallery build`")
 
     def check_model(self, contract: ModelContract, served_as: str = "model") -> None:
         h = self.header

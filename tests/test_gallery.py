@@ -178,8 +178,15 @@ def test_bad_galleries_are_refused_naming_the_file(synth_gallery, onnx_model, tm
                      labels=np.zeros(0, np.int32), hashes=np.zeros(0, np.uint64), reference_ids=[], sources=[])
     future = _rewrite(synth_gallery, tmp_path / "future.npz", version=99)
     other = _rewrite(synth_gallery, tmp_path / "other.npz", model_version="1.0.0+abcdef123456")
+    with np.load(synth_gallery) as npz:
+        stored, hashes = npz["embeddings"], npz["hashes"]
+    # each of these loaded: zero rows never match, scaled rows matched every photo, text hashes gave a ValueError
+    zeros = _rewrite(synth_gallery, tmp_path / "zeros.npz", embeddings=np.zeros_like(stored))
+    scaled = _rewrite(synth_gallery, tmp_path / "scaled.npz", embeddings=stored * 1000)
+    text = _rewrite(synth_gallery, tmp_path / "text.npz", hashes=np.array([format(int(h), "x") for h in hashes]))
     cases = {truncated: "truncated", empty: "no references", future: "version 99", other: r"1\.0\.0\+abcdef123456",
-             tmp_path / "missing.npz": "not found"}
+             tmp_path / "missing.npz": "not found", zeros: "length 0, not 1", scaled: "length 1e\\+03, not 1",
+             text: "wrong type"}
     for path, words in cases.items():
         with pytest.raises(GalleryError, match=words) as err:
             ImageChecker(str(onnx_model), gallery=str(path))
