@@ -21,6 +21,7 @@ import io
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -261,6 +262,51 @@ print(json.dumps({"bytes": len(data), "outcome": outcome, "seconds": round(time.
 """
 
 
+SLIVER_SCRIPT = r"""
+import io, json, resource, sys, time
+sys.path.insert(0, sys.argv[4])
+from PIL import Image
+from serving.imageio import decode_image
+from serving.preprocess import Preprocessing
+width, height, guard = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "now"
+buf = io.BytesIO()
+Image.new("RGB", (width, height), (200, 190, 170)).save(buf, "PNG")
+data = buf.getvalue()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.perf_counter()
+try:  # what the server does with it: decode, then the shipped model's preprocessing (320 px, crop 0.875)
+    img, _ = decode_image(data, **({} if guard else {"max_aspect": float("inf")}))
+    Preprocessing(input_size=320)(img); outcome = "checked"
+except Exception as exc:
+    outcome = getattr(exc, "code", type(exc).__name__)
+print(json.dumps({"bytes": len(data), "outcome": outcome, "seconds": round(time.perf_counter() - t, 3),
+                  "cost_mb": round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024, 1)}))
+"""
+
+
+def slivers(repo: Path, repeats: int = 3) -> list[dict]:
+    """A thin picture under every size limit (16 x 60000 is 1 Mpx, 9 KB) had its shorter side scaled to 365 px
+    before the centre crop. Each case in a fresh process, without the aspect limit ("before") and with it
+    ("now"), paired, median of ``repeats``; cost = peak RSS minus RSS before decoding."""
+    rows = []
+    for width, height in ((16, 20000), (16, 40000), (16, 60000), (400, 20000)):
+        runs = {"before": [], "now": []}
+        for _ in range(repeats):
+            for arm in runs:
+                out = subprocess.run([sys.executable, "-c", SLIVER_SCRIPT, str(width), str(height), arm, str(repo)],
+                                     capture_output=True, text=True)
+                runs[arm].append(json.loads(out.stdout) if out.returncode == 0 else {"error": out.stderr[-300:]})
+        row = {"size": f"{width}x{height}", "bytes": runs["now"][0].get("bytes")}
+        for arm, results in runs.items():
+            row[arm] = {"outcome": results[0].get("outcome"),
+                        "seconds": statistics.median(r.get("seconds", float("nan")) for r in results),
+                        "cost_mb": statistics.median(r.get("cost_mb", float("nan")) for r in results)}
+        row["time_ratio"] = round(row["now"]["seconds"] / max(row["before"]["seconds"], 1e-6), 4)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def decode_modes(repo: Path) -> list[dict]:
     """The worst image of each mode (as many pixels as the limits allow), decoded alone in a fresh process:
     the peak RSS minus the RSS before decoding is what one such request costs a worker."""
@@ -299,10 +345,13 @@ def main() -> None:
     ap.add_argument("--paths", type=int, default=3000, help="random-path requests")
     ap.add_argument("--env", action="append", default=[], help="extra server setting NAME=VALUE (repeatable)")
     ap.add_argument("--decode-modes", action="store_true", help="only measure decode peak RSS per mode")
+    ap.add_argument("--slivers", action="store_true", help="only measure thin pictures, with and without the aspect limit")
     ap.add_argument("--out", type=Path, help="write the JSON result here")
     args = ap.parse_args()
     if args.decode_modes:
         result = {"decode_modes": decode_modes(REPO)}
+    elif args.slivers:
+        result = {"slivers": slivers(REPO)}
     else:
         if not args.model:
             ap.error("--model is required (an exported ONNX file)")
