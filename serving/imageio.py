@@ -51,8 +51,10 @@ MIME_ALIASES = {alias: f.mime for f in IMAGE_FORMATS for alias in f.mime_aliases
 
 
 def is_image_file(path: Path) -> bool:
-    """A file whose extension is one of the image formats (case-insensitive); hidden files (.DS_Store, ._x) are not."""
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    """A file whose extension is one of the image formats (case-insensitive); hidden files (.DS_Store, ._x) are not.
+    A dangling link counts, so the command that reads it reports it instead of the photo silently missing."""
+    dangling = path.is_symlink() and not path.exists()
+    return (path.is_file() or dangling) and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
 def images_under(folder: str | Path) -> list[Path]:
@@ -115,7 +117,11 @@ def _open(data: bytes | Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
         fp = io.BytesIO(bytes(data))
     else:
         path = Path(data)
-        if path.stat().st_size == 0:
+        try:
+            size = path.stat().st_size
+        except OSError as exc:  # missing, a dangling link, no permission: say so, not "corrupt"
+            raise ImageError("unreadable", f"cannot read {path}: {exc.strerror or exc}") from exc
+        if size == 0:
             raise ImageError("empty", f"{path} is empty (0 bytes)")
         fp = path
     try:

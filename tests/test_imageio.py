@@ -170,3 +170,25 @@ def test_one_folder_walk_leaves_out_hidden_files_and_folders(tmp_path):
     assert label_folders(tmp_path) == [tmp_path / "other"]
     assert [p for p, _ in find_traffic(tmp_path, ["ivory", "other"], "other")] == expected
     assert sorted(s.path for s in load_samples([tmp_path])) == expected
+
+
+def test_a_missing_file_or_dangling_link_is_unreadable_not_corrupt(tmp_path):
+    """`gallery add` with a missing file said "the image data is truncated or corrupt: FileNotFoundError"."""
+    (tmp_path / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
+    for path in (tmp_path / "missing.jpg", tmp_path / "dangling.jpg"):
+        with pytest.raises(ImageError) as exc:
+            decode_image(path)
+        assert exc.value.code == "unreadable" and str(path) in str(exc.value) and "No such file" in str(exc.value)
+
+
+def test_a_dangling_link_in_a_dataset_is_reported_not_skipped_silently(synth_root, tmp_path):
+    import shutil
+
+    from training.data.check import check_dataset
+
+    root = tmp_path / "data"
+    shutil.copytree(synth_root, root)
+    link = root / "train" / "ivory" / "moved.jpg"
+    link.symlink_to(tmp_path / "elsewhere.jpg")
+    errors = [e for e in check_dataset([root])["errors"] if e["path"] == str(link)]
+    assert [e["code"] for e in errors] == ["unreadable"]
