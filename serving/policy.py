@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from serving.contract import DecisionRules, ModelContract
 from serving.decision import ClassThresholds
 from serving.errors import WildcheckError
+from serving.yamlio import load_yaml
 from serving.thresholds import Budgets, Solved, TrafficScores, apply_budgets, curve_arrays, solve_class
 
 
@@ -104,7 +105,7 @@ def load_policy(path: str | Path) -> Policy:
     if not path.is_file():
         raise PolicyError(f"policy file {path} not found")
     try:
-        return Policy.model_validate(yaml.safe_load(path.read_text()) or {})
+        return Policy.model_validate(load_yaml(path.read_text()) or {})
     except (yaml.YAMLError, ValidationError) as exc:
         raise PolicyError(f"invalid policy {path}: {exc}") from exc
 

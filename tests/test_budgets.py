@@ -87,6 +87,7 @@ def test_policy_budget_re_solves_on_the_stored_negatives(tmp_path):
     ("classes:\n  ivory: {block: false}\n", "not true/false"),
     ("classes:\n  ivory: {review: true, block: null}\n", "not true/false"),
     ("classes:\n  ivory: {block: -1}\n", "greater than or equal to 0"),
+    ("classes:\n  ivory: {block: 0.99}\nclasses:\n  ivory: {block: null}\n", "appears twice"),
 ])
 def test_a_policy_that_would_fail_open_or_block_everything_is_refused(tmp_path, text, message):
     """Each of these used to load: traffic scores of 5.0 (or nan) solved the flag budget to review 1.0, so the

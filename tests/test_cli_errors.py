@@ -81,3 +81,112 @@ def test_an_unknown_architecture_is_a_message_not_a_traceback(tmp_path, synth_ro
                                       "--set", "model.pretrained=none"])
     assert result.exit_code == 2, result.output
     assert "'not_a_model' is no timm architecture" in result.output and "Traceback" not in result.output
+
+
+def _no_traceback(result, *says):
+    assert result.exit_code == 2, result.output
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), result.exception
+    for text in says:
+        assert text in result.output, result.output
+
+
+def test_train_out_that_is_a_file_is_a_message(tmp_path):
+    """Before: FileExistsError from mkdir, with a traceback."""
+    out = tmp_path / "notes.txt"
+    out.write_text("keep me")
+    result = CliRunner().invoke(app, ["train", "--data", str(tmp_path), "--out", str(out)])
+    _no_traceback(result, f"error: --out {out} is a file", "run directory")
+    assert out.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("device, says", [("bogus", "is not a device torch knows"),
+                                          ("cuda:x", "is not a device torch knows")])
+def test_an_unknown_device_is_a_message_before_any_work(tmp_path, device, says):
+    """Before: torch.device's RuntimeError from training/distributed.py:init, with a traceback."""
+    result = CliRunner().invoke(app, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"),
+                                      "--set", f"train.device={device}"])
+    _no_traceback(result, f"error: train.device {device!r} {says}", "--set train.device=auto")
+    assert not (tmp_path / "run").exists()
+
+
+def test_ingest_into_a_file_is_a_message(tmp_path):
+    """Before: ValueError 'not in the subpath' from _load_manifest; --into must be a dataset folder."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label\nx.jpg,ivory\n")
+    into = tmp_path / "some.csv"
+    into.write_text("path,label\n")
+    result = CliRunner().invoke(app, ["data", "ingest", str(labels), "--into", str(into)])
+    _no_traceback(result, f"error: --into {into} is a file", "dataset folder")
+    assert into.read_text() == "path,label\n"
+
+
+@pytest.mark.parametrize("args, option", [
+    (["explain", "m.onnx", "x.jpg", "--out", "ex", "--max-side", "0"], "--max-side"),
+    (["data", "synth", "sy", "--size", "0"], "--size"),
+    (["data", "synth", "sy", "--size", "1"], "--size"),
+    (["data", "synth", "sy", "--per-class", "0"], "--per-class"),
+    (["data", "synth", "sy", "--per-class", "-3"], "--per-class"),
+    (["export", "run", "--out", "m.onnx", "--int8-max-drop", "-1"], "--int8-max-drop"),
+])
+def test_out_of_range_options_are_usage_errors(tmp_path, monkeypatch, args, option):
+    """Before: ZeroDivisionError (--max-side 0), numpy's 'high <= 0' (--size 0|1), 2 images per class written
+    silently (--per-class 0), a negative INT8 tolerance accepted. Now typer refuses the value, exit 2, no work."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, args)
+    _no_traceback(result, "Invalid value", option)
+    assert not any(tmp_path.iterdir())
+
+
+def test_synth_into_a_file_is_a_message(tmp_path):
+    """Before: NotADirectoryError from mkdir."""
+    out = tmp_path / "ds"
+    out.write_text("")
+    result = CliRunner().invoke(app, ["data", "synth", str(out), "--size", "64", "--per-class", "1"])
+    _no_traceback(result, f"error: {out} is a file", "folder")
+
+
+def test_calibrate_on_an_onnx_file_says_to_use_traffic_not_to_load_it_unsafely(tmp_path):
+    """Before: torch's 'Re-running torch.load with weights_only=False will likely succeed' (wrong, and unsafe)."""
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"\x08\x07\x12\x07pytorch")  # an ONNX ModelProto's first fields
+    result = CliRunner().invoke(app, ["calibrate", str(model)])
+    _no_traceback(result, f"error: {model} is an exported ONNX model", "run dir or best.pt", "--traffic ROOT")
+    assert "weights_only" not in result.output
+
+
+def test_a_file_torch_cannot_load_safely_never_gets_weights_only_advice(tmp_path):
+    """load_checkpoint on an ONNX file (any command taking a checkpoint), a pickle holding non-tensors, a text file
+    (KeyError inside torch.load, a traceback before)."""
+    import numpy as np
+    import torch
+
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x07\x12\x07pytorch")
+    torch.save({"model": np.zeros(2)}, tmp_path / "objects.pt")
+    (tmp_path / "text.pt").write_text("hello world")
+    for name, says in (("model.onnx", "is an exported ONNX model, not a wildcheck checkpoint"),
+                       ("objects.pt", "is not a readable wildcheck checkpoint"),
+                       ("text.pt", "is not a readable wildcheck checkpoint")):
+        path = tmp_path / name
+        result = CliRunner().invoke(app, ["export", str(path), "--out", str(tmp_path / "out.onnx")])
+        _no_traceback(result, f"error: {path} {says}", "pass a run dir or the best.pt")
+        assert "weights_only" not in result.output and "can still be loaded" not in result.output
+
+
+def test_grey_head_refuses_an_infinite_lam_by_name(tmp_path):
+    """typer's min=0 lets inf through; GreyHeadConfig refuses it (no NaN or inf in any config number) by the option's
+    name, not with pydantic's traceback."""
+    result = CliRunner().invoke(app, ["grey-head", str(tmp_path), "--out", str(tmp_path / "g"), "--lam", "inf"])
+    _no_traceback(result, "error: --lam inf: Input should be a finite number")
+    assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.parametrize("option", ["--workers", "--threads-per-worker"])
+def test_serve_refuses_zero_workers_or_threads_instead_of_ignoring_them(option, tmp_path):
+    """`--workers 0` was silently dropped (the default 2 served) and `--workers -1` died in BentoML's schema."""
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    for value in ("0", "-1"):
+        result = CliRunner().invoke(app, ["serve", str(REPO / "models" / "wildcheck-ivory.onnx"), option, value])
+        assert result.exit_code == 2 and option in result.output, result.output

@@ -149,3 +149,73 @@ def test_consistency_needs_a_view_when_on():
     assert load_config(None, {"train": {"consistency": {"weight": 3}}}).train.consistency.views
     with pytest.raises(InvalidInput, match="needs at least one view"):
         load_config(None, {"train": {"consistency": {"weight": 3, "views": []}}})
+
+
+def test_a_key_written_twice_is_refused_with_both_lines(tmp_path):
+    """PyYAML kept the last of two `decision:` sections silently: the first one's never_block was lost."""
+    from typer.testing import CliRunner
+
+    from serving.errors import InvalidInput
+    from training.cli import app
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("decision: {never_block: [ivory]}\ntrain: {epochs: 2}\ndecision: {calibrate: false}\n")
+    with pytest.raises(InvalidInput, match=re.escape("key 'decision' appears twice (lines 1 and 3)")):
+        load_config(cfg_file)
+    result = CliRunner().invoke(app, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"),
+                                      "--config", str(cfg_file)])
+    assert result.exit_code == 2 and "error: config" in result.output and "write it once" in result.output
+    assert not (tmp_path / "run").exists()
+    # a YAML merge key (`<<: *base`) followed by an override is not a duplicate
+    from serving.yamlio import load_yaml
+
+    assert load_yaml("base: &b {epochs: 2, lr: 0.01}\ntrain:\n  <<: *b\n  epochs: 3\n")["train"] == {"epochs": 3, "lr": 0.01}
+
+
+@pytest.mark.parametrize("item, message", [
+    ("decision.negative_weights={d1: .nan}", "Input should be a finite number"),
+    ("decision.negative_weights={d1: .inf}", "Input should be a finite number"),
+    ("decision.negative_weights={d1: -1}", "Input should be greater than or equal to 0"),
+    ("train.epochs=true", "Input should be a valid integer"),
+    ("train.batch_size=true", "Input should be a valid integer"),
+    ("train.seed=-1", "Input should be greater than or equal to 0"),
+    ("data.std=[0,0,0]", "Input should be greater than 0"),
+    ("data.std=[.inf,1,1]", "Input should be a finite number"),
+    ("data.mean=[.nan,0.5,0.5]", "Input should be a finite number"),
+    ("data.interpolation=bogus", "Input should be 'bicubic', 'bilinear', 'nearest' or 'lanczos'"),
+    ("train.warmup_epochs=.inf", "Input should be a finite number"),
+])
+def test_set_refuses_values_that_would_fail_later(item, message):
+    """Each was accepted and failed during training (numpy's seed, sklearn's NaN after an epoch, Preprocessing's
+    interpolation) or was used as nonsense (a NaN flag rate, `true` epochs as 1); now --set names it up front."""
+    from serving.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match=re.escape(f"--set {item}: {message}")):
+        resolve_config(None, sets=[item])
+
+
+def test_sensible_values_of_the_tightened_settings_still_load():
+    cfg = resolve_config(None, sets=["data.std=[0.2,0.2,0.2]", "data.mean=[0.4,0.4,0.4]", "train.seed=0",
+                                     "data.interpolation=bilinear", "decision.negative_weights={d1: 2, d2: 0}"]).config
+    assert cfg.data.std == (0.2, 0.2, 0.2) and cfg.train.seed == 0 and cfg.data.interpolation == "bilinear"
+    assert cfg.decision.negative_weights == {"d1": 2.0, "d2": 0.0}
+
+
+def test_config_interpolations_are_the_ones_preprocessing_knows():
+    from typing import get_args
+
+    from serving.preprocess import _INTERPOLATIONS
+
+    literal = get_args(Config.model_fields["data"].annotation.model_fields["interpolation"].annotation)[0]
+    assert set(get_args(literal)) == set(_INTERPOLATIONS)
+
+
+@pytest.mark.parametrize("item", ["data.interpolation=bogus", "train.seed=-1", "data.std=[0,0,0]"])
+def test_cli_bad_set_values_exit_2_before_training(tmp_path, item):
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--set", item])
+    assert result.exit_code == 2 and f"error: --set {item}:" in result.output, result.output
+    assert not (tmp_path / "run").exists()

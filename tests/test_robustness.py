@@ -284,3 +284,17 @@ def test_reporting_on_an_onnx_model_does_not_import_torch():
     code = ("import sys, training.robustness, training.plots, training.fileio, training.conditions; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+def test_a_condition_listed_twice_is_refused_naming_both_lines(synth_root, tmp_path):
+    """PyYAML kept only the last `jpeg:` silently; now the file is refused before any work, exit 2."""
+    from training.conditions import load_conditions
+
+    spec = tmp_path / "conditions.yaml"
+    spec.write_text("conditions:\n  jpeg: {quality: 20}\n  jpeg: {quality: 50}\n")
+    with pytest.raises(ConditionsError, match=r"key 'jpeg' appears twice \(lines 2 and 3\)"):
+        load_conditions(spec)
+    result = _cli("robustness", tmp_path / "model.onnx", "--data", synth_root, "--conditions", spec,
+                  "--out", tmp_path / "r")
+    assert result.exit_code == 2 and "error: " in result.output and "write it once" in result.output
+    assert not (tmp_path / "r").exists()

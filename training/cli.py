@@ -104,8 +104,9 @@ def data_check(
 @data_app.command("synth")
 def data_synth(
     out: Path = typer.Argument(..., help="output folder (OUT/<split>/<label>/*.jpg)"),
-    per_class: int = typer.Option(40, "--per-class", help="training images per class (val/test get a quarter)"),
-    size: int = typer.Option(256, "--size", help="image side in pixels"),
+    per_class: int = typer.Option(40, "--per-class", min=1,
+                                  help="training images per class (val/test get a quarter; at least 2 each)"),
+    size: int = typer.Option(256, "--size", min=64, help="image side in pixels (64 or more: the drawings need room)"),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Write a deterministic synthetic listing-photo dataset (a stand-in for demos and tests)."""
@@ -134,6 +135,8 @@ def train(
     from training.config import resolve_config
     from training.train import train as run_training
 
+    if out.exists() and not out.is_dir():
+        _fail(f"--out {out} is a file: give the run directory to write into (a new or existing folder)")
     resolved = resolve_config(config, run_dir=out, resume=resume, warm_start=init_from is not None, epochs=epochs,
                               img_size=img_size, batch_size=batch_size, negatives=negatives, sets=set_)
     for note in resolved.notes:
@@ -171,6 +174,9 @@ def calibrate(
 ) -> None:
     """Fit temperature scaling and per-class block/review thresholds on validation (train does this too),
     or, with --traffic, measure your own traffic and write a policy for `wildcheck serve --policy`."""
+    if run.suffix.lower() == ".onnx" and traffic is None:
+        _fail(f"{run} is an exported ONNX model: calibrate refits a run, so give its run dir or best.pt; to calibrate "
+              f"the ONNX model on your own images, add --traffic ROOT --out POLICY.yaml (README, 'Traffic budgets')")
     views = _test_time_views(test_time_views)
     if traffic is not None:
         if views is not None or size_route is not None:
@@ -259,7 +265,8 @@ def export(
     version: Optional[str] = typer.Option(None, "--version", help="human version (a weights hash is appended)"),
     int8: bool = typer.Option(False, "--int8", help="also write MODEL.int8.onnx (static QDQ U8S8) if accurate enough"),
     calib_images: int = typer.Option(300, "--calib-images", help="training images to calibrate INT8 on"),
-    int8_max_drop: float = typer.Option(1.0, "--int8-max-drop", help="refuse INT8 if val balanced accuracy drops more (points)"),
+    int8_max_drop: float = typer.Option(1.0, "--int8-max-drop", min=0.0,
+                                        help="refuse INT8 if val balanced accuracy drops more (points)"),
 ) -> None:
     """Export one self-contained ONNX file with the model contract in its metadata (parity-checked)."""
     from training.export import export as run_export
@@ -306,12 +313,18 @@ def grey_head(
     data: list[Path] = typer.Option([], "--data", help="images to fit (train split) and calibrate (val split) on (default: the run's own)"),
 ) -> None:
     """Give a run a second head for photos without colour (fitted on its training photos in grey), then calibrate it."""
+    from pydantic import ValidationError
+
     from training.calibrate import format_report
     from training.config import GreyHeadConfig
     from training.grey_head import make_grey_head
 
     given = {"lam": lam, "tolerance": tolerance, "pool_sample": pool_sample}
-    settings = GreyHeadConfig(**{k: v for k, v in given.items() if v is not None})
+    try:
+        settings = GreyHeadConfig(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:  # what typer's ranges let through (inf)
+        err = exc.errors()[0]
+        _fail(f"--{str(err['loc'][0]).replace('_', '-')} {given[err['loc'][0]]}: {err['msg']}")
     report = make_grey_head(run, out, settings, [str(d) for d in data] or None, say=typer.echo)
     typer.echo(format_report(report))
 
@@ -322,7 +335,8 @@ def explain(
     images: list[Path] = typer.Argument(..., help="image files or folders (their images, recursively)"),
     out: Path = typer.Option(..., "--out", help="folder for one overlay PNG per image and explanations.json"),
     label: Optional[str] = typer.Option(None, "--label", help="explain this label (default: the top protected class)"),
-    max_side: int = typer.Option(768, "--max-side", help="longer side of the overlay PNGs, in pixels"),
+    max_side: int = typer.Option(768, "--max-side", min=32,
+                                 help="longer side of the overlay PNGs, in pixels (32 or more)"),
 ) -> None:
     """Heat maps of where each photo shows the flagged class, as the endpoint's explain=true computes them."""
     from training.explain import explain_files
@@ -418,9 +432,9 @@ def serve(
     name: Optional[str] = typer.Option(None, "--name", help="model name in the registry"),
     port: int = typer.Option(3000, "--port"),
     host: str = typer.Option("0.0.0.0", "--host"),
-    workers: Optional[int] = typer.Option(None, "--workers", help="worker processes (default 2, WILDCHECK_WORKERS)"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="worker processes (default 2, WILDCHECK_WORKERS)"),
     threads_per_worker: Optional[int] = typer.Option(
-        None, "--threads-per-worker", help="onnxruntime threads per worker (default 1, WILDCHECK_THREADS)"),
+        None, "--threads-per-worker", min=1, help="onnxruntime threads per worker (default 1, WILDCHECK_THREADS)"),
     policy: Optional[Path] = typer.Option(None, "--policy", help="policy YAML overriding thresholds (WILDCHECK_POLICY)"),
     gallery: Optional[Path] = typer.Option(None, "--gallery", help="reference gallery (wildcheck gallery build; WILDCHECK_GALLERY)"),
     embedder: Optional[Path] = typer.Option(
@@ -470,9 +484,9 @@ def serve(
                 raise PolicyError(f"policy {policy} has a gallery section but no --gallery is served")
             loaded.apply_policy(loaded_policy.gallery)
         env["WILDCHECK_POLICY"] = str(policy.resolve())
-    if workers:
+    if workers is not None:
         env["WILDCHECK_WORKERS"] = str(workers)
-    if threads_per_worker:
+    if threads_per_worker is not None:
         env["WILDCHECK_THREADS"] = str(threads_per_worker)
     env.setdefault("BENTOML_DO_NOT_TRACK", "true")
     # glibc gives every thread its own malloc arena; with a request thread pool that shows up as RSS

@@ -371,11 +371,13 @@ def parse_conditions(spec: dict | None) -> dict[str, Condition]:
 def load_conditions(path: str | Path) -> dict[str, Condition]:
     import yaml
 
+    from serving.yamlio import load_yaml  # refuses a condition named twice, which would keep only the last
+
     path = Path(path)
     if not path.is_file():
         raise ConditionsError(f"conditions file {path} not found")
     try:
-        spec = yaml.safe_load(path.read_text())
+        spec = load_yaml(path.read_text())
     except yaml.YAMLError as exc:
         raise ConditionsError(f"{path} is not valid YAML: {exc}") from None
     try:

@@ -5,18 +5,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
 from serving.errors import InvalidInput, MissingInput
 from serving.contract import SizeRoute, TestTimeView
 from serving.tiling import Tiling
+from serving.yamlio import load_yaml
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # no NaN or infinity in any number; integers are StrictInt below, so `epochs: true` is refused, not read as 1
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+
+
+Positive = Annotated[float, Field(gt=0.0)]
 
 
 class GreyHeadConfig(_Strict):
@@ -25,7 +30,7 @@ class GreyHeadConfig(_Strict):
     lam: float = Field(1.0, ge=0.0, description="pull toward the trained head (lam * ||W - W0||^2)")
     tolerance: float = Field(1.0, gt=0.0, le=255.0, description="inputs whose colour spread is below this many "
                              "8-bit levels take the grey head")
-    pool_sample: int = Field(2000, ge=0, description="negatives pools' training photos to fit on, drawn evenly")
+    pool_sample: StrictInt = Field(2000, ge=0, description="negatives pools' training photos to fit on, drawn evenly")
 
 
 class ModelConfig(_Strict):
@@ -45,17 +50,18 @@ class ModelConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    img_size: int = Field(224, ge=32)
+    img_size: StrictInt = Field(224, ge=32)
     crop_pct: float = Field(0.875, gt=0.0, le=1.0)
-    interpolation: str | None = Field(None, description="None: what the pretrained weights expect")
+    interpolation: Literal["bicubic", "bilinear", "nearest", "lanczos"] | None = Field(
+        None, description="None: what the pretrained weights expect (serving.preprocess knows these four)")
     mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
+    std: tuple[Positive, Positive, Positive] | None = None
     negative_label: str = "other"
-    min_side: int = Field(32, ge=1, description="images with a shorter side below this are skipped")
-    num_workers: int | None = Field(
+    min_side: StrictInt = Field(32, ge=1, description="images with a shorter side below this are skipped")
+    num_workers: StrictInt | None = Field(
         None, ge=0, description="DataLoader workers; None: 0 on CPU (augmenting cached pixels is cheap), 8 on GPU"
     )
-    cache_workers: int = Field(2, ge=1, description="threads that decode and resize images into the cache")
+    cache_workers: StrictInt = Field(2, ge=1, description="threads that decode and resize images into the cache")
     balance: Literal["sampler", "loss", "none"] = "sampler"
     negatives: list[str] = Field(
         default_factory=list, description="roots whose images are all the negative label, sampled afresh each epoch"
@@ -63,7 +69,7 @@ class DataConfig(_Strict):
     negatives_per_epoch: float = Field(
         0.25, ge=0.0, description="negatives drawn per epoch: a count (>= 1) or a ratio of the main training set (< 1)"
     )
-    val_negatives: int = Field(400, ge=0, description="fixed sample of validation negatives, the same every epoch")
+    val_negatives: StrictInt = Field(400, ge=0, description="fixed sample of validation negatives, the same every epoch")
     hard_negative_max_weight: float = Field(
         4.0, ge=1.0, description="negatives the model scores as products are drawn up to this many times as often; 1 = off"
     )
@@ -154,8 +160,8 @@ class MixupConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    epochs: int = Field(8, ge=1)
-    batch_size: int = Field(32, ge=1)
+    epochs: StrictInt = Field(8, ge=1)
+    batch_size: StrictInt = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.02, ge=0.0)
     layer_decay: float | None = Field(
@@ -170,15 +176,15 @@ class TrainConfig(_Strict):
     grad_clip: float | None = Field(2.0, gt=0.0)
     ema: bool = True
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0, description="None: sized to the run's number of steps")
-    early_stopping_patience: int | None = Field(4, ge=1)
+    early_stopping_patience: StrictInt | None = Field(4, ge=1)
     amp: bool = Field(True, description="bf16/fp16 autocast on CUDA")
     cpu_bf16: bool = Field(
         False, description="bf16 autocast on CPUs with native bf16 (AVX512-BF16/AMX): ~1.36x per step in "
         "isolation; opt-in until Met ivory runs show it costs no accuracy",
     )
     channels_last: bool = True
-    threads: int | None = Field(None, ge=1, description="torch CPU threads; None: all cores")
-    seed: int = 42
+    threads: StrictInt | None = Field(None, ge=1, description="torch CPU threads; None: all cores")
+    seed: StrictInt = Field(42, ge=0, lt=2**32, description="numpy takes seeds in [0, 2**32)")
     device: str = "auto"
     lr_scaling: Literal["none", "linear", "sqrt"] = Field(
         "none", description="under torchrun: scale lr by the number of processes (effective batch grows with it)"
@@ -196,7 +202,7 @@ class DecisionConfig(_Strict):
     max_block_rate: float | None = Field(
         None, ge=0.0, le=1.0, description="traffic budget: at most this share of the negatives' validation images is blocked; None: off"
     )
-    negative_weights: dict[str, float] | None = Field(
+    negative_weights: dict[str, Annotated[float, Field(ge=0.0)]] | None = Field(
         None, description="traffic mix for the budgets: weight per negatives pool, named by its root folder (e.g. "
         "generic-products; the main dataset's own negatives under its root's name); pools not named count 0; "
         "None: every validation negative counts the same",
@@ -217,12 +223,6 @@ class DecisionConfig(_Strict):
         "exported graph; written into the model contract, so calibration and serving do the same",
     )
 
-    @model_validator(mode="after")
-    def _weights_not_negative(self):
-        if self.negative_weights and any(w < 0 for w in self.negative_weights.values()):
-            raise ValueError("negative_weights must be >= 0")
-        return self
-
 
 class Config(_Strict):
     model: ModelConfig = ModelConfig()
@@ -235,7 +235,10 @@ class Config(_Strict):
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise MissingInput(f"config {path} not found")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = load_yaml(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise InvalidInput(f"config {path} is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise InvalidInput(f"config {path} must be a mapping of sections (model, data, augment, train)")
     return raw
@@ -290,7 +293,7 @@ def parse_set(item: str) -> tuple[tuple[str, ...], Any]:
                 raise InvalidInput(f"--set {item}: {section} is a value, not a section; set it whole")
             model = inner[0]
     try:
-        value = yaml.safe_load(text)
+        value = load_yaml(text)
     except yaml.YAMLError as exc:
         raise InvalidInput(f"--set {item}: the value is not valid YAML ({exc.problem})") from exc
     return path, value

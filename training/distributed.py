@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from serving.errors import InvalidInput
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -32,7 +34,16 @@ class DistInfo:
 
 
 def init(device_name: str) -> tuple[DistInfo, torch.device]:
-    """Join the process group when launched by torchrun; pick this rank's device."""
+    """Join the process group when launched by torchrun; pick this rank's device. A device torch does not know,
+    or CUDA where there is none, is the user's ``train.device`` mistake (InvalidInput), found before any work."""
+    try:
+        asked = torch.device("cpu" if device_name == "auto" else device_name)
+    except RuntimeError as exc:
+        raise InvalidInput(f"train.device {device_name!r} is not a device torch knows; use auto, cpu, cuda or "
+                           "cuda:N (--set train.device=auto)") from exc
+    if asked.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInput(f"train.device {device_name!r}: torch sees no CUDA device here; use auto or cpu "
+                           "(--set train.device=auto)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     want_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
@@ -42,7 +53,7 @@ def init(device_name: str) -> tuple[DistInfo, torch.device]:
     if want_cuda:
         torch.cuda.set_device(local_rank)
         return info, torch.device("cuda", local_rank)
-    return info, torch.device("cpu" if device_name == "auto" else device_name)
+    return info, asked
 
 
 def shutdown() -> None:

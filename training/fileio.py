@@ -1,4 +1,5 @@
-"""Atomic writes: a crash mid-write leaves the previous file intact, never half a checkpoint.
+"""Atomic writes: a crash mid-write leaves the previous file intact, never half a checkpoint. Also the
+checkpoint loader, which refuses what it cannot load safely.
 
 torch is imported only by the functions that need it: importing it costs ~0.7 GB of RSS, which a
 command that only writes JSON next to an ONNX model (robustness, data check) should not pay.
@@ -69,9 +70,8 @@ def atomic_onnx_save(model, path: str | Path) -> None:
 
 def load_checkpoint(path: str | Path) -> dict:
     """Load a wildcheck checkpoint safely (tensors and plain containers only); a file torch cannot read that
-    way (truncated, not a checkpoint, or holding code) is a client error, not a traceback."""
-    import pickle
-
+    way (truncated, an ONNX model, not a checkpoint, or holding code) is a client error, not a traceback, and
+    the message never suggests loading it unsafely (torch's own advice, ``weights_only=False``)."""
     import torch
 
     path = Path(path)
@@ -79,7 +79,12 @@ def load_checkpoint(path: str | Path) -> dict:
         raise MissingInput(f"checkpoint {path} not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InvalidInput(f"{path} is not a readable wildcheck checkpoint ({reason}); "
-                           "pass a run dir or the best.pt that `wildcheck train` wrote") from exc
+    except Exception as exc:  # whatever torch raises on a file that is not a safe checkpoint (KeyError on text)
+        if path.suffix.lower() == ".onnx":
+            what = "an exported ONNX model, not a wildcheck checkpoint"
+        elif isinstance(exc, (RuntimeError, EOFError)) and str(exc).strip():  # truncated: torch says so
+            what = f"not a readable wildcheck checkpoint ({str(exc).strip().splitlines()[0]})"
+        else:  # pickle.UnpicklingError: not a torch file, or one holding objects that could run code when loaded
+            what = ("not a readable wildcheck checkpoint (empty, not a torch file, or holding more than tensors and "
+                    "plain containers, which are never loaded)")
+        raise InvalidInput(f"{path} is {what}; pass a run dir or the best.pt that `wildcheck train` wrote") from exc

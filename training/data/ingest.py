@@ -135,6 +135,9 @@ def ingest(labels_csv: str | Path, root: str | Path, split: str = "train", near_
         raise InvalidInput(f"split must be train, val or test, not {split!r}")
     if not labels_csv.is_file():
         raise MissingInput(f"{labels_csv} not found: give the CSV of labelled images (path,label,...)")
+    if root.exists() and not root.is_dir():
+        raise InvalidInput(f"--into {root} is a file: give the dataset folder to add the images to (it keeps its "
+                           "manifest.csv there; a new folder is created)")
     report = IngestReport()
     existing, extra_columns = _load_manifest(root, report.dataset_unreadable)
     by_sha = {r["sha256"]: r for r in existing if r.get("sha256")}
