@@ -7,7 +7,9 @@ exactly as the server decodes uploads; unreadable ones are skipped and reported,
 from __future__ import annotations
 
 import csv
+import fcntl
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,11 +118,32 @@ def check_out(ref: str | Path, out: str | Path) -> None:
                            "choose a new file name, or delete it first if it is meant to go")
 
 
+@contextmanager
+def editing(gallery_path: str | Path):
+    """Hold ``GALLERY.lock`` while a gallery is read, changed and written: two edits at once each saved their own
+    copy, and the second silently dropped the first's references (both said "added 8"; 11 of 19 were kept)."""
+    path = Path(gallery_path)
+    lock_path = path.with_name(path.name + ".lock")
+    with lock_path.open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the OS even if we are killed
+        except BlockingIOError:
+            raise InvalidInput(f"another gallery build/add/remove is writing {path} (lock {lock_path}); wait for it "
+                               "to finish and run this again") from None
+        yield
+
+
 def build(ref: str | Path, model_path: str | Path, out: str | Path, negatives: list[Path] = (),
           fpr: float = DEFAULT_FPR, max_negatives: int = MAX_NEGATIVES) -> dict:
+    check_out(ref, out)
+    with editing(out):
+        return _build(ref, model_path, out, list(negatives), fpr, max_negatives)
+
+
+def _build(ref: str | Path, model_path: str | Path, out: str | Path, negatives: list[Path], fpr: float,
+           max_negatives: int) -> dict:
     from importlib.metadata import PackageNotFoundError, version as package_version
 
-    check_out(ref, out)
     try:
         version = package_version("wildcheck")
     except PackageNotFoundError:
@@ -144,21 +167,23 @@ def build(ref: str | Path, model_path: str | Path, out: str | Path, negatives: l
 
 def add(gallery_path: str | Path, ref: str | Path, model_path: str | Path) -> dict:
     model = _load_model(model_path)
-    gallery = Gallery.load(gallery_path, model.contract)
-    items = read_references(ref)
-    emb, hashes, kept, skipped = embed_paths(model, [it.path for it in items], desc="references")
-    if kept:
-        kept_items = [items[i] for i in kept]
-        gallery.add(emb, [it.label for it in kept_items], hashes, [it.reference_id for it in kept_items],
-                    [it.source for it in kept_items])
-        gallery.save(gallery_path)
+    with editing(gallery_path):
+        gallery = Gallery.load(gallery_path, model.contract)
+        items = read_references(ref)
+        emb, hashes, kept, skipped = embed_paths(model, [it.path for it in items], desc="references")
+        if kept:
+            kept_items = [items[i] for i in kept]
+            gallery.add(emb, [it.label for it in kept_items], hashes, [it.reference_id for it in kept_items],
+                        [it.source for it in kept_items])
+            gallery.save(gallery_path)
     return {"added": len(kept), "skipped": skipped, **gallery.describe()}
 
 
 def remove(gallery_path: str | Path, reference_ids: list[str]) -> dict:
-    gallery = Gallery.load(gallery_path)
-    removed = gallery.remove(reference_ids)
-    gallery.save(gallery_path)
+    with editing(gallery_path):
+        gallery = Gallery.load(gallery_path)
+        removed = gallery.remove(reference_ids)
+        gallery.save(gallery_path)
     return {"removed": removed, **gallery.describe()}
 
 

@@ -113,6 +113,27 @@ def test_build_refuses_an_out_among_the_references_or_over_a_file_that_is_not_a_
         assert _cli("gallery", "build", ref, "--model", onnx_model, "--out", out).exit_code == 0
 
 
+def test_an_edit_while_another_holds_the_gallery_is_refused_and_loses_nothing(synth_gallery, onnx_model, tmp_path):
+    """Two `gallery add` at once each saved its own copy: both said "added 8" and the gallery kept 11 of 19."""
+    import fcntl
+
+    from serving.gallery import Gallery
+
+    copy = tmp_path / "g.npz"
+    shutil.copy(synth_gallery, copy)
+    before = copy.read_bytes()
+    more = _folder(tmp_path / "more", "rhino_horn", [photo(s) for s in range(30, 32)])
+    with open(tmp_path / "g.npz.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running add holds
+        for args in (("add", copy, more, "--model", onnx_model), ("remove", copy, "--reference", "tiger_skin/x.jpg"),
+                     ("build", more, "--model", onnx_model, "--out", copy)):
+            result = _cli("gallery", *args)
+            assert result.exit_code == 2 and "another gallery" in result.output, result.output
+        assert copy.read_bytes() == before
+    assert _cli("gallery", "add", copy, more, "--model", onnx_model).exit_code == 0  # released: the edit goes through
+    assert Gallery.load(copy).describe()["labels"]["rhino_horn"] == 2
+
+
 def test_gallery_writes_are_readable_by_a_server_running_as_another_user(synth_gallery, onnx_model, tmp_path):
     """build/add/remove wrote 0600 (their own mkstemp) and remove turned a 0644 gallery into 0600; like
     training.fileio.atomic_path they now get 0666 less the umask."""
