@@ -8,6 +8,8 @@ preprocessing), and the negatives' scores go into a policy file with the budgets
 
 from __future__ import annotations
 
+import math
+
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -70,6 +72,19 @@ def score_paths(model, paths: list[Path], batch_size: int = 32) -> tuple[np.ndar
     return (np.concatenate(probs) if probs else np.zeros((0, n), np.float32)), kept, skipped
 
 
+def _check_sample_measures(negatives: int, budgets: dict[str, float | None]) -> None:
+    """A budget below one photo's share cannot be measured: on 5 photos a 0.1% block budget binds nothing, so
+    the threshold fell to what the precision target allows and the policy blocked more than the model did, while
+    reporting the budget met. At least 1/budget ordinary photos are needed."""
+    for option, rate in budgets.items():
+        if rate:
+            needed = math.ceil(1 / rate - 1e-9)
+            if negatives < needed:
+                raise InvalidInput(
+                    f"{negatives} ordinary photo(s) cannot measure {option} {rate:g}: one photo is already "
+                    f"{1 / negatives:.1%} of them; give at least {needed:,} (or a larger {option})")
+
+
 def measure_traffic(model, contract: ModelContract, root: str | Path, max_flag_rate: float | None,
                     max_block_rate: float | None, batch_size: int = 32) -> tuple[Policy, Resolved, dict]:
     """Score ``root`` with ``model``; the policy holding the budgets and the traffic's negatives' scores, what it
@@ -88,6 +103,7 @@ def measure_traffic(model, contract: ModelContract, root: str | Path, max_flag_r
     block = max_block_rate if max_block_rate is not None else (model_rules.max_block_rate if model_rules else None)
     if flag is None and block is None:
         raise InvalidInput("no budget: give --max-flag-rate and/or --max-block-rate (the model has no default budgets)")
+    _check_sample_measures(int(is_neg.sum()), {"--max-flag-rate": flag, "--max-block-rate": block})
     pool = Path(root).resolve().name or "traffic"
     traffic = TrafficScores.from_arrays(protected, probs[is_neg][:, columns], [pool] * int(is_neg.sum()), floor=TRAFFIC_FLOOR)
     policy = Policy(max_flag_rate=flag, max_block_rate=block, traffic=traffic)

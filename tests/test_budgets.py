@@ -193,3 +193,26 @@ def test_calibrate_traffic_on_onnx_without_torch_changes_served_decisions(onnx_m
     rules = checker.describe()["threshold_rules"]
     assert rules["ivory"]["review"] == "max_flag_rate", rules
     assert checker.describe()["policy"]["budgets"]["flag_rate"] <= 0.05
+
+
+def test_a_traffic_sample_too_small_for_its_budget_is_refused(onnx_model, synth_root, tmp_path):
+    """On 5 photos a 0.1% block budget bound nothing: the policy lowered the shipped model's block threshold
+    (0.9816 -> 0.9723, 1 -> 4 of 282 Met ceramics blocked) and reported the budget met."""
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    traffic = tmp_path / "five"
+    traffic.mkdir()
+    for p in sorted((synth_root / "train" / "other").glob("*.jpg"))[:5]:
+        shutil.copy(p, traffic / p.name)
+    policy = tmp_path / "policy.yaml"
+    for rate, needed in (("0.001", "1,000"), ("0.05", "20")):
+        result = CliRunner().invoke(app, ["calibrate", str(onnx_model), "--traffic", str(traffic),
+                                          "--max-flag-rate", rate, "--out", str(policy)])
+        assert result.exit_code == 2, result.output
+        assert "5 ordinary photo(s) cannot measure --max-flag-rate" in result.output and needed in result.output
+    assert not policy.exists()
+    done = CliRunner().invoke(app, ["calibrate", str(onnx_model), "--traffic", str(traffic), "--max-flag-rate", "0.2",
+                                    "--max-block-rate", "0", "--out", str(policy)])
+    assert done.exit_code == 0 and policy.is_file(), done.output  # one photo in five is measurable
