@@ -292,6 +292,13 @@ class ImageChecker:
                 results[i] = result
         return results
 
+    def _gallery_info(self) -> dict:
+        """As for the policy, file and folder names only: /v1/model never shows paths on the server."""
+        info = self.gallery.describe()
+        negatives = info.get("negatives") or {}
+        return {**info, "source": Path(self.gallery.source).name,
+                "negatives": {**negatives, "roots": [Path(r).name for r in negatives.get("roots", [])]}}
+
     def describe(self) -> dict:
         c = self.contract
         return {
@@ -306,7 +313,7 @@ class ImageChecker:
             "metrics": c.metrics, "created_at": c.created_at, "training_data": c.training_data, "wildcheck_version": c.wildcheck_version,
             "explain": {"available": self.model.has_cam, "cam": c.cam.model_dump() if self.model.has_cam else None},
             "embedding": c.embedding.model_dump() if c.embedding else None,
-            "gallery": self.gallery.describe() if self.gallery is not None else None,
+            "gallery": self._gallery_info() if self.gallery is not None else None,
             "embedder": self._describe_embedder(),
         }
 

@@ -198,6 +198,9 @@ def scan(source: str | Path, url: str, out: str | Path, concurrency: int = 8, ap
     """
     out = Path(out)
     url = check_url(url)
+    if api_key is not None and not (api_key.isascii() and api_key.isprintable()):
+        raise InvalidInput("the API key has characters outside printable ASCII, which an HTTP header cannot carry; "
+                           "check --api-key / WILDCHECK_API_KEY")
     paths = list_images(source)
     if out.is_dir():
         raise InvalidInput(f"--out {out} is a folder; give the JSONL file to write, e.g. {out / 'scan.jsonl'}")

@@ -60,6 +60,10 @@ class Settings:
         api_keys = frozenset(k.strip() for k in keys.split(",") if k.strip())
         if keys and not api_keys:  # "," or " ": the operator meant to turn auth on; never fail open
             raise InvalidInput(f"WILDCHECK_API_KEYS={keys!r} contains no key; give comma-separated keys or unset it")
+        odd = sorted(k for k in api_keys if not (k.isascii() and k.isprintable()))
+        if odd:  # HTTP clients (httpx, wildcheck scan) send header values in ASCII only: such a key locks them out
+            raise InvalidInput(f"WILDCHECK_API_KEYS has {len(odd)} key(s) with characters outside printable ASCII; "
+                               "use letters, digits and punctuation (e.g. `openssl rand -hex 32`)")
         return cls(
             model=os.environ.get("WILDCHECK_MODEL", ""),
             workers=_int("WILDCHECK_WORKERS", cls.workers),

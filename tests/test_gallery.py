@@ -218,6 +218,13 @@ def test_bad_galleries_are_refused_naming_the_file(synth_gallery, onnx_model, tm
         ImageChecker(str(onnx_model), gallery=str(other))
 
 
+def test_model_info_names_the_gallery_file_without_its_server_path(synth_gallery, onnx_model):
+    from serving.checker import ImageChecker
+
+    info = ImageChecker(str(onnx_model), gallery=str(synth_gallery)).describe()
+    assert info["gallery"]["source"] == synth_gallery.name and str(synth_gallery.parent) not in json.dumps(info)
+
+
 def test_policy_overrides_gallery_thresholds(synth_gallery, onnx_model, tmp_path):
     from serving.checker import ImageChecker
     from serving.policy import PolicyError

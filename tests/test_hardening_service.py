@@ -349,6 +349,19 @@ def test_api_keys_that_parse_to_nothing_refuse_to_start(keys, monkeypatch):
     assert Settings.from_env().api_keys == {"a", "b"}
 
 
+def test_api_keys_no_http_client_can_send_refuse_to_start(monkeypatch, tmp_path):
+    """`clé` started a server that `wildcheck scan` (httpx: ASCII header values) could never authenticate to;
+    scan itself died with UnicodeEncodeError."""
+    from serving.client import scan
+    from serving.settings import Settings
+
+    monkeypatch.setenv("WILDCHECK_API_KEYS", "good,clé")
+    with pytest.raises(ValueError, match="outside printable ASCII"):
+        Settings.from_env()
+    with pytest.raises(ValueError, match="outside printable ASCII"):
+        scan(tmp_path, "http://127.0.0.1:9", tmp_path / "out.jsonl", api_key="clé")
+
+
 @pytest.mark.parametrize("name,value", [("WILDCHECK_BODY_TIMEOUT_S", "nan"), ("WILDCHECK_MAX_PIXELS", "-5"),
                                         ("WILDCHECK_TIMEOUT_S", "-1"), ("WILDCHECK_MAX_CONCURRENCY", "0"),
                                         ("WILDCHECK_WORKERS", "0"), ("WILDCHECK_BODY_TIMEOUT_S", "inf")])
