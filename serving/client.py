@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import fcntl
 import json
 import random
 from collections import Counter
@@ -22,6 +21,7 @@ from tqdm.auto import tqdm
 
 from serving.errors import InvalidInput, MissingInput, WildcheckError
 from serving.imageio import images_under
+from serving.locking import exclusive
 
 RETRY_STATUSES = {429, 500, 502, 503, 504}
 FATAL_STATUSES = {401: "the API key was refused (--api-key / WILDCHECK_API_KEY)",
@@ -205,13 +205,7 @@ def scan(source: str | Path, url: str, out: str | Path, concurrency: int = 8, ap
     if out.is_dir():
         raise InvalidInput(f"--out {out} is a folder; give the JSONL file to write, e.g. {out / 'scan.jsonl'}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = out.with_name(out.name + ".lock")
-    with lock_path.open("a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the OS even if we are killed
-        except BlockingIOError:
-            raise InvalidInput(f"another scan is writing {out} (lock {lock_path}); wait for it to finish or "
-                             "use another --out") from None
+    with exclusive(out, "scan", "wait for it to finish or use another --out"):
         _end_with_newline(out)
         done, bad_lines = read_done(out)
         todo = [p for p in paths if resume_key(p) not in done]

@@ -7,9 +7,7 @@ exactly as the server decodes uploads; unreadable ones are skipped and reported,
 from __future__ import annotations
 
 import csv
-import fcntl
 import random
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from tqdm.auto import tqdm
 from serving.client import list_images
 from serving.errors import InvalidInput, MissingInput
 from serving.gallery import DEFAULT_FPR, Gallery, GalleryError, is_gallery_file, new_header, preprocess_and_hash
+from serving.locking import exclusive
 from serving.imageio import ImageError, decode_image, images_under, label_folders
 from serving.runtime import OnnxModel
 
@@ -118,19 +117,10 @@ def check_out(ref: str | Path, out: str | Path) -> None:
                            "choose a new file name, or delete it first if it is meant to go")
 
 
-@contextmanager
 def editing(gallery_path: str | Path):
-    """Hold ``GALLERY.lock`` while a gallery is read, changed and written: two edits at once each saved their own
-    copy, and the second silently dropped the first's references (both said "added 8"; 11 of 19 were kept)."""
-    path = Path(gallery_path)
-    lock_path = path.with_name(path.name + ".lock")
-    with lock_path.open("a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the OS even if we are killed
-        except BlockingIOError:
-            raise InvalidInput(f"another gallery build/add/remove is writing {path} (lock {lock_path}); wait for it "
-                               "to finish and run this again") from None
-        yield
+    """Held while a gallery is read, changed and written: two edits at once each saved their own copy, and the
+    second silently dropped the first's references (both said "added 8"; 11 of 19 were kept)."""
+    return exclusive(gallery_path, "gallery build/add/remove", "wait for it to finish and run this again")
 
 
 def build(ref: str | Path, model_path: str | Path, out: str | Path, negatives: list[Path] = (),
