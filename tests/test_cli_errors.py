@@ -190,3 +190,48 @@ def test_serve_refuses_zero_workers_or_threads_instead_of_ignoring_them(option, 
     for value in ("0", "-1"):
         result = CliRunner().invoke(app, ["serve", str(REPO / "models" / "wildcheck-ivory.onnx"), option, value])
         assert result.exit_code == 2 and option in result.output, result.output
+
+
+@pytest.mark.parametrize("command", ["evaluate", "robustness"])
+@pytest.mark.parametrize("size", ["0", "-3"])
+def test_a_batch_size_below_one_is_a_usage_error(onnx_model, synth_root, tmp_path, command, size):
+    """Before: robustness died in range() (step 0) with a traceback; evaluate exited 2 naming another problem."""
+    out = tmp_path / "report"
+    result = CliRunner().invoke(app, [command, str(onnx_model), "--data", str(synth_root), "--out", str(out),
+                                      "--batch-size", size])
+    _no_traceback(result, "Invalid value", "--batch-size")
+    assert not out.exists()
+
+
+def test_a_size_route_below_the_contracts_least_is_a_message(trained_run, tmp_path):
+    """Before: a pydantic ValidationError traceback (typer allowed any size >= 0, SizeRoute needs >= 32)."""
+    before = (trained_run / "best.pt").read_bytes()
+    for size in ("3", "20"):
+        result = CliRunner().invoke(app, ["calibrate", str(trained_run), "--size-route", size])
+        _no_traceback(result, f"error: --size-route {size}: give 32 px or more", "or 0 for no route")
+    assert (trained_run / "best.pt").read_bytes() == before
+
+
+def test_an_out_that_is_a_file_is_a_message_for_every_command(onnx_model, trained_run, synth_root, tmp_path):
+    """Before: FileExistsError from mkdir, with a traceback (evaluate, robustness, ensemble, grey-head, explain)."""
+    out = tmp_path / "notes.txt"
+    out.write_text("keep me")
+    image = next((synth_root / "val" / "ivory").iterdir())
+    for args in (["evaluate", onnx_model, "--data", synth_root], ["robustness", onnx_model, "--data", synth_root],
+                 ["ensemble", trained_run, trained_run], ["grey-head", trained_run], ["explain", onnx_model, image]):
+        result = CliRunner().invoke(app, [*map(str, args), "--out", str(out)])
+        _no_traceback(result, f"error: --out {out} is a file", "folder to write into")
+        assert out.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_an_output_file_named_as_a_folder_is_a_message(onnx_model, synth_root, tmp_path):
+    """Before: IsADirectoryError (evaluate --predictions DIR; calibrate --traffic ROOT --out DIR, from atomic_path)."""
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    result = CliRunner().invoke(app, ["evaluate", str(onnx_model), "--data", str(synth_root), "--predictions", str(folder)])
+    _no_traceback(result, f"error: --predictions {folder} is a folder", f"--predictions {folder / 'predictions.csv'}")
+    result = CliRunner().invoke(app, ["calibrate", str(onnx_model), "--traffic", str(synth_root / "val" / "other"),
+                                      "--out", str(folder)])
+    _no_traceback(result, f"error: --out {folder} is a folder", f"--out {folder / 'policy.yaml'}")
+    assert not any(folder.iterdir())

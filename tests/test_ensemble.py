@@ -134,3 +134,61 @@ def test_cli_ensemble_refuses_a_size_route_not_below_the_input_and_writes_nothin
         assert result.exit_code == 2, result.output
         assert f"reads blurred photos at {route} px, not below the model's input size {size}" in result.output
         assert not out.exists()
+
+
+def _another_run(folder):
+    """A training's run dir as far as the files go (what `ensemble --out` used to half-overwrite)."""
+    folder.mkdir()
+    for name, text in (("best.pt", "its best"), ("last.pt", "its last"), ("config.yaml", "train: {}\n"),
+                       ("history.csv", "epoch\n1\n")):
+        (folder / name).write_text(text)
+    return {p.name: p.read_text() for p in folder.iterdir()}
+
+
+def test_cli_ensemble_refuses_an_out_holding_another_run(trained_run, second_run, tmp_path):
+    """Before: best.pt replaced, exit 0, the other run's last.pt, history.csv and config.yaml kept beside it."""
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    before = _another_run(tmp_path / "run4")
+    result = CliRunner().invoke(app, ["ensemble", str(trained_run), str(second_run), "--out", str(tmp_path / "run4")])
+    assert result.exit_code == 2 and "already holds config.yaml, history.csv, last.pt" in result.output, result.output
+    assert "choose a new folder" in result.output.lower()
+    assert {p.name: p.read_text() for p in (tmp_path / "run4").iterdir()} == before
+
+
+def test_an_earlier_output_of_the_same_command_may_be_replaced_another_runs_never(tmp_path):
+    from serving.errors import InvalidInput
+    from training.ensemble import ENSEMBLE_FILES
+    from training.grey_head import GREY_HEAD_FILES
+    from training.outputs import new_run_folder
+
+    new_run_folder(tmp_path / "new", ENSEMBLE_FILES)
+    (tmp_path / "empty").mkdir()
+    new_run_folder(tmp_path / "empty", ENSEMBLE_FILES)
+    ens, grey = tmp_path / "ens", tmp_path / "grey"
+    for folder, names in ((ens, ENSEMBLE_FILES), (grey, GREY_HEAD_FILES)):
+        folder.mkdir()
+        for name in names:
+            (folder / name).write_text("x")
+        (folder / ".best.pt.abc.tmp").write_text("left by a kill")
+    new_run_folder(ens, ENSEMBLE_FILES)  # an ensemble again into its own folder
+    new_run_folder(grey, GREY_HEAD_FILES, marker="grey_head.json")  # another --lam: the features are reused
+    with pytest.raises(InvalidInput, match="grey_features.npz, grey_head.json"):
+        new_run_folder(grey, ENSEMBLE_FILES)
+    with pytest.raises(InvalidInput, match="holds best.pt"):  # an ensemble is not a grey head's earlier output
+        new_run_folder(ens, GREY_HEAD_FILES, marker="grey_head.json")
+
+
+def test_cli_ensemble_size_route_below_the_contracts_least_is_a_message(trained_run, second_run, tmp_path):
+    """Before: a pydantic ValidationError traceback (typer allowed any size >= 0, SizeRoute needs >= 32)."""
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    out = tmp_path / "ens"
+    result = CliRunner().invoke(app, ["ensemble", str(trained_run), str(second_run), "--out", str(out),
+                                      "--size-route", "3"])
+    assert result.exit_code == 2 and "error: --size-route 3: give 32 px or more" in result.output, result.output
+    assert not out.exists()

@@ -333,3 +333,18 @@ def test_false_positives_png_shows_heat_maps_when_the_model_has_them(onnx_model,
     grids = heat_grids(load_predictor(onnx_model), [str(p) for p in paths] + [str(tmp_path / "missing.jpg")])
     assert all(g.shape == grids[0].shape and g.max() <= 1.0 for g in grids[:4]) and grids[4] is None
     assert heat_grids(load_predictor(legacy_model), [str(paths[0])]) == [None]
+
+
+def test_cli_explain_refuses_an_out_inside_the_images_folder(onnx_model, tmp_path):
+    """Before: --out PHOTOS/overlays was written, and explaining PHOTOS again explained the overlays as photos."""
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _scene((200, 160), seed=3).save(photos / "p.png")
+    out = photos / "overlays"
+    result = CliRunner().invoke(app, ["explain", str(onnx_model), str(photos), "--out", str(out)])
+    assert result.exit_code == 2 and f"error: --out {out} is inside {photos}" in result.output, result.output
+    assert not out.exists() and [p.name for p in photos.iterdir()] == ["p.png"]

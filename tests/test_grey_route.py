@@ -281,3 +281,15 @@ def test_unreadable_training_photos_are_skipped_and_named(trained_run, problem_r
     assert not {files[k].name for k in ("cmyk", "png16", "alpha", "exif")} & set(named)
     assert json.loads((tmp_path / "g" / "grey_head.json").read_text())["skipped"] == summary["skipped"]
     assert summary["photos"] == summary["main"] - len(summary["skipped"])
+
+
+def test_grey_head_refuses_an_out_holding_another_run(trained_run, tmp_path):
+    """Before: best.pt replaced, exit 0, the other run's last.pt, history.csv and config.yaml kept beside it."""
+    out = tmp_path / "run4"
+    out.mkdir()
+    for name in ("best.pt", "last.pt", "config.yaml", "history.csv"):
+        (out / name).write_text(f"the other run's {name}")
+    result = CliRunner().invoke(_app(), ["grey-head", str(trained_run), "--out", str(out)])
+    assert result.exit_code == 2 and "already holds config.yaml, history.csv, last.pt" in result.output, result.output
+    assert {p.name: p.read_text() for p in out.iterdir()} == {n: f"the other run's {n}" for n in
+                                                               ("best.pt", "last.pt", "config.yaml", "history.csv")}

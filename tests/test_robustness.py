@@ -298,3 +298,19 @@ def test_a_condition_listed_twice_is_refused_naming_both_lines(synth_root, tmp_p
                   "--out", tmp_path / "r")
     assert result.exit_code == 2 and "error: " in result.output and "write it once" in result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_an_out_inside_the_data_or_a_negatives_pool_is_refused_before_any_work(onnx_model, synth_root, tmp_path):
+    """Before: the report's robustness.png landed among the images scored (a label folder's next count included it)."""
+    import shutil
+
+    data, pool = tmp_path / "data", tmp_path / "pool"
+    shutil.copytree(synth_root, data)
+    shutil.copytree(synth_root / "val" / "other", pool / "other")
+    conditions = tmp_path / "conditions.yaml"
+    conditions.write_text("conditions: {jpeg: {quality: 30}}\n")
+    for out in (data / "val" / "other" / "report", pool / "report"):
+        result = _cli("robustness", onnx_model, "--data", data, "--negatives", pool, "--out", out,
+                      "--conditions", conditions)
+        assert result.exit_code == 2 and f"error: --out {out} is inside" in result.output, result.output
+        assert not out.exists()

@@ -327,3 +327,40 @@ def test_decoding_reads_ahead_a_bounded_number_of_pictures(monkeypatch):
         most_ahead = max(most_ahead, decoded - consumed)
     assert consumed == 400
     assert most_ahead <= 40, most_ahead  # two batches ahead (20), plus the pool's in-flight work
+
+
+def test_an_out_inside_the_data_is_refused_before_any_work(onnx_model, synth_root, tmp_path):
+    """Before: evaluate --out DATA/val/ivory/eval wrote its PNGs into the ivory folder (the next evaluation counted
+    them as ivory images), and train --out DATA/train/ivory/run its history.png and reliability.png."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_root, data)
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    out = data / "val" / "ivory" / "eval"
+    result = CliRunner().invoke(app, ["evaluate", str(onnx_model), "--data", str(data), "--out", str(out)])
+    assert result.exit_code == 2 and f"error: --out {out} is inside {data}" in result.output, result.output
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before  # nothing written among the data
+    assert evaluate(onnx_model, [tmp_path / "data"], "val", out_dir=tmp_path / "eval").n == 16  # beside it is fine
+
+
+@pytest.mark.parametrize("where", ["data", "negatives"])
+def test_a_run_dir_inside_the_data_or_a_negatives_pool_is_refused_before_any_work(synth_root, tmp_path, where):
+    """Before: train --out DATA/train/ivory/run wrote history.png (and calibrate reliability.png) among its images."""
+    import shutil
+
+    from serving.errors import InvalidInput
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_root, data)
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    config = tiny_config(epochs=1)
+    if where == "negatives":
+        config.data.negatives = [str(data)]
+    with pytest.raises(InvalidInput, match="is inside"):
+        train([str(data if where == "data" else synth_root)], data / "train" / "other" / "run", config)
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before

@@ -33,6 +33,18 @@ SIZE_ROUTE_HELP = ("read blurred or noisy photos at this input size (px), inside
                    "0: every photo at the model's own size (README, 'Size route')")
 
 
+def _size_route(value: int | None) -> int | None:
+    """``--size-route``: 0 (no route) or at least ``SizeRoute``'s own least size; typer's ``min`` cannot say both."""
+    if not value:
+        return value
+    from serving.contract import SizeRoute
+
+    least = next(m.ge for m in SizeRoute.model_fields["size"].metadata if hasattr(m, "ge"))
+    if value < least:
+        _fail(f"--size-route {value}: give {least} px or more (below the model's input size), or 0 for no route")
+    return value
+
+
 def _test_time_views(values: list[str]) -> list[str] | None:
     """``--test-time-views`` values: None when not given, [] for ``none``; an unknown view is a usage error."""
     if not values:
@@ -135,8 +147,9 @@ def train(
     from training.config import resolve_config
     from training.train import train as run_training
 
-    if out.exists() and not out.is_dir():
-        _fail(f"--out {out} is a file: give the run directory to write into (a new or existing folder)")
+    from training.outputs import out_folder
+
+    out_folder(out, what="run directory")  # before the config is read from it (--resume)
     resolved = resolve_config(config, run_dir=out, resume=resume, warm_start=init_from is not None, epochs=epochs,
                               img_size=img_size, batch_size=batch_size, negatives=negatives, sets=set_)
     for note in resolved.notes:
@@ -178,6 +191,7 @@ def calibrate(
         _fail(f"{run} is an exported ONNX model: calibrate refits a run, so give its run dir or best.pt; to calibrate "
               f"the ONNX model on your own images, add --traffic ROOT --out POLICY.yaml (README, 'Traffic budgets')")
     views = _test_time_views(test_time_views)
+    size_route = _size_route(size_route)
     if traffic is not None:
         if views is not None or size_route is not None:
             _fail("--test-time-views and --size-route change the model: calibrate the run with them, then export")
@@ -201,6 +215,9 @@ def _calibrate_traffic(model: Path, traffic: Path, max_flag_rate, max_block_rate
 
     if out is None:
         _fail("give --out POLICY.yaml: the policy file to write")
+    from training.outputs import out_file
+
+    out_file(out, example="policy.yaml")
     if model.suffix == ".onnx":
         from serving.runtime import OnnxModel
 
@@ -224,7 +241,7 @@ def evaluate(
     split: str = typer.Option("val", "--split", help="split to evaluate ('all' for every image)"),
     out: Optional[Path] = typer.Option(None, "--out", help="write metrics.json, predictions.csv and plots here"),
     predictions: Optional[Path] = typer.Option(None, "--predictions", help="write predictions CSV here"),
-    batch_size: int = typer.Option(32, "--batch-size"),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
 ) -> None:
     """Metrics, predictions and plots for a model on labelled images."""
     from training.evaluate import evaluate as run_evaluation, format_evaluation
@@ -244,7 +261,7 @@ def robustness(
         None, "--conditions", help="YAML selecting/parameterising conditions, e.g. `conditions: {jpeg: {quality: 30}}`"),
     seed: int = typer.Option(0, "--seed", help="seeds every condition per image (same seed, same pictures)"),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="a seeded random subset of N images (quick look)"),
-    batch_size: int = typer.Option(32, "--batch-size"),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
 ) -> None:
     """Decisions on the split as it is and under listing conditions (JPEG, thumbnail, banner, watermark,
     screenshot frame, collage, rotation, greyscale, crop, phone blur/noise)."""
@@ -295,7 +312,7 @@ def ensemble(
     from training.ensemble import make_ensemble
 
     report = make_ensemble(runs, out, [str(d) for d in data] or None, say=typer.echo,
-                           test_time_views=_test_time_views(test_time_views), size_route=size_route)
+                           test_time_views=_test_time_views(test_time_views), size_route=_size_route(size_route))
     typer.echo(format_report(report))
 
 

@@ -17,6 +17,11 @@ from serving.contract import SizeRoute
 from serving.errors import InvalidInput
 from training.checkpoint import Checkpoint, Head, initial_spec, weights_hash
 from training.models import Ensemble, check_size_route, create_model, ensemble_name, parse_name
+from training.outputs import new_run_folder, out_folder
+
+
+# what build and its calibration write into --out
+ENSEMBLE_FILES = ("best.pt", "labels.json", "calibration.json", "reliability.png")
 
 
 class EnsembleError(InvalidInput):
@@ -31,13 +36,14 @@ def build(runs: list[str | Path], out: str | Path, say=print, test_time_views: l
     from training.fileio import atomic_write_text
     from training.predict import resolve_checkpoint
 
+    out = out_folder(out, what="new run folder")
     paths = [resolve_checkpoint(r) for r in runs]
     if len(paths) < 2:
         raise EnsembleError("an ensemble needs at least two runs")
-    out = Path(out)
     clobbered = [str(p.parent) for p in paths if p.parent.resolve() == out.resolve()]
     if clobbered:
         raise EnsembleError(f"--out {out} is one of the runs ({clobbered[0]}): name a new folder for the ensemble")
+    new_run_folder(out, ENSEMBLE_FILES)  # an earlier ensemble's folder is replaced, another run's never
     checkpoints = [Checkpoint.load(p) for p in paths]
     first = checkpoints[0]
     nested = [str(p) for p, ck in zip(paths, checkpoints) if parse_name(ck.spec.architecture)]

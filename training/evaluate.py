@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from serving.errors import InvalidInput
 from training.data.sources import Sample, load_samples, select_split
 from training.metrics import compute_metrics, decision_report, false_positive_report, format_decisions, summary_table
+from training.outputs import out_file, out_folder
 from training.predict import load_predictor, predict_samples
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,10 @@ def evaluate(
     threads: int | None = None,
 ) -> Evaluation:
     """Metrics (and, with ``out_dir``, metrics.json, predictions.csv and PNG plots) for ``model`` on ``data``."""
+    if out_dir is not None:  # before any work: never a file, never among the images evaluated
+        out_folder(out_dir, reads=data)
+    if predictions is not None:
+        out_file(predictions, "--predictions", "predictions.csv")
     predictor = load_predictor(model, threads=threads)
     spec = predictor.spec
     samples = load_samples(data, default_split=split or "val")

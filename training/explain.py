@@ -20,6 +20,7 @@ from serving.runtime import Predictor
 from serving.tiling import draft_size, view_boxes, views
 from training.predict import load_predictor
 from training.fileio import atomic_path, atomic_write_text
+from training.outputs import out_folder
 
 
 class NoCamError(InvalidInput):
@@ -94,22 +95,15 @@ def image_paths(images: list[str | Path]) -> list[Path]:
     return paths
 
 
-def _check_out(out: Path, images: list[Path]) -> None:
-    """Overlays are named after their image (``p.jpg`` -> ``p.png``): in a folder holding the images they would
-    replace a PNG input, and mix with the rest (a later run would explain the overlays)."""
-    inside = [p for p in images if p.resolve().is_relative_to(out.resolve())]
-    if inside:
-        where = out.resolve()
-        raise InvalidInput(f"--out {out} holds images being explained ({inside[0]}); their overlays would be written "
-                           f"over or among them. Pass a folder outside the images, e.g. --out {where.parent / where.name}-overlays")
-
-
 def explain_files(model: str | Path, images: list[str | Path], out: str | Path, label: str | None = None,
                   max_side: int = 768) -> list[dict]:
     """One overlay PNG per readable image (``images``: files or folders) in ``out`` (atomic writes) plus
     ``out/explanations.json`` with the grids."""
+    folders = [p for p in map(Path, images) if p.is_dir()]
     images = image_paths(images)
-    _check_out(Path(out), images)
+    # overlays are named after their image (p.jpg -> p.png): among the images they would replace a PNG input, and
+    # a later run on the folder would explain the overlays too
+    out_folder(out, reads=folders, holding=images, holding_what="images being explained")
     predictor = load_predictor(model)
     _require_cam(predictor)
     if label is not None and label not in predictor.labels:

@@ -23,8 +23,11 @@ from serving.errors import InvalidInput
 from training.checkpoint import Checkpoint, Head
 from training.config import GreyHeadConfig
 from training.data.sources import Sample, pool_name
+from training.outputs import new_run_folder, out_folder
 
 FEATURES_FILE = "grey_features.npz"
+# what fit_grey_head and its calibration write into --out
+GREY_HEAD_FILES = ("best.pt", "labels.json", "grey_head.json", FEATURES_FILE, "calibration.json", "reliability.png")
 
 
 class GreyHeadError(InvalidInput):
@@ -129,10 +132,12 @@ def fit_grey_head(run: str | Path, out: str | Path, settings: GreyHeadConfig = G
     from training.models import parse_name
     from training.predict import TorchPredictor, resolve_checkpoint, run_samples
 
+    out = out_folder(out, what="new run folder")
     path = resolve_checkpoint(run)
-    out = Path(out)
     if path.parent.resolve() == out.resolve() and not in_place:
         raise GreyHeadError(f"--out {out} is the run itself: name a new folder for the run with a grey head")
+    if not in_place:  # an earlier grey head's folder is replaced (its features reused), another run's never
+        new_run_folder(out, GREY_HEAD_FILES, marker="grey_head.json")
     predictor = TorchPredictor(path)
     ckpt = predictor.checkpoint
     if parse_name(ckpt.spec.architecture):

@@ -27,6 +27,7 @@ from serving.tiling import draft_size
 from training.conditions import Condition, condition_rng, default_conditions
 from training.data.sources import Sample, load_samples, select_split
 from training.metrics import compute_metrics, decision_report
+from training.outputs import out_folder
 from training.predict import load_predictor, predict_images
 
 CLEAN = "clean"
@@ -203,6 +204,8 @@ def robustness(
     threads: int | None = None,
 ) -> RobustnessReport:
     """Score ``data`` (+ ``negatives``, labelled as the model's negative class) clean and under each condition."""
+    if out_dir is not None:  # before any work: never a file, never among the images scored
+        out_folder(out_dir, reads=[*data, *negatives])
     started = time.perf_counter()
     conditions = default_conditions() if conditions is None else conditions
     predictor = load_predictor(model, threads=threads)

@@ -26,6 +26,7 @@ from training.loop.optim import Optimization, autocast_setting, build_optimizati
 from training.loop.rng import rng_state, seed_everything, set_rng_state
 from training.loop.rundir import RunDir, TrainState
 from training.loop.steps import EpochStats, prime_miner, train_one_epoch, validate
+from training.outputs import out_folder
 
 __all__ = ["train", "resolve_preprocessing", "autocast_setting"]
 
@@ -128,6 +129,7 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
     if tc.threads:
         torch.set_num_threads(tc.threads)
     info, device = distributed.init(tc.device)
+    out_folder(out_dir, reads=[*roots, *config.data.negatives], what="run directory")  # never among the data
     say = distributed.printer(info)  # only rank 0 talks and writes
     run = RunDir(out_dir, info, say)
     run.prepare()
