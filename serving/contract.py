@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -85,7 +85,8 @@ class SizeRoute(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    size: int = Field(256, ge=32, description="input size (px) a routed input is resized to, antialiased bilinear")
+    MIN_SIZE: ClassVar[int] = 32
+    size: int = Field(256, ge=MIN_SIZE, description="input size (px) a routed input is resized to, antialiased bilinear")
     detail_below: float = Field(0.6, ge=0.0, le=2.0, description="route an input whose detail ratio is below this")
     noise_above: float = Field(2.0, gt=0.0, le=255.0, description="route an input whose noise estimate (levels) is above this")
 

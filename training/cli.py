@@ -39,9 +39,8 @@ def _size_route(value: int | None) -> int | None:
         return value
     from serving.contract import SizeRoute
 
-    least = next(m.ge for m in SizeRoute.model_fields["size"].metadata if hasattr(m, "ge"))
-    if value < least:
-        _fail(f"--size-route {value}: give {least} px or more (below the model's input size), or 0 for no route")
+    if value < SizeRoute.MIN_SIZE:
+        _fail(f"--size-route {value}: give {SizeRoute.MIN_SIZE} px or more (below the model's input size), or 0 for no route")
     return value
 
 

@@ -17,7 +17,7 @@ from serving.contract import SizeRoute
 from serving.errors import InvalidInput
 from training.checkpoint import Checkpoint, Head, initial_spec, weights_hash
 from training.models import Ensemble, check_size_route, create_model, ensemble_name, parse_name
-from training.outputs import new_run_folder, out_folder
+from training.outputs import new_run_folder
 
 
 # what build and its calibration write into --out
@@ -36,7 +36,7 @@ def build(runs: list[str | Path], out: str | Path, say=print, test_time_views: l
     from training.fileio import atomic_write_text
     from training.predict import resolve_checkpoint
 
-    out = out_folder(out, what="new run folder")
+    out = Path(out)
     paths = [resolve_checkpoint(r) for r in runs]
     if len(paths) < 2:
         raise EnsembleError("an ensemble needs at least two runs")
