@@ -176,14 +176,16 @@ def test_a_key_written_twice_is_refused_with_both_lines(tmp_path):
     ("decision.negative_weights={d1: .nan}", "Input should be a finite number"),
     ("decision.negative_weights={d1: .inf}", "Input should be a finite number"),
     ("decision.negative_weights={d1: -1}", "Input should be greater than or equal to 0"),
-    ("train.epochs=true", "Input should be a valid integer"),
-    ("train.batch_size=true", "Input should be a valid integer"),
+    ("train.epochs=true", "Value error, is a value, not true/false"),
+    ("train.batch_size=true", "Value error, is a value, not true/false"),
     ("train.seed=-1", "Input should be greater than or equal to 0"),
     ("data.std=[0,0,0]", "Input should be greater than 0"),
     ("data.std=[.inf,1,1]", "Input should be a finite number"),
     ("data.mean=[.nan,0.5,0.5]", "Input should be a finite number"),
     ("data.interpolation=bogus", "Input should be 'bicubic', 'bilinear', 'nearest' or 'lanczos'"),
     ("train.warmup_epochs=.inf", "Input should be a finite number"),
+    ("train.lr=true", "Value error, is a value, not true/false"),
+    ("data.negatives_per_epoch=false", "Value error, is a value, not true/false"),
 ])
 def test_set_refuses_values_that_would_fail_later(item, message):
     """Each was accepted and failed during training (numpy's seed, sklearn's NaN after an epoch, Preprocessing's

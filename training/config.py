@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from serving.errors import InvalidInput, MissingInput
 from serving.contract import SizeRoute, TestTimeView
@@ -19,6 +19,16 @@ from serving.yamlio import load_yaml
 class _Strict(BaseModel):
     # no NaN or infinity in any number; integers are StrictInt below, so `epochs: true` is refused, not read as 1
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _a_number_is_not_a_switch(cls, value, info):
+        # pydantic reads true/false as 1.0/0.0 for a float: `lr: true` trained at lr 1
+        if isinstance(value, bool):
+            annotation = cls.model_fields[info.field_name].annotation
+            if annotation is not bool and bool not in get_args(annotation):
+                raise ValueError("is a value, not true/false")
+        return value
 
 
 Positive = Annotated[float, Field(gt=0.0)]
