@@ -23,7 +23,7 @@ from serving.errors import InvalidInput
 from training.checkpoint import Checkpoint, Head
 from training.config import GreyHeadConfig
 from training.data.sources import Sample, pool_name
-from training.outputs import new_run_folder, out_folder
+from training.outputs import new_run_folder
 
 FEATURES_FILE = "grey_features.npz"
 # what fit_grey_head and its calibration write into --out
@@ -132,7 +132,7 @@ def fit_grey_head(run: str | Path, out: str | Path, settings: GreyHeadConfig = G
     from training.models import parse_name
     from training.predict import TorchPredictor, resolve_checkpoint, run_samples
 
-    out = out_folder(out, what="new run folder")
+    out = Path(out)
     path = resolve_checkpoint(run)
     if path.parent.resolve() == out.resolve() and not in_place:
         raise GreyHeadError(f"--out {out} is the run itself: name a new folder for the run with a grey head")

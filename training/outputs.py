@@ -25,7 +25,8 @@ def out_folder(out: str | Path, reads: Iterable[str | Path] = (), holding: Itera
     pools, image folders), or holds one of the files in ``holding``. Returns ``out`` as a Path."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise InvalidInput(f"{option} {out} is a file: give the {what} to write into (a new or existing folder), "
+        named = f"{option} {out}" if option else str(out)  # a positional argument has no option name
+        raise InvalidInput(f"{named} is a file: give the {what} to write into (a new or existing folder), "
                            "or move the file away")
     where = out.resolve()
     inside = [p for p in map(Path, holding) if p.resolve().is_relative_to(where)]

@@ -22,6 +22,7 @@ from serving.imageio import FORMATS, ImageError, decode_image
 from training.data.neardup import NEAR_DISTANCE, HashIndex, image_hash
 from training.data.sources import discover
 from training.fileio import atomic_write_text
+from training.outputs import out_folder
 
 MANIFEST_FIELDS = ["path", "label", "split", "sha256", "phash", "source", "listing_id", "labeled_by", "labeled_at",
                    "ingested_at"]
@@ -135,9 +136,7 @@ def ingest(labels_csv: str | Path, root: str | Path, split: str = "train", near_
         raise InvalidInput(f"split must be train, val or test, not {split!r}")
     if not labels_csv.is_file():
         raise MissingInput(f"{labels_csv} not found: give the CSV of labelled images (path,label,...)")
-    if root.exists() and not root.is_dir():
-        raise InvalidInput(f"--into {root} is a file: give the dataset folder to add the images to (it keeps its "
-                           "manifest.csv there; a new folder is created)")
+    out_folder(root, option="--into", what="dataset folder")
     report = IngestReport()
     existing, extra_columns = _load_manifest(root, report.dataset_unreadable)
     by_sha = {r["sha256"]: r for r in existing if r.get("sha256")}

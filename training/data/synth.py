@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from serving.errors import InvalidInput
+from training.outputs import out_folder
 
 CLASSES = ("ivory", "pangolin_scales", "tiger_skin", "other")
 _WORDS = ("SALE", "antique", "rare", "NEW", "vintage", "free ship", "genuine", "collector", "OBO", "lot", "gift")
@@ -145,9 +145,7 @@ def synthesize(out: str | Path, per_class: int = 40, size: int = 256, seed: int 
                classes: tuple[str, ...] = CLASSES, splits: dict[str, float] | None = None) -> dict[str, dict[str, int]]:
     """Write ``OUT/<split>/<label>/<label>_<n>.jpg``; ``per_class`` images per class in train, a quarter in val/test."""
     splits = splits or {"train": 1.0, "val": 0.25, "test": 0.25}
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InvalidInput(f"{out} is a file: give a folder to write the dataset into (new or existing)")
+    out = out_folder(out, option="", what="dataset folder")
     counts: dict[str, dict[str, int]] = {}
     for s_idx, (split, frac) in enumerate(splits.items()):
         n = max(2, int(round(per_class * frac)))
