@@ -100,9 +100,11 @@ def test_train_out_that_is_a_file_is_a_message(tmp_path):
 
 
 @pytest.mark.parametrize("device, says", [("bogus", "is not a device torch knows"),
-                                          ("cuda:x", "is not a device torch knows")])
+                                          ("cuda:x", "is not a device torch knows"),
+                                          ("mps", "is not usable here"), ("meta", "holds no data")])
 def test_an_unknown_device_is_a_message_before_any_work(tmp_path, device, says):
-    """Before: torch.device's RuntimeError from training/distributed.py:init, with a traceback."""
+    """Before: torch.device's RuntimeError from training/distributed.py:init, with a traceback; mps (absent on
+    Linux) and meta failed only after the data was read and the model built."""
     result = CliRunner().invoke(app, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"),
                                       "--set", f"train.device={device}"])
     _no_traceback(result, f"error: train.device {device!r} {says}", "--set train.device=auto")

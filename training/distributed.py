@@ -44,6 +44,14 @@ def init(device_name: str) -> tuple[DistInfo, torch.device]:
     if asked.type == "cuda" and not torch.cuda.is_available():
         raise InvalidInput(f"train.device {device_name!r}: torch sees no CUDA device here; use auto or cpu "
                            "(--set train.device=auto)")
+    if asked.type == "meta":
+        raise InvalidInput(f"train.device {device_name!r} holds no data and cannot train; use auto, cpu, cuda or "
+                           "cuda:N (--set train.device=auto)")
+    try:  # mps on Linux, cuda:7 on a 1-GPU machine, xpu without its runtime: found now, not after the data is read
+        torch.empty(1, device=asked)
+    except (RuntimeError, AssertionError) as exc:
+        raise InvalidInput(f"train.device {device_name!r} is not usable here ({str(exc).splitlines()[0][:160]}); "
+                           "use auto or cpu (--set train.device=auto)") from exc
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     want_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
