@@ -197,3 +197,42 @@ def test_ingest_near_copies_within_one_csv_and_the_distance_setting(tmp_path):
     assert report["near_duplicates"] == [{"line": 22, "path": str(src / "copy.jpg"), "same_as": report["added"][19]["to"]}]
     strict = ingest(tmp_path / "l.csv", tmp_path / "strict", near_distance=distance - 1)
     assert len(strict["added"]) == 21 and not strict["near_duplicates"]
+
+
+@pytest.fixture(scope="module")
+def lost_class_runs(three_class_root, tmp_path_factory):
+    """A champion of three classes and a challenger retrained on data that lost pangolin_scales."""
+    base = tmp_path_factory.mktemp("lost")
+    two_class = base / "data"
+    shutil.copytree(three_class_root, two_class)
+    for split in ("train", "val", "test"):
+        shutil.rmtree(two_class / split / "pangolin_scales")
+    champion, challenger = base / "champion", base / "challenger"
+    train([str(three_class_root)], champion, tiny_config(epochs=1))
+    train([str(two_class)], challenger, tiny_config(epochs=1))
+    return champion, challenger, three_class_root
+
+
+def test_a_challenger_that_lost_a_class_fails_the_gate(lost_class_runs, tmp_path):
+    """Before: the champion's pangolin_scales images were left out and the gate skipped the class, so a retrain
+    that no longer knew a protected class could pass and be promoted without --force."""
+    champion, challenger, root = lost_class_runs
+    result = compare(champion, challenger, [str(root)], split="test", report=tmp_path / "c.md")
+    assert result["gate"] == "fail"
+    assert any(f.startswith("pangolin_scales: the challenger does not know this class") for f in result["failures"])
+    with pytest.raises(PromoteRefused, match="pangolin_scales"):
+        promote(challenger, tmp_path / "reg")
+
+
+def test_compare_refuses_a_nan_recall_drop_and_data_no_model_shares(lost_class_runs, tmp_path):
+    """Before: --max-recall-drop nan turned the recall gate off; data whose labels only the challenger knows
+    ended in compute_metrics' ValueError traceback."""
+    from training.compare import CompareError
+
+    champion, challenger, root = lost_class_runs
+    with pytest.raises(CompareError, match="max-recall-drop"):
+        compare(champion, challenger, [str(root)], split="test", max_recall_drop=float("nan"))
+    only_new = tmp_path / "only_pangolin"
+    shutil.copytree(root / "test" / "pangolin_scales", only_new / "test" / "pangolin_scales")
+    with pytest.raises(CompareError, match="a label both models know"):
+        compare(challenger, champion, [str(only_new)], split="test", report=tmp_path / "c.md")

@@ -1,7 +1,7 @@
 """``wildcheck compare``: champion vs challenger on the same images, with a paired test and a gate.
 
 The gate fails (non-zero exit) when the challenger's macro-F1 on the classes the champion knows drops,
-or any existing class loses more than ``max_recall_drop`` points of recall. The result is written to
+any existing class loses more than ``max_recall_drop`` points of recall, or the challenger lost a class. The result is written to
 ``CHALLENGER/compare.json`` (``promote`` reads it) and a markdown report.
 """
 
@@ -54,6 +54,8 @@ def _cm(matrix, labels) -> list[str]:
 
 def compare(champion: str | Path, challenger: str | Path, data: list[str], split: str = "test",
             max_recall_drop: float = 1.0, report: str | Path | None = None) -> dict:
+    if not np.isfinite(max_recall_drop) or max_recall_drop < 0:
+        raise CompareError(f"--max-recall-drop must be a number of points >= 0, not {max_recall_drop}")
     champ, chall = load_predictor(champion), load_predictor(challenger)
     samples = select_split(load_samples(data, default_split=split), split)
     samples = [s for s in samples if s.label in chall.labels]
@@ -64,6 +66,9 @@ def compare(champion: str | Path, challenger: str | Path, data: list[str], split
     y_b = np.array([chall.labels.index(s.label) for s in kept])
     m_b = compute_metrics(y_b, p_chall, chall.labels)
     shared = np.array([s.label in champ.labels for s in kept])
+    if not shared.any():
+        raise CompareError(f"no images in split {split!r} of {data} carry a label both models know "
+                           f"(champion: {', '.join(champ.labels)}; challenger: {', '.join(chall.labels)})")
     y_a = np.array([champ.labels.index(s.label) for s in kept if s.label in champ.labels])
     m_a = compute_metrics(y_a, p_champ[shared], champ.labels)
     # like-for-like macro-F1: the same images, the champion's classes (a prediction of a new class is simply wrong)
@@ -81,7 +86,11 @@ def compare(champion: str | Path, challenger: str | Path, data: list[str], split
         failures.append(f"macro-F1 on the champion's classes dropped: {m_a['macro_f1']:.4f} -> {macro_b:.4f}")
     for label in champ.labels:
         a, b = m_a["per_class"][label], m_b["per_class"].get(label)
-        if b is None or a["support"] == 0:
+        if b is None:  # a retrain that lost a class must not pass as one that kept its recall
+            failures.append(f"{label}: the challenger does not know this class, the champion does (train the "
+                            "challenger with its images, or promote --force if the class is retired on purpose)")
+            continue
+        if a["support"] == 0:
             continue
         drop = 100 * (a["recall"] - b["recall"])
         if drop > max_recall_drop:
