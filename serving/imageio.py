@@ -9,6 +9,7 @@ code a caller can map to an HTTP status or a line in a data report.
 from __future__ import annotations
 
 import io
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -57,12 +58,28 @@ def is_image_file(path: Path) -> bool:
     return (path.is_file() or dangling) and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def images_under(folder: str | Path) -> list[Path]:
-    """The image files under ``folder``, recursively and sorted; hidden files and folders (macOS ``._x.jpg``
-    resource forks, ``.thumbnails/``) are not photos. The one folder walk of every command that takes a folder."""
+def files_under(folder: str | Path) -> list[Path]:
+    """Every visible file under ``folder``, recursively and sorted, image or not; hidden files and folders (macOS
+    ``._x.jpg`` resource forks, ``.thumbnails/``) are skipped. Linked folders are followed like linked files and
+    label folders (``rglob`` skips them: a ``coco -> /store/coco`` source folder vanished without a word); a link
+    back to a folder already walked, or to one holding ``folder`` (``loop -> ..``), is not walked again."""
     folder = Path(folder)
-    return [p for p in sorted(folder.rglob("*"))
-            if is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    top = folder.resolve()
+    seen, found = set(), []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = Path(dirpath).resolve()
+        if real in seen or (real != top and top.is_relative_to(real)):
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [Path(dirpath) / name for name in filenames if not name.startswith(".")]
+    return sorted(found)
+
+
+def images_under(folder: str | Path) -> list[Path]:
+    """The image files under ``folder`` (``files_under``): the one folder walk of every command that takes a folder."""
+    return [p for p in files_under(folder) if is_image_file(p)]
 
 
 def label_folders(root: str | Path) -> list[Path]:
@@ -171,6 +188,8 @@ def _strips_to_l(img: Image.Image, convert) -> Image.Image:
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB; transparent pixels become white (how listing pages show them)."""
+    if img.mode in ("P", "RGB", "L") and "transparency" in img.info:
+        img = img.convert("RGBA")  # a palette entry or a colour key (PNG tRNS) marks the transparent pixels
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
@@ -185,18 +204,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "F":
         low, high = np.inf, -np.inf
         width, height = img.size
-        for top in range(0, height, _STRIP_ROWS):  # NaN-aware range, a strip at a time
-            strip = np.asarray(img.crop((0, top, width, min(height, top + _STRIP_ROWS))))
-            if np.isfinite(strip).any():
-                low, high = min(low, float(np.nanmin(strip))), max(high, float(np.nanmax(strip)))
+        for top in range(0, height, _STRIP_ROWS):  # the finite values' range, a strip at a time: one NaN or
+            strip = np.asarray(img.crop((0, top, width, min(height, top + _STRIP_ROWS))))  # inf made it all black
+            finite = strip[np.isfinite(strip)]
+            if finite.size:
+                low, high = min(low, float(finite.min())), max(high, float(finite.max()))
         low = 0.0 if not np.isfinite(low) else low
         scale = 255.0 / (high - low) if np.isfinite(high) and high > low else 0.0
         return _strips_to_l(
             img, lambda a: np.nan_to_num((a.astype(np.float64) - low) * scale, nan=0.0, posinf=255, neginf=0)
             .clip(0, 255).astype(np.uint8)
         ).convert("RGB")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img if img.mode == "RGBA" else img.convert("RGBA")
         out = Image.new("RGB", rgba.size, (255, 255, 255))
@@ -287,7 +305,7 @@ def _decode(data, max_pixels, min_side, draft_size, allowed_formats, max_decode_
     exif_rotated = False
     try:
         orientation = img.getexif().get(0x0112, 1)
-        if orientation not in (None, 1):
+        if orientation in (2, 3, 4, 5, 6, 7, 8):  # 1 is upright; anything else (0, 99) is no orientation at all
             img = ImageOps.exif_transpose(img)
             exif_rotated = True
     except Exception:  # a broken EXIF block must not make a good picture unusable

@@ -96,5 +96,27 @@ def test_unknown_split_in_a_manifest_is_an_error_naming_the_rows(tmp_path, synth
     result = CliRunner().invoke(app, ["data", "check", str(manifest)])
     assert result.exit_code == 2 and "'vali'" in result.output and "error:" in result.output
     manifest.write_text("path,label,split\n" f"{images[0]},ivory,train\n" f"{images[1]},ivory,val\n"
-                        f"{images[2]},ivory,\n")  # the fix: a known split, or empty for the default
-    assert [s.split for s in discover(manifest, default_split="test")] == ["train", "val", "test"]
+                        f"{images[2]},ivory,\n")  # the fix: a known split, or empty (train: other rows name splits)
+    assert [s.split for s in discover(manifest, default_split="test")] == ["train", "val", "train"]
+
+
+def test_a_near_duplicate_labelled_differently_is_called_a_label_conflict(tmp_path):
+    """Before, a recompressed ivory photo filed under `other` was a plain "near-duplicate" warning; data ingest
+    already stops on the same pair as a conflict."""
+    from tests.conftest import photo
+
+    for label in ("ivory", "other"):
+        (tmp_path / "train" / label).mkdir(parents=True)
+    base = photo(40, (200, 200))
+    base.save(tmp_path / "train" / "ivory" / "a.jpg", quality=95)
+    base.save(tmp_path / "train" / "other" / "a_again.jpg", quality=60)  # the same picture, other bytes, other label
+    photo(42, (200, 200)).save(tmp_path / "train" / "other" / "b.jpg")
+    photo(42, (200, 200)).save(tmp_path / "train" / "other" / "b_again.jpg", quality=60)  # same label: no conflict
+    report = check_dataset([tmp_path])
+    pairs = {tuple(sorted(p.rsplit("/", 1)[1] for p in e["paths"])): e for e in report["near_duplicates"]}
+    assert pairs[("a.jpg", "a_again.jpg")]["label_conflict"] and not pairs[("b.jpg", "b_again.jpg")]["label_conflict"]
+    assert report["summary"]["near_label_conflicts"] == 1
+    messages = [w["message"] for w in report["warnings"] if "near-duplicate" in w["message"]]
+    conflict = [m for m in messages if "a_again.jpg" in m or "/a.jpg" in m]
+    assert len(conflict) == 1 and "labelled 'ivory' here and 'other' there" in conflict[0] and "label conflict" in conflict[0]
+    assert not any("label conflict" in m for m in messages if "b_again.jpg" in m)

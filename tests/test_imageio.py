@@ -192,3 +192,38 @@ def test_a_dangling_link_in_a_dataset_is_reported_not_skipped_silently(synth_roo
     link.symlink_to(tmp_path / "elsewhere.jpg")
     errors = [e for e in check_dataset([root])["errors"] if e["path"] == str(link)]
     assert [e["code"] for e in errors] == ["unreadable"]
+
+
+@pytest.mark.parametrize("mode, colour, key", [("RGB", (0, 0, 0), (0, 0, 0)), ("L", 0, 0)])
+def test_a_png_colour_key_is_transparent_and_shows_white(mode, colour, key):
+    """A tRNS colour key (RGB or grey PNG) marks transparent pixels like a palette's; they stayed black."""
+    img = Image.new(mode, (32, 32), colour)
+    img.paste(200 if mode == "L" else (200, 30, 30), (16, 0, 32, 32))
+    buf = io.BytesIO()
+    img.save(buf, "PNG", transparency=key)
+    out, info = decode_image(buf.getvalue())
+    assert info.mode == mode
+    assert np.asarray(out)[5, 5].tolist() == [255, 255, 255]
+    assert np.asarray(out)[5, 20].tolist() == ([200] * 3 if mode == "L" else [200, 30, 30])
+
+
+def test_a_float_tiff_with_an_infinite_pixel_keeps_its_picture():
+    """np.nanmax kept +inf as the peak: every finite pixel scaled to 0, the whole picture black."""
+    arr = np.zeros((32, 32), np.float32)
+    arr[:, 16:] = 1.0
+    arr[0, 0], arr[0, 1] = np.inf, np.nan
+    buf = io.BytesIO()
+    Image.fromarray(arr, "F").save(buf, "TIFF")
+    out, _ = decode_image(buf.getvalue())
+    px = np.asarray(out)
+    assert px[10, 5].tolist() == [0, 0, 0] and px[10, 20].tolist() == [255, 255, 255]
+    assert px[0, 0].tolist() == [255, 255, 255] and px[0, 1].tolist() == [0, 0, 0]  # +inf white, NaN black
+
+
+@pytest.mark.parametrize("orientation", [0, 9, 99])
+def test_an_invalid_exif_orientation_is_not_reported_as_applied(orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    original = photo(5, (120, 80))
+    out, info = decode_image(jpeg_bytes(original, exif=exif.tobytes()))
+    assert not info.exif_rotated and out.size == (120, 80)

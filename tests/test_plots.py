@@ -27,3 +27,18 @@ def test_confusion_matrix_and_pr_curves(tmp_path, monkeypatch):
         img = Image.open(tmp_path / name)
         assert img.format == "PNG" and min(img.size) > 300
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_per_source_plots_of_sources_named_alike_do_not_replace_each_other(tmp_path):
+    """`a b` and `a_b` (and `Shop`/`shop` on a case-blind disk) were both `a_b.png`: the second replaced the first."""
+    from tests.conftest import photo
+
+    img = tmp_path / "fp.jpg"
+    photo(1, (64, 64)).save(img)
+    top = [{"path": str(img), "label": "ivory", "score": 0.9, "decision": "block"}]
+    one = {"top": top, "flag_rate": 0.1, "block_rate": 0.05, "n": 20}
+    sources = {"pool/a b": one, "pool/a_b": one, "pool/Shop": one, "pool/shop": one, "pool/carvings": one}
+    plots.plot_source_false_positives(sources, tmp_path / "by_source")
+    names = sorted(p.name for p in (tmp_path / "by_source").glob("*.png"))
+    assert len(names) == 5 and "pool_carvings.png" in names  # a name of its own keeps its plain file name
+    assert sum(n.startswith("pool_a_b-") for n in names) == 2 and sum(n.lower().startswith("pool_shop-") for n in names) == 2

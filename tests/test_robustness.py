@@ -191,6 +191,10 @@ def test_conditions_file_selects_and_parameterises():
     ({"jpeg": {}}, "one key, `conditions:`"),
     ({"conditions": {}}, "selects no condition"),
     ({"conditions": {"clean": {}}}, "always measured"),
+    ({"conditions": {"x": {"kind": ["jpeg"]}}}, r"unknown condition \['jpeg'\]"),  # was TypeError: unhashable
+    ({"conditions": {"jpeg": {"quality": True}}}, "quality: True is a yes/no value, not a number"),  # was quality 1
+    ({"conditions": {"phone": {"blur": False}}}, "blur: False is a yes/no value"),
+    ({"conditions": {1: {"kind": "jpeg"}}}, "condition name 1 is not text: quote it"),
 ])
 def test_bad_conditions_are_clear_errors(spec, message):
     with pytest.raises(ConditionsError, match=message):
@@ -314,3 +318,26 @@ def test_an_out_inside_the_data_or_a_negatives_pool_is_refused_before_any_work(o
                       "--conditions", conditions)
         assert result.exit_code == 2 and f"error: --out {out} is inside" in result.output, result.output
         assert not out.exists()
+
+
+def test_conditions_named_1_and_quoted_1_are_refused_not_merged(synth_root, tmp_path):
+    """`1:` and `"1":` both became "1": one condition was dropped without a word."""
+    from training.conditions import load_conditions
+
+    spec = tmp_path / "conditions.yaml"
+    spec.write_text('conditions:\n  1: {kind: jpeg}\n  "1": {kind: rotate}\n')
+    with pytest.raises(ConditionsError, match="condition name 1 is not text"):
+        load_conditions(spec)
+    spec.write_text('conditions:\n  "1": {kind: jpeg}\n  "2": {kind: rotate}\n')
+    assert list(load_conditions(spec)) == ["1", "2"]
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_a_seed_out_of_range_is_a_usage_error(onnx_model, synth_root, tmp_path, seed):
+    """--seed -1 was a numpy traceback (ValueError: expected non-negative integer) after the model was loaded."""
+    conditions = tmp_path / "conditions.yaml"
+    conditions.write_text("conditions: {greyscale: {}}\n")
+    result = _cli("robustness", onnx_model, "--data", synth_root, "--conditions", conditions, "--seed", seed,
+                  "--out", tmp_path / "r")
+    assert result.exit_code == 2 and "--seed" in result.output, result.output  # before: exit 1, ValueError
+    assert not (tmp_path / "r").exists()

@@ -90,6 +90,22 @@ gallery_app = typer.Typer(help="Reference galleries: product types from a few ph
 app.add_typer(gallery_app, name="gallery")
 
 
+def _report_file(report: Optional[Path]) -> Optional[Path]:
+    """``--report FILE.json`` of the data commands, checked before any work: a folder (or a path under a file) failed
+    with a traceback only when the report was written, for ``data ingest`` after the images were committed. A missing
+    folder is created when the report is written (``training/fileio.py`` ``atomic_path``)."""
+    if report is None:
+        return None
+    from serving.errors import InvalidInput
+    from training.outputs import out_file
+
+    out_file(report, "--report", "report.json")
+    above = next((p for p in report.absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise InvalidInput(f"--report {report}: {above} is a file, not a folder; give the report a path in a folder")
+    return report
+
+
 @data_app.command("check")
 def data_check(
     roots: list[Path] = typer.Argument(..., help="dataset roots (folders or CSV manifests)"),
@@ -104,6 +120,7 @@ def data_check(
     from training.data.neardup import NEAR_DISTANCE
 
     near = NEAR_DISTANCE if near_distance is None else near_distance
+    _report_file(report)
     result = check_dataset(roots, min_side=min_side, near_distance=near)
     typer.echo(format_report(result))
     if report:
@@ -258,7 +275,8 @@ def robustness(
     split: str = typer.Option("val", "--split", help="split to evaluate ('all' for every image)"),
     conditions: Optional[Path] = typer.Option(
         None, "--conditions", help="YAML selecting/parameterising conditions, e.g. `conditions: {jpeg: {quality: 30}}`"),
-    seed: int = typer.Option(0, "--seed", help="seeds every condition per image (same seed, same pictures)"),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1,
+                             help="seeds every condition per image (same seed, same pictures)"),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="a seeded random subset of N images (quick look)"),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
 ) -> None:
@@ -396,17 +414,19 @@ def data_ingest(
     """Copy newly labelled images into a dataset with provenance; duplicates skipped, conflicts stop everything."""
     from training.data.ingest import IngestConflict, format_ingest, ingest
     from training.data.neardup import NEAR_DISTANCE
+    from training.fileio import atomic_write_text
 
+    _report_file(report)  # before the ingest commits anything
     try:
         result = ingest(labels_csv, into, split, NEAR_DISTANCE if near_distance is None else near_distance)
     except IngestConflict as exc:  # the report says which rows conflict: show and keep it
         typer.echo(format_ingest(exc.report))
         if report:
-            report.write_text(json.dumps(exc.report, indent=2))
+            atomic_write_text(report, json.dumps(exc.report, indent=2))
         _fail(f"nothing was ingested: {exc}. Fix the labels (or the dataset) and run again.", exc.exit_code)
     typer.echo(format_ingest(result))
     if report:
-        report.write_text(json.dumps(result, indent=2))
+        atomic_write_text(report, json.dumps(result, indent=2))
 
 
 @app.command()

@@ -346,16 +346,23 @@ def parse_conditions(spec: dict | None) -> dict[str, Condition]:
                               f"known conditions: {', '.join(KINDS)}")
     out: dict[str, Condition] = {}
     for name, params in spec["conditions"].items():
-        name = str(name)
+        if not isinstance(name, str):  # `1:` and `"1":` were both "1": one of them was dropped without a word
+            raise ConditionsError(f"condition name {name!r} is not text: quote it (`\"{name}\": ...`) or give the "
+                                  "condition a name such as jpeg_q50")
         params = dict(params or {}) if isinstance(params, dict) or params is None else params
         if not isinstance(params, dict):
             raise ConditionsError(f"condition {name!r}: parameters must be a mapping, got {params!r}")
         if name == "clean":
             raise ConditionsError("`clean` is the unchanged photo and always measured; name the condition otherwise")
         kind = params.pop("kind", name)
-        if kind not in KINDS:
+        if not isinstance(kind, str) or kind not in KINDS:
             raise ConditionsError(f"unknown condition {kind!r}; known conditions: {', '.join(KINDS)} "
                                   "(another name needs `kind: <one of these>`)")
+        fields = KINDS[kind].model_fields
+        flags = [k for k, v in params.items() if isinstance(v, bool) and k in fields and fields[k].annotation in (int, float)]
+        if flags:  # pydantic takes YAML's `yes` for 1: `quality: yes` ran at quality 1
+            raise ConditionsError(f"condition {name!r} ({kind}): {flags[0]}: {params[flags[0]]!r} is a yes/no value, "
+                                  "not a number; give a number")
         try:
             out[name] = _ADAPTER.validate_python({"kind": kind, **params})
         except ValidationError as exc:

@@ -138,11 +138,19 @@ def plot_history(history: str | Path, out: str | Path) -> None:
 
 
 def plot_source_false_positives(sources: dict, folder: Path) -> None:
-    """One PNG per source: its most confident negatives with score and decision."""
+    """One PNG per source: its most confident negatives with score and decision. Sources whose cleaned names
+    collide (``a b`` and ``a_b``, ``Shop`` and ``shop`` on a case-blind disk) get a short hash of the raw name:
+    before, the second PNG replaced the first."""
+    import hashlib
     import re
+    from collections import Counter
 
+    cleaned = {origin: re.sub(r"[^A-Za-z0-9._-]+", "_", origin).strip("_") or "data" for origin in sources}
+    taken = Counter(name.lower() for name in cleaned.values())
     for origin, r in sources.items():
-        name = re.sub(r"[^A-Za-z0-9._-]+", "_", origin).strip("_") or "data"
+        name = cleaned[origin]
+        if taken[name.lower()] > 1:
+            name += "-" + hashlib.sha256(origin.encode()).hexdigest()[:8]
         plot_image_grid([t["path"] for t in r["top"]], [f"{t['label']} {t['score']:.3f} ({t['decision']})" for t in r["top"]],
                         folder / f"{name}.png", title=f"{origin}: most confident negatives "
                         f"(flag {r['flag_rate']:.1%}, block {r['block_rate']:.1%} of {r['n']})")

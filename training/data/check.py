@@ -2,7 +2,9 @@
 
 Errors (exit 1): unreadable / zero-byte / truncated / unsupported files, the same bytes under two labels,
 and exact duplicates shared between splits (leakage inflates validation numbers).
-Warnings: images too small, near-duplicates (perceptual hash) across splits or within a split.
+Warnings: images too small, near-duplicates (perceptual hash) across splits or within a split (and whether their
+labels differ), files and folders no command reads (``sources.overlooked``: ``Test/`` beside ``train/``, ``.jfif``
+names, empty label folders, images a manifest does not list).
 Notes: unusual but handled encodings (CMYK, 16-bit, palette, alpha, EXIF rotation, animation).
 """
 
@@ -19,7 +21,7 @@ from tqdm.auto import tqdm
 
 from serving.imageio import FORMATS, IMAGE_EXTENSIONS, ImageError, decode_image
 from training.data.neardup import NEAR_DISTANCE, image_hash, near_pairs
-from training.data.sources import Sample, label_counts, load_samples
+from training.data.sources import Sample, label_counts, load_samples, overlooked
 
 UNUSUAL_MODES = {
     "CMYK": "CMYK colour (converted to RGB)",
@@ -124,9 +126,16 @@ def check_dataset(
             continue  # already an exact duplicate
         entry = {"paths": [a.path, b.path], "splits": sorted({a.split, b.split}), "labels": sorted({a.label, b.label}),
                  "distance": dist, "cross_split": a.split != b.split}
+        entry["label_conflict"] = a.label != b.label
         near.append(entry)
         kind = "near-duplicate across splits (possible leakage)" if entry["cross_split"] else "near-duplicate"
-        warnings.append({"path": a.path, "split": a.split, "message": f"{kind} of {b.path} (phash distance {dist})"})
+        conflict = (f"; labelled {a.label!r} here and {b.label!r} there: the same picture under two labels is a label "
+                    "conflict (data ingest refuses it): fix one label or remove one copy") if entry["label_conflict"] else ""
+        warnings.append({"path": a.path, "split": a.split,
+                         "message": f"{kind} of {b.path} (phash distance {dist}){conflict}"})
+
+    unread = [item for root in roots for item in overlooked(root)]
+    warnings += [{"path": item["path"], "code": item["code"], "message": item["message"]} for item in unread]
 
     return {
         "roots": [str(r) for r in roots],
@@ -137,10 +146,13 @@ def check_dataset(
         "notes": notes,
         "exact_duplicates": exact,
         "near_duplicates": near,
+        "not_read": unread,
         "summary": {
             "errors": len(errors), "warnings": len(warnings), "notes": len(notes),
             "exact_duplicate_groups": len(exact), "cross_split_exact": sum(e["cross_split"] for e in exact),
             "near_duplicate_pairs": len(near), "cross_split_near": sum(e["cross_split"] for e in near),
+            "near_label_conflicts": sum(e["label_conflict"] for e in near),
+            "files_not_read": sum(item["count"] for item in unread),
         },
         "files": [asdict(r) for r in results],
     }
@@ -164,7 +176,8 @@ def format_report(report: dict, max_lines: int = 30) -> str:
     out.append(
         f"summary: {s['errors']} errors, {s['warnings']} warnings, {s['exact_duplicate_groups']} exact-duplicate groups "
         f"({s['cross_split_exact']} across splits), {s['near_duplicate_pairs']} near-duplicate pairs "
-        f"({s['cross_split_near']} across splits)"
+        f"({s['cross_split_near']} across splits, {s['near_label_conflicts']} labelled differently), "
+        f"{s['files_not_read']} files no command reads"
     )
     return "\n".join(out)
 

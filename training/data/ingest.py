@@ -1,10 +1,10 @@
 """``wildcheck data ingest``: add moderators' labelled images to a dataset, with provenance.
 
 Images are copied under content-addressed names (``ROOT/<split>/<label>/<sha256[:20]>.<ext>``) and
-``ROOT/manifest.csv`` records every image's provenance. Exact and near-duplicates of images already in
-the dataset are skipped and reported; an image already labelled differently is a *conflict*: the ingest
-stops and writes nothing. The manifest is replaced atomically, last: a crash leaves at most unreferenced
-copies, never a half-written dataset.
+``ROOT/manifest.csv`` records every image's provenance (it is written only when an image was added). Exact
+and near-duplicates of images already in the dataset are skipped and reported; an image already labelled
+differently is a *conflict*: the ingest stops and writes nothing. The manifest is replaced atomically, last: a
+crash leaves at most unreferenced copies, never a half-written dataset.
 """
 
 from __future__ import annotations
@@ -193,6 +193,8 @@ def ingest(labels_csv: str | Path, root: str | Path, split: str = "train", near_
             report.new_labels.append(label)
     if report.conflicts:
         raise IngestConflict(report.conflicts, report.as_dict())
+    if not staged:  # nothing new: a folder dataset must not become a manifest one (which reads nothing added later)
+        return report.as_dict()
     for data, entry in staged:  # content-addressed: rewriting the same bytes is harmless
         target = root / entry["path"]
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -215,10 +217,13 @@ def format_ingest(report: dict) -> str:
              f"{len(report['near_duplicates'])}, unreadable {len(report['unreadable'])}, conflicts {len(report['conflicts'])}"]
     if report["new_labels"]:
         lines.append(f"NEW LABELS: {', '.join(report['new_labels'])} (a model must be retrained to know them)")
-    for kind in ("duplicates", "near_duplicates", "unreadable", "conflicts"):
+    if not report["added"] and not report["conflicts"]:
+        lines.append("nothing added: the dataset and its manifest were left as they were")
+    for kind, one in (("duplicates", "duplicate"), ("near_duplicates", "near-duplicate"), ("unreadable", "unreadable"),
+                      ("conflicts", "conflict")):
         for item in report[kind][:20]:
             detail = item.get("same_as") or item.get("reason") or item.get("message")
-            lines.append(f"  {kind[:-1]}: line {item['line']} {item['path']}: {detail}")
+            lines.append(f"  {one}: line {item['line']} {item['path']}: {detail}")
     if report.get("dataset_unreadable"):
         lines.append(f"DATASET IMAGES UNREADABLE: {len(report['dataset_unreadable'])}: copies of them cannot be "
                      "recognised; run wildcheck data check on the dataset and fix or remove them")
