@@ -7,9 +7,12 @@ never block.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from serving.errors import WildcheckError
 
 DECISIONS = ("block", "review", "allow")
 # Documented defaults until thresholds are fitted on validation data (the calibration issue):
@@ -36,17 +39,28 @@ def default_thresholds(labels: Sequence[str], negative_label: str = "other") -> 
     return {label: ClassThresholds() for label in labels if label != negative_label}
 
 
+class ScoresNotFinite(WildcheckError, RuntimeError):
+    """The model gave NaN or inf: a server answers 500 rather than an ``allow`` it cannot stand behind."""
+
+    exit_code = 1
+
+
 def decide(
     scores: Mapping[str, float],
     thresholds: Mapping[str, ClassThresholds],
     never_block: Sequence[str] = (),
 ) -> tuple[str, list[str]]:
-    """Return the decision and the classes that triggered it (highest score first)."""
+    """Return the decision and the classes that triggered it (highest score first). A score that is not a
+    finite number (a broken model) raises ``ScoresNotFinite``: NaN is below every threshold, so deciding on it
+    would allow the photo."""
     blocking, reviewing = [], []
     for label, rule in thresholds.items():
         score = scores.get(label)
         if score is None:
             continue
+        if not math.isfinite(score):
+            raise ScoresNotFinite(f"the model scored {label} as {score}: its weights are broken (a diverged "
+                                  "training?); no decision is given. Export a model from a healthy run")
         if rule.block is not None and label not in never_block and score >= rule.block:
             blocking.append(label)
         elif score >= rule.review:

@@ -141,6 +141,12 @@ class OnnxModel(SpecView):
         if any(isinstance(side, int) and side != size for side in sides):
             raise ContractError(f"{self.path}: the graph takes {sides} px inputs but the contract's preprocessing "
                                 f"gives {size} px; export the run again")
+        # one pass on a mid-grey picture: broken weights (NaN from a diverged training) refuse to load, not
+        # answer every request with scores no threshold reaches
+        probe = self.predict_logits(np.zeros((1, 3, size, size), np.float32))
+        if not np.isfinite(probe).all():
+            raise ContractError(f"{self.path}: the model's scores are not finite (NaN or inf) on a plain picture; "
+                                "its weights are broken (a diverged training?). Export a model from a healthy run")
 
     @property
     def spec(self) -> ModelSpec:

@@ -135,12 +135,57 @@ def test_int8_export_gate(trained_run, tmp_path):
     contract = read_contract(int8_path)
     assert contract.precision == "int8" and "int8_val" in contract.metrics
     assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(int8_path)).graph.node)
-    # a limit no quantised model can meet (a negative drop) refuses to write the file
-    with pytest.raises(ExportError, match="INT8 refused"):
-        export(trained_run, tmp_path / "r.onnx", int8=True, calib_images=16, int8_max_drop=-100.0)
-    assert not (tmp_path / "r.int8.onnx").exists()
     probs = OnnxModel(int8_path).predict_proba(np.zeros((2, 3, 64, 64), np.float32))
     assert probs.shape == (2, 4) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    # a limit no quantised model can meet (a negative drop) refuses to write the file; exported again to the same
+    # path, the FP32 model is replaced and the earlier INT8 copy (before: left beside it, another model) goes
+    with pytest.raises(ExportError, match="INT8 refused"):
+        export(trained_run, out, int8=True, calib_images=16, int8_max_drop=-100.0)
+    assert out.exists() and not int8_path.exists()
+
+
+def test_export_never_writes_over_the_run_or_into_a_folder(trained_run, tmp_path):
+    """Before: --out RUN/best.pt replaced the run's checkpoint with the ONNX file, and --out FOLDER failed with
+    IsADirectoryError after the whole export."""
+    from serving.errors import InvalidInput
+
+    before = (trained_run / "best.pt").read_bytes()
+    with pytest.raises(InvalidInput, match="an exported model is an .onnx file"):
+        export(trained_run, trained_run / "best.pt")
+    assert (trained_run / "best.pt").read_bytes() == before
+    with pytest.raises(InvalidInput, match="is a folder"):
+        export(trained_run, tmp_path)
+
+
+def test_a_model_with_broken_weights_is_never_exported_or_served(trained_run, exported, tmp_path):
+    """A NaN classifier bias (what a diverged training leaves): before, the parity gate passed it (NaN > 1e-4 is
+    False), and served it allowed every photo, since NaN is below every threshold."""
+    raw = torch.load(trained_run / "best.pt", weights_only=True)
+    bias = next(k for k in raw["model"] if k.endswith("classifier.bias"))
+    raw["model"][bias] = torch.full_like(raw["model"][bias], float("nan"))
+    run = tmp_path / "diverged"
+    run.mkdir()
+    torch.save(raw, run / "best.pt")
+    with pytest.raises(ExportError, match="not finite"):
+        export(run, tmp_path / "nan.onnx")
+    assert not (tmp_path / "nan.onnx").exists()
+
+    path, _ = exported  # the same damage done to an exported file: it does not load
+    model = onnx.load(str(path))
+    init = next(t for t in model.graph.initializer if t.name.endswith("classifier.bias"))
+    init.CopyFrom(onnx.numpy_helper.from_array(np.full(onnx.numpy_helper.to_array(init).shape, np.nan, np.float32),
+                                               init.name))
+    onnx.save(model, str(tmp_path / "nan_served.onnx"))
+    with pytest.raises(ContractError, match="not finite"):
+        OnnxModel(tmp_path / "nan_served.onnx")
+    from serving.decision import ScoresNotFinite, decide
+    from training.metrics import compute_metrics
+
+    thresholds = read_contract(path).thresholds
+    with pytest.raises(ScoresNotFinite):
+        decide({label: float("nan") for label in thresholds}, thresholds)
+    with pytest.raises(ScoresNotFinite, match="lower --set train.lr"):
+        compute_metrics(np.array([0, 1]), np.array([[np.nan, 0.5], [0.5, 0.5]]), ["ivory", "other"])
 
 
 def test_big_batches_run_in_passes_of_bounded_rows(exported, trained_run, monkeypatch):

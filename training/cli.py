@@ -310,6 +310,8 @@ def export(
     p = report["parity"]
     typer.echo(f"parity: {p['images']} images, max |Δp| {p['max_abs_diff']:.2e}, {len(p['top1_mismatches'])} top-1 mismatches")
     typer.echo(f"wrote {report['fp32']['path']} ({report['fp32']['bytes'] / 1e6:.1f} MB), version {report['model_version']}")
+    if "removed_stale_int8" in report:
+        typer.echo(f"removed {report['removed_stale_int8']}: an earlier export's INT8 copy, another model")
     if "int8" in report:
         q = report["int8"]
         typer.echo(f"wrote {q['path']} ({q['bytes'] / 1e6:.1f} MB): val balanced accuracy "

@@ -17,12 +17,13 @@ import onnx
 import torch
 
 from serving.contract import CamOutput, ModelContract
-from serving.errors import WildcheckError
+from serving.errors import InvalidInput, WildcheckError
 from serving.runtime import OnnxModel, Predictor
 from training.cam import CAM_OUTPUT, WithCam, cam_unsupported
 from training.data.sources import Sample
 from training.embedding import EMBEDDING_OUTPUT, embedding_features, embedding_spec, l2_normalize, pooled_features
 from training.fileio import atomic_onnx_save, atomic_path
+from training.outputs import out_file
 from training.predict import TorchPredictor, decode_sample, predict_samples, resolve_checkpoint, run_samples
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ CAM_PARITY_MAX_ABS = 1e-3  # logit units per location (values of order 1-10); me
 
 
 class ExportError(WildcheckError, RuntimeError):
-    """The export was refused (parity or accuracy gate); nothing was written."""
+    """The export was refused: by the parity gate (nothing written) or the INT8 gate (the FP32 model is kept)."""
 
     exit_code = 1
 
@@ -103,13 +104,25 @@ def write_contract(src: Path, dst: Path, contract: ModelContract) -> None:
     atomic_onnx_save(contract.write_to(onnx.load(str(src))), dst)
 
 
+def int8_path(fp32: Path) -> Path:
+    """Where the INT8 copy of the FP32 model ``fp32`` lies: ``model.onnx`` -> ``model.int8.onnx``."""
+    return fp32.with_name(fp32.stem + ".int8.onnx")
+
+
 def parity_check(reference: Predictor, onnx_path: Path, samples: list[Sample]) -> dict:
-    """Max |Δ probability| and top-1 disagreements between the reference (PyTorch) and onnxruntime on real images."""
-    ort_model = OnnxModel(onnx_path, threads=2)
+    """Max |Δ probability| and top-1 disagreements between the reference (PyTorch) and onnxruntime on real images.
+    A model whose outputs are not finite (a diverged training) is refused here: NaN passes every ``>`` test, and
+    a NaN score is below every threshold, so served it would allow every photo."""
     p_torch, kept, _ = predict_samples(reference, samples, desc="parity (torch)")
-    p_ort, kept2, _ = predict_samples(ort_model, kept, desc="parity (onnxruntime)")
     if not kept:
         raise ExportError("no readable validation images for the parity check")
+    bad = int((~np.isfinite(p_torch).all(1)).sum())
+    if bad:
+        raise ExportError(f"the model's scores are not finite (NaN or inf) on {bad} of {len(kept)} validation images: "
+                          "its weights are broken (a diverged training? see the run's history.csv); retrain it, e.g. "
+                          "with a lower --set train.lr; nothing written")
+    ort_model = OnnxModel(onnx_path, threads=2)
+    p_ort, _, _ = predict_samples(ort_model, kept, desc="parity (onnxruntime)")
     diff = float(np.abs(p_torch - p_ort).max())
     mismatched = [str(s.path) for s, a, b in zip(kept, p_torch.argmax(1), p_ort.argmax(1)) if a != b]
     return {"images": len(kept), "max_abs_diff": diff, "top1_mismatches": mismatched}
@@ -128,8 +141,13 @@ def export(
 ) -> dict:
     """Export ``run`` (run dir or checkpoint) to ``out``; with ``int8`` also ``out`` with ``.int8.onnx``.
 
-    Returns a report dict. Raises ``ExportError`` (nothing written) when a gate fails.
+    Returns a report dict. Raises ``ExportError`` when a gate fails: the parity gate writes nothing; the INT8
+    gate keeps the FP32 model. Writing ``out`` removes an INT8 copy an earlier export left beside it (it would be
+    another model's). ``out`` must end in ``.onnx``: the run's ``best.pt`` is never written over.
     """
+    out = out_file(out, example="model.onnx")
+    if out.suffix.lower() != ".onnx":
+        raise InvalidInput(f"--out {out}: an exported model is an .onnx file; e.g. --out {out.with_suffix('.onnx')}")
     ckpt = resolve_checkpoint(run)
     predictor = TorchPredictor(ckpt)
     checkpoint = predictor.checkpoint
@@ -137,8 +155,11 @@ def export(
                                   embedding=embedding_spec(predictor.model, checkpoint.spec.architecture))
     val, train = run_samples(checkpoint, data)
     parity_set = random.Random(0).sample(val, min(parity_images, len(val))) if val else []
-    out = Path(out)
     report, contract = export_module(predictor.model, contract, out, predictor, parity_set)
+    stale = int8_path(out)
+    if stale.exists():
+        stale.unlink()
+        report["removed_stale_int8"] = str(stale)
     if int8:
         from training.quantize import quantize_int8
 
@@ -166,7 +187,7 @@ def export_module(model: torch.nn.Module, contract: ModelContract, out: str | Pa
         write_contract(raw, staged, contract)
         parity = parity_check(reference, staged, parity_set)
         report["parity"] = parity
-        if parity["max_abs_diff"] > PARITY_MAX_ABS or parity["top1_mismatches"]:
+        if not parity["max_abs_diff"] <= PARITY_MAX_ABS or parity["top1_mismatches"]:
             raise ExportError(
                 f"parity gate failed on {parity['images']} validation images: max |Δp| = {parity['max_abs_diff']:.2e} "
                 f"(limit {PARITY_MAX_ABS:.0e}), {len(parity['top1_mismatches'])} top-1 mismatches; nothing written"
@@ -176,7 +197,7 @@ def export_module(model: torch.nn.Module, contract: ModelContract, out: str | Pa
                       if not isinstance(img, str)]
             if arrays:
                 parity["cam_max_abs_diff"] = cam_parity(model, staged, arrays)
-                if parity["cam_max_abs_diff"] > CAM_PARITY_MAX_ABS:
+                if not parity["cam_max_abs_diff"] <= CAM_PARITY_MAX_ABS:
                     raise ExportError(f"parity gate failed for the cam output: max |Δcam| = "
                                       f"{parity['cam_max_abs_diff']:.2e} (limit {CAM_PARITY_MAX_ABS:.0e}); nothing written")
         with atomic_path(out) as final:

@@ -13,6 +13,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from serving.decision import ScoresNotFinite
+
 
 def compute_metrics(y_true: np.ndarray, probs: np.ndarray, labels: list[str]) -> dict:
     """Metrics for targets ``y_true`` (indices into ``labels``) and class probabilities ``probs`` (N x C).
@@ -25,6 +27,10 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, labels: list[str]) ->
     n_classes = len(labels)
     if len(y_true) == 0:
         raise ValueError("no images to evaluate")
+    if not np.isfinite(probs).all():
+        raise ScoresNotFinite(f"the model's scores are not finite (NaN or inf) on {int((~np.isfinite(probs).all(1)).sum())} "
+                              f"of {len(probs)} images: its weights are broken. A training whose loss turned NaN "
+                              "diverged: train again with a lower --set train.lr (see the run's history.csv)")
     pred = probs.argmax(axis=1)
     idx = list(range(n_classes))
     present = sorted(set(y_true.tolist()))

@@ -21,6 +21,7 @@ from serving.contract import ModelContract
 from serving.imageio import ImageError, decode_image
 from serving.runtime import OnnxModel
 from training.data.sources import Sample
+from training.export import int8_path
 from training.fileio import atomic_onnx_save
 from training.metrics import compute_metrics
 from training.predict import predict_samples
@@ -82,7 +83,7 @@ def quantize_int8(fp32_path: Path, train: list[Sample], val: list[Sample], contr
     if not val:
         return Int8Report(accepted=False, reason="no validation images to check INT8 accuracy on; pass --data")
     arrays = _calibration_arrays(train, contract, calib_images)
-    out = fp32_path.with_name(fp32_path.stem + ".int8.onnx")
+    out = int8_path(fp32_path)
     with tempfile.TemporaryDirectory() as tmp:
         prepped = Path(tmp) / "prepped.onnx"
         quant_pre_process(str(fp32_path), str(prepped), skip_symbolic_shape=True)  # its symbolic pass fails on the embedding output's ReduceL2 shapes; ONNX shape inference suffices for a fixed-size CNN
