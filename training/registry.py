@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from serving.contract import read_contract, weights_id
-from serving.errors import MissingInput, WildcheckError
+from serving.errors import InvalidInput, MissingInput, WildcheckError
 from training.fileio import atomic_path, atomic_write_text
 
 
@@ -49,6 +49,19 @@ def current_model(registry: str | Path, name: str | None = None) -> Path:
     if not path.exists():
         raise NoCurrentModel(f"{registry}/{name} has no current model; promote one with `wildcheck promote`")
     return path
+
+
+RESERVED_NAMES = {"current", "promotions.jsonl"}
+
+
+def _folder_name(value: str, option: str) -> str:
+    """A model name or version is one folder of the registry: a path (``../x``, ``/abs``) would write outside
+    it, and a reserved or hidden name would collide with the ``current`` link or its temporaries."""
+    if (not value or value in {".", ".."} or value in RESERVED_NAMES or value.startswith(".")
+            or any(c in value for c in "/\\\0")):
+        raise InvalidInput(f"{option} {value!r} cannot name a folder of the registry: use letters, digits and "
+                           "-_.+ (not starting with a dot), e.g. 1.7.0; not a path")
+    return value
 
 
 def _point_current(model_dir: Path, version: str) -> None:
@@ -99,16 +112,26 @@ def promote(run: str | Path, registry: str | Path, force: bool = False, name: st
     from training.predict import resolve_checkpoint  # the training stack: current_model() works without it
     from training.export import export
 
+    for value, option in ((name, "--name"), (version, "--version")):
+        if value is not None:
+            _folder_name(value, option)
     ckpt = resolve_checkpoint(run)
     run_dir = ckpt.parent
     registry = Path(registry)
     compare_path = run_dir / "compare.json"
-    comparison = json.loads(compare_path.read_text()) if compare_path.exists() else None
+    try:
+        comparison = json.loads(compare_path.read_text()) if compare_path.exists() else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"{compare_path} is not readable JSON ({exc}); run `wildcheck compare` again") from exc
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / "model.onnx"
         export(ckpt, staged, name=name, version=version)
         contract = read_contract(staged)
-        model_dir = registry / contract.model_name
+        model_dir = registry / _folder_name(contract.model_name, "--name")
+        _folder_name(contract.model_version, "--version")
+        if (model_dir / "current").exists() and not (model_dir / "current").is_symlink():
+            raise InvalidInput(f"{model_dir / 'current'} is a folder, not the link promote keeps (a copy made with "
+                               "`cp -L`?); move it away, or promote into the original registry")
         has_current = (model_dir / "current").exists()
         if comparison and comparison["gate"] == "fail" and not force:
             raise PromoteRefused(f"the comparison gate failed ({'; '.join(comparison['failures'])}); "
