@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from serving.decision import DEFAULT_REVIEW, ClassThresholds
+from serving.decision import DEFAULT_BLOCK, DEFAULT_REVIEW, ClassThresholds
 from serving.errors import InvalidInput
 
 # what can set a threshold (shown per threshold by GET /v1/model)
@@ -89,6 +89,11 @@ def solve_class(scores: np.ndarray, positive: np.ndarray, block_precision: float
     block, precision = (None, None) if never_block else block_threshold(scores, positive, block_precision)
     if never_block:
         notes.append("never_block: this class always goes to review")
+    elif not (~np.asarray(positive, bool)).any():  # precision over positives alone is 1.0 at any threshold
+        block, precision = DEFAULT_BLOCK, None
+        rules["block"] = "default"
+        notes.append(f"block precision {block_precision} unmeasurable: no images of other classes in the data; "
+                     f"block kept at the default {DEFAULT_BLOCK} (calibrate on a split with negatives)")
     elif block is None:
         best = f" (best precision {precision:.3f})" if precision is not None else ""
         notes.append(f"block precision {block_precision} unreachable{best}: the class never auto-blocks; "

@@ -44,6 +44,17 @@ def test_solve_class_reports_fallbacks():
 T = {"ivory": ClassThresholds(block=0.9, review=0.5), "pangolin_scales": ClassThresholds(block=0.8, review=0.3)}
 
 
+def test_a_split_without_negatives_keeps_the_default_block():
+    """Before: with positives only, every threshold has precision 1.0, so block fell to the lowest positive
+    score (0.40 here) and was reported as meeting the 0.98 target."""
+    from serving.decision import DEFAULT_BLOCK
+
+    solved = solve_class(np.array([0.97, 0.6, 0.4]), np.ones(3, bool), 0.98, 0.95)
+    assert solved.thresholds.block == DEFAULT_BLOCK and solved.block_precision is None
+    assert solved.rules["block"] == "default" and "no images of other classes" in solved.notes[0]
+    assert solved.thresholds.review == 0.4  # recall is measured on positives alone: still solved
+
+
 def test_decision_rule_edge_cases():
     assert decide({"ivory": 0.9, "other": 0.1}, T) == ("block", ["ivory"])  # tie with the threshold blocks
     assert decide({"ivory": 0.8999, "other": 0.1}, T) == ("review", ["ivory"])
