@@ -192,3 +192,32 @@ def test_cli_ensemble_size_route_below_the_contracts_least_is_a_message(trained_
                                       "--size-route", "3"])
     assert result.exit_code == 2 and "error: --size-route 3: give 32 px or more" in result.output, result.output
     assert not out.exists()
+
+
+def test_ensemble_and_grey_head_never_write_into_the_data_they_read(trained_run, second_run, synth_root):
+    """Before: --out DATA/val/ens was accepted, and its reliability.png was then a validation image of label
+    'ens' (README: an output inside a data folder the command reads is refused)."""
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    for args in (["ensemble", str(trained_run), str(second_run)], ["grey-head", str(trained_run)]):
+        out = synth_root / "val" / "ens"
+        result = CliRunner().invoke(app, [*args, "--out", str(out)])
+        assert result.exit_code == 2 and "which this command reads" in result.output, result.output
+        assert not out.exists()
+
+
+def test_a_failed_ensemble_leaves_no_uncalibrated_model(trained_run, second_run, tmp_path):
+    """Before: calibration failing (no validation images) left the ensemble's best.pt behind, uncalibrated; it
+    exported with the default thresholds and no metrics."""
+    from training.calibrate import NoValidationData
+    from training.ensemble import make_ensemble
+
+    no_val = tmp_path / "no_val"
+    (no_val / "train" / "other").mkdir(parents=True)
+    photo(1).save(no_val / "train" / "other" / "a.jpg")
+    out = tmp_path / "ens"
+    with pytest.raises(NoValidationData):
+        make_ensemble([trained_run, second_run], out, data=[str(no_val)])
+    assert not (out / "best.pt").exists()

@@ -164,6 +164,16 @@ def calibrate(run: str | Path, data: list[str] | None = None, decision_overrides
     return report
 
 
+def calibrate_new_run(run_dir: Path, data: list[str] | None = None) -> dict:
+    """Calibrate the ``best.pt`` a command has just written (``ensemble``, ``grey-head``). If that fails, the
+    checkpoint goes: uncalibrated, it would export with the default thresholds and no metrics."""
+    try:
+        return calibrate(run_dir, data)
+    except BaseException:
+        (run_dir / "best.pt").unlink(missing_ok=True)
+        raise
+
+
 def format_report(report: dict) -> str:
     lines = [f"temperature {report['temperature']:.3f}: ECE {report['ece_before']:.4f} -> {report['ece_after']:.4f}, "
              f"NLL {report['nll_before']:.4f} -> {report['nll_after']:.4f} on {report['n']} validation images"]

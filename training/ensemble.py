@@ -29,7 +29,7 @@ class EnsembleError(InvalidInput):
 
 
 def build(runs: list[str | Path], out: str | Path, say=print, test_time_views: list[str] | None = None,
-          size_route: int | None = None) -> Path:
+          size_route: int | None = None, data: list[str] | None = None) -> Path:
     """Average the runs' best checkpoints into ``out``/best.pt (uncalibrated: the caller calibrates).
     ``test_time_views``: the ensemble's (``decision.test_time_views``); ``size_route``: the size blurred or noisy
     inputs are read at (``decision.size_route``, its documented thresholds; 0: none); None: the first run's config's."""
@@ -43,9 +43,10 @@ def build(runs: list[str | Path], out: str | Path, say=print, test_time_views: l
     clobbered = [str(p.parent) for p in paths if p.parent.resolve() == out.resolve()]
     if clobbered:
         raise EnsembleError(f"--out {out} is one of the runs ({clobbered[0]}): name a new folder for the ensemble")
-    new_run_folder(out, ENSEMBLE_FILES)  # an earlier ensemble's folder is replaced, another run's never
     checkpoints = [Checkpoint.load(p) for p in paths]
     first = checkpoints[0]
+    # an earlier ensemble's folder is replaced, another run's never; the data it reads stays data
+    new_run_folder(out, ENSEMBLE_FILES, reads=[*(data or ()), *(r for ck in checkpoints for r in ck.data_roots)])
     nested = [str(p) for p, ck in zip(paths, checkpoints) if parse_name(ck.spec.architecture)]
     if nested:
         raise EnsembleError(f"{', '.join(nested)}: an ensemble already; list its runs instead")
@@ -114,10 +115,10 @@ def make_ensemble(runs: list[str | Path], out: str | Path, data: list[str] | Non
     """``wildcheck ensemble``: build, then calibrate, whose one pass over the validation images also records the
     ensemble's validation metrics (the thresholds are its own, solved on the same validation images and budgets
     as its members'). Returns the calibration report."""
-    from training.calibrate import calibrate
+    from training.calibrate import calibrate_new_run
 
-    path = build(runs, out, say, test_time_views, size_route)
-    report = calibrate(path.parent, data)
+    path = build(runs, out, say, test_time_views, size_route, data)
+    report = calibrate_new_run(path.parent, data)
     metrics = Checkpoint.load(path).val_metrics
     say(f"validation: balanced accuracy {metrics['balanced_accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
         f"on {metrics['n']} images")

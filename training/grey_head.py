@@ -136,10 +136,10 @@ def fit_grey_head(run: str | Path, out: str | Path, settings: GreyHeadConfig = G
     path = resolve_checkpoint(run)
     if path.parent.resolve() == out.resolve() and not in_place:
         raise GreyHeadError(f"--out {out} is the run itself: name a new folder for the run with a grey head")
-    if not in_place:  # an earlier grey head's folder is replaced (its features reused), another run's never
-        new_run_folder(out, GREY_HEAD_FILES, marker="grey_head.json")
     predictor = TorchPredictor(path)
     ckpt = predictor.checkpoint
+    if not in_place:  # an earlier grey head's folder is replaced (its features reused), another run's never
+        new_run_folder(out, GREY_HEAD_FILES, marker="grey_head.json", reads=[*(data or ()), *ckpt.data_roots])
     if parse_name(ckpt.spec.architecture):
         raise GreyHeadError(f"{path} is an ensemble: fit a grey head for each of its runs (wildcheck grey-head "
                             "RUN --out DIR), then ensemble those")
@@ -186,10 +186,10 @@ def make_grey_head(run: str | Path, out: str | Path, settings: GreyHeadConfig = 
                    data: list[str] | None = None, say=print) -> dict:
     """``wildcheck grey-head``: fit, then calibrate (its pass over the validation photos, routed, also records the
     new validation metrics). Returns the calibration report."""
-    from training.calibrate import calibrate
+    from training.calibrate import calibrate_new_run
 
     fit_grey_head(run, out, settings, data, say)
-    report = calibrate(Path(out), data)
+    report = calibrate_new_run(Path(out), data)
     metrics = Checkpoint.load(Path(out) / "best.pt").val_metrics
     say(f"validation: balanced accuracy {metrics['balanced_accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
         f"on {metrics['n']} images")

@@ -51,12 +51,14 @@ def out_file(path: str | Path, option: str = "--out", example: str = "out.csv") 
     return path
 
 
-def new_run_folder(out: str | Path, writes: Iterable[str], marker: str | None = None) -> Path:
-    """Refuse an ``out`` that is a file, or a folder holding anything but this command's own earlier output:
+def new_run_folder(out: str | Path, writes: Iterable[str], marker: str | None = None,
+                   reads: Iterable[str | Path] = ()) -> Path:
+    """Refuse an ``out`` that is a file, inside a data folder in ``reads`` (``out_folder``'s rule), or a folder
+    holding anything but this command's own earlier output:
     ``writes`` are the names the command writes (it replaces them); ``marker``, one of them, must be there too when
     a ``best.pt`` is (so another command's run is not taken for an earlier output). Leftover temporaries
     (``.NAME.*.tmp``) do not count. Returns ``out`` as a Path."""
-    out = out_folder(out, what="new run folder")
+    out = out_folder(out, reads, what="new run folder")
     if not out.is_dir():
         return out
     names = {p.name for p in out.iterdir() if not (p.name.startswith(".") and p.name.endswith(".tmp"))}
