@@ -236,3 +236,29 @@ def test_compare_refuses_a_nan_recall_drop_and_data_no_model_shares(lost_class_r
     shutil.copytree(root / "test" / "pangolin_scales", only_new / "test" / "pangolin_scales")
     with pytest.raises(CompareError, match="a label both models know"):
         compare(challenger, champion, [str(only_new)], split="test", report=tmp_path / "c.md")
+
+
+def test_promote_writes_only_inside_the_registry(lost_class_runs, tmp_path):
+    """Before: --version '../../escaped' wrote the model two folders above the registry (and pointed current
+    there), an absolute --name put it anywhere, a registry whose `current` was a copied folder failed with
+    IsADirectoryError after the version folder was written, and a truncated compare.json was a traceback."""
+    from serving.errors import InvalidInput
+
+    champion = lost_class_runs[0]
+    registry = tmp_path / "a" / "b" / "reg"
+    for kwargs in ({"version": "../../escaped"}, {"name": str(tmp_path / "abs")}, {"version": "current"}):
+        with pytest.raises(InvalidInput, match="cannot name a folder of the registry"):
+            promote(champion, registry, **kwargs)
+    assert not any(tmp_path.iterdir())  # nothing written anywhere
+    first = promote(champion, registry)
+    copy = tmp_path / "copy"
+    shutil.copytree(registry, copy, symlinks=False)  # `current` is now a real folder
+    with pytest.raises(InvalidInput, match="is a folder, not the link"):
+        promote(champion, copy, force=True)
+    assert sorted(p.name for p in (copy / first["name"]).iterdir()) == sorted(
+        p.name for p in (registry / first["name"]).iterdir())
+    run = tmp_path / "run"
+    shutil.copytree(champion, run)
+    (run / "compare.json").write_text('{"gate": "pa')
+    with pytest.raises(InvalidInput, match="not readable JSON"):
+        promote(run, registry)
