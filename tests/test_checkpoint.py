@@ -69,9 +69,11 @@ def test_an_uncalibrated_old_checkpoint_gets_the_default_thresholds(trained_run,
 
 
 def test_a_file_that_is_no_checkpoint_says_so(tmp_path):
-    torch.save({"weights": {"w": torch.zeros(2)}}, tmp_path / "best.pt")
-    with pytest.raises(CheckpointError, match="not a readable wildcheck checkpoint"):
-        Checkpoint.load(tmp_path / "best.pt")
+    """Before: a list or tensor saved as best.pt was an AttributeError traceback ('list' has no 'get')."""
+    for content in ({"weights": {"w": torch.zeros(2)}}, [1, 2], torch.zeros(3)):
+        torch.save(content, tmp_path / "best.pt")
+        with pytest.raises(CheckpointError, match="not a readable wildcheck checkpoint"):
+            Checkpoint.load(tmp_path / "best.pt")
 
 
 def test_checkpoint_round_trips(trained_run, tmp_path):

@@ -112,6 +112,8 @@ class Checkpoint:
     @classmethod
     def from_dict(cls, raw: dict, source: str = "checkpoint") -> "Checkpoint":
         try:
+            if not isinstance(raw, dict):  # a tensor or list saved as best.pt: raw.get was an AttributeError
+                raise TypeError(f"it holds a {type(raw).__name__}, not a checkpoint's dict")
             if raw.get("format") != FORMAT:
                 raw = _upgrade(raw)
             return cls(spec=ModelSpec.model_validate(raw["spec"]), weights=raw["model"], epoch=int(raw["epoch"]),
