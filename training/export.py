@@ -23,7 +23,7 @@ from training.cam import CAM_OUTPUT, WithCam, cam_unsupported
 from training.data.sources import Sample
 from training.embedding import EMBEDDING_OUTPUT, embedding_features, embedding_spec, l2_normalize, pooled_features
 from training.fileio import atomic_onnx_save, atomic_path
-from training.outputs import out_file
+from training.outputs import int8_path, out_file
 from training.predict import TorchPredictor, decode_sample, predict_samples, resolve_checkpoint, run_samples
 
 log = logging.getLogger(__name__)
@@ -102,11 +102,6 @@ def cam_parity(torch_model: torch.nn.Module, onnx_path: Path, arrays: list[np.nd
 def write_contract(src: Path, dst: Path, contract: ModelContract) -> None:
     """``src`` with ``contract`` in its metadata, checked and written atomically to ``dst``."""
     atomic_onnx_save(contract.write_to(onnx.load(str(src))), dst)
-
-
-def int8_path(fp32: Path) -> Path:
-    """Where the INT8 copy of the FP32 model ``fp32`` lies: ``model.onnx`` -> ``model.int8.onnx``."""
-    return fp32.with_name(fp32.stem + ".int8.onnx")
 
 
 def parity_check(reference: Predictor, onnx_path: Path, samples: list[Sample]) -> dict:

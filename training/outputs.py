@@ -51,6 +51,11 @@ def out_file(path: str | Path, option: str = "--out", example: str = "out.csv") 
     return path
 
 
+def int8_path(fp32: Path) -> Path:
+    """Where ``export --int8`` writes the INT8 copy of the FP32 model ``fp32``: ``model.onnx`` -> ``model.int8.onnx``."""
+    return fp32.with_name(fp32.stem + ".int8.onnx")
+
+
 def new_run_folder(out: str | Path, writes: Iterable[str], marker: str | None = None,
                    reads: Iterable[str | Path] = ()) -> Path:
     """Refuse an ``out`` that is a file, inside a data folder in ``reads`` (``out_folder``'s rule), or a folder

@@ -21,7 +21,7 @@ from serving.contract import ModelContract
 from serving.imageio import ImageError, decode_image
 from serving.runtime import OnnxModel
 from training.data.sources import Sample
-from training.export import int8_path
+from training.outputs import int8_path
 from training.fileio import atomic_onnx_save
 from training.metrics import compute_metrics
 from training.predict import predict_samples
