@@ -9,7 +9,7 @@ import torch
 
 from training.config import load_config
 from training.data.sampling import EpochSampler, HardNegativeMiner
-from training.loop.optim import build_optimization
+from training.loop.optim import build_optimization, peak_lr
 from training.loop.rundir import RunDir, TrainState, truncate_history
 from training.loop.steps import train_one_epoch, validate
 
@@ -61,6 +61,37 @@ def test_train_one_epoch_updates_the_ema_from_the_unwrapped_module():
     train_one_epoch(module, module, torch.utils.data.DataLoader(Toy(), batch_size=8), opt, TrainState(), torch.device("cpu"))
     assert opt.eval_module(module) is opt.ema.module
     assert any(not torch.equal(a, b) for a, b in zip(before, opt.ema.module.parameters()))
+
+
+def _lrs_used(module, opt, state, epochs: int) -> list[float]:
+    """The lr each optimizer step of ``epochs`` epochs on the toy data actually took (4 steps an epoch)."""
+    used = []
+    hook = opt.optimizer.register_step_pre_hook(lambda optimizer, args, kwargs: used.append(peak_lr(optimizer)))
+    for _ in range(epochs):
+        train_one_epoch(module, module, torch.utils.data.DataLoader(Toy(), batch_size=8), opt, state, torch.device("cpu"))
+    hook.remove()
+    return used
+
+
+def test_resume_with_more_epochs_trains_them_on_the_longer_schedule():
+    """--resume --epochs 4 of a finished 2-epoch run restored the 2-epoch schedule with the rest: its extra epochs
+    all trained at the floor lr (lr x min_lr_ratio). Rebuilt for 4 epochs and set to the saved step, they take the
+    lrs of a run planned with 4; an unchanged resume keeps the lrs of the uninterrupted run."""
+    planned = _lrs_used(tiny_net(), tiny_optimization(tiny_net(), epochs=4, warmup_epochs=0.5), TrainState(), 4)
+    module, state = tiny_net(), TrainState()
+    short = tiny_optimization(module, epochs=2, warmup_epochs=0.5)
+    first = _lrs_used(module, short, state, 1)
+    paused = {**short.state_dict(), **state.state_dict()}
+    second = _lrs_used(module, short, state, 1)
+    saved = {**short.state_dict(), **state.state_dict()}
+
+    for at, epochs, left, expected in ((paused, 2, 1, second), (saved, 4, 2, planned[8:])):
+        resumed_module, resumed_state = tiny_net(1), TrainState()
+        resumed = tiny_optimization(resumed_module, epochs=epochs, warmup_epochs=0.5)
+        resumed.load_state_dict(at)
+        resumed_state.load_state_dict(at)
+        assert _lrs_used(resumed_module, resumed, resumed_state, left) == pytest.approx(expected, rel=1e-9, abs=0.0)
+    assert first + second != planned[:8] and min(planned[8:]) > 2 * 0.05 * 0.01  # the floor: lr x min_lr_ratio
 
 
 def test_validate_returns_metrics_of_the_dataset_in_order():

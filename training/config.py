@@ -335,6 +335,58 @@ class ConfigConflict(InvalidInput):
     """``--resume`` was asked for settings that differ from the saved run's."""
 
 
+# what a resumed run may change: its length (the lr schedule is rebuilt for it) and where and how fast it runs.
+# Everything else made the weights, optimizer, sampler and cached pixels that last.pt restores or rebuilds, so it
+# must match: the batch size too (the schedule, EMA and sampler count the run's steps of that batch).
+RESUMABLE = ("train.epochs", "train.device", "train.threads", "train.compile", "data.num_workers", "data.cache_workers")
+
+
+@dataclass
+class SavedRun:
+    config: Config
+    path: Path  # where it was read: RUN_DIR/last.pt, or RUN_DIR/config.yaml for a run without one
+
+    @classmethod
+    def of_checkpoint(cls, checkpoint: Any, path: Path) -> SavedRun:
+        """The config stored in a loaded last.pt (``path``)."""
+        raw = checkpoint.get("config") if isinstance(checkpoint, dict) else None
+        if not isinstance(raw, dict):
+            raise InvalidInput(f"{path} holds no config: it is not a last.pt that `wildcheck train` wrote; start a new "
+                               "run without --resume")
+        return cls(_validate(raw, f" saved in {path}"), path)
+
+
+def saved_run(run_dir: str | Path) -> SavedRun | None:
+    """The configuration a resumed run continues: the one stored in ``RUN_DIR/last.pt``, with which the state it
+    restores was made. ``config.yaml`` is a copy for people to read (edited or deleted, it used to decide what a
+    resumed run trained with); it stands in only where there is no last.pt, and resuming then stops at that."""
+    last, written = Path(run_dir) / "last.pt", Path(run_dir) / "config.yaml"
+    if last.is_file():
+        from training.fileio import load_checkpoint
+
+        return SavedRun.of_checkpoint(load_checkpoint(last), last)
+    return SavedRun(load_config(written), written) if written.is_file() else None
+
+
+def resume_conflicts(saved: Config, asked: Config) -> list[str]:
+    """``key: saved X, asked Y`` for each setting outside ``RESUMABLE`` that differs (keys either side has)."""
+    kept, wanted = _leaves(saved.model_dump(mode="json")), _leaves(asked.model_dump(mode="json"))
+    keys = [k for k in dict.fromkeys([*kept, *wanted]) if k not in RESUMABLE and kept.get(k) != wanted.get(k)]
+    return [f"{k}: saved {kept.get(k)!r}, asked {wanted.get(k)!r}" for k in keys]
+
+
+def check_resume(saved: SavedRun, asked: Config, run_dir: str | Path) -> None:
+    """Refuse a resume whose settings differ from the saved run's beyond ``RESUMABLE``, naming them."""
+    conflicts = resume_conflicts(saved.config, asked)
+    if conflicts:
+        raise ConfigConflict(
+            f"--resume continues the run saved in {saved.path}, and what was asked differs from it "
+            f"({'; '.join(conflicts[:8])}); a resumed run may change only {', '.join(RESUMABLE)}. Drop those options "
+            f"(and --config), and undo edits to {Path(run_dir) / 'config.yaml'} or delete it, to resume as saved; or "
+            f"start a new run in another --out (--init-from {run_dir} fine-tunes from this run's weights)"
+        )
+
+
 @dataclass
 class ResolvedConfig:
     config: Config
@@ -351,18 +403,23 @@ def resolve_config(config_file: str | Path | None = None, *, run_dir: str | Path
     ``--set SECTION.KEY=VALUE`` (later wins), validated together; ``negatives`` are appended to
     ``data.negatives`` (once each). A warm start (``--init-from``) without ``epochs`` trains half the epochs.
 
-    ``resume``: the run's own ``RUN_DIR/config.yaml`` is the configuration (a resumed run must be the run that was
-    saved). What was asked besides is resolved the same way and must agree with it: a differing value is refused,
-    naming the key, instead of being dropped. Epochs are the exception: ``--epochs`` (or ``--set train.epochs``)
-    extends the run; otherwise it keeps its saved number (a warm start's halved one included).
+    ``resume``: the config saved in ``RUN_DIR/last.pt`` is the configuration (a resumed run must be the run that was
+    saved; see :func:`saved_run`). What was asked besides -- ``config_file``, else ``RUN_DIR/config.yaml`` as it is
+    now, then the options -- is resolved the same way and must agree with it outside ``RESUMABLE``: a differing
+    value is refused, naming the key, instead of being dropped or trained with. Epochs: ``--epochs`` (or
+    ``--set train.epochs``) extends the run; otherwise it keeps its saved number (a warm start's halved one
+    included), whatever a config file says.
     """
     flags = {"train": {"epochs": epochs, "batch_size": batch_size}, "data": {"img_size": img_size}}
     parsed = [parse_set(item) for item in sets]
-    saved_path = Path(run_dir) / "config.yaml" if run_dir is not None else None
-    resuming = resume and saved_path is not None and saved_path.is_file()
+    saved = saved_run(run_dir) if resume and run_dir is not None else None
     where = f" {config_file}" if config_file else ""
-    if resuming and config_file is None:
-        raw, where = _read_yaml(saved_path), f" {saved_path}"
+    written = Path(run_dir) / "config.yaml" if run_dir is not None else None
+    if saved is not None and config_file is None:
+        if written.is_file():  # as the user may have edited it
+            raw, where = _read_yaml(written), f" {written}"
+        else:  # deleted: the run's own settings, written back by train
+            raw, where = saved.config.model_dump(mode="json"), f" saved in {saved.path}"
     else:
         raw = _read_yaml(Path(config_file)) if config_file is not None else {}
     raw = _merge(raw, flags)
@@ -374,17 +431,12 @@ def resolve_config(config_file: str | Path | None = None, *, run_dir: str | Path
         config.data.negatives = config.data.negatives + list(dict.fromkeys(extra))
     notes = []
     asked_epochs = epochs is not None or any(path == ("train", "epochs") for path, _ in parsed)
-    if resuming:
-        saved = load_config(saved_path)
-        asked, kept = _leaves(config.model_dump(mode="json")), _leaves(saved.model_dump(mode="json"))
-        conflicts = [k for k in kept if k != "train.epochs" and asked.get(k) != kept[k]]
-        if conflicts:
-            lines = "; ".join(f"{k}: saved {kept[k]!r}, asked {asked.get(k)!r}" for k in conflicts[:8])
-            raise ConfigConflict(
-                f"--resume continues the run saved in {saved_path}, and what was asked differs from it ({lines}). "
-                f"Drop those options (and --config) to resume as saved, or start a new run in another --out"
-            )
-        config.train.epochs = config.train.epochs if asked_epochs else saved.train.epochs  # not a config file's
+    if saved is not None:
+        check_resume(saved, config, run_dir)
+        if not asked_epochs and config.train.epochs != saved.config.train.epochs:
+            notes.append(f"resuming for the run's {saved.config.train.epochs} epochs, not the {config.train.epochs} "
+                         f"of{where}; --epochs {config.train.epochs} for those")
+        config.train.epochs = config.train.epochs if asked_epochs else saved.config.train.epochs  # not a file's
     elif warm_start and not asked_epochs:
         config.train.epochs = max(2, config.train.epochs // 2)
         notes.append(f"warm start: {config.train.epochs} epochs (half the config's; --epochs to change)")

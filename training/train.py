@@ -18,9 +18,9 @@ from serving.preprocess import Preprocessing
 from training import distributed
 from serving.contract import ModelSpec
 from training.checkpoint import Checkpoint, initial_spec, published_metrics
-from training.config import Config
+from training.config import Config, SavedRun, check_resume
 from training.data.sources import fingerprint, label_counts
-from training.loop.data import TrainData, resolve_preprocessing
+from training.loop.data import DataError, TrainData, resolve_preprocessing
 from training.loop.model import build_model
 from training.loop.optim import Optimization, autocast_setting, build_optimization, peak_lr
 from training.loop.rng import rng_state, seed_everything, set_rng_state
@@ -44,6 +44,20 @@ def checkpoint_meta(config: Config, data: TrainData, pre: Preprocessing, roots: 
         "init_from": str(init_from) if init_from else None,
         "tiling": config.decision.tiling.model_dump() if config.decision.tiling else None,
     }
+
+
+def check_same_data(resumed: dict, meta: dict, last: Path, say=print) -> None:
+    """A resumed run goes on with the data it was trained on: its sampler and miner state index those images, and
+    last.pt would record the new data alone as the run's (``--data`` pointing elsewhere was silently taken). The
+    same files moved to another path (the fingerprint hashes names, sizes, labels and splits) are that data."""
+    before, now = resumed.get("training_data") or {}, meta["training_data"]
+    if before.get("sha256") not in (None, now["sha256"]):
+        raise DataError(
+            f"--resume: {last} was trained on other data ({before.get('counts')} under {resumed.get('data_roots')}) "
+            f"than --data and the negatives give now ({now['counts']} under {meta['data_roots']}). Resume with the "
+            f"run's own data as it was, or fine-tune on this data in a new run: --init-from {last.parent} --out NEW_DIR")
+    if resumed.get("data_roots") not in (None, meta["data_roots"]):
+        say(f"the run's data moved from {resumed['data_roots']} to {meta['data_roots']} (the same files): continuing")
 
 
 def best_payload(meta: dict, spec: ModelSpec, config: Config, eval_module: torch.nn.Module, epoch: int, ema: bool,
@@ -136,7 +150,12 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
     seed_everything(tc.seed)
     pre = resolve_preprocessing(config)
     resumed = run.resume_state() if resume else None
+    if resumed is not None:  # last.pt's config is the run's: refuse what differs before any caching
+        check_resume(SavedRun.of_checkpoint(resumed, run.path / "last.pt"), config, run.path)
     data = TrainData.build(roots, config, pre, labels=resumed["labels"] if resumed else None, say=say)
+    meta = checkpoint_meta(config, data, pre, roots, init_from)
+    if resumed is not None:
+        check_same_data(resumed, meta, run.path / "last.pt", say)
     module, frozen = build_model(config, data.labels, device, resuming=resumed is not None, init_from=init_from, say=say)
     run.write_setup(config, data.labels, data.skipped, fresh=resumed is None)
     data.build_sampler(config)
@@ -159,7 +178,7 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
         prime_miner(module, data.pool_for_scoring(), data.n_main, data.miner, tc.batch_size * 2, device,
                     channels_last=tc.channels_last, info=info)
         say(f"scored the {data.n_pool} pool negatives with the starting weights: epoch 1 draws hard ones too")
-    t_start, start, meta = time.time(), state.epoch, checkpoint_meta(config, data, pre, roots, init_from)
+    t_start, start = time.time(), state.epoch
     paused = False
     spec = initial_spec(config, data.labels, pre, meta["training_data"])
     for epoch in range(start, tc.epochs):

@@ -61,13 +61,17 @@ class Optimization:
         return f"EMA decay {ema}, autocast {autocast}"
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        return {"optimizer": self.optimizer.state_dict(),
                 "ema": self.ema.module.state_dict() if self.ema is not None else None,
                 "mixer": self.mixer.state_dict() if self.mixer is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state`` (last.pt, whose ``step`` is the run's optimizer steps so far). The schedule is
+        not restored but rebuilt, as timm's train.py does: restoring it brought back the saved run's length, so
+        ``--resume --epochs`` trained its extra epochs at the floor lr; set to the saved step, it follows this
+        run's epochs and gives an unchanged run the very same lr."""
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.step_update(state["step"])  # the lr of the next step (the optimizer's saved one is the old schedule's)
         if self.ema is not None and state.get("ema") is not None:
             self.ema.module.load_state_dict(state["ema"])
         if self.mixer is not None and state.get("mixer") is not None:
