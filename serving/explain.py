@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 
 from serving.preprocess import Preprocessing
 from serving.runtime import softmax
-from serving.tiling import Tiling, combine_pictures, per_picture
+from serving.tiling import Tiling, combine_pictures, first_scored_view, per_picture
 
 GRID_CELLS_PER_MAP_CELL = 4  # grid cells across one feature-map cell (7 x 7 map -> 28 cells over the crop)
 MAX_GRID_SIDE = 64  # bounds the response size for very elongated pictures
@@ -121,13 +121,17 @@ def view_boxes(tiling: Tiling | None, width: int, height: int) -> list[tuple[int
 def explain(cams: np.ndarray, label: str, labels: list[str], pre: Preprocessing, width: int, height: int,
             tiling: Tiling | None = None, boxes: list[tuple[int, int, int, int]] | None = None) -> Explanation:
     """One picture's ``cam`` outputs (views, C, h, w) -> the ``Explanation`` of ``label`` (values rounded to 4 decimals).
-    ``boxes``: the views' boxes (``serving.tiling.view_boxes``); needed for panels, derived for a grid."""
+    ``boxes``: the views' boxes (``serving.tiling.view_boxes``); needed for panels, derived for a grid. Only the
+    views the scores come from are drawn: a collage scored by its panels alone does not show the whole
+    composite's evidence (it pointed where the decision never looked)."""
     cams = np.asarray(cams)
     if cams.ndim == 3:
         cams = cams[None]
+    boxes = boxes if boxes is not None else view_boxes(tiling, width, height)
+    first = first_scored_view(tiling, len(cams))
     index = labels.index(label)
-    evidence = np.stack([class_evidence(c, index) for c in cams])
-    grid = heat_grid(evidence, pre, width, height, boxes if boxes is not None else view_boxes(tiling, width, height))
+    evidence = np.stack([class_evidence(c, index) for c in cams[first:]])
+    grid = heat_grid(evidence, pre, width, height, boxes[first:])
     return Explanation(label=label, rows=grid.shape[0], cols=grid.shape[1], grid=np.round(grid, 4).tolist())
 
 

@@ -135,6 +135,22 @@ def is_gallery_file(path: str | Path) -> bool:
     return isinstance(meta, dict) and meta.get("format") == GALLERY_FORMAT
 
 
+def require_gallery_file(path: str | Path) -> None:
+    """Refuse, naming the problem, a path that cannot be a gallery: missing, a folder, or a file of another kind (an
+    ONNX model given by mistake got numpy's advice to load it with ``allow_pickle=``)."""
+    path = Path(path)
+    if path.is_dir():
+        raise GalleryError(f"{path} is a folder, not a gallery file: give the .npz file `wildcheck gallery build "
+                           "--out` wrote")
+    if not path.is_file():
+        raise GalleryError(f"gallery {path} not found; build one with `wildcheck gallery build`")
+    with path.open("rb") as fh:
+        magic = fh.read(4)
+    if magic != b"PK\x03\x04":  # every .npz is a zip archive (a truncated one keeps its start: reported as such later)
+        raise GalleryError(f"{path} is not a gallery file (a gallery is the .npz archive `wildcheck gallery build` "
+                           "writes); check the path")
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -295,8 +311,7 @@ class Gallery:
         """Read and validate; with ``contract``, refuse a gallery built with another model (``served_as``: what
         that model is to the service, "model" or "embedder", for the message)."""
         path = Path(path)
-        if not path.is_file():
-            raise GalleryError(f"gallery {path} not found; build one with `wildcheck gallery build`")
+        require_gallery_file(path)
         stat = path.stat()
         try:
             with np.load(path, allow_pickle=False) as npz:
@@ -316,7 +331,12 @@ class Gallery:
                 index = cls._read_index(npz.zip, path) if lazy is not None else None
         except GalleryError:
             raise
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as exc:
+        except ValueError as exc:
+            if "allow_pickle" in str(exc):  # numpy's advice to load it unsafely is no advice for a gallery
+                raise GalleryError(f"{path} holds pickled objects, which no wildcheck gallery does (they are never "
+                                   "loaded); rebuild the gallery with `wildcheck gallery build`") from None
+            raise GalleryError(f"{path} is not a readable gallery file (truncated or corrupt?): {exc}") from exc
+        except (zipfile.BadZipFile, OSError, EOFError, KeyError) as exc:
             raise GalleryError(f"{path} is not a readable gallery file (truncated or corrupt?): {exc}") from exc
         try:
             meta = json.loads(raw)

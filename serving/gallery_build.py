@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 from serving.client import list_images
 from serving.errors import InvalidInput, MissingInput
-from serving.gallery import DEFAULT_FPR, Gallery, GalleryError, is_gallery_file, new_header, preprocess_and_hash
+from serving.gallery import (DEFAULT_FPR, Gallery, GalleryError, is_gallery_file, new_header, preprocess_and_hash,
+                             require_gallery_file)
 from serving.locking import exclusive
 from serving.imageio import ImageError, decode_image, images_under, label_folders
 from serving.runtime import OnnxModel
@@ -123,9 +124,23 @@ def editing(gallery_path: str | Path):
     return exclusive(gallery_path, "gallery build/add/remove", "wait for it to finish and run this again")
 
 
+def check_fpr(fpr: float) -> None:
+    """Refuse, before any embedding, an ``--fpr`` no threshold can be solved for (0, negative, 1 or more, nan): it
+    used to end in a validation traceback after all the work."""
+    if not 0.0 < fpr < 1.0:  # nan fails this too
+        raise InvalidInput(f"--fpr {fpr} is not a share of negatives between 0 and 1 (exclusive): give e.g. --fpr "
+                           f"{DEFAULT_FPR} (1% of the negatives may reach `similar`)")
+
+
 def build(ref: str | Path, model_path: str | Path, out: str | Path, negatives: list[Path] = (),
           fpr: float = DEFAULT_FPR, max_negatives: int = MAX_NEGATIVES) -> dict:
+    check_fpr(fpr)
     check_out(ref, out)
+    parent = Path(out).parent
+    try:  # the lock file lives beside the gallery: its folder must exist before the lock is taken
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidInput(f"cannot create the folder {parent} for --out {out}: {exc.strerror or exc}") from exc
     with editing(out):
         return _build(ref, model_path, out, list(negatives), fpr, max_negatives)
 
@@ -156,6 +171,7 @@ def _build(ref: str | Path, model_path: str | Path, out: str | Path, negatives: 
 
 
 def add(gallery_path: str | Path, ref: str | Path, model_path: str | Path) -> dict:
+    require_gallery_file(gallery_path)  # before the lock: no stray .lock beside a gallery that does not exist
     model = _load_model(model_path)
     with editing(gallery_path):
         gallery = Gallery.load(gallery_path, model.contract)
@@ -170,6 +186,7 @@ def add(gallery_path: str | Path, ref: str | Path, model_path: str | Path) -> di
 
 
 def remove(gallery_path: str | Path, reference_ids: list[str]) -> dict:
+    require_gallery_file(gallery_path)  # before the lock: no stray .lock beside a gallery that does not exist
     with editing(gallery_path):
         gallery = Gallery.load(gallery_path)
         removed = gallery.remove(reference_ids)

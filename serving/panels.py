@@ -17,7 +17,10 @@ A seam is either
   than a panel can be tall are a pattern (checks, tiles), not seams.
 A uniform outer border of one colour (or letterboxing) is trimmed first, if what is left keeps most of the
 picture. Cuts that would leave a panel under the minimum size (a banner, a UI bar, a thin strip) are not
-made, and panels that are nearly one colour are dropped.
+made, and blank panels (an empty slot) are dropped. A cut never throws away content, since a found collage
+is scored by its panels alone: a panel is dropped only when blank (a hairpin on a white backdrop is not), the
+rows a cut leaves out hold only the seam (a photo's own edge beside a gutter goes back to its panel; the two
+edges of a thin object are no gutter), and a strip too thin for a panel joins its neighbour unless blank.
 """
 
 from __future__ import annotations
@@ -41,17 +44,18 @@ class SeamRules:
     jump: float = 36.0  # a column's change across a discontinuity (sum of channels) must exceed this ...
     texture_ratio: float = 2.0  # ... and this many times its change a few rows away on either side
     cut_share: float = 0.7  # share of columns that must change like that for a discontinuity seam
-    content_share: float = 0.05  # a panel with less than this share of pixels off its dominant colour is empty
+    blank_share: float = 0.005  # blank: under this share of pixels off their row's colour (panels, rows cuts leave out)
     max_depth: int = 3  # nested splits (uneven layouts: a column split into rows, ...)
     keep: float = 0.5  # trimming a uniform border must keep at least this share of each side
 
 
-def _work_array(img: Image.Image, side: int) -> tuple[np.ndarray, float]:
+def _work_array(img: Image.Image, side: int) -> tuple[np.ndarray, float, float]:
     """RGB float32 copy with longer side <= ``side`` (an integer box reduction: fast, averages noise, keeps
-    straight edges straight); and the factor from work to picture coordinates."""
+    straight edges straight); and the factors from work to picture coordinates along x and along y (they
+    differ: the reduction rounds each side up, so a tall picture's y factor is not its x factor)."""
     factor = max(1, -(-max(img.size) // side))
     work = img.reduce(factor) if factor > 1 else img
-    return np.asarray(work.convert("RGB"), dtype=np.float32), img.width / work.width
+    return np.asarray(work.convert("RGB"), dtype=np.float32), img.width / work.width, img.height / work.height
 
 
 def _uniform_rows(region: np.ndarray, rules: SeamRules) -> tuple[np.ndarray, np.ndarray]:
@@ -164,8 +168,49 @@ def _discontinuities(region: np.ndarray, rules: SeamRules, min_len: int) -> list
     return out
 
 
+def _blank(pixels: np.ndarray, rules: SeamRules) -> bool:
+    """Nothing to score here: under ``blank_share`` of the pixels differ from their row's dominant colour (a
+    gutter, a border, an empty slot, a plain backdrop's gradient; a thin object on a plain backdrop is not
+    blank, whichever way it lies)."""
+    pixels = _along(pixels)[::2] if pixels.shape[0] >= 64 else _along(pixels)
+    if pixels.size == 0:
+        return True
+    colours = np.median(pixels, axis=1, keepdims=True)
+    return float(1.0 - _within(pixels, colours, 2 * rules.tolerance).mean()) < rules.blank_share
+
+
+def _seam_rows(band: np.ndarray, a: int, rules: SeamRules) -> tuple[int, int] | None:
+    """The rows [start, end) of a cut merged from seams (``band``, starting at row ``a``) that hold nothing
+    but the seam, or None when there is no seam in them. A gutter's uniform rows and the row beside them
+    where it blends into a photo (a jump is found a row off the edge) are the seam. Content in the band
+    goes back to the panels: with it the cut is the run of one uniform colour farthest from it (the rest
+    is a photo's own backdrop beside its edge); two jumps around content are the edges of a thin object
+    (a hairpin on a plain backdrop), not a thin gutter."""
+    b = a + len(band)
+    inner = band[1:-1]
+    if not len(inner):
+        return a, b
+    uniform, means = _uniform_rows(_along(inner), rules)
+    rest = ~uniform
+    runs = _runs(uniform)
+    if runs:
+        rest[max(0, runs[0][0] - 1)] = rest[min(len(rest) - 1, runs[-1][1])] = False
+    if not rest.any() or _blank(inner[rest], rules):
+        return a, b
+    if not runs:
+        return None
+    steps = np.flatnonzero(np.abs(np.diff(means, axis=0)).max(axis=1) > rules.tolerance / 2) + 1
+    colours = [(s, e) for s0, e0 in runs for s, e in zip([s0, *[t for t in steps if s0 < t < e0]],
+                                                          [*[t for t in steps if s0 < t < e0], e0])]
+    content = np.flatnonzero(rest)
+    start, end = max(colours, key=lambda r: (np.abs(content - (r[0] + r[1] - 1) / 2).min(), r[1] - r[0]))
+    return a + start, a + end + 2  # inner row i is band row i + 1; one blended row on each side
+
+
 def _cuts(region: np.ndarray, rules: SeamRules, min_len: int) -> list[tuple[int, int]]:
-    """The region's row segments [start, end) between seams, each at least ``min_len`` rows; [] if no split."""
+    """The region's row segments [start, end) between seams, each at least ``min_len`` rows; [] if no split.
+    Nothing but blank rows is left out, since a collage is scored by its panels alone: seams whose rows hold
+    content are no cut, and a strip too thin for a panel at either end joins its neighbour unless blank."""
     h = region.shape[0]
     seams = sorted(_gutters(region, rules) + _discontinuities(region, rules, min_len))
     merged: list[list[int]] = []
@@ -174,6 +219,12 @@ def _cuts(region: np.ndarray, rules: SeamRules, min_len: int) -> list[tuple[int,
             merged[-1][1] = max(merged[-1][1], b)
         else:
             merged.append([a, b])
+    merged = [list(rows) for rows in (_seam_rows(region[a:b], a, rules) for a, b in merged) if rows is not None]
+    # (a strip's outermost row may be where the region's own seam blends into it)
+    if merged and merged[0][0] < min_len and not _blank(region[1 : merged[0][0]], rules):
+        merged.pop(0)
+    if merged and h - merged[-1][1] < min_len and not _blank(region[merged[-1][1] : h - 1], rules):
+        merged.pop()
     edges = [0] + [v for a, b in merged for v in (a, b)] + [h]
     segments = [(edges[i], edges[i + 1]) for i in range(0, len(edges), 2)]
     segments = [(a, b) for a, b in segments if b - a >= min_len]
@@ -205,33 +256,26 @@ def _split(arr: np.ndarray, arr_t: np.ndarray, box: Box, rules: SeamRules, min_w
     return [box]
 
 
-def _has_content(arr: np.ndarray, box: Box, rules: SeamRules) -> bool:
-    """A panel shows something: enough of it differs from its own dominant colour (not a gutter, a banner,
-    a caption on a plain strip)."""
-    left, top, right, bottom = box
-    pixels = _along(arr[top:bottom, left:right])[::2]
-    colour = np.median(pixels.reshape(-1, 3), axis=0)
-    return float(1.0 - _within(pixels, colour, 2 * rules.tolerance).mean()) >= rules.content_share
-
-
 def find_panels(img: Image.Image, min_side: int = 64, min_fraction: float = 0.2, max_panels: int = 9,
                 rules: SeamRules = SeamRules()) -> list[Box]:
     """The panels (left, top, right, bottom, in ``img`` pixels) of a collage, or [] when ``img`` is not one.
 
-    A panel is at least ``min_side`` pixels and ``min_fraction`` of the picture's width and height; panels
-    without content (gutters, borders, banners) are left out; fewer than two panels, or more than
-    ``max_panels`` (bounded work per request), means no collage.
+    A panel is at least ``min_side`` pixels and ``min_fraction`` of the picture's width and height; blank
+    panels (an empty slot) are left out and nothing else is: a thin object on a plain backdrop is a panel to
+    score. Fewer than two panels, or more than ``max_panels`` (bounded work per request), means no collage.
     """
-    arr, scale = _work_array(img, rules.work_side)
+    arr, sx, sy = _work_array(img, rules.work_side)
     h, w = arr.shape[:2]
-    min_w = max(int(np.ceil(min_side / scale)), int(np.ceil(min_fraction * w)), 8)
-    min_h = max(int(np.ceil(min_side / scale)), int(np.ceil(min_fraction * h)), 8)
+    min_w = max(int(np.ceil(min_side / sx)), int(np.ceil(min_fraction * w)), 8)
+    min_h = max(int(np.ceil(min_side / sy)), int(np.ceil(min_fraction * h)), 8)
     if w < 2 * min_w and h < 2 * min_h:
         return []
     boxes = _split(arr, np.ascontiguousarray(arr.transpose(1, 0, 2)), (0, 0, w, h), rules, min_w, min_h, 0)
-    panels = [b for b in boxes if b[2] - b[0] >= min_w and b[3] - b[1] >= min_h and _has_content(arr, b, rules)]
+    if any(b[2] - b[0] < min_w or b[3] - b[1] < min_h for b in boxes):
+        return []  # a piece too small for a panel (_cuts keeps panel-sized ones): score the picture whole
+    panels = [b for b in boxes if not _blank(arr[b[1]:b[3], b[0]:b[2]], rules)]
     if not 2 <= len(panels) <= max_panels:
         return []
     W, H = img.size
-    return [(min(W, round(l * scale)), min(H, round(t * scale)), min(W, round(r * scale)), min(H, round(b * scale)))
+    return [(min(W, round(l * sx)), min(H, round(t * sy)), min(W, round(r * sx)), min(H, round(b * sy)))
             for l, t, r, b in panels]

@@ -93,7 +93,7 @@ ERROR_CODES = {
     404: "not_found",
     405: "method_not_allowed",
     408: "body_timeout",
-    413: "body_too_large, batch_too_large",
+    413: "body_too_large, batch_too_large, too_many_views",
     415: "unsupported_format",
     422: "explain_unavailable",
     429: "too_many_requests",
@@ -105,7 +105,8 @@ _WHEN = {
     400: "not an image, truncated/corrupt, too many pixels, too small, text or URL instead of a file, missing field",
     401: "missing or invalid API key (when WILDCHECK_API_KEYS is set)",
     408: "the request body did not arrive within WILDCHECK_BODY_TIMEOUT_S",
-    413: "request body over WILDCHECK_MAX_BODY_BYTES or more than WILDCHECK_MAX_BATCH images",
+    413: "request body over WILDCHECK_MAX_BODY_BYTES, more than WILDCHECK_MAX_BATCH images, or more than "
+         "WILDCHECK_MAX_BATCH_VIEWS views (a collage is scored panel by panel)",
     415: "image format outside the allow-list (JPEG, PNG, WebP, GIF, BMP, TIFF)",
     422: "explain asked of a model exported before heat maps (re-export it)",
     429: "more than WILDCHECK_MAX_CONCURRENCY requests in this worker",

@@ -255,7 +255,7 @@ def build_api(settings: Settings, bento_model: bentoml.models.BentoModel | None 
             if len(items) > max_batch:
                 return error_response(413, "batch_too_large", f"{len(items)} images; at most {max_batch} per request")
             started, stop = time.perf_counter(), threading.Event()
-            results, prepared = [None] * len(items), []
+            results, prepared, max_views = [None] * len(items), [], self.settings.max_batch_views
             try:
                 with self.queue.admit():
                     for i, (data, content_type) in enumerate(items):  # one job per image: requests interleave
@@ -265,15 +265,29 @@ def build_api(settings: Settings, bento_model: bentoml.models.BentoModel | None 
                                 cost=decode_cost(data))))
                         except ImageError as exc:  # one bad image fails only its own entry
                             results[i] = item_error(exc)
-                    if prepared:
-                        done = await self._run(request, stop, self.checker.finish, [p for _, p in prepared],
-                                               explaining, explain_label, started)
+                        views = sum(len(p.views) for _, p in prepared)
+                        if views > max_views:  # stop decoding: the work is bounded by views, not images
+                            return error_response(413, "too_many_views", (
+                                f"the first {i + 1} of {len(items)} images already make {views} views (a collage is "
+                                f"scored panel by panel, up to {self._views_per_image()} views an image); at most "
+                                f"{max_views} per request (WILDCHECK_MAX_BATCH_VIEWS): send fewer images per request"))
+                    done = []
+                    for chunk in _chunks([p for _, p in prepared]):  # the deadline is checked between chunks
+                        done += await self._run(request, stop, self.checker.finish, chunk, explaining, explain_label,
+                                                started)
             except (Overloaded, Expired, Gone, Abandoned) as exc:
                 return self._failure(exc)
-            for (i, _), result in zip(prepared, done if prepared else []):
+            for (i, _), result in zip(prepared, done):
                 results[i] = result
                 _count_mismatch(results[i])
             return {"results": results, "count": len(results)}
+
+        def _views_per_image(self) -> int:
+            """The most views the served model's tiling makes of one image (the whole picture first)."""
+            tiling = self.checker.contract.tiling
+            if tiling is None:
+                return 1
+            return 1 + (tiling.max_panels if tiling.mode == "panels" else tiling.grid ** 2)
 
         @api.get("/model", response_model=ModelInfo, responses=ERRORS)
         def model(self):
@@ -292,6 +306,23 @@ def build_api(settings: Settings, bento_model: bentoml.models.BentoModel | None 
 
 
 KNOWN_ROUTES = {"/check": "POST", "/check_batch": "POST", "/model": "GET"}
+
+# Views per inference job of a batch: a batch's forward passes run as jobs of about this many views, so the
+# deadline (and a client that left) stops the work between jobs instead of after the whole batch (32 3x3 collages
+# kept a worker's core busy long after their 504), and other requests' jobs interleave. Read at call time (tests).
+CHUNK_VIEWS = 16
+
+
+def _chunks(prepared: list) -> list[list]:
+    """Consecutive images of about ``CHUNK_VIEWS`` views each (an image is never split; at least one each)."""
+    chunks, views = [], CHUNK_VIEWS
+    for p in prepared:
+        if views + len(p.views) > CHUNK_VIEWS:
+            chunks.append([])
+            views = 0
+        chunks[-1].append(p)
+        views += len(p.views)
+    return chunks
 
 
 @functools.cache

@@ -43,6 +43,10 @@ class Settings:
     max_pixels: int = DEFAULT_MAX_PIXELS
     min_side: int = DEFAULT_MIN_SIDE
     max_batch: int = 32
+    # forward passes (views) per /v1/check_batch request: a collage is one view per panel plus the whole, so 32
+    # 3x3 collages were 320 views (~25 s of inference on one core: past the deadline). 128 is ~10 s: 32 photos,
+    # 25 2x2 collages or 12 3x3 ones
+    max_batch_views: int = 128
     timeout_s: int = 30
     max_concurrency: int = 64
     max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
@@ -73,6 +77,7 @@ class Settings:
             max_pixels=_int("WILDCHECK_MAX_PIXELS", cls.max_pixels),
             min_side=_int("WILDCHECK_MIN_SIDE", cls.min_side),
             max_batch=_int("WILDCHECK_MAX_BATCH", cls.max_batch),
+            max_batch_views=_int("WILDCHECK_MAX_BATCH_VIEWS", cls.max_batch_views),
             timeout_s=_int("WILDCHECK_TIMEOUT_S", cls.timeout_s),
             max_concurrency=_int("WILDCHECK_MAX_CONCURRENCY", cls.max_concurrency),
             policy=os.environ.get("WILDCHECK_POLICY", ""),

@@ -165,6 +165,14 @@ def panel_knots(labels: list[str], thresholds: dict, negatives, max_panels: int,
     return out
 
 
+def first_scored_view(tiling: Tiling | None, n_views: int) -> int:
+    """Index of the first view of a picture that its scores come from (``combine``): a found collage (two
+    panels or more) under ``whole_with_panels: false`` is scored by its panels alone, not by view 0, the
+    whole composite (what a heat map may show, too)."""
+    panels_only = tiling is not None and tiling.mode == "panels" and not tiling.whole_with_panels
+    return 1 if panels_only and n_views - 1 >= 2 else 0
+
+
 def combine(view_probs: np.ndarray, rule: ViewRule) -> np.ndarray:
     """One probability vector from the views of one picture (the whole picture first): each protected class
     takes its highest view score; the negative class keeps what is left (protected scores are rescaled if

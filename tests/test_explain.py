@@ -348,3 +348,39 @@ def test_cli_explain_refuses_an_out_inside_the_images_folder(onnx_model, tmp_pat
     result = CliRunner().invoke(app, ["explain", str(onnx_model), str(photos), "--out", str(out)])
     assert result.exit_code == 2 and f"error: --out {out} is inside {photos}" in result.output, result.output
     assert not out.exists() and [p.name for p in photos.iterdir()] == ["p.png"]
+
+
+def test_collage_heat_map_shows_only_the_panels_the_decision_scored():
+    """The shipped model scores a found collage by its panels alone (``whole_with_panels: false``); the heat map
+    took its maximum over the whole composite too, which lit up the gutter (0.12 here) and set the scale. Met val
+    ivory_60723 (a pin) beside three Met ceramics, 60 px white gutters."""
+    if not IVORY_MODEL.is_file():
+        pytest.skip(f"{IVORY_MODEL} not available")
+    from serving.checker import ImageChecker
+    from serving.explain import class_evidence
+    from serving.tiling import view_boxes, views
+
+    checker = ImageChecker(str(IVORY_MODEL))
+    assert checker.contract.tiling.mode == "panels" and not checker.contract.tiling.whole_with_panels
+    met = shared_dataset("met-ivory") / "val"
+    side, gutter = 300, 60
+    tiles = [Image.open(met / "ivory" / "ivory_60723.jpg")] + [Image.open(p) for p in sorted((met / "other").glob("*.jpg"))[20:23]]
+    collage = Image.new("RGB", (2 * side + gutter, 2 * side + gutter), (255, 255, 255))
+    for q, tile in enumerate(tiles):
+        collage.paste(tile.convert("RGB").resize((side, side)), ((q % 2) * (side + gutter), (q // 2) * (side + gutter)))
+    buf = io.BytesIO()
+    collage.save(buf, "PNG")
+    result = checker.check(buf.getvalue(), explain="true", explain_label="ivory")
+    grid = np.array(result["explanation"]["grid"])
+    rows, cols = grid.shape
+    ys = (np.arange(rows) + 0.5) * collage.height / rows
+    xs = (np.arange(cols) + 0.5) * collage.width / cols
+    in_gutter = lambda v: (v > side + 2) & (v < side + gutter - 2)  # noqa: E731
+    assert grid[in_gutter(ys)].max() == 0 and grid[:, in_gutter(xs)].max() == 0  # no scored view looked there
+    # exactly the map of the panels' views: the whole composite (view 0) left out, as the scores leave it out
+    boxes = view_boxes(collage, checker.contract.tiling)
+    assert len(boxes) == 5
+    cams = checker.model.predict_with_cam(views(collage, checker.pre, checker.contract.tiling, boxes))[1]
+    k = checker.contract.labels.index("ivory")
+    expected = heat_grid(np.stack([class_evidence(c, k) for c in cams[1:]]), checker.pre, *collage.size, boxes[1:])
+    np.testing.assert_allclose(grid, np.round(expected, 4), atol=1e-4)

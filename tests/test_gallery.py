@@ -553,3 +553,57 @@ def test_a_large_gallery_is_served_from_its_index_without_a_full_precision_copy_
     (tmp_path / "large.npz").write_bytes((tmp_path / "large.npz").read_bytes() + b"\0")  # replaced after loading
     with pytest.raises(GalleryError, match="changed since it was loaded"):
         edited.remove(["r1"])
+
+
+def _met_refs(root: Path) -> Path:
+    """Two real Met ivory photos as references of one label."""
+    ivory = sorted((shared_dataset("met-ivory") / "val" / "ivory").glob("*.jpg"))[:2]
+    return _folder(root, "seized_ivory", [Image.open(p).convert("RGB") for p in ivory])
+
+
+def test_build_into_a_new_folder_and_edits_of_a_missing_gallery_leave_no_lock(onnx_model, tmp_path):
+    """`build --out newdir/sub/g.npz` was a FileNotFoundError traceback (the lock was opened before the folder
+    existed); `remove missing.npz` left an empty missing.npz.lock behind, as did a build that failed."""
+    from serving.gallery import Gallery
+
+    ref = _met_refs(tmp_path / "ref")
+    out = tmp_path / "newdir" / "sub" / "g.npz"
+    built = _cli("gallery", "build", ref, "--model", onnx_model, "--out", out)
+    assert built.exit_code == 0, built.output
+    assert Gallery.load(out).describe()["labels"] == {"seized_ivory": 2}
+    missing = tmp_path / "missing.npz"
+    for args in (("remove", missing, "--reference", "x"), ("add", missing, ref, "--model", onnx_model)):
+        result = _cli("gallery", *args)
+        assert result.exit_code == 2 and result.output.startswith("error: ") and "not found" in result.output, result.output
+    unreadable = tmp_path / "broken"
+    (unreadable / "seized_ivory").mkdir(parents=True)
+    (unreadable / "seized_ivory" / "cut.jpg").write_bytes((ref / "seized_ivory" / "seized_ivory_0.jpg").read_bytes()[:300])
+    failed = _cli("gallery", "build", unreadable, "--model", onnx_model, "--out", tmp_path / "failed.npz")
+    assert failed.exit_code == 2 and "could be read" in failed.output, failed.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "newdir", "ref"]  # no .lock, no gallery
+
+
+def test_build_refuses_a_bad_fpr_before_any_embedding(onnx_model, tmp_path, monkeypatch):
+    """`--fpr 0` (or -1, 1.5, nan) embedded every reference and negative, then ended in a pydantic traceback."""
+    import serving.gallery_build
+
+    def no_embedding(*args, **kwargs):
+        raise AssertionError("embedded before refusing the --fpr")
+
+    monkeypatch.setattr(serving.gallery_build, "embed_paths", no_embedding)
+    ref = _met_refs(tmp_path / "ref")
+    for fpr in ("0", "-1", "1.5", "nan"):
+        result = _cli("gallery", "build", ref, "--model", onnx_model, "--out", tmp_path / "g.npz", f"--fpr={fpr}")
+        assert result.exit_code == 2 and result.output.startswith("error: --fpr "), (fpr, result.output)
+        assert "between 0 and 1" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref"]
+
+
+def test_info_on_a_model_or_a_folder_says_what_it_is(onnx_model, tmp_path):
+    """`gallery info m1.onnx` quoted numpy's advice to load it with `allow_pickle=` (unsafe); `gallery info refs/`
+    said "not found"."""
+    ref = _met_refs(tmp_path / "ref")
+    model = _cli("gallery", "info", onnx_model)
+    assert model.exit_code == 2 and "is not a gallery file" in model.output and "pickle" not in model.output, model.output
+    folder = _cli("gallery", "info", ref)
+    assert folder.exit_code == 2 and "is a folder, not a gallery file" in folder.output, folder.output

@@ -308,3 +308,68 @@ def test_shipped_model_with_panels_scores_a_real_ivory_panel(tmp_path):
         alone_decision = decide({"ivory": alone, "other": 1 - alone}, checker.thresholds, checker.never_block)[0]
         severity = {"allow": 0, "review": 1, "block": 2}
         assert severity[served["decision"]] >= severity[alone_decision]
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "wildcheck-ivory.onnx"
+
+
+def _met_grid(first: Image.Image, side: tuple[int, int] | None = None, gutter: int = 12) -> tuple[Image.Image, list]:
+    """A 2x2 collage (white gutter) of ``first`` and three Met val ceramics, each ``side`` (default: ``first``'s size)."""
+    others = sorted((shared_dataset("met-ivory") / "val" / "other").glob("*.jpg"))[20:23]
+    w, h = side or first.size
+    tiles = [first.resize((w, h))] + [Image.open(p).convert("RGB").resize((w, h)) for p in others]
+    collage = Image.new("RGB", (2 * w + gutter, 2 * h + gutter), (255, 255, 255))
+    boxes = [((i % 2) * (w + gutter), (i // 2) * (h + gutter)) for i in range(4)]
+    for tile, (x, y) in zip(tiles, boxes):
+        collage.paste(tile, (x, y))
+    return collage, [(x, y, x + w, y + h) for x, y in boxes]
+
+
+def test_a_hairpin_on_a_white_backdrop_is_a_panel_so_the_collage_is_blocked():
+    """Met val ivory_10591 (a thin hairpin on white) is blocked alone; as one tile of a 2x2 collage of Met ceramics its
+    panel was judged empty and dropped, and with panels-only scoring the collage was allowed (0.009)."""
+    if not SHIPPED.is_file():
+        pytest.skip("models/wildcheck-ivory.onnx not present")
+    from serving.checker import ImageChecker
+
+    pin = Image.open(shared_dataset("met-ivory") / "val" / "ivory" / "ivory_10591.jpg").convert("RGB")
+    collage, boxes = _met_grid(pin)
+    assert taken_apart(find_panels(collage), boxes)  # all four panels, the hairpin's among them
+    buf = io.BytesIO()
+    collage.save(buf, "PNG")
+    result = ImageChecker(str(SHIPPED)).check(buf.getvalue())
+    assert result["decision"] == "block" and result["scores"]["ivory"] >= 0.9, result["scores"]
+
+
+def test_a_pin_beside_a_gutter_is_not_cut_away_and_an_empty_slot_is_still_dropped():
+    """Met val ivory_60723 (an upright pin on a plain grey backdrop): the backdrop right of the pin merged with the
+    white gutter into one cut that began at the pin's edge, so the pin was left out and the collage allowed (0.006).
+    An empty slot still is no panel."""
+    if not SHIPPED.is_file():
+        pytest.skip("models/wildcheck-ivory.onnx not present")
+    from serving.checker import ImageChecker
+
+    pin = Image.open(shared_dataset("met-ivory") / "val" / "ivory" / "ivory_60723.jpg").convert("RGB")
+    collage, boxes = _met_grid(pin, side=(300, 300))
+    found = find_panels(collage)
+    assert taken_apart(found, boxes), found
+    result = ImageChecker(str(SHIPPED)).check(jpeg_bytes(collage))
+    assert result["decision"] == "block", result["scores"]
+    empty = collage.copy()
+    empty.paste((255, 255, 255), boxes[0])  # the pin's slot left empty: three panels
+    assert taken_apart(find_panels(empty), boxes[1:])
+
+
+def test_panel_boxes_of_a_tall_collage_use_the_y_scale():
+    """The work copy's x and y factors differ (each side is rounded up): y scaled by x put the seam of a 769 x 6020
+    two-photo collage at 2825-2966 instead of 3000-3020."""
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    top = Image.open(examples / "ivory_13342.jpg").convert("RGB").crop((40, 40, 340, 300))
+    bottom = Image.open(examples / "non_ivory_59208.jpg").convert("RGB").crop((60, 60, 330, 300))
+    W, half, gutter = 769, 3000, 20
+    collage = Image.new("RGB", (W, 2 * half + gutter), (255, 255, 255))
+    collage.paste(top.resize((W, half)), (0, 0))
+    collage.paste(bottom.resize((W, half)), (0, half + gutter))
+    upper, lower = find_panels(collage)
+    assert 2990 <= lower[1] <= 3040 and lower[3] == 2 * half + gutter, (upper, lower)
+    assert upper[1] <= 120 and 2800 <= upper[3] <= 3010, (upper, lower)
