@@ -17,7 +17,6 @@ from pathlib import Path
 
 import bentoml
 
-from serving.contract import read_contract
 from serving.errors import MissingInput, WildcheckError
 
 BENTOFILE = Path(__file__).with_name("bentofile.yaml")
@@ -43,6 +42,14 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
+def _servable(path: Path):
+    """The file opened as the server opens it (``serving.runtime.OnnxModel``): labels against logits, input size,
+    finite scores on a plain picture."""
+    from serving.runtime import OnnxModel
+
+    return OnnxModel(path, threads=1)
+
+
 def store_model(model: str | Path, gallery: str | Path | None = None, embedder: str | Path | None = None) -> str:
     """Put the ONNX file (and gallery, and the embedder it was built with) into BentoML's model store as
     ``name:version[-g<gallery (+ embedder) hash>]``.
@@ -50,13 +57,18 @@ def store_model(model: str | Path, gallery: str | Path | None = None, embedder: 
     Returns the tag. The same files again reuse the stored model; other bytes under the same tag are refused.
     """
     model = Path(model)
-    contract = read_contract(model)  # a file that is not a wildcheck model stops here
+    contract = _servable(model).contract  # a file the server would refuse stops here, not at serve time
     if gallery is not None and not Path(gallery).is_file():
         raise MissingInput(f"gallery {gallery} does not exist")
+    if gallery is None and (getattr(contract, "role", None) == "embedder" or not contract.thresholds):
+        raise BentoBuildError(f"{model} has no protected class to flag (a model from `wildcheck export-embedder`?): "
+                              "served alone it would allow every photo. Build the classifier from `wildcheck export`, "
+                              "or give --gallery for an embedder-only service")
     if embedder is not None:
         if gallery is None:
             raise BentoBuildError(f"an embedder ({embedder}) only serves a gallery: give --gallery too")
-        read_contract(embedder)  # a wildcheck ONNX, or stop here
+        if _servable(Path(embedder)).embedding_output is None:
+            raise BentoBuildError(f"{embedder} has no embedding output: give a model from `wildcheck export-embedder`")
     version = _tag_part(contract.model_version)
     digest = _sha256(model)
     if gallery:  # the same model with another gallery is another stored model

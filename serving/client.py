@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import errno
 import json
+import os
 import random
 from collections import Counter
 from pathlib import Path
@@ -23,7 +25,11 @@ from serving.errors import InvalidInput, MissingInput, WildcheckError
 from serving.imageio import images_under
 from serving.locking import exclusive
 
-RETRY_STATUSES = {429, 500, 502, 503, 504}
+RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
+# errors about the request, not the image: the same image sent again is answered
+RETRY_CODES = {"body_timeout", "disconnected"}
+# the listed path is no file: final (a rerun checks it again once a file is there)
+NOT_FOUND_ERRNOS = {errno.ENOENT, errno.EISDIR, errno.ENOTDIR}
 FATAL_STATUSES = {401: "the API key was refused (--api-key / WILDCHECK_API_KEY)",
                   403: "the API key is not allowed to check images",
                   404: "no check endpoint at this URL (give the server's base URL, e.g. http://host:3000)",
@@ -39,11 +45,16 @@ def list_images(source: str | Path) -> list[Path]:
     """Images under a folder (recursively) or the ``path`` column of a CSV."""
     source = Path(source)
     if source.is_file() and source.suffix.lower() == ".csv":
-        with source.open(newline="", encoding="utf-8-sig") as fh:  # -sig: Excel writes a BOM
-            reader = csv.DictReader(fh)
-            if not reader.fieldnames or "path" not in reader.fieldnames:
-                raise InvalidInput(f"{source}: the CSV needs a 'path' column")
-            return [p if p.is_absolute() else source.parent / p for p in (Path(r["path"]) for r in reader)]
+        try:
+            with source.open(newline="", encoding="utf-8-sig") as fh:  # -sig: Excel writes a BOM
+                reader = csv.DictReader(fh)
+                if not reader.fieldnames or "path" not in reader.fieldnames:
+                    raise InvalidInput(f"{source}: the CSV needs a 'path' column")
+                return [p if p.is_absolute() else source.parent / p for p in (Path(r["path"]) for r in reader if r["path"])]
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(f"{source} is not UTF-8 text ({exc.reason} at byte {exc.start}); save the CSV as UTF-8") from exc
+        except csv.Error as exc:
+            raise InvalidInput(f"{source} is not a readable CSV: {exc}") from exc
     if source.is_dir():
         return images_under(source)
     raise MissingInput(f"{source} is neither a folder nor a CSV file")
@@ -70,9 +81,22 @@ def read_done(out: Path) -> tuple[set[str], int]:
             if not isinstance(row, dict) or not isinstance(row.get("path"), str):
                 bad += 1
                 continue
-            if not row.get("retryable"):
+            if _answered(row):
                 done.add(resume_key(row["path"]))
     return done, bad
+
+
+def _answered(row: dict) -> bool:
+    """A decision or a final error; a row with only a path (a hand edit) is not an answer. A missing file's
+    ``not_found`` counts until a file is there."""
+    if row.get("retryable"):
+        return False
+    if row.get("decision") in ("block", "review", "allow"):
+        return True
+    error = row.get("error")
+    if not (isinstance(error, dict) and isinstance(error.get("code"), str)):
+        return False
+    return error["code"] != "not_found" or not os.path.isfile(row["path"])
 
 
 def done_paths(out: Path) -> set[str]:
@@ -87,7 +111,8 @@ def _final(status: int, body) -> bool:
     if status == 200:
         return body.get("decision") in ("block", "review", "allow")
     error = body.get("error")
-    return 400 <= status < 500 and isinstance(error, dict) and isinstance(error.get("code"), str)
+    return (400 <= status < 500 and isinstance(error, dict) and isinstance(error.get("code"), str)
+            and error["code"] not in RETRY_CODES)
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -101,7 +126,10 @@ async def _check_one(client: httpx.AsyncClient, url: str, path: Path, retries: i
     key = resume_key(path)
     try:
         data = path.read_bytes()
-    except OSError as exc:  # not an answer about the image: a file listed before it exists, or not yet readable
+    except OSError as exc:
+        if exc.errno in NOT_FOUND_ERRNOS:  # final, so a run ends; a rerun checks it again once a file is there
+            return {"path": key, "error": {"code": "not_found", "message": f"no file at {key}: {exc.strerror}"}}
+        # not an answer about the image: a file not yet readable (permissions, a share that dropped)
         return {"path": key, "retryable": True, "error": {"code": "unreadable", "message": str(exc)}}
     # the server never reads the name; a file name that is not UTF-8 could not go into the multipart header
     upload_name = "image" + "".join(c for c in path.suffix if c.isascii())
@@ -201,10 +229,12 @@ def scan(source: str | Path, url: str, out: str | Path, concurrency: int = 8, ap
     if api_key is not None and not (api_key.isascii() and api_key.isprintable()):
         raise InvalidInput("the API key has characters outside printable ASCII, which an HTTP header cannot carry; "
                            "check --api-key / WILDCHECK_API_KEY")
-    paths = list_images(source)
-    if out.is_dir():
-        raise InvalidInput(f"--out {out} is a folder; give the JSONL file to write, e.g. {out / 'scan.jsonl'}")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    listed = list_images(source)
+    unique: dict[str, Path] = {}
+    for p in listed:  # a file listed twice (however typed) is sent once
+        unique.setdefault(resume_key(p), p)
+    paths = list(unique.values())
+    _check_out(out, source, set(unique))
     with exclusive(out, "scan", "wait for it to finish or use another --out"):
         _end_with_newline(out)
         done, bad_lines = read_done(out)
@@ -212,6 +242,51 @@ def scan(source: str | Path, url: str, out: str | Path, concurrency: int = 8, ap
         counts = asyncio.run(_scan(todo, url, out, max(1, concurrency), api_key, retries, backoff, transport)) \
             if todo else Counter()
     summary = {"images": len(paths), "already_done": len(paths) - len(todo), "checked": len(todo), **dict(counts)}
+    if len(listed) > len(paths):
+        summary["listed_twice"] = len(listed) - len(paths)
     if bad_lines:
         summary["skipped_lines"] = bad_lines  # lines of `out` that were not result objects
     return summary
+
+
+def _check_out(out: Path, source: str | Path, keys: set[str]) -> None:
+    """``out`` is appended to: it must not be one of the inputs, nor a file of anything but results, and must be
+    writable, before any image is sent."""
+    if out.is_dir():
+        raise InvalidInput(f"--out {out} is a folder; give the JSONL file to write, e.g. {out / 'scan.jsonl'}")
+    key = resume_key(out)
+    if key in keys or (Path(source).is_file() and key == resume_key(source)):
+        raise InvalidInput(f"--out {out} is one of the scan's inputs (the CSV or a listed image); results would be "
+                           "appended to it: give a new file, e.g. scan.jsonl")
+    if out.exists() and not _looks_like_results(out):
+        raise InvalidInput(f"--out {out} exists and is not a JSON lines file of scan results; nothing was written "
+                           "to it: give a new file (or the .jsonl of an earlier scan to resume it)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise InvalidInput(f"--out {out}: a part of its folder is a file, not a folder ({exc.filename}); "
+                           "give a path in a folder") from exc
+    except OSError as exc:
+        raise InvalidInput(f"--out {out}: its folder cannot be made ({exc.strerror}); give a writable path") from exc
+    if not os.access(out if out.exists() else out.parent, os.W_OK):
+        raise InvalidInput(f"--out {out} is not writable (permissions); give a writable path")
+
+
+def _looks_like_results(out: Path) -> bool:
+    """The first non-empty line is JSON (or the start of an object a crash cut short): not a photo or a CSV."""
+    try:
+        with out.open("rb") as fh:
+            for raw in iter(lambda: fh.readline(1 << 20), b""):  # bounded: a photo may have no newline at all
+                line = raw.strip()
+                if not line:
+                    continue
+                if line.startswith(b"{"):
+                    return True
+                try:
+                    json.loads(line)
+                except ValueError:  # UnicodeDecodeError included
+                    return False
+                return True
+    except OSError:
+        return False
+    return True

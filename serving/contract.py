@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from serving.decision import ClassThresholds
 from serving.errors import WildcheckError
@@ -20,6 +20,8 @@ from serving.tiling import Tiling
 
 METADATA_PREFIX = "wildcheck."
 CONTRACT_VERSION = 1
+# calibration keeps T in [0.25, 20]; at 1e300 (or inf) every score is 1/classes and no photo is ever flagged
+MAX_TEMPERATURE = 100.0
 REQUIRED_KEYS = (
     "labels",
     "preprocessing",
@@ -114,7 +116,8 @@ class ModelSpec(BaseModel):
     preprocessing: Preprocessing
     thresholds: dict[str, ClassThresholds]
     never_block: list[str] = []
-    temperature: float = Field(1.0, gt=0.0, description="logits are divided by it before the softmax")
+    temperature: float = Field(1.0, gt=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False,
+                               description="logits are divided by it before the softmax")
     architecture: str
     training_data: dict[str, Any] = Field(default_factory=dict, description="fingerprint of the training images")
     metrics: dict[str, Any] = Field(default_factory=dict, description="validation metrics and the calibration summary")
@@ -195,6 +198,15 @@ class ModelContract(ModelSpec):
     cam: CamOutput | None = Field(None, description="class activation maps output, for explain; None in older files")
     embedding: EmbeddingSpec | None = Field(None, description="absent in models exported before galleries existed")
 
+    @field_validator("contract_version")
+    @classmethod
+    def _not_from_a_newer_wildcheck(cls, version: int) -> int:
+        # a newer contract may hold rules this code would ignore (and so decide more leniently than written)
+        if version > CONTRACT_VERSION:
+            raise ValueError(f"contract_version {version} is newer than this wildcheck reads ({CONTRACT_VERSION}); "
+                             "upgrade wildcheck to serve this model")
+        return version
+
     @property
     def spec(self) -> ModelSpec:
         return self
@@ -241,6 +253,21 @@ def contract_hash(contract: ModelContract) -> str:
     import hashlib
 
     return hashlib.sha256(json.dumps(contract.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+CALIBRATION_FIELDS = ("model_name", "model_version", "labels", "negative_label", "preprocessing", "thresholds",
+                      "never_block", "temperature", "val_curves", "decision", "threshold_rules", "negative_scores",
+                      "test_time_views", "grey_route", "size_route", "tiling")
+
+
+def calibration_hash(contract: ModelContract) -> str:
+    """sha256 of what a traffic policy is solved on (weights, scores, thresholds): a policy records it to refuse
+    another calibration of the model. Unlike ``contract_hash`` it ignores the export date, so a policy measured
+    with the run's checkpoint fits the ONNX file exported from it."""
+    import hashlib
+
+    values = contract.model_dump(mode="json", include=set(CALIBRATION_FIELDS))
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
 
 def contract_from_session(session, source: str = "model") -> ModelContract:

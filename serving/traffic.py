@@ -8,8 +8,6 @@ preprocessing), and the negatives' scores go into a policy file with the budgets
 
 from __future__ import annotations
 
-import math
-
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from tqdm.auto import tqdm
 from serving.contract import ModelContract
 from serving.errors import InvalidInput, MissingInput
 from serving.imageio import ImageError, decode_image, images_under, label_folders
-from serving.policy import Policy, Resolved, resolve
+from serving.policy import Policy, PolicyModel, Resolved, check_sample_measures, resolve
 from serving.thresholds import TrafficScores
 from serving.tiling import draft_size, predict_views, views
 
@@ -72,23 +70,12 @@ def score_paths(model, paths: list[Path], batch_size: int = 32) -> tuple[np.ndar
     return (np.concatenate(probs) if probs else np.zeros((0, n), np.float32)), kept, skipped
 
 
-def _check_sample_measures(negatives: int, budgets: dict[str, float | None]) -> None:
-    """A budget below one photo's share cannot be measured: on 5 photos a 0.1% block budget binds nothing, so
-    the threshold fell to what the precision target allows and the policy blocked more than the model did, while
-    reporting the budget met. At least 1/budget ordinary photos are needed."""
-    for option, rate in budgets.items():
-        if rate:
-            needed = math.ceil(1 / rate - 1e-9)
-            if negatives < needed:
-                raise InvalidInput(
-                    f"{negatives} ordinary photo(s) cannot measure {option} {rate:g}: one photo is already "
-                    f"{1 / negatives:.1%} of them; give at least {needed:,} (or a larger {option})")
-
-
 def measure_traffic(model, contract: ModelContract, root: str | Path, max_flag_rate: float | None,
-                    max_block_rate: float | None, batch_size: int = 32) -> tuple[Policy, Resolved, dict]:
+                    max_block_rate: float | None, batch_size: int = 32,
+                    max_recall_drop: float | None = None) -> tuple[Policy, Resolved, dict]:
     """Score ``root`` with ``model``; the policy holding the budgets and the traffic's negatives' scores, what it
-    resolves to on ``contract``, and a report (counts, skipped images, recall on labelled traffic positives)."""
+    resolves to on ``contract``, and a report (counts, skipped images, recall on labelled traffic positives).
+    ``max_recall_drop``: written into the policy when given (``serving.policy``'s default otherwise)."""
     labels, negative = list(contract.labels), contract.negative_label
     items = find_traffic(root, labels, negative)
     probs, kept, skipped = score_paths(model, [p for p, _ in items], batch_size)
@@ -103,10 +90,11 @@ def measure_traffic(model, contract: ModelContract, root: str | Path, max_flag_r
     block = max_block_rate if max_block_rate is not None else (model_rules.max_block_rate if model_rules else None)
     if flag is None and block is None:
         raise InvalidInput("no budget: give --max-flag-rate and/or --max-block-rate (the model has no default budgets)")
-    _check_sample_measures(int(is_neg.sum()), {"--max-flag-rate": flag, "--max-block-rate": block})
+    check_sample_measures(int(is_neg.sum()), {"--max-flag-rate": flag, "--max-block-rate": block})
     pool = Path(root).resolve().name or "traffic"
     traffic = TrafficScores.from_arrays(protected, probs[is_neg][:, columns], [pool] * int(is_neg.sum()), floor=TRAFFIC_FLOOR)
-    policy = Policy(max_flag_rate=flag, max_block_rate=block, traffic=traffic)
+    extra = {} if max_recall_drop is None else {"max_recall_drop": max_recall_drop}
+    policy = Policy(max_flag_rate=flag, max_block_rate=block, traffic=traffic, model=PolicyModel.of(contract), **extra)
     resolved = resolve(policy, contract)
     positives = {}
     for c, col in zip(protected, columns):
@@ -137,5 +125,7 @@ def policy_yaml(policy: Policy, resolved: Resolved, report: dict, contract: Mode
         head.append(f"{label}: recall on the traffic's {p['n']} labelled positives: review {p['recall_at_review']:.3f}"
                     + ("" if p["recall_at_block"] is None else f", block {p['recall_at_block']:.3f}"))
     head.append("serve with: wildcheck serve MODEL.onnx --policy THIS_FILE (the server re-solves on `traffic`)")
-    body = yaml.safe_dump(policy.model_dump(mode="json", exclude_defaults=True), sort_keys=False, default_flow_style=None, width=120)
+    values = policy.model_dump(mode="json", exclude_defaults=True)
+    values = {"model": values.pop("model")} | values if "model" in values else values  # which model, first
+    body = yaml.safe_dump(values, sort_keys=False, default_flow_style=None, width=120)
     return "".join(f"# {line}\n" for line in head) + body

@@ -67,12 +67,15 @@ def test_policy_budget_re_solves_on_the_stored_negatives(tmp_path):
     )
     policy = tmp_path / "p.yaml"
     policy.write_text("max_flag_rate: 0.1\nclasses:\n  ivory: {block: 0.95}\n")
+    with pytest.raises(PolicyError, match="max_recall_drop: 0.2"):  # recall 0.9 -> 0.7 must be meant
+        resolve(load_policy(policy), contract)
+    policy.write_text("max_recall_drop: 0.2\nmax_flag_rate: 0.1\nclasses:\n  ivory: {block: 0.95}\n")
     r = resolve(load_policy(policy), contract)
     assert r.thresholds["ivory"].block == 0.95 and r.thresholds["ivory"].review == pytest.approx(0.720001)
     assert r.rules["ivory"] == {"block": "explicit", "review": "max_flag_rate"}
     assert any("recall at review 0.900 -> 0.700" in n for n in r.notes["ivory"])
     # a never_block class: the flag budget raises review past its (unused) block threshold without an error
-    policy.write_text("max_flag_rate: 0.1\nnever_block: [ivory]\n")
+    policy.write_text("max_recall_drop: 0.2\nmax_flag_rate: 0.1\nnever_block: [ivory]\n")
     r = resolve(load_policy(policy), contract)
     assert r.thresholds["ivory"].review == pytest.approx(0.720001) and r.never_block == ["ivory"]
     contract.negative_scores = None
@@ -177,11 +180,15 @@ def test_calibrate_traffic_on_onnx_without_torch_changes_served_decisions(onnx_m
     policy = tmp_path / "policy.yaml"
     cmd = [sys.executable, "-m", "training.cli", "calibrate", str(onnx_model), "--traffic", str(traffic),
            "--max-flag-rate", "0.05", "--max-block-rate", "0", "--out", str(policy)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    refused = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    # the traffic holds ivory photos taken as ordinary: the budget would cut ivory recall, refused unless meant
+    assert refused.returncode == 2 and "max_recall_drop" in refused.stderr + refused.stdout and not policy.exists()
+    done = subprocess.run(cmd + ["--max-recall-drop", "1"], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "flag rate" in done.stdout and policy.is_file()
     written = yaml.safe_load(policy.read_text())
     assert written["max_flag_rate"] == 0.05 and written["traffic"]["pools"]["platform_traffic"]["n"] == 20
+    assert written["max_recall_drop"] == 1
 
     image = (traffic / "ivo" / sorted(os.listdir(traffic / "ivo"))[0]).read_bytes()
     checker = ImageChecker(str(onnx_model))

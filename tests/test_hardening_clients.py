@@ -140,14 +140,15 @@ def test_a_file_name_that_is_not_utf8_is_checked_and_does_not_stop_the_others(tm
 
 
 def test_a_listed_file_that_cannot_be_read_yet_is_retried_not_done(tmp_path):
-    """A CSV may list a photo before it lands; it used to be recorded as done and never checked."""
+    """A CSV may list a photo before it lands; it used to be recorded as done and never checked. Missing, it is a
+    final not_found error for this run (not 'retry later' forever), and the next run checks it once it is there."""
     from serving.client import scan
 
     folder, out = _folder(tmp_path, 1), tmp_path / "scan.jsonl"
     listing = tmp_path / "list.csv"
     listing.write_text("path\nphotos/0.jpg\nphotos/later.jpg\n")
     first = scan(listing, "http://x", out, transport=_server())
-    assert first["allow"] == 1 and first["retry later"] == 1
+    assert first["allow"] == 1 and first["error"] == 1 and first.get("retry later", 0) == 0
     (folder / "later.jpg").write_bytes(jpeg_bytes(photo(5, (32, 32))))
     second = scan(listing, "http://x", out, transport=_server())
     assert second["already_done"] == 1 and second["checked"] == 1 and second["allow"] == 1

@@ -90,27 +90,22 @@ gallery_app = typer.Typer(help="Reference galleries: product types from a few ph
 app.add_typer(gallery_app, name="gallery")
 
 
-def _report_file(report: Optional[Path]) -> Optional[Path]:
-    """``--report FILE.json`` of the data commands, checked before any work: a folder (or a path under a file) failed
-    with a traceback only when the report was written, for ``data ingest`` after the images were committed. A missing
-    folder is created when the report is written (``training/fileio.py`` ``atomic_path``)."""
+def _report_file(report: Optional[Path], reads=(), protect=()) -> Optional[Path]:
+    """``--report FILE.json`` of the data commands, checked before any work (``training.outputs.out_file``): not a
+    folder, not below a file, not inside the data read, not over an image or other non-JSON file. A missing folder
+    is created when the report is written (``training/fileio.py`` ``atomic_path``)."""
     if report is None:
         return None
-    from serving.errors import InvalidInput
     from training.outputs import out_file
 
-    out_file(report, "--report", "report.json")
-    above = next((p for p in report.absolute().parents if p.exists()), None)
-    if above is not None and not above.is_dir():
-        raise InvalidInput(f"--report {report}: {above} is a file, not a folder; give the report a path in a folder")
-    return report
+    return out_file(report, "--report", "report.json", reads=reads, protect=protect, kinds=(".json",))
 
 
 @data_app.command("check")
 def data_check(
     roots: list[Path] = typer.Argument(..., help="dataset roots (folders or CSV manifests)"),
     report: Optional[Path] = typer.Option(None, "--report", help="write the full JSON report here"),
-    min_side: int = typer.Option(32, help="images with a shorter side below this are flagged"),
+    min_side: int = typer.Option(32, min=1, help="images with a shorter side below this are flagged"),
     near_distance: Optional[int] = typer.Option(
         None, "--near-distance", min=0, max=64,
         help="pHash bits two images may differ in and be near-duplicates (default 4, training/data/neardup.py)"),
@@ -120,7 +115,7 @@ def data_check(
     from training.data.neardup import NEAR_DISTANCE
 
     near = NEAR_DISTANCE if near_distance is None else near_distance
-    _report_file(report)
+    _report_file(report, reads=roots)
     result = check_dataset(roots, min_side=min_side, near_distance=near)
     typer.echo(format_report(result))
     if report:
@@ -134,7 +129,8 @@ def data_synth(
     out: Path = typer.Argument(..., help="output folder (OUT/<split>/<label>/*.jpg)"),
     per_class: int = typer.Option(40, "--per-class", min=1,
                                   help="training images per class (val/test get a quarter; at least 2 each)"),
-    size: int = typer.Option(256, "--size", min=64, help="image side in pixels (64 or more: the drawings need room)"),
+    size: int = typer.Option(256, "--size", min=64, max=4096,
+                             help="image side in pixels (64 to 4096: the drawings need room, and memory is finite)"),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Write a deterministic synthetic listing-photo dataset (a stand-in for demos and tests)."""
@@ -198,6 +194,10 @@ def calibrate(
     max_block_rate: Optional[float] = typer.Option(None, "--max-block-rate", min=0.0, max=1.0,
                                                    help="share of ordinary images that may be blocked"),
     out: Optional[Path] = typer.Option(None, "--out", help="with --traffic: the policy YAML to write"),
+    max_recall_drop: Optional[float] = typer.Option(
+        None, "--max-recall-drop", min=0.0, max=1.0,
+        help="with --traffic: how far the policy may take a protected class's validation recall at review below the "
+        "model's own (default 0.10); beyond it the policy is refused, as it would allow that many more listings"),
     test_time_views: list[str] = typer.Option([], "--test-time-views", help=VIEWS_HELP),
     size_route: Optional[int] = typer.Option(None, "--size-route", min=0, help=SIZE_ROUTE_HELP),
 ) -> None:
@@ -211,7 +211,9 @@ def calibrate(
     if traffic is not None:
         if views is not None or size_route is not None:
             _fail("--test-time-views and --size-route change the model: calibrate the run with them, then export")
-        return _calibrate_traffic(run, traffic, max_flag_rate, max_block_rate, out)
+        return _calibrate_traffic(run, traffic, max_flag_rate, max_block_rate, out, max_recall_drop)
+    if max_recall_drop is not None:
+        _fail("--max-recall-drop is for --traffic: a run's own calibration sets the thresholds its recall is measured at")
     if out is not None:
         _fail("--out is for --traffic; calibrating a run updates RUN/best.pt and writes RUN/calibration.json")
     from training.calibrate import calibrate as run_calibration, format_report
@@ -224,7 +226,8 @@ def calibrate(
     typer.echo(format_report(report))
 
 
-def _calibrate_traffic(model: Path, traffic: Path, max_flag_rate, max_block_rate, out: Optional[Path]) -> None:
+def _calibrate_traffic(model: Path, traffic: Path, max_flag_rate, max_block_rate, out: Optional[Path],
+                       max_recall_drop: Optional[float] = None) -> None:
     """The --traffic path: imports no torch for an ONNX file."""
     from serving.traffic import measure_traffic, policy_yaml
     from training.fileio import atomic_write_text
@@ -233,7 +236,7 @@ def _calibrate_traffic(model: Path, traffic: Path, max_flag_rate, max_block_rate
         _fail("give --out POLICY.yaml: the policy file to write")
     from training.outputs import out_file
 
-    out_file(out, example="policy.yaml")
+    out_file(out, example="policy.yaml", reads=[traffic], protect=[model], kinds=(".yaml", ".yml"))
     if model.suffix == ".onnx":
         from serving.runtime import OnnxModel
 
@@ -243,7 +246,8 @@ def _calibrate_traffic(model: Path, traffic: Path, max_flag_rate, max_block_rate
 
         predictor = TorchPredictor(resolve_checkpoint(model))
     contract = predictor.contract
-    policy, resolved, report = measure_traffic(predictor, contract, traffic, max_flag_rate, max_block_rate)
+    policy, resolved, report = measure_traffic(predictor, contract, traffic, max_flag_rate, max_block_rate,
+                                               max_recall_drop=max_recall_drop)
     text = policy_yaml(policy, resolved, report, contract)
     atomic_write_text(out, text)
     typer.echo("".join(line[2:] + "\n" for line in text.splitlines() if line.startswith("# ")).rstrip())
@@ -394,11 +398,14 @@ def export_embedder(
     out: Path = typer.Option(..., "--out", help="ONNX file to write"),
     arch: str = typer.Option("tf_efficientnet_lite0", "--arch", help="backbone with offline ImageNet weights"),
     version: Optional[str] = typer.Option(None, "--version", help="human version (a weights hash is appended)"),
-    tiling: int = typer.Option(0, "--tiling", help="2: also embed the 2x2 tiles of every picture (collages; 5x the work)"),
+    tiling: int = typer.Option(0, "--tiling", help="2 (to 4): also embed the 2x2 tiles of every picture (collages; "
+                               "5x the work); 0: none"),
 ) -> None:
     """The ImageNet-pretrained backbone as a wildcheck ONNX whose only job is the gallery embedding."""
     from training.export import export_embedder as run_export
 
+    if tiling not in (0, 2, 3, 4):
+        _fail(f"--tiling {tiling}: give 2, 3 or 4 (tiles per side), or 0 for none")
     report = run_export(out, arch, version, tiling)
     typer.echo(f"wrote {report['path']} ({report['bytes'] / 1e6:.1f} MB), version {report['model_version']}")
 
@@ -418,7 +425,7 @@ def data_ingest(
     from training.data.neardup import NEAR_DISTANCE
     from training.fileio import atomic_write_text
 
-    _report_file(report)  # before the ingest commits anything
+    _report_file(report, protect=[labels_csv])  # before the ingest commits anything
     try:
         result = ingest(labels_csv, into, split, NEAR_DISTANCE if near_distance is None else near_distance)
     except IngestConflict as exc:  # the report says which rows conflict: show and keep it

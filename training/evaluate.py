@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from serving.errors import InvalidInput
 from training.data.sources import Sample, load_samples, select_split
 from training.metrics import compute_metrics, decision_report, false_positive_report, format_decisions, summary_table
+from training.fileio import atomic_path, atomic_write_text
 from training.outputs import out_file, out_folder
 from training.predict import load_predictor, predict_samples
 
@@ -72,8 +73,8 @@ def evaluate(
     """Metrics (and, with ``out_dir``, metrics.json, predictions.csv and PNG plots) for ``model`` on ``data``."""
     if out_dir is not None:  # before any work: never a file, never among the images evaluated
         out_folder(out_dir, reads=data)
-    if predictions is not None:
-        out_file(predictions, "--predictions", "predictions.csv")
+    if predictions is not None:  # never the model, the data or an image: a CSV it replaces must be one
+        out_file(predictions, "--predictions", "predictions.csv", reads=data, protect=[model], kinds=(".csv",))
     predictor = load_predictor(model, threads=threads)
     spec = predictor.spec
     samples = load_samples(data, default_split=split or "val")
@@ -86,6 +87,9 @@ def evaluate(
     unknown = Counter(s.label for s in samples if s.label not in labels)
     probs, kept, skipped = predict_samples(predictor, samples, batch_size)
     known = np.array([s.label in labels for s in kept], dtype=bool)
+    if not kept:
+        raise EvaluationError(f"none of the {len(samples)} images could be read ({skipped[0][0]}: {skipped[0][1]}, ...); "
+                              "fix or remove them (wildcheck data check lists them) and run again")
     if not known.any():
         raise EvaluationError(f"none of the images carries a label the model knows ({labels})")
     index = {label: i for i, label in enumerate(labels)}
@@ -104,7 +108,7 @@ def evaluate(
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "metrics.json").write_text(report.to_json())
+        atomic_write_text(out_dir / "metrics.json", report.to_json())
         predictions = predictions or out_dir / "predictions.csv"
         report.out_dir = str(out_dir)
         report.written = ["metrics.json"] + _write_plots(report, predictor, y_true, known_probs, known_samples, out_dir)
@@ -122,6 +126,7 @@ def _write_plots(report: Evaluation, predictor, y_true: np.ndarray, probs: np.nd
     plot_confusion_matrix(np.array(report.confusion_matrix), labels, out_dir / "confusion_matrix.png")
     plot_pr_curves(y_true, probs, labels, out_dir / "pr_curves.png")
     written = ["confusion_matrix.png", "pr_curves.png"]
+    _remove_stale(out_dir, bool(report.false_positives), bool(report.per_source))
     if report.false_positives:
         negatives = [i for i, s in enumerate(samples) if s.label == negative]
         product = [i for i, label in enumerate(labels) if label != negative]
@@ -135,6 +140,16 @@ def _write_plots(report: Evaluation, predictor, y_true: np.ndarray, probs: np.nd
         plot_source_false_positives(report.per_source, out_dir / "false_positives_by_source")
         written.append("false_positives_by_source/")
     return written
+
+
+def _remove_stale(out_dir: Path, fp_plot: bool, source_plots: bool) -> None:
+    """An earlier evaluation's plots this one does not draw would be read as this one's: remove them."""
+    if not fp_plot and (out_dir / "false_positives.png").is_file():
+        (out_dir / "false_positives.png").unlink()
+    if not source_plots and (out_dir / "false_positives_by_source").is_dir():
+        import shutil
+
+        shutil.rmtree(out_dir / "false_positives_by_source")
 
 
 def format_evaluation(report: Evaluation) -> str:
@@ -193,9 +208,8 @@ def format_sources(sources: dict) -> str:
 
 
 def write_predictions(path: str | Path, samples: list[Sample], probs: np.ndarray, labels: list[str]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as fh:
+    """Written atomically: a failed write keeps the earlier file."""
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "label", "pred"] + [f"p_{label}" for label in labels])
         for sample, p in zip(samples, probs):

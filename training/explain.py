@@ -95,11 +95,20 @@ def image_paths(images: list[str | Path]) -> list[Path]:
     return paths
 
 
+def _file_folders(images: list[str | Path]) -> list[Path]:
+    """The folders that files given one by one stand for: one holding several of them (a shell glob, ``DIR/*.jpg``)
+    or a dataset's label folder (``SPLIT/LABEL/x.jpg``). Overlays written inside them join the data."""
+    from training.data.sources import KNOWN_SPLITS
+
+    parents = [p.parent for p in map(Path, images) if p.is_file()]
+    return sorted({d for d in parents if parents.count(d) > 1 or d.parent.name in KNOWN_SPLITS})
+
+
 def explain_files(model: str | Path, images: list[str | Path], out: str | Path, label: str | None = None,
                   max_side: int = 768) -> list[dict]:
     """One overlay PNG per readable image (``images``: files or folders) in ``out`` (atomic writes) plus
     ``out/explanations.json`` with the grids."""
-    folders = [p for p in map(Path, images) if p.is_dir()]
+    folders = [p for p in map(Path, images) if p.is_dir()] + _file_folders(images)
     images = image_paths(images)
     # overlays are named after their image (p.jpg -> p.png): among the images they would replace a PNG input, and
     # a later run on the folder would explain the overlays too

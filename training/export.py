@@ -123,6 +123,33 @@ def parity_check(reference: Predictor, onnx_path: Path, samples: list[Sample]) -
     return {"images": len(kept), "max_abs_diff": diff, "top1_mismatches": mismatched}
 
 
+def onnx_out(out: str | Path, example: str) -> Path:
+    """``--out`` of the export commands, before any work: an ``.onnx`` file path (``out_file``'s rules), so a
+    run's ``best.pt``, an image or a dataset file is never written over."""
+    out = out_file(out, example=example)  # a folder, or a path below a file
+    if out.suffix.lower() != ".onnx":
+        raise InvalidInput(f"--out {out}: an exported model is an .onnx file; e.g. --out {out.with_suffix('.onnx')}")
+    return out
+
+
+def _embedder_out(out: str | Path) -> Path:
+    """``export-embedder --out``: ``onnx_out``, and an existing file is replaced only when it is an embedder too
+    (a trained classifier's ONNX was silently replaced by one that can only embed)."""
+    out = onnx_out(out, "embedder.onnx")
+    if out.exists():
+        from serving.contract import read_contract
+
+        try:
+            contract = read_contract(out)
+        except Exception as exc:  # not a wildcheck model at all: not ours to replace either
+            raise InvalidInput(f"--out {out} exists and is not a wildcheck model ({exc}); name a new file") from exc
+        if (contract.model_extra or {}).get("role") != "embedder":
+            raise InvalidInput(f"--out {out} is the model {contract.model_name} {contract.model_version}, not an "
+                               f"embedder; it would be replaced. Name a new file, e.g. --out "
+                               f"{out.with_name(out.stem + '-embedder.onnx')}")
+    return out
+
+
 def export(
     run: str | Path,
     out: str | Path,
@@ -140,9 +167,7 @@ def export(
     gate keeps the FP32 model. Writing ``out`` removes an INT8 copy an earlier export left beside it (it would be
     another model's). ``out`` must end in ``.onnx``: the run's ``best.pt`` is never written over.
     """
-    out = out_file(out, example="model.onnx")
-    if out.suffix.lower() != ".onnx":
-        raise InvalidInput(f"--out {out}: an exported model is an .onnx file; e.g. --out {out.with_suffix('.onnx')}")
+    out = onnx_out(out, "model.onnx")
     ckpt = resolve_checkpoint(run)
     predictor = TorchPredictor(ckpt)
     checkpoint = predictor.checkpoint
@@ -214,6 +239,7 @@ def export_embedder(out, arch: str = "tf_efficientnet_lite0", version: str | Non
     from training.checkpoint import weights_hash
     from training.models import create_model, pretrained_data_config
 
+    out = _embedder_out(out)
     model = create_model(arch, num_classes=1, pretrained="offline").eval()
     cfg = pretrained_data_config(arch)
     pre = Preprocessing(input_size=224, crop_pct=cfg.get("crop_pct", 0.875), interpolation=cfg.get("interpolation", "bicubic"),
@@ -227,7 +253,6 @@ def export_embedder(out, arch: str = "tf_efficientnet_lite0", version: str | Non
         metrics={}, embedding=embedding_spec(model, arch, producer="ImageNet-pretrained"),
         wildcheck_version=training.__version__, role="embedder", tiling={"grid": tiling} if tiling else None,
     )
-    out = Path(out)
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw.onnx"
         torch_to_onnx(model, pre.input_size, raw)

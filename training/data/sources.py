@@ -116,7 +116,11 @@ def _discover(root: Path, default_split: str) -> list[Sample]:
 def load_samples(roots: list[str | Path] | tuple[str | Path, ...], default_split: str = "train") -> list[Sample]:
     """Combine several roots. A root without split folders (a manifest without any split) counts as ``default_split``."""
     samples: list[Sample] = []
+    seen: set[Path] = set()
     for root in roots:
+        if Path(root).resolve() in seen:  # ``--data d --data ./d/``: each image once, not twice
+            continue
+        seen.add(Path(root).resolve())
         found = discover(root, default_split)
         if not found:
             raise InvalidInput(f"no images found under {root}; expected ROOT/<split>/<label>/<image> or ROOT/<label>/<image>")

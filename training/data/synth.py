@@ -8,13 +8,18 @@ measured on real photos, never on these.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from training.outputs import out_folder
+from serving.errors import InvalidInput
+from training.fileio import atomic_path, atomic_write_text
+from training.outputs import new_run_folder
+
+MARKER = "synth.json"  # written by synthesize: the folder holds its earlier output, which a rerun may replace
 
 CLASSES = ("ivory", "pangolin_scales", "tiger_skin", "other")
 _WORDS = ("SALE", "antique", "rare", "NEW", "vintage", "free ship", "genuine", "collector", "OBO", "lot", "gift")
@@ -145,15 +150,46 @@ def synthesize(out: str | Path, per_class: int = 40, size: int = 256, seed: int 
                classes: tuple[str, ...] = CLASSES, splits: dict[str, float] | None = None) -> dict[str, dict[str, int]]:
     """Write ``OUT/<split>/<label>/<label>_<n>.jpg``; ``per_class`` images per class in train, a quarter in val/test."""
     splits = splits or {"train": 1.0, "val": 0.25, "test": 0.25}
-    out = out_folder(out, option="", what="dataset folder")
+    out = _synth_folder(out, splits)
     counts: dict[str, dict[str, int]] = {}
     for s_idx, (split, frac) in enumerate(splits.items()):
         n = max(2, int(round(per_class * frac)))
         for c_idx, label in enumerate(classes):
             folder = out / split / label
             folder.mkdir(parents=True, exist_ok=True)
+            names = set()
             for k in range(n):
                 image_seed = (seed * 1_000_003 + s_idx * 100_003 + c_idx * 10_007 + k) % (2**31)
-                make_image(label, image_seed, size).save(folder / f"{label}_{k:05d}.jpg", quality=int(80 + image_seed % 15))
+                names.add(f"{label}_{k:05d}.jpg")
+                with atomic_path(folder / f"{label}_{k:05d}.jpg") as tmp:
+                    make_image(label, image_seed, size).save(tmp, format="JPEG", quality=int(80 + image_seed % 15))
+            for old in folder.glob(f"{label}_*.jpg"):  # an earlier, larger run's: not part of this dataset
+                if old.name not in names:
+                    old.unlink()
             counts.setdefault(split, {})[label] = n
+    _remove_other_labels(out, splits, classes)
+    atomic_write_text(out / MARKER, json.dumps({"per_class": per_class, "size": size, "seed": seed,
+                                                "classes": list(classes), "counts": counts}, indent=1))
     return counts
+
+
+def _remove_other_labels(out: Path, splits: dict[str, float], classes: tuple[str, ...]) -> None:
+    """An earlier run's drawings of labels this run leaves out (``classes`` differ) would still be read as data."""
+    for split in splits:
+        for folder in (out / split).iterdir():
+            if folder.is_dir() and folder.name not in classes:
+                for old in folder.glob(f"{folder.name}_*.jpg"):
+                    old.unlink()
+                if not any(folder.iterdir()):
+                    folder.rmdir()
+
+
+def _synth_folder(out: str | Path, splits: dict[str, float]) -> Path:
+    """A new or empty folder, or one holding only an earlier ``synthesize`` output (its ``MARKER``): drawings
+    written into a real dataset would be trained and evaluated on as photos."""
+    out = new_run_folder(out, [*splits, MARKER], option="", what="dataset folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise InvalidInput(f"{out} already holds {', '.join(sorted(p.name for p in out.iterdir())[:4])} and is not an "
+                           f"earlier `wildcheck data synth` output ({MARKER} missing): the drawings would be mixed "
+                           f"into it. Choose a new folder")
+    return out
