@@ -60,7 +60,7 @@ def store_model(model: str | Path, gallery: str | Path | None = None, embedder: 
     contract = _servable(model).contract  # a file the server would refuse stops here, not at serve time
     if gallery is not None and not Path(gallery).is_file():
         raise MissingInput(f"gallery {gallery} does not exist")
-    if gallery is None and (getattr(contract, "role", None) == "embedder" or not contract.thresholds):
+    if gallery is None and (contract.is_embedder or not contract.thresholds):
         raise BentoBuildError(f"{model} has no protected class to flag (a model from `wildcheck export-embedder`?): "
                               "served alone it would allow every photo. Build the classifier from `wildcheck export`, "
                               "or give --gallery for an embedder-only service")

@@ -211,6 +211,11 @@ class ModelContract(ModelSpec):
     def spec(self) -> ModelSpec:
         return self
 
+    @property
+    def is_embedder(self) -> bool:
+        """A model from ``wildcheck export-embedder`` (``role: embedder``): it embeds for a gallery, flags nothing."""
+        return (self.model_extra or {}).get("role") == "embedder"
+
     def to_metadata(self) -> dict[str, str]:
         """JSON-encode each field under ``wildcheck.<field>``."""
         return {METADATA_PREFIX + k: json.dumps(v) for k, v in self.model_dump(mode="json").items()}

@@ -143,7 +143,7 @@ def _embedder_out(out: str | Path) -> Path:
             contract = read_contract(out)
         except Exception as exc:  # not a wildcheck model at all: not ours to replace either
             raise InvalidInput(f"--out {out} exists and is not a wildcheck model ({exc}); name a new file") from exc
-        if (contract.model_extra or {}).get("role") != "embedder":
+        if not contract.is_embedder:
             raise InvalidInput(f"--out {out} is the model {contract.model_name} {contract.model_version}, not an "
                                f"embedder; it would be replaced. Name a new file, e.g. --out "
                                f"{out.with_name(out.stem + '-embedder.onnx')}")
