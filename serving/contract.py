@@ -267,8 +267,8 @@ CALIBRATION_FIELDS = ("model_name", "model_version", "labels", "negative_label",
 
 def calibration_hash(contract: ModelContract) -> str:
     """sha256 of what a traffic policy is solved on (weights, scores, thresholds): a policy records it to refuse
-    another calibration of the model. Unlike ``contract_hash`` it ignores the export date, so a policy measured
-    with the run's checkpoint fits the ONNX file exported from it."""
+    another calibration of the model. Unlike ``contract_hash`` it ignores the export date (and outputs such as
+    the heat-map and embedding specs), so exporting the same run again keeps its policies."""
     import hashlib
 
     values = contract.model_dump(mode="json", include=set(CALIBRATION_FIELDS))
