@@ -32,7 +32,7 @@ from serving.contract import DecisionRules, ModelContract, calibration_hash
 from serving.decision import ClassThresholds
 from serving.errors import InvalidInput, WildcheckError
 from serving.yamlio import load_yaml
-from serving.thresholds import Budgets, Solved, TrafficScores, apply_budgets, curve_arrays, solve_class
+from serving.thresholds import Budgets, Solved, TrafficScores, apply_budgets, curve_arrays, share_at, solve_class
 
 
 class ClassPolicy(BaseModel):
@@ -295,10 +295,10 @@ def _check_recall_kept(solved: dict[str, Solved], contract: ModelContract, polic
         pos = np.asarray(contract.val_curves.get(label, {}).get("pos", []), float)
         if len(pos) == 0:
             continue
-        before = float((pos >= contract.thresholds[label].review).mean())
+        before = share_at(pos, contract.thresholds[label].review)
         target = (policy.classes.get(label) or ClassPolicy()).review_recall
         before = min(before, target) if target is not None else before
-        after = float((pos >= s.thresholds.review).mean())
+        after = share_at(pos, s.thresholds.review)
         if before - after > bound + 1e-9:
             raise PolicyError(
                 f"{label}: this policy keeps validation recall at review {after:.3f}, down from {before:.3f} at the "

@@ -289,7 +289,8 @@ class Budgets:
         return self.max_flag_rate is not None or self.max_block_rate is not None
 
 
-def _share(values: np.ndarray, t: float | None) -> float | None:
+def share_at(values: np.ndarray, t: float | None) -> float | None:
+    """The share of ``values`` at or above threshold ``t`` (a recall, on positives' scores); None: no threshold."""
     return None if t is None or len(values) == 0 else float((values >= t).mean())
 
 
@@ -350,7 +351,7 @@ def apply_budgets(solved: dict[str, Solved], curves: dict[str, dict[str, list[fl
                 s.notes.append(f"max_block_rate {budgets.max_block_rate} unreachable (negatives score 1.0): the class never auto-blocks")
         s.thresholds = ClassThresholds(block=new_block, review=review[label])
         pos = np.asarray(curves.get(label, {}).get("pos", []), float)
-        s.review_recall, s.block_recall = _share(pos, s.thresholds.review), _share(pos, s.thresholds.block)
+        s.review_recall, s.block_recall = share_at(pos, s.thresholds.review), share_at(pos, s.thresholds.block)
         if s.thresholds.block is not None and label in curves:
             sc, positive = curve_arrays(curves[label])
             hit = sc >= s.thresholds.block
@@ -369,7 +370,7 @@ def _record(report: dict, s: Solved, label: str, which: str, old: float | None, 
     was = s.rules[which]
     s.rules[which] = rule
     pos = np.asarray(curves.get(label, {}).get("pos", []), float)
-    before, after = _share(pos, old), _share(pos, new)
+    before, after = share_at(pos, old), share_at(pos, new)
     fmt = lambda v: "never" if v is None else f"{v:.4f}"  # noqa: E731
     rec = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     s.notes.append(f"{rule} {budget} raised {which} {fmt(old)} -> {fmt(new)}; validation recall at {which} "
