@@ -269,7 +269,7 @@ def build_api(settings: Settings, bento_model: bentoml.models.BentoModel | None 
                         if views > max_views:  # stop decoding: the work is bounded by views, not images
                             return error_response(413, "too_many_views", (
                                 f"the first {i + 1} of {len(items)} images already make {views} views (a collage is "
-                                f"scored panel by panel, up to {self._views_per_image()} views an image); at most "
+                                f"scored panel by panel, up to {self._max_views()} views an image); at most "
                                 f"{max_views} per request (WILDCHECK_MAX_BATCH_VIEWS): send fewer images per request"))
                     done = []
                     for chunk in _chunks([p for _, p in prepared]):  # the deadline is checked between chunks
@@ -282,12 +282,10 @@ def build_api(settings: Settings, bento_model: bentoml.models.BentoModel | None 
                 _count_mismatch(results[i])
             return {"results": results, "count": len(results)}
 
-        def _views_per_image(self) -> int:
-            """The most views the served model's tiling makes of one image (the whole picture first)."""
+        def _max_views(self) -> int:
+            """The most views the served model makes of one image (``Tiling.max_views``; 1 without tiling)."""
             tiling = self.checker.contract.tiling
-            if tiling is None:
-                return 1
-            return 1 + (tiling.max_panels if tiling.mode == "panels" else tiling.grid ** 2)
+            return 1 if tiling is None else tiling.max_views
 
         @api.get("/model", response_model=ModelInfo, responses=ERRORS)
         def model(self):

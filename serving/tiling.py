@@ -68,6 +68,11 @@ class Tiling(BaseModel):
                     data.pop(key)
         return data
 
+    @property
+    def max_views(self) -> int:
+        """The most views one picture makes (forward passes): the whole picture, then its panels or tiles."""
+        return 1 + (self.max_panels if self.mode == "panels" else self.grid ** 2)
+
     def boxes(self, img: Image.Image) -> list[Box]:
         """The views besides the whole picture (left, top, right, bottom): the grid's tiles, or the panels."""
         if self.mode == "panels":
