@@ -48,7 +48,8 @@ def png16(side: int = 6000) -> bytes:
 
 
 def start_server(model: Path, port: int, env_extra: dict[str, str], log_path: Path) -> ServerProcess:
-    env = dict(os.environ, BENTOML_DO_NOT_TRACK="true", BENTOML_HOME=tempfile.mkdtemp(prefix="bentoml-"), **env_extra)
+    """The server as users start it; its BentoML home sits next to ``log_path`` (one temporary folder to remove)."""
+    env = dict(os.environ, BENTOML_DO_NOT_TRACK="true", BENTOML_HOME=str(log_path.parent / "bentoml"), **env_extra)
     wildcheck = str(Path(sys.executable).parent / "wildcheck")
     server = ServerProcess([wildcheck, "serve", str(model), "--port", str(port), "--host", "127.0.0.1"], port,
                            log_path, env=env, ready_timeout=120)
@@ -360,15 +361,15 @@ def main() -> None:
             raise SystemExit(f"no .jpg photos under {args.photos}")
         port = free_port()
         env = dict(kv.split("=", 1) for kv in args.env)
-        log_path = Path(tempfile.mkdtemp(prefix="abuse-")) / "server.log"
-        server = start_server(args.model, port, env, log_path)
-        try:
-            result = asyncio.run(attack(args, server.base, port, server.proc, photos))
-            result["server_settings"] = env
-            log = log_path.read_text()
-            result["server_tracebacks"] = log.count("Traceback")
-        finally:
-            server.stop()
+        with tempfile.TemporaryDirectory(prefix="abuse-") as tmp:  # the server's log and BentoML home, removed after
+            log_path = Path(tmp) / "server.log"
+            server = start_server(args.model, port, env, log_path)
+            try:
+                result = asyncio.run(attack(args, server.base, port, server.proc, photos))
+                result["server_settings"] = env
+                result["server_tracebacks"] = log_path.read_text().count("Traceback")
+            finally:
+                server.stop()
         print(json.dumps(result, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))

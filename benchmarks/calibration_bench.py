@@ -8,6 +8,7 @@ fitting half, and block precision / block+review recall measured on the held-apa
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import sys
 from pathlib import Path
@@ -19,9 +20,9 @@ SHARED = REPO.parent / "shared" / "datasets"
 
 
 def main() -> int:
-    if len(sys.argv) != 2:
-        print(__doc__)
-        return 2
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir", type=Path, help="a training run folder (its best.pt is calibrated)")
+    args = ap.parse_args()
     from serving.decision import ClassThresholds
     from serving.runtime import softmax
     from training.calibrate import calibration_report, expected_calibration_error, nll
@@ -29,7 +30,7 @@ def main() -> int:
     from training.predict import TorchPredictor, predict_samples
     from training.metrics import decision_report, format_decisions
 
-    predictor = TorchPredictor(Path(sys.argv[1]) / "best.pt")
+    predictor = TorchPredictor(args.run_dir / "best.pt")
     predictor.spec = predictor.spec.model_copy(update={"temperature": 1.0})
     samples = select_split(load_samples([SHARED / "met-ivory"]), "val")
     negatives = [s for s in select_split(load_samples([SHARED / "generic-products", SHARED / "caltech101-negatives"]), "val")]

@@ -44,6 +44,13 @@ DUPLICATE_FLOOR = 0.80  # a near-copy is at least this similar, whatever the neg
 DUPLICATE_FPR_RATIO = 0.1  # duplicate: a tenth of the negatives `similar` lets through (0.1% at --fpr 0.01)
 DUPLICATE_HAMMING = 6  # pHash bits; unrelated photos differ in ~32
 SCORE_MARGIN = 1e-4  # above the negative's score: onnxruntime differs by ~1e-6 between batch sizes
+# A negative at least this similar to a reference is a copy of it, left out of threshold solving (as one within
+# DUPLICATE_HAMMING pHash bits is: the rule `match` calls a duplicate by). 0.99: above every different photo measured,
+# the closest distractor scored 0.988 on the shipped model's embedding, 0.842 on the pretrained embedder
+# (benchmarks/README.md, "Known photos posted again"); re-encoded or resized copies of Met photos scored 0.86-0.97
+# but sit within 0-8 pHash bits. A copy left in could only push its label's thresholds up to its similarity (at 1.0 it would
+# never match by embedding): `solve_thresholds` refuses a threshold above 1 instead.
+COPY_SIMILARITY = 0.99
 MAX_MATCHES = 3
 SEARCH_K = 16  # nearest references looked at per query view
 THRESHOLD_BLOCK = 20_000  # references compared with the negatives at a time (3,000 x 20,000 float32: 240 MB)
@@ -155,22 +162,63 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _listed(names: list[str], limit: int = 10) -> str:
+    """At most ``limit`` names, then how many more."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
 def solve_thresholds(ref_emb: np.ndarray, ref_labels: np.ndarray, labels: list[str], negatives: np.ndarray,
-                     fpr: float) -> dict[str, LabelThresholds]:
-    """Per label: ``similar`` lets at most ``fpr`` of the negatives through; ``duplicate`` none of them."""
-    out = {}
+                     fpr: float, ref_hashes: np.ndarray | None = None, negative_hashes: np.ndarray | None = None,
+                     negative_names: list[str] | None = None) -> dict[str, LabelThresholds]:
+    """Per label: ``similar`` lets at most ``fpr`` of the negatives through; ``duplicate`` none of them
+    (``solve_leaving_out_copies``; negatives that are copies of a reference are left out)."""
+    return solve_leaving_out_copies(ref_emb, ref_labels, labels, negatives, fpr, ref_hashes, negative_hashes,
+                                    negative_names)[0]
+
+
+def solve_leaving_out_copies(ref_emb: np.ndarray, ref_labels: np.ndarray, labels: list[str], negatives: np.ndarray,
+                             fpr: float, ref_hashes: np.ndarray | None = None, negative_hashes: np.ndarray | None = None,
+                             negative_names: list[str] | None = None
+                             ) -> tuple[dict[str, LabelThresholds], list[tuple[str, str]]]:
+    """Thresholds per label, and the negatives left out as copies of a reference: ``(name, label of the reference)``.
+
+    A negative is a copy when it is within ``DUPLICATE_HAMMING`` pHash bits of a reference (with ``ref_hashes`` and
+    ``negative_hashes``) or at least ``COPY_SIMILARITY`` similar to one: one reference photo among the negatives used
+    to push its label's thresholds to 1.0001, so the label silently never matched by embedding again. A threshold
+    that still lands above 1 is refused (``GalleryError`` naming the label and the negatives), never stored."""
     negatives = np.asarray(negatives, np.float32)
-    for i, label in enumerate(labels):
+    names = list(negative_names) if negative_names is not None and len(negative_names) == len(negatives) else [
+        f"stored negative #{j}" for j in range(len(negatives))]
+    if len(negatives) == 0:
+        return {label: LabelThresholds(similar=DEFAULT_SIMILAR, duplicate=DUPLICATE_FLOOR,
+                                       notes=[f"no negatives: similar at the default {DEFAULT_SIMILAR}"])
+                for label in labels}, []
+    # each negative's best similarity to each label's references, block by block: 1M refs x 3,000 negatives is 12 GB;
+    # clipped: float32 rounding puts a photo's similarity to itself at up to 1.0000006
+    best = np.full((len(labels), len(negatives)), -1.0, np.float32)
+    for i in range(len(labels)):
         rows = np.nonzero(ref_labels == i)[0]
-        if len(negatives) == 0:
-            out[label] = LabelThresholds(similar=DEFAULT_SIMILAR, duplicate=DUPLICATE_FLOOR,
-                                         notes=[f"no negatives: similar at the default {DEFAULT_SIMILAR}"])
-            continue
-        best = np.full(len(negatives), -np.inf, np.float32)  # block by block: 1M refs x 3,000 negatives is 12 GB
         for start in range(0, len(rows), THRESHOLD_BLOCK):
             block = np.asarray(ref_emb[rows[start:start + THRESHOLD_BLOCK]], np.float32)
-            np.maximum(best, (negatives @ block.T).max(axis=1), out=best)
-        scores = np.sort(best)[::-1]
+            np.maximum(best[i], (negatives @ block.T).max(axis=1), out=best[i])
+    np.clip(best, -1.0, 1.0, out=best)
+    copy_of = np.where(best.max(axis=0) >= COPY_SIMILARITY, best.argmax(axis=0), -1)
+    if ref_hashes is not None and negative_hashes is not None and len(ref_hashes) and len(negative_hashes) == len(negatives):
+        ref_hashes = np.asarray(ref_hashes, np.uint64)
+        for j in np.flatnonzero(copy_of < 0).tolist():
+            bits = hamming(int(negative_hashes[j]), ref_hashes)
+            if bits.min() <= DUPLICATE_HAMMING:
+                copy_of[j] = int(ref_labels[int(bits.argmin())])
+    copies = copy_of >= 0
+    left_out = [(names[j], labels[copy_of[j]]) for j in np.flatnonzero(copies).tolist()]
+    if copies.all():
+        raise GalleryError(f"all {len(negatives)} negatives are copies of references ({_listed([n for n, _ in left_out])}): "
+                           "no thresholds can be solved on them; nothing written. Give negatives that are ordinary "
+                           "photos, not the reference photos")
+    out, too_high = {}, []
+    for i, label in enumerate(labels):
+        scores = np.sort(best[i][~copies])[::-1]
 
         def lowest_letting_through(rate: float) -> tuple[float, int]:
             """The lowest threshold that at most floor(rate * n) negatives reach."""
@@ -180,12 +228,24 @@ def solve_thresholds(ref_emb: np.ndarray, ref_labels: np.ndarray, labels: list[s
         similar, allowed = lowest_letting_through(fpr)
         dup_at, dup_allowed = lowest_letting_through(fpr * DUPLICATE_FPR_RATIO)
         duplicate = max(DUPLICATE_FLOOR, dup_at, similar)
+        if duplicate > 1.0:  # no similarity reaches it: the label would never match by embedding
+            kept = np.flatnonzero(~copies)
+            worst = [f"{names[j]} ({best[i][j]:.4f})" for j in kept[np.argsort(-best[i][kept])]
+                     if best[i][j] + SCORE_MARGIN > 1.0]
+            too_high.append(f"{label!r} (negatives {_listed(worst)})")
+            continue
         notes = [f"similar: {allowed} of {len(scores)} negatives reach it (fpr {fpr}); "
                  f"duplicate: {dup_allowed} reach it (fpr {fpr * DUPLICATE_FPR_RATIO:g}, floor {DUPLICATE_FLOOR})"]
+        if left_out:
+            notes.append(f"{len(left_out)} negatives left out as copies of references")
         if len(scores) < 1.0 / fpr:
             notes.append(f"only {len(scores)} negatives: fpr {fpr} cannot be resolved; similar is above every negative")
         out[label] = LabelThresholds(similar=min(similar, duplicate), duplicate=duplicate, notes=notes)
-    return out
+    if too_high:
+        raise GalleryError(f"thresholds above 1 for label(s) {'; '.join(too_high)}: negatives as similar as the "
+                           "label's own reference photos, so the label would never match by embedding; nothing "
+                           "written. Remove those photos from the negatives (or from the references)")
+    return out, left_out
 
 
 class _LazyEmbeddings:
@@ -233,7 +293,10 @@ class Gallery:
 
     def __init__(self, header: GalleryHeader, embeddings: np.ndarray | None, label_idx: np.ndarray, hashes: np.ndarray,
                  negatives: np.ndarray, source: str = "gallery", exact_max: int = EXACT_MAX,
-                 lazy: _LazyEmbeddings | None = None):
+                 lazy: _LazyEmbeddings | None = None, negative_hashes: np.ndarray | None = None,
+                 negative_names: list[str] | None = None):
+        """``negative_hashes``/``negative_names``: the negatives' pHashes and file names, to leave out (and name)
+        negatives that are copies of a reference (galleries written before they were stored have neither)."""
         self.header = header
         self._lazy = lazy
         self._embeddings = None if embeddings is None else np.ascontiguousarray(
@@ -242,6 +305,9 @@ class Gallery:
         self.hashes = np.asarray(hashes, dtype=np.uint64)
         # float32: thresholds sit just above a negative's similarity, rounding must not let it through
         self.negatives = np.asarray(negatives, dtype=np.float32)
+        self.negative_hashes = None if negative_hashes is None else np.asarray(negative_hashes, dtype=np.uint64)
+        self.negative_names = None if negative_names is None else [str(n) for n in negative_names]
+        self.left_out: list[tuple[str, str]] = []  # negatives left out of the last re-solve: (name, label copied)
         self.source = source
         self.thresholds = dict(header.thresholds)
         self.exact_max = exact_max
@@ -282,6 +348,10 @@ class Gallery:
             "hashes": self.hashes,
             "negatives": self.negatives,
         }
+        if self.negative_hashes is not None and len(self.negative_hashes) == len(self.negatives):
+            arrays["negative_hashes"] = self.negative_hashes
+        if self.negative_names is not None and len(self.negative_names) == len(self.negatives):
+            arrays["negative_names"] = np.frombuffer(json.dumps(self.negative_names).encode(), dtype=np.uint8)
         index = self.index if len(self) > self.exact_max else None  # travels with the file: no rebuild at load
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -320,6 +390,7 @@ class Gallery:
                     raise GalleryError(f"{path} is not a wildcheck gallery: it lacks {sorted(missing)}")
                 raw = bytes(npz["header"].tobytes())
                 arrays = {k: npz[k] for k in ("labels", "hashes", "negatives")}
+                extra = {k: npz[k] for k in ("negative_hashes", "negative_names") if k in npz.files}  # optional
                 has_index = "index" in npz.files
                 shape, dtype = _member_header(npz.zip, "embeddings")
                 lazy = None
@@ -354,8 +425,12 @@ class Gallery:
         if len(shape) != 2 or not np.issubdtype(dtype, np.floating):
             raise GalleryError(f"{path}: embeddings of shape {shape} and type {dtype}, expected (n, {header.embedding.size}) floats")
         try:
+            names = json.loads(bytes(extra["negative_names"].tobytes())) if "negative_names" in extra else None
+            if names is not None and not (isinstance(names, list) and len(names) == len(arrays["negatives"])):
+                raise ValueError("its negatives' names do not match its negatives")
             gallery = cls(header, arrays["embeddings"], arrays["labels"], arrays["hashes"], arrays["negatives"],
-                          source=str(path), exact_max=exact_max, lazy=lazy)
+                          source=str(path), exact_max=exact_max, lazy=lazy, negative_hashes=extra.get("negative_hashes"),
+                          negative_names=names)
         except (ValueError, TypeError) as exc:  # e.g. hashes stored as text
             raise GalleryError(f"{path} holds arrays of the wrong type ({exc}); rebuild the gallery") from exc
         gallery.validate(shape)
@@ -412,9 +487,19 @@ class Gallery:
                                    "by something else); rebuild it with `wildcheck gallery build`")
 
     def check_model(self, contract: ModelContract, served_as: str = "model") -> None:
+        """``served_as``: "model" or "embedder" (served), or "--model" (the model given to ``gallery add``: the fix
+        is to give the model the gallery was built with, never to rebuild it with this one)."""
         h = self.header
         if h.model_version != contract.model_version or h.contract_hash != contract_hash(contract):
             built_with_embedder = h.model_name.startswith("wildcheck-embedder")
+            if served_as == "--model":
+                made_by = ("the .onnx `wildcheck export-embedder` wrote" if built_with_embedder
+                           else "the .onnx `wildcheck export` wrote")
+                raise GalleryError(
+                    f"{self.source} was built with model {h.model_name} {h.model_version} (contract "
+                    f"{h.contract_hash[:12]}); --model is {contract.model_name} {contract.model_version} (contract "
+                    f"{contract_hash(contract)[:12]}). Embeddings of different models cannot be compared: give --model "
+                    f"the model the gallery was built with, {h.model_name} {h.model_version} ({made_by})")
             hint = (" or serve the embedder it was built with beside the classifier (--embedder EMBEDDER.onnx)"
                     if built_with_embedder and served_as == "model" else "")
             raise GalleryError(
@@ -464,9 +549,13 @@ class Gallery:
         return int((~keep).sum())
 
     def resolve(self) -> None:
-        """Re-solve every label's thresholds on the stored negatives (after add/remove)."""
-        self.header.thresholds = solve_thresholds(self.embeddings, self.label_idx, self.header.labels,
-                                                  self.negatives, self.header.fpr)
+        """Re-solve every label's thresholds on the stored negatives (after add/remove), leaving out the negatives
+        that are copies of a reference (``left_out``; their number kept in the header as ``negatives.left_out``)."""
+        thresholds, self.left_out = solve_leaving_out_copies(
+            self.embeddings, self.label_idx, self.header.labels, self.negatives, self.header.fpr, self.hashes,
+            self.negative_hashes, self.negative_names)
+        self.header.thresholds = thresholds
+        self.header.negatives = {**self.header.negatives, "left_out": len(self.left_out)}
         self.thresholds = dict(self.header.thresholds)
         self._index = None
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import random
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from serving.imageio import ImageError, decode_image, images_under, label_folder
 from serving.runtime import OnnxModel
 
 MAX_NEGATIVES = 3000
+LISTED = 10  # unreadable files and left-out negatives named in a message; the rest counted
 
 
 @dataclass
@@ -33,25 +35,52 @@ class RefItem:
     source: str = ""
 
 
+def listed(skipped: list[tuple[str, str]], limit: int = LISTED) -> str:
+    """``path: reason`` lines (indented) for at most ``limit`` files, then how many more."""
+    lines = [f"  {path}: {reason}" for path, reason in skipped[:limit]]
+    if len(skipped) > limit:
+        lines.append(f"  ... and {len(skipped) - limit} more")
+    return "\n".join(lines)
+
+
+def check_label(label: str, where: str) -> None:
+    """Refuse a label no reference id can carry unambiguously: ids are ``<label>/<file>``, so a label ``a/b`` makes
+    ``a/b/x.jpg`` read as label ``a``; ``..``, backslashes and control characters are paths or terminal tricks."""
+    bad = [c for c in label if unicodedata.category(c) == "Cc"]
+    if bad or "/" in label or "\\" in label or label in (".", ".."):
+        what = (f"contains control character(s) {''.join(bad)!r}" if bad else "is a path component ('.' or '..')"
+                if label in (".", "..") else "contains a path separator ('/' or '\\')")
+        safe = "".join("_" if c in "/\\" or unicodedata.category(c) == "Cc" else c for c in label).strip(". ") or "label"
+        raise InvalidInput(f"{where}: label {label!r} {what}; reference ids are <label>/<file>, so such a label "
+                           f"is ambiguous: name it without them, e.g. {safe!r}")
+
+
 def read_references(ref: str | Path) -> list[RefItem]:
     """``<label>/<image>`` folders or a CSV ``path,label[,reference_id,source]`` (paths relative to the CSV)."""
     ref = Path(ref)
     items: list[RefItem] = []
     if ref.is_file() and ref.suffix.lower() == ".csv":
-        with ref.open(newline="") as fh:
-            reader = csv.DictReader(fh)
-            if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
-                raise InvalidInput(f"{ref}: the CSV needs 'path' and 'label' columns (optional: reference_id, source)")
-            for row in reader:
-                path = Path(row["path"])
-                path = path if path.is_absolute() else ref.parent / path
-                label = (row.get("label") or "").strip()
-                if not label:
-                    raise InvalidInput(f"{ref}: row for {row['path']} has no label")
-                items.append(RefItem(path, label, (row.get("reference_id") or "").strip() or f"{label}/{path.name}",
-                                     (row.get("source") or "").strip()))
+        try:  # as serving.client.list_images: -sig reads Excel's BOM; undecodable text is a message, not a traceback
+            with ref.open(newline="", encoding="utf-8-sig") as fh:
+                reader = csv.DictReader(fh)
+                if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
+                    raise InvalidInput(f"{ref}: the CSV needs 'path' and 'label' columns (optional: reference_id, source)")
+                for row in reader:
+                    path = Path(row["path"] or "")
+                    path = path if path.is_absolute() else ref.parent / path
+                    label = (row.get("label") or "").strip()
+                    if not label:
+                        raise InvalidInput(f"{ref}: row for {row['path']} has no label")
+                    check_label(label, f"{ref}: row for {row['path']}")
+                    items.append(RefItem(path, label, (row.get("reference_id") or "").strip() or f"{label}/{path.name}",
+                                         (row.get("source") or "").strip()))
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(f"{ref} is not UTF-8 text ({exc.reason} at byte {exc.start}); save the CSV as UTF-8") from exc
+        except csv.Error as exc:
+            raise InvalidInput(f"{ref} is not a readable CSV: {exc}") from exc
     elif ref.is_dir():
         for folder in label_folders(ref):
+            check_label(folder.name, f"{ref}: folder {folder.name!r}")
             for path in images_under(folder):
                 items.append(RefItem(path, folder.name, f"{folder.name}/{path.relative_to(folder).as_posix()}", str(ref)))
     else:
@@ -89,12 +118,31 @@ def embed_paths(model: OnnxModel, paths: list[Path], batch_size: int = 16, desc:
     return emb, np.array(hashes, dtype=np.uint64), kept, skipped
 
 
-def _negatives(model: OnnxModel, roots: list[Path], max_images: int) -> tuple[np.ndarray, dict, list]:
+@dataclass
+class Negatives:
+    embeddings: np.ndarray
+    hashes: np.ndarray
+    names: list[str]
+    info: dict
+    skipped: list[tuple[str, str]]
+
+
+def _negatives(model: OnnxModel, roots: list[Path], max_images: int) -> Negatives:
+    """The negatives' embeddings, pHashes and names (copies of a reference among them are left out when thresholds
+    are solved). ``--negatives`` given but no readable image in it is refused: the default thresholds it would fall
+    back to are much looser than solved ones."""
     paths = [p for root in roots for p in list_images(root)]
     if len(paths) > max_images:
         paths = sorted(random.Random(0).sample(paths, max_images))
-    emb, _, _, skipped = embed_paths(model, paths, desc="negatives")
-    return emb, {"roots": [str(r) for r in roots], "count": len(emb)}, skipped
+    emb, hashes, kept, skipped = embed_paths(model, paths, desc="negatives")
+    if not kept:
+        given = " ".join(f"--negatives {r}" for r in roots)
+        found = (f"none of the {len(paths)} images there could be read; nothing written:\n{listed(skipped)}" if paths
+                 else "no images there; nothing written")
+        raise InvalidInput(f"{given}: {found}\nGive negatives that are readable ordinary photos, or leave out "
+                           "--negatives to use the default thresholds")
+    return Negatives(emb, hashes, [str(paths[i]) for i in kept], {"roots": [str(r) for r in roots], "count": len(emb)},
+                     skipped)
 
 
 def _load_model(model_path: str | Path) -> OnnxModel:
@@ -155,34 +203,37 @@ def _build(ref: str | Path, model_path: str | Path, out: str | Path, negatives: 
         version = ""
     items = read_references(ref)
     model = _load_model(model_path)
-    neg, neg_info, neg_skipped = _negatives(model, list(negatives), max_negatives) if negatives else (
-        np.zeros((0, model.contract.embedding.size), np.float32), {"roots": [], "count": 0}, [])
+    neg = _negatives(model, list(negatives), max_negatives) if negatives else Negatives(
+        np.zeros((0, model.contract.embedding.size), np.float32), np.zeros(0, np.uint64), [], {"roots": [], "count": 0}, [])
     emb, hashes, kept, skipped = embed_paths(model, [it.path for it in items], desc="references")
     if not kept:
-        raise GalleryError(f"none of the {len(items)} reference images could be read; nothing written")
-    header = new_header(model.contract, fpr, neg_info, version)
+        raise GalleryError(f"none of the {len(items)} reference images could be read; nothing written:\n{listed(skipped)}")
+    header = new_header(model.contract, fpr, neg.info, version)
     gallery = Gallery(header, np.zeros((0, emb.shape[1]), np.float32), np.zeros(0, np.int32), np.zeros(0, np.uint64),
-                      neg, source=str(out))
+                      neg.embeddings, source=str(out), negative_hashes=neg.hashes, negative_names=neg.names)
     kept_items = [items[i] for i in kept]
     gallery.add(emb, [it.label for it in kept_items], hashes, [it.reference_id for it in kept_items],
                 [it.source for it in kept_items])
     gallery.save(out)
-    return {"added": len(kept), "skipped": skipped, "negatives_skipped": neg_skipped, **gallery.describe()}
+    return {"added": len(kept), "skipped": skipped, "negatives_skipped": neg.skipped,
+            "negatives_left_out": gallery.left_out, **gallery.describe()}
 
 
 def add(gallery_path: str | Path, ref: str | Path, model_path: str | Path) -> dict:
     require_gallery_file(gallery_path)  # before the lock: no stray .lock beside a gallery that does not exist
     model = _load_model(model_path)
     with editing(gallery_path):
-        gallery = Gallery.load(gallery_path, model.contract)
+        gallery = Gallery.load(gallery_path, model.contract, served_as="--model")
         items = read_references(ref)
         emb, hashes, kept, skipped = embed_paths(model, [it.path for it in items], desc="references")
-        if kept:
-            kept_items = [items[i] for i in kept]
-            gallery.add(emb, [it.label for it in kept_items], hashes, [it.reference_id for it in kept_items],
-                        [it.source for it in kept_items])
-            gallery.save(gallery_path)
-    return {"added": len(kept), "skipped": skipped, **gallery.describe()}
+        if not kept:  # "added 0 references", exit 0: a script could not tell that nothing happened
+            raise GalleryError(f"none of the {len(items)} new reference images could be read; {gallery_path} is "
+                               f"unchanged:\n{listed(skipped)}")
+        kept_items = [items[i] for i in kept]
+        gallery.add(emb, [it.label for it in kept_items], hashes, [it.reference_id for it in kept_items],
+                    [it.source for it in kept_items])
+        gallery.save(gallery_path)
+    return {"added": len(kept), "skipped": skipped, "negatives_left_out": gallery.left_out, **gallery.describe()}
 
 
 def remove(gallery_path: str | Path, reference_ids: list[str]) -> dict:
@@ -191,17 +242,32 @@ def remove(gallery_path: str | Path, reference_ids: list[str]) -> dict:
         gallery = Gallery.load(gallery_path)
         removed = gallery.remove(reference_ids)
         gallery.save(gallery_path)
-    return {"removed": removed, **gallery.describe()}
+    return {"removed": removed, "negatives_left_out": gallery.left_out, **gallery.describe()}
 
 
 def format_info(info: dict) -> str:
+    negatives = info["negatives"]
+    count, left_out = negatives.get("count", 0), negatives.get("left_out", 0)
     lines = [f"gallery {info['source']}: {info['references']} references, model {info['model_name']} {info['model_version']}",
              f"embedding: {info['embedding']['size']} floats ({info['embedding']['producer']}); search: {info['search']}",
-             f"thresholds solved on {info['negatives'].get('count', 0)} negatives at fpr {info['fpr']}"]
+             f"thresholds solved on {count - left_out} negatives at fpr {info['fpr']}"
+             + (f" ({left_out} more left out: copies of references)" if left_out else "")]
     for label, count in info["labels"].items():
         t = info["thresholds"][label]
         lines.append(f"  {label}: {count} refs, similar >= {t['similar']:.4f}, duplicate >= {t['duplicate']:.4f} "
                      f"or pHash <= {t['duplicate_hamming']} bits, duplicate {'blocks' if t['block'] else 'goes to review'}")
+        if max(t["similar"], t["duplicate"]) > 1.0:  # written before such thresholds were refused
+            lines.append(f"  warning: {label}'s thresholds are above 1, so it never matches by embedding (a copy of "
+                         "its references was among the negatives); rebuild the gallery with this wildcheck version")
+    copies = info.get("negatives_left_out") or []
+    if copies:
+        names = [f"{name} (a {label} reference)" for name, label in copies]
+        more = f" and {len(names) - LISTED} more" if len(names) > LISTED else ""
+        lines.append(f"{len(copies)} negatives are copies of references and were left out: {', '.join(names[:LISTED])}{more}")
     for path, reason in info.get("skipped", []):
         lines.append(f"skipped {path}: {reason}")
+    bad = info.get("negatives_skipped") or []
+    if bad:
+        lines.append(f"{len(bad)} unreadable negative(s) skipped (the thresholds were solved without them):")
+        lines.append(listed(bad))
     return "\n".join(lines)
