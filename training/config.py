@@ -59,9 +59,16 @@ class ModelConfig(_Strict):
         "colour (wildcheck grey-head; written into the model contract); None: one head")
 
 
+MAX_IMG_SIZE = 1024  # the project trains at 224-320 px; the cache holds every image at img_size / crop_pct
+
+
 class DataConfig(_Strict):
-    img_size: StrictInt = Field(224, ge=32)
-    crop_pct: float = Field(0.875, gt=0.0, le=1.0)
+    img_size: StrictInt = Field(224, ge=32, le=MAX_IMG_SIZE, description=(
+        f"model input side in px (32 to {MAX_IMG_SIZE}): every training image is cached in memory at "
+        "img_size / crop_pct, so a huge value exhausted memory during caching"))
+    crop_pct: float = Field(0.875, ge=0.5, le=1.0, description=(
+        "share of the resized picture the centre crop keeps (0.5 to 1; timm's weights use 0.875-1.0): the "
+        "resize side is img_size / crop_pct"))
     interpolation: Literal["bicubic", "bilinear", "nearest", "lanczos"] | None = Field(
         None, description="None: what the pretrained weights expect (serving.preprocess knows these four)")
     mean: tuple[float, float, float] | None = None
@@ -83,6 +90,15 @@ class DataConfig(_Strict):
     hard_negative_max_weight: float = Field(
         4.0, ge=1.0, description="negatives the model scores as products are drawn up to this many times as often; 1 = off"
     )
+
+    @field_validator("mean", "std", mode="before")
+    @classmethod
+    def _three_channels(cls, value):
+        # pydantic's own word for [0.5, 0.5] was "Field required" (the third item's)
+        if isinstance(value, (list, tuple)) and len(value) != 3:
+            raise ValueError(f"needs 3 values, one per colour channel (R, G, B), e.g. [0.485, 0.456, 0.406]; "
+                             f"got {len(value)}")
+        return value
 
 
 class AugmentStep(_Strict):
@@ -171,7 +187,8 @@ class MixupConfig(_Strict):
 
 class TrainConfig(_Strict):
     epochs: StrictInt = Field(8, ge=1)
-    batch_size: StrictInt = Field(32, ge=1)
+    batch_size: StrictInt = Field(32, ge=1, description="images per step and process; training needs at least 2 "
+                                  "(check_batch_size)")
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.02, ge=0.0)
     layer_decay: float | None = Field(
@@ -246,40 +263,67 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise MissingInput(f"config {path} not found")
     try:
-        raw = load_yaml(path.read_text()) or {}
+        raw = load_yaml(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"config {path} is not a UTF-8 text file ({exc.reason} at byte {exc.start}): save it as "
+                           "UTF-8 YAML") from exc
     except yaml.YAMLError as exc:
         raise InvalidInput(f"config {path} is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise InvalidInput(f"config {path} must be a mapping of sections (model, data, augment, train)")
+    for key in Config.model_fields:  # `train: [1, 2]` was replaced by the defaults when a flag merged into it
+        _section(raw, (key,), f" {path}")
     return raw
 
 
-def _merge(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """``overrides`` merged into a copy of ``raw``, section by section; a None override keeps the value."""
+def _kind(value: Any) -> str:
+    return {list: "a list", str: "a string", bool: "true/false", int: "a number", float: "a number"}.get(
+        type(value), type(value).__name__)
+
+
+def _section(node: dict[str, Any], path: tuple[str, ...], where: str, why: str = "") -> dict[str, Any]:
+    """``node[path[-1]]`` as a section: a mapping, or {} where it is absent or empty (``train:``); anything else is
+    refused, naming it (merging into it used to replace it with {}, so the section's settings vanished silently)."""
+    value = node.get(path[-1])
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f"invalid config{where}: {'.'.join(path)} should be a mapping of settings (KEY: VALUE "
+                           f"lines under it), not {_kind(value)} ({value!r:.60}){why}")
+    return value
+
+
+def _merge(raw: dict[str, Any], overrides: dict[str, Any], where: str = "",
+           prefix: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``overrides`` merged into a copy of ``raw``, section by section; a None override keeps the value. A section
+    of ``raw`` that an override merges into must be a mapping (or empty)."""
     merged = dict(raw)
     for key, value in overrides.items():
         if isinstance(value, dict):
-            merged[key] = _merge(merged[key] if isinstance(merged.get(key), dict) else {}, value)
+            merged[key] = _merge(_section(merged, prefix + (key,), where), value, where, prefix + (key,))
         elif value is not None:
             merged[key] = value
     return merged
 
 
-def _validate(raw: dict[str, Any], where: str, sets: dict[tuple[str, ...], str] | None = None) -> Config:
+def _validate(raw: dict[str, Any], where: str, named: dict[tuple[str, ...], str] | None = None) -> Config:
+    """``raw`` as a Config. ``named``: what the user typed for a setting (``--set train.lr=0``, ``--epochs 0``), so
+    an error in it names that, in one line, rather than pydantic's location in a dump."""
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        for err in exc.errors():  # name the --set the user typed, not pydantic's location
-            for path, item in (sets or {}).items():
+        for err in exc.errors():  # name the --set or flag the user typed, not pydantic's location
+            for path, item in (named or {}).items():
                 if tuple(err["loc"][: len(path)]) == path:
-                    raise InvalidInput(f"--set {item}: {err['msg']}") from exc
+                    raise InvalidInput(f"{item}: {err['msg']}") from exc
         raise InvalidInput(f"invalid config{where}:\n{exc}") from exc
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
     """Read YAML (or take the defaults), apply overrides such as ``{"train": {"epochs": 3}}`` (None: keep)."""
     raw = _read_yaml(Path(path)) if path is not None else {}
-    return _validate(_merge(raw, overrides or {}), f" {path}" if path else "")
+    where = f" {path}" if path else ""
+    return _validate(_merge(raw, overrides or {}, where), where)
 
 
 def parse_set(item: str) -> tuple[tuple[str, ...], Any]:
@@ -309,13 +353,14 @@ def parse_set(item: str) -> tuple[tuple[str, ...], Any]:
     return path, value
 
 
-def _assign(raw: dict[str, Any], path: tuple[str, ...], value: Any) -> dict[str, Any]:
-    """A copy of ``raw`` with the value at ``path`` replaced (a map or None too: a --set replaces, never merges)."""
+def _assign(raw: dict[str, Any], path: tuple[str, ...], value: Any, where: str = "", item: str = "") -> dict[str, Any]:
+    """A copy of ``raw`` with the value at ``path`` replaced (a map or None too: a --set replaces, never merges).
+    The sections on the way must be mappings (or absent): one that is not is refused, not replaced."""
     raw = dict(raw)
     node = raw
-    for part in path[:-1]:
-        child = node.get(part)
-        node[part] = dict(child) if isinstance(child, dict) else {}
+    for depth, part in enumerate(path[:-1]):
+        why = f"; --set {item} sets a key inside it" if item else ""
+        node[part] = dict(_section(node, path[: depth + 1], where, why))
         node = node[part]
     node[path[-1]] = value
     return raw
@@ -356,6 +401,11 @@ class SavedRun:
         return cls(_validate(raw, f" saved in {path}"), path)
 
 
+# what to do about a last.pt that cannot be read: resuming needs it whole
+UNREADABLE_LAST = ("it cannot be resumed: start the run again without --resume, or fine-tune from the run's best.pt "
+                   "in a new run (--init-from RUN_DIR --out NEW_DIR)")
+
+
 def saved_run(run_dir: str | Path) -> SavedRun | None:
     """The configuration a resumed run continues: the one stored in ``RUN_DIR/last.pt``, with which the state it
     restores was made. ``config.yaml`` is a copy for people to read (edited or deleted, it used to decide what a
@@ -364,7 +414,7 @@ def saved_run(run_dir: str | Path) -> SavedRun | None:
     if last.is_file():
         from training.fileio import load_checkpoint
 
-        return SavedRun.of_checkpoint(load_checkpoint(last), last)
+        return SavedRun.of_checkpoint(load_checkpoint(last, advice=UNREADABLE_LAST), last)
     return SavedRun(load_config(written), written) if written.is_file() else None
 
 
@@ -385,6 +435,18 @@ def check_resume(saved: SavedRun, asked: Config, run_dir: str | Path) -> None:
             f"(and --config), and undo edits to {Path(run_dir) / 'config.yaml'} or delete it, to resume as saved; or "
             f"start a new run in another --out (--init-from {run_dir} fine-tunes from this run's weights)"
         )
+
+
+BATCH_OF_ONE = ("must be at least 2 to train: BatchNorm layers cannot train on a batch of one image where a feature "
+                "map is 1 x 1 (img_size 32); under torchrun it is each process's batch")
+
+
+def check_batch_size(config: Config, label: str | None = None) -> None:
+    """Training takes at least 2 images per step and process (a batch of one crashed in BatchNorm in the first step,
+    after caching). Checked when a run is set up, not in the schema: checkpoints of earlier runs still load.
+    ``label``: what set it, as typed (``--batch-size 1``)."""
+    if config.train.batch_size < 2:
+        raise InvalidInput(f"{label or f'train.batch_size {config.train.batch_size}'}: {BATCH_OF_ONE}")
 
 
 @dataclass
@@ -422,10 +484,16 @@ def resolve_config(config_file: str | Path | None = None, *, run_dir: str | Path
             raw, where = saved.config.model_dump(mode="json"), f" saved in {saved.path}"
     else:
         raw = _read_yaml(Path(config_file)) if config_file is not None else {}
-    raw = _merge(raw, flags)
-    for path, value in parsed:
-        raw = _assign(raw, path, value)
-    config = _validate(raw, where, {path: item for (path, _), item in zip(parsed, sets)})
+    raw = _merge(raw, flags, where)
+    for (path, value), item in zip(parsed, sets):
+        raw = _assign(raw, path, value, where, item)
+    named = {("train", "epochs"): f"--epochs {epochs}", ("train", "batch_size"): f"--batch-size {batch_size}",
+             ("data", "img_size"): f"--img-size {img_size}"}
+    named = {path: label for path, label in named.items() if flags[path[0]][path[1]] is not None}
+    named.update({path: f"--set {item}" for (path, _), item in zip(parsed, sets)})  # a later --set wins over a flag
+    config = _validate(raw, where, named)
+    check_batch_size(config, named.get(("train", "batch_size"),
+                                       f"train.batch_size {config.train.batch_size}{' in' + where if where else ''}"))
     extra = [str(n) for n in negatives if str(n) not in config.data.negatives]
     if extra:
         config.data.negatives = config.data.negatives + list(dict.fromkeys(extra))

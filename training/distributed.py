@@ -76,18 +76,28 @@ def barrier(info: DistInfo) -> None:
 
 
 class ShardedSampler(torch.utils.data.Sampler[int]):
-    """This rank's share of ``inner``'s global order (padded by wrapping so all ranks take equal steps)."""
+    """This rank's share of ``inner``'s global order, padded by cycling that order so that every rank takes the
+    same number of items, ``len(self)``, and at least ``min_per_rank`` of them.
 
-    def __init__(self, inner, info: DistInfo):
-        self.inner, self.info = inner, info
+    Equal lengths keep the ranks' collectives (DDP's gradient all-reduce each step, the epoch's sums) in step: a
+    rank with fewer batches left the others waiting on it for ever. Padding used to append the order's head once,
+    so with more than twice as many ranks as items the last ranks got none, whatever ``len`` said (5 ranks, 2
+    images: a hang). ``min_per_rank`` (2 for training) keeps a rank from training on a batch of one image, which
+    BatchNorm refuses at small sizes."""
+
+    def __init__(self, inner, info: DistInfo, min_per_rank: int = 1):
+        self.inner, self.info, self.min_per_rank = inner, info, min_per_rank
 
     def __len__(self) -> int:
-        return math.ceil(len(self.inner) / self.info.world)
+        n = len(self.inner)
+        return max(math.ceil(n / self.info.world), self.min_per_rank) if n else 0
 
     def __iter__(self):
         order = list(self.inner)
+        if not order:
+            return iter(())
         total = len(self) * self.info.world
-        order += order[: total - len(order)]
+        order = (order * math.ceil(total / len(order)))[:total]
         return iter(order[self.info.rank :: self.info.world])
 
 
@@ -97,10 +107,32 @@ def gather_predictions(info: DistInfo, indices: np.ndarray, probs: np.ndarray, n
         return probs
     parts = [None] * info.world
     dist.all_gather_object(parts, (indices, probs))
-    out = np.zeros((n, probs.shape[1]), dtype=probs.dtype)
-    for idx, p in parts:
+    # a rank whose shard was empty (fewer items than ranks) predicted a (0, 0) array: the class count and dtype
+    # come from the ranks that predicted something
+    filled = [(idx, p) for idx, p in parts if len(idx)]
+    if not filled:
+        return np.zeros((n, probs.shape[1] if probs.ndim == 2 else 0), dtype=probs.dtype)
+    width, dtype = filled[0][1].shape[1], filled[0][1].dtype
+    out = np.zeros((n, width), dtype=dtype)
+    for idx, p in filled:
         out[idx] = p
     return out
+
+
+def broadcast_buffers(info: DistInfo, module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers of ``module`` (BatchNorm running statistics). Under DDP each rank's buffers
+    drift with its own batches (DDP broadcasts them only at the start of each forward, and the EMA averages each
+    rank's own), so a rank validating its shard with its own buffers scored another model than the best.pt and
+    last.pt that rank 0 saves; a resumed run, whose ranks all start from rank 0's, then recorded other metrics."""
+    if not info.enabled:
+        return
+    for buffer in module.buffers():
+        if buffer.is_contiguous():
+            dist.broadcast(buffer.data, src=0)
+        else:
+            dense = buffer.data.contiguous()
+            dist.broadcast(dense, src=0)
+            buffer.data.copy_(dense)
 
 
 def sum_scalars(info: DistInfo, *values: float) -> list[float]:
@@ -129,6 +161,19 @@ def wrap_model(module: torch.nn.Module, info: DistInfo, device: torch.device, co
     if info.enabled:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return torch.compile(model) if compile else model
+
+
+def quiet_other_ranks(info: DistInfo) -> None:
+    """Under torchrun, leave warnings to rank 0: every rank reads the same files and builds the same model, so each
+    warning (a skipped image, a library's note) came once per rank. Errors still print on every rank."""
+    if info.main:
+        return
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("training", "serving", "timm", "torch", "huggingface_hub", "albumentations", "PIL"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def printer(info: DistInfo):

@@ -68,10 +68,15 @@ def atomic_onnx_save(model, path: str | Path) -> None:
         onnx.save_model(model, str(tmp), save_as_external_data=False)
 
 
-def load_checkpoint(path: str | Path) -> dict:
+READ_ADVICE = "pass a run dir or the best.pt that `wildcheck train` wrote"
+
+
+def load_checkpoint(path: str | Path, advice: str = READ_ADVICE, what: str = "wildcheck checkpoint") -> dict:
     """Load a wildcheck checkpoint safely (tensors and plain containers only); a file torch cannot read that
     way (truncated, an ONNX model, not a checkpoint, or holding code) is a client error, not a traceback, and
-    the message never suggests loading it unsafely (torch's own advice, ``weights_only=False``)."""
+    the message never suggests loading it unsafely (torch's own advice, ``weights_only=False``). ``advice``: what
+    the user can do instead, which depends on why the file was read (``--resume`` cannot use a run's best.pt);
+    ``what``: the kind of file expected (``state dict`` for ``model.pretrained``)."""
     import torch
 
     path = Path(path)
@@ -81,10 +86,10 @@ def load_checkpoint(path: str | Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # whatever torch raises on a file that is not a safe checkpoint (KeyError on text)
         if path.suffix.lower() == ".onnx":
-            what = "an exported ONNX model, not a wildcheck checkpoint"
+            why = f"an exported ONNX model, not a {what}"
         elif isinstance(exc, (RuntimeError, EOFError)) and str(exc).strip():  # truncated: torch says so
-            what = f"not a readable wildcheck checkpoint ({str(exc).strip().splitlines()[0]})"
+            why = f"not a readable {what} ({str(exc).strip().splitlines()[0]})"
         else:  # pickle.UnpicklingError: not a torch file, or one holding objects that could run code when loaded
-            what = ("not a readable wildcheck checkpoint (empty, not a torch file, or holding more than tensors and "
-                    "plain containers, which are never loaded)")
-        raise InvalidInput(f"{path} is {what}; pass a run dir or the best.pt that `wildcheck train` wrote") from exc
+            why = (f"not a readable {what} (empty, not a torch file, or holding more than tensors and "
+                   "plain containers, which are never loaded)")
+        raise InvalidInput(f"{path} is {why}; {advice}") from exc

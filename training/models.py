@@ -380,7 +380,7 @@ def create_model(
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate
     if pretrained == "hub":
-        model = timm.create_model(name, pretrained=True, **kwargs)
+        model = _hub_model(name, kwargs)
         if num_classes != (model.pretrained_cfg or {}).get("num_classes", 1000):
             _zero_head(model)
         return model
@@ -400,16 +400,85 @@ def create_model(
     path = Path(pretrained)
     if not path.is_file():
         raise MissingInput(f"pretrained weights {path} not found; use none, offline, hub or an existing file")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    from training.fileio import load_checkpoint
+
+    # the safe loader (tensors and plain containers only), whose error names the setting and never advises
+    # weights_only=False
+    state = load_checkpoint(path, what="state dict", advice=(
+        "model.pretrained must be a state dict saved with torch.save (or a wildcheck checkpoint); use none, offline "
+        "or hub, or another file"))
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
+    if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InvalidInput(f"model.pretrained {path} holds no state dict (a mapping of names to tensors); use none, "
+                           "offline or hub, or a file saved with torch.save(model.state_dict(), PATH)")
     own = model.state_dict()
-    fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    fitting = {k: v for k, v in state.items()
+               if k in own and isinstance(v, torch.Tensor) and own[k].shape == v.shape}
     skipped = sorted(set(state) - set(fitting))
     if skipped:
         log.warning("pretrained %s: %d tensors did not fit and were skipped (e.g. %s)", path, len(skipped), skipped[:3])
     model.load_state_dict(fitting, strict=False)
     return model
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether the Hugging Face Hub answers a TCP connection (a proxy in the environment: assumed so, as the
+    download goes through it, which a direct probe cannot tell)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY",
+                                        "http_proxy")):
+        return True
+    try:
+        from huggingface_hub import constants
+
+        endpoint = urlparse(constants.ENDPOINT)
+    except Exception:  # noqa: BLE001 - no hub library: timm says so itself
+        return True
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_model(name: str, kwargs: dict) -> nn.Module:
+    """``timm.create_model(name, pretrained=True)``, its download failures a clear error rather than the hub
+    library's traceback after ~45 s of retries: with no connection to the hub (and not ``HF_HUB_OFFLINE=1``,
+    where weights already in the Hugging Face cache are used) it is refused at once."""
+    advice = ("model.pretrained: hub downloads the weights with timm from the Hugging Face Hub, which needs "
+              "internet; without it use offline (weights shipped in a package, for "
+              f"{', '.join(OFFLINE_ARCHITECTURES)}), a path to a state dict, or none; weights already in the Hugging "
+              "Face cache are used with HF_HUB_OFFLINE=1")
+    try:
+        from huggingface_hub import constants
+
+        offline = bool(constants.HF_HUB_OFFLINE)
+    except Exception:  # noqa: BLE001
+        offline = False
+    if not offline and not _hub_reachable():
+        raise InvalidInput(f"cannot reach the Hugging Face Hub to download {name}'s weights. {advice}")
+    failures: tuple[type[BaseException], ...] = (OSError, ConnectionError, TimeoutError)  # hub's errors, urllib's
+    try:
+        import httpx  # huggingface_hub's transport: its connection errors are not OSErrors
+
+        failures += (httpx.HTTPError,)
+    except ImportError:
+        pass
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except failures as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise InvalidInput(f"could not get {name}'s pretrained weights ({first}). {advice}") from exc
+    except RuntimeError as exc:  # timm: "No pretrained weights exist for this model"
+        if "pretrained" not in str(exc).lower():
+            raise
+        raise InvalidInput(f"model.pretrained: hub: timm has no pretrained weights for {name} ({exc}); use none or "
+                           "a path to a state dict") from exc
 
 
 def freeze_modules(model: nn.Module, names: list[str]) -> list[nn.Module]:

@@ -18,7 +18,7 @@ from serving.preprocess import Preprocessing
 from training import distributed
 from serving.contract import ModelSpec
 from training.checkpoint import Checkpoint, initial_spec, published_metrics
-from training.config import Config, SavedRun, check_resume
+from training.config import Config, ConfigConflict, SavedRun, check_batch_size, check_resume
 from training.data.sources import fingerprint, label_counts
 from training.loop.data import DataError, TrainData, resolve_preprocessing
 from training.loop.model import build_model
@@ -34,9 +34,12 @@ __all__ = ["train", "resolve_preprocessing", "autocast_setting"]
 # --- what best.pt and last.pt hold: built here and only here -----------------------------------------------
 
 def checkpoint_meta(config: Config, data: TrainData, pre: Preprocessing, roots: list[str],
-                    init_from: str | Path | None) -> dict:
-    """What every checkpoint carries besides weights (the fingerprint stats every file: once, not per epoch)."""
+                    init_from: str | Path | None, world: int = 1) -> dict:
+    """What every checkpoint carries besides weights (the fingerprint reads every file: once, not per epoch).
+    ``world``: the run's number of processes, which sets its effective batch, steps per epoch and (with
+    ``train.lr_scaling``) its lr: a resume must have the same (``check_same_world``)."""
     return {
+        "world": world,
         "labels": data.labels, "preprocessing": pre.model_dump(mode="json"), "config": config.model_dump(mode="json"),
         "architecture": config.model.name, "wildcheck_version": training.__version__,
         "training_data": fingerprint(data.train_samples + data.val_samples),
@@ -46,16 +49,42 @@ def checkpoint_meta(config: Config, data: TrainData, pre: Preprocessing, roots: 
     }
 
 
-def check_same_data(resumed: dict, meta: dict, last: Path, say=print) -> None:
+def check_same_world(resumed: dict, world: int, config: Config, last: Path) -> None:
+    """A resumed run has the saved run's number of processes: the effective batch (processes x train.batch_size),
+    the steps per epoch that the schedule, EMA and sampler count, and the lr that train.lr_scaling scales by the
+    process count all follow it, as they follow the batch size (which ``check_resume`` holds). A last.pt from
+    before the count was recorded is taken as it is."""
+    saved = resumed.get("world")
+    if saved is None or saved == world:
+        return
+    batch = config.train.batch_size
+    how = "without torchrun" if saved == 1 else f"torchrun --nproc_per_node={saved}, or as many over several nodes"
+    raise ConfigConflict(
+        f"--resume: {last} was saved by a run of {saved} process(es) (effective batch {saved} x {batch} = "
+        f"{saved * batch}), and this one has {world} ({world * batch}): the schedule, EMA and sampler count that "
+        f"run's steps, and train.lr_scaling ({config.train.lr_scaling}) scales its lr by the process count. Resume "
+        f"with {saved} process(es) ({how}), or start a new run from its weights: --init-from {last.parent} "
+        "--out NEW_DIR")
+
+
+def check_same_data(resumed: dict, meta: dict, last: Path, say=print, samples: list | None = None) -> None:
     """A resumed run goes on with the data it was trained on: its sampler and miner state index those images, and
     last.pt would record the new data alone as the run's (``--data`` pointing elsewhere was silently taken). The
-    same files moved to another path (the fingerprint hashes names, sizes, labels and splits) are that data."""
+    same files moved to another path (the fingerprint hashes names, sizes, contents, labels and splits) are that
+    data. A last.pt whose fingerprint has no ``method`` was written before contents were hashed: ``samples`` (the
+    run's images now) are hashed its way, by names and sizes, to compare."""
     before, now = resumed.get("training_data") or {}, meta["training_data"]
+    if before.get("sha256") is not None and before.get("method") != now.get("method") and samples is not None:
+        now = fingerprint(samples, content=False)
     if before.get("sha256") not in (None, now["sha256"]):
+        same_counts = before.get("counts") == now["counts"]
+        differs = (" (the same counts of images per label, but files renamed, replaced or edited)" if same_counts
+                   else "")
         raise DataError(
             f"--resume: {last} was trained on other data ({before.get('counts')} under {resumed.get('data_roots')}) "
-            f"than --data and the negatives give now ({now['counts']} under {meta['data_roots']}). Resume with the "
-            f"run's own data as it was, or fine-tune on this data in a new run: --init-from {last.parent} --out NEW_DIR")
+            f"than --data and the negatives give now ({now['counts']} under {meta['data_roots']}){differs}. Resume "
+            f"with the run's own data as it was, or fine-tune on this data in a new run: --init-from {last.parent} "
+            "--out NEW_DIR")
     if resumed.get("data_roots") not in (None, meta["data_roots"]):
         say(f"the run's data moved from {resumed['data_roots']} to {meta['data_roots']} (the same files): continuing")
 
@@ -140,9 +169,11 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
     ``on_batch(epoch, indices)``, ``on_epoch_end(epoch, history_row)``: called on every rank (tests, monitors).
     """
     tc = config.train
+    check_batch_size(config)
     if tc.threads:
         torch.set_num_threads(tc.threads)
     info, device = distributed.init(tc.device)
+    distributed.quiet_other_ranks(info)  # warnings once, from rank 0
     out_folder(out_dir, reads=[*roots, *config.data.negatives], what="run directory")  # never among the data
     say = distributed.printer(info)  # only rank 0 talks and writes
     run = RunDir(out_dir, info, say)
@@ -152,11 +183,18 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
     resumed = run.resume_state() if resume else None
     if resumed is not None:  # last.pt's config is the run's: refuse what differs before any caching
         check_resume(SavedRun.of_checkpoint(resumed, run.path / "last.pt"), config, run.path)
-    data = TrainData.build(roots, config, pre, labels=resumed["labels"] if resumed else None, say=say)
-    meta = checkpoint_meta(config, data, pre, roots, init_from)
+        check_same_world(resumed, info.world, config, run.path / "last.pt")
+    built = []
+
+    def build(labels: list[str]) -> None:  # before the images are cached: a wrong model or weights are found first
+        built.append(build_model(config, labels, device, resuming=resumed is not None, init_from=init_from, say=say))
+
+    data = TrainData.build(roots, config, pre, labels=resumed["labels"] if resumed else None, say=say,
+                           quiet=not info.main, before_caching=build)
+    (module, frozen), = built
+    meta = checkpoint_meta(config, data, pre, roots, init_from, info.world)
     if resumed is not None:
-        check_same_data(resumed, meta, run.path / "last.pt", say)
-    module, frozen = build_model(config, data.labels, device, resuming=resumed is not None, init_from=init_from, say=say)
+        check_same_data(resumed, meta, run.path / "last.pt", say, data.train_samples + data.val_samples)
     run.write_setup(config, data.labels, data.skipped, fresh=resumed is None)
     data.build_sampler(config)
     loader = data.loader(info, tc.batch_size, config.data.num_workers, device)

@@ -39,15 +39,19 @@ def _load(sample: Sample, pre: Preprocessing, min_side: int) -> np.ndarray | str
 
 
 def cache_images(
-    samples: list[Sample], pre: Preprocessing, min_side: int = 1, workers: int = 2, desc: str = "caching"
+    samples: list[Sample], pre: Preprocessing, min_side: int = 1, workers: int = 2, desc: str = "caching",
+    quiet: bool = False,
 ) -> tuple[list[np.ndarray], list[Sample], list[Skipped]]:
-    """Returns (pixels, kept samples, skipped) in the input order."""
+    """Returns (pixels, kept samples, skipped) in the input order. ``quiet``: no progress bar and no warning per
+    skipped file (torchrun's other ranks: rank 0 says it, once; the skipped list is the same)."""
     pixels, kept, skipped = [], [], []
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(lambda s: _load(s, pre, min_side), samples)
-        for sample, result in tqdm(zip(samples, results), total=len(samples), desc=desc, unit="img", leave=False):
+        for sample, result in tqdm(zip(samples, results), total=len(samples), desc=desc, unit="img", leave=False,
+                                   disable=quiet):
             if isinstance(result, str):
-                log.warning("skipping %s (%s)", sample.path, result)
+                if not quiet:
+                    log.warning("skipping %s (%s)", sample.path, result)
                 skipped.append(Skipped(str(sample.path), result))
             else:
                 pixels.append(result)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -206,14 +207,37 @@ def label_counts(samples: list[Sample]) -> dict[str, dict[str, int]]:
     return {split: dict(sorted(c.items())) for split, c in sorted(out.items())}
 
 
-def fingerprint(samples: list[Sample]) -> dict:
-    """A hash of the (path, label, split, size, mtime) list: identifies the training data in the model contract."""
+FINGERPRINT_METHOD = "content"  # training_data["method"]: each image's bytes are hashed (absent: names and sizes only)
+
+
+def _file_stamp(path: Path, content: bool) -> str:
+    try:
+        if not content:
+            return f"{path.stat().st_size}"
+        h, size = hashlib.sha256(), 0
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+                size += len(chunk)
+        return f"{size}\t{h.hexdigest()}"
+    except OSError:
+        return "missing"
+
+
+def fingerprint(samples: list[Sample], content: bool = True, workers: int = 4) -> dict:
+    """A hash of the sorted (split, label, file name, size, sha256 of the bytes) list: identifies the training data
+    in the model contract, and lets ``--resume`` refuse other data. The folder is left out, so the same files
+    moved elsewhere are the same data; a file replaced by another one of the same size is not (a hash of names
+    and sizes alone took it). ``method`` says so; ``content=False`` is that older hash, which last.pt files
+    written before recorded (without a ``method``), for resuming them. The bytes are read once more per run
+    (``workers`` threads); the cache has just read them, so they are usually in the page cache."""
+    ordered = sorted(samples, key=lambda s: (s.split, s.label, str(s.path)))
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        stamps = list(pool.map(lambda s: _file_stamp(s.path, content), ordered))
     h = hashlib.sha256()
-    for s in sorted(samples, key=lambda s: (s.split, s.label, str(s.path))):
-        try:
-            st = s.path.stat()
-            stamp = f"{st.st_size}"
-        except OSError:
-            stamp = "missing"
+    for s, stamp in zip(ordered, stamps):
         h.update(f"{s.split}\t{s.label}\t{s.path.name}\t{stamp}\n".encode())
-    return {"sha256": h.hexdigest(), "counts": label_counts(samples)}
+    out = {"sha256": h.hexdigest(), "counts": label_counts(samples)}
+    if content:
+        out["method"] = FINGERPRINT_METHOD
+    return out

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -92,6 +94,19 @@ def _check_negative_weights(config: Config, roots: list[str]) -> None:
         raise DataError(f"decision.negative_weights names {unknown}, which is no data root or negatives pool; pools: {pools}")
 
 
+def _check_empty_label_folders(roots: list[str], trained: set[str], val_s: list[Sample]) -> None:
+    """A label folder under ROOT/train/ without any image, whose label validation has: the label would silently
+    leave the model (validation only noted that its images were left out), while a folder whose images are all
+    unreadable is refused. An empty folder is a copy that failed, not a wish to train without the class."""
+    wanted = Counter(s.label for s in val_s if s.label not in trained)
+    empty = [(Path(root) / "train" / label, n) for label, n in sorted(wanted.items()) for root in roots
+             if Path(root).is_dir() and (Path(root) / "train" / label).is_dir()]
+    if empty:
+        folders = "; ".join(f"{folder} (val has {n} image(s) of {folder.name!r})" for folder, n in empty)
+        raise DataError(f"label folder(s) without any training image: {folders}. The label would be left out of the "
+                        "model. Add its training images, or remove the label from val/ too to train without it")
+
+
 @dataclass
 class TrainData:
     labels: list[str]
@@ -109,8 +124,13 @@ class TrainData:
 
     @classmethod
     def build(cls, roots: list[str], config: Config, pre: Preprocessing, labels: list[str] | None = None,
-              say=print) -> TrainData:
-        """Find, relabel and cache the images of ``roots`` and the negatives pools (``labels``: a resumed run's)."""
+              say=print, quiet: bool = False, before_caching: Callable[[list[str]], None] | None = None) -> TrainData:
+        """Find, relabel and cache the images of ``roots`` and the negatives pools (``labels``: a resumed run's).
+
+        What can be checked without the pixels is checked before caching them (minutes of decoding on a real
+        dataset): the labels, the augmentation (its transform is built first) and ``before_caching(labels)``,
+        where ``train`` builds the model (its name, pretrained weights and frozen modules). ``quiet``: no progress
+        bars or per-file warnings (torchrun's ranks other than 0)."""
         samples = load_samples(roots)
         train_s, val_s = select_split(samples, "train"), select_split(samples, "val")
         if not train_s:
@@ -129,24 +149,29 @@ class TrainData:
             if new:
                 raise DataError(f"the data has labels the resumed run was not trained on: {new}; train a new run "
                                 "warm-started from it instead (--init-from RUN_DIR keeps the old classes' rows)")
-        labels = labels or sorted({s.label for s in train_s} | ({negative} if pool_s else set()))
+        if not labels:
+            labels = sorted({s.label for s in train_s} | ({negative} if pool_s else set()))
+            _check_empty_label_folders(roots, set(labels), val_s)
         if len(labels) < 2:
             raise DataError(f"training needs at least two labels, found {labels}")
         _check_decision_labels(config, labels)
+        consistency = config.train.consistency
+        transform = TrainTransform(config.augment.train, pre, config.train.seed,
+                                   views=consistency.views if consistency.weight > 0 else None)
+        if before_caching is not None:
+            before_caching(labels)
         unknown_val = Counter(s.label for s in val_s if s.label not in labels)
         if unknown_val:
             say(f"validation labels not in training data are left out of validation: {dict(unknown_val)}")
         val_s = [s for s in val_s if s.label in labels]
         index = {label: i for i, label in enumerate(labels)}
         workers, min_side = config.data.cache_workers, config.data.min_side
-        main_px, main_kept, skipped_m = cache_images(train_s, pre, min_side, workers, desc="caching train")
-        pool_px, pool_kept, skipped_p = cache_images(pool_s, pre, min_side, workers, desc="caching negatives")
-        val_px, val_kept, skipped_v = cache_images(val_s, pre, min_side, workers, desc="caching val")
+        main_px, main_kept, skipped_m = cache_images(train_s, pre, min_side, workers, desc="caching train", quiet=quiet)
+        pool_px, pool_kept, skipped_p = cache_images(pool_s, pre, min_side, workers, desc="caching negatives",
+                                                     quiet=quiet)
+        val_px, val_kept, skipped_v = cache_images(val_s, pre, min_side, workers, desc="caching val", quiet=quiet)
         group_of = {s.path: g for s, g in zip(pool_s, pool_groups)}
         train_kept = main_kept + pool_kept
-        consistency = config.train.consistency
-        transform = TrainTransform(config.augment.train, pre, config.train.seed,
-                                   views=consistency.views if consistency.weight > 0 else None)
         train_ds = CachedImageDataset(main_px + pool_px, [index[s.label] for s in train_kept], transform)
         train_ds.transform.set_bank(pool_px)  # scene-building steps add negatives' photos around an image
         val_ds = CachedImageDataset(val_px, [index[s.label] for s in val_kept], EvalTransform(pre))
@@ -194,7 +219,10 @@ class TrainData:
         """The training DataLoader: this rank's shard of the sampler's global order."""
         if workers is None:
             workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
-        rank_sampler = ShardedSampler(self.sampler, info) if info.enabled else self.sampler
+        # every rank takes the same number of items, at least 2 (a batch of one image fails in BatchNorm)
+        rank_sampler = ShardedSampler(self.sampler, info, min_per_rank=2) if info.enabled else self.sampler
+        # a final partial batch is dropped when there are full ones: it could hold a single image, and BatchNorm
+        # cannot train on one (train.batch_size is at least 2, and a shorter epoch is one batch of at least 2)
         return torch.utils.data.DataLoader(
             self.train, batch_size=batch_size, sampler=rank_sampler, num_workers=workers,
             worker_init_fn=worker_init_fn if workers else None, drop_last=len(rank_sampler) > batch_size,

@@ -12,9 +12,9 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from serving.errors import WildcheckError
+from serving.errors import InvalidInput, WildcheckError
 from training import distributed
-from training.config import Config, dump_config
+from training.config import UNREADABLE_LAST, Config, dump_config
 from training.distributed import DistInfo
 from training.fileio import atomic_torch_save, atomic_write_text, load_checkpoint, remove_stale_temporaries
 
@@ -32,6 +32,8 @@ class ResumeError(WildcheckError, FileNotFoundError):
 # what a run and its follow-ups (calibrate, compare, grey-head) write into RUN_DIR
 PREVIOUS_RUN_FILES = ("best.pt", "last.pt", "summary.json", "history.png", "calibration.json", "compare.json",
                       "compare.md", "grey_head.json")
+# every file a run writes into RUN_DIR
+RUN_FILES = (*PREVIOUS_RUN_FILES, "config.yaml", "labels.json", "skipped.json", "history.csv")
 
 
 def append_history(path: Path, row: dict) -> None:
@@ -93,7 +95,13 @@ class RunDir:
         self.history = self.path / "history.csv"
 
     def prepare(self) -> None:
-        """Create the directory and remove temporaries an interrupted write left (rank 0, the others wait)."""
+        """Create the directory and remove temporaries an interrupted write left (rank 0, the others wait). A folder
+        where a run file goes (``mkdir RUN_DIR/best.pt``) is refused now, on every rank, not met by a traceback when
+        the file is written (after caching, or after an epoch)."""
+        folders = [name for name in RUN_FILES if (self.path / name).is_dir()]
+        if folders:
+            raise InvalidInput(f"{self.path} has folder(s) where the run writes files: {', '.join(folders)}; move or "
+                               "remove them, or use another --out")
         if self.main:
             self.path.mkdir(parents=True, exist_ok=True)
             for stale in remove_stale_temporaries(self.path):
@@ -104,7 +112,7 @@ class RunDir:
         last = self.path / "last.pt"
         if not last.exists():
             raise ResumeError(f"--resume: {last} does not exist; start without --resume")
-        return load_checkpoint(last)
+        return load_checkpoint(last, advice=UNREADABLE_LAST)
 
     def write_setup(self, config: Config, labels: list[str], skipped: list, fresh: bool = True) -> None:
         """The run's setup files; a fresh run first removes what an earlier run left in the directory, so a run

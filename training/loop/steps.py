@@ -115,12 +115,13 @@ def train_one_epoch(model: torch.nn.Module, module: torch.nn.Module, loader, opt
 
 @torch.no_grad()
 def predict_dataset(module: torch.nn.Module, dataset, batch_size: int, device: torch.device, channels_last: bool,
-                    desc: str = "val") -> np.ndarray:
-    """Softmax probabilities for every item of ``dataset``, in order."""
+                    desc: str = "val", progress: bool = True) -> np.ndarray:
+    """Softmax probabilities for every item of ``dataset``, in order (an empty one: a (0, 0) array).
+    ``progress``: show a bar (rank 0 only under torchrun)."""
     module.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
     out = []
-    for x, *_ in tqdm(loader, desc=desc, leave=False, unit="batch"):
+    for x, *_ in tqdm(loader, desc=desc, leave=False, unit="batch", disable=not progress):
         out.append(torch.softmax(module(_to_device(x, device, channels_last)).float(), dim=1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
@@ -132,7 +133,7 @@ def prime_miner(module: torch.nn.Module, pool, n_main: int, miner: HardNegativeM
     and draws that epoch uniformly (a 3-epoch fine-tune mined in two epochs of three)."""
     shard = np.arange(info.rank, len(pool), info.world)
     probs = predict_dataset(module, torch.utils.data.Subset(pool, shard.tolist()), batch_size, device, channels_last,
-                            desc="scoring negatives")
+                            desc="scoring negatives", progress=info.main)
     if len(shard):
         miner.update(shard + n_main, probs[:, miner.product_columns].max(1))
     miner.sync(info)
@@ -140,8 +141,13 @@ def prime_miner(module: torch.nn.Module, pool, n_main: int, miner: HardNegativeM
 
 def validate(module: torch.nn.Module, dataset, labels: list[str], batch_size: int, device: torch.device, *,
              channels_last: bool = False, info: DistInfo = DistInfo()) -> dict:
-    """Metrics of ``module`` on ``dataset`` (each rank predicts every N-th item; all ranks get all metrics)."""
+    """Metrics of ``module`` on ``dataset`` (each rank predicts every N-th item; all ranks get all metrics). Under
+    torchrun every rank first takes rank 0's buffers of ``module`` (``distributed.broadcast_buffers``): the metrics
+    are those of the model rank 0 saves, and a resumed run records what an uninterrupted one does. A rank whose
+    shard is empty (fewer images than ranks) predicts nothing."""
+    distributed.broadcast_buffers(info, module)
     shard = np.arange(info.rank, len(dataset), info.world)
-    probs = predict_dataset(module, torch.utils.data.Subset(dataset, shard.tolist()), batch_size, device, channels_last)
+    probs = predict_dataset(module, torch.utils.data.Subset(dataset, shard.tolist()), batch_size, device, channels_last,
+                            progress=info.main)
     probs = distributed.gather_predictions(info, shard, probs, len(dataset))
     return compute_metrics(np.asarray(dataset.targets), probs, labels)
