@@ -2,7 +2,8 @@
 
 ``wildcheck build MODEL.onnx`` puts the ONNX file into the model store as ``<model_name>:<model_version>`` and
 runs ``bentoml build --arg model=<tag>`` on ``serving/bentofile.yaml``. The Bento keeps that argument, so when
-it is served (``bentoml serve <bento>``, a container, BentoCloud) the service finds its model in the store.
+it is served (``bentoml serve <bento>``, a container, BentoCloud) the service finds its model in the store. The
+``WILDCHECK_*`` settings are not part of a Bento: it serves with those of the environment it is served in.
 """
 
 from __future__ import annotations
@@ -110,13 +111,28 @@ def build_bento(model: str | Path, gallery: str | Path | None = None, embedder: 
         raise BentoBuildError("the bentoml command was not found; install wildcheck with its dependencies")
     cmd = [bentoml_cli, "build", "-f", str(BENTOFILE), "--arg", f"model={model_tag}", "--label",
            f"model={model_tag.replace(':', '_')}", "-o", "tag", str(build_ctx)]
-    env = dict(os.environ, BENTOML_DO_NOT_TRACK=os.environ.get("BENTOML_DO_NOT_TRACK", "true"))
-    env.pop("WILDCHECK_MODEL", None)  # the service imported during the build must use the stored model
+    # the service imported during the build must use the stored model, and the builder's WILDCHECK_* settings
+    # must not be recorded in bento.yaml: they never apply (the service reads its settings from the environment
+    # where the Bento is served), so recorded they would only mislead (settings_not_frozen)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WILDCHECK_")}
+    env["BENTOML_DO_NOT_TRACK"] = os.environ.get("BENTOML_DO_NOT_TRACK", "true")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     tags = re.findall(r"__tag__:(\S+)", proc.stdout)
     if proc.returncode != 0 or not tags:
         raise BentoBuildError(f"bentoml build failed (exit {proc.returncode}):\n{proc.stderr.strip() or proc.stdout.strip()}")
     return tags[-1]
+
+
+def settings_not_frozen(environ=os.environ) -> list[str]:
+    """The ``WILDCHECK_*`` variables set in ``environ`` at build time, none of which the Bento keeps.
+
+    A Bento serves with the settings (workers, limits, API keys, policy) of the environment it is served in: the
+    service is built from that environment when ``bentoml serve`` imports it, whatever bento.yaml records. So the
+    build leaves them out of bento.yaml (it records the defaults) and ``wildcheck build`` names the ones it saw.
+    """
+    from serving.settings import VARIABLES
+
+    return sorted(k for k in VARIABLES if environ.get(k))
 
 
 def stored_model_ref() -> bentoml.models.BentoModel | None:

@@ -285,8 +285,10 @@ def open_session(path: str | Path, options=None):
     import onnxruntime as ort
 
     path = Path(path)
+    if path.is_dir():
+        raise ContractError(f"{path} is a folder, not an ONNX file: give the .onnx file (`wildcheck export` writes one)")
     if not path.is_file():
-        raise ContractError(f"{path} does not exist")
+        raise ContractError(f"{path} does not exist" if not path.exists() else f"{path} is not a regular file")
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises InvalidProtobuf, Fail, ... for files that are not models

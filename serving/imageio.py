@@ -98,6 +98,15 @@ DEFAULT_MAX_DECODE_BYTES = 256 * 2**20
 DEFAULT_MAX_ASPECT = 50
 
 
+def size_text(n: float) -> str:
+    """A size in bytes for a message: '20 MiB', '1.5 MiB', '300 KiB', '1 bytes'; never rounded to '0 MiB'."""
+    if n >= 2**20:
+        return f"{n / 2**20:.3g} MiB"
+    if n >= 2**10:
+        return f"{n / 2**10:.3g} KiB"
+    return f"{int(n)} bytes"
+
+
 class ImageError(WildcheckError, ValueError):
     """An image that cannot be used. ``code`` is machine-readable, ``status`` the HTTP status to answer."""
 
@@ -271,8 +280,8 @@ def _decode(data, max_pixels, min_side, draft_size, allowed_formats, max_decode_
     if needed > max_decode_bytes:
         raise ImageError(
             "too_many_pixels",
-            f"a {width}x{height} {img.mode} image needs {needed / 2**20:.0f} MiB to decode, over the limit of "
-            f"{max_decode_bytes / 2**20:.0f} MiB; send a smaller or 8-bit image",
+            f"a {width}x{height} {img.mode} image needs {size_text(needed)} to decode, over the limit of "
+            f"{size_text(max_decode_bytes)}; send a smaller or 8-bit image",
         )
     if min(width, height) < min_side:
         raise ImageError("too_small", f"image is {width}x{height}; the shorter side must be at least {min_side} px")

@@ -1,8 +1,10 @@
 """Start a server the way users do (``wildcheck serve``, ``bentoml serve``), wait until ``/readyz`` says 200,
 and stop its whole process group: one definition for the end-to-end tests and the serving benchmarks.
 
-The server runs in its own session (``start_new_session``) so that stopping it also stops the BentoML workers
-it forked; a server that does not leave on SIGTERM within ``grace`` seconds is killed.
+The server runs in its own session (``start_new_session``); SIGTERM to its process group makes the BentoML
+arbiter stop its workers. A server that does not leave within ``grace`` seconds is killed with SIGKILL, and so are
+its workers: BentoML starts each worker in a process group of its own, so a SIGKILL to the server's group left
+them running (orphaned, still answering on the port).
 """
 
 from __future__ import annotations
@@ -66,19 +68,44 @@ class ServerProcess:
         self.stop()
         raise ServerNotReady(f"server not ready after {self.ready_timeout:.0f} s:\n{self.log_tail()}")
 
+    def descendants(self) -> list:
+        """The server's processes below it (BentoML's workers and what they started), as ``psutil.Process``."""
+        import psutil
+
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+
     def stop(self) -> None:
-        """SIGTERM to the process group, SIGKILL after ``grace`` seconds; idempotent."""
+        """SIGTERM to the process group, SIGKILL after ``grace`` seconds (to the group and to every process
+        below the server, found before the kill: workers sit in process groups of their own); idempotent."""
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)
                 self.proc.wait(timeout=self.grace)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+                self._kill()
             except ProcessLookupError:
                 pass
         if not self._log.closed:
             self._log.close()
+
+    def _kill(self) -> None:
+        import psutil
+
+        below = self.descendants()  # before the kill: afterwards the orphans belong to init
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for p in below:  # psutil checks it is still the same process (not a reused pid) before it kills
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        self.proc.wait()
+        psutil.wait_procs(below, timeout=5)
 
     def __enter__(self) -> "ServerProcess":
         return self.wait_ready()

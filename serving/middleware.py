@@ -11,6 +11,8 @@ import time
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serving.imageio import size_text
+
 
 def error_response(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
@@ -50,7 +52,7 @@ class BodyLimitMiddleware:
             return await _send_error(send, 400, "invalid_content_type", "the Content-Type header is not ASCII")
         if scope.get("method") in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
-        limit_mb = self.max_bytes / 1024 / 1024
+        limit = size_text(self.max_bytes)  # not '0 MB' for a limit under 1 MiB
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None:
             try:
@@ -58,7 +60,7 @@ class BodyLimitMiddleware:
             except ValueError:
                 return await _send_error(send, 400, "invalid_request", "Content-Length is not a number")
             if too_big:
-                return await _send_error(send, 413, "body_too_large", f"request body over the {limit_mb:.0f} MB limit")
+                return await _send_error(send, 413, "body_too_large", f"request body over the {limit} limit")
         chunks, size = [], 0
         deadline = time.monotonic() + self.timeout_s
         while True:
@@ -72,7 +74,7 @@ class BodyLimitMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                return await _send_error(send, 413, "body_too_large", f"request body over the {limit_mb:.0f} MB limit")
+                return await _send_error(send, 413, "body_too_large", f"request body over the {limit} limit")
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break

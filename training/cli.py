@@ -475,11 +475,12 @@ def serve(
     model: Optional[Path] = typer.Argument(None, help="ONNX file exported by `wildcheck export`"),
     registry: Optional[Path] = typer.Option(None, "--registry", help="serve the registry's current model instead"),
     name: Optional[str] = typer.Option(None, "--name", help="model name in the registry"),
-    port: int = typer.Option(3000, "--port"),
+    port: int = typer.Option(3000, "--port", min=1, max=65535),
     host: str = typer.Option("0.0.0.0", "--host"),
-    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="worker processes (default 2, WILDCHECK_WORKERS)"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, max=64,
+                                          help="worker processes (default 2, WILDCHECK_WORKERS)"),
     threads_per_worker: Optional[int] = typer.Option(
-        None, "--threads-per-worker", min=1, help="onnxruntime threads per worker (default 1, WILDCHECK_THREADS)"),
+        None, "--threads-per-worker", min=1, max=256, help="onnxruntime threads per worker (default 1, WILDCHECK_THREADS)"),
     policy: Optional[Path] = typer.Option(None, "--policy", help="policy YAML overriding thresholds (WILDCHECK_POLICY)"),
     gallery: Optional[Path] = typer.Option(None, "--gallery", help="reference gallery (wildcheck gallery build; WILDCHECK_GALLERY)"),
     embedder: Optional[Path] = typer.Option(
@@ -489,50 +490,30 @@ def serve(
     import os
     import shutil
 
-    from serving.contract import read_contract
+    from serving.settings import Settings
 
+    if registry is not None and model is not None:
+        _fail(f"give either MODEL.onnx ({model}) or --registry {registry}, not both")
+    if name is not None and registry is None:
+        _fail(f"--name {name} picks a model of a registry: give --registry DIR too, or drop --name")
     if registry is not None:
         from training.registry import current_model
 
         model = current_model(registry, name)
     if model is None:
         _fail("give an ONNX file or --registry DIR")
-    contract = read_contract(model)
-    from serving.settings import Settings
-
-    Settings.from_env()  # bad numbers or an API key list with no key: fail here, not in every worker
     env = dict(os.environ, WILDCHECK_MODEL=str(model.resolve()))
-    gallery = gallery or (Path(env["WILDCHECK_GALLERY"]) if env.get("WILDCHECK_GALLERY") else None)
-    embedder = embedder or (Path(env["WILDCHECK_EMBEDDER"]) if env.get("WILDCHECK_EMBEDDER") else None)
-    loaded = None
-    if embedder and not gallery:
-        _fail(f"--embedder {embedder} only serves a gallery's matches: give --gallery too (WILDCHECK_GALLERY)")
-    if gallery:
-        from serving.gallery import Gallery
-
-        gallery_contract, served_as = contract, "model"
-        if embedder:
-            gallery_contract, served_as = read_contract(embedder), "embedder"
-            if gallery_contract.embedding is None:
-                _fail(f"{embedder} has no embedding output: give a model from `wildcheck export-embedder`")
-            env["WILDCHECK_EMBEDDER"] = str(embedder.resolve())
-        # refuse here, naming the file and both models, not in every worker
-        loaded = Gallery.load(gallery, gallery_contract, served_as=served_as)
-        env["WILDCHECK_GALLERY"] = str(gallery.resolve())
-    if policy:
-        from serving.policy import PolicyError, load_policy, resolve_policy
-
-        loaded_policy = load_policy(policy)
-        resolve_policy(loaded_policy, contract)  # fail here, not in every worker
-        if loaded_policy.gallery:
-            if loaded is None:
-                raise PolicyError(f"policy {policy} has a gallery section but no --gallery is served")
-            loaded.apply_policy(loaded_policy.gallery)
-        env["WILDCHECK_POLICY"] = str(policy.resolve())
+    for key, flag in (("WILDCHECK_POLICY", policy), ("WILDCHECK_GALLERY", gallery), ("WILDCHECK_EMBEDDER", embedder)):
+        path = flag or (Path(env[key]) if env.get(key) else None)  # the flag, else the environment
+        if path is not None:
+            env[key] = str(path.resolve())
     if workers is not None:
         env["WILDCHECK_WORKERS"] = str(workers)
     if threads_per_worker is not None:
         env["WILDCHECK_THREADS"] = str(threads_per_worker)
+    # everything a worker checks at start-up, checked once here, as the worker does it (model, gallery, embedder,
+    # policy, settings against the model): BentoML restarts a worker that fails to start forever, port open
+    contract = Settings.from_env(env).open_checker(threads=1).contract
     env.setdefault("BENTOML_DO_NOT_TRACK", "true")
     # glibc gives every thread its own malloc arena; with a request thread pool that shows up as RSS
     # creeping up under sustained load. Two arenas per process keep it flat.
@@ -613,15 +594,24 @@ def build(
     embedder: Optional[Path] = typer.Option(None, "--embedder", help="the embedder the gallery was built with"),
 ) -> None:
     """Build a Bento: the service, the model (via BentoML's model store) and only the serving packages."""
-    from serving.bento import build_bento
-    from serving.contract import read_contract
-    from serving.gallery import Gallery
+    import dataclasses
+    import os
 
-    if gallery:  # a gallery that the served model (or embedder) cannot use would stop every worker: refuse now
-        Gallery.load(gallery, read_contract(embedder or model), served_as="embedder" if embedder else "model")
+    from serving.bento import build_bento, settings_not_frozen
+    from serving.settings import Settings
+
+    # before anything is put into the model store: the WILDCHECK_* settings, then the model, gallery and embedder
+    # opened as a worker of the Bento opens them (a gallery the model cannot use would stop every worker)
+    settings = dataclasses.replace(Settings.from_env(), model=str(model), gallery=str(gallery) if gallery else "",
+                                   embedder=str(embedder) if embedder else "", policy="")
+    settings.open_checker(threads=1)
     tag = build_bento(model, gallery, embedder)
     typer.echo(f"built Bento {tag}")
     typer.echo(f"serve it: bentoml serve {tag}; container image: bentoml containerize {tag}")
+    unused = settings_not_frozen(os.environ)
+    if unused:
+        typer.echo(f"not part of the Bento: {', '.join(unused)} (set here at build time). Settings and a policy come "
+                   "from the environment where the Bento is served (docker run -e ..., the deployment's env)")
 
 
 @app.command()

@@ -37,30 +37,91 @@ class NoCurrentModel(MissingInput):
     """The registry has no (single) promoted model to serve."""
 
 
+def _link_text(link: Path) -> str:
+    """``current -> TARGET`` for a message (the link's own text, not where it resolves)."""
+    try:
+        return f"{link} -> {os.readlink(link)}"
+    except OSError:
+        return str(link)
+
+
+def _resolved_current(link: Path) -> Path | None:
+    """The folder ``current`` points at; None when the link dangles or loops."""
+    try:
+        target = link.resolve(strict=True)
+    except (OSError, RuntimeError):  # missing target; RuntimeError: a symlink loop (Python < 3.13)
+        return None
+    return target if target.is_dir() else None
+
+
 def current_model(registry: str | Path, name: str | None = None) -> Path:
-    """The ONNX file ``current`` points at (the only model name in the registry, unless ``name`` is given)."""
+    """The ONNX file ``current`` points at (the only model name in the registry, unless ``name`` is given),
+    resolved. ``current`` must name a version folder of ``REGISTRY/<name>/`` whose model is that name and
+    version: a link to anywhere else, or a model that is not the one its folders name, is refused."""
     registry = Path(registry)
-    names = sorted(p.name for p in registry.iterdir() if (p / "current").exists()) if registry.is_dir() else []
+    if not registry.exists():
+        raise NoCurrentModel(f"--registry {registry} does not exist; give the folder `wildcheck promote --registry` "
+                             "wrote")
+    if not registry.is_dir():
+        raise NoCurrentModel(f"--registry {registry} is a file, not a registry folder; give the folder "
+                             "`wildcheck promote --registry` wrote (serve an ONNX file as `wildcheck serve FILE`)")
+    if name is not None:
+        _folder_name(name, "--name")
     if name is None:
+        names = sorted(p.name for p in registry.iterdir()
+                       if p.is_dir() and ((p / "current").is_symlink() or (p / "current").exists()))
         if len(names) != 1:
-            raise NoCurrentModel(f"{registry}: expected one promoted model, found {names or 'none'}; pass --name")
+            raise NoCurrentModel(f"{registry}: expected one promoted model, found {names or 'none'}"
+                                 + ("; pass --name" if names else "; promote one with `wildcheck promote`"))
         name = names[0]
-    path = registry / name / "current" / "model.onnx"
-    if not path.exists():
-        raise NoCurrentModel(f"{registry}/{name} has no current model; promote one with `wildcheck promote`")
-    return path
+    model_dir = registry / name
+    link = model_dir / "current"
+    if not model_dir.is_dir():
+        found = sorted(p.name for p in registry.iterdir() if p.is_dir())
+        raise NoCurrentModel(f"{registry} has no model named {name!r} (it has {found or 'none'})")
+    if not (link.is_symlink() or link.exists()):
+        raise NoCurrentModel(f"{model_dir} has no current model; promote one with `wildcheck promote`")
+    if not link.is_symlink() and not link.is_dir():
+        raise NoCurrentModel(f"{link} is a file, not the link `wildcheck promote` keeps; point it at a version "
+                             "folder beside it (ln -sfn VERSION current) or promote again")
+    target = _resolved_current(link)
+    if target is None:
+        raise NoCurrentModel(f"{_link_text(link)}, which does not exist (a dangling link or a link loop); point it "
+                             "at a version folder beside it (ln -sfn VERSION current) or promote again")
+    if target.parent != model_dir.resolve():
+        raise NoCurrentModel(f"{_link_text(link)} resolves to {target}, outside {model_dir}: the registry serves "
+                             "only its own version folders; point it at one (ln -sfn VERSION current)")
+    model = target / "model.onnx"
+    if not model.is_file():
+        raise NoCurrentModel(f"{_link_text(link)}: {target} has no model.onnx file (an interrupted promote?); point "
+                             "`current` at a complete version or promote again")
+    contract = read_contract(model)
+    # a real folder named current (a copy made with `cp -L`) names no version; its model must still be this name's
+    version = target.name if link.is_symlink() else contract.model_version
+    if (contract.model_name, contract.model_version) != (name, version):
+        raise NoCurrentModel(f"{model} is {contract.model_name} {contract.model_version}, but the registry folders "
+                             f"say {name} {version}: a file copied in by hand? Promote the run with `wildcheck promote`")
+    return model
 
 
 RESERVED_NAMES = {"current", "promotions.jsonl"}
+# a version is <--version or run name>+<12 hex>: under 255 bytes, the folder-name limit of common file systems
+MAX_FOLDER_NAME = 128
+FOLDER_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.+:")
 
 
 def _folder_name(value: str, option: str) -> str:
     """A model name or version is one folder of the registry: a path (``../x``, ``/abs``) would write outside
-    it, and a reserved or hidden name would collide with the ``current`` link or its temporaries."""
+    it, and a reserved or hidden name would collide with the ``current`` link or its temporaries. Letters, digits
+    and ``-_.+:`` only (an ensemble's default name has a ``:``): a space, newline or control character makes a
+    folder that shell commands and the model card mangle."""
     if (not value or value in {".", ".."} or value in RESERVED_NAMES or value.startswith(".")
-            or any(c in value for c in "/\\\0")):
+            or not set(value) <= FOLDER_CHARS):
         raise InvalidInput(f"{option} {value!r} cannot name a folder of the registry: use letters, digits and "
-                           "-_.+ (not starting with a dot), e.g. 1.7.0; not a path")
+                           "-_.+: (not starting with a dot), e.g. 1.7.0; not a path")
+    if len(value) > MAX_FOLDER_NAME:
+        raise InvalidInput(f"{option} is {len(value)} characters long; a registry folder name takes at most "
+                           f"{MAX_FOLDER_NAME} (a version gets +<12-character weights hash> added)")
     return value
 
 
@@ -107,54 +168,81 @@ def _check_compared(comparison: dict, compare_path: Path, challenger_version: st
                              f"{compare_again}")
 
 
+def _gate(model_dir: Path, comparison: dict | None, compare_path: Path, version: str, run_dir: Path,
+          force: bool) -> None:
+    """The refusals that do not need the exported file: run before the export (seconds instead of after ~30 s of
+    it) and again right before ``current`` moves (the registry may have changed meanwhile)."""
+    if model_dir.exists() and not model_dir.is_dir():
+        raise InvalidInput(f"{model_dir} is a file, not the model's registry folder; move it away")
+    link = model_dir / "current"
+    if link.exists() and not link.is_symlink():
+        raise InvalidInput(f"{link} is a {'folder' if link.is_dir() else 'file'}, not the link promote keeps (a "
+                           "copy made with `cp -L`?); move it away, or promote into the original registry")
+    current = None
+    if link.is_symlink():  # a link that dangles or loops is a current model too, a broken one: never skip the gate
+        target = _resolved_current(link)
+        if target is None or not (target / "model.onnx").is_file():
+            if not force:
+                where = "does not exist (a dangling link or a link loop)" if target is None else "has no model.onnx"
+                raise PromoteRefused(f"a current model exists but is broken: {_link_text(link)}, which {where}; "
+                                     "restore it and compare with it, or promote with --force to replace it")
+        else:
+            current = target / "model.onnx"
+    if comparison and comparison["gate"] == "fail" and not force:
+        raise PromoteRefused(f"the comparison gate failed ({'; '.join(comparison['failures'])}); "
+                             "fix the model or promote with --force")
+    compare_again = (f"run `wildcheck compare {model_dir / 'current' / 'model.onnx'} {run_dir} --data ROOT "
+                     "--split test` first")
+    if comparison is None and current is not None and not force:
+        raise PromoteRefused(f"no comparison with the current model: {compare_again}")
+    if comparison is not None and not force:
+        _check_compared(comparison, compare_path, version,
+                        read_contract(current).model_version if current is not None else None, compare_again)
+
+
 def promote(run: str | Path, registry: str | Path, force: bool = False, name: str | None = None,
             version: str | None = None) -> dict:
-    from training.predict import resolve_checkpoint  # the training stack: current_model() works without it
-    from training.export import export
-
     for value, option in ((name, "--name"), (version, "--version")):
         if value is not None:
             _folder_name(value, option)
+    registry = Path(registry)
+    if registry.exists() and not registry.is_dir():
+        raise InvalidInput(f"--registry {registry} is a file; give a folder (created on the first promote)")
+    from training.checkpoint import Checkpoint  # the training stack: current_model() works without it
+    from training.export import export
+    from training.predict import resolve_checkpoint
+
     ckpt = resolve_checkpoint(run)
     run_dir = ckpt.parent
-    registry = Path(registry)
     compare_path = run_dir / "compare.json"
     try:
         comparison = json.loads(compare_path.read_text()) if compare_path.exists() else None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidInput(f"{compare_path} is not readable JSON ({exc}); run `wildcheck compare` again") from exc
+    # the name and version the export will give (the checkpoint's, without exporting): every refusal that does not
+    # need the file comes before the ~30 s export
+    planned = Checkpoint.load(ckpt).release(name, version, ckpt.parent.name)
+    _gate(registry / _folder_name(planned.model_name, "--name"), comparison, compare_path,
+          _folder_name(planned.model_version, "--version"), run_dir, force)
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / "model.onnx"
         export(ckpt, staged, name=name, version=version)
         contract = read_contract(staged)
         model_dir = registry / _folder_name(contract.model_name, "--name")
         _folder_name(contract.model_version, "--version")
-        if (model_dir / "current").exists() and not (model_dir / "current").is_symlink():
-            raise InvalidInput(f"{model_dir / 'current'} is a folder, not the link promote keeps (a copy made with "
-                               "`cp -L`?); move it away, or promote into the original registry")
-        has_current = (model_dir / "current").exists()
-        if comparison and comparison["gate"] == "fail" and not force:
-            raise PromoteRefused(f"the comparison gate failed ({'; '.join(comparison['failures'])}); "
-                                 "fix the model or promote with --force")
-        compare_again = (f"run `wildcheck compare {model_dir / 'current' / 'model.onnx'} {run_dir} --data ROOT "
-                         "--split test` first")
-        if comparison is None and has_current and not force:
-            raise PromoteRefused(f"no comparison with the current model: {compare_again}")
-        if comparison is not None and not force:
-            _check_compared(comparison, compare_path, contract.model_version,
-                            read_contract(model_dir / "current" / "model.onnx").model_version if has_current else None,
-                            compare_again)
+        _gate(model_dir, comparison, compare_path, contract.model_version, run_dir, force)
         target = model_dir / contract.model_version
         target.mkdir(parents=True, exist_ok=True)
         with atomic_path(target / "model.onnx") as final:
             shutil.copyfile(staged, final)
-    atomic_write_text(target / "model_card.md", _card(contract, comparison, run_dir))
+    run_path = run_dir.resolve()  # the record outlives the shell it was typed in: no relative path
+    atomic_write_text(target / "model_card.md", _card(contract, comparison, run_path))
     atomic_write_text(target / "metrics.json", json.dumps({"contract_metrics": contract.metrics,
                                                            "comparison": comparison}, indent=2))
     previous = os.readlink(model_dir / "current") if (model_dir / "current").is_symlink() else None
     _point_current(model_dir, contract.model_version)
     event = {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "version": contract.model_version,
-             "previous": previous, "run": str(run_dir), "forced": bool(force),
+             "previous": previous, "run": str(run_path), "forced": bool(force),
              "gate": comparison["gate"] if comparison else None}
     with (model_dir / "promotions.jsonl").open("a") as fh:
         fh.write(json.dumps(event) + "\n")
