@@ -81,6 +81,9 @@ def _fastapi(settings: Settings) -> FastAPI:
         "Upload the image bytes (multipart field `image`, or the raw request body); URLs are never fetched.",
         docs_url="/docs",
         openapi_url="/openapi.json",
+        # one docs page: FastAPI's ReDoc page was not among the paths open without a key (401 where /docs is
+        # open) and fetched its JavaScript from a CDN
+        redoc_url=None,
     )
     api.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     api.add_middleware(ConcurrencyLimitMiddleware, limit=settings.max_concurrency)

@@ -234,6 +234,14 @@ def test_only_the_exact_docs_paths_skip_the_api_key(app):
     assert client.get("/v1/openapi.json", headers={"X-API-Key": ""}).status_code == 200
 
 
+def test_one_docs_page_open_and_no_redoc(app):
+    """/v1/redoc answered 401 with keys on while /v1/docs was open, and fetched its script from a CDN."""
+    client, _ = app
+    assert client.get("/v1/docs", headers={"X-API-Key": ""}).status_code == 200
+    r = client.get("/v1/redoc", headers={"X-API-Key": "k1"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
 def test_too_many_batch_files_is_413_batch_too_large(app):
     client, _ = app  # WILDCHECK_MAX_BATCH=4: the multipart parser stops at 5 files
     files = [("image", (f"{i}.jpg", b"x", "image/jpeg")) for i in range(7)]
