@@ -7,6 +7,7 @@ exactly as the server decodes uploads; unreadable ones are skipped and reported,
 from __future__ import annotations
 
 import csv
+import math
 import random
 import unicodedata
 from dataclasses import dataclass
@@ -252,6 +253,11 @@ def format_info(info: dict) -> str:
              f"embedding: {info['embedding']['size']} floats ({info['embedding']['producer']}); search: {info['search']}",
              f"thresholds solved on {count - left_out} negatives at fpr {info['fpr']}"
              + (f" ({left_out} more left out: copies of references)" if left_out else "")]
+    solved, fpr = count - left_out, info["fpr"]
+    if 0 < solved < math.ceil(1 / fpr - 1e-9):  # fewer than 1/fpr negatives cannot show a rate of fpr
+        lines.append(f"  warning: {solved} negatives cannot resolve fpr {fpr} (it takes at least "
+                     f"{math.ceil(1 / fpr - 1e-9)}): `similar` sits above every negative, so how often it matches "
+                     "ordinary photos is unmeasured; build it again with more ordinary photos in --negatives")
     for label, count in info["labels"].items():
         t = info["thresholds"][label]
         lines.append(f"  {label}: {count} refs, similar >= {t['similar']:.4f}, duplicate >= {t['duplicate']:.4f} "

@@ -69,7 +69,7 @@ def clean(tmp_path_factory) -> dict:
     out = root / "clean.npz"
     built = _cli("gallery", "build", refs, "--model", SHIPPED, "--out", out, "--negatives", neg)
     assert built.exit_code == 0, built.output
-    return {"root": root, "refs": refs, "neg": neg, "gallery": out}
+    return {"root": root, "refs": refs, "neg": neg, "gallery": out, "built": _text(built)}
 
 
 # ---- 1, 2: copies of references among the negatives ----------------------------------------------------
@@ -277,3 +277,12 @@ def test_labels_with_path_characters_or_control_characters_are_refused(clean, tm
     added = _cli("gallery", "add", gallery, csv_file, "--model", SHIPPED)
     assert added.exit_code == 2 and repr(label) in added.output, added.output
     assert gallery.read_bytes() == before
+
+
+def test_too_few_negatives_for_the_fpr_are_a_warning_in_build_and_info(clean):
+    """Six negatives at fpr 0.01 were solved without a word: `similar` sat above every negative, its rate on
+    ordinary photos unmeasured (the threshold's note said so, but nothing printed it)."""
+    info = _cli("gallery", "info", clean["gallery"])
+    assert info.exit_code == 0, info.output
+    for output in (clean["built"], _text(info)):
+        assert "warning: 6 negatives cannot resolve fpr 0.01 (it takes at least 100)" in output
