@@ -10,7 +10,6 @@ or URL (401/403/404/405) stops the whole run before anything is recorded: otherw
 from __future__ import annotations
 
 import asyncio
-import csv
 import errno
 import json
 import os
@@ -21,6 +20,7 @@ from pathlib import Path
 import httpx
 from tqdm.auto import tqdm
 
+from serving.csvio import read_rows
 from serving.errors import InvalidInput, MissingInput, WildcheckError
 from serving.imageio import images_under
 from serving.locking import exclusive
@@ -45,16 +45,8 @@ def list_images(source: str | Path) -> list[Path]:
     """Images under a folder (recursively) or the ``path`` column of a CSV."""
     source = Path(source)
     if source.is_file() and source.suffix.lower() == ".csv":
-        try:
-            with source.open(newline="", encoding="utf-8-sig") as fh:  # -sig: Excel writes a BOM
-                reader = csv.DictReader(fh)
-                if not reader.fieldnames or "path" not in reader.fieldnames:
-                    raise InvalidInput(f"{source}: the CSV needs a 'path' column")
-                return [p if p.is_absolute() else source.parent / p for p in (Path(r["path"]) for r in reader if r["path"])]
-        except UnicodeDecodeError as exc:
-            raise InvalidInput(f"{source} is not UTF-8 text ({exc.reason} at byte {exc.start}); save the CSV as UTF-8") from exc
-        except csv.Error as exc:
-            raise InvalidInput(f"{source} is not a readable CSV: {exc}") from exc
+        rows, _ = read_rows(source, {"path"}, "the CSV needs a 'path' column")
+        return [p if p.is_absolute() else source.parent / p for p in (Path(r["path"]) for r in rows if r["path"])]
     if source.is_dir():
         return images_under(source)
     raise MissingInput(f"{source} is neither a folder nor a CSV file")

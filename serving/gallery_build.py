@@ -6,7 +6,6 @@ exactly as the server decodes uploads; unreadable ones are skipped and reported,
 
 from __future__ import annotations
 
-import csv
 import math
 import random
 import unicodedata
@@ -17,6 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from serving.client import list_images
+from serving.csvio import read_rows
 from serving.errors import InvalidInput, MissingInput
 from serving.gallery import (DEFAULT_FPR, Gallery, GalleryError, is_gallery_file, new_header, preprocess_and_hash,
                              require_gallery_file)
@@ -61,24 +61,16 @@ def read_references(ref: str | Path) -> list[RefItem]:
     ref = Path(ref)
     items: list[RefItem] = []
     if ref.is_file() and ref.suffix.lower() == ".csv":
-        try:  # as serving.client.list_images: -sig reads Excel's BOM; undecodable text is a message, not a traceback
-            with ref.open(newline="", encoding="utf-8-sig") as fh:
-                reader = csv.DictReader(fh)
-                if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
-                    raise InvalidInput(f"{ref}: the CSV needs 'path' and 'label' columns (optional: reference_id, source)")
-                for row in reader:
-                    path = Path(row["path"] or "")
-                    path = path if path.is_absolute() else ref.parent / path
-                    label = (row.get("label") or "").strip()
-                    if not label:
-                        raise InvalidInput(f"{ref}: row for {row['path']} has no label")
-                    check_label(label, f"{ref}: row for {row['path']}")
-                    items.append(RefItem(path, label, (row.get("reference_id") or "").strip() or f"{label}/{path.name}",
-                                         (row.get("source") or "").strip()))
-        except UnicodeDecodeError as exc:
-            raise InvalidInput(f"{ref} is not UTF-8 text ({exc.reason} at byte {exc.start}); save the CSV as UTF-8") from exc
-        except csv.Error as exc:
-            raise InvalidInput(f"{ref} is not a readable CSV: {exc}") from exc
+        rows, _ = read_rows(ref, {"path", "label"}, "the CSV needs 'path' and 'label' columns (optional: reference_id, source)")
+        for row in rows:
+            path = Path(row["path"] or "")
+            path = path if path.is_absolute() else ref.parent / path
+            label = (row.get("label") or "").strip()
+            if not label:
+                raise InvalidInput(f"{ref}: row for {row['path']} has no label")
+            check_label(label, f"{ref}: row for {row['path']}")
+            items.append(RefItem(path, label, (row.get("reference_id") or "").strip() or f"{label}/{path.name}",
+                                 (row.get("source") or "").strip()))
     elif ref.is_dir():
         for folder in label_folders(ref):
             check_label(folder.name, f"{ref}: folder {folder.name!r}")

@@ -205,3 +205,25 @@ def test_ingest_summary_names_each_kind_in_words(tmp_path):
     (tmp_path / "in" / "broken.jpg").write_bytes(b"not a jpeg")
     text = format_ingest(ingest(_labels_csv(tmp_path, [[tmp_path / "in" / "broken.jpg", "ivory"]]), tmp_path / "data"))
     assert "  unreadable: line 2" in text and "unreadabl:" not in text
+
+
+# --- user CSVs that are not UTF-8 (one reader: serving/csvio.read_rows) ----------------------------------------------
+
+def test_a_manifest_or_labels_csv_that_is_not_utf8_is_a_clear_error_not_a_traceback(tmp_path):
+    """A Latin-1 manifest, or labels CSV given to ingest, raised UnicodeDecodeError with a traceback; the scan and
+    gallery CSV readers already said what to do. All four read through one function now."""
+    from training.data.ingest import ingest
+    from training.data.sources import load_samples
+
+    photo_path = tmp_path / "a.jpg"
+    photo_path.write_bytes(jpeg_bytes(photo(0)))
+    latin1 = "path,label\na.jpg,ivo\xe9ry\n".encode("latin-1")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_bytes(latin1)
+    with pytest.raises(InvalidInput, match="is not UTF-8 text .* save the CSV as UTF-8"):
+        load_samples([manifest])
+    labels = tmp_path / "labels.csv"
+    labels.write_bytes(latin1)
+    with pytest.raises(InvalidInput, match="is not UTF-8 text .* save the CSV as UTF-8"):
+        ingest(labels, tmp_path / "dataset")
+    assert not (tmp_path / "dataset").exists()  # nothing written

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from serving.csvio import read_rows
 from serving.errors import InvalidInput, MissingInput, WildcheckError
 from serving.imageio import FORMATS, ImageError, decode_image
 from training.data.neardup import NEAR_DISTANCE, HashIndex, image_hash
@@ -107,13 +108,9 @@ def _load_manifest(root: Path, unreadable: list[dict]) -> tuple[list[dict], list
     duplicates and conflicts with those images would go unnoticed."""
     manifest = root / "manifest.csv"
     if manifest.exists():
-        with manifest.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            rows = list(reader)
-        if not {"path", "label"} <= set(reader.fieldnames or []):
-            raise InvalidInput(f"{manifest}: a manifest needs at least the columns path,label; fix its header "
-                               "and run again. Nothing was ingested.")
-        extra = [f for f in reader.fieldnames or [] if f not in MANIFEST_FIELDS]
+        rows, header = read_rows(manifest, {"path", "label"}, "a manifest needs at least the columns path,label; fix "
+                                 "its header and run again. Nothing was ingested.")
+        extra = [f for f in header if f not in MANIFEST_FIELDS]
         for line, row in enumerate(rows, start=2):
             if not (row.get("sha256") and row.get("phash")):
                 _hash_existing(root, row, f"manifest.csv line {line}", unreadable)
@@ -144,11 +141,7 @@ def ingest(labels_csv: str | Path, root: str | Path, split: str = "train", near_
     known = HashIndex((r["phash"] for r in hashed), near_distance)  # built once; each row is one numpy search
     known_labels = {r["label"] for r in existing}
     staged: list[tuple[bytes, dict]] = []
-    with labels_csv.open(newline="", encoding="utf-8-sig") as fh:  # -sig: Excel writes a BOM
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
-            raise InvalidInput(f"{labels_csv}: needs columns path,label[,source,listing_id,labeled_by,labeled_at]")
-        rows = list(reader)
+    rows, _ = read_rows(labels_csv, {"path", "label"}, "needs columns path,label[,source,listing_id,labeled_by,labeled_at]")
     _check_labels(rows, labels_csv)
     split_dir = (root / split).resolve()
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")

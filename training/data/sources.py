@@ -6,13 +6,13 @@ of generic product photos labelled ``other`` is one training set.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from serving.csvio import read_rows
 from serving.errors import InvalidInput, MissingInput
 from serving.imageio import IMAGE_EXTENSIONS, files_under, images_under, is_image_file, label_folders
 
@@ -48,23 +48,20 @@ def _read_manifest(csv_path: Path, default_split: str) -> list[Sample]:
     the command passes (as a root with split folders ignores it): before, ``evaluate --split test`` took the
     unsplit rows, which training had used, for test images. A manifest without any split takes the default."""
     samples, bad_splits, backslashed = [], [], []
-    with csv_path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
-            raise InvalidInput(f"{csv_path}: a manifest needs at least the columns path,label (and optionally split)")
-        for line_no, row in enumerate(reader, start=2):
-            if not row.get("path") or not row.get("label"):
-                raise InvalidInput(f"{csv_path}:{line_no}: empty path or label")
-            path = Path(row["path"])
-            if not path.is_absolute():
-                path = csv_path.parent / path
-            if "\\" in row["path"] and not path.exists():
-                backslashed.append(f"line {line_no}: {row['path']!r}")
-            split = (row.get("split") or "").strip()
-            if split and split not in KNOWN_SPLITS:
-                bad_splits.append(f"line {line_no}: {split!r}")
-            source = (row.get("source") or "").strip()
-            samples.append(Sample(path, row["label"].strip(), split, source))
+    rows, _ = read_rows(csv_path, {"path", "label"}, "a manifest needs at least the columns path,label (and optionally split)")
+    for line_no, row in enumerate(rows, start=2):
+        if not row.get("path") or not row.get("label"):
+            raise InvalidInput(f"{csv_path}:{line_no}: empty path or label")
+        path = Path(row["path"])
+        if not path.is_absolute():
+            path = csv_path.parent / path
+        if "\\" in row["path"] and not path.exists():
+            backslashed.append(f"line {line_no}: {row['path']!r}")
+        split = (row.get("split") or "").strip()
+        if split and split not in KNOWN_SPLITS:
+            bad_splits.append(f"line {line_no}: {split!r}")
+        source = (row.get("source") or "").strip()
+        samples.append(Sample(path, row["label"].strip(), split, source))
     _check_splits(csv_path, bad_splits)
     if backslashed:  # a Windows export: every row failed on its own with "No such file", saying nothing of why
         raise InvalidInput(f"{csv_path}: {len(backslashed)} path(s) with backslashes name no file: "
