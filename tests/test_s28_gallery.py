@@ -3,16 +3,16 @@ CSV encodings, the wrong --model for `gallery add`, all-unreadable references an
 
 from __future__ import annotations
 
-import io
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 from typer.testing import CliRunner
 
 from tests.conftest import jpeg_bytes, photo
+from tests.test_gallery import _listing_copy  # cropped, a price banner, JPEG quality 30
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "wildcheck-ivory.onnx"  # has an embedding output
 SIZE = (320, 240)
@@ -32,19 +32,6 @@ def _save(folder: Path, name: str, seed: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / name).write_bytes(jpeg_bytes(photo(seed, SIZE)))
     return folder / name
-
-
-def _listing_copy(path: Path) -> bytes:
-    """Cropped, a price banner across the bottom, re-compressed at JPEG quality 30."""
-    im = Image.open(path).convert("RGB")
-    w, h = im.size
-    im = im.crop((int(w * 0.06), int(h * 0.04), int(w * 0.96), int(h * 0.94)))
-    draw = ImageDraw.Draw(im)
-    draw.rectangle((0, im.height * 0.86, im.width, im.height), fill=(200, 30, 30))
-    draw.text((6, im.height * 0.88), "$450 FREE SHIPPING", fill=(255, 255, 255))
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=30)
-    return buf.getvalue()
 
 
 def _thresholds(path: Path) -> dict:
@@ -90,7 +77,7 @@ def test_a_reference_photo_among_the_negatives_is_left_out_named_and_its_label_s
     assert _same(got, want) and all(max(t) < 1.0 for t in got.values()), (got, want)
     assert "1 negatives are copies of references and were left out" in built.output
     assert "copy_of_a0.jpg (a kind_a reference)" in built.output
-    listing = _listing_copy(clean["refs"] / "kind_a" / "a0.jpg")
+    listing = _listing_copy(Image.open(clean["refs"] / "kind_a" / "a0.jpg").convert("RGB"))
     before = ImageChecker(str(SHIPPED), gallery=str(clean["gallery"])).check(listing)["matches"]
     after = ImageChecker(str(SHIPPED), gallery=str(out)).check(listing)["matches"]
     assert before and before[0]["reference"] == "kind_a/a0.jpg"
