@@ -17,8 +17,10 @@ def read_rows(path: str | Path, required: set[str], missing: str) -> tuple[list[
         with path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: Excel writes a BOM
             reader = csv.DictReader(fh)
             header = list(reader.fieldnames or [])
-            if not required <= set(header):
-                raise InvalidInput(f"{path}: {missing}")
+            if not required <= set(header):  # say what the first line holds: 'Path', 'path ', or no header at all
+                found = ", ".join(repr(h) for h in header[:8]) + (", ..." if len(header) > 8 else "")
+                raise InvalidInput(f"{path}: " + (f"its first line has the columns {found}; " if header else
+                                                  "it is empty; ") + missing)
             return list(reader), header
     except UnicodeDecodeError as exc:
         raise InvalidInput(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save the CSV as UTF-8") from exc

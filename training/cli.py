@@ -632,7 +632,10 @@ def scan(
         typer.echo(f"{summary['skipped_lines']} line(s) of {out} are not result rows and were skipped")
     if summary.get("retry later"):
         typer.echo(f"{summary['retry later']} image(s) could not be checked; run the same command again to retry them")
-    if summary.get("retry later") or summary.get("error"):
+    if summary.get("stopped"):
+        typer.echo(f"stopped early: {summary['stopped']}; {summary['not_sent']} image(s) were not sent: check the "
+                   "server, then run the same command again to resume")
+    if summary.get("retry later") or summary.get("error") or summary.get("stopped"):
         if summary.get("error"):
             typer.echo(f"{summary['error']} image(s) got an error answer (see {out})")
         raise typer.Exit(1)

@@ -4,7 +4,11 @@ Images are copied under content-addressed names (``ROOT/<split>/<label>/<sha256[
 ``ROOT/manifest.csv`` records every image's provenance (it is written only when an image was added). Exact
 and near-duplicates of images already in the dataset are skipped and reported; an image already labelled
 differently is a *conflict*: the ingest stops and writes nothing. The manifest is replaced atomically, last: a
-crash leaves at most unreferenced copies, never a half-written dataset.
+crash leaves at most unreferenced copies, never a half-written dataset. A folder dataset (no manifest yet) gets a
+manifest of what it holds before anything is copied: copies an interrupted ingest left in its folders would
+otherwise be read as data without provenance (and a rerun skip them as duplicates), and a ``ROOT/<label>/`` dataset's
+own images be hidden behind the new ``ROOT/train/``. One ingest at a time per dataset (``manifest.csv.lock``): two
+at once would each rewrite the manifest without the other's rows.
 """
 
 from __future__ import annotations
@@ -13,13 +17,16 @@ import csv
 import hashlib
 import io
 import re
+import stat
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from serving.csvio import read_rows
 from serving.errors import InvalidInput, MissingInput, WildcheckError
-from serving.imageio import FORMATS, ImageError, decode_image
+from serving.imageio import DEFAULT_MAX_DECODE_BYTES, FORMATS, ImageError, decode_image, size_text
+from serving.locking import exclusive
 from training.data.neardup import NEAR_DISTANCE, HashIndex, image_hash
 from training.data.sources import discover
 from training.fileio import atomic_write_text
@@ -33,6 +40,8 @@ PROVENANCE = ("source", "listing_id", "labeled_by", "labeled_at")
 LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 LABEL_RULE = "labels must match [A-Za-z0-9][A-Za-z0-9_-]* (at most 64 characters)"
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+# a file larger than the decoder would accept decoded is no photo (a video, a disk image): not read into memory
+MAX_SOURCE_BYTES = DEFAULT_MAX_DECODE_BYTES
 
 
 def spreadsheet_safe(value: str) -> str:
@@ -66,6 +75,18 @@ class IngestReport:
                                               "new_labels", "dataset_unreadable")}
 
 
+def read_source(path: Path) -> bytes:
+    """The bytes of a regular file no larger than ``MAX_SOURCE_BYTES``; anything else is an OSError saying why: a
+    device (``/dev/zero``) was read until memory ran out, a named pipe hung the ingest."""
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):
+        raise OSError("not a file (a folder, device, pipe or socket): list image files only")
+    if info.st_size > MAX_SOURCE_BYTES:
+        raise OSError(f"{size_text(info.st_size)}, over the {size_text(MAX_SOURCE_BYTES)} any image could be: "
+                      "not a photo")
+    return path.read_bytes()
+
+
 def _fingerprint(data: bytes) -> tuple[str, str]:
     return _decode_fingerprint(data)[:2]
 
@@ -94,7 +115,7 @@ def _hash_existing(root: Path, row: dict, where: str, unreadable: list[dict]) ->
     or decoded is reported (its duplicates cannot be found), not fatal: the ingest adds images, it does not repair."""
     path = root / row["path"]
     try:
-        data = path.read_bytes()
+        data = read_source(path)
         row["sha256"] = hashlib.sha256(data).hexdigest()
         row["phash"] = _fingerprint(data)[1]
     except (OSError, ImageError) as exc:
@@ -134,6 +155,42 @@ def ingest(labels_csv: str | Path, root: str | Path, split: str = "train", near_
     if not labels_csv.is_file():
         raise MissingInput(f"{labels_csv} not found: give the CSV of labelled images (path,label,...)")
     out_folder(root, option="--into", what="dataset folder")
+    with _one_ingest(root):
+        return _ingest(labels_csv, root, split, near_distance)
+
+
+@contextmanager
+def _one_ingest(root: Path):
+    """Hold ``ROOT/manifest.csv.lock`` from reading the dataset to writing its manifest. An ingest that wrote no
+    manifest leaves no lock, nor the folders it made for it (an ingest of duplicates only changes nothing)."""
+    made = [p for p in (root, *root.absolute().parents) if not p.exists()]
+    root.mkdir(parents=True, exist_ok=True)
+    lock = root / "manifest.csv.lock"
+    had_lock = lock.exists()
+    try:
+        with exclusive(root / "manifest.csv", "data ingest", "wait for it to finish, then run this ingest again"):
+            yield
+    finally:
+        if not (root / "manifest.csv").exists():
+            if not had_lock:
+                lock.unlink(missing_ok=True)
+            for folder in made:
+                try:
+                    folder.rmdir()  # only when empty
+                except OSError:
+                    break
+
+
+def _write_manifest(root: Path, rows: list[dict], columns: list[str]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: r.get(k) or "" for k in columns})
+    atomic_write_text(root / "manifest.csv", buf.getvalue())
+
+
+def _ingest(labels_csv: Path, root: Path, split: str, near_distance: int) -> dict:
     report = IngestReport()
     existing, extra_columns = _load_manifest(root, report.dataset_unreadable)
     by_sha = {r["sha256"]: r for r in existing if r.get("sha256")}
@@ -153,7 +210,7 @@ def ingest(labels_csv: str | Path, root: str | Path, split: str = "train", near_
             report.unreadable.append({"line": line, "path": str(src), "reason": "empty label"})
             continue
         try:
-            data = src.read_bytes()
+            data = read_source(src)
             sha, ph, fmt = _decode_fingerprint(data)
         except (OSError, ImageError) as exc:
             report.unreadable.append({"line": line, "path": str(src), "reason": getattr(exc, "message", str(exc))})
@@ -188,6 +245,9 @@ def ingest(labels_csv: str | Path, root: str | Path, split: str = "train", near_
         raise IngestConflict(report.conflicts, report.as_dict())
     if not staged:  # nothing new: a folder dataset must not become a manifest one (which reads nothing added later)
         return report.as_dict()
+    columns = MANIFEST_FIELDS + extra_columns  # a manifest's own columns (notes, ...) are provenance too
+    if not (root / "manifest.csv").exists():  # a folder dataset: what it holds now, before any copy lands in it
+        _write_manifest(root, existing, columns)
     for data, entry in staged:  # content-addressed: rewriting the same bytes is harmless
         target = root / entry["path"]
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -195,13 +255,7 @@ def ingest(labels_csv: str | Path, root: str | Path, split: str = "train", near_
             tmp = target.with_name(f".{target.name}.tmp")
             tmp.write_bytes(data)
             tmp.replace(target)
-    columns = MANIFEST_FIELDS + extra_columns  # a manifest's own columns (notes, ...) are provenance too
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns)
-    writer.writeheader()
-    for r in existing + [e for _, e in staged]:
-        writer.writerow({k: r.get(k) or "" for k in columns})
-    atomic_write_text(root / "manifest.csv", buf.getvalue())
+    _write_manifest(root, existing + [e for _, e in staged], columns)
     return report.as_dict()
 
 
