@@ -63,6 +63,16 @@ class Prepared:
     boxes: list[tuple[int, int, int, int]] | None = None  # each view's box in that picture (serving.tiling.view_boxes)
 
 
+def _thumbnail(img: Image.Image, side: int = OVERLAY_MAX_SIDE) -> Image.Image:
+    """A copy of ``img`` at most ``side`` px a side, made without a full-size copy first (``img.copy().thumbnail()``
+    doubled the decoded picture's memory for explain=png, outside the decode budget)."""
+    scale = side / max(img.size)
+    if scale >= 1:
+        return img.copy()
+    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    return img.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+
+
 class ImageChecker:
     """Loads the ONNX model once (or takes any ``Predictor``, e.g. a checkpoint's); ``check`` is safe to call
     from several threads."""
@@ -154,10 +164,7 @@ class ImageChecker:
                                  max_decode_bytes=self.limits.max_decode_bytes)
         meta = {"sha256": hashlib.sha256(data).hexdigest(), "width": info.width, "height": info.height,
                 "format": info.format, **content_type_info(content_type, info.format)}
-        thumb = None
-        if thumbnail:  # a small copy, so a batch does not hold every full-size picture until the forward pass
-            thumb = img.copy()
-            thumb.thumbnail((OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE), Image.Resampling.BILINEAR)
+        thumb = _thumbnail(img) if thumbnail else None  # so a batch does not hold every full-size picture
         boxes = view_boxes(img, self.contract.tiling)  # a collage's panels are found once, here
         if self.gallery is not None:  # the same views, each with its pHash (taken after the gallery model's resize)
             from serving.gallery import views_and_hashes

@@ -177,7 +177,11 @@ def load_policy(path: str | Path) -> Policy:
     except OSError as exc:
         raise PolicyError(f"policy {path} cannot be read: {exc}") from exc
     try:
-        return Policy.model_validate(load_yaml(text) or {})
+        values = load_yaml(text)
+        if values is None:  # a 0-byte copy or a template that rendered nothing served the model's thresholds as a policy
+            raise PolicyError(f"policy {path} is empty (no settings, only comments or blank lines); write its settings, "
+                              "or serve without --policy / WILDCHECK_POLICY for the model's own thresholds")
+        return Policy.model_validate(values)
     except (yaml.YAMLError, ValidationError) as exc:
         raise PolicyError(f"invalid policy {path}: {exc}") from exc
 

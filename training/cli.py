@@ -237,7 +237,7 @@ def _calibrate_traffic(model: Path, traffic: Path, max_flag_rate, max_block_rate
     from training.outputs import out_file
 
     out_file(out, example="policy.yaml", reads=[traffic], protect=[model], kinds=(".yaml", ".yml"))
-    if model.suffix == ".onnx":
+    if model.suffix.lower() == ".onnx":  # MODEL.ONNX too, as `calibrate` itself reads it
         from serving.runtime import OnnxModel
 
         predictor = OnnxModel(model, threads=2)

@@ -25,6 +25,9 @@ class CompareError(InvalidInput):
     """The two models cannot be compared on the data given."""
 
 
+REPORT_KINDS = (".md", ".markdown", ".txt")  # what an existing --report file may be (it is replaced)
+
+
 def mcnemar(a_correct: np.ndarray, b_correct: np.ndarray) -> dict:
     """Exact McNemar test on the discordant pairs."""
     only_a = int((a_correct & ~b_correct).sum())
@@ -56,6 +59,12 @@ def compare(champion: str | Path, challenger: str | Path, data: list[str], split
             max_recall_drop: float = 1.0, report: str | Path | None = None) -> dict:
     if not np.isfinite(max_recall_drop) or max_recall_drop < 0:
         raise CompareError(f"--max-recall-drop must be a number of points >= 0, not {max_recall_drop}")
+    if report is not None:  # before any work: never a folder, the models, an image or inside the data
+        from training.outputs import out_file
+
+        models = [champion, challenger]
+        models += [resolve_checkpoint(m) for m in models if Path(m).exists()]
+        out_file(report, "--report", "compare.md", reads=data, protect=models, kinds=REPORT_KINDS)
     champ, chall = load_predictor(champion), load_predictor(challenger)
     samples = select_split(load_samples(data, default_split=split), split)
     samples = [s for s in samples if s.label in chall.labels]
@@ -76,13 +85,12 @@ def compare(champion: str | Path, challenger: str | Path, data: list[str], split
     true_shared = [s.label for s, k in zip(kept, shared) if k]
     pred_b_shared = [p for p, k in zip(pred_b, shared) if k]
     present = sorted(set(true_shared))
-    macro_b = float(f1_score(true_shared, pred_b_shared, labels=present, average="macro", zero_division=0)) \
-        if true_shared else None
+    macro_b = float(f1_score(true_shared, pred_b_shared, labels=present, average="macro", zero_division=0))
     pred_a_shared = [champ.labels[i] for i in p_champ[shared].argmax(1)]
     a_correct = np.array([p == t for p, t in zip(pred_a_shared, true_shared)], dtype=bool)
     b_correct = np.array([p == t for p, t in zip(pred_b_shared, true_shared)], dtype=bool)
     failures = []
-    if macro_b is not None and macro_b < m_a["macro_f1"]:
+    if macro_b < m_a["macro_f1"]:
         failures.append(f"macro-F1 on the champion's classes dropped: {m_a['macro_f1']:.4f} -> {macro_b:.4f}")
     for label in champ.labels:
         a, b = m_a["per_class"][label], m_b["per_class"].get(label)
@@ -110,7 +118,7 @@ def compare(champion: str | Path, challenger: str | Path, data: list[str], split
           f"Gate: **{result['gate'].upper()}**" + ("" if not failures else ": " + "; ".join(failures)), "",
           f"{len(kept)} images, {int(shared.sum())} with labels both models know; new labels: {result['new_labels'] or 'none'}.",
           f"Macro-F1 on the champion's classes: {m_a['macro_f1']:.4f} (champion) vs "
-          f"{result['challenger_macro_f1_on_champion_classes'] or float('nan'):.4f} (challenger).",
+          f"{macro_b:.4f} (challenger).",
           f"McNemar (exact) on shared images: champion-only correct {result['mcnemar']['champion_only_correct']}, "
           f"challenger-only correct {result['mcnemar']['challenger_only_correct']}, p = {result['mcnemar']['p_value']:.4g}.",
           "", *_table(m_a["per_class"], m_b["per_class"], chall.labels), "", "## Champion confusion matrix", "",
@@ -121,7 +129,7 @@ def compare(champion: str | Path, challenger: str | Path, data: list[str], split
 
     target_dir = resolve_checkpoint(challenger).parent
     atomic_write_text(Path(report) if report else target_dir / "compare.md", result["report_markdown"])
-    if resolve_checkpoint(challenger).suffix != ".onnx":
+    if resolve_checkpoint(challenger).suffix.lower() != ".onnx":
         atomic_write_text(target_dir / "compare.json", json.dumps({k: v for k, v in result.items()
                                                                    if k != "report_markdown"}, indent=2))
     return result

@@ -100,15 +100,16 @@ def plot_robustness(series: dict[str, dict[str, float | None]], conditions: list
     metrics = list(series)
     fig, ax = plt.subplots(figsize=(min(18.0, max(8.0, 0.22 * len(names) * len(metrics) + 4)), 5))
     width = 0.8 / max(1, len(metrics))
-    colours = plt.get_cmap("tab10").colors
+    # tab10 repeats after 10 metrics (three protected classes make 12): two metrics drawn alike, one legend colour
+    colours = plt.get_cmap("tab10" if len(metrics) <= 10 else "tab20").colors
     for k, metric in enumerate(metrics):
         colour = colours[k % len(colours)]
         values = [series[metric].get(n) for n in names]
         xs = np.arange(len(names)) + (k - (len(metrics) - 1) / 2) * width
         ax.bar(xs, [np.nan if v is None else v for v in values], width, color=colour, label=metric)
-        clean = series[metric].get(clean)
-        if clean is not None:
-            ax.axhline(clean, color=colour, linestyle="--", linewidth=1)
+        baseline = series[metric].get(clean)  # not `clean`: rebinding it lost every later metric's line
+        if baseline is not None:
+            ax.axhline(baseline, color=colour, linestyle="--", linewidth=1)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("share")

@@ -122,7 +122,7 @@ def resolve_checkpoint(model: str | Path) -> Path:
 def load_predictor(model: str | Path, threads: int | None = None) -> Predictor:
     """A run dir, a ``.pt`` checkpoint or a ``.onnx`` file."""
     path = resolve_checkpoint(model)
-    if path.suffix == ".onnx":
+    if path.suffix.lower() == ".onnx":  # MODEL.ONNX is an ONNX file too
         return OnnxModel(path, threads=threads or 2)
     return TorchPredictor(path, threads=threads)
 
