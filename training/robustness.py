@@ -188,6 +188,26 @@ def _others(condition: Condition, rng: np.random.Generator, index: int, pool: np
                      "images in the evaluated set; add --negatives ROOT or leave the condition out with --conditions")
 
 
+def _enough_fillers(conditions: dict[str, Condition], pool: np.ndarray, samples: list[Sample], decoder: "_Decoder",
+                    negative: str) -> None:
+    """Before any scoring: a condition that needs other photos (a collage) finds enough readable negatives. Counting
+    the pool is not enough when some are unreadable: the run failed part-way, its work lost. Stops decoding once
+    there are enough (a few decodes on a real pool)."""
+    need = max((c.others for c in conditions.values()), default=0)
+    if not need:
+        return
+    readable = 0
+    for j in pool:
+        if decoder(samples[j], int(j)) is not None:
+            readable += 1
+            if readable > need:  # a negative's collage needs others besides itself
+                return
+    name = next(n for n, c in conditions.items() if c.others == need)
+    raise RobustnessError(f"{name} needs more than {need} readable {negative!r} images in the evaluated set, found "
+                          f"{readable} ({len(pool) - readable} unreadable); add --negatives ROOT or leave {name} out "
+                          "with --conditions")
+
+
 def _metrics(name: str, condition: Condition | None, probs: np.ndarray, y_true: np.ndarray, sources: list[str],
              labels: list[str], thresholds, never_block, negative: str) -> ConditionResult:
     with warnings.catch_warnings():  # classes the data lacks (a 3-class model on ivory data) are expected
@@ -254,6 +274,7 @@ def robustness(
             raise RobustnessError(f"{name} needs more than {condition.others} {negative!r} images in the evaluated set, "
                              f"found {len(pool)}; add --negatives ROOT or leave {name} out with --conditions")
     decoder = _Decoder(draft_size(spec.preprocessing, spec.tiling))
+    _enough_fillers(conditions, pool, samples, decoder, negative)
     names = [CLEAN, *conditions]
     probs: dict[str, list[np.ndarray]] = {n: [] for n in names}
     kept: list[int] = []

@@ -1,0 +1,36 @@
+"""Session 29, the lead's fixes from the helpers' unfixed findings. Each test failed before its fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+import training.robustness as robustness_module
+from tests.conftest import photo
+from training.cli import app
+
+
+def _cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_a_collage_without_enough_readable_negatives_is_refused_before_any_scoring(onnx_model, tmp_path, monkeypatch):
+    """Four negatives, one unreadable: the count check passed (4 > 3), then a negative's collage found only two
+    readable others and the run stopped part-way, its scoring lost."""
+    root = tmp_path / "data"
+    for label, n in (("ivory", 2), ("other", 4)):
+        (root / "val" / label).mkdir(parents=True)
+        for i in range(n):
+            photo(10 * len(label) + i, (96, 80)).save(root / "val" / label / f"{i}.jpg")
+    (root / "val" / "other" / "3.jpg").write_bytes(b"not an image")
+    spec = tmp_path / "conditions.yaml"
+    spec.write_text("conditions:\n  collage: {}\n")
+    scored = []
+    real = robustness_module.predict_images
+    monkeypatch.setattr(robustness_module, "predict_images", lambda *a, **k: scored.append(1) or real(*a, **k))
+    result = _cli("robustness", onnx_model, "--data", root, "--conditions", spec, "--out", tmp_path / "r")
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2, text
+    assert "collage needs more than 3 readable 'other' images" in text and "1 unreadable" in text
+    assert scored == [] and not (tmp_path / "r" / "robustness.json").exists()
