@@ -34,3 +34,16 @@ def test_a_collage_without_enough_readable_negatives_is_refused_before_any_scori
     assert result.exit_code == 2, text
     assert "collage needs more than 3 readable 'other' images" in text and "1 unreadable" in text
     assert scored == [] and not (tmp_path / "r" / "robustness.json").exists()
+
+
+def test_an_interrupted_scan_says_how_to_resume_and_exits_130(tmp_path, monkeypatch):
+    """Before: Ctrl-C ended `wildcheck scan` with a KeyboardInterrupt traceback and no word on resuming."""
+    import serving.client
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(serving.client, "scan", interrupted)
+    result = _cli("scan", tmp_path, "--url", "http://127.0.0.1:9", "--out", tmp_path / "scan.jsonl")
+    assert result.exit_code == 130, result.output
+    assert "run the same command again" in result.output and str(tmp_path / "scan.jsonl") in result.output

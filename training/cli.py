@@ -626,7 +626,12 @@ def scan(
     """Check many images against a running server (HTTP only); resumable; prints a decision summary."""
     from serving.client import scan as run_scan
 
-    summary = run_scan(source, url, out, concurrency, api_key, retries)
+    try:
+        summary = run_scan(source, url, out, concurrency, api_key, retries)
+    except KeyboardInterrupt:  # each answer is written as it arrives: nothing is lost, the rerun resumes
+        typer.echo(f"interrupted: the answers so far are in {out}; run the same command again to check the rest",
+                   err=True)
+        raise typer.Exit(130) from None
     typer.echo(json.dumps(summary))
     if summary.get("skipped_lines"):
         typer.echo(f"{summary['skipped_lines']} line(s) of {out} are not result rows and were skipped")
