@@ -47,3 +47,24 @@ def test_an_interrupted_scan_says_how_to_resume_and_exits_130(tmp_path, monkeypa
     result = _cli("scan", tmp_path, "--url", "http://127.0.0.1:9", "--out", tmp_path / "scan.jsonl")
     assert result.exit_code == 130, result.output
     assert "run the same command again" in result.output and str(tmp_path / "scan.jsonl") in result.output
+
+
+def test_the_data_fingerprint_never_reads_a_pipe_listed_in_a_manifest(tmp_path):
+    """A named pipe (or /dev/zero) in a manifest is skipped by decoding (0 bytes), but the training data's
+    fingerprint opened it and waited for a writer for ever (/dev/zero: read for ever)."""
+    import os
+    import threading
+
+    from training.data.sources import Sample, fingerprint
+
+    pipe = tmp_path / "listed.jpg"
+    os.mkfifo(pipe)
+    good = tmp_path / "a.jpg"
+    photo(1).save(good)
+    found = {}
+    worker = threading.Thread(target=lambda: found.update(fingerprint([Sample(good, "ivory", "train", ""),
+                                                                       Sample(pipe, "ivory", "train", "")])),
+                              daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    assert not worker.is_alive() and found["counts"] == {"train": {"ivory": 2}}

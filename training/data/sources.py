@@ -7,6 +7,7 @@ of generic product photos labelled ``other`` is one training set.
 from __future__ import annotations
 
 import hashlib
+import stat
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -211,6 +212,8 @@ def _file_stamp(path: Path, content: bool) -> str:
     try:
         if not content:
             return f"{path.stat().st_size}"
+        if not stat.S_ISREG(path.stat().st_mode):  # a device or pipe listed in a manifest: never read (a pipe hung)
+            return "missing"
         h, size = hashlib.sha256(), 0
         with path.open("rb") as fh:
             while chunk := fh.read(1 << 20):
