@@ -17,6 +17,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from serving.errors import InvalidInput
+from training.data.check import printable
 from training.data.sources import Sample, load_samples, select_split
 from training.metrics import compute_metrics, decision_report, false_positive_report, format_decisions, summary_table
 from training.fileio import atomic_path, atomic_write_text
@@ -109,7 +110,10 @@ def evaluate(
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "metrics.json", report.to_json())
-        predictions = predictions or out_dir / "predictions.csv"
+        default = out_dir / "predictions.csv"
+        if predictions is not None and Path(predictions).resolve() != default.resolve() and default.is_file():
+            default.unlink()  # an earlier evaluation's rows beside this one's metrics.json would be read as its own
+        predictions = predictions or default
         report.out_dir = str(out_dir)
         report.written = ["metrics.json"] + _write_plots(report, predictor, y_true, known_probs, known_samples, out_dir)
     if predictions is not None:
@@ -169,7 +173,7 @@ def format_evaluation(report: Evaluation) -> str:
         lines.append(f"skipped {len(report.skipped)} unreadable image(s)")
     if report.out_dir:
         lines.append(f"wrote {report.out_dir}/" + ", ".join(report.written))
-    return "\n".join(lines)
+    return printable("\n".join(lines))
 
 
 def source_report(probs: np.ndarray, samples: list[Sample], labels: list[str], thresholds, never_block,
@@ -208,8 +212,9 @@ def format_sources(sources: dict) -> str:
 
 
 def write_predictions(path: str | Path, samples: list[Sample], probs: np.ndarray, labels: list[str]) -> None:
-    """Written atomically: a failed write keeps the earlier file."""
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+    """Written atomically: a failed write keeps the earlier file. A file name that is not UTF-8 (a Latin-1 name
+    from a Windows archive) is written as its own bytes (``surrogateescape``), so the row still names that file."""
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "label", "pred"] + [f"p_{label}" for label in labels])
         for sample, p in zip(samples, probs):

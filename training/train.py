@@ -21,7 +21,7 @@ from training.checkpoint import Checkpoint, initial_spec, published_metrics
 from training.config import Config, ConfigConflict, SavedRun, check_batch_size, check_resume
 from training.data.sources import fingerprint, label_counts
 from training.loop.data import DataError, TrainData, resolve_preprocessing
-from training.loop.model import build_model
+from training.loop.model import build_model, warm_start_source
 from training.loop.optim import Optimization, autocast_setting, build_optimization, peak_lr
 from training.loop.rng import rng_state, seed_everything, set_rng_state
 from training.loop.rundir import RunDir, TrainState
@@ -175,6 +175,8 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
     info, device = distributed.init(tc.device)
     distributed.quiet_other_ranks(info)  # warnings once, from rank 0
     out_folder(out_dir, reads=[*roots, *config.data.negatives], what="run directory")  # never among the data
+    if init_from is not None and not resume:  # before run.prepare and any caching: a wrong --init-from is found first
+        warm_start_source(init_from, out_dir)
     say = distributed.printer(info)  # only rank 0 talks and writes
     run = RunDir(out_dir, info, say)
     run.prepare()

@@ -20,8 +20,13 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from serving.imageio import FORMATS, IMAGE_EXTENSIONS, ImageError, decode_image
+from training.data.ingest import read_source
 from training.data.neardup import NEAR_DISTANCE, image_hash, near_pairs
 from training.data.sources import Sample, label_counts, load_samples, overlooked
+
+# near-duplicate pairs listed at most: a distance where unrelated photos match (--near-distance 32) pairs nearly
+# every image with every other, millions of entries and gigabytes of report for a few thousand images
+MAX_NEAR_PAIRS = 50_000
 
 UNUSUAL_MODES = {
     "CMYK": "CMYK colour (converted to RGB)",
@@ -54,8 +59,8 @@ class FileResult:
 
 def _inspect(sample: Sample, min_side: int) -> FileResult:
     path = sample.path
-    try:
-        data = path.read_bytes()
+    try:  # a regular file of at most 256 MiB: a pipe a manifest lists hung the check, /dev/zero filled memory
+        data = read_source(path)
     except OSError as exc:
         return FileResult(str(path), sample.split, sample.label, 0, error={"code": "unreadable", "message": str(exc)})
     result = FileResult(str(path), sample.split, sample.label, len(data), sha256=hashlib.sha256(data).hexdigest())
@@ -118,29 +123,48 @@ def check_dataset(
             errors.append({"path": group[0].path, "code": "leakage",
                            "message": f"identical files in splits {splits}: {entry['paths']}"})
 
-    hashed = [r for r in results if r.phash and not r.error]
+    # one picture per content: exact copies are reported above, and pairing each copy with each copy of a near
+    # picture made the pairs grow with the square of the copies (4,000 copies of a placeholder: 8 million pairs)
+    hashed = [group[0] for group in by_sha.values() if group[0].phash]
     near = []
-    for i, j, dist in near_pairs([r.phash for r in hashed], near_distance):
+    pairs = near_pairs([r.phash for r in hashed], near_distance, limit=MAX_NEAR_PAIRS + 1)
+    truncated = len(pairs) > MAX_NEAR_PAIRS
+    if truncated:
+        warnings.append({"path": ", ".join(str(r) for r in roots), "code": "near_duplicates_truncated",
+                         "message": f"more than {MAX_NEAR_PAIRS:,} near-duplicate pairs at phash distance "
+                                    f"{near_distance}: only the first {MAX_NEAR_PAIRS:,} are listed and counted. At "
+                                    "that distance unrelated photos match (they differ in about 32 bits): check again "
+                                    f"with a lower --near-distance (default {NEAR_DISTANCE})"})
+    for i, j, dist in pairs[:MAX_NEAR_PAIRS]:
         a, b = hashed[i], hashed[j]
-        if a.sha256 == b.sha256:
-            continue  # already an exact duplicate
-        entry = {"paths": [a.path, b.path], "splits": sorted({a.split, b.split}), "labels": sorted({a.label, b.label}),
-                 "distance": dist, "cross_split": a.split != b.split}
-        entry["label_conflict"] = a.label != b.label
+        group = by_sha[a.sha256] + by_sha[b.sha256]
+        splits, labels = sorted({g.split for g in group}), sorted({g.label for g in group})
+        entry = {"paths": [a.path, b.path], "splits": splits, "labels": labels,
+                 "distance": dist, "cross_split": len(splits) > 1, "label_conflict": len(labels) > 1}
+        if len(group) > 2:
+            entry["copies"] = len(group) - 2
         near.append(entry)
         kind = "near-duplicate across splits (possible leakage)" if entry["cross_split"] else "near-duplicate"
-        conflict = (f"; labelled {a.label!r} here and {b.label!r} there: the same picture under two labels is a label "
-                    "conflict (data ingest refuses it): fix one label or remove one copy") if entry["label_conflict"] else ""
+        named = (f"{a.label!r} here and {b.label!r} there" if a.label != b.label else f"{labels} among its copies")
+        conflict = (f"; labelled {named}: the same picture under two labels is a label conflict (data ingest "
+                    "refuses it): fix one label or remove one copy") if entry["label_conflict"] else ""
+        copies = (f"; with {len(group) - 2} exact copies of the two (exact_duplicates)" if len(group) > 2 else "")
         warnings.append({"path": a.path, "split": a.split,
-                         "message": f"{kind} of {b.path} (phash distance {dist}){conflict}"})
+                         "message": f"{kind} of {b.path} (phash distance {dist}){conflict}{copies}"})
 
-    unread = [item for root in roots for item in overlooked(root)]
+    # a root given twice (`d ./d/`) is read once (load_samples), so its unread files are counted once too
+    once: dict[Path, str | Path] = {}
+    for root in roots:
+        once.setdefault(Path(root).resolve(), root)
+    unread = [item for root in once.values() for item in overlooked(root)]
     warnings += [{"path": item["path"], "code": item["code"], "message": item["message"]} for item in unread]
+    counts = label_counts(samples)
+    warnings += split_label_warnings(counts, [str(r) for r in once.values()])
 
     return {
         "roots": [str(r) for r in roots],
         "n_images": len(samples),
-        "counts": label_counts(samples),
+        "counts": counts,
         "errors": errors,
         "warnings": warnings,
         "notes": notes,
@@ -150,12 +174,49 @@ def check_dataset(
         "summary": {
             "errors": len(errors), "warnings": len(warnings), "notes": len(notes),
             "exact_duplicate_groups": len(exact), "cross_split_exact": sum(e["cross_split"] for e in exact),
-            "near_duplicate_pairs": len(near), "cross_split_near": sum(e["cross_split"] for e in near),
+            "near_duplicate_pairs": len(near), "near_duplicates_truncated": truncated,
+            "cross_split_near": sum(e["cross_split"] for e in near),
             "near_label_conflicts": sum(e["label_conflict"] for e in near),
             "files_not_read": sum(item["count"] for item in unread),
         },
         "files": [asdict(r) for r in results],
     }
+
+
+def split_label_warnings(counts: dict[str, dict[str, int]], roots: list[str]) -> list[dict]:
+    """Labels the splits do not share: a label with val or test images but no training image is one the model
+    never learns (training leaves its images out of validation, evaluation out of the metrics); a trained label
+    without validation images is never measured when the best epoch is picked. Only for data that has a train split."""
+    trained = set(counts.get("train", {}))
+    if not trained:
+        return []
+    where = ", ".join(roots)
+    out = []
+    for split in ("val", "test"):
+        untrained = sorted(set(counts.get(split, {})) - trained)
+        if untrained:
+            n = sum(counts[split][label] for label in untrained)
+            out.append({"path": where, "split": split, "code": "label_not_in_train",
+                        "message": f"label(s) {untrained} have {n} {split} image(s) and no training image: the model "
+                                   f"never learns them (training and evaluation leave those images out); add their "
+                                   f"training images under train/<label>/, or remove them from {split}"})
+    if "val" in counts:
+        unvalidated = sorted(trained - set(counts["val"]))
+        if unvalidated:
+            out.append({"path": where, "split": "val", "code": "label_not_in_val",
+                        "message": f"label(s) {unvalidated} have training images and no val image: the best epoch "
+                                   "is picked without measuring them; add their val images under val/<label>/"})
+    return out
+
+
+def printable(text: str) -> str:
+    """``text`` for the terminal: a file name that is not UTF-8 (``os.fsdecode``'s surrogates) shows its bytes as
+    ``\\xNN`` escapes; printed as it is, it fails a UTF-8 terminal's print with a traceback after all the work."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def format_report(report: dict, max_lines: int = 30) -> str:
@@ -175,11 +236,12 @@ def format_report(report: dict, max_lines: int = 30) -> str:
     s = report["summary"]
     out.append(
         f"summary: {s['errors']} errors, {s['warnings']} warnings, {s['exact_duplicate_groups']} exact-duplicate groups "
-        f"({s['cross_split_exact']} across splits), {s['near_duplicate_pairs']} near-duplicate pairs "
+        f"({s['cross_split_exact']} across splits), {s['near_duplicate_pairs']}"
+        f"{' (the first; lower --near-distance)' if s.get('near_duplicates_truncated') else ''} near-duplicate pairs "
         f"({s['cross_split_near']} across splits, {s['near_label_conflicts']} labelled differently), "
         f"{s['files_not_read']} files no command reads"
     )
-    return "\n".join(out)
+    return printable("\n".join(out))
 
 
 def write_report(report: dict, path: str | Path) -> None:

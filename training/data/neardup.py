@@ -55,11 +55,14 @@ class HashIndex:
         return (int(hits[0]), int(dist[hits[0]])) if len(hits) else None
 
 
-def near_pairs(hashes: list[str], max_distance: int = NEAR_DISTANCE) -> list[tuple[int, int, int]]:
-    """All (i, j, distance), i < j, with at most ``max_distance`` bits between hashes i and j."""
+def near_pairs(hashes: list[str], max_distance: int = NEAR_DISTANCE, limit: int | None = None) -> list[tuple[int, int, int]]:
+    """All (i, j, distance), i < j, with at most ``max_distance`` bits between hashes i and j; with ``limit``, the
+    first ``limit`` of them (at a large distance nearly every pair matches: n images, n^2/2 pairs)."""
     values = np.array([int(h, 16) for h in hashes], dtype=np.uint64)
     pairs = []
     for i in range(len(values) - 1):
         dist = hamming(int(values[i]), values[i + 1 :])
         pairs.extend((i, i + 1 + int(j), int(dist[j])) for j in np.flatnonzero(dist <= max_distance))
+        if limit is not None and len(pairs) >= limit:
+            return pairs[:limit]
     return pairs

@@ -16,6 +16,27 @@ class WarmStartError(WildcheckError, ValueError):
     """--init-from names a run of another architecture."""
 
 
+def warm_start_source(init_from: str | Path, out_dir: str | Path) -> Path:
+    """The checkpoint ``--init-from`` names, checked before any work: a run directory with a best.pt, or a .pt file,
+    and never one a fresh run in ``out_dir`` replaces (it removes OUT/best.pt and OUT/last.pt before its first
+    epoch: a run stopped then would have lost the weights it started from)."""
+    from training.loop.rundir import PREVIOUS_RUN_FILES
+
+    path = Path(init_from)
+    if path.is_dir() and not (path / "best.pt").is_file():
+        more = (f": it has only last.pt (a run still training, or stopped before its first epoch ended); resume "
+                f"it with --resume --out {path}, or pass {path / 'last.pt'}") if (path / "last.pt").is_file() else ""
+        raise WarmStartError(f"--init-from {init_from}: no best.pt in that folder, so it is not a finished run{more}")
+    if not path.exists():
+        raise WarmStartError(f"--init-from {init_from}: no such run directory or checkpoint")
+    source = (path / "best.pt" if path.is_dir() else path).resolve()
+    if source.parent == Path(out_dir).resolve() and source.name in PREVIOUS_RUN_FILES:
+        raise WarmStartError(f"--init-from {init_from} is inside --out {out_dir}: the fresh run removes "
+                             f"{source.name} before training, so the weights it starts from would be lost if it "
+                             "stopped. Write the new run elsewhere: --init-from RUN_DIR --out NEW_DIR")
+    return source
+
+
 def build_model(config: Config, labels: list[str], device: torch.device, *, resuming: bool = False,
                 init_from: str | Path | None = None, say=print) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
     """(the unwrapped module, its frozen submodules). ``resuming``: no pretrained weights (last.pt replaces them);
