@@ -7,10 +7,11 @@ JSON strings under ``wildcheck.*`` keys so that any ONNX tool can show them.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from serving.decision import ClassThresholds
 from serving.errors import WildcheckError
@@ -22,6 +23,10 @@ METADATA_PREFIX = "wildcheck."
 CONTRACT_VERSION = 1
 # calibration keeps T in [0.25, 20]; at 1e300 (or inf) every score is 1/classes and no photo is ever flagged
 MAX_TEMPERATURE = 100.0
+# what training accepts (training.config: img_size <= 1024, crop_pct >= 0.5). A file asking for more made every
+# request resize a photo to input_size / crop_pct px a side (crop_pct 0.001 at 64 px: 64,000 px, ~16 GB)
+MAX_INPUT_SIZE = 1024
+MIN_CROP_PCT = 0.5
 REQUIRED_KEYS = (
     "labels",
     "preprocessing",
@@ -38,6 +43,22 @@ REQUIRED_KEYS = (
 
 class ContractError(WildcheckError, ValueError):
     """The file is not a wildcheck model, or its contract is incomplete."""
+
+
+EXPORT_AGAIN = "export the run again (`wildcheck export RUN_DIR --out MODEL.onnx`)"
+
+
+def one_line(exc: ValidationError, most: int = 3) -> str:
+    """A validation error as one line: ``field.path: message`` for the first ``most`` problems (pydantic's own
+    text spans several lines per problem, with the offending input and a link)."""
+    problems = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) + ": " if err["loc"] else ""
+        value = err.get("input")
+        got = f" (got {value!r})" if isinstance(value, (int, float)) or (isinstance(value, str) and len(value) <= 40) else ""
+        problems.append(where + err["msg"].removeprefix("Value error, ") + (got if err["type"] != "value_error" else ""))
+    more = f" (and {len(problems) - most} more)" if len(problems) > most else ""
+    return "; ".join(problems[:most]) + more
 
 
 class CamOutput(BaseModel):
@@ -143,6 +164,20 @@ class ModelSpec(BaseModel):
         None, description="blurred or noisy inputs read at a smaller input size (inside the graph); None: every input at its own size")
 
     @model_validator(mode="after")
+    def _preprocessing_gives_finite_inputs(self):
+        # std 0 or a non-finite mean made every input NaN (every request a 500); a negative std turned the input
+        # negative (scores for another picture, decided on as if right)
+        pre = self.preprocessing
+        if not all(math.isfinite(s) and s > 0 for s in pre.std):
+            raise ValueError(f"preprocessing.std {list(pre.std)} must be finite and above 0")
+        if not all(math.isfinite(m) for m in pre.mean):
+            raise ValueError(f"preprocessing.mean {list(pre.mean)} must be finite")
+        if pre.input_size > MAX_INPUT_SIZE or pre.crop_pct < MIN_CROP_PCT:
+            raise ValueError(f"preprocessing input_size {pre.input_size} / crop_pct {pre.crop_pct}: give at most "
+                             f"{MAX_INPUT_SIZE} px and a crop_pct of {MIN_CROP_PCT} or more (as training does)")
+        return self
+
+    @model_validator(mode="after")
     def _route_reads_smaller(self):
         if self.size_route is not None and self.size_route.size >= self.preprocessing.input_size:
             raise ValueError(f"size_route.size {self.size_route.size} must be below the input size "
@@ -157,6 +192,9 @@ class ModelSpec(BaseModel):
 
     @model_validator(mode="after")
     def _thresholds_name_known_labels(self):
+        blank = [label for label in self.labels if not label.strip()]
+        if blank:
+            raise ValueError(f"labels name a class with an empty name: {self.labels}")
         if len(set(self.labels)) != len(self.labels):
             raise ValueError(f"labels name a class twice: {self.labels}")
         unknown = set(self.thresholds) - set(self.labels)
@@ -189,7 +227,7 @@ class ModelContract(ModelSpec):
 
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
-    contract_version: int = CONTRACT_VERSION
+    contract_version: StrictInt = Field(CONTRACT_VERSION, ge=1)
     model_name: str
     model_version: str
     created_at: str
@@ -229,11 +267,19 @@ class ModelContract(ModelSpec):
                 f"{source} is not a complete wildcheck model: metadata lacks {', '.join(METADATA_PREFIX + k for k in missing)}. "
                 "Export it with `wildcheck export RUN_DIR --out MODEL.onnx`."
             )
+        values = {}
+        for key, value in ours.items():
+            try:
+                values[key] = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ContractError(f"{source} has invalid wildcheck metadata: {METADATA_PREFIX}{key} is not JSON "
+                                    f"({exc}); {EXPORT_AGAIN}") from exc
         try:
-            values = {k: json.loads(v) for k, v in ours.items()}
             return cls.model_validate(values)
-        except (json.JSONDecodeError, ValidationError) as exc:
-            raise ContractError(f"{source} has invalid wildcheck metadata: {exc}") from exc
+        except ValidationError as exc:
+            message = one_line(exc)
+            hint = "" if "upgrade wildcheck" in message else f"; {EXPORT_AGAIN}"
+            raise ContractError(f"{source} has invalid wildcheck metadata: {message}{hint}") from exc
 
     def write_to(self, model):
         """Put the contract into an ``onnx.ModelProto``'s metadata (in place; returns it). Serving has no

@@ -131,11 +131,23 @@ class OnnxModel(SpecView):
 
     def _check_graph_fits_contract(self) -> None:
         """A file whose metadata does not describe its graph must not load: with fewer labels than logits the
-        scores would be paired with the wrong classes, and a wrong input size fails every request."""
+        scores would be paired with the wrong classes, and a wrong input size, type or batch fails every request."""
+        inputs = self.session.get_inputs()
+        image = inputs[0]
+        channels = image.shape[1] if len(image.shape) == 4 else None
+        if len(inputs) != 1 or image.type != "tensor(float)" or len(image.shape) != 4 \
+                or (isinstance(channels, int) and channels != 3):
+            found = ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs)
+            raise ContractError(f"{self.path}: the graph takes {found}; a wildcheck model takes one float32 "
+                                "batch x 3 x size x size input. Export it with `wildcheck export`")
+        if isinstance(image.shape[0], int):  # wildcheck export leaves the batch dynamic; batches of other sizes failed
+            raise ContractError(f"{self.path}: the graph's batch size is fixed at {image.shape[0]}; a wildcheck model "
+                                "takes any batch. Export it with `wildcheck export`")
         n_logits = self.session.get_outputs()[0].shape[-1]
         if isinstance(n_logits, int) and n_logits != len(self.contract.labels):
             raise ContractError(f"{self.path}: the graph gives {n_logits} logits but the contract names "
                                 f"{len(self.contract.labels)} labels {self.contract.labels}; export the run again")
+        self._check_named_outputs()
         size = self.contract.preprocessing.input_size
         sides = self.session.get_inputs()[0].shape[2:]
         if any(isinstance(side, int) and side != size for side in sides):
@@ -143,10 +155,36 @@ class OnnxModel(SpecView):
                                 f"gives {size} px; export the run again")
         # one pass on a mid-grey picture: broken weights (NaN from a diverged training) refuse to load, not
         # answer every request with scores no threshold reaches
-        probe = self.predict_logits(np.zeros((1, 3, size, size), np.float32))
+        try:
+            probe = self.predict_logits(np.zeros((1, 3, size, size), np.float32))
+        except Exception as exc:  # onnxruntime's InvalidArgument, Fail, ... from a graph that cannot run
+            raise ContractError(f"{self.path}: the model does not run on a {size} px picture "
+                                f"({str(exc).splitlines()[0]}); export the run again") from exc
+        if probe.shape != (1, len(self.contract.labels)):
+            raise ContractError(f"{self.path}: the graph gives logits of shape {list(probe.shape[1:])} per picture but "
+                                f"the contract names {len(self.contract.labels)} labels {self.contract.labels}; "
+                                "export the run again")
         if not np.isfinite(probe).all():
             raise ContractError(f"{self.path}: the model's scores are not finite (NaN or inf) on a plain picture; "
                                 "its weights are broken (a diverged training?). Export a model from a healthy run")
+
+    def _check_named_outputs(self) -> None:
+        """The contract's cam and embedding outputs, where the graph has them, are what it says: a ``cam`` naming
+        the logits made explain fail with a traceback (a 500 for ``explain=true``)."""
+        shapes = {o.name: o.shape for o in self.session.get_outputs()}
+        cam, emb = self.contract.cam, self.contract.embedding
+        wanted = {}
+        if cam is not None and cam.output in shapes:
+            wanted[cam.output] = ("cam", [None, len(self.contract.labels), None, None])
+        if emb is not None and emb.output in shapes:
+            wanted[emb.output] = ("embedding", [None, emb.size])
+        for name, (what, dims) in wanted.items():
+            shape = shapes[name]
+            fits = len(shape) == len(dims) and all(not isinstance(have, int) or want is None or have == want
+                                                   for have, want in zip(shape, dims))
+            if name == self.logits_output or not fits:
+                raise ContractError(f"{self.path}: the contract's {what} output {name!r} is not one (the graph gives "
+                                    f"{shape}{', the logits' if name == self.logits_output else ''}); export the run again")
 
     @property
     def spec(self) -> ModelSpec:

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 import training
-from serving.contract import EmbeddingSpec, ModelContract, ModelSpec
+from serving.contract import EmbeddingSpec, ModelContract, ModelSpec, one_line
 from serving.decision import default_thresholds
 from serving.errors import InvalidInput
 from serving.preprocess import Preprocessing
@@ -121,7 +121,8 @@ class Checkpoint:
                        data_roots=list(raw["data_roots"]), init_from=raw["init_from"], ema=bool(raw["ema"]),
                        wildcheck_version=raw["wildcheck_version"], grey_head=Head.from_dict(raw.get("grey_head")))
         except (KeyError, TypeError, ValidationError) as exc:
-            raise CheckpointError(f"{source} is not a readable wildcheck checkpoint ({type(exc).__name__}: {exc}); "
+            detail = one_line(exc) if isinstance(exc, ValidationError) else f"{type(exc).__name__}: {exc}"
+            raise CheckpointError(f"{source} is not a readable wildcheck checkpoint ({detail}); "
                                   "pass a run dir or the best.pt that `wildcheck train` wrote") from exc
 
     def release(self, name: str | None, version: str | None, run_name: str,

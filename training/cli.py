@@ -302,7 +302,7 @@ def export(
     name: Optional[str] = typer.Option(None, "--name", help="model name in the metadata"),
     version: Optional[str] = typer.Option(None, "--version", help="human version (a weights hash is appended)"),
     int8: bool = typer.Option(False, "--int8", help="also write MODEL.int8.onnx (static QDQ U8S8) if accurate enough"),
-    calib_images: int = typer.Option(300, "--calib-images", help="training images to calibrate INT8 on"),
+    calib_images: int = typer.Option(300, "--calib-images", min=1, help="training images to calibrate INT8 on"),
     int8_max_drop: float = typer.Option(1.0, "--int8-max-drop", min=0.0,
                                         help="refuse INT8 if val balanced accuracy drops more (points)"),
 ) -> None:

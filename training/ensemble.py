@@ -56,6 +56,15 @@ def build(runs: list[str | Path], out: str | Path, say=print, test_time_views: l
                 raise EnsembleError(f"{path} differs from {paths[0]} in {field}: "
                                     f"{getattr(ck.spec, field)!r} vs {getattr(first.spec, field)!r}; "
                                     "only runs of one recipe (different seeds) can be averaged")
+    # the ensemble is calibrated on the first run's validation photos and its contract names the first run's
+    # training data: a member trained on other photos (a grown dataset) may have trained on those validation photos
+    for path, ck in zip(paths[1:], checkpoints[1:]):
+        theirs, ours = ck.spec.training_data.get("sha256"), first.spec.training_data.get("sha256")
+        if theirs and ours and theirs != ours:
+            raise EnsembleError(f"{path} was trained on other images than {paths[0]} (training_data sha256 "
+                                f"{theirs[:12]} vs {ours[:12]}): the ensemble is validated on the first run's "
+                                "validation photos, which another run may have trained on; train every run on one "
+                                "dataset (different seeds)")
     routes = {(ck.spec.grey_route.tolerance if ck.spec.grey_route else None) for ck in checkpoints}
     if len(routes) > 1:
         raise EnsembleError(f"the runs' grey routes differ (tolerances {sorted(routes, key=str)}; None: no route): "

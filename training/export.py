@@ -23,6 +23,7 @@ from training.cam import CAM_OUTPUT, WithCam, cam_unsupported
 from training.data.sources import Sample
 from training.embedding import EMBEDDING_OUTPUT, embedding_features, embedding_spec, l2_normalize, pooled_features
 from training.fileio import atomic_onnx_save, atomic_path
+from training.names import release_names
 from training.outputs import int8_path, out_file
 from training.predict import TorchPredictor, decode_sample, predict_samples, resolve_checkpoint, run_samples
 
@@ -168,6 +169,7 @@ def export(
     another model's). ``out`` must end in ``.onnx``: the run's ``best.pt`` is never written over.
     """
     out = onnx_out(out, "model.onnx")
+    release_names(name, version)
     ckpt = resolve_checkpoint(run)
     predictor = TorchPredictor(ckpt)
     checkpoint = predictor.checkpoint
@@ -240,6 +242,7 @@ def export_embedder(out, arch: str = "tf_efficientnet_lite0", version: str | Non
     from training.models import create_model, pretrained_data_config
 
     out = _embedder_out(out)
+    release_names(None, version)
     model = create_model(arch, num_classes=1, pretrained="offline").eval()
     cfg = pretrained_data_config(arch)
     pre = Preprocessing(input_size=224, crop_pct=cfg.get("crop_pct", 0.875), interpolation=cfg.get("interpolation", "bicubic"),

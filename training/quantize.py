@@ -54,8 +54,11 @@ def _calibration_arrays(samples: list[Sample], contract: ModelContract, n: int) 
     return arrays
 
 
-def _metrics(model: OnnxModel, samples: list[Sample], labels: list[str]) -> dict:
+def _metrics(model: OnnxModel, samples: list[Sample], labels: list[str]) -> dict | None:
+    """Validation metrics of ``model``; None when no image could be read."""
     probs, kept, _ = predict_samples(model, samples, desc=f"val ({model.contract.precision})")
+    if not kept:
+        return None
     index = {label: i for i, label in enumerate(labels)}
     return compute_metrics(np.array([index[s.label] for s in kept]), probs, labels)
 
@@ -82,7 +85,13 @@ def quantize_int8(fp32_path: Path, train: list[Sample], val: list[Sample], contr
         return Int8Report(accepted=False, reason="no training images to calibrate INT8 on; pass --data")
     if not val:
         return Int8Report(accepted=False, reason="no validation images to check INT8 accuracy on; pass --data")
+    if calib_images < 1:
+        return Int8Report(accepted=False, reason=f"--calib-images {calib_images}: calibrate INT8 on 1 image or more "
+                          "(a few hundred is right)")
     arrays = _calibration_arrays(train, contract, calib_images)
+    if not arrays:  # quantize_static raised "No data is collected." (a traceback)
+        return Int8Report(accepted=False, reason=f"none of the {len(train)} training images could be read to "
+                          "calibrate INT8 on; check them with `wildcheck data check`, or pass --data")
     out = int8_path(fp32_path)
     with tempfile.TemporaryDirectory() as tmp:
         prepped = Path(tmp) / "prepped.onnx"
@@ -94,6 +103,10 @@ def quantize_int8(fp32_path: Path, train: list[Sample], val: list[Sample], contr
         )
         quantized = onnx.load(str(q))
         fp32_metrics = _metrics(OnnxModel(fp32_path, threads=2), val, contract.labels)
+        if fp32_metrics is None:  # compute_metrics raised "no images to evaluate" (a traceback)
+            return Int8Report(accepted=False, calibration_images=len(arrays), reason=f"none of the {len(val)} "
+                              "validation images could be read to check INT8 accuracy on; check them with "
+                              "`wildcheck data check`, or pass --data")
         staged = Path(tmp) / "int8.onnx"
         int8_contract = contract.model_copy(update={"precision": "int8"})
         atomic_onnx_save(int8_contract.write_to(quantized), staged)

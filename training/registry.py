@@ -25,6 +25,7 @@ from pathlib import Path
 from serving.contract import read_contract, weights_id
 from serving.errors import InvalidInput, MissingInput, WildcheckError
 from training.fileio import atomic_path, atomic_write_text
+from training.names import folder_name, release_names
 
 
 class PromoteRefused(WildcheckError, RuntimeError):
@@ -66,7 +67,7 @@ def current_model(registry: str | Path, name: str | None = None) -> Path:
         raise NoCurrentModel(f"--registry {registry} is a file, not a registry folder; give the folder "
                              "`wildcheck promote --registry` wrote (serve an ONNX file as `wildcheck serve FILE`)")
     if name is not None:
-        _folder_name(name, "--name")
+        folder_name(name, "--name")
     if name is None:
         names = sorted(p.name for p in registry.iterdir()
                        if p.is_dir() and ((p / "current").is_symlink() or (p / "current").exists()))
@@ -102,27 +103,6 @@ def current_model(registry: str | Path, name: str | None = None) -> Path:
         raise NoCurrentModel(f"{model} is {contract.model_name} {contract.model_version}, but the registry folders "
                              f"say {name} {version}: a file copied in by hand? Promote the run with `wildcheck promote`")
     return model
-
-
-RESERVED_NAMES = {"current", "promotions.jsonl"}
-# a version is <--version or run name>+<12 hex>: under 255 bytes, the folder-name limit of common file systems
-MAX_FOLDER_NAME = 128
-FOLDER_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.+:")
-
-
-def _folder_name(value: str, option: str) -> str:
-    """A model name or version is one folder of the registry: a path (``../x``, ``/abs``) would write outside
-    it, and a reserved or hidden name would collide with the ``current`` link or its temporaries. Letters, digits
-    and ``-_.+:`` only (an ensemble's default name has a ``:``): a space, newline or control character makes a
-    folder that shell commands and the model card mangle."""
-    if (not value or value in {".", ".."} or value in RESERVED_NAMES or value.startswith(".")
-            or not set(value) <= FOLDER_CHARS):
-        raise InvalidInput(f"{option} {value!r} cannot name a folder of the registry: use letters, digits and "
-                           "-_.+: (not starting with a dot), e.g. 1.7.0; not a path")
-    if len(value) > MAX_FOLDER_NAME:
-        raise InvalidInput(f"{option} is {len(value)} characters long; a registry folder name takes at most "
-                           f"{MAX_FOLDER_NAME} (a version gets +<12-character weights hash> added)")
-    return value
 
 
 def _point_current(model_dir: Path, version: str) -> None:
@@ -202,9 +182,7 @@ def _gate(model_dir: Path, comparison: dict | None, compare_path: Path, version:
 
 def promote(run: str | Path, registry: str | Path, force: bool = False, name: str | None = None,
             version: str | None = None) -> dict:
-    for value, option in ((name, "--name"), (version, "--version")):
-        if value is not None:
-            _folder_name(value, option)
+    release_names(name, version)
     registry = Path(registry)
     if registry.exists() and not registry.is_dir():
         raise InvalidInput(f"--registry {registry} is a file; give a folder (created on the first promote)")
@@ -222,14 +200,14 @@ def promote(run: str | Path, registry: str | Path, force: bool = False, name: st
     # the name and version the export will give (the checkpoint's, without exporting): every refusal that does not
     # need the file comes before the ~30 s export
     planned = Checkpoint.load(ckpt).release(name, version, ckpt.parent.name)
-    _gate(registry / _folder_name(planned.model_name, "--name"), comparison, compare_path,
-          _folder_name(planned.model_version, "--version"), run_dir, force)
+    _gate(registry / folder_name(planned.model_name, "--name"), comparison, compare_path,
+          folder_name(planned.model_version, "--version"), run_dir, force)
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / "model.onnx"
         export(ckpt, staged, name=name, version=version)
         contract = read_contract(staged)
-        model_dir = registry / _folder_name(contract.model_name, "--name")
-        _folder_name(contract.model_version, "--version")
+        model_dir = registry / folder_name(contract.model_name, "--name")
+        folder_name(contract.model_version, "--version")
         _gate(model_dir, comparison, compare_path, contract.model_version, run_dir, force)
         target = model_dir / contract.model_version
         target.mkdir(parents=True, exist_ok=True)
