@@ -11,24 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
 from tests.conftest import REPO, photo
-from training.cli import app
+from tests.test_s27_outputs import _cli, _refused
 
 SHIPPED = REPO / "models" / "wildcheck-ivory.onnx"
 needs_model = pytest.mark.skipif(not SHIPPED.is_file(), reason=f"{SHIPPED} not present (make model)")
-
-
-def _cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def _refused(result, *parts):
-    text = " ".join(result.output.split())
-    assert result.exit_code == 2 and isinstance(result.exception, (SystemExit, type(None))), text  # no traceback
-    for part in parts:
-        assert part in text, text
 
 
 @pytest.fixture(scope="module")

@@ -17,18 +17,10 @@ import pytest
 from typer.testing import CliRunner
 
 from serving.errors import InvalidInput
-from tests.conftest import jpeg_bytes, photo
 
-DECISION = {"decision": "allow", "label": "other", "score": 0.9, "scores": {"other": 0.9}}
+from tests.test_hardening_clients import DECISION, _folder
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _folder(tmp_path: Path, n: int = 3) -> Path:
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for i in range(n):
-        (folder / f"{i}.jpg").write_bytes(jpeg_bytes(photo(i, (32, 32))))
-    return folder
 
 
 def _rows(out: Path) -> list[dict]:
