@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serving.errors import WildcheckError
 
@@ -26,6 +26,14 @@ class ClassThresholds(BaseModel):
 
     block: float | None = Field(DEFAULT_BLOCK, ge=0.0, le=1.0, description="None: never blocks")
     review: float = Field(DEFAULT_REVIEW, ge=0.0, le=1.0)
+
+    @field_validator("block", "review", mode="before")
+    @classmethod
+    def _a_number(cls, value):
+        """``true`` or ``"0.9"`` in a contract or policy is a mistake, not 1.0 or 0.9 (pydantic would coerce it)."""
+        if isinstance(value, (bool, str)):
+            raise ValueError(f"a threshold is a number from 0 to 1, not {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _review_not_above_block(self) -> "ClassThresholds":

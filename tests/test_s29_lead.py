@@ -68,3 +68,27 @@ def test_the_data_fingerprint_never_reads_a_pipe_listed_in_a_manifest(tmp_path):
     worker.start()
     worker.join(timeout=20)
     assert not worker.is_alive() and found["counts"] == {"train": {"ivory": 2}}
+
+
+def test_a_threshold_written_as_true_or_as_text_in_a_contract_is_refused():
+    """pydantic coerced `"block": true` in a model's metadata to 1.0 (the class never blocked) and `"0.9"` to 0.9;
+    policies already refused true/false, contracts did not."""
+    import json
+
+    import pytest
+
+    from serving.contract import ContractError, ModelContract
+    from tests.conftest import REPO
+
+    shipped = REPO / "models" / "wildcheck-ivory.onnx"
+    if not shipped.is_file():
+        pytest.skip("the shipped model is absent")
+    from serving.contract import read_contract
+
+    metadata = read_contract(shipped).to_metadata()
+    assert ModelContract.from_metadata(metadata).thresholds["ivory"].block < 1
+    for bad in (True, "0.9"):
+        thresholds = json.loads(metadata["wildcheck.thresholds"])
+        thresholds["ivory"]["block"] = bad
+        with pytest.raises(ContractError, match="thresholds.ivory.block: .*not " + repr(bad).replace(".", r"\.")):
+            ModelContract.from_metadata({**metadata, "wildcheck.thresholds": json.dumps(thresholds)})
