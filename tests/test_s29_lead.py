@@ -92,3 +92,11 @@ def test_a_threshold_written_as_true_or_as_text_in_a_contract_is_refused():
         thresholds["ivory"]["block"] = bad
         with pytest.raises(ContractError, match="thresholds.ivory.block: .*not " + repr(bad).replace(".", r"\.")):
             ModelContract.from_metadata({**metadata, "wildcheck.thresholds": json.dumps(thresholds)})
+
+
+def test_resume_with_init_from_is_refused_before_any_work(tmp_path):
+    """Before: `train --resume --init-from OTHER` resumed from last.pt and dropped --init-from without a word."""
+    result = _cli("train", "--data", tmp_path / "data", "--out", tmp_path / "run", "--resume",
+                  "--init-from", tmp_path / "other")
+    assert result.exit_code == 2 and "give one of them" in result.output, result.output
+    assert not (tmp_path / "run").exists()

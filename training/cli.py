@@ -161,6 +161,9 @@ def train(
 
     from training.outputs import out_folder
 
+    if resume and init_from is not None:  # the resumed run's own weights won; --init-from was dropped without a word
+        _fail("--resume continues RUN_DIR/last.pt with its own weights, --init-from starts a new run from another "
+              "run's: give one of them")
     out_folder(out, what="run directory")  # before the config is read from it (--resume)
     resolved = resolve_config(config, run_dir=out, resume=resume, warm_start=init_from is not None, epochs=epochs,
                               img_size=img_size, batch_size=batch_size, negatives=negatives, sets=set_)
