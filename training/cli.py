@@ -128,7 +128,7 @@ def data_check(
 def data_synth(
     out: Path = typer.Argument(..., help="output folder (OUT/<split>/<label>/*.jpg)"),
     per_class: int = typer.Option(40, "--per-class", min=1,
-                                  help="training images per class (val/test get a quarter; at least 2 each)"),
+                                  help="training images per class (val/test get a quarter); every split gets at least 2"),
     size: int = typer.Option(256, "--size", min=64, max=4096,
                              help="image side in pixels (64 to 4096: the drawings need room, and memory is finite)"),
     seed: int = typer.Option(0, "--seed"),
