@@ -100,3 +100,16 @@ def test_resume_with_init_from_is_refused_before_any_work(tmp_path):
                   "--init-from", tmp_path / "other")
     assert result.exit_code == 2 and "give one of them" in result.output, result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_export_refuses_a_folder_where_the_int8_copy_goes_before_any_work(tmp_path):
+    """Before: the whole export ran, then removing the 'stale' MODEL.int8.onnx failed with IsADirectoryError."""
+    import pytest
+
+    from serving.errors import InvalidInput
+    from training.export import export
+
+    (tmp_path / "m.int8.onnx").mkdir()
+    with pytest.raises(InvalidInput, match="m.int8.onnx is not a file"):
+        export(tmp_path / "no-run-needed", tmp_path / "m.onnx")  # refused before the run is even looked up
+    assert not (tmp_path / "m.onnx").exists()

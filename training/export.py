@@ -170,6 +170,10 @@ def export(
     """
     out = onnx_out(out, "model.onnx")
     release_names(name, version)
+    beside = int8_path(out)
+    if beside.exists() and not beside.is_file():  # it is replaced after the export: IsADirectoryError at the very end
+        raise InvalidInput(f"{beside} is not a file (a folder?): export replaces MODEL.int8.onnx beside --out; move it "
+                           "or give another --out")
     ckpt = resolve_checkpoint(run)
     predictor = TorchPredictor(ckpt)
     checkpoint = predictor.checkpoint
