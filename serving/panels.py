@@ -112,6 +112,10 @@ def _trim(region: np.ndarray, rules: SeamRules) -> tuple[int, int]:
             break
         colour = mean if colour is None else colour
         end -= 1
+    # a uniform row may hold up to 1 - uniform_share of content (a thin object standing in the border): a
+    # border with content stays, since a found collage is scored by its panels alone
+    start = start if _blank(region[:start], rules) else 0
+    end = end if _blank(region[end:], rules) else h
     return start, end
 
 
@@ -179,6 +183,18 @@ def _blank(pixels: np.ndarray, rules: SeamRules) -> bool:
     return float(1.0 - _within(pixels, colours, 2 * rules.tolerance).mean()) < rules.blank_share
 
 
+def _clean_rows(pixels: np.ndarray, rules: SeamRules) -> np.ndarray:
+    """Per row: blank (under ``blank_share`` of its pixels off the row's dominant colour). A uniform row may hold
+    up to 1 - ``uniform_share`` of content (a thin object standing in a gutter or a border); only clean rows
+    may be cut away, since a found collage is scored by its panels alone. A row's two end pixels are left out:
+    there a neighbouring seam blends in (the corner of the next tile of a checkerboard is no content)."""
+    pixels = _along(pixels[:, 1:-1])
+    if pixels.shape[1] == 0:
+        return np.ones(len(pixels), dtype=bool)
+    colours = np.median(pixels, axis=1, keepdims=True)
+    return 1.0 - _within(pixels, colours, 2 * rules.tolerance).mean(axis=1) < rules.blank_share
+
+
 def _seam_rows(band: np.ndarray, a: int, rules: SeamRules) -> tuple[int, int] | None:
     """The rows [start, end) of a cut merged from seams (``band``, starting at row ``a``) that hold nothing
     but the seam, or None when there is no seam in them. A gutter's uniform rows and the row beside them
@@ -191,6 +207,7 @@ def _seam_rows(band: np.ndarray, a: int, rules: SeamRules) -> tuple[int, int] | 
     if not len(inner):
         return a, b
     uniform, means = _uniform_rows(_along(inner), rules)
+    uniform &= _clean_rows(inner, rules)  # a uniform row with content in it is content, not seam
     rest = ~uniform
     runs = _runs(uniform)
     if runs:

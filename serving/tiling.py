@@ -162,9 +162,9 @@ def panel_knots(labels: list[str], thresholds: dict, negatives, max_panels: int,
                     xs.append(1.0)
                     ys.append(base)
                     break
-                if x > xs[-1]:
-                    xs.append(x)
-                    ys.append(base)
+                if x >= xs[-1]:  # equal: block's share leaves out no more negatives than review's, so a panel
+                    xs.append(x)  # at x clears both; the repeated knot is a step (np.interp takes the last
+                    ys.append(base)  # knot at x), where dropping it sent such a panel to review only
             per_class[c] = (np.array(xs + [1.0]), np.array(ys + [1.0]))
         out[k] = per_class
     return out
