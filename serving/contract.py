@@ -23,7 +23,7 @@ METADATA_PREFIX = "wildcheck."
 CONTRACT_VERSION = 1
 # calibration keeps T in [0.25, 20]; at 1e300 (or inf) every score is 1/classes and no photo is ever flagged
 MAX_TEMPERATURE = 100.0
-# what training accepts (training.config: img_size <= 1024, crop_pct >= 0.5). A file asking for more made every
+# the one bound for training (training.config's img_size and crop_pct) and serving. A file asking for more made every
 # request resize a photo to input_size / crop_pct px a side (crop_pct 0.001 at 64 px: 64,000 px, ~16 GB)
 MAX_INPUT_SIZE = 1024
 MIN_CROP_PCT = 0.5

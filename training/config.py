@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from serving.errors import InvalidInput, MissingInput
-from serving.contract import SizeRoute, TestTimeView
+from serving.contract import MAX_INPUT_SIZE, MIN_CROP_PCT, SizeRoute, TestTimeView
 from serving.tiling import Tiling
 from serving.yamlio import load_yaml
 
@@ -59,15 +59,17 @@ class ModelConfig(_Strict):
         "colour (wildcheck grey-head; written into the model contract); None: one head")
 
 
-MAX_IMG_SIZE = 1024  # the project trains at 224-320 px; the cache holds every image at img_size / crop_pct
+# the bounds a served model's contract accepts (serving.contract); the project trains at 224-320 px, and the
+# cache holds every image at img_size / crop_pct
+MAX_IMG_SIZE = MAX_INPUT_SIZE
 
 
 class DataConfig(_Strict):
     img_size: StrictInt = Field(224, ge=32, le=MAX_IMG_SIZE, description=(
         f"model input side in px (32 to {MAX_IMG_SIZE}): every training image is cached in memory at "
         "img_size / crop_pct, so a huge value exhausted memory during caching"))
-    crop_pct: float = Field(0.875, ge=0.5, le=1.0, description=(
-        "share of the resized picture the centre crop keeps (0.5 to 1; timm's weights use 0.875-1.0): the "
+    crop_pct: float = Field(0.875, ge=MIN_CROP_PCT, le=1.0, description=(
+        f"share of the resized picture the centre crop keeps ({MIN_CROP_PCT} to 1; timm's weights use 0.875-1.0): the "
         "resize side is img_size / crop_pct"))
     interpolation: Literal["bicubic", "bilinear", "nearest", "lanczos"] | None = Field(
         None, description="None: what the pretrained weights expect (serving.preprocess knows these four)")
