@@ -29,7 +29,7 @@ from serving.checker import Abandoned, ExplainMode, item_error
 from serving.errors import WildcheckError
 from serving.imageio import ImageError, decode_cost
 from serving.middleware import (STARTED, ApiKeyMiddleware, BodyLimitMiddleware, ConcurrencyLimitMiddleware,
-                                RouteLabelMiddleware, error_response)
+                                Refusal, RouteLabelMiddleware, error_response)
 from serving.schemas import BATCH_BODY, CHECK_BODY, ERRORS, BatchResponse, CheckResponse, ModelInfo
 from serving.settings import Settings
 from serving.workqueue import CpuQueue, Expired, Gone, Overloaded
@@ -64,7 +64,18 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return error_response(400, "invalid_request", str(exc.errors()))
+    return error_response(400, "invalid_request", validation_message(exc.errors()))
+
+
+def validation_message(errors) -> str:
+    """One line per wrong value, e.g. ``explain: Input should be 'false', 'true' or 'png', got 'maybe'`` (the
+    message was the Python repr of pydantic's error list: types, locations and contexts in brackets)."""
+    parts = []
+    for error in errors:
+        where = ".".join(str(part) for part in error.get("loc", ())[1:]) or "request"
+        got = repr(error.get("input"))
+        parts.append(f"{where}: {error.get('msg', 'invalid value')}, got {got if len(got) <= 80 else got[:77] + '...'}")
+    return "; ".join(parts) or "invalid request"
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -85,9 +96,13 @@ def _fastapi(settings: Settings) -> FastAPI:
         # open) and fetched its JavaScript from a CDN
         redoc_url=None,
     )
-    api.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
-    api.add_middleware(ConcurrencyLimitMiddleware, limit=settings.max_concurrency)
-    api.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)  # added last = runs first: no key, no upload read
+    # how the middleware's own refusals reach clients that are still sending their body (serving.middleware.Refusal)
+    refuse = Refusal(2 * settings.max_body_bytes, settings.body_timeout_s)
+    api.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s,
+                       refuse=refuse)
+    api.add_middleware(ConcurrencyLimitMiddleware, limit=settings.max_concurrency, refuse=refuse)
+    # added last = runs first: no key, no upload parsed
+    api.add_middleware(ApiKeyMiddleware, keys=settings.api_keys, refuse=refuse)
     api.add_exception_handler(StarletteHTTPException, _http_error)
     api.add_exception_handler(RequestValidationError, _validation_error)
     api.add_exception_handler(Exception, _internal_error)

@@ -505,6 +505,21 @@ def serve(
         model = current_model(registry, name)
     if model is None:
         _fail("give an ONNX file or --registry DIR")
+    import ipaddress
+    import socket
+
+    # bentoml takes an IP address only, and a port another server listens on ended in an OSError traceback after
+    # all the checks below; the same bind as bentoml's (SO_REUSEADDR: a port in TIME_WAIT is free), released at once
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        _fail(f"--host {host!r} is not an IP address: give one of this machine's, e.g. 0.0.0.0 (all) or 127.0.0.1")
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            _fail(f"cannot listen on {host}:{port}: {exc.strerror}; stop what listens there or pick another --port")
     env = dict(os.environ, WILDCHECK_MODEL=str(model.resolve()))
     for key, flag in (("WILDCHECK_POLICY", policy), ("WILDCHECK_GALLERY", gallery), ("WILDCHECK_EMBEDDER", embedder)):
         path = flag or (Path(env[key]) if env.get(key) else None)  # the flag, else the environment
