@@ -336,7 +336,8 @@ def decode_modes(repo: Path) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path)
-    ap.add_argument("--photos", type=Path, default=Path("/work/shared/datasets/listings-everyday"))
+    ap.add_argument("--photos", type=Path, default=REPO.parent / "shared" / "datasets" / "listings-everyday",
+                    help="the good clients' JPEGs (default: ../shared/datasets/listings-everyday beside the repo)")
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--good-clients", type=int, default=2)
     ap.add_argument("--bombers", type=int, default=2)
@@ -349,6 +350,11 @@ def main() -> None:
     ap.add_argument("--slivers", action="store_true", help="only measure thin pictures, with and without the aspect limit")
     ap.add_argument("--out", type=Path, help="write the JSON result here")
     args = ap.parse_args()
+    odd = [kv for kv in args.env if "=" not in kv or not kv.split("=", 1)[0]]
+    if odd:
+        ap.error(f"--env {odd[0]!r}: write NAME=VALUE, e.g. --env WILDCHECK_MAX_PIXELS=20000000")
+    if args.out and not args.out.parent.is_dir():  # found now, not after the measurement
+        ap.error(f"--out {args.out}: folder {args.out.parent} does not exist")
     if args.decode_modes:
         result = {"decode_modes": decode_modes(REPO)}
     elif args.slivers:
@@ -376,4 +382,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from _entry import run_main  # benchmarks/ is sys.path[0] here: one line for a user's mistake
+
+    run_main(main)

@@ -126,4 +126,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from _entry import run_main  # benchmarks/ is sys.path[0] here: one line for a user's mistake
+
+    run_main(main)

@@ -92,6 +92,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--calib-images", type=int, default=300)
     args = parser.parse_args()
+    if not Path(args.run).exists():  # before --out (default RUN/export) is made
+        parser.error(f"{args.run}: no such run dir or checkpoint")
     from training.export import ExportError, export
 
     out_dir = Path(args.out or Path(args.run) / "export")
@@ -137,4 +139,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _entry import run_main  # benchmarks/ is sys.path[0] here: one line for a user's mistake
+
+    run_main(main)

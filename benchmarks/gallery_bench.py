@@ -83,6 +83,8 @@ class OnnxEmbedder:
             self.pre, self.name = contract.preprocessing, f"onnx-{contract.model_version}"
         except ContractError:
             self.pre, self.name = Preprocessing(), f"onnx-{Path(path).stem}"
+        with open(path, "rb") as fh:  # the cache's key: a version or a file name outlives the weights it named
+            self.fingerprint = f"{self.name}-{hashlib.file_digest(fh, 'sha256').hexdigest()[:16]}"
         self.input = self.session.get_inputs()[0].name
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -133,9 +135,13 @@ class PretrainedEmbedder:
 
 
 def embed_images(embedder, images: list[Image.Image], cache: Path, key: str, batch_size: int = 32) -> np.ndarray:
-    """Embeddings of PIL images, cached by embedder name + key."""
+    """Embeddings of PIL images, cached by the embedder (an ONNX file's contents, not only its version or name:
+    two exports of version 1.0.0 are two models) + key; written atomically, so an interrupted run leaves no half file
+    for the next one to load."""
+    from training.fileio import atomic_path
+
     cache.mkdir(parents=True, exist_ok=True)
-    file = cache / f"{embedder.name}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy"
+    file = cache / f"{getattr(embedder, 'fingerprint', embedder.name)}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy"
     if file.exists():
         return np.load(file)
     from tqdm import tqdm
@@ -144,7 +150,8 @@ def embed_images(embedder, images: list[Image.Image], cache: Path, key: str, bat
     for i in tqdm(range(0, len(images), batch_size), desc=f"embed {len(images)}", leave=False):
         out.append(embedder(np.stack([embedder.pre(im) for im in images[i:i + batch_size]])))
     emb = np.concatenate(out).astype(np.float32)
-    np.save(file, emb)
+    with atomic_path(file) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, emb)
     return emb
 
 
@@ -757,6 +764,9 @@ def main() -> None:
     ap.add_argument("--against", type=Path, help="memory-compare: the second memory-load --json output")
     ap.add_argument("--dtype", default="float16", help="memory-build: the references' dtype as handed to Gallery")
     args = ap.parse_args()
+    for option in ("model", "embedder", "gallery") if args.what not in ("export-pretrained", "memory-build") else ():
+        if getattr(args, option) and not Path(getattr(args, option)).is_file():
+            ap.error(f"--{option} {getattr(args, option)}: no such file")
     if args.what == "export-pretrained":
         export_pretrained(args.pretrained, Path(args.model))
         return
@@ -792,4 +802,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from _entry import run_main  # benchmarks/ is sys.path[0] here: one line for a user's mistake
+
+    run_main(main)

@@ -192,4 +192,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from _entry import run_main  # benchmarks/ is sys.path[0] here: one line for a user's mistake
+
+    run_main(main)

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from serving.errors import InvalidInput, MissingInput
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
 # pools whose licences allow training a model that is redistributed (PROVENANCE.txt of each pool)
@@ -47,7 +49,7 @@ def pool_root(spec: str, shared: Path, run_dir: Path) -> str:
     name, _, sources = spec.partition(":")
     root = shared / name
     if not root.is_dir():
-        raise FileNotFoundError(f"pool {root} not found")
+        raise MissingInput(f"pool {root} not found: name a folder under {shared} (--pool NAME[:SOURCES])")
     if not sources:
         return str(root)
     from training.data.sources import discover
@@ -56,7 +58,8 @@ def pool_root(spec: str, shared: Path, run_dir: Path) -> str:
     keep = set(sources.split(","))
     rows = [s for s in discover(root) if s.path.relative_to(root).parts[2] in keep]
     if not rows:
-        raise ValueError(f"no images of sources {sorted(keep)} in {root}")
+        raise InvalidInput(f"no images of sources {sorted(keep)} in {root}: its sources are the folders under "
+                           "SPLIT/LABEL/")
     manifest = run_dir / f"pool_{name}_{'+'.join(sorted(keep))}.csv"
     manifest.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(manifest, "path,label,split,source\n"
@@ -231,4 +234,6 @@ def run_robustness(run: Path, met: Path, pools: list[str], limit: int | None = N
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _entry import run_main  # benchmarks/ is sys.path[0] here: one line for a user's mistake
+
+    run_main(main)

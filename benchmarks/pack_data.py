@@ -34,8 +34,8 @@ def convert(src: Path, dst: Path, short_side: int, quality: int) -> int:
     return dst.stat().st_size
 
 
-def plan(dataset: str, sources: list[str] | None, train_cap: int | None, seed: int) -> list[Path]:
-    root = SHARED / dataset
+def plan(dataset: str, sources: list[str] | None, train_cap: int | None, seed: int, shared: Path = SHARED) -> list[Path]:
+    root = shared / dataset
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in EXTS)
     if sources:  # keep only these source folders (split/label/<source>/...)
         files = [p for p in files if len(p.relative_to(root).parts) > 3 and p.relative_to(root).parts[2] in sources]
@@ -65,6 +65,7 @@ def main() -> int:
     ap.add_argument("--short-side", type=int, default=293)
     ap.add_argument("--quality", type=int, default=75)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shared", type=Path, default=SHARED, help="the folder holding the pools")
     args = ap.parse_args()
     out = Path(args.out)
     jobs = []
@@ -72,17 +73,31 @@ def main() -> int:
         spec, _, outname = spec.partition("@")
         spec, _, cap = spec.partition("=")
         name, _, srcs = spec.partition(":")
-        if not (SHARED / name).is_dir():
-            print(f"{SHARED / name} not found", file=sys.stderr)
+        if cap and not (cap.isdigit() and int(cap) > 0):
+            ap.error(f"--pool {spec}={cap}: TRAIN_CAP is a number of training images, e.g. {name}=2000")
+        if not (args.shared / name).is_dir():
+            print(f"{args.shared / name} not found", file=sys.stderr)
             return 2
-        for p in plan(name, srcs.split(",") if srcs else None, int(cap) if cap else None, args.seed):
-            rel = p.relative_to(SHARED / name)
+        for p in plan(name, srcs.split(",") if srcs else None, int(cap) if cap else None, args.seed, args.shared):
+            rel = p.relative_to(args.shared / name)
             jobs.append((p, out / (outname or name) / rel.with_suffix(".webp")))
+
+    def one(job: tuple[Path, Path]) -> int | str:  # an unreadable image is reported, not the end of the pack
+        try:
+            return convert(*job, args.short_side, args.quality)
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            return f"{job[0]}: {exc}"
+
     with ThreadPoolExecutor(4) as pool:
-        sizes = list(pool.map(lambda j: convert(*j, args.short_side, args.quality), jobs))
-    print(f"{len(jobs)} images, {sum(sizes) / 2**20:.1f} MiB in {out}")
-    return 0
+        results = list(pool.map(one, jobs))
+    sizes, failed = [r for r in results if isinstance(r, int)], [r for r in results if isinstance(r, str)]
+    for line in failed:
+        print(f"skipped {line}", file=sys.stderr)
+    print(f"{len(sizes)} images, {sum(sizes) / 2**20:.1f} MiB in {out}" + (f"; {len(failed)} unreadable skipped" if failed else ""))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _entry import run_main  # benchmarks/ is sys.path[0] here: one line for a user's mistake
+
+    run_main(main)

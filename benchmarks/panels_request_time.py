@@ -24,6 +24,8 @@ from serving.imageio import decode_image
 from serving.panels import find_panels
 from serving.tiling import draft_size
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def _jpeg(img: Image.Image) -> bytes:
     buf = io.BytesIO()
@@ -46,13 +48,17 @@ def pictures(met: Path, side: int) -> dict[str, bytes]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("whole", type=Path, help="the model without tiling")
     ap.add_argument("panels", type=Path, help="the same weights with tiling mode panels")
-    ap.add_argument("--met", type=Path, default=Path("/work/shared/datasets/met-ivory"))
+    ap.add_argument("--met", type=Path, default=REPO.parent / "shared" / "datasets" / "met-ivory",
+                    help="the met-ivory folder (default: ../shared/datasets/met-ivory beside the repo)")
     ap.add_argument("--side", type=int, default=1000)
     ap.add_argument("--repeat", type=int, default=20)
     args = ap.parse_args()
+    ivory, other = (list((args.met / "val" / label).glob("*.jpg")) for label in ("ivory", "other"))
+    if len(ivory) < 2 or len(other) < 3:  # what pictures() builds its three from
+        ap.error(f"--met {args.met}: needs met-ivory's val/ivory (2) and val/other (3) JPEGs; point --met at it")
     checkers = {"whole": ImageChecker(str(args.whole)), "panels": ImageChecker(str(args.panels))}
     for checker in checkers.values():
         checker.warm_up()
@@ -76,4 +82,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from _entry import run_main  # benchmarks/ is sys.path[0] here: one line for a user's mistake
+
+    run_main(main)

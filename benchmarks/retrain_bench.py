@@ -70,10 +70,22 @@ def main() -> int:
     parser.add_argument("--config", default=str(REPO / "configs" / "met_ivory.yaml"))
     parser.add_argument("--scratch", default=None, help="an earlier benchmarks/met_ivory.py run dir to reuse")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shared", type=Path, default=SHARED, help="folder holding met-ivory and the negatives pools")
     args = parser.parse_args()
-    met = SHARED / "met-ivory"
+    # what the last step reads is checked before the first: the trainings take hours
+    if not Path(args.config).is_file():
+        parser.error(f"--config {args.config} not found")
+    if args.scratch:  # its best.pt is evaluated, its benchmark.json's wall time compared
+        try:
+            json.loads((Path(args.scratch) / "benchmark.json").read_text())["wall_seconds"]
+            if not (Path(args.scratch) / "best.pt").is_file():
+                raise FileNotFoundError(f"no {Path(args.scratch) / 'best.pt'}")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            parser.error(f"--scratch {args.scratch}: needs the best.pt and benchmark.json (with wall_seconds) that "
+                         f"benchmarks/met_ivory.py writes into its --out ({type(exc).__name__}: {exc})")
+    met = args.shared / "met-ivory"
     if not met.is_dir():
-        print(f"{met} not found: this benchmark needs ../shared/datasets", file=sys.stderr)
+        print(f"{met} not found: this benchmark needs ../shared/datasets (or --shared)", file=sys.stderr)
         return 2
     out = Path(args.out)
     root = out / "data"
@@ -82,8 +94,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     negatives = []
     for name in ("generic-products", "caltech101-negatives"):
-        if (SHARED / name).is_dir():
-            negatives += ["--negatives", str(SHARED / name)]
+        if (args.shared / name).is_dir():
+            negatives += ["--negatives", str(args.shared / name)]
 
     first, second = _split_half(met, args.seed)
     val = [(str(p), d.name) for d in sorted((met / "val").iterdir()) for p in sorted(d.iterdir()) if p.is_file()]
@@ -146,4 +158,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _entry import run_main  # benchmarks/ is sys.path[0] here: one line for a user's mistake
+
+    run_main(main)

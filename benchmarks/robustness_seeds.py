@@ -85,10 +85,15 @@ def main() -> int:
     parser.add_argument("--recipe", action="append", required=True, help="NAME=RUN1,RUN2 (repeat per recipe)")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the tables here")
     args = parser.parse_args()
-    parts = []
+    recipes = []
     for spec in args.recipe:
         name, _, runs = spec.partition("=")
-        text, means = table(name, [Path(r) for r in runs.split(",") if r])
+        if not name or not [r for r in runs.split(",") if r]:
+            parser.error(f"--recipe {spec!r}: write NAME=RUN1,RUN2 (a name, then one or more run folders)")
+        recipes.append((name, [Path(r) for r in runs.split(",") if r]))
+    parts = []
+    for name, runs in recipes:
+        text, means = table(name, runs)
         missed = misses(means)
         parts.append(text + "\n\nTargets not met: " + ("; ".join(missed) if missed else "none"))
     out = "\n\n".join(parts)
@@ -99,4 +104,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from _entry import run_main  # benchmarks/ is sys.path[0] here: one line for a user's mistake
+
+    run_main(main)

@@ -16,6 +16,8 @@ import json
 import shutil
 from pathlib import Path
 
+from training.fileio import atomic_write_text
+
 HISTORY_KEYS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_f1", "lr",
                 "best", "mined_negatives", "mined_per_pool"]
 
@@ -61,14 +63,23 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--compare", type=Path, help="numbers.json of an earlier run")
     args = parser.parse_args()
+    # read before the run, which takes minutes and then rewrites OUT/numbers.json: --compare may name that very file
+    # (a rerun into the same folder), and a missing one is said now, not after the trainings
+    earlier = None
+    if args.compare:
+        try:
+            earlier = json.loads(args.compare.read_text())
+        except (OSError, ValueError) as exc:
+            parser.error(f"--compare {args.compare}: {exc}")
     args.out.mkdir(parents=True, exist_ok=True)
     result = run(args.out)
-    (args.out / "numbers.json").write_text(json.dumps(result, indent=1))
+    atomic_write_text(args.out / "numbers.json", json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
-    if args.compare:
-        earlier = json.loads(args.compare.read_text())
+    if earlier is not None:
         print({name: "identical" if earlier.get(name) == numbers else "DIFFERENT" for name, numbers in result.items()})
 
 
 if __name__ == "__main__":
-    main()
+    from _entry import run_main  # benchmarks/ is sys.path[0] here: one line for a user's mistake
+
+    run_main(main)

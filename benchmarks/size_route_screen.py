@@ -77,7 +77,7 @@ def main() -> int:
     conditions = ["clean"] + [n for n in args.conditions.split(",") if n != "clean"]
     if any(not (cache / f"{n}.npz").is_file() for n in conditions):
         kept = decoded(samples_of(Path(args.shared), cache, list(contract.labels), contract.negative_label), contract)
-        np.savez(cache / "meta.npz", y=np.array([contract.labels.index(s.label) for s, _ in kept]))
+        save_cache(cache / "meta.npz", dict(y=np.array([contract.labels.index(s.label) for s, _ in kept])))
         for name in conditions:
             cache_condition(members, kept, name, cache / f"{name}.npz")
     cache_condition(members, decoded(select_split(load_samples([args.unseen]), "val"), contract), "unseen",
@@ -109,4 +109,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _entry import run_main  # benchmarks/ is sys.path[0] here: one line for a user's mistake
+
+    run_main(main)

@@ -34,7 +34,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.ensemble_check import class_margin, condition_images, recall_at_budget  # noqa: E402
+from benchmarks.ensemble_check import class_margin, condition_images, recall_at_budget, save_npz  # noqa: E402
 
 def view(name: str, x: np.ndarray) -> np.ndarray:
     """One view of a batch of preprocessed arrays (N, 3, S, S): ``id``, ``grey`` (luma, a screen-only view), or a
@@ -148,9 +148,7 @@ def cache_condition(model, kept: list, name: str, path: Path, views: list[str]) 
 
 def save_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """``np.savez`` through a temporary file: an interrupted screen leaves the last whole cache, never half of one."""
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    save_npz(path, **arrays)
 
 
 def main() -> int:
@@ -182,7 +180,7 @@ def main() -> int:
         y = np.array([labels.index(s.label) for s, _ in kept])
         if (cache / "meta.npz").is_file() and not np.array_equal(np.load(cache / "meta.npz")["y"], y):
             raise SystemExit(f"{cache} holds other photos: name a new --cache")
-        np.savez(cache / "meta.npz", y=y)
+        save_npz(cache / "meta.npz", y=y)
         for name in conditions:
             cache_condition(model, kept, name, cache / f"{name}.npz", views)
     if args.unseen and set(views) - cached_views(cache / "unseen.npz"):
@@ -209,4 +207,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _entry import run_main  # benchmarks/ is sys.path[0] here: one line for a user's mistake
+
+    run_main(main)
