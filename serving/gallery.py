@@ -10,6 +10,9 @@ version and contract hash it was built with, and per-label thresholds:
 - ``duplicate``: a near-copy: cosine >= ``duplicate`` or pHash distance <= ``duplicate_hamming``
   -> block when the label blocks (default), else review.
 
+A flat picture (blank, one colour: ``serving.phash.ViewHash.flat``) identifies nothing: ``gallery build/add`` skip it
+as a reference and ``match`` matches no flat view (every blank picture has nearly the same pHash and embedding).
+
 Memory: a large gallery (above ``exact_max``, with its stored faiss index) is served from the index alone (2.7 GB
 at 1M references, its float16 re-rank vectors included) plus small per-reference arrays: the file's embeddings
 are read only when ``add``/``remove`` need them, and the index is streamed from the file, never held twice.
@@ -32,8 +35,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from serving.contract import EmbeddingSpec, ModelContract, contract_hash
 from serving.errors import WildcheckError
-from serving.phash import hamming, phash
-from serving.search import EXACT_MAX, VectorIndex, make_index
+from serving.phash import ViewHash, hamming, view_hash
+from serving.search import EXACT_MAX, ExactIndex, VectorIndex, make_index
 
 GALLERY_FORMAT = "wildcheck-gallery"
 GALLERY_VERSION = 1
@@ -52,7 +55,8 @@ SCORE_MARGIN = 1e-4  # above the negative's score: onnxruntime differs by ~1e-6 
 # never match by embedding): `solve_thresholds` refuses a threshold above 1 instead.
 COPY_SIMILARITY = 0.99
 MAX_MATCHES = 3
-SEARCH_K = 16  # nearest references looked at per query view
+SEARCH_K = 16  # nearest references looked at per query view (an ANN-searched gallery; exact search takes each label's best)
+SEARCH_K_MAX = 1024  # ... more while a label not among them could still match: one label's many copies crowd the rest out
 THRESHOLD_BLOCK = 20_000  # references compared with the negatives at a time (3,000 x 20,000 float32: 240 MB)
 READ_BLOCK = 50_000  # rows of a file's embeddings read at a time
 
@@ -106,11 +110,11 @@ class GalleryMatch(BaseModel):
     hamming: int | None = None
 
 
-def preprocess_and_hash(pre, img) -> tuple[np.ndarray, int]:
+def preprocess_and_hash(pre, img) -> tuple[np.ndarray, ViewHash]:
     """Model input and pHash of one picture; the hash is taken from the model's resize (cheaper than the
-    full picture, and the same at build and query time)."""
+    full picture, and the same at build and query time). A ``flat`` hash's picture matches nothing."""
     resized = pre.resize_image(img)
-    return pre.crop_and_normalize(np.asarray(resized)), phash(resized)
+    return pre.crop_and_normalize(np.asarray(resized)), view_hash(resized)
 
 
 def views_and_hashes(img, pre, tiling, boxes=None) -> tuple[np.ndarray, list[int]]:
@@ -312,6 +316,7 @@ class Gallery:
         self.thresholds = dict(header.thresholds)
         self.exact_max = exact_max
         self._index: VectorIndex | None = None
+        self._groups: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.label_idx)
@@ -558,6 +563,7 @@ class Gallery:
         self.header.negatives = {**self.header.negatives, "left_out": len(self.left_out)}
         self.thresholds = dict(self.header.thresholds)
         self._index = None
+        self._groups = None
 
     # ---- search --------------------------------------------------------------------------------
     @property
@@ -570,18 +576,22 @@ class Gallery:
         """Up to ``MAX_MATCHES`` matches (one per label, duplicates first) for one image.
 
         ``views``: (n, d) embeddings of the same image (the whole picture, optionally tiles of it);
-        ``phash``: the pHash of each view (or just the whole picture's).
+        ``phash``: the pHash of each view (or just the whole picture's). A view whose hash is ``flat``
+        (``serving.phash.ViewHash``: blank, one colour) is not matched at all: every blank picture looks alike, to
+        the hash and to the embedding, so a blank upload "duplicated" a blank reference.
         """
         views = np.atleast_2d(views)
-        sims, idx = self.index.search(views, k)
-        best: dict[int, float] = {}
-        for s_row, i_row in zip(sims, idx):
-            for s, i in zip(s_row, i_row):
-                if i >= 0 and s > best.get(int(i), -np.inf):
-                    best[int(i)] = float(s)
+        hashes = [] if phash is None else [phash] if isinstance(phash, int) else list(phash)
+        flat = [bool(getattr(h, "flat", False)) for h in hashes]
+        if any(flat):
+            keep = [i for i in range(len(views)) if not (i < len(flat) and flat[i])]
+            views, hashes = views[keep], [h for h, f in zip(hashes, flat) if not f]
+            if not len(views):
+                return []
+        best = self._nearest(views, k)
         dist: dict[int, int] = {}
         limit = max(t.duplicate_hamming for t in self.thresholds.values())
-        for h in ([] if phash is None else [phash] if isinstance(phash, int) else list(phash)):
+        for h in hashes:
             bits = hamming(h, self.hashes)
             for i in np.nonzero(bits <= limit)[0].tolist():
                 dist[i] = min(int(bits[i]), dist.get(i, 64))
@@ -603,6 +613,44 @@ class Gallery:
                 per_label[label] = m
         ranked = sorted(per_label.values(), key=lambda m: (m.kind != "duplicate", -m.similarity))
         return ranked[:MAX_MATCHES]
+
+    def _label_groups(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """References ordered by label, where each label's run starts, and its length (labels with references)."""
+        if self._groups is None:
+            order = np.argsort(self.label_idx, kind="stable")
+            _, starts, counts = np.unique(self.label_idx[order], return_index=True, return_counts=True)
+            self._groups = order, starts, counts
+        return self._groups
+
+    def _nearest(self, views: np.ndarray, k: int) -> dict[int, float]:
+        """Candidate references and their best similarity over the views: every label's most similar reference
+        (exact search), else the ``k`` nearest per view, more (up to ``SEARCH_K_MAX``) while the last of them could
+        still match a label not among them. Before, the 16 nearest were all: 16 copies of one label's photo hid
+        another label's match, even an exact copy of its reference."""
+        index = self.index
+        if isinstance(index, ExactIndex):  # one pass over every reference already: each label's best costs O(n)
+            sims = index.similarities(views).max(axis=0)
+            order, starts, counts = self._label_groups()
+            ranked = sims[order]
+            top = np.repeat(np.maximum.reduceat(ranked, starts), counts)
+            first = np.flatnonzero(ranked >= top)
+            _, pick = np.unique(np.repeat(np.arange(len(starts)), counts)[first], return_index=True)
+            ids = order[first[pick]]
+            return dict(zip(ids.tolist(), sims[ids].astype(float).tolist()))
+        k = min(max(1, k), len(self))
+        while True:
+            sims, idx = index.search(views, k)
+            best: dict[int, float] = {}
+            for s_row, i_row in zip(sims, idx):
+                for s, i in zip(s_row, i_row):
+                    if i >= 0 and s > best.get(int(i), -np.inf):
+                        best[int(i)] = float(s)
+            seen = {self.header.labels[self.label_idx[i]] for i in best}
+            floor = min((min(t.similar, t.duplicate) for label, t in self.thresholds.items() if label not in seen),
+                        default=np.inf)  # the least similarity at which a label not among them could match
+            if k >= min(SEARCH_K_MAX, len(self)) or not (sims[:, -1] >= floor).any():
+                return best
+            k = min(4 * k, SEARCH_K_MAX, len(self))
 
     def decide(self, matches: list[GalleryMatch]) -> tuple[str, list[str]]:
         """``block`` for a duplicate of a blocking label, else ``review`` for any match, else ``allow``."""

@@ -1,7 +1,8 @@
 """``wildcheck gallery build/add/remove/info``: reference photos -> gallery file (no torch: the ONNX model embeds).
 
 REF is a folder of ``<label>/<image>`` or a CSV ``path,label[,reference_id,source]``. Images are decoded
-exactly as the server decodes uploads; unreadable ones are skipped and reported, never fatal.
+exactly as the server decodes uploads; unreadable ones, and blank or one-colour references (``serving.phash``:
+they would match every blank photo), are skipped and reported, never fatal.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from serving.errors import InvalidInput, MissingInput
 from serving.gallery import (DEFAULT_FPR, Gallery, GalleryError, is_gallery_file, new_header, preprocess_and_hash,
                              require_gallery_file)
 from serving.locking import exclusive
+from serving.phash import MIN_STRUCTURE
 from serving.imageio import ImageError, decode_image, images_under, label_folders
 from serving.runtime import OnnxModel
 
@@ -83,8 +85,10 @@ def read_references(ref: str | Path) -> list[RefItem]:
     return items
 
 
-def embed_paths(model: OnnxModel, paths: list[Path], batch_size: int = 16, desc: str = "embedding"):
-    """Embeddings and pHashes of the readable images; (kept indices, skipped [(path, reason)])."""
+def embed_paths(model: OnnxModel, paths: list[Path], batch_size: int = 16, desc: str = "embedding",
+                skip_flat: bool = False):
+    """Embeddings and pHashes of the readable images; (kept indices, skipped [(path, reason)]). ``skip_flat``
+    (references): a blank or one-colour picture is skipped, since it would match every other blank picture."""
     pre = model.preprocessing
     embs, hashes, kept, skipped, batch = [], [], [], [], []
 
@@ -100,6 +104,10 @@ def embed_paths(model: OnnxModel, paths: list[Path], batch_size: int = 16, desc:
             skipped.append((str(path), getattr(exc, "message", str(exc))))
             continue
         array, hashed = preprocess_and_hash(pre, img)
+        if skip_flat and hashed.flat:
+            skipped.append((str(path), f"blank or one colour (structure {hashed.structure:.1f} grey levels, under "
+                                       f"{MIN_STRUCTURE:g}): it would match every blank photo; give a photo of the item"))
+            continue
         batch.append(array)
         hashes.append(hashed)
         kept.append(i)
@@ -198,9 +206,10 @@ def _build(ref: str | Path, model_path: str | Path, out: str | Path, negatives: 
     model = _load_model(model_path)
     neg = _negatives(model, list(negatives), max_negatives) if negatives else Negatives(
         np.zeros((0, model.contract.embedding.size), np.float32), np.zeros(0, np.uint64), [], {"roots": [], "count": 0}, [])
-    emb, hashes, kept, skipped = embed_paths(model, [it.path for it in items], desc="references")
+    emb, hashes, kept, skipped = embed_paths(model, [it.path for it in items], desc="references", skip_flat=True)
     if not kept:
-        raise GalleryError(f"none of the {len(items)} reference images could be read; nothing written:\n{listed(skipped)}")
+        raise GalleryError(f"none of the {len(items)} reference images could be read or used; nothing written:\n"
+                           f"{listed(skipped)}")
     header = new_header(model.contract, fpr, neg.info, version)
     gallery = Gallery(header, np.zeros((0, emb.shape[1]), np.float32), np.zeros(0, np.int32), np.zeros(0, np.uint64),
                       neg.embeddings, source=str(out), negative_hashes=neg.hashes, negative_names=neg.names)
@@ -218,9 +227,9 @@ def add(gallery_path: str | Path, ref: str | Path, model_path: str | Path) -> di
     with editing(gallery_path):
         gallery = Gallery.load(gallery_path, model.contract, served_as="--model")
         items = read_references(ref)
-        emb, hashes, kept, skipped = embed_paths(model, [it.path for it in items], desc="references")
+        emb, hashes, kept, skipped = embed_paths(model, [it.path for it in items], desc="references", skip_flat=True)
         if not kept:  # "added 0 references", exit 0: a script could not tell that nothing happened
-            raise GalleryError(f"none of the {len(items)} new reference images could be read; {gallery_path} is "
+            raise GalleryError(f"none of the {len(items)} new reference images could be read or used; {gallery_path} is "
                                f"unchanged:\n{listed(skipped)}")
         kept_items = [items[i] for i in kept]
         gallery.add(emb, [it.label for it in kept_items], hashes, [it.reference_id for it in kept_items],

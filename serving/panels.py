@@ -17,7 +17,9 @@ A seam is either
   than a panel can be tall are a pattern (checks, tiles), not seams.
 A uniform outer border of one colour (or letterboxing) is trimmed first, if what is left keeps most of the
 picture. Cuts that would leave a panel under the minimum size (a banner, a UI bar, a thin strip) are not
-made, and blank panels (an empty slot) are dropped. A cut never throws away content, since a found collage
+made, and blank panels (an empty slot) are dropped. A collage of more photos than fit as panels (three or more
+gutters of one width and colour closer than a panel, or more than ``max_panels`` panels) is grouped evenly into
+larger panels (``_even_cuts``; the minimum panel size raised), never cut through a photo. A cut never throws away content, since a found collage
 is scored by its panels alone: a panel is dropped only when blank (a hairpin on a white backdrop is not), the
 rows a cut leaves out hold only the seam (a photo's own edge beside a gutter goes back to its panel; the two
 edges of a thin object are no gutter), and a strip too thin for a panel joins its neighbour unless blank.
@@ -224,25 +226,90 @@ def _seam_rows(band: np.ndarray, a: int, rules: SeamRules) -> tuple[int, int] | 
     return a + start, a + end + 2  # inner row i is band row i + 1; one blended row on each side
 
 
+def _gutter_runs(region: np.ndarray, seams: list[tuple[int, int]], gutters: set[tuple[int, int]],
+                 rules: SeamRules) -> list[tuple[int, int]] | None:
+    """The cuts of a band of ``seams`` closer than a panel can be tall when it is three or more gutters of one
+    width and colour, evenly spaced, with photos between them (a strip of more photos than fit as panels, a 6x6
+    collage), each gutter's rows; else None (one seam: both edges of one gutter, the two edges of a thin object, a
+    gutter beside a photo's own plain backdrop, ...), left to ``_seam_rows``."""
+    runs: list[list] = []
+    for a, b in seams:  # a gutter and the jumps a row off its edges are one seam
+        if runs and a - runs[-1][1] <= 3:
+            runs[-1][1] = max(runs[-1][1], b)
+            runs[-1][2] |= (a, b) in gutters
+        else:
+            runs.append([a, b, (a, b) in gutters])
+    if len(runs) < 3 or not all(is_gutter for _, _, is_gutter in runs):  # two: ambiguous (a photo's white backdrop)
+        return None
+    rows = [_seam_rows(region[a:b], a, rules) for a, b, _ in runs]
+    if any(r is None for r in rows):
+        return None
+    # one collage's gutters: one width and one colour, a photo between each two (not a photo's own plain band
+    # beside a gutter: that is left to _seam_rows, which keeps the gutter farthest from content)
+    widths = [e - s for s, e in rows]
+    colours = np.array([np.median(region[s:e].reshape(-1, region.shape[-1]), axis=0) for s, e in rows])
+    gaps = [r1[0] - r0[1] for r0, r1 in zip(rows, rows[1:])]
+    if max(widths) > 2 * min(widths) + 2 or np.abs(colours - colours.mean(axis=0)).max() > rules.tolerance \
+            or max(gaps) > 2 * min(gaps) or any(_blank(region[r0[1]:r1[0]], rules) for r0, r1 in zip(rows, rows[1:])):
+        return None
+    return rows
+
+
+def _even_cuts(gutters: list[tuple[int, int]], lo: int, hi: int, min_len: int) -> list[tuple[int, int]]:
+    """Of ``gutters`` (in order, between rows ``lo`` and ``hi``), the most that leave every segment at least
+    ``min_len`` rows, the longest segment as short as it can be: photos grouped as evenly as the size allows (a
+    6-photo strip 2+2+2, not 2+4)."""
+    points = [(lo, lo), *gutters, (hi, hi)]
+    best: dict[int, tuple[int, int, int]] = {0: (0, 0, -1)}  # point -> (cuts, -longest segment, previous point)
+    for j in range(1, len(points)):
+        options = [((best[i][0] + (j < len(points) - 1), min(best[i][1], points[i][1] - points[j][0])), i)
+                   for i in range(j) if i in best and points[j][0] - points[i][1] >= min_len]
+        if options:
+            (cuts, longest), i = max(options)
+            best[j] = (cuts, longest, i)
+    chosen, j = [], len(points) - 1
+    if j not in best:
+        return []
+    while best[j][2] > 0:
+        j = best[j][2]
+        chosen.append(points[j])
+    return chosen[::-1]
+
+
 def _cuts(region: np.ndarray, rules: SeamRules, min_len: int) -> list[tuple[int, int]]:
     """The region's row segments [start, end) between seams, each at least ``min_len`` rows; [] if no split.
     Nothing but blank rows is left out, since a collage is scored by its panels alone: seams whose rows hold
-    content are no cut, and a strip too thin for a panel at either end joins its neighbour unless blank."""
+    content are no cut, and a strip too thin for a panel at either end joins its neighbour unless blank. Gutters
+    closer than a panel can be tall (more photos than fit as panels) group the photos evenly (``_even_cuts``)."""
     h = region.shape[0]
-    seams = sorted(_gutters(region, rules) + _discontinuities(region, rules, min_len))
-    merged: list[list[int]] = []
+    gutters = _gutters(region, rules)
+    seams = sorted(gutters + _discontinuities(region, rules, min_len))
+    merged: list[list] = []
     for a, b in seams:  # seams closer than a panel can be tall are one cut (both edges of a gutter, ...)
         if merged and a - merged[-1][1] < min_len:
             merged[-1][1] = max(merged[-1][1], b)
+            merged[-1][2].append((a, b))
         else:
-            merged.append([a, b])
-    merged = [list(rows) for rows in (_seam_rows(region[a:b], a, rules) for a, b in merged) if rows is not None]
+            merged.append([a, b, [(a, b)]])
+    bands = []  # [start, end, the gutters to choose from when several]
+    for a, b, members in merged:
+        several = _gutter_runs(region, members, set(gutters), rules) if len(members) > 1 else None
+        rows = None if several else _seam_rows(region[a:b], a, rules)
+        if several or rows is not None:
+            bands.append([*(rows or (a, b)), several])
     # (a strip's outermost row may be where the region's own seam blends into it)
-    if merged and merged[0][0] < min_len and not _blank(region[1 : merged[0][0]], rules):
-        merged.pop(0)
-    if merged and h - merged[-1][1] < min_len and not _blank(region[merged[-1][1] : h - 1], rules):
-        merged.pop()
-    edges = [0] + [v for a, b in merged for v in (a, b)] + [h]
+    if bands and not bands[0][2] and bands[0][0] < min_len and not _blank(region[1 : bands[0][0]], rules):
+        bands.pop(0)
+    if bands and not bands[-1][2] and h - bands[-1][1] < min_len and not _blank(region[bands[-1][1] : h - 1], rules):
+        bands.pop()
+    cuts: list[tuple[int, int]] = []
+    for k, (a, b, several) in enumerate(bands):
+        if several:
+            hi = bands[k + 1][0] if k + 1 < len(bands) else h
+            cuts += _even_cuts(several, cuts[-1][1] if cuts else 0, hi, min_len)
+        else:
+            cuts.append((a, b))
+    edges = [0] + [v for a, b in cuts for v in (a, b)] + [h]
     segments = [(edges[i], edges[i + 1]) for i in range(0, len(edges), 2)]
     segments = [(a, b) for a, b in segments if b - a >= min_len]
     return segments if len(segments) >= 2 else []
@@ -279,20 +346,34 @@ def find_panels(img: Image.Image, min_side: int = 64, min_fraction: float = 0.2,
 
     A panel is at least ``min_side`` pixels and ``min_fraction`` of the picture's width and height; blank
     panels (an empty slot) are left out and nothing else is: a thin object on a plain backdrop is a panel to
-    score. Fewer than two panels, or more than ``max_panels`` (bounded work per request), means no collage.
+    score. Fewer than two panels means no collage. More than ``max_panels`` (bounded work per request): the
+    photos are grouped into larger panels (``min_fraction`` raised, up to 0.5: a 4x4 collage is 2x2 panels of
+    2x2 photos), and if they still do not fit, the picture is scored whole.
     """
     arr, sx, sy = _work_array(img, rules.work_side)
-    h, w = arr.shape[:2]
-    min_w = max(int(np.ceil(min_side / sx)), int(np.ceil(min_fraction * w)), 8)
-    min_h = max(int(np.ceil(min_side / sy)), int(np.ceil(min_fraction * h)), 8)
-    if w < 2 * min_w and h < 2 * min_h:
-        return []
-    boxes = _split(arr, np.ascontiguousarray(arr.transpose(1, 0, 2)), (0, 0, w, h), rules, min_w, min_h, 0)
-    if any(b[2] - b[0] < min_w or b[3] - b[1] < min_h for b in boxes):
-        return []  # a piece too small for a panel (_cuts keeps panel-sized ones): score the picture whole
-    panels = [b for b in boxes if not _blank(arr[b[1]:b[3], b[0]:b[2]], rules)]
+    arr_t = np.ascontiguousarray(arr.transpose(1, 0, 2))
+    fraction = min_fraction
+    while True:
+        panels = _panels(arr, arr_t, sx, sy, min_side, fraction, rules)
+        if len(panels) <= max_panels or fraction >= 0.5:
+            break
+        fraction = min(0.5, fraction * 1.5)
     if not 2 <= len(panels) <= max_panels:
         return []
     W, H = img.size
     return [(min(W, round(l * sx)), min(H, round(t * sy)), min(W, round(r * sx)), min(H, round(b * sy)))
             for l, t, r, b in panels]
+
+
+def _panels(arr: np.ndarray, arr_t: np.ndarray, sx: float, sy: float, min_side: int, min_fraction: float,
+            rules: SeamRules) -> list[Box]:
+    """The non-blank panels of the work image at this minimum panel size (work-image boxes); [] for none."""
+    h, w = arr.shape[:2]
+    min_w = max(int(np.ceil(min_side / sx)), int(np.ceil(min_fraction * w)), 8)
+    min_h = max(int(np.ceil(min_side / sy)), int(np.ceil(min_fraction * h)), 8)
+    if w < 2 * min_w and h < 2 * min_h:
+        return []
+    boxes = _split(arr, arr_t, (0, 0, w, h), rules, min_w, min_h, 0)
+    if any(b[2] - b[0] < min_w or b[3] - b[1] < min_h for b in boxes):
+        return []  # a piece too small for a panel (_cuts keeps panel-sized ones): score the picture whole
+    return [b for b in boxes if not _blank(arr[b[1]:b[3], b[0]:b[2]], rules)]

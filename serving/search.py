@@ -54,8 +54,12 @@ class ExactIndex:
     def describe(self) -> str:
         return "exact"
 
+    def similarities(self, queries: np.ndarray) -> np.ndarray:
+        """(n_queries, size): every reference's similarity to each query."""
+        return np.atleast_2d(queries).astype(np.float32) @ self.vectors.T
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        sims = np.atleast_2d(queries).astype(np.float32) @ self.vectors.T
+        sims = self.similarities(queries)
         k = min(k, sims.shape[1])
         top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < sims.shape[1] else np.tile(np.arange(k), (len(sims), 1))
         top_sims = np.take_along_axis(sims, top, axis=1)

@@ -551,7 +551,8 @@ def _echo_gallery(info: dict, verb: str) -> None:
         typer.echo(verb)
     typer.echo(format_info(info))
     if info.get("skipped"):
-        typer.echo(f"{len(info['skipped'])} unreadable image(s) skipped (listed above); fix or remove them and `gallery add` again")
+        typer.echo(f"{len(info['skipped'])} image(s) skipped (listed above: unreadable, or blank); fix or replace them "
+                   "and `gallery add` again")
     if info.get("negatives_left_out"):
         typer.echo("copies of references among the negatives would have raised their labels' thresholds (to 1: never "
                    "matching by embedding); keep reference photos out of the --negatives folders")
