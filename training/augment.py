@@ -50,7 +50,64 @@ def build_step(step: AugmentStep, pre: Preprocessing):
             params[key] = tuple(value)
     if step.p is not None:
         params["p"] = step.p
-    return cls(**params)
+    try:
+        return cls(**params)
+    except Exception as exc:  # pydantic's ValidationError for a value out of range, ValueError, TypeError
+        raise AugmentError(f"augmentation {step.name}: {_one_line(exc)}; fix its params in augment.train") from exc
+
+
+def _one_line(exc: Exception) -> str:
+    """An exception as one line: pydantic's ``loc: msg`` per error (its text is a multi-line dump), else the first line."""
+    for cause in (exc, exc.__cause__):  # albumentations re-raises pydantic's error as a ValueError of its text
+        errors = getattr(cause, "errors", None)
+        if callable(errors):
+            try:
+                return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in errors())
+            except Exception:  # not pydantic's: the text below
+                pass
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def check_steps(steps: list[AugmentStep], pre: Preprocessing, where: str = "augment.train",
+                sizes: tuple[tuple[int, int], ...] | None = None) -> None:
+    """Run ``steps`` once, each applied (p = 1), on a picture of the smallest size the cache holds (a square of
+    ``pre.resize_size``; ``sizes``: others), before any image is cached: a step that needs more than a picture (bboxes, a
+    mask), fails on its params (``SmallBlurry`` with min_side > max_side) or a crop larger than the picture, failed in
+    the first training batch, after minutes of caching; one that returns no 8-bit RGB picture (``Normalize``,
+    ``ToFloat``: float pixels that were then scaled and normalised a second time) trained on garbage silently."""
+    side = pre.resize_size
+    sizes = sizes or ((side, side),)
+    rng = np.random.default_rng(0)
+    for h, w in sizes:
+        image = _probe_picture(h, w, rng)
+        for step in steps:
+            forced = build_step(step.model_copy(update={"p": 1.0}), pre)
+            forced.set_random_seed(0)
+            if hasattr(forced, "bank"):
+                forced.bank = [image]  # scene steps draw photos from the negatives pool: give them one
+            shape = getattr(image, "shape", None)
+            try:
+                image = forced(image=image)["image"]
+            except Exception as exc:
+                raise AugmentError(f"{where}: {step.name} fails on a {shape[1]}x{shape[0]} RGB picture (the cache holds "
+                                   f"every image with its shorter side at {side} px): {_one_line(exc)}. Fix or remove "
+                                   "the step") from exc
+            if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
+                    and image.shape[2] == 3 and min(image.shape[:2]) > 0):
+                got = (f"a {image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray)
+                       else type(image).__name__)
+                raise AugmentError(f"{where}: {step.name} returns {got}; every step must return an 8-bit RGB picture "
+                                   "(H x W x 3 uint8). Training scales and normalises the result itself with the "
+                                   "model's mean and std (data.mean, data.std): leave out Normalize, ToFloat, "
+                                   "ToTensorV2 and single-channel outputs")
+
+
+def _probe_picture(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """An object on a plain backdrop with some noise: a picture every step can work on."""
+    image = np.full((h, w, 3), 235, np.uint8)
+    image[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = (150, 120, 90)
+    return np.clip(image + rng.integers(-8, 9, image.shape), 0, 255).astype(np.uint8)
 
 
 class TrainTransform:
@@ -62,6 +119,9 @@ class TrainTransform:
     def __init__(self, steps: list[AugmentStep], pre: Preprocessing, seed: int = 0,
                  views: list[list[AugmentStep]] | None = None):
         self.pre = pre
+        check_steps(steps, pre)
+        for view in views or []:  # a view is applied to the augmented picture, input_size square after the crop
+            check_steps(view, pre, "train.consistency.views", sizes=((pre.input_size, pre.input_size),))
         self.compose = A.Compose([build_step(s, pre) for s in steps], seed=seed)
         self.views = (A.Compose([A.OneOf([A.Sequential([build_step(s, pre) for s in view], p=1.0) for view in views],
                                          p=1.0)], seed=seed + 1) if views else None)

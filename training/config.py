@@ -451,6 +451,19 @@ def check_batch_size(config: Config, label: str | None = None) -> None:
         raise InvalidInput(f"{label or f'train.batch_size {config.train.batch_size}'}: {BATCH_OF_ONE}")
 
 
+def check_schedule(config: Config, named: dict[tuple[str, ...], str] | None = None) -> None:
+    """The warmup ends before the run does: ``train.warmup_epochs`` >= ``train.epochs`` (``--epochs 2`` on a config
+    written for 20 epochs with 5 of warmup) trained the whole run at an lr still rising towards ``train.lr``, the
+    cosine decay never begun, without a word. Checked when a run is set up, like ``check_batch_size``."""
+    tc, named = config.train, named or {}
+    if tc.warmup_epochs >= tc.epochs:
+        asked = " and ".join(named[k] for k in (("train", "warmup_epochs"), ("train", "epochs")) if k in named)
+        raise InvalidInput(f"{asked + ': ' if asked else ''}train.warmup_epochs {tc.warmup_epochs:g} is not shorter "
+                           f"than train.epochs {tc.epochs}: the whole run would be warmup, its lr never reaching "
+                           f"train.lr and never decaying; set a shorter warmup (--set train.warmup_epochs="
+                           f"{min(0.5, tc.epochs / 4):g}) or more epochs")
+
+
 @dataclass
 class ResolvedConfig:
     config: Config
@@ -510,6 +523,7 @@ def resolve_config(config_file: str | Path | None = None, *, run_dir: str | Path
     elif warm_start and not asked_epochs:
         config.train.epochs = max(2, config.train.epochs // 2)
         notes.append(f"warm start: {config.train.epochs} epochs (half the config's; --epochs to change)")
+    check_schedule(config, named)
     return ResolvedConfig(config, notes)
 
 

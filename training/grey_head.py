@@ -100,11 +100,13 @@ def grey_features(network, samples: list[Sample], spec, batch: int = 32, workers
 def cached_grey_features(cache: Path, network, samples: list[Sample], ckpt: Checkpoint, say=print
                          ) -> tuple[np.ndarray, list[Sample], list[tuple[str, str]]]:
     """``grey_features``, kept in ``cache`` (the out folder's) so that fitting again with another ``--lam`` or
-    ``--tolerance`` takes seconds: reused only for the same weights and the same photos in the same order."""
+    ``--tolerance`` takes seconds: reused only for the same weights and the same photos in the same order, with the
+    same bytes (a photo replaced under its name, even with the same size and mtime, is another photo)."""
     from training.checkpoint import weights_hash
+    from training.data.sources import fingerprint
     from training.fileio import atomic_path
 
-    digest = weights_hash(ckpt.weights)
+    digest = weights_hash(ckpt.weights) + ":" + fingerprint(samples)["sha256"]
     paths = [str(s.path) for s in samples]
     if cache.is_file():
         with np.load(cache, allow_pickle=False) as held:

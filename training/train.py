@@ -18,7 +18,7 @@ from serving.preprocess import Preprocessing
 from training import distributed
 from serving.contract import ModelSpec
 from training.checkpoint import Checkpoint, initial_spec, published_metrics
-from training.config import Config, ConfigConflict, SavedRun, check_batch_size, check_resume
+from training.config import Config, ConfigConflict, SavedRun, check_batch_size, check_resume, check_schedule
 from training.data.sources import fingerprint, label_counts
 from training.loop.data import DataError, TrainData, resolve_preprocessing
 from training.loop.model import build_model, warm_start_source
@@ -170,6 +170,7 @@ def train(roots: list[str], out_dir: str | Path, config: Config, resume: bool = 
     """
     tc = config.train
     check_batch_size(config)
+    check_schedule(config)
     if tc.threads:
         torch.set_num_threads(tc.threads)
     info, device = distributed.init(tc.device)

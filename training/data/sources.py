@@ -51,7 +51,7 @@ def _read_manifest(csv_path: Path, default_split: str) -> list[Sample]:
     samples, bad_splits, backslashed = [], [], []
     rows, _ = read_rows(csv_path, {"path", "label"}, "a manifest needs at least the columns path,label (and optionally split)")
     for line_no, row in enumerate(rows, start=2):
-        if not row.get("path") or not row.get("label"):
+        if not row.get("path") or not (row.get("label") or "").strip():  # a label of spaces was the label ''
             raise InvalidInput(f"{csv_path}:{line_no}: empty path or label")
         path = Path(row["path"])
         if not path.is_absolute():

@@ -48,7 +48,12 @@ def negative_samples(roots: list[str], negative_label: str, val_size: int, seed:
     """All images under the negatives roots, relabelled (their source and pool kept): (training pool, the pool index of
     each -- its root's position -- and a fixed validation sample drawn evenly from the roots)."""
     pool, groups, vals = [], [], []
-    for g, root in enumerate(roots):
+    unique, seen = [], set()
+    for root in roots:  # `p` and `./p/` are one pool, read once (it was two, each photo drawn twice as often)
+        if Path(root).resolve() not in seen:
+            seen.add(Path(root).resolve())
+            unique.append(root)
+    for g, root in enumerate(unique):
         found = [replace(s, label=negative_label) for s in load_samples([root])]
         train = [s for s in found if s.split == "train"]
         pool += train
@@ -107,6 +112,33 @@ def _check_empty_label_folders(roots: list[str], trained: set[str], val_s: list[
                         "model. Add its training images, or remove the label from val/ too to train without it")
 
 
+def _check_data_not_negatives(data: list[Sample], negatives: list[Sample], negative_label: str) -> None:
+    """No image is both data and a negative: a root given as --data and as --negatives (or one inside the other) made
+    each of its ivory photos an ``other`` image too, and its validation images were scored under both labels."""
+    pooled = {s.path.resolve(): s for s in negatives}
+    both = [(s, pooled[p]) for s in data if (p := s.path.resolve()) in pooled]
+    if both:
+        s, n = both[0]
+        raise DataError(f"{len(both)} image(s) are both in the data and in the negatives pools, e.g. {s.path} "
+                        f"({s.label!r} in {s.pool}, and {negative_label!r} as a negative of {n.pool}): every image of a "
+                        "negatives pool is trained as the negative label. Give each root once: --data for labelled "
+                        "photos, --negatives (data.negatives) for a root of ordinary photos outside the data roots")
+
+
+def _check_pool_is_drawn(labels: list[str], main_labels: set[str], n_negatives: int, n_pool: int, n_main: int,
+                         per_epoch: float) -> None:
+    """A label whose training images are all in the negatives pool (``other``, when the data has only products) is
+    trained on what each epoch draws from the pool: drawing none (``data.negatives_per_epoch: 0``, or a ratio that
+    rounds to 0 of a small main set) trained a model that never saw the label, without a word."""
+    pool_only = [label for label in labels if label not in main_labels]
+    if n_pool and n_negatives == 0 and pool_only:
+        how = "a count" if per_epoch >= 1 or per_epoch == 0 else f"a ratio of the {n_main} main image(s), rounded"
+        raise DataError(f"label(s) {pool_only} have training images only in the negatives pools, and "
+                        f"data.negatives_per_epoch {per_epoch:g} ({how}) draws none of their {n_pool} image(s) per "
+                        "epoch: the model would never train on them. Draw some, e.g. --set "
+                        f"data.negatives_per_epoch={min(n_pool, max(n_main, 2))}")
+
+
 @dataclass
 class TrainData:
     labels: list[str]
@@ -139,6 +171,7 @@ class TrainData:
         _check_negative_weights(config, roots)
         pool_s, pool_groups, neg_val_s = negative_samples(config.data.negatives, negative, config.data.val_negatives,
                                                           config.train.seed)
+        _check_data_not_negatives(train_s + val_s, pool_s + neg_val_s, negative)
         val_s = val_s + neg_val_s
         if not val_s:
             raise DataError(
@@ -155,6 +188,9 @@ class TrainData:
         if len(labels) < 2:
             raise DataError(f"training needs at least two labels, found {labels}")
         _check_decision_labels(config, labels)
+        per_epoch = config.data.negatives_per_epoch
+        _check_pool_is_drawn(labels, {s.label for s in train_s}, negatives_count(per_epoch, len(train_s), len(pool_s)),
+                             len(pool_s), len(train_s), per_epoch)
         consistency = config.train.consistency
         transform = TrainTransform(config.augment.train, pre, config.train.seed,
                                    views=consistency.views if consistency.weight > 0 else None)
@@ -164,12 +200,21 @@ class TrainData:
         if unknown_val:
             say(f"validation labels not in training data are left out of validation: {dict(unknown_val)}")
         val_s = [s for s in val_s if s.label in labels]
+        if not val_s:  # validation then failed after the first epoch, with a traceback
+            raise DataError(f"no validation image has a label of the training data {labels} (validation labels: "
+                            f"{sorted(unknown_val)}): add val/<label>/ images of the trained labels so the best "
+                            "epoch can be chosen")
         index = {label: i for i, label in enumerate(labels)}
         workers, min_side = config.data.cache_workers, config.data.min_side
+        # validation first: the smaller set, and without a readable image of it there is nothing to train for
+        val_px, val_kept, skipped_v = cache_images(val_s, pre, min_side, workers, desc="caching val", quiet=quiet)
+        if not val_kept:
+            raise DataError(f"none of the {len(val_s)} validation image(s) could be read ({skipped_v[0].path}: "
+                            f"{skipped_v[0].reason}); the best epoch cannot be chosen without them: fix or replace "
+                            "them (wildcheck data check lists every unreadable file)")
         main_px, main_kept, skipped_m = cache_images(train_s, pre, min_side, workers, desc="caching train", quiet=quiet)
         pool_px, pool_kept, skipped_p = cache_images(pool_s, pre, min_side, workers, desc="caching negatives",
                                                      quiet=quiet)
-        val_px, val_kept, skipped_v = cache_images(val_s, pre, min_side, workers, desc="caching val", quiet=quiet)
         group_of = {s.path: g for s, g in zip(pool_s, pool_groups)}
         train_kept = main_kept + pool_kept
         train_ds = CachedImageDataset(main_px + pool_px, [index[s.label] for s in train_kept], transform)
@@ -192,9 +237,21 @@ class TrainData:
         """Every label's column but the negative label's: what a hard negative is scored on."""
         return [i for i, label in enumerate(self.labels) if label != self.negative_label]
 
+    def epoch_counts(self) -> np.ndarray:
+        """Training images per label in one epoch: the main set, plus the negatives the sampler draws from the pool
+        (all of the pool before a sampler is built)."""
+        counts = np.bincount(np.asarray(self.train.targets[: self.n_main], dtype=np.int64),
+                             minlength=len(self.labels)).astype(np.float64)
+        drawn = self.sampler.n_negatives if self.sampler is not None else self.n_pool
+        if drawn:
+            counts[self.labels.index(self.negative_label)] += drawn
+        return counts
+
     def class_weight(self, device: torch.device) -> torch.Tensor:
-        """Inverse-frequency loss weights (``data.balance: loss``)."""
-        counts = self.counts
+        """Inverse-frequency loss weights (``data.balance: loss``) of what an epoch trains on: weighed by the whole
+        pool, a pool of 10,000 negatives of which each epoch draws 50 made every product image count ~100x an
+        ``other`` one."""
+        counts = self.epoch_counts()
         return torch.tensor(counts.sum() / (len(self.labels) * counts), dtype=torch.float32, device=device)
 
     @property
@@ -208,7 +265,10 @@ class TrainData:
     def build_sampler(self, config: Config) -> EpochSampler:
         """This run's epoch sampler over (main, pool), its generator seeded from ``train.seed``."""
         self.generator.manual_seed(config.train.seed)
-        n_negatives = negatives_count(config.data.negatives_per_epoch, self.n_main, self.n_pool)
+        per_epoch = config.data.negatives_per_epoch
+        n_negatives = negatives_count(per_epoch, self.n_main, self.n_pool)
+        main_labels = {self.labels[t] for t in self.train.targets[: self.n_main]}
+        _check_pool_is_drawn(self.labels, main_labels, n_negatives, self.n_pool, self.n_main, per_epoch)
         miner = HardNegativeMiner(self.n_main, self.n_pool, self.pool_groups, config.data.hard_negative_max_weight,
                                   self.product_columns)
         self.sampler = EpochSampler(self.train.targets[: self.n_main], self.n_pool, n_negatives,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from serving.errors import WildcheckError
+from serving.errors import InvalidInput, WildcheckError
 from training.config import Config
 from training.models import create_model, freeze_modules, warm_start
 
@@ -37,6 +37,27 @@ def warm_start_source(init_from: str | Path, out_dir: str | Path) -> Path:
     return source
 
 
+@torch.no_grad()
+def check_input_size(module: torch.nn.Module, config: Config, n_labels: int) -> None:
+    """One forward pass of an ``img_size`` picture, before any image is cached: a model that cannot read it (a ViT
+    whose input size its name fixes, ``vit_tiny_patch16_224`` at 64 px) failed in the first training step, with an
+    assertion's traceback, after minutes of caching. In eval mode: the BatchNorm statistics stay as they are."""
+    size, training = config.data.img_size, module.training
+    module.eval()
+    try:
+        out = module(torch.zeros(1, 3, size, size))
+    except Exception as exc:
+        why = (str(exc).strip().splitlines() or [""])[0].rstrip(".")
+        raise InvalidInput(f"model.name {config.model.name!r} cannot read a {size}x{size} picture (data.img_size "
+                           f"{size}): {type(exc).__name__}: {why}. Set data.img_size to a size the model takes "
+                           "(--img-size), or use another model") from exc
+    finally:
+        module.train(training)
+    if tuple(getattr(out, "shape", ())) != (1, n_labels):
+        raise InvalidInput(f"model.name {config.model.name!r} gives {tuple(getattr(out, 'shape', ()))} outputs for one "
+                           f"picture, not one score per label ({n_labels}): use a classification model")
+
+
 def build_model(config: Config, labels: list[str], device: torch.device, *, resuming: bool = False,
                 init_from: str | Path | None = None, say=print) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
     """(the unwrapped module, its frozen submodules). ``resuming``: no pretrained weights (last.pt replaces them);
@@ -56,6 +77,7 @@ def build_model(config: Config, labels: list[str], device: torch.device, *, resu
         moved = warm_start(module, prior.weights, prior.spec.labels, labels)
         say(f"warm start from {init_from}: head rows kept for {moved['kept']}, fresh for {moved['fresh']}"
             + (f", dropped {moved['dropped']}" if moved["dropped"] else ""))
+    check_input_size(module, config, len(labels))
     frozen = freeze_modules(module, config.model.freeze)
     module = module.to(device)
     if config.train.channels_last:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -45,13 +46,24 @@ def append_history(path: Path, row: dict) -> None:
         writer.writerow({k: row.get(k) for k in HISTORY_FIELDS})
 
 
+def _epoch(row: dict) -> int | None:
+    """A history row's epoch, or None for a row that is not one of ours (no epoch, or not a number)."""
+    try:
+        return int(row.get("epoch") or "")
+    except ValueError:
+        return None
+
+
 def truncate_history(path: Path, last_epoch: int) -> None:
     """Drop rows of epochs whose checkpoint was never written: a kill's leftover, or an earlier run's history."""
     if not path.exists():
         return
-    with path.open(newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if int(r["epoch"]) <= last_epoch]
-    text = ",".join(HISTORY_FIELDS) + "\n" + "".join(",".join(str(r.get(k, "")) for k in HISTORY_FIELDS) + "\n" for r in rows)
+    rows = []
+    if last_epoch > 0:  # a fresh run keeps nothing, and reads nothing: a history.csv of another tool crashed it
+        with path.open(newline="", encoding="utf-8", errors="replace") as fh:
+            rows = [r for r in csv.DictReader(fh) if _epoch(r) is not None and _epoch(r) <= last_epoch]
+    text = ",".join(HISTORY_FIELDS) + "\n" + "".join(",".join(str(r.get(k) or "") for k in HISTORY_FIELDS) + "\n"
+                                                    for r in rows)
     atomic_write_text(path, text)
 
 
@@ -127,8 +139,10 @@ class RunDir:
             atomic_write_text(self.path / "config.yaml", dump_config(config))
             atomic_write_text(self.path / "labels.json", json.dumps(labels, indent=2))
             atomic_write_text(self.path / "skipped.json", json.dumps([s.__dict__ for s in skipped], indent=2))
-        if skipped:
-            self.say(f"skipped {len(skipped)} unreadable image(s); see {self.path / 'skipped.json'}")
+        if skipped:  # why, counted: a too-small or too-large picture is no unreadable file, and needs another fix
+            why = Counter(s.reason.split(":")[0] for s in skipped)
+            self.say(f"skipped {len(skipped)} image(s) ({', '.join(f'{code} {n}' for code, n in why.most_common())}); "
+                     f"see {self.path / 'skipped.json'}")
 
     def truncate_history(self, last_epoch: int) -> None:
         """Rows beyond the checkpoint (all of them on a fresh start) describe no saved epoch."""
