@@ -217,7 +217,8 @@ class ImageChecker:
                 status=422,
             )
         if label is not None and label not in self.contract.labels:
-            raise ImageError("unknown_label", f"explain_label {label!r} is not one of the model's labels {self.contract.labels}")
+            shown = repr(label) if len(label) <= 80 else repr(label[:77]) + "..."  # never echo a long value whole
+            raise ImageError("unknown_label", f"explain_label {shown} is not one of the model's labels {self.contract.labels}")
         return True
 
     def explanation(self, probs: np.ndarray, cam: np.ndarray, prepared: Prepared, label: str | None) -> dict:

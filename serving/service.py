@@ -136,8 +136,10 @@ EXPLAIN = Query("false", description="`true`: add `explanation`, a heat map of w
 EXPLAIN_LABEL = Query(None, description="with explain=true/png: explain this label instead of the top protected class")
 
 
-async def _read_images(request: Request, field: str, many: bool, max_batch: int) -> list[tuple[bytes, str | None]]:
-    """Image bytes and declared content types from a multipart form or the raw body."""
+async def _read_images(request: Request, field: str, many: bool, max_batch: int
+                       ) -> list[tuple[bytes | ImageError, str | None]]:
+    """Image bytes and declared content types from a multipart form or the raw body; for a batch (``many``), a
+    text field among the files is its ``ImageError`` in its place."""
     content_type = request.headers.get("content-type", "")
     kind = content_type.strip().lower()  # media types are case-insensitive (RFC 9110 8.3.1)
     if kind.startswith("multipart/form-data"):
@@ -154,10 +156,12 @@ async def _read_images(request: Request, field: str, many: bool, max_batch: int)
         items = []
         for value in values:
             if not isinstance(value, UploadFile):
-                raise ImageError(
-                    "not_a_file",
-                    f"field {field!r} must be an uploaded file; text such as URLs is never fetched: send the image bytes",
-                )
+                error = ImageError("not_a_file", f"field {field!r} must be an uploaded file; text such as URLs is "
+                                   "never fetched: send the image bytes")
+                if not many:
+                    raise error
+                items.append((error, None))  # a batch answers it in its own entry: one bad item never sinks a batch
+                continue
             items.append((await value.read(), value.content_type))
         return items
     if kind.startswith(("application/x-www-form-urlencoded", "text/", "application/json")):
@@ -270,6 +274,9 @@ def build_api(settings: Settings, bento_model: bentoml.models.BentoModel | None 
             try:
                 with self.queue.admit():
                     for i, (data, content_type) in enumerate(items):  # one job per image: requests interleave
+                        if isinstance(data, ImageError):  # a text field among the files
+                            results[i] = item_error(data)
+                            continue
                         try:
                             prepared.append((i, await self._run(
                                 request, stop, self.checker.prepare_full, data, content_type, explain == "png",

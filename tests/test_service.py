@@ -56,6 +56,23 @@ def test_batch_keeps_order_and_isolates_bad_items(client):
     np.testing.assert_allclose(list(results[0]["scores"].values()), list(single["scores"].values()), atol=1e-5)
 
 
+def test_a_text_field_among_batch_files_fails_only_its_own_entry(client):
+    """Before: a URL sent as text among the image files made the whole batch a 400 not_a_file."""
+    r = client.post("/v1/check_batch", data={"image": "http://169.254.169.254/latest/meta-data"},
+                    files=[("image", ("a.jpg", _synth_jpeg("ivory", 1), "image/jpeg"))])
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert r.json()["count"] == 2 and results[0]["error"]["code"] == "not_a_file" and "decision" in results[1]
+
+
+def test_an_unknown_explain_label_is_not_echoed_whole(client):
+    """Before: a 5,000-character explain_label came back whole in the error message."""
+    r = client.post("/v1/check?explain=true&explain_label=" + "x" * 5000,
+                    files={"image": ("a.jpg", _synth_jpeg("ivory", 1), "image/jpeg")})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_label"
+    assert len(r.json()["error"]["message"]) < 300
+
+
 def test_model_endpoint_and_openapi(client):
     info = client.get("/v1/model").json()
     assert info["labels"] == ["ivory", "other", "pangolin_scales", "tiger_skin"]
