@@ -68,7 +68,7 @@ def main() -> int:
     ap.add_argument("--shared", type=Path, default=SHARED, help="the folder holding the pools")
     args = ap.parse_args()
     out = Path(args.out)
-    jobs = []
+    jobs, planned = [], set()
     for spec in args.pool:
         spec, _, outname = spec.partition("@")
         spec, _, cap = spec.partition("=")
@@ -80,7 +80,11 @@ def main() -> int:
             return 2
         for p in plan(name, srcs.split(",") if srcs else None, int(cap) if cap else None, args.seed, args.shared):
             rel = p.relative_to(args.shared / name)
-            jobs.append((p, out / (outname or name) / rel.with_suffix(".webp")))
+            target = out / (outname or name) / rel.with_suffix(".webp")
+            if target in planned:  # a.jpg and a.png of one folder: both kept (a.png.webp), not one over the other
+                target = target.with_name(rel.name + ".webp")
+            planned.add(target)
+            jobs.append((p, target))
 
     def one(job: tuple[Path, Path]) -> int | str:  # an unreadable image is reported, not the end of the pack
         try:

@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
+    if args.steps < 1 or args.batch < 1 or args.size < 32:
+        parser.error("--steps and --batch must be at least 1 and --size at least 32")
     if args.threads:
         torch.set_num_threads(args.threads)
     native_bf16 = autocast_setting(False, True, torch.device("cpu"))[0]

@@ -307,3 +307,50 @@ def test_screen_cache_interrupted_mid_write_keeps_the_last_whole_file(tmp_path, 
         assert sorted(cached.files) == ["labels", "validation", "y"] and str(cached["validation"]) == "v1"
         assert list(cached["y"]) == [0, 1, 2]
     assert [p.name for p in tmp_path.iterdir()] == ["meta.npz"]
+
+
+def test_pack_data_keeps_two_images_of_one_name_and_two_formats(tmp_path):
+    """Before: a.jpg and a.png of one folder both became a.webp, one silently overwriting the other."""
+    from PIL import Image
+
+    folder = tmp_path / "shared" / "pool" / "train" / "other"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (600, 400), (90, 120, 30)).save(folder / "a.jpg")
+    Image.new("RGB", (400, 600), (10, 20, 230)).save(folder / "a.png")
+    done = subprocess.run([sys.executable, str(BENCH / "pack_data.py"), "--out", str(tmp_path / "pack"), "--pool", "pool",
+                           "--shared", str(tmp_path / "shared")], capture_output=True, text=True, env=ENV, timeout=60)
+    assert done.returncode == 0, done.stderr
+    packed = sorted(p.name for p in (tmp_path / "pack" / "pool" / "train" / "other").iterdir())
+    assert len(packed) == 2 and "a.webp" in packed and "2 images" in done.stdout, packed
+
+
+def test_train_step_bench_refuses_zero_steps():
+    """Before: --steps 0 measured nothing and divided by zero (a ZeroDivisionError traceback)."""
+    done = subprocess.run([sys.executable, str(BENCH / "train_step_bench.py"), "--steps", "0"], capture_output=True,
+                          text=True, env=ENV, timeout=120)
+    assert done.returncode == 2 and "--steps" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_robustness_seeds_tables_the_conditions_every_run_measured(tmp_path, monkeypatch):
+    """Before: runs measured with different condition sets (or without `clean`) ended in a KeyError."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import robustness_seeds
+
+    def report(conditions):
+        one = {"per_class": {"ivory": {"flag_recall": 0.95, "block_recall": 0.9}},
+               "negatives": {"flagged": 0.02, "blocked": 0.01}, "balanced_accuracy": 0.96}
+        return json.dumps({"conditions": {c: one for c in conditions}})
+
+    runs = []
+    for name, conditions in (("a", ["clean", "jpeg", "grey"]), ("b", ["clean", "jpeg"])):
+        for key in ("met", "pools"):
+            (tmp_path / name / f"rob_{key}").mkdir(parents=True)
+            (tmp_path / name / f"rob_{key}" / "robustness.json").write_text(report(conditions))
+        runs.append(tmp_path / name)
+    text, means = robustness_seeds.table("r", runs)
+    assert list(means["ivory flagged (Met val)"]) == ["clean", "jpeg"] and "left out, not in every report: grey" in text
+    assert robustness_seeds.misses(means) == ["clean: ordinary photos flagged 2.0% > 1%"]
+    for key in ("met", "pools"):
+        (tmp_path / "b" / f"rob_{key}" / "robustness.json").write_text(report(["jpeg"]))
+    _, means = robustness_seeds.table("r", runs)
+    assert "clean: not measured (the as-is targets need the clean condition)" in robustness_seeds.misses(means)
