@@ -97,10 +97,12 @@ class Settings:
         """The settings in ``environ`` (default ``os.environ``); a value that cannot serve raises ``InvalidInput``
         naming the variable and the range it must be in."""
         env = os.environ if environ is None else environ
-        keys = env.get("WILDCHECK_API_KEYS", "")
-        api_keys = frozenset(k.strip() for k in keys.split(",") if k.strip())
-        if keys and not api_keys:  # "," or " ": the operator meant to turn auth on; never fail open
-            raise InvalidInput(f"WILDCHECK_API_KEYS={keys!r} contains no key; give comma-separated keys or unset it")
+        keys = env.get("WILDCHECK_API_KEYS")
+        api_keys = frozenset(k.strip() for k in (keys or "").split(",") if k.strip())
+        # set is meant to turn auth on: "", "," or " " (a secret that templated to nothing) must not serve open
+        if keys is not None and not api_keys:
+            raise InvalidInput(f"WILDCHECK_API_KEYS={keys!r} is set but holds no key: give comma-separated keys, or "
+                               "unset the variable to serve without keys")
         odd = sorted(k for k in api_keys if not (k.isascii() and k.isprintable()))
         if odd:  # HTTP clients (httpx, wildcheck scan) send header values in ASCII only: such a key locks them out
             raise InvalidInput(f"WILDCHECK_API_KEYS has {len(odd)} key(s) with characters outside printable ASCII; "

@@ -346,8 +346,9 @@ def test_metrics_see_unknown_paths_as_other_and_the_app_sees_the_real_path():
 
 # --- 12, 15 ------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("keys", [",", " ", " , "])
+@pytest.mark.parametrize("keys", [",", " ", " , ", ""])
 def test_api_keys_that_parse_to_nothing_refuse_to_start(keys, monkeypatch):
+    """Set but empty ("") was auth off, as unset: a secret that templated to an empty string served without keys."""
     from serving.settings import Settings
 
     monkeypatch.setenv("WILDCHECK_API_KEYS", keys)
