@@ -341,3 +341,36 @@ def test_grey_features_are_not_reused_for_a_photo_replaced_under_its_name(tmp_pa
     os.utime(a, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the same mtime
     replaced, _, _ = grey_head.cached_grey_features(cache, None, samples, ckpt, say=lambda *x: None)
     assert len(calls) == 2 and (replaced == 2).all()
+
+
+def test_workers_augment_a_resumed_epoch_as_the_uninterrupted_run_did(synth_root):
+    """With DataLoader workers (8 by default on a GPU) each worker's augmentation stream was seeded once, when the
+    persistent workers started: a resumed run's next epoch was augmented unlike the uninterrupted run's."""
+    import torch
+
+    from tests.conftest import tiny_config
+    from training.distributed import DistInfo
+    from training.loop.data import TrainData, resolve_preprocessing
+
+    config = tiny_config(img_size=32)
+    pre = resolve_preprocessing(config)
+
+    def epoch(data, loader, n):
+        data.set_epoch(config.train.seed, n)
+        return [x for x, *_ in loader]
+
+    def fresh():
+        data = TrainData.build([str(synth_root)], config, pre, say=lambda *a: None, quiet=True)
+        data.build_sampler(config)
+        return data, data.loader(DistInfo(), 8, 2, torch.device("cpu"))
+
+    data, loader = fresh()
+    first = epoch(data, loader, 0)
+    state = data.state_dict()
+    second = epoch(data, loader, 1)
+    resumed, resumed_loader = fresh()
+    resumed.load_state_dict(state)
+    again = epoch(resumed, resumed_loader, 1)
+    assert len(second) == len(again) > 1 and not torch.equal(first[0], second[0])
+    for a, b in zip(second, again):
+        torch.testing.assert_close(a, b)

@@ -152,6 +152,8 @@ class TrainData:
     skipped: list
     negative_label: str = "other"
     generator: torch.Generator = field(default_factory=torch.Generator)  # the sampler's: all of its randomness
+    # the DataLoader's: each epoch's workers draw their augmentation seeds from it (set per epoch by set_epoch)
+    worker_seeds: torch.Generator = field(default_factory=torch.Generator)
     sampler: EpochSampler | None = None
 
     @classmethod
@@ -286,12 +288,17 @@ class TrainData:
         return torch.utils.data.DataLoader(
             self.train, batch_size=batch_size, sampler=rank_sampler, num_workers=workers,
             worker_init_fn=worker_init_fn if workers else None, drop_last=len(rank_sampler) > batch_size,
-            pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+            pin_memory=device.type == "cuda", generator=self.worker_seeds,
+            # workers start afresh each epoch, seeded from (seed, epoch): persistent ones were seeded once, when they
+            # started, so a resumed run's epoch was augmented like the first epoch of a fresh run, not like the
+            # uninterrupted run's (the cached images are shared with the forked workers, not copied)
+            persistent_workers=False,
         )
 
     def set_epoch(self, seed: int, epoch: int) -> None:
         """The augmentation stream is a function of (seed, epoch), so a resumed epoch sees what it would have seen."""
         self.train.transform.set_seed(seed * 10_007 + epoch)
+        self.worker_seeds.manual_seed(seed * 10_007 + epoch)  # DataLoader workers: base seed + worker id
 
     def state_dict(self) -> dict:
         return {"sampler_rng": self.generator.get_state(), **self.miner.state_dict()}
