@@ -29,6 +29,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from training.fileio import atomic_savez  # noqa: E402
+
 
 def embed(name: str, arrays: np.ndarray, threads: int) -> np.ndarray:
     """Pooled features of the offline ImageNet ``name`` for preprocessed NCHW ``arrays``."""
@@ -106,7 +108,7 @@ def main() -> int:
         if str(feats.pop("photos", "")) != photos or not set(inputs) <= set(feats):  # other photos or conditions
             start = time.perf_counter()
             feats = {k: embed(name, a, args.threads) for k, a in inputs.items()}
-            np.savez(cached, photos=np.array(photos), **feats)
+            atomic_savez(cached, photos=np.array(photos), **feats)
             print(f"{name}: embedded {sum(len(a) for a in inputs.values())} photos in "
                   f"{time.perf_counter() - start:.0f} s", flush=True)
         probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=3000, class_weight="balanced"))

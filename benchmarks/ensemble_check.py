@@ -32,6 +32,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from training.fileio import atomic_savez  # noqa: E402
+
 
 SEEDING = "per-image"  # condition_rng(0, condition, image_key) per photo; caches before it drew from one generator
 
@@ -139,17 +141,6 @@ def check_runs(runs: list[Path], cache: Path) -> None:
                              "(other negatives pools?): screen runs that record the same data, or name a new --cache")
 
 
-def save_npz(path: Path, **arrays) -> None:
-    """``np.savez`` through a temporary file beside ``path``, renamed over it when whole. ``np.savez`` straight to
-    the cache closes its zip in a ``finally``: Ctrl-C half-way left a valid-looking file holding the arrays written so
-    far (a meta.npz without ``validation`` skips that check; a run's file with a cut-off last array is taken as
-    cached) for every later screen to read."""
-    from training.fileio import atomic_path
-
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-
-
 def cache_logits(runs: list[Path], conditions: list[str], cache: Path) -> None:
     """RUN.npz (one array of logits per condition) for each run not cached yet; meta.npz (labels, pools, the
     preprocessing every run must share)."""
@@ -170,7 +161,7 @@ def cache_logits(runs: list[Path], conditions: list[str], cache: Path) -> None:
     val, _ = run_samples(first.checkpoint, None)
     kept = readable(val, first.spec)
     labels = first.spec.labels
-    save_npz(cache / "meta.npz", y=np.array([labels.index(s.label) for s, _ in kept]),
+    atomic_savez(cache / "meta.npz", y=np.array([labels.index(s.label) for s, _ in kept]),
              pools=np.array([s.pool or "validation" for s, _ in kept]), labels=np.array(labels),
              seeding=np.array(SEEDING), preprocessing=np.array(first.spec.preprocessing.model_dump_json()),
              validation=np.array(validation_of(first_run)))
@@ -184,7 +175,7 @@ def cache_logits(runs: list[Path], conditions: list[str], cache: Path) -> None:
         predictor = predictor_of(run)
         logits = {name: np.concatenate([predictor.predict_logits(a[i:i + 64].astype(np.float32))
                                         for i in range(0, len(a), 64)]) for name, a in arrays.items()}
-        save_npz(cache / f"{key(run)}.npz", fingerprint=np.array(fingerprint(run)), **logits)
+        atomic_savez(cache / f"{key(run)}.npz", fingerprint=np.array(fingerprint(run)), **logits)
         print(f"cached {key(run)}", flush=True)
 
 
@@ -201,7 +192,7 @@ def cache_unseen(runs: list[Path], roots: list[str], cache: Path) -> None:
     for run in todo:  # temperature 1: the cached logits' scale
         probs, kept, _ = predict_samples(predictor_of(run), samples, desc=f"unseen {key(run)}")
         sources = np.array([s.source or str(Path(s.path).parent.name) for s in kept])
-        save_npz(cache / f"{key(run)}.unseen.npz", logits=np.log(np.clip(probs, 1e-12, 1)), sources=sources,
+        atomic_savez(cache / f"{key(run)}.unseen.npz", logits=np.log(np.clip(probs, 1e-12, 1)), sources=sources,
                  fingerprint=np.array(fingerprint(run)), roots=np.array(sorted(roots)))
 
 

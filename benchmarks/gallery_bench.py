@@ -62,6 +62,7 @@ from serving.gallery import Gallery, GalleryHeader, solve_thresholds  # noqa: E4
 from serving.gallery import preprocess_and_hash  # noqa: E402
 from serving.imageio import images_under  # noqa: E402
 from serving.preprocess import Preprocessing  # noqa: E402
+from training.fileio import atomic_savez  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------
 # embedders
@@ -593,7 +594,7 @@ def memory_build(refs: int, centres: np.ndarray, out: Path, dtype: str = "float1
     near = mix.near_copy(np.asarray(gallery.embeddings[picked[:200]], np.float32), refs)
     new = mix.chunk(10**6 + refs, 200)
     probe = mix.chunk(10**6 + refs + 1, 100)
-    np.savez(str(out) + ".queries.npz", views=np.concatenate([near, new, probe]).astype(np.float32),
+    atomic_savez(str(out) + ".queries.npz", views=np.concatenate([near, new, probe]).astype(np.float32),
              phash=np.concatenate([rng.integers(0, 2**63, 400, dtype=np.uint64),
                                    hashes[picked[200:]]]))
     result = {"references": refs, "dtype": dtype, "resolve_s": round(solve_s, 1),

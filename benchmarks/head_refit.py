@@ -30,7 +30,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.ensemble_check import class_margin, condition_images, mean_sd, recall_at_budget, save_npz  # noqa: E402
+from benchmarks.ensemble_check import class_margin, condition_images, mean_sd, recall_at_budget  # noqa: E402
+from training.fileio import atomic_savez  # noqa: E402
 from training.grey_head import even_pool_sample, fit_head  # noqa: E402
 
 BLOCK_BUDGET = 0.001  # the shipped model's max_block_rate: at most 1 in 1,000 negatives blocked
@@ -91,7 +92,7 @@ def extract(run: Path, out: Path, pool_sample: int, passes: int, conditions: lis
     net, spec, config = pred.network, pred.spec, pred.checkpoint.config
     pre = spec.preprocessing
     head = net.get_classifier()
-    save_npz(out / "head.npz", weight=head.weight.detach().numpy(), bias=head.bias.detach().numpy(),
+    atomic_savez(out / "head.npz", weight=head.weight.detach().numpy(), bias=head.bias.detach().numpy(),
              labels=np.array(spec.labels))
     val, train = run_samples(pred.checkpoint, None)
     if limit:  # a smoke run
@@ -118,13 +119,13 @@ def extract(run: Path, out: Path, pool_sample: int, passes: int, conditions: lis
                 f = features(net, [torch.cat([a, b])])
                 pics.append(f[:len(a)])
                 views.append(f[len(a):])
-        save_npz(out / "train.npz", picture=np.concatenate(pics), view=np.concatenate(views),
+        atomic_savez(out / "train.npz", picture=np.concatenate(pics), view=np.concatenate(views),
                  y=np.tile(y, passes), pool=np.tile(np.array([s.pool for s in kept]), passes))
         print(f"train features: {len(kept)} photos x {passes} pass(es)", flush=True)
     if not (out / "train_grey.npz").is_file():  # the training photos in grey, as evaluation shows them
         batches = (torch.from_numpy(np.stack([pre.crop_and_normalize(grey(px)) for px in pixels[i:i + 32]]))
                    for i in range(0, len(pixels), 32))
-        save_npz(out / "train_grey.npz", features=features(net, batches), y=y)
+        atomic_savez(out / "train_grey.npz", features=features(net, batches), y=y)
         print("train features in grey", flush=True)
 
     kept = readable(val, spec)
@@ -139,16 +140,16 @@ def extract(run: Path, out: Path, pool_sample: int, passes: int, conditions: lis
         spreads[name] = input_spread(arrays, pre)
         if not target.is_file():
             f = features_of_arrays(net, arrays)
-            save_npz(target, features=f, y=y)
+            atomic_savez(target, features=f, y=y)
             print(f"val features: {name}", flush=True)
-    save_npz(spread_file, **{k: v for k, v in spreads.items() if k in CONDITIONS})
+    atomic_savez(spread_file, **{k: v for k, v in spreads.items() if k in CONDITIONS})
     if unseen and not (out / "val_unseen.npz").is_file():
         from training.data.sources import load_samples, select_split
 
         shown = [img for _, img in readable(select_split(load_samples(unseen), "val"), spec)]
         arrays = np.stack([pre(img) for img in shown])
         f = features_of_arrays(net, arrays)
-        save_npz(out / "val_unseen.npz", features=f, spread=input_spread(arrays, pre))
+        atomic_savez(out / "val_unseen.npz", features=f, spread=input_spread(arrays, pre))
         print(f"unseen features: {len(f)} photos", flush=True)
 
 

@@ -24,13 +24,17 @@ EXTS = {".jpg", ".jpeg", ".png", ".webp"}
 
 
 def convert(src: Path, dst: Path, short_side: int, quality: int) -> int:
-    img = Image.open(src)
-    img = img.convert("RGB")
+    """``src`` as a WebP of at most ``short_side`` px on its short side, written whole or not at all (a save that
+    fails half-way, now that the pack goes on past a bad image, left a partial file in the pack)."""
+    from training.fileio import atomic_path
+
+    with Image.open(src) as opened:
+        img = opened.convert("RGB")
     scale = short_side / min(img.size)
     if scale < 1:
         img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    img.save(dst, "WEBP", quality=quality, method=6)
+    with atomic_path(dst) as tmp:
+        img.save(tmp, "WEBP", quality=quality, method=6)
     return dst.stat().st_size
 
 

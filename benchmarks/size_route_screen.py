@@ -28,7 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.ensemble_check import class_margin, condition_images, predictor_of  # noqa: E402
-from benchmarks.tta_check import decoded, samples_of, save_cache, view  # noqa: E402
+from benchmarks.tta_check import decoded, samples_of, view  # noqa: E402
+from training.fileio import atomic_savez  # noqa: E402
 
 
 def measures(arrays: np.ndarray, pre) -> dict[str, np.ndarray]:
@@ -53,7 +54,7 @@ def cache_condition(members, kept, name: str, path: Path) -> None:
     for v in ("id", "s256"):
         out[v] = np.mean([np.concatenate([m.predict_logits(view(v, arrays[i:i + 32])) for i in range(0, len(arrays), 32)])
                           for m in members], axis=0)
-    save_cache(path, out)
+    atomic_savez(path, **out)
     print(f"cached {name} ({len(arrays)} photos)", flush=True)
 
 
@@ -77,7 +78,7 @@ def main() -> int:
     conditions = ["clean"] + [n for n in args.conditions.split(",") if n != "clean"]
     if any(not (cache / f"{n}.npz").is_file() for n in conditions):
         kept = decoded(samples_of(Path(args.shared), cache, list(contract.labels), contract.negative_label), contract)
-        save_cache(cache / "meta.npz", dict(y=np.array([contract.labels.index(s.label) for s, _ in kept])))
+        atomic_savez(cache / "meta.npz", y=np.array([contract.labels.index(s.label) for s, _ in kept]))
         for name in conditions:
             cache_condition(members, kept, name, cache / f"{name}.npz")
     cache_condition(members, decoded(select_split(load_samples([args.unseen]), "val"), contract), "unseen",

@@ -34,7 +34,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.ensemble_check import class_margin, condition_images, recall_at_budget, save_npz  # noqa: E402
+from benchmarks.ensemble_check import class_margin, condition_images, recall_at_budget  # noqa: E402
+from training.fileio import atomic_savez  # noqa: E402
 
 def view(name: str, x: np.ndarray) -> np.ndarray:
     """One view of a batch of preprocessed arrays (N, 3, S, S): ``id``, ``grey`` (luma, a screen-only view), or a
@@ -142,13 +143,8 @@ def cache_condition(model, kept: list, name: str, path: Path, views: list[str]) 
     logits = dict(np.load(path)) if path.is_file() else {}
     logits.update({v: np.concatenate([model.predict_logits(view(v, arrays[i:i + 32]))
                                       for i in range(0, len(arrays), 32)]) for v in todo})
-    save_cache(path, logits)
+    atomic_savez(path, **logits)
     print(f"cached {name}: {', '.join(todo)} ({len(arrays)} photos)", flush=True)
-
-
-def save_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """``np.savez`` through a temporary file: an interrupted screen leaves the last whole cache, never half of one."""
-    save_npz(path, **arrays)
 
 
 def main() -> int:
@@ -180,7 +176,7 @@ def main() -> int:
         y = np.array([labels.index(s.label) for s, _ in kept])
         if (cache / "meta.npz").is_file() and not np.array_equal(np.load(cache / "meta.npz")["y"], y):
             raise SystemExit(f"{cache} holds other photos: name a new --cache")
-        save_npz(cache / "meta.npz", y=y)
+        atomic_savez(cache / "meta.npz", y=y)
         for name in conditions:
             cache_condition(model, kept, name, cache / f"{name}.npz", views)
     if args.unseen and set(views) - cached_views(cache / "unseen.npz"):

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from serving.decision import DECISIONS, decide
+from serving.errors import shown
 from serving.imageio import (DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, FORMATS, MIME_ALIASES,
                              ImageError, decode_image)
 from serving.explain import OVERLAY_MAX_SIDE, explain, explained_label, overlay_base64, predict_views_with_cam
@@ -217,8 +218,8 @@ class ImageChecker:
                 status=422,
             )
         if label is not None and label not in self.contract.labels:
-            shown = repr(label) if len(label) <= 80 else repr(label[:77]) + "..."  # never echo a long value whole
-            raise ImageError("unknown_label", f"explain_label {shown} is not one of the model's labels {self.contract.labels}")
+            raise ImageError("unknown_label", f"explain_label {shown(label)} is not one of the model's labels "
+                             f"{self.contract.labels}")
         return True
 
     def explanation(self, probs: np.ndarray, cam: np.ndarray, prepared: Prepared, label: str | None) -> dict:

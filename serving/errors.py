@@ -23,3 +23,9 @@ class InvalidInput(WildcheckError, ValueError):
 
 class MissingInput(WildcheckError, FileNotFoundError):
     """A file or folder the user named does not exist (or is not the kind expected)."""
+
+
+def shown(value, most: int = 80) -> str:
+    """``repr(value)`` cut to ``most`` characters: what a message echoes of a client's value, never all of it."""
+    text = repr(value)
+    return text if len(text) <= most else text[: most - 3] + "..."

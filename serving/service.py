@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse
 
 from serving.bento import stored_model_ref, use_stored_model
 from serving.checker import Abandoned, ExplainMode, item_error
-from serving.errors import WildcheckError
+from serving.errors import WildcheckError, shown
 from serving.imageio import ImageError, decode_cost
 from serving.middleware import (STARTED, ApiKeyMiddleware, BodyLimitMiddleware, ConcurrencyLimitMiddleware,
                                 Refusal, RouteLabelMiddleware, error_response)
@@ -73,8 +73,7 @@ def validation_message(errors) -> str:
     parts = []
     for error in errors:
         where = ".".join(str(part) for part in error.get("loc", ())[1:]) or "request"
-        got = repr(error.get("input"))
-        parts.append(f"{where}: {error.get('msg', 'invalid value')}, got {got if len(got) <= 80 else got[:77] + '...'}")
+        parts.append(f"{where}: {error.get('msg', 'invalid value')}, got {shown(error.get('input'))}")
     return "; ".join(parts) or "invalid request"
 
 

@@ -286,11 +286,10 @@ def test_met_ivory_names_a_missing_pool_as_a_user_mistake(tmp_path, monkeypatch)
 def test_screen_cache_interrupted_mid_write_keeps_the_last_whole_file(tmp_path, monkeypatch):
     """ensemble_check's cache files (and head_refit's, size_route_screen's): Ctrl-C while one is written must leave
     the earlier file, not a zip of the arrays written so far that the next screen takes as cached."""
-    monkeypatch.syspath_prepend(str(REPO))
-    from benchmarks import ensemble_check
+    from training.fileio import atomic_savez
 
     path = tmp_path / "meta.npz"
-    ensemble_check.save_npz(path, y=np.arange(3), labels=np.array(["ivory", "other"]), validation=np.array("v1"))
+    atomic_savez(path, y=np.arange(3), labels=np.array(["ivory", "other"]), validation=np.array("v1"))
     real, calls = np.lib.format.write_array, []
 
     def interrupted(*args, **kwargs):
@@ -301,7 +300,7 @@ def test_screen_cache_interrupted_mid_write_keeps_the_last_whole_file(tmp_path, 
 
     monkeypatch.setattr(np.lib.format, "write_array", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        ensemble_check.save_npz(path, y=np.arange(5), labels=np.array(["ivory", "other"]), validation=np.array("v2"))
+        atomic_savez(path, y=np.arange(5), labels=np.array(["ivory", "other"]), validation=np.array("v2"))
     monkeypatch.undo()
     with np.load(path) as cached:
         assert sorted(cached.files) == ["labels", "validation", "y"] and str(cached["validation"]) == "v1"

@@ -12,7 +12,9 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
+from pydantic import ValidationError
 
+from serving.contract import one_line
 from serving.errors import WildcheckError
 from serving.preprocess import Preprocessing
 from training.config import AugmentStep, MixupConfig
@@ -59,12 +61,8 @@ def build_step(step: AugmentStep, pre: Preprocessing):
 def _one_line(exc: Exception) -> str:
     """An exception as one line: pydantic's ``loc: msg`` per error (its text is a multi-line dump), else the first line."""
     for cause in (exc, exc.__cause__):  # albumentations re-raises pydantic's error as a ValueError of its text
-        errors = getattr(cause, "errors", None)
-        if callable(errors):
-            try:
-                return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in errors())
-            except Exception:  # not pydantic's: the text below
-                pass
+        if isinstance(cause, ValidationError):
+            return one_line(cause)
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 

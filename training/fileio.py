@@ -52,6 +52,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def atomic_savez(path: str | Path, **arrays) -> None:
+    """``np.savez`` through ``atomic_path``: ``np.savez`` straight to the file closes its zip in a ``finally``, so a
+    Ctrl-C half-way left a valid-looking file holding only the arrays written so far, taken as cached later."""
+    import numpy as np
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
 def atomic_torch_save(obj, path: str | Path) -> None:
     import torch  # here, not at the top: torch-free commands (calibrate --traffic, serve --registry) use this module
 

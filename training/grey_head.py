@@ -104,7 +104,7 @@ def cached_grey_features(cache: Path, network, samples: list[Sample], ckpt: Chec
     same bytes (a photo replaced under its name, even with the same size and mtime, is another photo)."""
     from training.checkpoint import weights_hash
     from training.data.sources import fingerprint
-    from training.fileio import atomic_path
+    from training.fileio import atomic_savez
 
     digest = weights_hash(ckpt.weights) + ":" + fingerprint(samples)["sha256"]
     paths = [str(s.path) for s in samples]
@@ -116,8 +116,7 @@ def cached_grey_features(cache: Path, network, samples: list[Sample], ckpt: Chec
                 say(f"grey features of {len(kept)} training photos reused from {cache}")
                 return held["features"], kept, [tuple(r) for r in held["skipped"].tolist()]
     features, kept, skipped = grey_features(network, samples, ckpt.spec)
-    with atomic_path(cache) as tmp, open(tmp, "wb") as f:
-        np.savez(f, features=features, weights=np.array(digest), paths=np.array(paths),
+    atomic_savez(cache, features=features, weights=np.array(digest), paths=np.array(paths),
                  kept=np.array([str(s.path) for s in kept]), skipped=np.array(skipped, dtype=str).reshape(-1, 2))
     return features, kept, skipped
 
