@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import shutil
@@ -83,6 +84,47 @@ def write_problem_files(folder: Path, seed: int = 100) -> dict[str, Path]:
     files["exif"] = folder / "rotated.jpg"
     files["exif"].write_bytes(exif_rotated_jpeg(photo(seed + 3)))
     return files
+
+
+def graph_digest(model, input_size: int) -> str:
+    """What ``training.export.torch_to_onnx`` turns into a graph: every module's class and plain attributes (in
+    eval mode, which the exporter sets), every parameter and buffer, bit for bit, and the input size."""
+    import torch
+
+    h = hashlib.sha256(f"input {input_size}".encode())
+    for name, module in model.named_modules():
+        attrs = sorted((k, repr(v)) for k, v in vars(module).items() if not k.startswith("_") and k != "training")
+        h.update(f"{name}|{type(module).__module__}.{type(module).__qualname__}|{attrs}".encode())
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def export_graph_once():
+    """The dynamo export of one graph takes ~20 s here and gives the same file for the same module, weights and
+    input size; many tests export the session's one trained run (with another version, INT8, an old checkpoint
+    layout, ...). The suite exports each distinct graph once and writes the same bytes for a repeat: the rest of
+    the export (contract, parity and INT8 gates, atomic write) runs each time. Exports in a subprocess
+    (``wildcheck export``) are not cached."""
+    import training.export as export_module
+
+    real, graphs = export_module.torch_to_onnx, {}
+
+    def torch_to_onnx(model, input_size, path):
+        key = graph_digest(model, input_size)
+        if key not in graphs:
+            cam = real(model, input_size, path)
+            graphs[key] = (Path(path).read_bytes(), cam)
+        data, cam = graphs[key]
+        Path(path).write_bytes(data)
+        return cam
+
+    export_module.torch_to_onnx = torch_to_onnx
+    yield graphs
+    export_module.torch_to_onnx = real
 
 
 @pytest.fixture(scope="session")

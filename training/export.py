@@ -105,8 +105,8 @@ def write_contract(src: Path, dst: Path, contract: ModelContract) -> None:
     atomic_onnx_save(contract.write_to(onnx.load(str(src))), dst)
 
 
-def parity_check(reference: Predictor, onnx_path: Path, samples: list[Sample]) -> dict:
-    """Max |Δ probability| and top-1 disagreements between the reference (PyTorch) and onnxruntime on real images.
+def reference_scores(reference: Predictor, samples: list[Sample]) -> tuple[np.ndarray, list[Sample]]:
+    """The reference's (PyTorch's) probabilities on the readable ``samples``, checked before the ~20 s export.
     A model whose outputs are not finite (a diverged training) is refused here: NaN passes every ``>`` test, and
     a NaN score is below every threshold, so served it would allow every photo."""
     p_torch, kept, _ = predict_samples(reference, samples, desc="parity (torch)")
@@ -117,6 +117,12 @@ def parity_check(reference: Predictor, onnx_path: Path, samples: list[Sample]) -
         raise ExportError(f"the model's scores are not finite (NaN or inf) on {bad} of {len(kept)} validation images: "
                           "its weights are broken (a diverged training? see the run's history.csv); retrain it, e.g. "
                           "with a lower --set train.lr; nothing written")
+    return p_torch, kept
+
+
+def parity_check(p_torch: np.ndarray, kept: list[Sample], onnx_path: Path) -> dict:
+    """Max |Δ probability| and top-1 disagreements between the reference's ``p_torch`` (``reference_scores``) and
+    onnxruntime on the same images."""
     ort_model = OnnxModel(onnx_path, threads=2)
     p_ort, _, _ = predict_samples(ort_model, kept, desc="parity (onnxruntime)")
     diff = float(np.abs(p_torch - p_ort).max())
@@ -205,13 +211,14 @@ def export_module(model: torch.nn.Module, contract: ModelContract, out: str | Pa
     ``model`` is normally ``reference``'s own module; the parity test passes a broken one."""
     out = Path(out)
     report: dict = {"model_version": contract.model_version}
+    p_torch, kept = reference_scores(reference, parity_set)
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw.onnx"
         cam = torch_to_onnx(model, contract.preprocessing.input_size, raw)
         contract = contract.model_copy(update={"cam": cam})
         staged = Path(tmp) / "model.onnx"
         write_contract(raw, staged, contract)
-        parity = parity_check(reference, staged, parity_set)
+        parity = parity_check(p_torch, kept, staged)
         report["parity"] = parity
         if not parity["max_abs_diff"] <= PARITY_MAX_ABS or parity["top1_mismatches"]:
             raise ExportError(
