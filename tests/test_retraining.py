@@ -142,9 +142,9 @@ def test_ingest_train_compare_promote_serve(three_class_root, tmp_path):
     assert out["model"]["version"] == second["version"] and "tiger_skin" in out["scores"]
 
 
-def test_failed_gate_blocks_promotion_unless_forced(three_class_root, tmp_path):
+def test_failed_gate_blocks_promotion_unless_forced(lost_class_runs, tmp_path):
     run = tmp_path / "run"
-    train([str(three_class_root)], run, tiny_config(epochs=1))
+    shutil.copytree(lost_class_runs[0], run)  # the three-class champion
     (run / "compare.json").write_text(json.dumps({"gate": "fail", "failures": ["ivory recall dropped by 9.0 points"]}))
     with pytest.raises(PromoteRefused, match="ivory recall dropped"):
         promote(run, tmp_path / "reg")
