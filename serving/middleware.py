@@ -215,6 +215,52 @@ class ConcurrencyLimitMiddleware:
             self.active -= 1
 
 
+class JsonErrorsMiddleware:
+    """BentoML's own routes outside /v1 (``/readyz``, ``/metrics``, ...) and its router answered a wrong path or
+    method in plain text (``Not Found``, ``Method Not Allowed``); a client parsing our error shape got a
+    JSONDecodeError. Such answers leave here in the error shape of /v1 (``Allow`` kept); JSON answers pass as
+    they are. HEAD answers have no body and pass too."""
+
+    CODES = {404: "not_found", 405: "method_not_allowed"}
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") == "HEAD":
+            return await self.app(scope, receive, send)
+        replaced = False
+
+        async def json_errors(message: Message) -> None:
+            nonlocal replaced
+            if replaced:
+                return  # the plain-text body of an answer already sent as JSON
+            if message["type"] == "http.response.start" and message["status"] in self.CODES:
+                headers = message.get("headers", [])
+                if not dict(headers).get(b"content-type", b"").startswith(b"application/json"):
+                    replaced = True
+                    path, method = shown_path(scope), scope.get("method", "")
+                    text = (f"no endpoint {path}; see /v1/docs" if message["status"] == 404 else
+                            f"{method} is not allowed on {path}; use " + b", ".join(
+                                v for k, v in headers if k.lower() == b"allow").decode("latin-1", "replace"))
+                    body = json.dumps({"error": {"code": self.CODES[message["status"]], "message": text}}).encode()
+                    kept = [(k, v) for k, v in headers if k.lower() == b"allow"]
+                    await send({"type": "http.response.start", "status": message["status"],
+                                "headers": [(b"content-type", b"application/json"),
+                                            (b"content-length", str(len(body)).encode()), *kept]})
+                    await send({"type": "http.response.body", "body": body})
+                    return
+            await send(message)
+
+        await self.app(scope, receive, json_errors)
+
+
+def shown_path(scope: Scope, limit: int = 200) -> str:
+    """The request's path for a message: printable, at most ``limit`` characters."""
+    path = "".join(c if c.isprintable() else "?" for c in scope.get("path", ""))
+    return path if len(path) <= limit else path[:limit] + "..."
+
+
 def metrics_label(path: str, known: frozenset[str]) -> str:
     """A Prometheus ``endpoint`` label: the path when it is one of ours, else ``other``, so 3,000 random
     paths do not create 3,000 series (each one grows /metrics and the worker's memory until restart)."""

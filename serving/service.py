@@ -29,7 +29,7 @@ from serving.checker import Abandoned, ExplainMode, item_error
 from serving.errors import WildcheckError, shown
 from serving.imageio import ImageError, decode_cost
 from serving.middleware import (STARTED, ApiKeyMiddleware, BodyLimitMiddleware, ConcurrencyLimitMiddleware,
-                                Refusal, RouteLabelMiddleware, error_response)
+                                JsonErrorsMiddleware, Refusal, RouteLabelMiddleware, error_response)
 from serving.schemas import BATCH_BODY, CHECK_BODY, ERRORS, BatchResponse, CheckResponse, ModelInfo
 from serving.settings import Settings
 from serving.workqueue import CpuQueue, Expired, Gone, Overloaded
@@ -317,6 +317,7 @@ def build_api(settings: Settings, bento_model: bentoml.models.BentoModel | None 
             return error_response(405, "method_not_allowed", f"use {KNOWN_ROUTES[route]} {route}")
         return error_response(404, "not_found", f"no endpoint /v1{route}; see /v1/docs")
 
+    WildCheck.add_asgi_middleware(JsonErrorsMiddleware)  # BentoML's routes outside /v1: JSON errors too
     return WildCheck
 
 

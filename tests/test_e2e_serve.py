@@ -119,6 +119,10 @@ def test_bad_input_matrix_is_4xx_json_never_5xx(server):
     r = httpx.post(base + "/v1/check", files={"image": ("a.jpg", _jpeg(), "image/jpeg")},
                    headers={"X-API-Key": "wrong"}, timeout=30)
     assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+    # outside /v1 too (BentoML's own routes answered in text/plain before; tests/test_s31_json_errors.py)
+    wrong_path, wrong_method = httpx.get(base + "/nope", timeout=30), httpx.post(base + "/readyz", timeout=30)
+    assert wrong_path.status_code == 404 and wrong_path.json()["error"]["code"] == "not_found"
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "method_not_allowed"
 
 
 def test_scan_client_summary_and_resume(server, tmp_path):
