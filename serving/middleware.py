@@ -11,6 +11,7 @@ import time
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serving.errors import shown
 from serving.imageio import size_text
 
 
@@ -239,12 +240,11 @@ class JsonErrorsMiddleware:
                 headers = message.get("headers", [])
                 if not dict(headers).get(b"content-type", b"").startswith(b"application/json"):
                     replaced = True
-                    path, method = shown_path(scope), scope.get("method", "")
-                    text = (f"no endpoint {path}; see /v1/docs" if message["status"] == 404 else
-                            f"{method} is not allowed on {path}; use " + b", ".join(
-                                v for k, v in headers if k.lower() == b"allow").decode("latin-1", "replace"))
-                    body = json.dumps({"error": {"code": self.CODES[message["status"]], "message": text}}).encode()
                     kept = [(k, v) for k, v in headers if k.lower() == b"allow"]
+                    path, allowed = shown(scope.get("path", "")), b", ".join(v for _, v in kept).decode("latin-1")
+                    text = (f"no endpoint {path}; see /v1/docs" if message["status"] == 404 else
+                            f"{scope.get('method', '')} is not allowed on {path}; use {allowed}")
+                    body = json.dumps({"error": {"code": self.CODES[message["status"]], "message": text}}).encode()
                     await send({"type": "http.response.start", "status": message["status"],
                                 "headers": [(b"content-type", b"application/json"),
                                             (b"content-length", str(len(body)).encode()), *kept]})
@@ -253,12 +253,6 @@ class JsonErrorsMiddleware:
             await send(message)
 
         await self.app(scope, receive, json_errors)
-
-
-def shown_path(scope: Scope, limit: int = 200) -> str:
-    """The request's path for a message: printable, at most ``limit`` characters."""
-    path = "".join(c if c.isprintable() else "?" for c in scope.get("path", ""))
-    return path if len(path) <= limit else path[:limit] + "..."
 
 
 def metrics_label(path: str, known: frozenset[str]) -> str:

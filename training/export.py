@@ -21,7 +21,7 @@ from serving.errors import InvalidInput, WildcheckError
 from serving.runtime import OnnxModel, Predictor
 from training.cam import CAM_OUTPUT, WithCam, cam_unsupported
 from training.data.sources import Sample
-from training.embedding import EMBEDDING_OUTPUT, embedding_features, embedding_spec, l2_normalize, pooled_features
+from training.embedding import EMBEDDING_OUTPUT, embedding_features, embedding_spec, l2_normalize
 from training.fileio import atomic_onnx_save, atomic_path
 from training.names import release_names
 from training.outputs import int8_path, out_file
@@ -43,18 +43,13 @@ class ExportError(WildcheckError, RuntimeError):
 class ExportGraph(torch.nn.Module):
     """What the ONNX file computes: ``logits`` first, then ``cam`` (``training.cam``, when the architecture has
     one linear head on average-pooled features) and ``embedding`` (``training.embedding``), all from one pass
-    through the backbone. A wrapped model (a test's tampered ``Sequential``) keeps its own logits, no cam."""
+    through the backbone. ``model`` has timm's classifier interface (a timm model or a ``models.SideBySide``)."""
 
     def __init__(self, model: torch.nn.Module, with_cam: bool):
         super().__init__()
         self.model, self.with_cam = model, with_cam
-        self.direct = hasattr(model, "forward_head")
-        if not self.direct:
-            self.base = next(m for m in model.modules() if hasattr(m, "forward_head"))
 
     def forward(self, x: torch.Tensor):
-        if not self.direct:
-            return self.model(x), l2_normalize(embedding_features(self.base, pooled_features(self.base, x)))
         features = self.model.forward_features(x)
         pooled = self.model.forward_head(features, pre_logits=True)
         head = self.model.get_classifier()
@@ -208,7 +203,7 @@ def export_module(model: torch.nn.Module, contract: ModelContract, out: str | Pa
     with ``reference`` on ``parity_set``; raises ``ExportError`` and writes nothing otherwise. Returns the
     report and the contract written.
 
-    ``model`` is normally ``reference``'s own module; the parity test passes a broken one."""
+    ``model`` is ``reference``'s own module (or a wrapper of it: an ensemble's, a route's)."""
     out = Path(out)
     report: dict = {"model_version": contract.model_version}
     p_torch, kept = reference_scores(reference, parity_set)
