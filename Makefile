@@ -11,6 +11,8 @@ DEMO_EPOCHS ?= 4
 DEMO_PORT ?= 3000
 DEMO_SERVE ?= 1
 MODEL ?= models/wildcheck-ivory.onnx
+# test processes (pytest-xdist), each given whole files (a module's fixtures are built once): 2 for 2 cores
+TEST_WORKERS ?= 2
 
 .PHONY: demo test venv model bench-met clean strip-notebooks
 
@@ -69,7 +71,7 @@ model: venv
 	$(BIN)/wildcheck export runs/ship --out $(MODEL) --name wildcheck-ivory --version 1.6.0
 
 test: venv
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile
 
 bench-met: venv
 	$(BIN)/python benchmarks/met_ivory.py --out runs/met_ivory

@@ -16,6 +16,11 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("WILDCHECK_SHARED", REPO.parent / "shared")) / "datasets"
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+# `make test` runs two pytest-xdist workers on two cores. PyTorch's OpenMP threads spin while they wait for work
+# (libgomp's default), so each worker's idle threads burned the cores the other one needed: two workers took as
+# long as one (9:08 against 9:12). Threads that sleep instead gave 6:19. Set before anything imports torch;
+# servers, notebooks and CLI runs started by the tests inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def shared_dataset(name: str) -> Path:
