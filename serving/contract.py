@@ -232,7 +232,8 @@ class ModelContract(ModelSpec):
     model_version: str
     created_at: str
     wildcheck_version: str
-    precision: str = "fp32"
+    precision: Literal["fp32", "int8"] = Field(
+        "fp32", description="the weights' number format: fp32 from `wildcheck export`, int8 from its INT8 gate")
     cam: CamOutput | None = Field(None, description="class activation maps output, for explain; None in older files")
     embedding: EmbeddingSpec | None = Field(None, description="absent in models exported before galleries existed")
 
