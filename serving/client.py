@@ -2,9 +2,11 @@
 
 Results are appended to a JSONL file as they arrive, one line per image, so an interrupted scan resumes
 where it stopped (images with a final answer in the file are skipped; transient failures are retried).
-A final answer is a decision, or the server's JSON error about that image (e.g. ``corrupt``). A wrong key
-or URL (401/403/404/405, or a redirect) stops the whole run before anything is recorded: otherwise every image
-would be "done" with an error and a rerun with the right key would check nothing. A server that stops answering
+A final answer is a decision, or the server's JSON error about that image (e.g. ``corrupt``), or ``too_large``: a
+file over ``max_bytes`` (the server's default body limit) is neither read nor sent, so a stray video among the
+photos never costs ``concurrency`` x its size in memory. A wrong key or URL (401/403/404/405, or a redirect)
+stops the whole run before anything is recorded: otherwise every image would be "done" with an error and a rerun
+with the right key would check nothing. A server that stops answering
 (every image of a run of ``2 x concurrency`` in a row out of retries) stops the run too: the images not yet sent
 are left for the rerun rather than each waiting through its retries (hours for a large list).
 """
@@ -28,6 +30,7 @@ from serving.csvio import read_rows
 from serving.errors import InvalidInput, MissingInput, WildcheckError
 from serving.imageio import images_under
 from serving.locking import exclusive
+from serving.settings import Settings
 
 RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
 # errors about the request, not the image: the same image sent again is answered
@@ -40,6 +43,8 @@ FATAL_STATUSES = {401: "the API key was refused (--api-key / WILDCHECK_API_KEY)"
                   405: "this URL does not accept image uploads (give the server's base URL)"}
 MAX_RETRY_AFTER_S = 60.0
 MIN_UNREACHABLE_STREAK = 4  # images in a row out of retries that stop a run (at least 2 x concurrency)
+# the service's default body limit: a larger file would be answered 413, so it is not read (nor held in memory)
+DEFAULT_MAX_BYTES = Settings.max_body_bytes
 
 
 class ScanStopped(WildcheckError, RuntimeError):
@@ -76,8 +81,9 @@ def shown_url(url: str) -> str:
     return str(parsed.copy_with(username=parsed.username, password="***")) if parsed.password else url
 
 
-def read_done(out: Path) -> tuple[set[str], int]:
-    """Resume keys with a final answer in ``out``, and how many lines were not result objects (skipped)."""
+def read_done(out: Path, max_bytes: int | None = None) -> tuple[set[str], int]:
+    """Resume keys with a final answer in ``out``, and how many lines were not result objects (skipped).
+    With ``max_bytes`` (the run's limit), a ``too_large`` file that now fits is not done: it is checked again."""
     done, bad = set(), 0
     if not out.exists():
         return done, bad
@@ -92,14 +98,15 @@ def read_done(out: Path) -> tuple[set[str], int]:
             if not isinstance(row, dict) or not isinstance(row.get("path"), str):
                 bad += 1
                 continue
-            if _answered(row):
+            if _answered(row, max_bytes):
                 done.add(resume_key(row["path"]))
     return done, bad
 
 
-def _answered(row: dict) -> bool:
+def _answered(row: dict, max_bytes: int | None = None) -> bool:
     """A decision or a final error; a row with only a path (a hand edit) is not an answer. A missing file's
-    ``not_found`` counts until a file is there."""
+    ``not_found`` counts until a file is there; a ``too_large`` one until it fits in ``max_bytes`` (a larger
+    --max-bytes, or the file replaced by a smaller one)."""
     if row.get("retryable"):
         return False
     if row.get("decision") in ("block", "review", "allow"):
@@ -107,12 +114,21 @@ def _answered(row: dict) -> bool:
     error = row.get("error")
     if not (isinstance(error, dict) and isinstance(error.get("code"), str)):
         return False
+    if error["code"] == "too_large" and max_bytes is not None:
+        return not _fits(row["path"], max_bytes)
     return error["code"] != "not_found" or not os.path.isfile(row["path"])
 
 
-def done_paths(out: Path) -> set[str]:
+def _fits(path: str, max_bytes: int) -> bool:
+    try:
+        return os.path.getsize(path) <= max_bytes
+    except OSError:  # gone: nothing to check again (a file put there later is a new file to the listing)
+        return False
+
+
+def done_paths(out: Path, max_bytes: int | None = None) -> set[str]:
     """Resume keys that already have a final answer (a result or a client error) in ``out``."""
-    return read_done(out)[0]
+    return read_done(out, max_bytes)[0]
 
 
 def _final(status: int, body) -> bool:
@@ -140,16 +156,42 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
-async def _check_one(client: httpx.AsyncClient, url: str, path: Path, retries: int, backoff: float) -> dict:
+def _too_large(key: str, size: int, max_bytes: int) -> dict:
+    return {"path": key, "error": {"code": "too_large", "message": (
+        f"{size} bytes, over --max-bytes {max_bytes}: not read nor sent (the server refuses bodies over its limit, "
+        f"WILDCHECK_MAX_BODY_BYTES, {DEFAULT_MAX_BYTES} by default). A listing photo is a few MB: if this is no "
+        "image (a video, a disk image), remove it from the list; if the server takes larger bodies, run again with "
+        "a larger --max-bytes to check it")}}
+
+
+def _read_at_most(path: Path, size: int, max_bytes: int) -> tuple[bytes | None, int]:
+    """The file's bytes (None when it holds more than ``max_bytes``) and its size: a file still being copied in may
+    have grown since its stat (``size``), and is never read past ``max_bytes + 1``."""
+    with path.open("rb") as fh:
+        data = fh.read(size + 1)  # not read(max_bytes + 1): that would allocate max_bytes for every small photo
+        if len(data) > size:  # it grew
+            data += fh.read(max_bytes + 1 - len(data))
+        if len(data) > max_bytes:
+            return None, max(os.fstat(fh.fileno()).st_size, len(data))
+    return data, len(data)
+
+
+async def _check_one(client: httpx.AsyncClient, url: str, path: Path, retries: int, backoff: float,
+                     max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
     key = resume_key(path)
     try:
-        mode = os.stat(path).st_mode
+        info = os.stat(path)
+        mode = info.st_mode
         if stat.S_ISDIR(mode):
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
         if not stat.S_ISREG(mode):  # /dev/zero would be read until memory ran out, a named pipe hang the run
             return {"path": key, "error": {"code": "not_a_file", "message": f"{key} is not a regular file (a device, "
                                            "pipe or socket); list image files only"}}
-        data = path.read_bytes()
+        if info.st_size > max_bytes:  # not read: --concurrency such files would be held at once, to get 413s
+            return _too_large(key, info.st_size, max_bytes)
+        data, size = _read_at_most(path, info.st_size, max_bytes)
+        if data is None:
+            return _too_large(key, size, max_bytes)
     except OSError as exc:
         if exc.errno in NOT_FOUND_ERRNOS:  # final, so a run ends; a rerun checks it again once a file is there
             return {"path": key, "error": {"code": "not_found", "message": f"no file at {key}: {exc.strerror}"}}
@@ -215,7 +257,8 @@ class _Run:
 
 
 async def _scan(paths: list[Path], url: str, out: Path, concurrency: int, api_key: str | None, retries: int,
-                backoff: float, transport: httpx.AsyncBaseTransport | None = None) -> tuple[Counter, int, str | None]:
+                backoff: float, transport: httpx.AsyncBaseTransport | None = None,
+                max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[Counter, int, str | None]:
     """Counts of this run's rows, how many images were not sent (the run stopped early) and why."""
     headers = {"X-API-Key": api_key} if api_key else {}
     run = _Run(url, concurrency)
@@ -233,7 +276,7 @@ async def _scan(paths: list[Path], url: str, out: Path, concurrency: int, api_ke
                 while not queue.empty() and run.stopped is None:
                     path = queue.get_nowait()
                     try:
-                        row = await _check_one(client, url, path, retries, backoff)
+                        row = await _check_one(client, url, path, retries, backoff, max_bytes)
                     except (ScanStopped, asyncio.CancelledError):
                         raise
                     except Exception as exc:  # one bad file never sinks the run: its row says why, the next run retries
@@ -292,8 +335,12 @@ def _end_with_newline(out: Path) -> None:
 
 
 def scan(source: str | Path, url: str, out: str | Path, concurrency: int = 8, api_key: str | None = None,
-         retries: int = 5, backoff: float = 0.5, transport: httpx.AsyncBaseTransport | None = None) -> dict:
+         retries: int = 5, backoff: float = 0.5, transport: httpx.AsyncBaseTransport | None = None,
+         max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
     """Check every image not yet answered in ``out``; returns counts of decisions/errors for this run.
+
+    A file over ``max_bytes`` is not read: it gets a final ``too_large`` error (checked again by a run whose
+    ``max_bytes`` it fits), so the run holds at most ``concurrency x max_bytes`` of images at once.
 
     Raises ScanStopped on 401/403/404/405, a redirect or a failed write to ``out``, and ValueError when another
     scan is writing the same ``out``. When the server stops answering, the run ends early: ``stopped`` says why and
@@ -301,6 +348,9 @@ def scan(source: str | Path, url: str, out: str | Path, concurrency: int = 8, ap
     """
     out = Path(out)
     url = check_url(url)
+    if max_bytes < 1:
+        raise InvalidInput(f"--max-bytes {max_bytes}: give the largest file to send, in bytes (at least 1; the "
+                           f"server's default limit is {DEFAULT_MAX_BYTES})")
     if api_key is not None and not (api_key.isascii() and api_key.isprintable()):
         raise InvalidInput("the API key has characters outside printable ASCII, which an HTTP header cannot carry; "
                            "check --api-key / WILDCHECK_API_KEY")
@@ -316,10 +366,10 @@ def scan(source: str | Path, url: str, out: str | Path, concurrency: int = 8, ap
     # the lock beside the file itself: a link to it (or another spelling of its path) is the same results file
     with exclusive(Path(resume_key(out)), "scan", "wait for it to finish or use another --out"):
         _end_with_newline(out)
-        done, bad_lines = read_done(out)
+        done, bad_lines = read_done(out, max_bytes)
         todo = [p for p in paths if resume_key(p) not in done]
         counts, not_sent, stopped = _run(_scan(todo, url, out, max(1, concurrency), api_key, retries, backoff,
-                                                transport)) if todo else (Counter(), 0, None)
+                                                transport, max_bytes)) if todo else (Counter(), 0, None)
     summary = {"images": len(paths), "already_done": len(paths) - len(todo), "checked": len(todo) - not_sent,
                **dict(counts)}
     if stopped and not_sent:  # the rest is not recorded: the rerun sends it

@@ -641,12 +641,18 @@ def scan(
     concurrency: int = typer.Option(8, "--concurrency"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="WILDCHECK_API_KEY"),
     retries: int = typer.Option(5, "--retries", help="retries on 429/5xx/connection errors, with backoff"),
+    max_bytes: Optional[int] = typer.Option(
+        None, "--max-bytes", min=1,
+        help="files larger than this (bytes) are not read nor sent: a final too_large error, checked again by a "
+             "rerun with a larger value. Default: the server's default body limit (that of "
+             "WILDCHECK_MAX_BODY_BYTES). A run holds at most --concurrency x --max-bytes of images in memory"),
 ) -> None:
     """Check many images against a running server (HTTP only); resumable; prints a decision summary."""
     from serving.client import scan as run_scan
 
     try:
-        summary = run_scan(source, url, out, concurrency, api_key, retries)
+        limit = {} if max_bytes is None else {"max_bytes": max_bytes}  # None: the client's default, the server's
+        summary = run_scan(source, url, out, concurrency, api_key, retries, **limit)
     except KeyboardInterrupt:  # each answer is written as it arrives: nothing is lost, the rerun resumes
         typer.echo(f"interrupted: the answers so far are in {out}; run the same command again to check the rest",
                    err=True)
