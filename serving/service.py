@@ -15,13 +15,15 @@ import functools
 import logging
 import threading
 import time
+from contextlib import aclosing
 
 import bentoml
 from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.responses import JSONResponse
 
 from serving.bento import stored_model_ref, use_stored_model
@@ -60,7 +62,9 @@ def _label_metrics_by_route() -> None:
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, code, str(exc.detail))
+    response = error_response(exc.status_code, code, str(exc.detail))
+    response.headers.update(exc.headers or {})  # a 405's `Allow` (RFC 9110 15.5.6)
+    return response
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -135,6 +139,30 @@ EXPLAIN = Query("false", description="`true`: add `explanation`, a heat map of w
 EXPLAIN_LABEL = Query(None, description="with explain=true/png: explain this label instead of the top protected class")
 
 
+class _WholeMultipart(MultiPartParser):
+    """starlette's multipart parser, noting whether the closing boundary (``--BOUNDARY--``) came: python-multipart
+    drops a part the body ends in without a word (its ``finalize`` does not check), so an upload cut short read as
+    a form without the field and was answered ``missing_field``."""
+
+    closed = False
+
+    def on_end(self) -> None:  # python-multipart calls it on the closing boundary only
+        self.closed = True
+
+
+async def _read_form(request: Request, max_files: int, max_fields: int) -> FormData:
+    """The multipart form of ``request`` (as ``request.form()`` reads it); ``MultiPartException`` when the body
+    is not a whole multipart body."""
+    async with aclosing(request.stream()) as stream:
+        parser = _WholeMultipart(request.headers, stream, max_files=max_files, max_fields=max_fields)
+        form = await parser.parse()
+    if not parser.closed:
+        await form.close()
+        raise MultiPartException("the body ended before the multipart's closing boundary: the upload was cut short; "
+                                 "send the whole body")
+    return form
+
+
 async def _read_images(request: Request, field: str, many: bool, max_batch: int
                        ) -> list[tuple[bytes | ImageError, str | None]]:
     """Image bytes and declared content types from a multipart form or the raw body; for a batch (``many``), a
@@ -143,26 +171,30 @@ async def _read_images(request: Request, field: str, many: bool, max_batch: int
     kind = content_type.strip().lower()  # media types are case-insensitive (RFC 9110 8.3.1)
     if kind.startswith("multipart/form-data"):
         try:
-            form = await request.form(max_files=max_batch + 1, max_fields=max_batch + 8)
-        except Exception as exc:  # malformed multipart, too many parts
+            form = await _read_form(request, max_files=max_batch + 1, max_fields=max_batch + 8)
+        except Exception as exc:  # malformed or cut short, too many parts
             if "Too many files" in str(exc):
                 raise ImageError("batch_too_large", f"more than {max_batch} files in the form; at most "
                                  f"{max_batch} images per request", status=413) from exc
             raise ImageError("invalid_multipart", f"cannot parse the multipart body: {exc}") from exc
-        values = form.getlist(field)
-        if not values:
-            raise ImageError("missing_field", f"no {field!r} field in the form; upload the image as a file field {field!r}")
-        items = []
-        for value in values:
-            if not isinstance(value, UploadFile):
-                error = ImageError("not_a_file", f"field {field!r} must be an uploaded file; text such as URLs is "
-                                   "never fetched: send the image bytes")
-                if not many:
-                    raise error
-                items.append((error, None))  # a batch answers it in its own entry: one bad item never sinks a batch
-                continue
-            items.append((await value.read(), value.content_type))
-        return items
+        try:
+            values = form.getlist(field)
+            if not values:
+                raise ImageError("missing_field", f"no {field!r} field in the form; upload the image as a file "
+                                 f"field {field!r}")
+            items = []
+            for value in values:
+                if not isinstance(value, UploadFile):
+                    error = ImageError("not_a_file", f"field {field!r} must be an uploaded file; text such as URLs "
+                                       "is never fetched: send the image bytes")
+                    if not many:
+                        raise error
+                    items.append((error, None))  # a batch answers it in its own entry: one bad item never sinks a batch
+                    continue
+                items.append((await value.read(), value.content_type))
+            return items
+        finally:
+            await form.close()  # the uploads' spooled temporary files; their bytes are read
     if kind.startswith(("application/x-www-form-urlencoded", "text/", "application/json")):
         raise ImageError("not_a_file", "send the image bytes (multipart field 'image' or a raw image body), not text or URLs")
     if many:
@@ -185,8 +217,12 @@ def build_api(settings: Settings, bento_model: bentoml.models.BentoModel | None 
     @bentoml.service(
         name="wildcheck",
         workers=settings.workers,
-        # backstops only: our own deadline (504) and concurrency limit (429) answer first, in our error shape
-        traffic={"timeout": settings.timeout_s + 5, "max_concurrency": 2 * settings.max_concurrency + 8},
+        # backstops only: our own deadline (504) and concurrency limit (429) answer first, in our error shape.
+        # BentoML divides max_concurrency among the workers (_bentoml_impl/server/app.py) and answers past it
+        # outside our middleware (429 without Retry-After): per worker, room for our limit and the refusals still
+        # reading a body (Refusal.max_draining), each holding one of its permits
+        traffic={"timeout": settings.timeout_s + 5,
+                 "max_concurrency": settings.workers * (2 * settings.max_concurrency + 8)},
         # BentoML's access log runs outside our middleware and decodes the request's Content-Type as UTF-8: a
         # header that is not cut the answer short. Ours is 400 invalid_content_type; the log goes without the type
         logging={"access": {"enabled": True, "request_content_type": False}},
@@ -304,17 +340,22 @@ def build_api(settings: Settings, bento_model: bentoml.models.BentoModel | None 
             tiling = self.checker.contract.tiling
             return 1 if tiling is None else tiling.max_views
 
+        # HEAD is allowed wherever GET is (RFC 9110 9.3.2); FastAPI's `get` registers GET only (starlette's Route
+        # adds HEAD). Out of the schema: the docs would list the operation twice
+        @api.api_route("/model", methods=["HEAD"], include_in_schema=False)
         @api.get("/model", response_model=ModelInfo, responses=ERRORS)
         def model(self):
             """Labels, thresholds, preprocessing, version and validation metrics of the served model."""
             return self.checker.describe()
 
     # Registered after the class so it comes after the class routes: unknown paths under /v1 get JSON, not text.
-    @api.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+    @api.api_route("/{path:path}", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
     async def _fallback(path: str, request: Request) -> JSONResponse:
         route = "/" + path
         if route in KNOWN_ROUTES:
-            return error_response(405, "method_not_allowed", f"use {KNOWN_ROUTES[route]} {route}")
+            response = error_response(405, "method_not_allowed", f"use {KNOWN_ROUTES[route]} {route}")
+            response.headers["Allow"] = ALLOWED[KNOWN_ROUTES[route]]  # RFC 9110 15.5.6: a 405 names them
+            return response
         return error_response(404, "not_found", f"no endpoint /v1{route}; see /v1/docs")
 
     WildCheck.add_asgi_middleware(JsonErrorsMiddleware)  # BentoML's routes outside /v1: JSON errors too
@@ -322,6 +363,7 @@ def build_api(settings: Settings, bento_model: bentoml.models.BentoModel | None 
 
 
 KNOWN_ROUTES = {"/check": "POST", "/check_batch": "POST", "/model": "GET"}
+ALLOWED = {"POST": "POST", "GET": "GET, HEAD"}  # a 405's `Allow` for each route's method
 
 # Views per inference job of a batch: a batch's forward passes run as jobs of about this many views, so the
 # deadline (and a client that left) stops the work between jobs instead of after the whole batch (32 3x3 collages
