@@ -102,6 +102,21 @@ class DataConfig(_Strict):
                              f"got {len(value)}")
         return value
 
+    @field_validator("negatives")
+    @classmethod
+    def _each_pool_once(cls, roots: list[str]) -> list[str]:
+        # `p` and `./p/` are one pool, read once; kept twice here, history.csv's mined_per_pool (one count per pool
+        # read) no longer lined up with the roots named
+        return distinct_roots(roots)
+
+
+def distinct_roots(roots: list[str]) -> list[str]:
+    """``roots`` without repeats of one folder however it is spelled (the first spelling kept)."""
+    seen: dict[Path, str] = {}
+    for root in roots:
+        seen.setdefault(Path(root).resolve(), root)
+    return list(seen.values())
+
 
 class AugmentStep(_Strict):
     name: str
@@ -509,9 +524,7 @@ def resolve_config(config_file: str | Path | None = None, *, run_dir: str | Path
     config = _validate(raw, where, named)
     check_batch_size(config, named.get(("train", "batch_size"),
                                        f"train.batch_size {config.train.batch_size}{' in' + where if where else ''}"))
-    extra = [str(n) for n in negatives if str(n) not in config.data.negatives]
-    if extra:
-        config.data.negatives = config.data.negatives + list(dict.fromkeys(extra))
+    config.data.negatives = distinct_roots(config.data.negatives + [str(n) for n in negatives])
     notes = []
     asked_epochs = epochs is not None or any(path == ("train", "epochs") for path, _ in parsed)
     if saved is not None:

@@ -19,7 +19,7 @@ import torch
 from serving.errors import WildcheckError
 from serving.preprocess import Preprocessing
 from training.augment import EvalTransform, TrainTransform, worker_init_fn
-from training.config import Config
+from training.config import Config, distinct_roots
 from training.data.cache import CachedImageDataset, cache_images
 from training.data.sampling import EpochSampler, HardNegativeMiner, negatives_count
 from training.data.sources import Sample, load_samples, pool_name, select_split
@@ -48,12 +48,8 @@ def negative_samples(roots: list[str], negative_label: str, val_size: int, seed:
     """All images under the negatives roots, relabelled (their source and pool kept): (training pool, the pool index of
     each -- its root's position -- and a fixed validation sample drawn evenly from the roots)."""
     pool, groups, vals = [], [], []
-    unique, seen = [], set()
-    for root in roots:  # `p` and `./p/` are one pool, read once (it was two, each photo drawn twice as often)
-        if Path(root).resolve() not in seen:
-            seen.add(Path(root).resolve())
-            unique.append(root)
-    for g, root in enumerate(unique):
+    # `p` and `./p/` are one pool, read once (it was two, each photo drawn twice as often)
+    for g, root in enumerate(distinct_roots(roots)):
         found = [replace(s, label=negative_label) for s in load_samples([root])]
         train = [s for s in found if s.split == "train"]
         pool += train
