@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from serving.settings import Settings
 from tests.conftest import jpeg_bytes, photo
-
-DECISION = {"decision": "allow", "label": "other", "score": 0.9, "scores": {"other": 0.9}}
+from tests.test_hardening_clients import DECISION
+from tests.test_hardening_clients import _folder as _photos
 
 
 def _server(calls: list):
@@ -23,14 +23,6 @@ def _server(calls: list):
         return httpx.Response(200, json=DECISION)
 
     return httpx.MockTransport(handler)
-
-
-def _photos(tmp_path: Path, n: int = 2) -> Path:
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for i in range(n):
-        (folder / f"{i}.jpg").write_bytes(jpeg_bytes(photo(i, (32, 32))))
-    return folder
 
 
 def _sized(path: Path, size: int, seed: int = 9) -> bytes:
@@ -68,7 +60,7 @@ def test_a_file_over_the_servers_limit_is_not_read_nor_sent(tmp_path, opened):
     """The default limit is the service's default body limit: a (sparse) file one byte over it is never opened."""
     from serving.client import scan
 
-    folder, out, calls = _photos(tmp_path), tmp_path / "scan.jsonl", []
+    folder, out, calls = _photos(tmp_path, 2), tmp_path / "scan.jsonl", []
     limit = Settings.max_body_bytes
     with (folder / "video.jpg").open("wb") as fh:
         fh.truncate(limit + 1)
@@ -88,7 +80,7 @@ def test_a_too_large_file_is_final_until_it_fits(tmp_path):
     checks it again."""
     from serving.client import scan
 
-    folder, out = _photos(tmp_path), tmp_path / "scan.jsonl"
+    folder, out = _photos(tmp_path, 2), tmp_path / "scan.jsonl"
     big_a = _sized(folder / "a.jpg", 5000, seed=5)
     _sized(folder / "b.jpg", 5000, seed=6)
     calls: list = []
@@ -206,5 +198,5 @@ def test_scan_refuses_a_max_bytes_below_one(tmp_path):
     from serving.errors import InvalidInput
 
     with pytest.raises(InvalidInput, match="--max-bytes 0"):
-        scan(_photos(tmp_path), "http://x", tmp_path / "scan.jsonl", max_bytes=0)
+        scan(_photos(tmp_path, 2), "http://x", tmp_path / "scan.jsonl", max_bytes=0)
     assert not (tmp_path / "scan.jsonl").exists()
