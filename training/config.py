@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from serving.errors import InvalidInput, MissingInput
-from serving.contract import MAX_INPUT_SIZE, MIN_CROP_PCT, SizeRoute, TestTimeView
+from serving.contract import MAX_INPUT_SIZE, MIN_CROP_PCT, SizeRoute, TestTimeView, one_line
 from serving.tiling import Tiling
 from serving.yamlio import load_yaml
 
@@ -277,6 +277,9 @@ class Config(_Strict):
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():  # "not found" sent the user looking for a folder that is there
+        raise InvalidInput(f"config {path} is a folder, not a YAML file: give the config file itself (--config "
+                           f"{path / 'config.yaml'}, or a run's RUN_DIR/config.yaml)")
     if not path.is_file():
         raise MissingInput(f"config {path} not found")
     try:
@@ -333,7 +336,45 @@ def _validate(raw: dict[str, Any], where: str, named: dict[tuple[str, ...], str]
             for path, item in (named or {}).items():
                 if tuple(err["loc"][: len(path)]) == path:
                     raise InvalidInput(f"{item}: {err['msg']}") from exc
-        raise InvalidInput(f"invalid config{where}:\n{exc}") from exc
+        raise InvalidInput(f"invalid config{where}: {config_problems(exc)}") from exc
+
+
+def _keys_at(loc: tuple) -> tuple[str, list[str]] | None:
+    """(the section's dotted name, its keys) for the section holding ``loc``'s last key; None past a list or a value."""
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        if isinstance(part, int):  # an item of a list of sections (augment.train's steps): the same model
+            continue
+        field_info = model.model_fields.get(part)
+        inner = _sections_in(field_info.annotation) if field_info else []
+        if not inner:
+            return None
+        model = inner[0]
+    return ".".join(map(str, loc[:-1])) or "the config", list(model.model_fields)
+
+
+def _sections_in(annotation: Any) -> list[type[BaseModel]]:
+    """The section models an annotation holds, through Optional and lists (``list[list[AugmentStep]]``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _sections_in(arg)]
+
+
+def config_problems(exc: ValidationError) -> str:
+    """A config's validation errors in one line, as ``--set`` words them: a key that is no setting (a typo: ``trian:``,
+    ``lrr:``) names the keys its section has; any other problem is ``section.key: message`` (pydantic's own text
+    spans several lines per problem, with a link)."""
+    typos, others = [], []
+    for err in exc.errors():
+        keys = _keys_at(tuple(err["loc"])) if err["type"] == "extra_forbidden" and err["loc"] else None
+        if keys is None:
+            others.append(err)
+            continue
+        section, valid = keys
+        kind = "section" if section == "the config" else "key"
+        typos.append(f"{section} has no {kind} {err['loc'][-1]!r}; {kind}s: {', '.join(valid)}")
+    rest = one_line(ValidationError.from_exception_data(exc.title, others)) if others else ""
+    return "; ".join(typos + ([rest] if rest else []))
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:

@@ -107,6 +107,7 @@ def run_summary(run: RunDir, data: TrainData, wall_seconds: float, epochs_run: i
         "run_dir": str(run.path), "labels": data.labels, "best_epoch": best.epoch, "val_metrics": best.val_metrics,
         "wall_seconds": round(wall_seconds, 1), "train_counts": label_counts(data.train_samples),
         "skipped": len(data.skipped), "epochs_run": epochs_run, "paused": paused,
+        "data_overlap": data.overlap,  # exact copies across splits, pictures under two labels (said at the start)
     }
 
 

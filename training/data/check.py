@@ -88,6 +88,38 @@ def _inspect(sample: Sample, min_side: int) -> FileResult:
     return result
 
 
+def content_hashes(samples: list[Sample], workers: int = 4) -> list[str | None]:
+    """The sha256 of each sample's bytes, as ``data check`` hashes them (None: a file that cannot be read, which
+    the command reading it reports)."""
+    def sha(sample: Sample) -> str | None:
+        try:
+            return hashlib.sha256(read_source(sample.path)).hexdigest()
+        except OSError:
+            return None
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return list(pool.map(sha, samples))
+
+
+def exact_duplicates(files: list, hashes: list[str | None]) -> list[dict]:
+    """Groups of files with the same bytes (``hashes[i]`` is ``files[i]``'s sha256; None is left out), each
+    ``{sha256, paths, splits, labels, cross_split, label_conflict}``: the same picture in two splits leaks training
+    images into validation or test, under two labels it teaches both. ``files``: anything with ``path``, ``split``
+    and ``label`` (a ``Sample``, a ``FileResult``). ``data check`` reports them; ``train`` warns of them."""
+    by_sha: dict[str, list] = defaultdict(list)
+    for f, sha in zip(files, hashes):
+        if sha:
+            by_sha[sha].append(f)
+    exact = []
+    for sha, group in by_sha.items():
+        if len(group) < 2:
+            continue
+        splits, labels = sorted({g.split for g in group}), sorted({g.label for g in group})
+        exact.append({"sha256": sha, "paths": [str(g.path) for g in group], "splits": splits, "labels": labels,
+                      "cross_split": len(splits) > 1, "label_conflict": len(labels) > 1})
+    return exact
+
+
 def check_dataset(
     roots: list[str | Path], min_side: int = 32, near_distance: int = NEAR_DISTANCE, workers: int = 2
 ) -> dict:
@@ -108,19 +140,14 @@ def check_dataset(
     for r in results:
         if r.sha256 and not r.error:
             by_sha[r.sha256].append(r)
-    exact = []
-    for sha, group in by_sha.items():
-        if len(group) < 2:
-            continue
-        splits, labels = sorted({g.split for g in group}), sorted({g.label for g in group})
-        entry = {"sha256": sha, "paths": [g.path for g in group], "splits": splits, "labels": labels,
-                 "cross_split": len(splits) > 1, "label_conflict": len(labels) > 1}
-        exact.append(entry)
+    exact = exact_duplicates(results, [None if r.error else r.sha256 for r in results])
+    for entry in exact:
+        labels, splits = entry["labels"], entry["splits"]
         if entry["label_conflict"]:
-            errors.append({"path": group[0].path, "code": "label_conflict",
+            errors.append({"path": entry["paths"][0], "code": "label_conflict",
                            "message": f"identical files labelled {labels}: {entry['paths']}"})
         if entry["cross_split"]:
-            errors.append({"path": group[0].path, "code": "leakage",
+            errors.append({"path": entry["paths"][0], "code": "leakage",
                            "message": f"identical files in splits {splits}: {entry['paths']}"})
 
     # one picture per content: exact copies are reported above, and pairing each copy with each copy of a near

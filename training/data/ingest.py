@@ -25,10 +25,10 @@ from pathlib import Path
 
 from serving.csvio import read_rows
 from serving.errors import InvalidInput, MissingInput, WildcheckError
-from serving.imageio import DEFAULT_MAX_DECODE_BYTES, FORMATS, ImageError, decode_image, size_text
+from serving.imageio import DEFAULT_MAX_DECODE_BYTES, FORMATS, ImageError, decode_image, is_image_file, size_text
 from serving.locking import exclusive
 from training.data.neardup import NEAR_DISTANCE, HashIndex, image_hash
-from training.data.sources import discover
+from training.data.sources import KNOWN_SPLITS, discover
 from training.fileio import atomic_write_text
 from training.outputs import out_folder
 
@@ -155,8 +155,37 @@ def ingest(labels_csv: str | Path, root: str | Path, split: str = "train", near_
     if not labels_csv.is_file():
         raise MissingInput(f"{labels_csv} not found: give the CSV of labelled images (path,label,...)")
     out_folder(root, option="--into", what="dataset folder")
+    _check_dataset_root(root, split)
     with _one_ingest(root):
         return _ingest(labels_csv, root, split, near_distance)
+
+
+def _is_dataset_root(folder: Path) -> bool:
+    """A folder a dataset is read from with splits: it holds a manifest or a split folder (train/, val/, test/)."""
+    return folder.is_dir() and ((folder / "manifest.csv").is_file() or
+                                any((folder / s).is_dir() for s in KNOWN_SPLITS))
+
+
+def _check_dataset_root(root: Path, split: str) -> None:
+    """``--into`` is a dataset's root, not one of its split folders (``ds/train``) or label folders
+    (``ds/train/ivory``): the ingest then wrote ``ds/train/manifest.csv`` and ``ds/train/train/ivory/...``, compared
+    the new images with that folder alone, and the next ``train --data ds`` learnt a class ``train``."""
+    if _is_dataset_root(root):
+        return
+    full = root.absolute()
+    if full.name in KNOWN_SPLITS and _is_dataset_root(full.parent):
+        what, dataset = f"the {full.name} split folder", root.parent
+        harm = f"training on {dataset} would read {full.name!r} as a label"
+    elif (full.parent.name in KNOWN_SPLITS and _is_dataset_root(full.parent.parent) and full.is_dir()
+          and any(is_image_file(p) for p in full.iterdir())):
+        what, dataset = f"a label folder of the {full.parent.name} split", root.parent.parent
+        harm = f"training on {dataset} would not read them as {full.name!r} images"
+    else:
+        return
+    raise InvalidInput(f"--into {root} is {what} of the dataset {dataset}: the ingest would check duplicates against "
+                       f"that folder alone and write a manifest and a {split}/<label>/ tree inside it, and {harm}. "
+                       f"Give the dataset root: --into {dataset} --split {split} (the CSV's label column names the label "
+                       "folders). Nothing was ingested.")
 
 
 @contextmanager

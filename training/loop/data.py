@@ -21,6 +21,7 @@ from serving.preprocess import Preprocessing
 from training.augment import EvalTransform, TrainTransform, worker_init_fn
 from training.config import Config, distinct_roots
 from training.data.cache import CachedImageDataset, cache_images
+from training.data.check import content_hashes, exact_duplicates
 from training.data.sampling import EpochSampler, HardNegativeMiner, negatives_count
 from training.data.sources import Sample, load_samples, pool_name, select_split
 from training.distributed import DistInfo, ShardedSampler
@@ -135,6 +136,48 @@ def _check_pool_is_drawn(labels: list[str], main_labels: set[str], n_negatives: 
                         f"data.negatives_per_epoch={min(n_pool, max(n_main, 2))}")
 
 
+# validation made mostly of training images is a copy gone wrong (val/ copied from train/), not a dataset's few
+# stray duplicates (Met ivory has none across its splits): above this share of val, training refuses
+LEAKED_VAL_REFUSED = 0.5
+
+
+def exact_overlap(train_s: list[Sample], val_s: list[Sample], test_s: list[Sample], workers: int = 4) -> dict:
+    """Exact copies (the same bytes, ``data check``'s ``exact_duplicates``) between the training images and the
+    validation or test ones, and pictures under two labels: ``{val_in_train, val, test_in_train, test,
+    label_conflicts, examples}``, ``examples`` a few ``[path, path]`` pairs (empty lists and zeros: none)."""
+    samples = train_s + val_s + test_s
+    groups = exact_duplicates(samples, content_hashes(samples, workers))
+    trained = {p for g in groups if "train" in g["splits"] for p in g["paths"]}
+    leaked = {split: [s for s in kept if str(s.path) in trained] for split, kept in (("val", val_s), ("test", test_s))}
+    mixed = [g for g in groups if (g["cross_split"] and "train" in g["splits"]) or g["label_conflict"]]
+    return {"val_in_train": len(leaked["val"]), "val": len(val_s), "test_in_train": len(leaked["test"]),
+            "test": len(test_s), "label_conflicts": sum(g["label_conflict"] for g in groups),
+            "examples": [g["paths"][:2] for g in mixed[:2]]}
+
+
+def _check_overlap(overlap: dict, roots: list[str], say) -> None:
+    """Validation images that are training images measure nothing the model has not seen: the best epoch, the
+    validation metrics and the calibrated thresholds (which the exported model serves with) were fitted on them,
+    without a word. Mostly copies: refused; a few (or test copies, or one picture under two labels): said."""
+    val_in, test_in, conflicts = overlap["val_in_train"], overlap["test_in_train"], overlap["label_conflicts"]
+    if not (val_in or test_in or conflicts):
+        return
+    examples = "; ".join(" = ".join(pair) for pair in overlap["examples"])
+    check = f"wildcheck data check {' '.join(map(str, roots))} lists every one"
+    if val_in > LEAKED_VAL_REFUSED * overlap["val"]:
+        raise DataError(f"{val_in} of the {overlap['val']} validation images are exact copies of training images "
+                        f"(e.g. {examples}): was val/ copied from train/? Validation would measure the training images "
+                        "themselves, and the best epoch, the validation metrics and the calibrated thresholds (which "
+                        "the exported model uses) would be fitted on them. Give validation images of their own "
+                        f"(photos not in train/); {check}")
+    found = [f"{n} {split} image(s) are exact copies of training images" for n, split in
+             ((val_in, "validation"), (test_in, "test")) if n]
+    found += [f"{conflicts} picture(s) are the same file under two labels"] if conflicts else []
+    say(f"warning: {', '.join(found)} (e.g. {examples}): copies in val/ inflate the validation metrics and the "
+        "thresholds calibrated on them, copies in test/ the evaluation, and a picture under two labels teaches "
+        f"both; {check} (remove the copies, fix the labels)")
+
+
 @dataclass
 class TrainData:
     labels: list[str]
@@ -151,6 +194,7 @@ class TrainData:
     # the DataLoader's: each epoch's workers draw their augmentation seeds from it (set per epoch by set_epoch)
     worker_seeds: torch.Generator = field(default_factory=torch.Generator)
     sampler: EpochSampler | None = None
+    overlap: dict = field(default_factory=dict)  # exact_overlap's counts, for summary.json
 
     @classmethod
     def build(cls, roots: list[str], config: Config, pre: Preprocessing, labels: list[str] | None = None,
@@ -192,6 +236,8 @@ class TrainData:
         consistency = config.train.consistency
         transform = TrainTransform(config.augment.train, pre, config.train.seed,
                                    views=consistency.views if consistency.weight > 0 else None)
+        overlap = exact_overlap(train_s + pool_s, val_s, select_split(samples, "test"), workers=4)
+        _check_overlap(overlap, roots, say)
         if before_caching is not None:
             before_caching(labels)
         unknown_val = Counter(s.label for s in val_s if s.label not in labels)
@@ -219,7 +265,7 @@ class TrainData:
         train_ds.transform.set_bank(pool_px)  # scene-building steps add negatives' photos around an image
         val_ds = CachedImageDataset(val_px, [index[s.label] for s in val_kept], EvalTransform(pre))
         data = cls(labels, train_ds, val_ds, len(main_kept), len(pool_kept), [group_of[s.path] for s in pool_kept],
-                   train_kept, val_kept, skipped_m + skipped_p + skipped_v, negative)
+                   train_kept, val_kept, skipped_m + skipped_p + skipped_v, negative, overlap=overlap)
         empty = [label for label, c in zip(labels, data.counts) if c == 0]
         if empty:
             raise DataError(f"labels without readable training images: {empty}")
