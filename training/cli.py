@@ -450,11 +450,17 @@ def compare(
     max_recall_drop: float = typer.Option(1.0, "--max-recall-drop", help="points of recall an existing class may lose"),
     report: Optional[Path] = typer.Option(None, "--report", help="markdown report (default CHALLENGER/compare.md)"),
 ) -> None:
-    """Per-class metrics of both, deltas, McNemar; exit 1 when the gate fails."""
-    from training.compare import compare as run_compare
+    """Per-class metrics of both, deltas, McNemar; exit 1 when the gate fails. On images the challenger trained or was
+    tuned on (train, val) the gate is reported as not a fair test, and promote refuses it."""
+    from training.compare import compare as run_compare, not_held_out_advice
 
     result = run_compare(champion, challenger, [str(d) for d in data], split, max_recall_drop, report)
     typer.echo(result["report_markdown"])
+    if not result["held_out"]:
+        typer.secho(f"warning: the gate is not a fair test on split {split!r}: {result['held_out_note']}; promote "
+                    f"refuses this comparison without --force; "
+                    f"{not_held_out_advice(champion, challenger, [str(d) for d in data])}", fg=typer.colors.YELLOW,
+                    err=True)
     raise typer.Exit(0 if result["gate"] == "pass" else 1)
 
 
@@ -462,7 +468,8 @@ def compare(
 def promote(
     run: Path = typer.Argument(..., help="run dir to promote"),
     registry: Path = typer.Option(..., "--registry", help="registry folder"),
-    force: bool = typer.Option(False, "--force", help="promote even when the comparison gate failed"),
+    force: bool = typer.Option(False, "--force", help="promote even when the comparison gate failed, is missing, is "
+                               "for other weights, or was measured on images the run trained or was tuned on"),
     name: Optional[str] = typer.Option(None, "--name"),
     version: Optional[str] = typer.Option(None, "--version"),
 ) -> None:

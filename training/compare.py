@@ -3,6 +3,10 @@
 The gate fails (non-zero exit) when the challenger's macro-F1 on the classes the champion knows drops,
 any existing class loses more than ``max_recall_drop`` points of recall, or the challenger lost a class. The result is written to
 ``CHALLENGER/compare.json`` (``promote`` reads it) and a markdown report.
+
+The gate is a fair test only on images the challenger never learned from: it trained on ``train`` and chose its best
+epoch and calibrated its thresholds on ``val``, so a comparison there flatters it. The result records the split, the
+data roots and whether the compared images were held out (``held_out``); ``promote`` refuses a comparison that was not.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ class CompareError(InvalidInput):
 
 
 REPORT_KINDS = (".md", ".markdown", ".txt")  # what an existing --report file may be (it is replaced)
+TUNED_SPLITS = ("train", "val")  # what every run learns from (train) and selects and calibrates on (val)
 
 
 def mcnemar(a_correct: np.ndarray, b_correct: np.ndarray) -> dict:
@@ -34,6 +39,45 @@ def mcnemar(a_correct: np.ndarray, b_correct: np.ndarray) -> dict:
     only_b = int((~a_correct & b_correct).sum())
     p = 1.0 if only_a + only_b == 0 else float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
     return {"champion_only_correct": only_a, "challenger_only_correct": only_b, "p_value": p}
+
+
+def _tuning_images(challenger) -> tuple[set[Path] | None, str]:
+    """The images the challenger trained on or was tuned on (train and val of the data roots and negatives pools its
+    checkpoint records, read as training read them: a folder without split folders is all ``train``), resolved; None
+    with the reason when that cannot be known (an ONNX challenger, data moved since)."""
+    checkpoint = getattr(challenger, "checkpoint", None)
+    if checkpoint is None:
+        return None, "the challenger is an ONNX file, which does not record its training images"
+    from serving.errors import WildcheckError
+    from training.predict import run_samples
+
+    try:
+        val, train = run_samples(checkpoint, None)
+    except WildcheckError as exc:
+        return None, f"the challenger's training data could not be read ({exc})"
+    return {s.path.resolve() for s in val + train}, ""
+
+
+def held_out_check(challenger, compared: list, split: str) -> dict:
+    """Whether ``compared`` (the images the gate is measured on) are held out from the challenger. Image by image
+    where the run's data can be read; otherwise by the split's name alone (``train``/``val`` are never held out)."""
+    seen, unknown = _tuning_images(challenger)
+    if seen is None:
+        held_out = split not in TUNED_SPLITS
+        note = "" if held_out else (f"split {split!r} is what every run trains on or chooses its epoch and thresholds "
+                                    f"by, and {unknown}")
+        return {"held_out": held_out, "tuning_images_compared": None, "held_out_note": note or unknown}
+    count = sum(s.path.resolve() in seen for s in compared)
+    note = "" if not count else (f"{count} of the {len(compared)} images compared are in the challenger's training or "
+                                 "validation data (it learned from train and chose its best epoch and calibrated its "
+                                 "thresholds on val)")
+    return {"held_out": count == 0, "tuning_images_compared": count, "held_out_note": note}
+
+
+def not_held_out_advice(champion, challenger, data: list[str]) -> str:
+    """What to run instead of a comparison on images the challenger was trained or tuned on."""
+    roots = " ".join(f"--data {d}" for d in data) or "--data ROOT"
+    return (f"compare on the held-out split instead: wildcheck compare {champion} {challenger} {roots} --split test")
 
 
 def _table(per_a: dict, per_b: dict, labels: list[str]) -> list[str]:
@@ -89,6 +133,7 @@ def compare(champion: str | Path, challenger: str | Path, data: list[str], split
     pred_a_shared = [champ.labels[i] for i in p_champ[shared].argmax(1)]
     a_correct = np.array([p == t for p, t in zip(pred_a_shared, true_shared)], dtype=bool)
     b_correct = np.array([p == t for p, t in zip(pred_b_shared, true_shared)], dtype=bool)
+    fairness = held_out_check(chall, kept, split)
     failures = []
     if macro_b < m_a["macro_f1"]:
         failures.append(f"macro-F1 on the champion's classes dropped: {m_a['macro_f1']:.4f} -> {macro_b:.4f}")
@@ -104,7 +149,8 @@ def compare(champion: str | Path, challenger: str | Path, data: list[str], split
         if drop > max_recall_drop:
             failures.append(f"{label} recall dropped by {drop:.1f} points ({a['recall']:.3f} -> {b['recall']:.3f})")
     result = {
-        "champion": str(champion), "challenger": str(challenger), "split": split, "images": len(kept),
+        "champion": str(champion), "challenger": str(challenger), "split": split,
+        "data": [str(Path(d).resolve()) for d in data], **fairness, "images": len(kept),
         "shared_images": int(shared.sum()), "new_labels": [l for l in chall.labels if l not in champ.labels],
         "champion_metrics": m_a, "challenger_metrics": m_b,
         "challenger_macro_f1_on_champion_classes": macro_b,
@@ -114,8 +160,15 @@ def compare(champion: str | Path, challenger: str | Path, data: list[str], split
         "champion_weights": weights_id(champ.contract.model_version),
         "challenger_weights": weights_id(chall.contract.model_version),
     }
+    fairness_lines = [] if fairness["held_out"] else [
+        f"**Not a fair test**: {fairness['held_out_note']}. This gate flatters the challenger and `wildcheck promote` "
+        f"refuses it without --force; {not_held_out_advice(champion, challenger, data)}", ""]
+    if fairness["held_out"] and fairness["tuning_images_compared"] is None:  # held out by the split's name alone
+        fairness_lines = [f"Not checked image by image: {fairness['held_out_note']}.", ""]
     md = [f"# {Path(challenger).name} vs {Path(champion).name} on {split}", "",
-          f"Gate: **{result['gate'].upper()}**" + ("" if not failures else ": " + "; ".join(failures)), "",
+          f"Measured on split {split!r} of {', '.join(result['data'])}.", "", *fairness_lines,
+          f"Gate: **{result['gate'].upper()}**" + ("" if not failures else ": " + "; ".join(failures))
+          + ("" if fairness["held_out"] else " (not a fair test: see above)"), "",
           f"{len(kept)} images, {int(shared.sum())} with labels both models know; new labels: {result['new_labels'] or 'none'}.",
           f"Macro-F1 on the champion's classes: {m_a['macro_f1']:.4f} (champion) vs "
           f"{macro_b:.4f} (challenger).",

@@ -129,7 +129,9 @@ def _card(contract, compare: dict | None, run_dir: Path) -> str:
                   f"{val.get('balanced_accuracy', 0):.4f}, macro-F1 {val.get('macro_f1', 0):.4f} on {val.get('n')} images"]
     if compare:
         lines += ["", "## Comparison with the previous champion", "", f"gate: {compare['gate']}"
-                  + (f" ({'; '.join(compare['failures'])})" if compare.get("failures") else "")]
+                  + (f" ({'; '.join(compare['failures'])})" if compare.get("failures") else ""),
+                  f"measured on split {compare.get('split')!r} of {', '.join(compare.get('data') or ['?'])}"
+                  + ("" if compare.get("held_out") else " (not held out from the challenger: promoted with --force)")]
     lines += ["", "## Intended use", "", "Flag listing photos that may sell illegal wildlife products for removal or "
               "human review. Scores are calibrated on the validation split; re-check thresholds on the platform's own data."]
     return "\n".join(lines) + "\n"
@@ -146,6 +148,18 @@ def _check_compared(comparison: dict, compare_path: Path, challenger_version: st
         raise PromoteRefused(f"{compare_path} compared the run with {comparison.get('champion')} (weights "
                              f"{comparison.get('champion_weights')}), not with the current model {current_version}; "
                              f"{compare_again}")
+
+
+def _check_held_out(comparison: dict, compare_path: Path, compare_again: str) -> None:
+    """A gate measured on images the challenger trained on (train) or chose its epoch and thresholds by (val)
+    flatters it: a weaker model passes. A comparison that does not say (an older wildcheck) counts as not held out."""
+    if comparison.get("held_out") is True:
+        return
+    split = comparison.get("split")
+    why = comparison.get("held_out_note") or ("it does not record whether its images were held out from the run "
+                                              "(written by an older wildcheck)")
+    raise PromoteRefused(f"{compare_path} measured the gate on split {split!r}, which is not a fair test: {why}. "
+                         f"Compare on the held-out split (--split test): {compare_again}; or promote with --force")
 
 
 def _gate(model_dir: Path, comparison: dict | None, compare_path: Path, version: str, run_dir: Path,
@@ -171,13 +185,14 @@ def _gate(model_dir: Path, comparison: dict | None, compare_path: Path, version:
     if comparison and comparison["gate"] == "fail" and not force:
         raise PromoteRefused(f"the comparison gate failed ({'; '.join(comparison['failures'])}); "
                              "fix the model or promote with --force")
-    compare_again = (f"run `wildcheck compare {model_dir / 'current' / 'model.onnx'} {run_dir} --data ROOT "
-                     "--split test` first")
+    roots = " ".join(f"--data {d}" for d in (comparison or {}).get("data") or ["ROOT"])
+    compare_again = f"run `wildcheck compare {model_dir / 'current' / 'model.onnx'} {run_dir} {roots} --split test` first"
     if comparison is None and current is not None and not force:
         raise PromoteRefused(f"no comparison with the current model: {compare_again}")
     if comparison is not None and not force:
         _check_compared(comparison, compare_path, version,
                         read_contract(current).model_version if current is not None else None, compare_again)
+        _check_held_out(comparison, compare_path, compare_again)
 
 
 def promote(run: str | Path, registry: str | Path, force: bool = False, name: str | None = None,
@@ -188,6 +203,7 @@ def promote(run: str | Path, registry: str | Path, force: bool = False, name: st
         raise InvalidInput(f"--registry {registry} is a file; give a folder (created on the first promote)")
     from training.checkpoint import Checkpoint  # the training stack: current_model() works without it
     from training.export import export
+    from training.outputs import out_folder
     from training.predict import resolve_checkpoint
 
     ckpt = resolve_checkpoint(run)
@@ -197,9 +213,15 @@ def promote(run: str | Path, registry: str | Path, force: bool = False, name: st
         comparison = json.loads(compare_path.read_text()) if compare_path.exists() else None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidInput(f"{compare_path} is not readable JSON ({exc}); run `wildcheck compare` again") from exc
+    if comparison is not None and not isinstance(comparison, dict):
+        raise InvalidInput(f"{compare_path} is not a comparison `wildcheck compare` wrote; run it again")
     # the name and version the export will give (the checkpoint's, without exporting): every refusal that does not
     # need the file comes before the ~30 s export
-    planned = Checkpoint.load(ckpt).release(name, version, ckpt.parent.name)
+    checkpoint = Checkpoint.load(ckpt)
+    # never inside a data folder the run or its comparison read: the next training or comparison would read it
+    out_folder(registry, reads=[*checkpoint.data_roots, *checkpoint.config.data.negatives,
+                                *((comparison or {}).get("data") or [])], option="--registry", what="registry folder")
+    planned = checkpoint.release(name, version, ckpt.parent.name)
     _gate(registry / folder_name(planned.model_name, "--name"), comparison, compare_path,
           folder_name(planned.model_version, "--version"), run_dir, force)
     with tempfile.TemporaryDirectory() as tmp:
@@ -221,7 +243,11 @@ def promote(run: str | Path, registry: str | Path, force: bool = False, name: st
     _point_current(model_dir, contract.model_version)
     event = {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "version": contract.model_version,
              "previous": previous, "run": str(run_path), "forced": bool(force),
-             "gate": comparison["gate"] if comparison else None}
+             "gate": comparison["gate"] if comparison else None,
+             # what the gate was measured on: a --force over a comparison on train or val stays visible
+             "split": comparison.get("split") if comparison else None,
+             "data": comparison.get("data") if comparison else None,
+             "held_out": comparison.get("held_out") if comparison else None}
     with (model_dir / "promotions.jsonl").open("a") as fh:
         fh.write(json.dumps(event) + "\n")
     return {"name": contract.model_name, "version": contract.model_version, "path": str(target / "model.onnx"),
