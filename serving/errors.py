@@ -29,3 +29,14 @@ def shown(value, most: int = 80) -> str:
     """``repr(value)`` cut to ``most`` characters: what a message echoes of a client's value, never all of it."""
     text = repr(value)
     return text if len(text) <= most else text[: most - 3] + "..."
+
+
+def printable(text: str) -> str:
+    """``text`` for a terminal, a report or a JSON header: a file name that is not UTF-8 (``os.fsdecode``'s
+    surrogates) shows its bytes as ``\\xNN`` escapes; as it is, it failed a UTF-8 print or JSON encoding with a
+    traceback after all the work. Any other text is returned as it is."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")

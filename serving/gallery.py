@@ -34,7 +34,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from serving.contract import EmbeddingSpec, ModelContract, contract_hash
-from serving.errors import WildcheckError
+from serving.errors import WildcheckError, printable
 from serving.phash import ViewHash, hamming, view_hash
 from serving.search import EXACT_MAX, ExactIndex, VectorIndex, make_index
 
@@ -516,6 +516,9 @@ class Gallery:
 
     # ---- edits ---------------------------------------------------------------------------------
     def add(self, embeddings: np.ndarray, labels: list[str], hashes: np.ndarray, ids: list[str], sources: list[str]) -> None:
+        """Labels, ids and sources are stored ``printable``: a file name that is not UTF-8 as ``\\xNN`` escapes, the
+        id ``gallery info`` shows and ``gallery remove`` takes."""
+        labels, ids, sources = ([printable(t) for t in texts] for texts in (labels, ids, sources))
         taken = set(self.header.reference_ids)
         clash = sorted({i for i in ids if i in taken} | {i for i in ids if ids.count(i) > 1})
         if clash:
@@ -535,7 +538,7 @@ class Gallery:
         self.resolve()
 
     def remove(self, reference_ids: list[str]) -> int:
-        wanted = set(reference_ids)
+        wanted = {printable(r) for r in reference_ids}  # an id typed with the name's own bytes, or as shown
         unknown = sorted(wanted - set(self.header.reference_ids))
         if unknown:
             raise GalleryError(f"no reference {unknown[:5]} in {self.source}; `wildcheck gallery info` lists them")

@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 
 from serving.client import list_images
 from serving.csvio import read_rows
-from serving.errors import InvalidInput, MissingInput
-from serving.gallery import (DEFAULT_FPR, Gallery, GalleryError, is_gallery_file, new_header, preprocess_and_hash,
-                             require_gallery_file)
+from serving.errors import InvalidInput, MissingInput, printable
+from serving.gallery import (DEFAULT_FPR, DEFAULT_SIMILAR, DUPLICATE_FLOOR, Gallery, GalleryError, is_gallery_file,
+                             new_header, preprocess_and_hash, require_gallery_file)
 from serving.locking import exclusive
 from serving.phash import MIN_STRUCTURE
 from serving.imageio import ImageError, decode_image, images_under, label_folders
@@ -101,11 +101,11 @@ def embed_paths(model: OnnxModel, paths: list[Path], batch_size: int = 16, desc:
         try:
             img, _ = decode_image(path, draft_size=pre.draft_size)
         except (ImageError, OSError) as exc:
-            skipped.append((str(path), getattr(exc, "message", str(exc))))
+            skipped.append((printable(str(path)), getattr(exc, "message", str(exc))))
             continue
         array, hashed = preprocess_and_hash(pre, img)
         if skip_flat and hashed.flat:
-            skipped.append((str(path), f"blank or one colour (structure {hashed.structure:.1f} grey levels, under "
+            skipped.append((printable(str(path)), f"blank or one colour (structure {hashed.structure:.1f} grey levels, under "
                                        f"{MIN_STRUCTURE:g}): it would match every blank photo; give a photo of the item"))
             continue
         batch.append(array)
@@ -142,7 +142,7 @@ def _negatives(model: OnnxModel, roots: list[Path], max_images: int) -> Negative
                  else "no images there; nothing written")
         raise InvalidInput(f"{given}: {found}\nGive negatives that are readable ordinary photos, or leave out "
                            "--negatives to use the default thresholds")
-    return Negatives(emb, hashes, [str(paths[i]) for i in kept], {"roots": [str(r) for r in roots], "count": len(emb)},
+    return Negatives(emb, hashes, [printable(str(paths[i])) for i in kept], {"roots": [str(r) for r in roots], "count": len(emb)},
                      skipped)
 
 
@@ -153,18 +153,32 @@ def _load_model(model_path: str | Path) -> OnnxModel:
     return model
 
 
-def check_out(ref: str | Path, out: str | Path) -> None:
-    """Refuse, before any work, an ``--out`` that would land among the reference photos or replace a file that is
-    not a gallery (a photo, the model, a CSV): rebuilding over an existing gallery is the only overwrite allowed."""
+GALLERY_SUFFIX = ".npz"  # what a gallery is (a numpy zip archive); the help, README and bento name it so
+
+
+def check_out(ref: str | Path, out: str | Path, negatives: list[str | Path] = ()) -> None:
+    """Refuse, before any work, an ``--out`` that would land among the reference photos or the negatives (the next
+    build would read it as a photo there, and a rebuild would write among its own inputs), that is not named
+    ``.npz`` (``--out g.txt`` wrote a zip archive under a text file's name), or that would replace a file that is
+    not a gallery (a photo, the model, a CSV): rebuilding over an existing gallery is the only overwrite allowed.
+    As ``training.outputs.out_file`` refuses an output inside the data a command reads (serving cannot import it)."""
     ref, out = Path(ref), Path(out)
     if ref.is_dir() and out.resolve().is_relative_to(ref.resolve()):
         raise InvalidInput(f"--out {out} is inside the references folder {ref}: the gallery would be written among "
                            f"(or over) the reference photos; write it outside, e.g. --out {ref.resolve().parent / ref.resolve().name}.npz")
+    for root in map(Path, negatives):
+        if root.is_dir() and out.resolve().is_relative_to(root.resolve()):
+            raise InvalidInput(f"--out {out} is inside the negatives folder {root}, which this command reads: the "
+                               "gallery would be written among the negatives; write it outside, e.g. --out "
+                               f"{root.resolve().parent / 'gallery.npz'}")
     if out.is_dir():
         raise InvalidInput(f"--out {out} is a folder; name the gallery file to write, e.g. --out {out / 'gallery.npz'}")
     if out.exists() and not is_gallery_file(out):
         raise InvalidInput(f"--out {out} exists and is not a wildcheck gallery; refusing to write over it: "
                            "choose a new file name, or delete it first if it is meant to go")
+    if out.suffix.lower() != GALLERY_SUFFIX:
+        raise InvalidInput(f"--out {out} is not named {GALLERY_SUFFIX}: a gallery is an {GALLERY_SUFFIX} archive, and "
+                           f"another name hides what it is; name it e.g. --out {out.with_suffix(GALLERY_SUFFIX)}")
 
 
 def editing(gallery_path: str | Path):
@@ -184,7 +198,7 @@ def check_fpr(fpr: float) -> None:
 def build(ref: str | Path, model_path: str | Path, out: str | Path, negatives: list[Path] = (),
           fpr: float = DEFAULT_FPR, max_negatives: int = MAX_NEGATIVES) -> dict:
     check_fpr(fpr)
-    check_out(ref, out)
+    check_out(ref, out, list(negatives))
     parent = Path(out).parent
     try:  # the lock file lives beside the gallery: its folder must exist before the lock is taken
         parent.mkdir(parents=True, exist_ok=True)
@@ -252,10 +266,15 @@ def format_info(info: dict) -> str:
     count, left_out = negatives.get("count", 0), negatives.get("left_out", 0)
     lines = [f"gallery {info['source']}: {info['references']} references, model {info['model_name']} {info['model_version']}",
              f"embedding: {info['embedding']['size']} floats ({info['embedding']['producer']}); search: {info['search']}",
-             f"thresholds solved on {count - left_out} negatives at fpr {info['fpr']}"
+             (f"thresholds solved on {count - left_out} negatives at fpr {info['fpr']}" if count - left_out else
+              "thresholds not solved: no negatives")
              + (f" ({left_out} more left out: copies of references)" if left_out else "")]
     solved, fpr = count - left_out, info["fpr"]
-    if 0 < solved < math.ceil(1 / fpr - 1e-9):  # fewer than 1/fpr negatives cannot show a rate of fpr
+    if solved == 0:  # said "solved on 0 negatives" and nothing more: unmeasured defaults, quieter than too few negatives
+        lines.append(f"  warning: no negatives, so the thresholds are unmeasured defaults (similar >= {DEFAULT_SIMILAR}, "
+                     f"duplicate >= {DUPLICATE_FLOOR}): how often they match ordinary photos is unknown; build it again "
+                     f"with --negatives FOLDER of ordinary photos (at least {math.ceil(1 / fpr - 1e-9)} for fpr {fpr})")
+    elif solved < math.ceil(1 / fpr - 1e-9):  # fewer than 1/fpr negatives cannot show a rate of fpr
         lines.append(f"  warning: {solved} negatives cannot resolve fpr {fpr} (it takes at least "
                      f"{math.ceil(1 / fpr - 1e-9)}): `similar` sits above every negative, so how often it matches "
                      "ordinary photos is unmeasured; build it again with more ordinary photos in --negatives")
@@ -277,4 +296,4 @@ def format_info(info: dict) -> str:
     if bad:
         lines.append(f"{len(bad)} unreadable negative(s) skipped (the thresholds were solved without them):")
         lines.append(listed(bad))
-    return "\n".join(lines)
+    return printable("\n".join(lines))  # a path that is not UTF-8 (a skipped file, --out) failed the print

@@ -384,7 +384,10 @@ def load_conditions(path: str | Path) -> dict[str, Condition]:
     if not path.is_file():
         raise ConditionsError(f"conditions file {path} not found")
     try:
-        spec = load_yaml(path.read_text())
+        spec = load_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:  # as training.config does for a train config: a traceback before
+        raise ConditionsError(f"conditions file {path} is not a UTF-8 text file ({exc.reason} at byte {exc.start}): "
+                              "save it as UTF-8 YAML") from None
     except yaml.YAMLError as exc:
         raise ConditionsError(f"{path} is not valid YAML: {exc}") from None
     try:
@@ -394,7 +397,11 @@ def load_conditions(path: str | Path) -> dict[str, Condition]:
 
 
 def condition_rng(seed: int, condition: str, image_key: str) -> Rng:
-    """The generator for one (image, condition): independent of the order and number of images evaluated."""
+    """The generator for one (image, condition): independent of the order and number of images evaluated. A key
+    naming a file that is not UTF-8 is hashed as the name's own bytes (``name_bytes``): the same seeds as before for
+    every UTF-8 name, where it raised UnicodeEncodeError."""
     import zlib
 
-    return np.random.default_rng([seed, zlib.crc32(condition.encode()), zlib.crc32(image_key.encode())])
+    from training.data.sources import name_bytes
+
+    return np.random.default_rng([seed, zlib.crc32(name_bytes(condition)), zlib.crc32(name_bytes(image_key))])

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from serving.errors import printable
 from serving.imageio import FORMATS, IMAGE_EXTENSIONS, ImageError, decode_image
 from training.data.ingest import read_source
 from training.data.neardup import NEAR_DISTANCE, image_hash, near_pairs
@@ -234,16 +235,6 @@ def split_label_warnings(counts: dict[str, dict[str, int]], roots: list[str]) ->
                         "message": f"label(s) {unvalidated} have training images and no val image: the best epoch "
                                    "is picked without measuring them; add their val images under val/<label>/"})
     return out
-
-
-def printable(text: str) -> str:
-    """``text`` for the terminal: a file name that is not UTF-8 (``os.fsdecode``'s surrogates) shows its bytes as
-    ``\\xNN`` escapes; printed as it is, it fails a UTF-8 terminal's print with a traceback after all the work."""
-    try:
-        raw = text.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:
-        raw = text.encode("utf-8", "backslashreplace")
-    return raw.decode("utf-8", "backslashreplace")
 
 
 def format_report(report: dict, max_lines: int = 30) -> str:

@@ -224,6 +224,13 @@ def _file_stamp(path: Path, content: bool) -> str:
         return "missing"
 
 
+def name_bytes(text: str) -> bytes:
+    """``text`` as UTF-8, with a file or folder name that is not UTF-8 (``os.fsdecode``'s surrogates) as its own
+    bytes, as ``os.fsencode`` gives them: the same bytes as ``str.encode()`` for every UTF-8 name (fingerprints and
+    seeds recorded before are unchanged), where that raised UnicodeEncodeError after all the caching."""
+    return text.encode("utf-8", "surrogateescape")
+
+
 def fingerprint(samples: list[Sample], content: bool = True, workers: int = 4) -> dict:
     """A hash of the sorted (split, label, file name, size, sha256 of the bytes) list: identifies the training data
     in the model contract, and lets ``--resume`` refuse other data. The folder is left out, so the same files
@@ -236,7 +243,7 @@ def fingerprint(samples: list[Sample], content: bool = True, workers: int = 4) -
         stamps = list(pool.map(lambda s: _file_stamp(s.path, content), ordered))
     h = hashlib.sha256()
     for s, stamp in zip(ordered, stamps):
-        h.update(f"{s.split}\t{s.label}\t{s.path.name}\t{stamp}\n".encode())
+        h.update(name_bytes(f"{s.split}\t{s.label}\t{s.path.name}\t{stamp}\n"))
     out = {"sha256": h.hexdigest(), "counts": label_counts(samples)}
     if content:
         out["method"] = FINGERPRINT_METHOD
