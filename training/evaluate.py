@@ -17,7 +17,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from serving.errors import InvalidInput
-from training.data.check import printable
+from serving.errors import printable
 from training.data.sources import Sample, load_samples, select_split
 from training.metrics import compute_metrics, decision_report, false_positive_report, format_decisions, summary_table
 from training.fileio import atomic_path, atomic_write_text
@@ -62,6 +62,25 @@ class Evaluation(BaseModel):
                           indent=2)
 
 
+# what ``evaluate --out DIR`` writes into DIR besides predictions.csv (a folder name ends in /)
+EVALUATION_FILES = ("metrics.json", "confusion_matrix.png", "pr_curves.png", "false_positives.png",
+                    "false_positives_by_source/")
+
+
+def _predictions_apart(predictions: str | Path, out_dir: str | Path) -> None:
+    """Refuse ``--predictions`` that is ``--out`` itself or one of the files evaluate writes there: the CSV replaced
+    metrics.json (exit 0, the metrics lost), or failed on the folder (IsADirectoryError) after all the scoring."""
+    where, out = Path(predictions).resolve(), Path(out_dir).resolve()
+    if where == out:
+        raise InvalidInput(f"--predictions {predictions} is the --out folder; name a file, e.g. --predictions "
+                           f"{Path(out_dir) / 'predictions.csv'} (the default), or leave --predictions out")
+    for name in EVALUATION_FILES:
+        if where == out / name.rstrip("/") or (name.endswith("/") and where.is_relative_to(out / name)):
+            raise InvalidInput(f"--predictions {predictions} is {'in ' if name.endswith('/') else ''}{name}, which "
+                               f"evaluate writes into --out {out_dir}; name another file, e.g. --predictions "
+                               f"{Path(out_dir) / 'predictions.csv'} (the default)")
+
+
 def evaluate(
     model: str | Path,
     data: list[str | Path],
@@ -76,6 +95,8 @@ def evaluate(
         out_folder(out_dir, reads=data)
     if predictions is not None:  # never the model, the data or an image: a CSV it replaces must be one
         out_file(predictions, "--predictions", "predictions.csv", reads=data, protect=[model], kinds=(".csv",))
+        if out_dir is not None:
+            _predictions_apart(predictions, out_dir)
     predictor = load_predictor(model, threads=threads)
     spec = predictor.spec
     samples = load_samples(data, default_split=split or "val")
@@ -140,6 +161,7 @@ def _write_plots(report: Evaluation, predictor, y_true: np.ndarray, probs: np.nd
                         out_dir / "false_positives.png", title=f"most confident false positives ({negative} images)"
                         + (", with heat maps of the top class" if predictor.has_cam else ""),
                         heatmaps=heat_grids(predictor, worst_paths))
+        written.append("false_positives.png")
     if report.per_source:
         plot_source_false_positives(report.per_source, out_dir / "false_positives_by_source")
         written.append("false_positives_by_source/")

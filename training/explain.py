@@ -7,6 +7,7 @@ so the grid written here equals the one ``/v1/check?explain=true`` answers for t
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -72,10 +73,17 @@ def heat_grids(predictor: Predictor, paths: list[str | Path], labels: list[str] 
     return grids
 
 
+OVERLAY_STEM_BYTES = 200  # an image's name may take the file system's 255 bytes; its overlay's adds "-2.png"
+
+
 def _unique_name(path: Path, taken: set[str]) -> str:
-    name, n = f"{path.stem}.png", 2
+    """``p.jpg`` -> ``p.png`` (``p-2.png`` for a second ``p``), the stem cut to ``OVERLAY_STEM_BYTES`` bytes."""
+    stem = path.stem
+    while len(os.fsencode(stem)) > OVERLAY_STEM_BYTES:
+        stem = stem[:-1]
+    name, n = f"{stem}.png", 2
     while name in taken:
-        name, n = f"{path.stem}-{n}.png", n + 1
+        name, n = f"{stem}-{n}.png", n + 1
     taken.add(name)
     return name
 
@@ -104,6 +112,20 @@ def _file_folders(images: list[str | Path]) -> list[Path]:
     return sorted({d for d in parents if parents.count(d) > 1 or d.parent.name in KNOWN_SPLITS})
 
 
+def _dataset_roots(images: list[Path]) -> list[Path]:
+    """The dataset roots the images lie in: ``ROOT`` of ``ROOT/SPLIT/LABEL/.../x.jpg`` (SPLIT one of train, val,
+    test). Overlays written anywhere in ROOT join the data (``ROOT/val/heatmaps/`` is a new label to ``data check``
+    and ``train``), not only in the image's own folder. An image straight in a split folder is no dataset image."""
+    from training.data.sources import KNOWN_SPLITS
+
+    roots = set()
+    for folder in {p.parent for p in images}:
+        split = next((d for d in folder.absolute().parents if d.name in KNOWN_SPLITS), None)
+        if split is not None:
+            roots.add(split.parent)
+    return sorted(roots)
+
+
 def explain_files(model: str | Path, images: list[str | Path], out: str | Path, label: str | None = None,
                   max_side: int = 768) -> list[dict]:
     """One overlay PNG per readable image (``images``: files or folders) in ``out`` (atomic writes) plus
@@ -112,6 +134,7 @@ def explain_files(model: str | Path, images: list[str | Path], out: str | Path, 
     image, leave the grid out."""
     folders = [p for p in map(Path, images) if p.is_dir()] + _file_folders(images)
     images = image_paths(images)
+    folders += _dataset_roots(images)
     # overlays are named after their image (p.jpg -> p.png): among the images they would replace a PNG input, and
     # a later run on the folder would explain the overlays too
     out_folder(out, reads=folders, holding=images, holding_what="images being explained")
@@ -146,6 +169,10 @@ def _explain_file(predictor: Predictor, path: Path, label: str | None, max_side:
     if min(img.size) < max_side:  # the model's decode may be a JPEG draft; draw on a sharper copy
         img, _ = decode_image(path, draft_size=max_side)
     name = _unique_name(path, taken)
-    with atomic_path(out / name) as tmp:
-        tmp.write_bytes(png_bytes(overlay(img, explanation.grid, max_side)))
+    try:
+        with atomic_path(out / name) as tmp:
+            tmp.write_bytes(png_bytes(overlay(img, explanation.grid, max_side)))
+    except OSError as exc:  # this overlay only (a name the file system refuses): the other images are still explained
+        taken.discard(name)
+        return {"image": str(path), "error": f"overlay not written: {exc}"}
     return {"image": str(path), "overlay": name, "scores": scores, **explanation.model_dump(exclude={"png"})}

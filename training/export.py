@@ -125,10 +125,10 @@ def parity_check(p_torch: np.ndarray, kept: list[Sample], onnx_path: Path) -> di
     return {"images": len(kept), "max_abs_diff": diff, "top1_mismatches": mismatched}
 
 
-def onnx_out(out: str | Path, example: str) -> Path:
+def onnx_out(out: str | Path, example: str, reads: list[str | Path] = ()) -> Path:
     """``--out`` of the export commands, before any work: an ``.onnx`` file path (``out_file``'s rules), so a
-    run's ``best.pt``, an image or a dataset file is never written over."""
-    out = out_file(out, example=example)  # a folder, or a path below a file
+    run's ``best.pt``, an image or a dataset file is never written over, nor a model put among the data ``reads``."""
+    out = out_file(out, example=example, reads=reads)  # a folder, a path below a file, inside the data
     if out.suffix.lower() != ".onnx":
         raise InvalidInput(f"--out {out}: an exported model is an .onnx file; e.g. --out {out.with_suffix('.onnx')}")
     return out
@@ -178,6 +178,8 @@ def export(
     ckpt = resolve_checkpoint(run)
     predictor = TorchPredictor(ckpt)
     checkpoint = predictor.checkpoint
+    # the data the parity check reads, known now: the model is never written among it (run_samples' roots)
+    onnx_out(out, "model.onnx", reads=data or [*checkpoint.data_roots, *checkpoint.config.data.negatives])
     contract = checkpoint.release(name, version, ckpt.parent.name,
                                   embedding=embedding_spec(predictor.model, checkpoint.spec.architecture))
     val, train = run_samples(checkpoint, data)

@@ -30,9 +30,10 @@ class ResumeError(WildcheckError, FileNotFoundError):
     """--resume on a directory without a checkpoint."""
 
 
-# what a run and its follow-ups (calibrate, compare, grey-head) write into RUN_DIR
-PREVIOUS_RUN_FILES = ("best.pt", "last.pt", "summary.json", "history.png", "calibration.json", "compare.json",
-                      "compare.md", "grey_head.json")
+# what a run and its follow-ups write into RUN_DIR, which a fresh run removes: train's (with RUN_FILES' others, which
+# it writes again first), calibrate's (calibration.json, reliability.png), compare's, grey-head's
+PREVIOUS_RUN_FILES = ("best.pt", "last.pt", "summary.json", "history.png", "calibration.json", "reliability.png",
+                      "compare.json", "compare.md", "grey_head.json")
 # every file a run writes into RUN_DIR
 RUN_FILES = (*PREVIOUS_RUN_FILES, "config.yaml", "labels.json", "skipped.json", "history.csv")
 
