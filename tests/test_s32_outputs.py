@@ -8,25 +8,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from conftest import tiny_config
-from training.cli import app
-
-
-def _cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def _refused(result, *parts):
-    text = " ".join(result.output.split())
-    assert result.exit_code == 2 and isinstance(result.exception, (SystemExit, type(None))), text  # no traceback
-    for part in parts:
-        assert part in text, text
-
-
-def _snapshot(*folders: Path) -> dict:
-    return {p: p.read_bytes() for f in folders for p in sorted(Path(f).rglob("*")) if p.is_file()}
+from tests.conftest import tiny_config
+from tests.test_s27_outputs import _cli, _refused, _snapshot
 
 
 @pytest.fixture()

@@ -13,18 +13,7 @@ import pytest
 
 from serving.errors import InvalidInput, MissingInput
 from training.config import load_config, resolve_config
-
-FAST = {"train": {"epochs": 1, "batch_size": 4, "threads": 1, "mixup": {"prob": 0.0}},
-        "data": {"img_size": 32, "min_side": 8, "num_workers": 0, "cache_workers": 1},
-        "decision": {"calibrate": False}}
-
-
-def _photo(path: Path, seed: int, size: int = 40) -> Path:
-    from tests.conftest import photo
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    photo(seed, (size, size)).save(path, "JPEG", quality=90)
-    return path
+from tests.test_s30_training_data import FAST, _photo
 
 
 def _root(root: Path, per_split: dict[str, int], labels=("ivory", "other"), seed: int = 0) -> Path:
