@@ -23,8 +23,6 @@ numpy only: serving imports this, training builds with it (``training.gallery``)
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,6 +31,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from serving.atomic import atomic_path
 from serving.contract import EmbeddingSpec, ModelContract, contract_hash
 from serving.errors import WildcheckError, printable
 from serving.phash import ViewHash, hamming, view_hash
@@ -126,12 +125,6 @@ def views_and_hashes(img, pre, tiling, boxes=None) -> tuple[np.ndarray, list[int
     crops = [img] + [img.crop(box) for box in boxes[1:]]
     pairs = [preprocess_and_hash(pre, crop) for crop in crops]
     return np.stack([a for a, _ in pairs]), [h for _, h in pairs]
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def is_gallery_file(path: str | Path) -> bool:
@@ -358,27 +351,16 @@ class Gallery:
         if self.negative_names is not None and len(self.negative_names) == len(self.negatives):
             arrays["negative_names"] = np.frombuffer(json.dumps(self.negative_names).encode(), dtype=np.uint8)
         index = self.index if len(self) > self.exact_max else None  # travels with the file: no rebuild at load
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                with zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-                    for name, array in arrays.items():
-                        with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
-                            np.lib.format.write_array(member, np.asarray(array), allow_pickle=False)
-                    if index is not None:
-                        with zf.open("index.npy", "w", force_zip64=True) as member:  # a uint8 array, as before
-                            np.lib.format.write_array_header_2_0(
-                                member, {"descr": "|u1", "fortran_order": False, "shape": (index.serialized_size(),)})
-                            index.write(member.write)
-                fh.flush()
-                os.fsync(fh.fileno())
-            # as training.fileio.atomic_path: mkstemp makes it owner-only; a server running as another user must read it
-            os.chmod(tmp, 0o666 & ~_umask())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            with zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+                for name, array in arrays.items():
+                    with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
+                        np.lib.format.write_array(member, np.asarray(array), allow_pickle=False)
+                if index is not None:
+                    with zf.open("index.npy", "w", force_zip64=True) as member:  # a uint8 array, as before
+                        np.lib.format.write_array_header_2_0(
+                            member, {"descr": "|u1", "fortran_order": False, "shape": (index.serialized_size(),)})
+                        index.write(member.write)
 
     @classmethod
     def load(cls, path: str | Path, contract: ModelContract | None = None, exact_max: int = EXACT_MAX,
