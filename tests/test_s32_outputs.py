@@ -58,6 +58,18 @@ def test_explain_out_anywhere_in_the_dataset_of_its_images_is_refused(tmp_path, 
     assert (tmp_path / "heatmaps" / f"{image.stem}.png").is_file()
 
 
+def test_a_split_name_far_up_an_images_path_makes_no_dataset_of_it(tmp_path, trained_run, data):
+    """A folder called `test` several levels above the photos (a project folder) is no split: --out beside them
+    is allowed, where every ancestor named train/val/test made its parent a dataset root that --out could not enter."""
+    photos = tmp_path / "test" / "listings" / "2024" / "week1"
+    photos.mkdir(parents=True)
+    image = photos / "x.jpg"
+    shutil.copy(sorted((data / "val" / "ivory").glob("*.jpg"))[0], image)
+    result = _cli("explain", trained_run, image, "--out", tmp_path / "test" / "heatmaps")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "test" / "heatmaps" / "x.png").is_file()
+
+
 # --- 3: long names: atomic writes and explain's batch ---------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["y" * 251 + ".png", "象" * 83 + ".txt"])  # 255 bytes: the file system's limit

@@ -113,14 +113,16 @@ def _file_folders(images: list[str | Path]) -> list[Path]:
 
 
 def _dataset_roots(images: list[Path]) -> list[Path]:
-    """The dataset roots the images lie in: ``ROOT`` of ``ROOT/SPLIT/LABEL/.../x.jpg`` (SPLIT one of train, val,
-    test). Overlays written anywhere in ROOT join the data (``ROOT/val/heatmaps/`` is a new label to ``data check``
-    and ``train``), not only in the image's own folder. An image straight in a split folder is no dataset image."""
+    """The dataset roots the images lie in: ``ROOT`` of ``ROOT/SPLIT/LABEL/x.jpg`` or ``ROOT/SPLIT/LABEL/SOURCE/x.jpg``
+    (SPLIT one of train, val, test; a negatives pool's layout). Overlays written anywhere in ROOT join the data
+    (``ROOT/val/heatmaps/`` is a new label to ``data check`` and ``train``), not only in the image's own folder. An
+    image straight in a split folder is no dataset image, nor is one deeper (a ``test`` folder far up the path is
+    no split)."""
     from training.data.sources import KNOWN_SPLITS
 
     roots = set()
-    for folder in {p.parent for p in images}:
-        split = next((d for d in folder.absolute().parents if d.name in KNOWN_SPLITS), None)
+    for folder in {p.parent.absolute() for p in images}:
+        split = next((d for d in (folder.parent, folder.parent.parent) if d.name in KNOWN_SPLITS), None)
         if split is not None:
             roots.add(split.parent)
     return sorted(roots)
