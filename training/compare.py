@@ -74,10 +74,15 @@ def held_out_check(challenger, compared: list, split: str) -> dict:
     return {"held_out": count == 0, "tuning_images_compared": count, "held_out_note": note}
 
 
+def compare_command(champion, challenger, data: list[str]) -> str:
+    """The ``wildcheck compare`` command on the held-out split (``--data ROOT`` where the roots are unknown)."""
+    roots = " ".join(f"--data {d}" for d in data) or "--data ROOT"
+    return f"wildcheck compare {champion} {challenger} {roots} --split test"
+
+
 def not_held_out_advice(champion, challenger, data: list[str]) -> str:
     """What to run instead of a comparison on images the challenger was trained or tuned on."""
-    roots = " ".join(f"--data {d}" for d in data) or "--data ROOT"
-    return (f"compare on the held-out split instead: wildcheck compare {champion} {challenger} {roots} --split test")
+    return f"compare on the held-out split instead: {compare_command(champion, challenger, data)}"
 
 
 def _table(per_a: dict, per_b: dict, labels: list[str]) -> list[str]:

@@ -185,8 +185,10 @@ def _gate(model_dir: Path, comparison: dict | None, compare_path: Path, version:
     if comparison and comparison["gate"] == "fail" and not force:
         raise PromoteRefused(f"the comparison gate failed ({'; '.join(comparison['failures'])}); "
                              "fix the model or promote with --force")
-    roots = " ".join(f"--data {d}" for d in (comparison or {}).get("data") or ["ROOT"])
-    compare_again = f"run `wildcheck compare {model_dir / 'current' / 'model.onnx'} {run_dir} {roots} --split test` first"
+    from training.compare import compare_command  # the training stack: current_model() works without it
+
+    command = compare_command(model_dir / "current" / "model.onnx", run_dir, (comparison or {}).get("data") or [])
+    compare_again = f"run `{command}` first"
     if comparison is None and current is not None and not force:
         raise PromoteRefused(f"no comparison with the current model: {compare_again}")
     if comparison is not None and not force:
